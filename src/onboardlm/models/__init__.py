@@ -1,0 +1,1 @@
+"""Model building: the factory, checkpoint readers, and the lean model files in ``custom/``."""

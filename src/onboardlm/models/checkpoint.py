@@ -1,0 +1,78 @@
+"""Read checkpoints into state dicts keyed by the HuggingFace parameter names.
+
+Safetensors (single file or sharded with an index), GGUF (dequantised by transformers' GGUF
+support, which also maps llama.cpp tensor names to HuggingFace names) and PyTorch ``.bin`` files
+(read with ``weights_only=True``; arbitrary pickles are never executed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from onboardlm.errors import WeightsError
+from onboardlm.models.source import WeightsLocation
+
+StateDict = dict[str, torch.Tensor]
+
+
+def read_state_dict(
+    weights: WeightsLocation, config: PretrainedConfig, dtype: torch.dtype | None = None
+) -> StateDict:
+    """Read every tensor of ``weights`` on CPU, cast to ``dtype`` when given."""
+    if weights.format == "safetensors":
+        state_dict = _read_safetensors(weights.files)
+    elif weights.format == "gguf":
+        state_dict = _read_gguf(weights.files[0], config, dtype)
+    else:
+        state_dict = _read_pytorch(weights.files)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _read_safetensors(files: tuple[Path, ...]) -> StateDict:
+    state_dict: StateDict = {}
+    for file in files:
+        if not file.is_file():
+            raise WeightsError(str(file), "checkpoint shard is missing", "re-download the checkpoint")
+        try:
+            state_dict.update(load_file(file))
+        except (SafetensorError, OSError) as err:
+            raise WeightsError(str(file), f"corrupt or unreadable safetensors file: {err}") from err
+    return state_dict
+
+
+def _read_pytorch(files: tuple[Path, ...]) -> StateDict:
+    state_dict: StateDict = {}
+    for file in files:
+        if not file.is_file():
+            raise WeightsError(str(file), "checkpoint shard is missing", "re-download the checkpoint")
+        try:
+            state_dict.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as err:  # torch.load raises many types on bad or unsafe pickles
+            raise WeightsError(
+                str(file), f"cannot read as a weights-only PyTorch checkpoint: {err}", "convert it to safetensors"
+            ) from err
+    return state_dict
+
+
+def _read_gguf(file: Path, config: PretrainedConfig, dtype: torch.dtype | None) -> StateDict:
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # transformers maps GGUF tensor names by walking a model of the same architecture; a meta-device
+    # model costs no memory and has the HuggingFace module names the lean model also uses.
+    with torch.device("meta"):
+        name_template: nn.Module = AutoModelForCausalLM.from_config(config)
+    try:
+        parsed = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=name_template, torch_dtype=dtype)
+    except ValueError as err:
+        raise WeightsError(str(file), f"unsupported GGUF checkpoint: {err}") from err
+    except Exception as err:  # the gguf reader raises assorted errors on truncated files
+        raise WeightsError(str(file), f"corrupt or unreadable GGUF file ({type(err).__name__}: {err})") from err
+    return parsed["tensors"]

@@ -1,0 +1,214 @@
+"""Build causal LMs from a model name: custom lean class when registered, else transformers' class.
+
+``AutoModelForCausalLMFactory.register_custom_model_cls(config_class_name, model_cls)`` is the
+registration call every lean model file ends with (the same call TensorRT-LLM AutoDeploy uses).
+The factory resolves the model, applies ``model_kwargs`` overrides to its config, builds the model
+on a device (``meta`` for sizing) in a dtype, and fills it from safetensors, GGUF or PyTorch
+weights with a strict key check, or with random weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
+
+from onboardlm.errors import ModelSourceError, WeightsError
+from onboardlm.models.checkpoint import StateDict, read_state_dict
+from onboardlm.models.source import ModelSource, resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+WeightsMode = Literal["auto", "checkpoint", "random"]
+
+
+@dataclass
+class LoadReport:
+    """How a model got its weights."""
+
+    model_class: str
+    is_custom: bool
+    weights_source: str
+    num_tensors: int = 0
+    tied_keys: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class AutoModelForCausalLMFactory:
+    """Builds a causal LM for one model name, with config overrides, device and dtype."""
+
+    _custom_model_mapping: ClassVar[dict[str, type[nn.Module]]] = {}
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | PretrainedConfig,
+        model_kwargs: Mapping[str, Any] | None = None,
+        *,
+        gguf_file: str | None = None,
+        allow_remote_code: bool = False,
+        offline: bool = True,
+    ) -> None:
+        self.model = model
+        self.model_kwargs = dict(model_kwargs or {})
+        self._resolve_options = {"gguf_file": gguf_file, "allow_remote_code": allow_remote_code, "offline": offline}
+        self._source: ModelSource | None = None
+        self._config: PretrainedConfig | None = None
+
+    # ----------------------------------------------------------------- registration
+    @classmethod
+    def register_custom_model_cls(cls, config_cls_name: str, custom_model_cls: type[nn.Module]) -> None:
+        """Use ``custom_model_cls`` for every config whose class is named ``config_cls_name``."""
+        cls._custom_model_mapping[config_cls_name] = custom_model_cls
+
+    @classmethod
+    def custom_model_cls(cls, config: PretrainedConfig) -> type[nn.Module] | None:
+        """The registered lean class for ``config``, importing the shipped model files first."""
+        import onboardlm.models.custom  # noqa: F401  (import = registration)
+
+        return cls._custom_model_mapping.get(type(config).__name__)
+
+    # ----------------------------------------------------------------- config
+    @property
+    def source(self) -> ModelSource:
+        if self._source is None:
+            self._source = resolve_model_source(self.model, **self._resolve_options)
+        return self._source
+
+    @property
+    def config(self) -> PretrainedConfig:
+        """The model's config with ``model_kwargs`` applied (a private copy)."""
+        if self._config is None:
+            self._config = apply_config_overrides(self.source.config, self.model_kwargs, subject=str(self.model))
+        return self._config
+
+    def model_class(self) -> tuple[type[nn.Module] | None, bool]:
+        """``(class, is_custom)``; class None means transformers' auto class picks it."""
+        custom = self.custom_model_cls(self.config)
+        return (custom, True) if custom is not None else (None, False)
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer stored with the model (GGUF files carry their own)."""
+        src = self.source
+        if not src.has_tokenizer:
+            raise ModelSourceError(src.name, "has no tokenizer files", "use a model directory or GGUF with a tokenizer")
+        return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+
+    # ----------------------------------------------------------------- building
+    def build_model(
+        self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *, init_weights: bool = True
+    ) -> nn.Module:
+        """Instantiate the model on ``device`` in ``dtype``; ``meta`` gives a storage-free model."""
+        cls, is_custom = self.model_class()
+        if not is_custom:
+            logger.info("no custom model registered for %s: using the transformers class", type(self.config).__name__)
+        skip_init = not init_weights or torch.device(device).type == "meta"
+        with torch.device(device), default_dtype(dtype), no_init_weights() if skip_init else nullcontext():
+            if cls is not None:
+                model = cls(self.config)
+            else:
+                trust = bool(self._resolve_options["allow_remote_code"])
+                model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=trust)
+        return model.eval()
+
+    def build_and_load(
+        self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, weights: WeightsMode = "auto"
+    ) -> tuple[nn.Module, LoadReport]:
+        """Build the model and fill it: from the checkpoint (``auto`` when there is one) or randomly."""
+        location = self.source.weights
+        if weights == "checkpoint" and location is None:
+            raise WeightsError(self.source.name, "has no weights", "pass a directory with safetensors or a GGUF file")
+        use_checkpoint = location is not None and weights != "random"
+        model = self.build_model(device, dtype, init_weights=not use_checkpoint)
+        cls_name = type(model).__name__
+        is_custom = self.model_class()[1]
+        if not use_checkpoint:
+            return model, LoadReport(cls_name, is_custom, weights_source="random")
+        state_dict = read_state_dict(location, self.config, dtype)
+        report = load_checkpoint_into(model, state_dict, subject=", ".join(str(f) for f in location.files))
+        report.model_class, report.is_custom = cls_name, is_custom
+        return model, report
+
+
+def load_checkpoint_into(model: nn.Module, state_dict: StateDict, *, subject: str) -> LoadReport:
+    """Load ``state_dict`` through ``model.load_state_dict`` (hooks run) with a strict key check.
+
+    Keys that the model ties to another parameter (e.g. ``lm_head.weight`` with tied embeddings) may
+    be absent. Any other missing or unexpected key, or a shape mismatch, raises :class:`WeightsError`
+    naming the keys; the caller must then discard the model.
+    """
+    tied = _tied_keys(model)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # size mismatches
+        raise WeightsError(subject, f"checkpoint does not fit the model: {err}") from err
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {sorted(missing)}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected keys {sorted(result.unexpected_keys)}")
+        raise WeightsError(subject, "checkpoint keys do not match the model: " + "; ".join(parts))
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return LoadReport(
+        model_class=type(model).__name__,
+        is_custom=False,
+        weights_source=subject,
+        num_tensors=len(state_dict),
+        tied_keys=sorted(k for k in tied if k in result.missing_keys),
+    )
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return set()
+    return set(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def apply_config_overrides(
+    config: PretrainedConfig, overrides: Mapping[str, Any], *, subject: str
+) -> PretrainedConfig:
+    """A copy of ``config`` with ``overrides`` set; dict values merge into dict fields.
+
+    Unknown fields are refused (a typo would otherwise pass silently). Reducing
+    ``num_hidden_layers`` also truncates per-layer lists such as ``layer_types``.
+    """
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ModelSourceError(subject, f"model_kwargs sets unknown config field {key!r}", "check the spelling")
+        current = getattr(config, key)
+        if isinstance(current, dict) and isinstance(value, Mapping):
+            value = {**current, **value}
+        setattr(config, key, value)
+    layers = overrides.get("num_hidden_layers")
+    if layers is not None:
+        per_layer = getattr(config, "layer_types", None)
+        if isinstance(per_layer, list) and len(per_layer) > layers:
+            config.layer_types = per_layer[:layers]
+    return config
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Create floating parameters in ``dtype``; buffers created with an explicit dtype keep it."""
+    if dtype is None:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

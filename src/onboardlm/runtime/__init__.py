@@ -1,0 +1,1 @@
+"""Text generation on top of lean models: chat prompts, decoding."""
