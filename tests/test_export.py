@@ -65,5 +65,7 @@ def test_hook_of_a_folded_module_sees_its_own_prefix() -> None:
     del target.block
     assert carry_load_hooks(source, target) == 1
     state = {"block.packed_weight": torch.ones(3, 4, 4)}
-    target._load_state_dict_pre_hooks[next(iter(target._load_state_dict_pre_hooks))](state, "", {}, True, [], [], [])
+    target._load_state_dict_pre_hooks[next(iter(target._load_state_dict_pre_hooks))](
+        state, "", {}, True, [], [], []
+    )
     assert sorted(state) == ["block.experts.0.weight", "block.experts.1.weight", "block.experts.2.weight"]

@@ -53,7 +53,9 @@ def carry_load_hooks(source: nn.Module, target: nn.Module) -> int:
             holder = target_modules[holder_name]
             suffix = name[len(holder_name) :].lstrip(".")
             handle = RemovableHandle(holder._load_state_dict_pre_hooks)
-            holder._load_state_dict_pre_hooks[handle.id] = _with_prefix_suffix(hook, suffix) if suffix else hook
+            holder._load_state_dict_pre_hooks[handle.id] = (
+                _with_prefix_suffix(hook, suffix) if suffix else hook
+            )
             copied += 1
     return copied
 

@@ -45,7 +45,7 @@ def test_ops_lists_every_op_of_the_contract_with_its_schema() -> None:
     attention = entries["torch_attention"]
     assert attention["category"] == "attention"
     assert attention["signature"].startswith("torch_attention(Tensor query, Tensor key, Tensor value")
-    assert "str layout=\"bnsd\"" in attention["signature"]
+    assert 'str layout="bnsd"' in attention["signature"]
 
 
 def test_ops_table_renders() -> None:
@@ -70,7 +70,9 @@ def test_run_with_a_bad_model_fails_with_one_clear_line(model: str, message: str
 
 
 def test_run_refuses_a_model_without_a_tokenizer(tmp_path: Path) -> None:
-    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100).save_pretrained(tmp_path)
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100).save_pretrained(
+        tmp_path
+    )
     result = runner.invoke(app, ["run", "--model", str(tmp_path)])
     assert result.exit_code == 2
     assert "has no tokenizer files" in result.output

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,20 @@ def test_registered_custom_class_is_built() -> None:
         del AutoModelForCausalLMFactory._custom_model_mapping["ToyConfig"]
 
 
+def test_user_registration_before_first_use_outlives_the_shipped_models() -> None:
+    """Registering before onboardlm.models.custom was ever imported must not be undone by that import."""
+    script = (
+        "import torch\n"
+        "from onboardlm.models.factory import AutoModelForCausalLMFactory as F\n"
+        "class Mine(torch.nn.Module): pass\n"
+        "F.register_custom_model_cls('LlamaConfig', Mine)\n"
+        "from transformers import LlamaConfig\n"
+        "print(F.custom_model_cls(LlamaConfig()).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "Mine"
+
+
 def test_llama_config_maps_to_the_lean_llama() -> None:
     assert AutoModelForCausalLMFactory(tiny_llama_config()).model_class() == (LeanLlama, True)
 
@@ -82,7 +98,9 @@ def test_unregistered_config_falls_back_to_transformers_and_says_so(caplog: pyte
 
 def test_model_kwargs_override_a_copy_of_the_config() -> None:
     config = tiny_llama_config(num_hidden_layers=3)
-    factory = AutoModelForCausalLMFactory(config, {"num_hidden_layers": 1, "rope_parameters": {"rope_theta": 500.0}})
+    factory = AutoModelForCausalLMFactory(
+        config, {"num_hidden_layers": 1, "rope_parameters": {"rope_theta": 500.0}}
+    )
     model = factory.build_model()
     assert len(model.model.layers) == 1
     assert factory.config.rope_parameters["rope_theta"] == 500.0
@@ -117,7 +135,9 @@ def test_safetensors_checkpoint_loads_and_matches_transformers(
     assert (tmp_path / "model.safetensors.index.json").exists() == bool(shard_size)
     model, report = AutoModelForCausalLMFactory(str(tmp_path)).build_and_load()
     assert report.is_custom and report.num_tensors == len(hf_llama.state_dict())
-    torch.testing.assert_close(logits_of(model, INPUT_IDS), logits_of(hf_llama, INPUT_IDS), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits_of(model, INPUT_IDS), logits_of(hf_llama, INPUT_IDS), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_tied_embeddings_load_without_lm_head_key(tmp_path: Path) -> None:
@@ -130,7 +150,9 @@ def test_tied_embeddings_load_without_lm_head_key(tmp_path: Path) -> None:
     torch.testing.assert_close(logits_of(model, INPUT_IDS), logits_of(hf, INPUT_IDS), rtol=1e-4, atol=1e-4)
 
 
-def test_key_mismatch_names_every_missing_and_unexpected_key(tmp_path: Path, hf_llama: LlamaForCausalLM) -> None:
+def test_key_mismatch_names_every_missing_and_unexpected_key(
+    tmp_path: Path, hf_llama: LlamaForCausalLM
+) -> None:
     hf_llama.save_pretrained(tmp_path)
     file = tmp_path / "model.safetensors"
     tensors = load_file(file)
@@ -150,7 +172,7 @@ def test_shape_mismatch_is_a_weights_error(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 128
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(WeightsError, match="does not fit the model.*size mismatch"):
+    with pytest.raises(WeightsError, match="(?s)does not fit the model.*size mismatch"):
         AutoModelForCausalLMFactory(str(tmp_path)).build_and_load()
 
 
@@ -173,7 +195,9 @@ def test_pytorch_bin_loads_weights_only_and_refuses_code(tmp_path: Path, hf_llam
     tiny_llama_config().save_pretrained(tmp_path)
     torch.save(hf_llama.state_dict(), tmp_path / "pytorch_model.bin")
     model, _ = AutoModelForCausalLMFactory(str(tmp_path)).build_and_load()
-    torch.testing.assert_close(logits_of(model, INPUT_IDS), logits_of(hf_llama, INPUT_IDS), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits_of(model, INPUT_IDS), logits_of(hf_llama, INPUT_IDS), rtol=1e-4, atol=1e-4
+    )
 
     torch.save({"weights": ToyConfig()}, tmp_path / "pytorch_model.bin")  # an arbitrary object in the pickle
     with pytest.raises(WeightsError, match="weights-only"):
@@ -194,12 +218,16 @@ def test_load_state_dict_pre_hooks_run_before_the_strict_check() -> None:
 
     source = nn.Linear(2, 2)
     module = Renamed()
-    load_checkpoint_into(module, {"old_proj.weight": source.weight, "old_proj.bias": source.bias}, subject="x")
+    load_checkpoint_into(
+        module, {"old_proj.weight": source.weight, "old_proj.bias": source.bias}, subject="x"
+    )
     assert torch.equal(module.proj.weight, source.weight)
 
 
 def test_random_init_for_a_bare_model_type() -> None:
-    factory = AutoModelForCausalLMFactory("llama", {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64})
+    factory = AutoModelForCausalLMFactory(
+        "llama", {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64}
+    )
     with pytest.raises(WeightsError, match="has no weights"):
         factory.build_and_load(device="meta", weights="checkpoint")
     assert factory.source.kind == "model_type"

@@ -91,7 +91,7 @@ def test_gguf_of_an_unsupported_architecture_names_the_file(tmp_path: Path) -> N
 def test_corrupt_and_missing_gguf_name_the_file(tmp_path: Path) -> None:
     file = tmp_path / "broken.gguf"
     file.write_bytes(b"GGUF" + bytes(range(64)))
-    with pytest.raises(ModelSourceError, match=rf"{file}: not a readable GGUF file"):
+    with pytest.raises(ModelSourceError, match=rf"{file}: cannot read this GGUF file"):
         AutoModelForCausalLMFactory(str(file)).build_model()
     with pytest.raises(ModelSourceError, match="GGUF file not found"):
         AutoModelForCausalLMFactory(str(tmp_path / "absent.gguf")).build_model()

@@ -58,7 +58,9 @@ def positions(batch: int, seq: int) -> torch.Tensor:
     return torch.arange(seq)[None].expand(batch, seq)
 
 
-def hf_rope(config: LlamaConfig, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hf_rope(
+    config: LlamaConfig, x: torch.Tensor, position_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return hf.LlamaRotaryEmbedding(config)(x, position_ids)
 
 
@@ -100,7 +102,10 @@ def test_attention(config: LlamaConfig) -> None:
 
 
 def test_decoder_layer(config: LlamaConfig) -> None:
-    reference, model = hf.LlamaDecoderLayer(config, layer_idx=0).eval(), lean.LlamaDecoderLayer(config, 0).eval()
+    reference, model = (
+        hf.LlamaDecoderLayer(config, layer_idx=0).eval(),
+        lean.LlamaDecoderLayer(config, 0).eval(),
+    )
     for norm in (reference.input_layernorm, reference.post_attention_layernorm):
         norm.weight.data.normal_(1.0, 0.1)
     transfer_weights(reference, model)
@@ -133,7 +138,9 @@ def test_export_with_dynamic_batch_and_sequence(config: LlamaConfig) -> None:
     input_ids = torch.randint(0, config.vocab_size, (2, 8))
     batch, seq = Dim("batch", min=1, max=64), Dim("seq", min=1, max=256)
     dynamic = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
-    gm = torch_export_to_gm(model, kwargs={"input_ids": input_ids, "position_ids": positions(2, 8)}, dynamic_shapes=dynamic)
+    gm = torch_export_to_gm(
+        model, kwargs={"input_ids": input_ids, "position_ids": positions(2, 8)}, dynamic_shapes=dynamic
+    )
 
     with torch.no_grad():
         torch.testing.assert_close(

@@ -18,7 +18,10 @@ def test_passes_within_tolerance_despite_one_outlier() -> None:
 
 
 def test_failure_message_names_ratio_and_both_norms() -> None:
-    with pytest.raises(AssertionError, match=r"layer 3: RMSE ratio 1\.000e-01 > tolerance 5\.000e-02.*‖expected‖=1\.0000e\+01"):
+    with pytest.raises(
+        AssertionError,
+        match=r"layer 3: RMSE ratio 1\.000e-01 > tolerance 5\.000e-02.*‖expected‖=1\.0000e\+01",
+    ):
         assert_rmse_close(torch.full((4,), 5.5), torch.full((4,), 5.0), 0.05, msg="layer 3")
 
 

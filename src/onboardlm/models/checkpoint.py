@@ -57,7 +57,9 @@ def _read_pytorch(files: tuple[Path, ...]) -> StateDict:
             state_dict.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
         except Exception as err:  # torch.load raises many types on bad or unsafe pickles
             raise WeightsError(
-                str(file), f"cannot read as a weights-only PyTorch checkpoint: {err}", "convert it to safetensors"
+                str(file),
+                f"cannot read as a weights-only PyTorch checkpoint: {err}",
+                "convert it to safetensors",
             ) from err
     return state_dict
 
@@ -70,9 +72,13 @@ def _read_gguf(file: Path, config: PretrainedConfig, dtype: torch.dtype | None) 
     with torch.device("meta"):
         name_template: nn.Module = AutoModelForCausalLM.from_config(config)
     try:
-        parsed = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=name_template, torch_dtype=dtype)
+        parsed = load_gguf_checkpoint(
+            str(file), return_tensors=True, model_to_load=name_template, torch_dtype=dtype
+        )
     except ValueError as err:
         raise WeightsError(str(file), f"unsupported GGUF checkpoint: {err}") from err
     except Exception as err:  # the gguf reader raises assorted errors on truncated files
-        raise WeightsError(str(file), f"corrupt or unreadable GGUF file ({type(err).__name__}: {err})") from err
+        raise WeightsError(
+            str(file), f"corrupt or unreadable GGUF file ({type(err).__name__}: {err})"
+        ) from err
     return parsed["tensors"]

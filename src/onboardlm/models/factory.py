@@ -59,21 +59,28 @@ class AutoModelForCausalLMFactory:
     ) -> None:
         self.model = model
         self.model_kwargs = dict(model_kwargs or {})
-        self._resolve_options = {"gguf_file": gguf_file, "allow_remote_code": allow_remote_code, "offline": offline}
+        self._resolve_options = {
+            "gguf_file": gguf_file,
+            "allow_remote_code": allow_remote_code,
+            "offline": offline,
+        }
         self._source: ModelSource | None = None
         self._config: PretrainedConfig | None = None
 
     # ----------------------------------------------------------------- registration
     @classmethod
     def register_custom_model_cls(cls, config_cls_name: str, custom_model_cls: type[nn.Module]) -> None:
-        """Use ``custom_model_cls`` for every config whose class is named ``config_cls_name``."""
+        """Use ``custom_model_cls`` for every config whose class is named ``config_cls_name``.
+
+        The shipped model files register first, so a later user registration replaces theirs.
+        """
+        _import_shipped_models()
         cls._custom_model_mapping[config_cls_name] = custom_model_cls
 
     @classmethod
     def custom_model_cls(cls, config: PretrainedConfig) -> type[nn.Module] | None:
         """The registered lean class for ``config``, importing the shipped model files first."""
-        import onboardlm.models.custom  # noqa: F401  (import = registration)
-
+        _import_shipped_models()
         return cls._custom_model_mapping.get(type(config).__name__)
 
     # ----------------------------------------------------------------- config
@@ -87,7 +94,9 @@ class AutoModelForCausalLMFactory:
     def config(self) -> PretrainedConfig:
         """The model's config with ``model_kwargs`` applied (a private copy)."""
         if self._config is None:
-            self._config = apply_config_overrides(self.source.config, self.model_kwargs, subject=str(self.model))
+            self._config = apply_config_overrides(
+                self.source.config, self.model_kwargs, subject=str(self.model)
+            )
         return self._config
 
     def model_class(self) -> tuple[type[nn.Module] | None, bool]:
@@ -99,17 +108,25 @@ class AutoModelForCausalLMFactory:
         """The tokenizer stored with the model (GGUF files carry their own)."""
         src = self.source
         if not src.has_tokenizer:
-            raise ModelSourceError(src.name, "has no tokenizer files", "use a model directory or GGUF with a tokenizer")
+            raise ModelSourceError(
+                src.name, "has no tokenizer files", "use a model directory or GGUF with a tokenizer"
+            )
         return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
 
     # ----------------------------------------------------------------- building
     def build_model(
-        self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *, init_weights: bool = True
+        self,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        init_weights: bool = True,
     ) -> nn.Module:
         """Instantiate the model on ``device`` in ``dtype``; ``meta`` gives a storage-free model."""
         cls, is_custom = self.model_class()
         if not is_custom:
-            logger.info("no custom model registered for %s: using the transformers class", type(self.config).__name__)
+            logger.info(
+                "no custom model registered for %s: using the transformers class", type(self.config).__name__
+            )
         skip_init = not init_weights or torch.device(device).type == "meta"
         with torch.device(device), default_dtype(dtype), no_init_weights() if skip_init else nullcontext():
             if cls is not None:
@@ -120,12 +137,17 @@ class AutoModelForCausalLMFactory:
         return model.eval()
 
     def build_and_load(
-        self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, weights: WeightsMode = "auto"
+        self,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        weights: WeightsMode = "auto",
     ) -> tuple[nn.Module, LoadReport]:
         """Build the model and fill it: from the checkpoint (``auto`` when there is one) or randomly."""
         location = self.source.weights
         if weights == "checkpoint" and location is None:
-            raise WeightsError(self.source.name, "has no weights", "pass a directory with safetensors or a GGUF file")
+            raise WeightsError(
+                self.source.name, "has no weights", "pass a directory with safetensors or a GGUF file"
+            )
         use_checkpoint = location is not None and weights != "random"
         model = self.build_model(device, dtype, init_weights=not use_checkpoint)
         cls_name = type(model).__name__
@@ -136,6 +158,11 @@ class AutoModelForCausalLMFactory:
         report = load_checkpoint_into(model, state_dict, subject=", ".join(str(f) for f in location.files))
         report.model_class, report.is_custom = cls_name, is_custom
         return model, report
+
+
+def _import_shipped_models() -> None:
+    """Import ``onboardlm.models.custom`` (import = registration); a no-op while it is importing."""
+    import onboardlm.models.custom  # noqa: F401
 
 
 def load_checkpoint_into(model: nn.Module, state_dict: StateDict, *, subject: str) -> LoadReport:
@@ -187,7 +214,9 @@ def apply_config_overrides(
     config = copy.deepcopy(config)
     for key, value in overrides.items():
         if not hasattr(config, key):
-            raise ModelSourceError(subject, f"model_kwargs sets unknown config field {key!r}", "check the spelling")
+            raise ModelSourceError(
+                subject, f"model_kwargs sets unknown config field {key!r}", "check the spelling"
+            )
         current = getattr(config, key)
         if isinstance(current, dict) and isinstance(value, Mapping):
             value = {**current, **value}

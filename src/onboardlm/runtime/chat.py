@@ -12,7 +12,10 @@ def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[
     """
     if tokenizer.chat_template:
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
         )
         return list(ids)
     return tokenizer.encode(prompt)

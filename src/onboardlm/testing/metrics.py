@@ -15,7 +15,9 @@ def rmse_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff_norm / ref_norm
 
 
-def assert_rmse_close(actual: torch.Tensor, expected: torch.Tensor, rmse_ratio_tol: float, msg: str = "") -> None:
+def assert_rmse_close(
+    actual: torch.Tensor, expected: torch.Tensor, rmse_ratio_tol: float, msg: str = ""
+) -> None:
     """Assert that the relative RMS error of ``actual`` against ``expected`` is at most the tolerance.
 
     Unlike an element-wise ``assert_close``, a few outlier elements do not fail the check; shapes must

@@ -83,7 +83,11 @@ class LlamaMLP(nn.Module):
         gate = linear(x, self.gate_proj.weight, self.gate_proj.bias, tp_mode="colwise", layer_type="mlp")
         up = linear(x, self.up_proj.weight, self.up_proj.bias, tp_mode="colwise", layer_type="mlp")
         down = linear(
-            self.act_fn(gate) * up, self.down_proj.weight, self.down_proj.bias, tp_mode="rowwise", layer_type="mlp"
+            self.act_fn(gate) * up,
+            self.down_proj.weight,
+            self.down_proj.bias,
+            tp_mode="rowwise",
+            layer_type="mlp",
         )
         return torch.ops.auto_deploy.all_reduce(down, layer_type="mlp")
 
@@ -134,8 +138,12 @@ class LlamaAttention(nn.Module):
         q, k = ops.torch_rope_with_explicit_cos_sin(q, k, cos, sin, 2)
         attn = ops.torch_attention(q, k, v, is_causal=True, scale=self.scaling, layout="bsnd")
 
-        attn = ops.view(attn, [batch, seq_len, self.num_heads * self.head_dim], tp_scaled_dim=2, layer_type="mha")
-        out = ops.torch_linear_simple(attn, self.o_proj.weight, self.o_proj.bias, tp_mode="rowwise", layer_type="mha")
+        attn = ops.view(
+            attn, [batch, seq_len, self.num_heads * self.head_dim], tp_scaled_dim=2, layer_type="mha"
+        )
+        out = ops.torch_linear_simple(
+            attn, self.o_proj.weight, self.o_proj.bias, tp_mode="rowwise", layer_type="mha"
+        )
         return ops.all_reduce(out, layer_type="mha")
 
 
@@ -150,7 +158,9 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings)
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings
+        )
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
