@@ -1,0 +1,52 @@
+"""What every sub-command shares: the typer app, consoles, exit codes and the user-error wrapper."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from onboardlm.errors import OnboardlmError
+
+app = typer.Typer(
+    help="Onboard HuggingFace causal LMs into lean models on canonical ops, prove them, run them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_PROMPT = "What is the capital of France?"
+EXIT_BAD_INPUT = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class DType(str, enum.Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+    def to_torch(self) -> Any:
+        import torch
+
+        return getattr(torch, self.value)
+
+
+def reports_user_errors(command: F) -> F:
+    """Turn an :class:`OnboardlmError` into one red line on stderr and exit code 2."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except OnboardlmError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    return wrapper  # type: ignore[return-value]
