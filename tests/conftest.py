@@ -1,11 +1,15 @@
-"""Shared test setup: one torch thread per xdist worker, GPU tests skipped without CUDA."""
+"""Shared test setup: one torch thread per xdist worker, GPU tests skipped without CUDA, factory
+registrations restored after each test."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
+
+from onboardlm.models.factory import AutoModelForCausalLMFactory, import_shipped_models
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,3 +29,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _factory_registrations() -> Iterator[None]:
+    """Tests that import a generated model file register it; undo that after each test."""
+    import_shipped_models()
+    saved = dict(AutoModelForCausalLMFactory._custom_model_mapping)
+    yield
+    AutoModelForCausalLMFactory._custom_model_mapping.clear()
+    AutoModelForCausalLMFactory._custom_model_mapping.update(saved)

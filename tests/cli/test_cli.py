@@ -1,13 +1,10 @@
-"""The command line: help on every command, the op table, the default run and bad input."""
+"""The command line: help on every command and the op table (``run``: see test_run_cli.py)."""
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-import pytest
-from transformers import LlamaConfig
 from typer.testing import CliRunner
 
 from onboardlm.cli import app
@@ -53,42 +50,3 @@ def test_ops_table_renders() -> None:
     assert result.exit_code == 0
     assert "20 canonical ops" in result.output
     assert "torch_moe_dense_mlp" in result.output
-
-
-@pytest.mark.parametrize(
-    ("model", "message"),
-    [
-        ("/no/such/dir", "no such file or directory"),
-        ("not-a-model-type-or-id", "not in the local HuggingFace cache"),
-    ],
-)
-def test_run_with_a_bad_model_fails_with_one_clear_line(model: str, message: str) -> None:
-    result = runner.invoke(app, ["run", "--model", model])
-    assert result.exit_code == 2
-    assert message in result.output
-    assert "Traceback" not in result.output
-
-
-def test_run_refuses_a_model_without_a_tokenizer(tmp_path: Path) -> None:
-    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100).save_pretrained(
-        tmp_path
-    )
-    result = runner.invoke(app, ["run", "--model", str(tmp_path)])
-    assert result.exit_code == 2
-    assert "has no tokenizer files" in result.output
-
-
-def test_run_rejects_a_bad_dtype() -> None:
-    result = runner.invoke(app, ["run", "--dtype", "float13"])
-    assert result.exit_code == 2
-    assert "float13" in result.output
-
-
-@pytest.mark.slow
-def test_default_run_answers_in_the_log_format() -> None:
-    result = runner.invoke(app, ["run", "--max-new-tokens", "12"])
-    assert result.exit_code == 0, result.output
-    assert "(lean onboardlm model)" in result.output
-    line = next(line for line in result.output.splitlines() if line.startswith("[PROMPT 0]"))
-    assert line.startswith("[PROMPT 0] What is the capital of France?: ")
-    assert "Paris" in line

@@ -21,7 +21,6 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-DEFAULT_PROMPT = "What is the capital of France?"
 EXIT_BAD_INPUT = 2
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -1,19 +1,32 @@
-"""``onboardlm run``: load a model into its lean class and answer prompts."""
+"""``onboardlm run``: export a model with a KV cache and answer prompts, with registry settings."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from onboardlm.cli.common import (
-    DEFAULT_PROMPT,
-    DType,
-    app,
-    console,
-    reports_user_errors,
-)
+from onboardlm.cli.common import DType, app, console, reports_user_errors
+from onboardlm.errors import OnboardlmError
+
+
+def settings_with_overrides(base: Any, overrides: dict[str, Any]) -> Any:
+    """``base`` RunSettings with the command-line values that were given, validated again."""
+    from pydantic import ValidationError
+
+    from onboardlm.registry import RunSettings, deep_merge
+    from onboardlm.registry.settings import field_problems
+
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if "sampling" in overrides:
+        given["sampling"] = {k: v for k, v in overrides["sampling"].items() if v is not None}
+    data = deep_merge(base.model_dump(), given)
+    try:
+        return RunSettings.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{p.key}: {p.message}" for p in field_problems(err))
+        raise OnboardlmError("command-line options", problems) from None
 
 
 @app.command("run")
@@ -22,38 +35,75 @@ def run_command(
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", "-m", help="Model dir, .gguf file, cached hub id or model_type [default: SmolLM2]"
+            "--model",
+            "-m",
+            help="Registry name, model dir, .gguf file, cached hub id or model_type [default: the shipped SmolLM2]",
         ),
     ] = None,
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per prompt.")] = 32,
+    use_registry: Annotated[
+        bool, typer.Option("--use-registry", help="Apply the model's registry entry (models.yaml + configs).")
+    ] = False,
+    yaml_extra: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--args.yaml-extra", "--yaml-extra", help="Settings YAML, merged after the registry (repeatable)."
+        ),
+    ] = None,
+    registry_dir: Annotated[
+        Path | None, typer.Option("--registry-dir", help="Registry directory [default: the shipped one].")
+    ] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", "-p", help="Prompt (repeatable) [default: the 10 default prompts]."),
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Tokens to generate per prompt.")] = None,
     num_hidden_layers: Annotated[int | None, typer.Option(min=1, help="Run with fewer layers.")] = None,
-    dtype: Annotated[DType, typer.Option(help="Compute dtype.")] = DType.float32,
-    device: Annotated[str, typer.Option(help="Device, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[DType | None, typer.Option(help="Compute dtype [default: from the settings].")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda [default: from the settings].")] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Sequences per batch (cache rows).")
+    ] = None,
+    max_seq_len: Annotated[
+        int | None, typer.Option(min=2, help="Longest prompt + answer the cache holds.")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 = greedy.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(min=0, help="Sample from the k most likely tokens (0 = all).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(min=0, help="Sampling seed.")] = None,
 ) -> None:
-    """Load a model into its lean implementation and answer prompts greedily."""
-    from onboardlm.models.factory import AutoModelForCausalLMFactory
-    from onboardlm.models.source import default_model_path
-    from onboardlm.runtime.chat import encode_chat_prompt, stop_token_ids
-    from onboardlm.runtime.generate import greedy_generate
+    """Export a model to a graph with a KV cache and answer prompts; log ``[PROMPT i] <prompt>: <output>``."""
+    from onboardlm.registry import load_run_settings
+    from onboardlm.runtime.runner import DEFAULT_MODEL_ID, Runner
 
-    model_name = model or str(default_model_path())
-    model_kwargs = {"num_hidden_layers": num_hidden_layers} if num_hidden_layers else {}
-    factory = AutoModelForCausalLMFactory(model_name, model_kwargs)
-    with console.status(f"loading {Path(model_name).name} ..."):
-        tokenizer = factory.tokenizer()
-        lean_model, report = factory.build_and_load(device=device, dtype=dtype.to_torch())
+    registry_name = model or DEFAULT_MODEL_ID
+    settings = load_run_settings(
+        registry_name, use_registry=use_registry, yaml_extra=yaml_extra or [], registry_dir=registry_dir
+    )
+    model_kwargs = {"num_hidden_layers": num_hidden_layers} if num_hidden_layers else None
+    overrides = {
+        "max_new_tokens": max_new_tokens,
+        "dtype": dtype.value if dtype else None,
+        "device": device,
+        "max_batch_size": max_batch_size,
+        "max_seq_len": max_seq_len,
+        "model_kwargs": model_kwargs,
+        "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed},
+    }
+    settings = settings_with_overrides(settings, overrides)
+    with console.status(f"loading and exporting {model or DEFAULT_MODEL_ID} ..."):
+        runner = Runner.load(model, settings)
+    report = runner.report
     kind = "lean onboardlm model" if report.is_custom else "transformers model (no lean model registered)"
     console.print(
-        f"[green]loaded[/] {report.model_class} ({kind}) from {report.weights_source}",
+        f"[green]loaded[/] {report.model_class} ({kind}) from {report.weights_source}; "
+        f"{len(runner.graph.caches) // 2} cached attention layers, "
+        f"{str(runner.graph.caches[0].dtype).removeprefix('torch.')} on {runner.device}",
         highlight=False,
         soft_wrap=True,
     )
-    stops = stop_token_ids(tokenizer)
-    for i, text in enumerate(prompt or [DEFAULT_PROMPT]):
-        with console.status(f"generating for prompt {i} ..."):
-            result = greedy_generate(
-                lean_model, encode_chat_prompt(tokenizer, text), max_new_tokens=max_new_tokens, stop_ids=stops
-            )
-        answer = tokenizer.decode(result.new_ids, skip_special_tokens=True).strip()
-        console.print(f"[PROMPT {i}] {text}: {answer}", highlight=False, markup=False, soft_wrap=True)
+    with console.status("generating ..."):
+        results = runner.run(prompt)
+    for result in results:
+        console.print(result.log_line(), highlight=False, markup=False, soft_wrap=True)

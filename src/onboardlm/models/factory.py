@@ -74,13 +74,13 @@ class AutoModelForCausalLMFactory:
 
         The shipped model files register first, so a later user registration replaces theirs.
         """
-        _import_shipped_models()
+        import_shipped_models()
         cls._custom_model_mapping[config_cls_name] = custom_model_cls
 
     @classmethod
     def custom_model_cls(cls, config: PretrainedConfig) -> type[nn.Module] | None:
         """The registered lean class for ``config``, importing the shipped model files first."""
-        _import_shipped_models()
+        import_shipped_models()
         return cls._custom_model_mapping.get(type(config).__name__)
 
     # ----------------------------------------------------------------- config
@@ -160,7 +160,7 @@ class AutoModelForCausalLMFactory:
         return model, report
 
 
-def _import_shipped_models() -> None:
+def import_shipped_models() -> None:
     """Import ``onboardlm.models.custom`` (import = registration); a no-op while it is importing."""
     import onboardlm.models.custom  # noqa: F401
 

@@ -2,7 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class RmseCheck:
+    """One ``assert_rmse_close`` call as seen by an observer (ratio is inf for a shape or NaN failure)."""
+
+    ratio: float
+    tolerance: float
+    passed: bool
+    msg: str
+
+
+_observers: list[Callable[[RmseCheck], None]] = []
+
+
+@contextmanager
+def observe_rmse_checks(observer: Callable[[RmseCheck], None]) -> Iterator[None]:
+    """Call ``observer`` with every ``assert_rmse_close`` check made inside the ``with`` block."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
+def _notify(ratio: float, tolerance: float, msg: str) -> None:
+    check = RmseCheck(ratio, tolerance, ratio <= tolerance, msg)
+    for observer in list(_observers):
+        observer(check)
 
 
 def rmse_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -25,10 +58,13 @@ def assert_rmse_close(
     """
     prefix = f"{msg}: " if msg else ""
     if actual.shape != expected.shape:
+        _notify(float("inf"), rmse_ratio_tol, msg)
         raise AssertionError(f"{prefix}shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     if not torch.isfinite(actual).all():
+        _notify(float("inf"), rmse_ratio_tol, msg)
         raise AssertionError(f"{prefix}actual has non-finite values")
     ratio = rmse_ratio(actual, expected)
+    _notify(ratio, rmse_ratio_tol, msg)
     if not ratio <= rmse_ratio_tol:
         diff_norm = torch.linalg.vector_norm(actual.float() - expected.float()).item()
         ref_norm = torch.linalg.vector_norm(expected.float()).item()

@@ -1,5 +1,51 @@
 """Lean model files; importing one registers it with AutoModelForCausalLMFactory."""
 
-from onboardlm.models.custom.modeling_llama import LlamaForCausalLM
+from onboardlm.models.custom import (  # noqa: F401  (import = registration)
+    modeling_cohere,
+    modeling_deepseek_v3,
+    modeling_gemma,
+    modeling_gemma2,
+    modeling_gemma3_text,
+    modeling_glm4_moe,
+    modeling_gpt_oss,
+    modeling_granite,
+    modeling_internlm3,
+    modeling_llama,
+    modeling_mistral,
+    modeling_mixtral,
+    modeling_olmo2,
+    modeling_phi,
+    modeling_phi3,
+    modeling_qwen2,
+    modeling_qwen2_moe,
+    modeling_qwen3,
+    modeling_qwen3_moe,
+    modeling_smollm3,
+    modeling_stablelm,
+    modeling_starcoder2,
+)
 
-__all__ = ["LlamaForCausalLM"]
+__all__ = [
+    "modeling_cohere",
+    "modeling_deepseek_v3",
+    "modeling_gemma",
+    "modeling_gemma2",
+    "modeling_gemma3_text",
+    "modeling_glm4_moe",
+    "modeling_gpt_oss",
+    "modeling_granite",
+    "modeling_internlm3",
+    "modeling_llama",
+    "modeling_mistral",
+    "modeling_mixtral",
+    "modeling_olmo2",
+    "modeling_phi",
+    "modeling_phi3",
+    "modeling_qwen2",
+    "modeling_qwen2_moe",
+    "modeling_qwen3",
+    "modeling_qwen3_moe",
+    "modeling_smollm3",
+    "modeling_stablelm",
+    "modeling_starcoder2",
+]

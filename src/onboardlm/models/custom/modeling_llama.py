@@ -1,9 +1,9 @@
 """Lean, export-friendly Llama on canonical ``auto_deploy`` ops.
 
 Mirrors ``transformers.models.llama.modeling_llama`` (LlamaForCausalLM): pre-norm decoder layers
-with RMSNorm, rotary position embeddings (default, linear, llama3, yarn, proportional), grouped-query
-attention and a gated MLP. Module names equal the checkpoint keys, so HuggingFace state dicts load
-with ``strict=True``.
+with RMSNorm, rotary position embeddings (default, linear, llama3, yarn, proportional),
+grouped-query attention and a gated MLP. Module names equal the checkpoint keys, so HuggingFace
+state dicts load with ``strict=True``.
 
 Left out on purpose: KV cache, attention masks (attention is causal), dropout, gradient
 checkpointing, attention-implementation switches, ``repeat_kv`` (the attention op handles GQA),

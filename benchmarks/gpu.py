@@ -1,0 +1,570 @@
+"""GPU benchmark: onboardlm's cached graph against transformers, same GPU, same random bf16 weights.
+
+Run on a CUDA machine from the repository root: ``PYTHONPATH=src python benchmarks/gpu.py``. Writes
+``gpu_<name>.json`` and ``.md`` under ``$OUT`` (else ``benchmarks/results``) and prints the table last.
+Every section records its error and the run goes on. Shapes: Llama-3-8B, SmolLM2-135M and a
+Qwen3-MoE with 128 experts (8 active) and fewer layers. Figures: prefill latency (1x2048, 8x512),
+decode tokens/s at batch 1/8/64 (prompt 512, 128 new tokens), peak GPU memory, and the measured
+roofline (bf16 matmul ceiling, copy bandwidth) to express each figure as a fraction of its limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+from transformers.initialization import no_init_weights
+
+from onboardlm.export import causal_lm_dynamic_shapes, torch_export_to_gm
+from onboardlm.models.factory import AutoModelForCausalLMFactory
+from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, insert_cached_attention, insert_logit_gather
+from onboardlm.transforms.backends import use_direct_kernels
+from onboardlm.transforms.compile import FastGraph, SpeedOptions, accelerate
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT, NEW_TOKENS, BATCHES = 512, 128, (1, 8, 64)
+PREFILLS = ((1, 2048), (8, 512))
+START = time.perf_counter()
+
+
+class Device:
+    """The device the benchmark runs on: CUDA, or the CPU for a smoke run of tiny shapes (``--smoke``)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.cuda = device == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+    def empty_cache(self) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name() if self.cuda else "cpu-smoke"
+
+
+DEV = Device("cuda")
+
+
+def llama(hidden: int, layers: int, heads: int, kv: int, inter: int, vocab: int, **extra: Any) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+        intermediate_size=inter, vocab_size=vocab, max_position_embeddings=4096, **extra,
+    )  # fmt: skip
+
+
+def shapes(moe_layers: int, smoke: bool = False) -> dict[str, Any]:
+    if smoke:  # tiny stand-ins of the same families, for a CPU run of every code path
+        return {
+            "small": llama(64, 2, 4, 2, 128, 256, tie_word_embeddings=True),
+            "8b": llama(64, 2, 4, 2, 128, 256),
+            "moe": Qwen3MoeConfig(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                moe_intermediate_size=32,
+                num_experts=8,
+                num_experts_per_tok=2,
+                vocab_size=256,
+            ),  # fmt: skip
+        }
+    return {
+        "small": llama(576, 30, 9, 3, 1536, 49152, tie_word_embeddings=True, rope_theta=100000.0),
+        "8b": llama(4096, 32, 32, 8, 14336, 128256, rope_theta=500000.0),
+        "moe": Qwen3MoeConfig(
+            hidden_size=2048,
+            num_hidden_layers=moe_layers,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            moe_intermediate_size=768,
+            intermediate_size=6144,
+            num_experts=128,
+            num_experts_per_tok=8,
+            vocab_size=151936,
+            max_position_embeddings=4096,
+        ),  # fmt: skip
+    }
+
+
+def elapsed() -> float:
+    return time.perf_counter() - START
+
+
+def log(message: str) -> None:
+    print(f"[{elapsed():6.1f}s] {message}", flush=True)
+
+
+def guarded(record: dict[str, Any], key: str, work: Callable[[], Any]) -> Any:
+    """Run ``work``; store its result (or its error) under ``record[key]``."""
+    try:
+        record[key] = work()
+    except Exception as error:  # noqa: BLE001  (the benchmark reports and goes on)
+        record[key] = {"error": f"{type(error).__name__}: {error}"[:600]}
+        log(f"{key} failed: {record[key]['error']}")
+        traceback.print_exc()
+        DEV.sync()
+    return record[key]
+
+
+def time_ms(fn: Callable[[], Any], reps: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in ms, synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        DEV.sync()
+        t0 = time.perf_counter()
+        fn()
+        DEV.sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def roofline() -> dict[str, float]:
+    n = 8192 if DEV.cuda else 256
+    a, b = (torch.randn(n, n, device=DEV.device, dtype=torch.bfloat16) for _ in range(2))
+    mm = time_ms(lambda: a @ b, reps=10, warmup=3)
+    src = torch.randn(1 << (30 if DEV.cuda else 20), device=DEV.device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), reps=10, warmup=3)
+    return {"matmul_tflops": 2 * n**3 / mm / 1e9, "copy_gb_s": 2 * src.numel() * 2 / copy_ms / 1e6}
+
+
+def randomize(model: torch.nn.Module) -> None:
+    gen = torch.Generator(device=DEV.device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+
+
+def weight_bytes(config: Any, model: torch.nn.Module) -> tuple[int, int]:
+    """Bytes a batch-1 decode step must read (active weights, no embedding table) and non-embedding params."""
+    total = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if getattr(config, "tie_word_embeddings", False):
+        total += config.vocab_size * config.hidden_size
+    active = total
+    if hasattr(config, "num_experts"):
+        per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+        active -= config.num_hidden_layers * (config.num_experts - config.num_experts_per_tok) * per_expert
+    return active * 2, total
+
+
+def prefill_flops(config: Any, params: int, batch: int, seq: int) -> float:
+    head = config.vocab_size * config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dense = params - head
+    if hasattr(config, "num_experts"):  # only top-k experts run per token
+        per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+        dense -= config.num_hidden_layers * (config.num_experts - config.num_experts_per_tok) * per_expert
+    attention = 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq * seq  # causal
+    return 2.0 * dense * batch * seq + 2.0 * head * batch + attention * batch
+
+
+# ---------------------------------------------------------------- transformers
+def hf_prefill(model: torch.nn.Module, batch: int, seq: int, vocab: int) -> float:
+    ids = torch.randint(0, vocab, (batch, seq), device=DEV.device)
+    with torch.inference_mode():
+        return time_ms(lambda: model(ids, logits_to_keep=1, use_cache=True))
+
+
+def hf_decode(model: torch.nn.Module, batch: int, vocab: int, prefill_ms: float, **kwargs: Any) -> dict:
+    ids = torch.randint(0, vocab, (batch, PROMPT), device=DEV.device, generator=torch_gen())
+    args = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, **kwargs}
+    with torch.inference_mode():
+        model.generate(ids, **{**args, "max_new_tokens": 4, "min_new_tokens": 4})
+        DEV.reset_peak()
+        DEV.sync()
+        t0 = time.perf_counter()
+        out = model.generate(ids, **args)
+        DEV.sync()
+    total_ms = (time.perf_counter() - t0) * 1e3
+    decode_ms = max(total_ms - prefill_ms, 1e-3)
+    return {
+        "total_ms": total_ms,
+        "tok_s": batch * (NEW_TOKENS - 1) / decode_ms * 1e3,
+        "peak_gib": DEV.peak_gib(),
+        "tokens": out[0, PROMPT : PROMPT + 64].tolist(),
+    }
+
+
+def torch_gen() -> torch.Generator:
+    return torch.Generator(device=DEV.device).manual_seed(1)
+
+
+# ---------------------------------------------------------------- onboardlm
+def allocate_cache(specs: Any, max_batch: int, max_seq: int, device: str) -> dict[str, torch.Tensor]:
+    """Zeroed KV caches, as the runtime's ``KVCache`` (whose package needs the CLI's dependencies)."""
+    return {s.name: torch.zeros(max_batch, max_seq, *s.features, dtype=s.dtype, device=device) for s in specs}
+
+
+def cached_graph(model: torch.nn.Module) -> Any:
+    """The ``onboardlm run`` graph: export, KV cache, logit gather, direct kernels."""
+    ids = torch.zeros(2, 8, dtype=torch.long, device=DEV.device)
+    positions = torch.arange(8, device=DEV.device).expand(2, 8)
+    gm = torch_export_to_gm(
+        model, kwargs={"input_ids": ids, "position_ids": positions}, dynamic_shapes=causal_lm_dynamic_shapes()
+    )
+    cached = insert_cached_attention(gm)
+    insert_logit_gather(cached.gm)
+    use_direct_kernels(cached.gm)
+    return cached
+
+
+def run_graph(fast: FastGraph, ids: torch.Tensor, start: torch.Tensor, last: torch.Tensor, kv_len: int):
+    positions = start[:, None] + torch.arange(ids.shape[1], device=DEV.device)
+    inputs = {INPUT_POS: start, KV_LEN: kv_len, LOGIT_INDEX: last}
+    return fast(input_ids=ids, position_ids=positions, **inputs, **fast.cache)[:, -1]
+
+
+def ours_prefill(fast: FastGraph, batch: int, seq: int, vocab: int) -> float:
+    ids = torch.randint(0, vocab, (batch, seq), device=DEV.device)
+    zero = torch.zeros(batch, dtype=torch.long, device=DEV.device)
+    with torch.inference_mode():
+        return time_ms(lambda: run_graph(fast, ids, zero, zero + seq - 1, seq))
+
+
+def ours_decode(fast: FastGraph, batch: int, vocab: int) -> dict:
+    ids = torch.randint(0, vocab, (batch, PROMPT), device=DEV.device, generator=torch_gen())
+    zero = torch.zeros(batch, dtype=torch.long, device=DEV.device)
+
+    def generate(steps: int) -> tuple[list[torch.Tensor], float]:
+        token = run_graph(fast, ids, zero, zero + PROMPT - 1, PROMPT).argmax(-1)
+        tokens = [token]
+        DEV.sync()
+        t0 = time.perf_counter()
+        for i in range(steps - 1):
+            token = run_graph(fast, token[:, None], zero + PROMPT + i, zero, PROMPT + i + 1).argmax(-1)
+            tokens.append(token)
+        DEV.sync()
+        return tokens, (time.perf_counter() - t0) * 1e3
+
+    with torch.inference_mode():
+        generate(4)
+        DEV.reset_peak()
+        tokens, decode_ms = generate(NEW_TOKENS)
+    return {
+        "decode_ms": decode_ms,
+        "tok_s": batch * (NEW_TOKENS - 1) / decode_ms * 1e3,
+        "peak_gib": DEV.peak_gib(),
+        "tokens": [int(t[0]) for t in tokens[:64]],
+    }
+
+
+def lean_model(name: str, config: Any, hf: torch.nn.Module) -> torch.nn.Module:
+    """The lean model sharing ``hf``'s weight tensors (``assign``; fused experts are unpacked as views)."""
+    config = copy.deepcopy(config)
+    if name == "moe":
+        sys.path.insert(0, str(ROOT / "tests" / "compat"))
+        import autodeploy_shim as shim  # noqa: PLC0415  (test-only AD-style model file)
+
+        with shim.autodeploy_imports(ROOT / "tests" / "compat"):
+            module = shim.load_model_file("ad_style_qwen3_moe")
+            with torch.device(DEV.device), no_init_weights():
+                model = module.Qwen3MoeForCausalLM(config)
+    else:
+        model = AutoModelForCausalLMFactory(config).build_model(
+            DEV.device, torch.bfloat16, init_weights=False
+        )
+    model.load_state_dict(hf.state_dict(), strict=True, assign=True)
+    return model.eval()
+
+
+def bench_shape(
+    name: str, config: Any, rec: dict[str, Any], save: Callable[[], None]
+) -> list[Callable[[], None]]:
+    """Measure transformers and onboardlm on one shape into ``rec``; returns the optional (compile) runs."""
+    rec.update({"hf": {}, "ours": {}, "ours_unfused": {}, "ours_compiled": {}, "hf_static_compile": {}})
+    with torch.device(DEV.device), no_init_weights():
+        hf = AutoModelForCausalLM.from_config(
+            copy.deepcopy(config), dtype=torch.bfloat16, attn_implementation="sdpa"
+        ).eval()
+    randomize(hf)
+    active_bytes, params = weight_bytes(config, hf)
+    rec["active_weight_gb"], rec["params"] = active_bytes / 1e9, params
+    rec["prefill_gflop"] = {f"{b}x{s}": prefill_flops(config, params, b, s) / 1e9 for b, s in PREFILLS}
+    vocab = config.vocab_size
+    log(f"{name}: transformers built ({params / 1e9:.2f} B non-embedding params)")
+    for b, s in PREFILLS:
+        guarded(rec["hf"], f"prefill_{b}x{s}_ms", lambda b=b, s=s: hf_prefill(hf, b, s, vocab))
+    for b in BATCHES:
+        pre = rec["hf"].get(f"prefill_{b}x{PROMPT}_ms")
+        if not isinstance(pre, float):
+            pre = guarded(rec["hf"], f"prefill_{b}x{PROMPT}_ms", lambda b=b: hf_prefill(hf, b, PROMPT, vocab))
+        guarded(rec["hf"], f"decode_bs{b}", lambda b=b, pre=pre: hf_decode(hf, b, vocab, pre))
+        log(f"{name}: transformers bs{b} {short(rec['hf'][f'decode_bs{b}'])}")
+    save()
+    lean = lean_model(name, config, hf)
+    cached = cached_graph(lean)
+    plain = GraphModule(cached.gm, copy.deepcopy(cached.gm.graph))  # same weights, no fusion
+    log(f"{name}: exported")
+    cache = allocate_cache(cached.caches, max(BATCHES), PROMPT + NEW_TOKENS, DEV.device)
+    longest = max(b for b, _ in PREFILLS), max(s for _, s in PREFILLS)  # its own cache: decode reads less
+    prefill_cache = allocate_cache(cached.caches, *longest, DEV.device)
+    variants = {
+        "ours": (cached.gm, SpeedOptions(batch_sizes=BATCHES), BATCHES),
+        "ours_unfused": (plain, SpeedOptions(fuse=False, batch_sizes=(1,)), (1,)),
+    }
+    for key, (gm, options, batches) in variants.items():
+        t0 = time.perf_counter()
+        prefill = accelerate(gm, prefill_cache, replace(options, cuda_graphs=False))
+        for b, s in PREFILLS:
+            guarded(rec[key], f"prefill_{b}x{s}_ms", lambda b=b, s=s, p=prefill: ours_prefill(p, b, s, vocab))
+        fast = accelerate(gm, cache, options)
+        rec[key]["capture"] = vars(fast.report)
+        for b in batches:
+            guarded(rec[key], f"decode_bs{b}", lambda b=b, f=fast: ours_decode(f, b, vocab))
+            log(f"{name}: {key} bs{b} {short(rec[key][f'decode_bs{b}'])}")
+        rec[key]["wall_s"] = time.perf_counter() - t0
+        save()
+    del prefill, prefill_cache
+    tokens = rec["ours"].get("decode_bs1", {}).get("tokens")
+
+    def ours_compiled() -> None:
+        t0 = time.perf_counter()
+        compiled = accelerate(plain, cache, SpeedOptions(compile=True, batch_sizes=(1,)))
+        rec["ours_compiled"]["capture"] = vars(compiled.report)
+        rec["ours_compiled"]["compile_s"] = time.perf_counter() - t0
+        done = guarded(rec["ours_compiled"], "decode_bs1", lambda: ours_decode(compiled, 1, vocab))
+        rec["ours_compiled"]["same_tokens_as_fused"] = done.get("tokens") == tokens
+        log(f"{name}: onboardlm whole-graph compiled bs1 {short(done)}")
+
+    def hf_compiled() -> None:
+        guarded(rec, "hf_static_compile", lambda: hf_static_compile(hf, vocab, rec["hf"]))
+        log(f"{name}: transformers static cache + compile bs1 {short(rec['hf_static_compile'])}")
+
+    def profiled() -> None:
+        guarded(rec, "profile", lambda: profile(cached.gm, vocab, cached.caches))
+
+    return [profiled, ours_compiled, hf_compiled] if name == "8b" else []
+
+
+def short(entry: Any) -> Any:
+    return {k: v for k, v in entry.items() if k != "tokens"} if isinstance(entry, dict) else entry
+
+
+def hf_static_compile(hf: torch.nn.Module, vocab: int, eager: dict) -> dict:
+    """transformers' static cache; ``generate`` then compiles its decode step itself (CUDA graphs included).
+
+    (Wrapping ``forward`` in ``torch.compile(mode="reduce-overhead")`` by hand fails inside ``generate``
+    on torch 2.11 / transformers 5.17: "accessing tensor output of CUDAGraphs that has been overwritten".)
+    """
+    t0 = time.perf_counter()
+    pre = eager.get(f"prefill_1x{PROMPT}_ms", 0.0)
+    result = hf_decode(hf, 1, vocab, pre, cache_implementation="static")
+    result["wall_s_with_compile"] = time.perf_counter() - t0
+    result["compiled_by_generate"] = hasattr(hf, "_compiled_call") and hf._compiled_call is not None
+    return result
+
+
+def profile(gm: Any, vocab: int, specs: Any) -> dict:
+    """torch.profiler top CUDA ops of an uncaptured bs1 decode step and of a 1x2048 prefill."""
+    from torch.profiler import ProfilerActivity  # noqa: PLC0415
+    from torch.profiler import profile as torch_profile  # noqa: PLC0415
+
+    tables = {}
+    fast = FastGraph(gm, allocate_cache(specs, 1, 2048, DEV.device), SpeedOptions(False, False))
+    ids = torch.randint(0, vocab, (1, 2048), device=DEV.device)
+    zero = torch.zeros(1, dtype=torch.long, device=DEV.device)
+    cases = {
+        "prefill_1x2048": lambda: run_graph(fast, ids, zero, zero + 2047, 2048),
+        "decode_bs1_uncaptured_kv640": lambda: run_graph(fast, ids[:, :1], zero + 600, zero, 640),
+    }
+    with torch.inference_mode():
+        for case, fn in cases.items():
+            fn()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                DEV.sync()
+            tables[case] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.txt").write_text("\n\n".join(f"== {k}\n{v}" for k, v in tables.items()))
+    return {"written": "profile.txt"}
+
+
+# ---------------------------------------------------------------- report
+def ratio(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, float) and isinstance(b, float) and b > 0 else None
+
+
+def tok_s(section: dict, b: int) -> float | None:
+    entry = section.get(f"decode_bs{b}")
+    return entry.get("tok_s") if isinstance(entry, dict) else None
+
+
+def summarize(result: dict) -> dict:
+    roof = result.get("roofline", {})
+    big = result["shapes"].get("8b", {})
+    hf, ours = big.get("hf", {}), big.get("ours", {})
+    summary: dict[str, Any] = {"gpu": result["gpu"]}
+    summary["decode_bs1_8b_tok_s"] = tok_s(ours, 1)
+    summary["decode_bs1_8b_ratio_vs_hf"] = ratio(tok_s(ours, 1), tok_s(hf, 1))
+    summary["decode_bs1_8b_compiled_tok_s"] = tok_s(big.get("ours_compiled", {}), 1)
+    summary["decode_bs1_8b_hf_static_compile_tok_s"] = (big.get("hf_static_compile") or {}).get("tok_s")
+    hf_pre, ours_pre = hf.get("prefill_1x2048_ms"), ours.get("prefill_1x2048_ms")
+    summary["prefill_1x2048_8b_ms"] = ours_pre
+    summary["prefill_1x2048_8b_ratio_vs_hf"] = ratio(hf_pre, ours_pre)
+    gflop = big.get("prefill_gflop", {}).get("1x2048")
+    if isinstance(ours_pre, float) and "matmul_tflops" in roof and gflop:
+        tflops = gflop / ours_pre
+        summary["prefill_1x2048_8b_tflops"] = tflops
+        summary["prefill_1x2048_8b_fraction_of_ceiling"] = tflops / roof["matmul_tflops"]
+    summary["decode_bs64_8b_ratio_vs_hf"] = ratio(tok_s(ours, 64), tok_s(hf, 64))
+    if "copy_gb_s" in roof and "active_weight_gb" in big:
+        bound = roof["copy_gb_s"] / big["active_weight_gb"]
+        summary["decode_bs1_8b_bound_tok_s"] = bound
+        summary["decode_bs1_8b_fraction_of_bound"] = ratio(summary["decode_bs1_8b_tok_s"], bound)
+    return summary
+
+
+def fmt(x: Any, digits: int = 1) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, float) else "-" if x is None else "err"
+
+
+def markdown(result: dict) -> str:
+    roof = result.get("roofline", {})
+    lines = [
+        f"# GPU benchmark: {result['gpu']} (torch {result['torch']}, transformers {result['transformers']})",
+        "",
+        f"Measured ceilings: bf16 matmul {fmt(roof.get('matmul_tflops'))} TFLOP/s, "
+        f"copy {fmt(roof.get('copy_gb_s'), 0)} GB/s (read + write).",
+        "",
+        "| shape | metric | onboardlm | transformers (sdpa) | ratio | of limit |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, rec in result["shapes"].items():
+        hf, ours = rec.get("hf", {}), rec.get("ours", {})
+        if "error" in rec:
+            lines.append(f"| {name} | error | {rec['error'][:80]} | | | |")
+            continue
+        for b, s in PREFILLS:
+            key = f"prefill_{b}x{s}_ms"
+            o, h = ours.get(key), hf.get(key)
+            frac = None
+            gflop = rec.get("prefill_gflop", {}).get(f"{b}x{s}")
+            if isinstance(o, float) and gflop and "matmul_tflops" in roof:
+                frac = gflop / o / roof["matmul_tflops"]
+            lines.append(
+                f"| {name} | prefill {b}x{s} ms | {fmt(o, 2)} | {fmt(h, 2)} | {fmt(ratio(h, o), 2)}x "
+                f"| {fmt(frac and 100 * frac)}% |"
+            )
+        for b in BATCHES:
+            o, h = tok_s(ours, b), tok_s(hf, b)
+            bound = roof.get("copy_gb_s", 0) / rec["active_weight_gb"] if "active_weight_gb" in rec else 0
+            frac = 100 * o / bound if b == 1 and isinstance(o, float) and bound else None
+            lines.append(
+                f"| {name} | decode bs{b} tok/s | {fmt(o)} | {fmt(h)} | {fmt(ratio(o, h), 2)}x | "
+                f"{fmt(frac)}{'%' if frac else ''} |"
+            )
+        unfused = rec.get("ours_unfused", {})
+        lines.append(
+            f"| {name} | without fusion: prefill 1x2048 ms / decode bs1 tok/s "
+            f"| {fmt(unfused.get('prefill_1x2048_ms'), 2)} / {fmt(tok_s(unfused, 1))} | | | |"
+        )
+        comp, stat = tok_s(rec.get("ours_compiled", {}), 1), (rec.get("hf_static_compile") or {}).get("tok_s")
+        lines.append(
+            f"| {name} | decode bs1 tok/s, compiled | {fmt(comp)} | {fmt(stat)} (static+compile) | | |"
+        )
+        peaks = [(side, rec.get(side, {}).get(f"decode_bs{max(BATCHES)}", {})) for side in ("ours", "hf")]
+        peak_text = [fmt(p.get("peak_gib"), 2) if isinstance(p, dict) else "-" for _, p in peaks]
+        lines.append(f"| {name} | peak GiB (decode bs64) | {peak_text[0]} | {peak_text[1]} | | |")
+    lines += ["", "Summary: `" + json.dumps(result["summary"]) + "`", ""]
+    return "\n".join(lines)
+
+
+def greedy_divergence(rec: dict[str, Any]) -> None:
+    """First step where onboardlm's bs1 greedy tokens differ from transformers' (None: all 64 agree)."""
+    ours, hf = rec.get("ours", {}).get("decode_bs1", {}), rec.get("hf", {}).get("decode_bs1", {})
+    if isinstance(ours, dict) and isinstance(hf, dict) and "tokens" in ours and "tokens" in hf:
+        same = [a == b for a, b in zip(ours["tokens"], hf["tokens"], strict=False)]
+        rec["greedy_bs1_first_divergence"] = same.index(False) if False in same else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="8b,small,moe")
+    parser.add_argument("--moe-layers", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=240.0, help="no compile run starts after this")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the code paths")
+    args = parser.parse_args()
+    if args.smoke:
+        global DEV, PROMPT, NEW_TOKENS, BATCHES, PREFILLS  # noqa: PLW0603
+        DEV, PROMPT, NEW_TOKENS, BATCHES, PREFILLS = Device("cpu"), 16, 8, (1, 2), ((1, 32), (2, 16))
+    import transformers  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    result: dict[str, Any] = {
+        "gpu": DEV.name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "prompt": PROMPT,
+        "new_tokens": NEW_TOKENS,
+        "shapes": {},
+    }
+    guarded(result, "roofline", roofline)
+    log(f"roofline {result['roofline']}")
+    configs = shapes(args.moe_layers, args.smoke)
+    out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu_" + result["gpu"].replace(" ", "_").lower()
+
+    def save() -> None:
+        result["summary"] = summarize(result)
+        result["wall_s"] = elapsed()
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+        (out / f"{stem}.md").write_text(markdown(result))
+
+    later: list[Callable[[], None]] = []
+    for name in args.shapes.split(","):
+        rec = result["shapes"][name] = {}
+        try:
+            later += bench_shape(name, configs[name], rec, save)
+        except Exception as error:  # noqa: BLE001  (the benchmark reports and goes on)
+            rec["error"] = f"{type(error).__name__}: {error}"[:600]
+            traceback.print_exc()
+        greedy_divergence(rec)
+        DEV.empty_cache()
+        save()
+    for run in later:  # compile runs last: they take minutes
+        if args.no_compile or elapsed() > args.budget_s:
+            log(f"skipped {run.__name__}: time budget ({args.budget_s} s) or --no-compile")
+            continue
+        try:
+            run()
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+        save()
+    print(markdown(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

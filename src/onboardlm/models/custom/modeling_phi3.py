@@ -1,0 +1,228 @@
+"""Lean, export-friendly Phi3 on canonical ``auto_deploy`` ops.
+
+Mirrors ``transformers.models.phi3.modeling_phi3`` (Phi3ForCausalLM): pre-norm decoder layers with
+RMSNorm, rotary position embeddings (default, linear, llama3, yarn, proportional), grouped-query
+attention and a gated MLP with a fused gate/up projection. Module names equal the checkpoint keys,
+so HuggingFace state dicts load with ``strict=True``.
+
+Left out on purpose: KV cache, attention masks (attention is causal), dropout, gradient
+checkpointing, attention-implementation switches, ``repeat_kv`` (the attention op handles GQA),
+position-id generation (callers pass them), hidden-state/attention outputs and the loss.
+Linear and reshape calls carry tensor-parallel sharding hints; they do not change the numbers.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Phi3Config
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
+from onboardlm.models.factory import AutoModelForCausalLMFactory
+
+
+def _rope_inverse_frequencies(config: Phi3Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and cos/sin scaling for the config's rope_type (static types only)."""
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise NotImplementedError(f"rope_type {rope_type!r} depends on the sequence length at run time")
+    if rope_type != "default":
+        return ROPE_INIT_FUNCTIONS[rope_type](config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base = config.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    return inv_freq, 1.0
+
+
+@dataclass
+class Phi3CausalLMOutput(ModelOutput):
+    logits: torch.FloatTensor | None = None
+
+
+class Phi3RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.ops.auto_deploy.torch_rmsnorm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class Phi3RotaryEmbedding(nn.Module):
+    """cos/sin of ``position_ids * inv_freq``, computed in fp32 once per forward for all layers."""
+
+    def __init__(self, config: Phi3Config) -> None:
+        super().__init__()
+        inv_freq, self.attention_scaling = _rope_inverse_frequencies(config)
+        self.register_buffer("_ad_inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self._ad_inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+class Phi3MLP(nn.Module):
+    def __init__(self, config: Phi3Config) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, config.hidden_size, bias=False)
+        self.activation_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = torch.ops.auto_deploy.torch_linear_simple
+        gate_up = linear(
+            x,
+            self.gate_up_proj.weight,
+            self.gate_up_proj.bias,
+            tp_mode="colwise",
+            output_sizes=[self.intermediate_size, self.intermediate_size],
+            layer_type="mlp",
+        )
+        gate, up = torch.ops.auto_deploy.split_with_sizes(
+            gate_up,
+            [self.intermediate_size, self.intermediate_size],
+            dim=-1,
+            enable_sharding=True,
+            layer_type="mlp",
+        )
+        down = linear(
+            self.activation_fn(gate) * up,
+            self.down_proj.weight,
+            self.down_proj.bias,
+            tp_mode="rowwise",
+            layer_type="mlp",
+        )
+        return torch.ops.auto_deploy.all_reduce(down, layer_type="mlp")
+
+
+class Phi3Attention(nn.Module):
+    def __init__(self, config: Phi3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        ops = torch.ops.auto_deploy
+        batch, seq_len = hidden_states.shape[:2]
+        sizes = [
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        ]
+        qkv = ops.torch_linear_simple(
+            hidden_states,
+            self.qkv_proj.weight,
+            self.qkv_proj.bias,
+            tp_mode="colwise",
+            output_sizes=sizes,
+            tp_min_local_shape=self.head_dim,
+            layer_type="mha",
+        )
+        q, k, v = ops.split_with_sizes(qkv, sizes, dim=-1, enable_sharding=True, layer_type="mha")
+        q = ops.view(q, [batch, seq_len, self.num_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha")
+        k = ops.view(k, [batch, seq_len, self.num_kv_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha")
+        v = ops.view(v, [batch, seq_len, self.num_kv_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha")
+
+        cos, sin = position_embeddings
+        q, k = ops.torch_rope_with_explicit_cos_sin(q, k, cos, sin, 2)
+        attn = ops.torch_attention(q, k, v, is_causal=True, scale=self.scaling, layout="bsnd")
+
+        attn = ops.view(
+            attn, [batch, seq_len, self.num_heads * self.head_dim], tp_scaled_dim=2, layer_type="mha"
+        )
+        out = ops.torch_linear_simple(
+            attn, self.o_proj.weight, self.o_proj.bias, tp_mode="rowwise", layer_type="mha"
+        )
+        return ops.all_reduce(out, layer_type="mha")
+
+
+class Phi3DecoderLayer(nn.Module):
+    def __init__(self, config: Phi3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Phi3Attention(config, layer_idx)
+        self.mlp = Phi3MLP(config)
+        self.input_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class Phi3PreTrainedModel(PreTrainedModel):
+    config_class = Phi3Config
+    base_model_prefix = "model"
+    _no_split_modules = ["Phi3DecoderLayer"]
+
+
+class Phi3Model(Phi3PreTrainedModel):
+    def __init__(self, config: Phi3Config) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = Phi3RotaryEmbedding(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        position_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        assert position_ids is not None, "position_ids is required"
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings)
+        return self.norm(hidden_states)
+
+
+class Phi3ForCausalLM(Phi3PreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Phi3Config) -> None:
+        super().__init__(config)
+        self.model = Phi3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        position_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> Phi3CausalLMOutput:
+        assert position_ids is not None, "position_ids is required"
+        hidden_states = self.model(input_ids, position_ids, inputs_embeds)
+        logits = torch.ops.auto_deploy.torch_linear_simple(hidden_states, self.lm_head.weight, None)
+        return Phi3CausalLMOutput(logits=logits.float())
+
+
+AutoModelForCausalLMFactory.register_custom_model_cls("Phi3Config", Phi3ForCausalLM)

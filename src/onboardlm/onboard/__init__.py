@@ -1,0 +1,1 @@
+"""`onboardlm onboard`: the onboarding phases, one module each, chained by pipeline.py."""

@@ -1,0 +1,477 @@
+"""Measure mixture-of-experts blocks and multi-head latent attention from a built HuggingFace model.
+
+The analyzer builds the HF model on a tiny config; these functions read its MoE and MLA modules
+(children, parameter shapes) and probe them on random tokens: the router for its scoring and
+normalisation, the packed experts for their layout, the gated MLPs for their wiring. Every value the generated file
+needs at run time is recorded as the *config field* that carries it (found by value on the tiny
+config), so the emitted code reads the real config, not the tiny one.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.spec_moe import (
+    MOE_ACTIVATIONS,
+    ExpertsSpec,
+    MLASpec,
+    MoESpec,
+    PackedExperts,
+    RouterSpec,
+    SharedExpertSpec,
+)
+
+__all__ = ["analyze_mla", "analyze_moe", "model_prefix"]
+
+_EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+_TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k_experts")
+_EXPERT_WIDTH_FIELDS = ("moe_intermediate_size", "intermediate_size")
+_SHARED_WIDTH_FIELDS = ("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size")
+_ROUTER_ATTRS = ("gate", "router")
+_SHARED_ATTRS = ("shared_expert", "shared_experts")
+_PROBE_TOKENS = 64
+_PACKED_KEYS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+
+def model_prefix(config: PretrainedConfig) -> str:
+    """Class-name prefix of an architecture: ``Qwen3MoeConfig`` -> ``Qwen3Moe``."""
+    return type(config).__name__.removesuffix("Config")
+
+
+def _field_with_value(
+    config: PretrainedConfig, candidates: tuple[str, ...], value: object, where: str, what: str
+) -> str:
+    for name in candidates:
+        if getattr(config, name, None) == value:
+            return name
+    raise UnsupportedFeature(
+        where, f"{what} = {value!r} is not any of the config fields {', '.join(candidates)}"
+    )
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedFeature(type(model).__name__, "no `layers` ModuleList in the base model")
+    return layers
+
+
+def _moe_child(layer: nn.Module) -> tuple[str, nn.Module] | None:
+    """The child of a decoder layer that holds routed experts (an ``experts`` submodule)."""
+    return next(((name, child) for name, child in layer.named_children() if hasattr(child, "experts")), None)
+
+
+# --------------------------------------------------------------------------------------------------
+# MoE
+# --------------------------------------------------------------------------------------------------
+
+
+def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
+    """The MoE block of ``model`` (built from ``config``), or None when no layer routes to experts."""
+    layers = _decoder_layers(model)
+    found = [(i, _moe_child(layer)) for i, layer in enumerate(layers)]
+    moe = [(i, child) for i, child in found if child is not None]
+    if not moe:
+        return None
+    first_idx, (attr, block) = moe[0]
+    path = f"model.layers.{first_idx}.{attr}"
+    classes = {type(child[1]).__name__ for _, child in moe}
+    if len(classes) > 1:
+        raise UnsupportedFeature(path, f"several MoE block classes ({', '.join(sorted(classes))})")
+    moe_layers = tuple(i for i, _ in moe)
+    experts = _analyze_experts(config, block.experts, f"{path}.experts")
+    condition = _layer_condition(config, moe_layers, len(layers), path)
+    return MoESpec(
+        class_name=type(block).__name__,
+        attr=attr,
+        config_class=type(config).__name__,
+        prefix=model_prefix(config),
+        router=_analyze_router(config, block, path),
+        experts=experts,
+        shared=_analyze_shared(config, block, path, experts),
+        layer_condition=condition,
+        moe_layers=moe_layers,
+        dense_class=_dense_class(config, layers, attr, moe_layers, condition),
+    )
+
+
+def _dense_class(
+    config: PretrainedConfig, layers: nn.ModuleList, attr: str, moe_layers: tuple[int, ...], condition: str
+) -> str | None:
+    """Class of the dense layers' MLP, verified to be a plain gated MLP; None when every layer is MoE.
+
+    Taken from a dense layer of the tiny model, else from one decoder layer built alone from a copy
+    of the config that makes layer 0 dense (``first_k_dense_replace=1`` / ``mlp_only_layers=[0]``),
+    so the dense MLP is measured even when the default config has none (Qwen-MoE).
+    """
+    if condition == "True":
+        return None
+    dense = next((layer for i, layer in enumerate(layers) if i not in moe_layers), None)
+    if dense is None:
+        probe = copy.deepcopy(config)
+        if "first_k_dense_replace" in condition:
+            probe.first_k_dense_replace = 1
+        else:
+            probe.mlp_only_layers = [0]
+        torch.manual_seed(0)
+        dense = type(layers[0])(probe, 0)
+        for param in dense.parameters():
+            nn.init.normal_(param, std=0.1)
+    mlp = getattr(dense, attr)
+    _check_gated_mlp(config, mlp, f"dense {attr}", config.intermediate_size)
+    return type(mlp).__name__
+
+
+@torch.no_grad()
+def _check_gated_mlp(config: PretrainedConfig, mlp: nn.Module, where: str, width: int) -> None:
+    """``mlp`` is ``down(act(gate(x)) * up(x))`` without biases, act ``config.hidden_act``, of ``width``."""
+    children = dict(mlp.named_children())
+    linears = [children.get(name) for name in ("gate_proj", "up_proj", "down_proj")]
+    act = children.get("act_fn")
+    plain = (
+        set(children) == {"gate_proj", "up_proj", "down_proj", "act_fn"}
+        and all(isinstance(linear, nn.Linear) and linear.bias is None for linear in linears)
+        and type(act) is type(ACT2FN[config.hidden_act])
+        and linears[0].out_features == width
+    )
+    if plain:
+        gate, up, down = linears
+        x = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(0))
+        plain = torch.allclose(mlp(x), down(act(gate(x)) * up(x)), rtol=1e-5, atol=1e-6)
+    if not plain:
+        raise UnsupportedFeature(where, f"{type(mlp).__name__} is not a plain gated MLP of width {width}")
+
+
+def _analyze_experts(config: PretrainedConfig, experts: nn.Module, path: str) -> ExpertsSpec:
+    if isinstance(experts, nn.ModuleList):
+        raise UnsupportedFeature(
+            path, "per-expert modules in the HF model", "expected transformers 5 fused experts"
+        )
+    params = dict(experts.named_parameters(recurse=False))
+    if not {"gate_up_proj", "down_proj"} <= set(params) or set(params) - set(_PACKED_KEYS):
+        raise UnsupportedFeature(
+            path, f"expert tensors {sorted(params)}", "expected gated experts: gate_up_proj and down_proj"
+        )
+    has_bias = "gate_up_proj_bias" in params
+    if has_bias != ("down_proj_bias" in params):
+        raise UnsupportedFeature(path, "a bias on only one of gate_up_proj and down_proj")
+    alpha_field = limit_field = None
+    if hasattr(experts, "limit") and hasattr(experts, "alpha"):
+        activation = "clamped_swiglu"
+        alpha_field = _field_with_value(config, ("swiglu_alpha",), experts.alpha, path, "swiglu alpha")
+        limit_field = _field_with_value(config, ("swiglu_limit",), experts.limit, path, "swiglu limit")
+    else:
+        activation = _activation_name(config, experts, path)
+        if has_bias:
+            raise UnsupportedFeature(
+                path, "expert biases with a torch_moe activation", "torch_moe has no biases"
+            )
+    concatenated, transposed = _probe_packing(experts, _glu(config, experts, activation), path)
+    gate_up = params["gate_up_proj"]
+    num_experts, inner = gate_up.shape[0], (gate_up.shape[2] if transposed else gate_up.shape[1]) // 2
+    packed = PackedExperts(
+        gate_up_key="gate_up_proj",
+        down_key="down_proj",
+        concatenated=concatenated,
+        transposed=transposed,
+        gate_up_bias_key="gate_up_proj_bias" if has_bias else None,
+        down_bias_key="down_proj_bias" if has_bias else None,
+    )
+    return ExpertsSpec(
+        num_experts=num_experts,
+        num_experts_field=_field_with_value(
+            config, _EXPERT_COUNT_FIELDS, num_experts, path, "number of experts"
+        ),
+        intermediate_size=inner,
+        intermediate_field=_field_with_value(config, _EXPERT_WIDTH_FIELDS, inner, path, "expert width"),
+        activation=activation,
+        has_bias=has_bias,
+        packed=packed,
+        swiglu_alpha_field=alpha_field,
+        swiglu_limit_field=limit_field,
+    )
+
+
+def _glu(
+    config: PretrainedConfig, experts: nn.Module, activation: str
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The expert's ``(gate, up) -> inner`` function for ``activation``, in plain torch."""
+    if activation != "clamped_swiglu":
+        act = ACT2FN[config.hidden_act]
+        return lambda gate, up: act(gate) * up
+    alpha, limit = experts.alpha, experts.limit
+
+    def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        return (up + 1) * gate * torch.sigmoid(gate * alpha)
+
+    return clamped_swiglu
+
+
+@torch.no_grad()
+def _probe_packing(
+    experts: nn.Module, glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], path: str
+) -> tuple[bool, bool]:
+    """(concatenated, transposed): the packing that reproduces HF's output for tokens sent to one expert.
+
+    gate_up is ``[E, 2I, H]`` or transposed ``[E, H, 2I]``, gate and up its halves (concatenated) or
+    alternate rows; down is ``[E, H, I]`` or ``[E, I, H]``. Expert 1 (not 0) with weight 1 is probed.
+    """
+    gate_up, down = experts.gate_up_proj[1].float(), experts.down_proj[1].float()
+    gate_up_bias = getattr(experts, "gate_up_proj_bias", None)
+    down_bias = getattr(experts, "down_proj_bias", None)
+    for transposed in (False, True):
+        weight, down_weight = (gate_up.T, down.T) if transposed else (gate_up, down)
+        hidden = weight.shape[1]
+        if down_weight.shape != (hidden, weight.shape[0] // 2):
+            continue
+        tokens = torch.randn(5, hidden, generator=torch.Generator().manual_seed(0))
+        expected = experts(
+            tokens.to(gate_up.dtype),
+            torch.ones(5, 1, dtype=torch.long),
+            torch.ones(5, 1, dtype=experts.gate_up_proj.dtype),
+        ).float()
+        projected = tokens @ weight.T + (0 if gate_up_bias is None else gate_up_bias[1].float())
+        for concatenated in (True, False):
+            gate, up = projected.chunk(2, dim=-1) if concatenated else (projected[:, ::2], projected[:, 1::2])
+            out = glu(gate, up) @ down_weight.T + (0 if down_bias is None else down_bias[1].float())
+            if torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
+                return concatenated, transposed
+    raise UnsupportedFeature(path, "packed expert tensors in no known layout (gate/up halves or interleaved)")
+
+
+def _activation_name(config: PretrainedConfig, experts: nn.Module, path: str) -> str:
+    """``config.hidden_act`` when it is the experts' activation and torch_moe can run it."""
+    name = getattr(config, "hidden_act", None)
+    act = getattr(experts, "act_fn", None)
+    if name is None or act is None or type(act) is not type(ACT2FN[name]):
+        raise UnsupportedFeature(path, f"expert activation {type(act).__name__} is not config.hidden_act")
+    if name not in MOE_ACTIVATIONS:
+        raise UnsupportedFeature(
+            path, f"expert activation {name!r}", f"torch_moe runs {', '.join(sorted(MOE_ACTIVATIONS))}"
+        )
+    return name
+
+
+def _router_module(block: nn.Module, path: str) -> tuple[str, nn.Module]:
+    for attr in _ROUTER_ATTRS:
+        module = getattr(block, attr, None)
+        if isinstance(module, nn.Module) and isinstance(getattr(module, "weight", None), torch.Tensor):
+            return attr, module
+    raise UnsupportedFeature(path, "no router (`gate` or `router` with a weight)")
+
+
+def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> RouterSpec:
+    attr, router = _router_module(block, path)
+    where = f"{path}.{attr}"
+    extras = {name for name, _ in router.named_parameters(recurse=False)} | {
+        name for name, _ in router.named_buffers(recurse=False)
+    }
+    unknown = extras - {"weight", "bias", "e_score_correction_bias"}
+    if unknown or list(router.children()):
+        raise UnsupportedFeature(where, f"router state {sorted(unknown) or 'with submodules'}")
+    if not isinstance(getattr(router, "top_k", None), int):
+        raise UnsupportedFeature(where, f"router {type(router).__name__} without an integer top_k")
+    top_k_field = _field_with_value(config, _TOP_K_FIELDS, router.top_k, where, "router top-k")
+    scoring, norm = _probe_router(router, where)
+    norm_field = "norm_topk_prob" if getattr(config, "norm_topk_prob", None) is not None else None
+    if norm_field is not None and bool(config.norm_topk_prob) != norm:
+        raise UnsupportedFeature(where, "router normalisation does not follow config.norm_topk_prob")
+    scale = getattr(router, "routed_scaling_factor", None)
+    scaling_field = None
+    if scale is not None:
+        scaling_field = _field_with_value(config, ("routed_scaling_factor",), scale, where, "routed scaling")
+    grouped = hasattr(router, "num_group") and hasattr(router, "topk_group")
+    if grouped:
+        _field_with_value(config, ("n_group",), router.num_group, where, "expert groups")
+        _field_with_value(config, ("topk_group",), router.topk_group, where, "selected groups")
+    if scoring == "sigmoid" and not (grouped and scaling_field):
+        raise UnsupportedFeature(where, "sigmoid router without grouped top-k and routed scaling")
+    return RouterSpec(
+        attr=attr,
+        class_name=type(router).__name__,
+        scoring=scoring,
+        top_k_field=top_k_field,
+        norm_topk_prob=norm,
+        norm_field=norm_field,
+        has_bias="bias" in extras,
+        has_correction_bias="e_score_correction_bias" in extras,
+        grouped=grouped,
+        scaling_field=scaling_field,
+    )
+
+
+@torch.no_grad()
+def _probe_router(router: nn.Module, where: str) -> tuple[str, bool]:
+    """Run the HF router on random tokens; return (scoring, normalised) that reproduce its weights.
+
+    transformers 5 routers return ``(logits, top-k weights, top-k ids)``; the weights are matched
+    against softmax / sigmoid of the logits at the chosen ids, with and without renormalisation
+    (times the router's own ``routed_scaling_factor``). A softmax over only the top-k logits
+    (GPT-OSS) is the renormalised softmax.
+    """
+    weight = router.weight
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=generator, dtype=torch.float32)
+    out = router(tokens.to(weight.dtype))
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise UnsupportedFeature(where, "router does not return (logits, weights, indices)")
+    logits, weights, ids = (t.float() if t.is_floating_point() else t for t in out)
+    scale = float(getattr(router, "routed_scaling_factor", 1.0))
+    candidates = {
+        "softmax": torch.softmax(logits, dim=-1).gather(1, ids),
+        "sigmoid": torch.sigmoid(logits).gather(1, ids),
+    }
+    for scoring, picked in candidates.items():
+        factor = scale if scoring == "sigmoid" else 1.0
+        for normalised in (False, True):
+            expected = picked / picked.sum(dim=-1, keepdim=True) if normalised else picked
+            if torch.allclose(weights, expected * factor, rtol=1e-4, atol=1e-6):
+                return scoring, normalised
+    raise UnsupportedFeature(
+        where, "router weights match no known scoring (softmax or sigmoid over the logits)"
+    )
+
+
+def _analyze_shared(
+    config: PretrainedConfig, block: nn.Module, path: str, experts: ExpertsSpec
+) -> SharedExpertSpec | None:
+    attr = next((a for a in _SHARED_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
+    if attr is None:
+        return None
+    shared = getattr(block, attr)
+    where = f"{path}.{attr}"
+    width = getattr(getattr(shared, "gate_proj", None), "out_features", 0)
+    _check_gated_mlp(config, shared, where, width)
+    count = getattr(config, "n_shared_experts", None)
+    if isinstance(count, int) and count * getattr(config, experts.intermediate_field) == width:
+        expr = f"config.{experts.intermediate_field} * config.n_shared_experts"
+    else:
+        expr = (
+            f"config.{_field_with_value(config, _SHARED_WIDTH_FIELDS, width, where, 'shared expert width')}"
+        )
+    gate_attr = None
+    gate = getattr(block, f"{attr}_gate", None)
+    if gate is not None:
+        if not (isinstance(gate, nn.Linear) and gate.out_features == 1 and gate.bias is None):
+            raise UnsupportedFeature(f"{where}_gate", "shared expert gate other than a Linear(hidden, 1)")
+        gate_attr = f"{attr}_gate"
+    return SharedExpertSpec(
+        attr=attr, class_name=type(shared).__name__, intermediate_expr=expr, gate_attr=gate_attr
+    )
+
+
+def _layer_condition(
+    config: PretrainedConfig, moe_layers: tuple[int, ...], num_layers: int, path: str
+) -> str:
+    """A config expression true exactly on the MoE layers; checked on the measured layers."""
+    if getattr(config, "first_k_dense_replace", None) is not None:
+        condition = "layer_idx >= config.first_k_dense_replace"
+        predicted = tuple(i for i in range(num_layers) if i >= config.first_k_dense_replace)
+    elif getattr(config, "decoder_sparse_step", None) is not None:
+        count = next(f for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None) is not None)
+        condition = (
+            f"layer_idx not in config.mlp_only_layers and config.{count} > 0 "
+            "and (layer_idx + 1) % config.decoder_sparse_step == 0"
+        )
+        predicted = tuple(
+            i
+            for i in range(num_layers)
+            if i not in config.mlp_only_layers
+            and getattr(config, count) > 0
+            and (i + 1) % config.decoder_sparse_step == 0
+        )
+    else:
+        condition, predicted = "True", tuple(range(num_layers))
+    if predicted != moe_layers:
+        raise UnsupportedFeature(
+            path, f"MoE layers {list(moe_layers)} do not follow `{condition}` (gives {list(predicted)})"
+        )
+    return condition
+
+
+# --------------------------------------------------------------------------------------------------
+# MLA
+# --------------------------------------------------------------------------------------------------
+
+_MLA_MODULES = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
+
+
+def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
+    """The multi-head latent attention of ``model``, or None when its attention is not MLA."""
+    layers = _decoder_layers(model)
+    found = next(
+        ((name, child) for name, child in layers[0].named_children() if hasattr(child, "kv_a_proj_with_mqa")),
+        None,
+    )
+    if found is None:
+        return None
+    attr, attn = found
+    path = f"model.layers.0.{attr}"
+    missing = [name for name in _MLA_MODULES if not isinstance(getattr(attn, name, None), nn.Module)]
+    if missing:
+        raise UnsupportedFeature(path, f"MLA without {', '.join(missing)}")
+    q_lora = isinstance(getattr(attn, "q_a_proj", None), nn.Module)
+    nope, rope, v_dim = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
+    heads = attn.kv_b_proj.out_features // (nope + v_dim)
+    if attn.kv_a_proj_with_mqa.out_features != attn.kv_lora_rank + rope or attn.kv_b_proj.bias is not None:
+        raise UnsupportedFeature(
+            f"{path}.kv_a_proj_with_mqa", "latent KV layout other than [kv_lora_rank + rope]"
+        )
+    source = inspect.getsource(inspect.getmodule(type(attn)))
+    uses_interleave = "rope_interleave" in source
+    if uses_interleave and not hasattr(config, "rope_interleave"):
+        raise UnsupportedFeature(path, "interleaved RoPE switch without config.rope_interleave")
+    if not uses_interleave and "freqs_cis" in source:
+        raise UnsupportedFeature(path, "complex-frequency MLA RoPE (DeepSeek-V2 style)")
+    return MLASpec(
+        class_name=type(attn).__name__,
+        attr=attr,
+        config_class=type(config).__name__,
+        norm_class=type(attn.kv_a_layernorm).__name__,
+        norm_eps=_latent_norm_eps(config, attn),
+        num_heads=heads,
+        q_lora=q_lora,
+        kv_lora_rank=attn.kv_lora_rank,
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope,
+        v_head_dim=v_dim,
+        rope_interleave=uses_interleave,
+        yarn_mscale="mscale_all_dim" in source,
+        scaling=float(attn.scaling),
+    )
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        if isinstance(getattr(norm, name, None), float):
+            return getattr(norm, name)
+    raise UnsupportedFeature(type(norm).__name__, "latent norm without a float epsilon")
+
+
+def _latent_norm_eps(config: PretrainedConfig, attn: nn.Module) -> str:
+    """``config.rms_norm_eps`` when the latent norms follow it (checked by rebuilding the attention
+    with another value), else the literal epsilon (DeepSeek's norms keep their class default)."""
+    eps = {
+        _norm_eps(norm)
+        for norm in (getattr(attn, "q_a_layernorm", None), attn.kv_a_layernorm)
+        if isinstance(norm, nn.Module)
+    }
+    if len(eps) != 1:
+        raise UnsupportedFeature(type(attn).__name__, f"latent norms with different epsilons {sorted(eps)}")
+    value = eps.pop()
+    if getattr(config, "rms_norm_eps", None) is not None:
+        probe = copy.deepcopy(config)
+        probe.rms_norm_eps = 0.125
+        if _norm_eps(type(attn)(probe, 0).kv_a_layernorm) == 0.125:
+            return "config.rms_norm_eps"
+    return repr(value)

@@ -1,0 +1,442 @@
+"""Phases 2-5: write ``modeling_<model_type>.py`` from an ArchitectureSpec.
+
+One jinja2 template per building block (``templates/*.py.j2``) and one emitter per block kind. An
+emitter turns its spec into template variables (constructor lines, forward lines) and renders it;
+``EMITTERS`` maps a spec class to its emitter, so a new block kind (MoE, MLA) plugs into the
+feed-forward or attention slot by adding a spec class and an emitter. The file is run through
+``ruff format`` when ruff is available, so the output reads like the hand-written golden Llama.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.emit_moe import block_imports, emit_mla_slot, emit_moe_slot, feed_forward_constructor
+from onboardlm.onboard.spec import ArchitectureSpec, AttentionSpec, DecoderLayerSpec, MLPSpec, NormSpec
+from onboardlm.onboard.spec_moe import MLASpec, MoESpec
+
+TEMPLATES = Path(__file__).parent / "templates"
+_HINT = "add a template for this combination in onboardlm/onboard/templates"
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
+
+
+def render(template: str, **variables: Any) -> str:
+    """Render one block template; the result ends with exactly one newline."""
+    return _environment().get_template(template).render(**variables).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def norm_constructor(norm: NormSpec, size: str) -> str:
+    """Expression building a norm of width ``size`` (torch's nn.LayerNorm or the file's own class)."""
+    if norm.builtin:
+        affine = "" if norm.weight else ", elementwise_affine=False"
+        bias = "" if norm.bias or not norm.weight else ", bias=False"
+        return f"nn.LayerNorm({size}, eps={norm.eps}{affine}{bias})"
+    return f"{norm.class_name}({size}, {norm.eps})"
+
+
+def emit_norm(norm: NormSpec, spec: ArchitectureSpec) -> str:
+    if norm.builtin:
+        return ""
+    return render("norm_rms.py.j2" if norm.kind == "rms" else "norm_layer.py.j2", norm=norm)
+
+
+def _prefix(spec: ArchitectureSpec) -> str:
+    return spec.causal_lm_class.removesuffix("ForCausalLM")
+
+
+def _output_class(spec: ArchitectureSpec) -> str:
+    return f"{_prefix(spec)}CausalLMOutput"
+
+
+# ------------------------------------------------------------------------------------------ blocks
+
+
+def emit_rope_frequencies(spec: ArchitectureSpec) -> str:
+    rope = spec.rope
+    if rope is None:
+        return ""
+    return render(
+        "rope_frequencies.py.j2",
+        config_class=spec.config_class,
+        per_layer_type=rope.per_layer_type,
+        partial=rope.partial,
+        refused=[kind for kind in ("dynamic", "longrope") if kind not in rope.rope_types],
+    )
+
+
+def emit_rotary(spec: ArchitectureSpec) -> str:
+    if spec.rope is None:
+        return ""
+    longrope, dynamic = ("longrope" in spec.rope.rope_types), ("dynamic" in spec.rope.rope_types)
+    if (longrope or dynamic) and spec.rope.per_layer_type:
+        raise UnsupportedFeature(f"{spec.model_attr}.{spec.rope.attr}", "dynamic RoPE per layer type", _HINT)
+    return render(
+        "rotary.py.j2", config_class=spec.config_class, rope=spec.rope, longrope=longrope, dynamic=dynamic
+    )
+
+
+def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
+    if spec.rope is not None and spec.rope.style == "neox" and spec.rope.table_layout == "interleaved":
+        raise UnsupportedFeature(
+            f"{spec.model_attr}.{spec.rope.attr}", "NeoX RoPE on interleaved tables", _HINT
+        )
+    init = [
+        "self.layer_idx = layer_idx",
+        "self.num_heads = config.num_attention_heads",
+        "self.num_kv_heads = config.num_key_value_heads",
+        'self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads',
+        f"self.scaling = {attn.scaling}",
+    ]
+    if attn.sliding == "all":
+        init.append("self.sliding_window = config.sliding_window")
+    elif attn.sliding == "layer_types":
+        init.append(
+            'self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None'
+        )
+    if attn.softcap:
+        init.append(f"self.logit_cap = {attn.softcap}")
+    if attn.sinks:
+        init.append("self.sinks = nn.Parameter(torch.empty(self.num_heads))")
+    if attn.rope_flag:
+        init.append(f"self.use_rope = bool({attn.rope_flag})")
+    if attn.fused_qkv:
+        qkv = attn.projections[0]
+        init.append(
+            f"self.{qkv.name} = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias={qkv.bias})"
+        )
+    else:
+        q, k, v = attn.projections
+        init += [
+            f"self.{q.name} = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias={q.bias})",
+            f"self.{k.name} = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias={k.bias})",
+            f"self.{v.name} = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias={v.bias})",
+        ]
+    init.append(
+        f"self.{attn.out.name} = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias={attn.out.bias})"
+    )
+    linears = [*attn.projections, attn.out]
+    start = len(init) - len(linears)
+    init[start:] = _hoist_bias(init[start:], [linear.bias for linear in linears])
+    init += _qk_norm_lines(attn)
+    rope_lines: list[str] = []
+    if spec.rope is not None:
+        rope_lines = render("rope_apply.py.j2", rope=spec.rope).rstrip("\n").split("\n")
+        if attn.rope_flag:
+            rope_lines = ["if self.use_rope:", *(f"    {line}" for line in rope_lines)]
+    return render(
+        "attention.py.j2", attn=attn, config_class=spec.config_class, init_lines=init, rope_lines=rope_lines
+    )
+
+
+def _qk_norm_lines(attn: AttentionSpec) -> list[str]:
+    """Constructor lines of the q/k norms: per head, per head with one weight row each, or per projection."""
+    if attn.qk_norm is None:
+        return []
+    if attn.qk_norm.head_weights:
+        q_size, k_size = "(self.num_heads, self.head_dim)", "(self.num_kv_heads, self.head_dim)"
+    elif attn.qk_norm_per_head:
+        q_size, k_size = "self.head_dim", "self.head_dim"
+    else:
+        q_size, k_size = "self.num_heads * self.head_dim", "self.num_kv_heads * self.head_dim"
+    q_norm, k_norm = attn.qk_norm_names
+    norms = [
+        f"self.{q_norm} = {norm_constructor(attn.qk_norm, q_size)}",
+        f"self.{k_norm} = {norm_constructor(attn.qk_norm, k_size)}",
+    ]
+    if attn.qk_norm_flag:
+        return [
+            f"self.use_qk_norm = {attn.qk_norm_flag}",
+            "if self.use_qk_norm:",
+            *(f"    {n}" for n in norms),
+        ]
+    return norms
+
+
+def emit_mlp(mlp: MLPSpec, spec: ArchitectureSpec) -> str:
+    init = []
+    if mlp.kind == "fused_gated":
+        fused = mlp.inputs[0]
+        init += [
+            f"self.intermediate_size = {mlp.intermediate}",
+            f"self.{fused.name} = nn.Linear(config.hidden_size, 2 * self.intermediate_size, bias={fused.bias})",
+            f"self.{mlp.down.name} = nn.Linear(self.intermediate_size, config.hidden_size, bias={mlp.down.bias})",
+        ]
+    else:
+        init += [
+            f"self.{linear.name} = nn.Linear(config.hidden_size, {mlp.intermediate}, bias={linear.bias})"
+            for linear in mlp.inputs
+        ]
+        init.append(
+            f"self.{mlp.down.name} = nn.Linear({mlp.intermediate}, config.hidden_size, bias={mlp.down.bias})"
+        )
+    init = _hoist_bias(init, [linear.bias for linear in (*mlp.inputs, mlp.down)])
+    template = "mlp_plain.py.j2" if mlp.kind == "plain" else "mlp_gated.py.j2"
+    return render(template, mlp=mlp, config_class=spec.config_class, init_lines=init)
+
+
+def _hoist_bias(lines: list[str], biases: list[str]) -> list[str]:
+    """One ``bias = config.x`` line when every linear of a block takes the same config flag."""
+    if len(set(biases)) != 1 or not biases[0].startswith("config."):
+        return lines
+    shared = f"bias={biases[0]})"
+    return [f"bias = {biases[0]}", *(line.replace(shared, "bias=bias)") for line in lines)]
+
+
+def _block_call(attr: str, argument: str, pre: str | None, post: str | None, extra: str = "") -> str:
+    inner = f"self.{pre}({argument})" if pre else argument
+    call = f"self.{attr}({inner}{extra})"
+    return f"self.{post}({call})" if post else call
+
+
+def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
+    attn, ff = spec.attention, spec.feed_forward
+    init = [
+        f"self.{attn.attr} = {attn.class_name}(config, layer_idx)",
+        f"self.{ff.attr} = {feed_forward_constructor(ff)}",
+    ]
+    norms = [layer.attn_pre, layer.attn_post, layer.mlp_pre, layer.mlp_post]
+    init += [f"self.{name} = {norm_constructor(layer.norm, 'config.hidden_size')}" for name in norms if name]
+    scale = ""
+    if layer.residual_multiplier:
+        init.append(f"self.residual_multiplier = {layer.residual_multiplier}")
+        scale = " * self.residual_multiplier"
+    if layer.parallel:
+        attn_call = _block_call(attn.attr, "normed", None, layer.attn_post, ", position_embeddings")
+        mlp_call = _block_call(ff.attr, "normed", None, layer.mlp_post)
+        total = f"({attn_call} + {mlp_call}){scale}" if scale else f"{attn_call} + {mlp_call}"
+        forward = [f"normed = self.{layer.attn_pre}(hidden_states)", f"return hidden_states + {total}"]
+    else:
+        attn_call = _block_call(
+            attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, ", position_embeddings"
+        )
+        mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, layer.mlp_post)
+        forward = [
+            f"hidden_states = hidden_states + {attn_call}{scale}",
+            f"return hidden_states + {mlp_call}{scale}",
+        ]
+    return render(
+        "decoder_layer.py.j2",
+        layer=layer,
+        config_class=spec.config_class,
+        init_lines=init,
+        forward_lines=forward,
+    )
+
+
+def emit_model(spec: ArchitectureSpec) -> str:
+    embedding, rope = spec.embedding, spec.rope
+    if embedding.scaled_class:
+        embed = f"{embedding.scaled_class}(config.vocab_size, config.hidden_size, config.pad_token_id, {embedding.scale})"
+    else:
+        embed = "nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)"
+    init = [
+        f"self.{embedding.attr} = {embed}",
+        f"self.{spec.layers_attr} = nn.ModuleList({spec.decoder_class}(config, i) for i in range(config.num_hidden_layers))",
+        f"self.{spec.head.final_norm_attr} = {norm_constructor(spec.decoder.norm, 'config.hidden_size')}",
+    ]
+    if rope is None:
+        raise UnsupportedFeature(spec.model_attr, "a model without rotary embeddings", _HINT)
+    init.append(f"self.{rope.attr} = {rope.class_name}(config)")
+    if rope.per_layer_type:
+        forward = [
+            f"position_embeddings = {{layer_type: self.{rope.attr}(inputs_embeds, position_ids, layer_type) for layer_type in self.{rope.attr}.layer_types}}"
+        ]
+    else:
+        forward = [f"position_embeddings = self.{rope.attr}(inputs_embeds, position_ids)"]
+    if embedding.scale and not embedding.scaled_class:
+        init.append(f"self.embed_scale = {embedding.scale}")
+        forward.append("hidden_states = inputs_embeds * self.embed_scale")
+    else:
+        forward.append("hidden_states = inputs_embeds")
+    layers = f"self.{spec.layers_attr}"
+    if rope.per_layer_type:
+        forward += [
+            f"for layer, layer_type in zip({layers}, self.config.layer_types, strict=True):",
+            "    hidden_states = layer(hidden_states, position_embeddings[layer_type])",
+        ]
+    else:
+        forward += [
+            f"for layer in {layers}:",
+            "    hidden_states = layer(hidden_states, position_embeddings)",
+        ]
+    forward.append(f"return self.{spec.head.final_norm_attr}(hidden_states)")
+    return render("model.py.j2", spec=spec, init_lines=init, forward_lines=forward)
+
+
+def emit_causal_lm(spec: ArchitectureSpec) -> str:
+    return render(
+        "causal_lm.py.j2",
+        spec=spec,
+        output_class=_output_class(spec),
+        logits_attr=spec.head.logits_value.removeprefix("config.") if spec.head.logits_value else None,
+    )
+
+
+#: Emitter of each block spec kind: the attention and feed-forward slots dispatch through this table.
+EMITTERS: dict[type, Callable[[Any, ArchitectureSpec], str]] = {
+    AttentionSpec: emit_attention,
+    MLPSpec: emit_mlp,
+    DecoderLayerSpec: emit_decoder_layer,
+    NormSpec: emit_norm,
+    MoESpec: emit_moe_slot,
+    MLASpec: emit_mla_slot,
+}
+
+
+def emit(block: Any, spec: ArchitectureSpec) -> str:
+    emitter = EMITTERS.get(type(block))
+    if emitter is None:
+        raise UnsupportedFeature(
+            getattr(block, "class_name", type(block).__name__),
+            f"no emitter for {type(block).__name__}",
+            _HINT,
+        )
+    return emitter(block, spec)
+
+
+# ------------------------------------------------------------------------------------------ file
+
+
+def describe(spec: ArchitectureSpec) -> str:
+    """Module docstring: what the file mirrors, its features, and what was left out."""
+    layer, attn, ff, rope = spec.decoder, spec.attention, spec.feed_forward, spec.rope
+    norm = {"rms": "RMSNorm", "layer": "LayerNorm"}[layer.norm.kind] + (
+        " (1 + weight)" if layer.norm.offset else ""
+    )
+    if layer.parallel:
+        layout = f"decoder layers with parallel attention and MLP after one {norm}"
+    elif layer.attn_pre and layer.attn_post:
+        layout = f"decoder layers with {norm} before and after attention and MLP"
+    elif layer.attn_post:
+        layout = f"decoder layers with {norm} after attention and MLP (post-norm)"
+    else:
+        layout = f"pre-norm decoder layers with {norm}"
+    # MHA and MQA are edge cases of grouped-query attention
+    attention = "multi-head latent attention" if isinstance(attn, MLASpec) else "grouped-query attention"
+    features = [layout]
+    if rope is not None:
+        runtime = [kind for kind in ("longrope", "dynamic") if kind in rope.rope_types]
+        kinds = ", ".join(["default", "linear", "llama3", "yarn", "proportional", *runtime])
+        style = "interleaved " if rope.style == "interleaved" else ""
+        partial = "partial " if rope.partial else ""
+        features.append(f"{partial}{style}rotary position embeddings ({kinds})")
+    features.append(attention + (" with q/k norm" if getattr(attn, "qk_norm", None) else ""))
+    features.append(
+        {
+            "gated": "a gated MLP",
+            "fused_gated": "a gated MLP with a fused gate/up projection",
+            "plain": "a plain MLP",
+        }.get(getattr(ff, "kind", ""), "mixture-of-experts feed-forward layers")
+    )
+    extras = [
+        note
+        for note in spec.notes
+        if any(word in note for word in ("sliding", "soft-cap", "scaled", "logits", "NoPE"))
+    ]
+    extra = f" Also: {'; '.join(extras)}." if extras else ""
+    lines = [
+        f"Lean, export-friendly {_prefix(spec)} on canonical ``auto_deploy`` ops.",
+        "",
+        f"Mirrors ``{spec.hf_module}`` ({spec.causal_lm_class}): {', '.join(features[:-1])} and {features[-1]}.{extra}"
+        " Module names equal the checkpoint keys, so HuggingFace state dicts load with ``strict=True``.",
+        "",
+        "Left out on purpose: KV cache, attention masks (attention is causal), dropout, gradient"
+        " checkpointing, attention-implementation switches, ``repeat_kv`` (the attention op handles GQA),"
+        " position-id generation (callers pass them), hidden-state/attention outputs and the loss."
+        "\n Linear and reshape calls carry tensor-parallel sharding hints; they do not change the numbers.",
+    ]
+    return _wrap("\n".join(lines))
+
+
+def _wrap(text: str, width: int = 100) -> str:
+    paragraphs = text.split("\n\n")
+    return (
+        "\n\n".join(
+            "\n".join(
+                textwrap.fill(line.strip(), width=width, break_long_words=False, break_on_hyphens=False)
+                for line in p.split("\n")
+            )
+            for p in paragraphs
+        )
+        + "\n"
+    )
+
+
+def generate_model_file(spec: ArchitectureSpec) -> str:
+    """Source text of ``modeling_<model_type>.py`` for ``spec``, ruff-formatted when ruff is present."""
+    embedding = spec.embedding
+    blocks = [
+        emit_rope_frequencies(spec),
+        render("output.py.j2", output_class=_output_class(spec)),
+        *(emit(norm, spec) for norm in spec.norm_specs),
+        render("embedding_scaled.py.j2", class_name=embedding.scaled_class) if embedding.scaled_class else "",
+        emit_rotary(spec),
+        emit(spec.feed_forward, spec),
+        emit(spec.attention, spec),
+        emit(spec.decoder, spec),
+        emit_model(spec),
+        emit_causal_lm(spec),
+    ]
+    body = "\n\n".join(block.rstrip("\n") + "\n" for block in blocks if block.strip())
+    header = render(
+        "header.py.j2",
+        docstring=describe(spec),
+        functional="F.layer_norm(" in body,
+        act2fn="ACT2FN[" in body,
+        rope_init="ROPE_INIT_FUNCTIONS[" in body,
+        config_class=spec.config_class,
+        extra_imports=block_imports(spec.attention, spec.feed_forward),
+    )
+    return format_source(header + "\n\n" + body)
+
+
+def format_source(source: str) -> str:
+    """``ruff check --fix`` (import order, unused imports) and ``ruff format``; unchanged without ruff.
+
+    ``--isolated`` keeps the output the same whatever folder the command runs in.
+    """
+    ruff = _ruff()
+    if ruff is None:
+        return source
+    settings = ["--isolated", "--line-length", "110", "--target-version", "py310"]
+    first_party = ["--config", "lint.isort.known-first-party=['onboardlm']"]
+    for args in (["check", "--fix", "--select", "I,F401", "--quiet", *first_party], ["format"]):
+        done = subprocess.run(
+            [*ruff, *args, *settings, "--stdin-filename", "modeling.py", "-"],
+            input=source,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode == 0:
+            source = done.stdout
+    return source
+
+
+def _ruff() -> list[str] | None:
+    found = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    return [found] if Path(found).exists() else None

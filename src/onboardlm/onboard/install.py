@@ -1,0 +1,68 @@
+"""``--into-package``: put a generated model and its test into the onboardlm source tree.
+
+The model goes to ``src/onboardlm/models/custom/modeling_<type>.py`` (and is imported by that
+package's ``__init__``, which is rewritten from the files present), the test to
+``tests/models/generated/test_<type>_modeling.py``. This needs a source checkout (an editable install).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onboardlm.models.custom as custom_package
+from onboardlm.onboard.staging import OutputExists
+from onboardlm.registry.atomic import atomic_write_text
+
+
+@dataclass(frozen=True)
+class PackageTargets:
+    model_file: Path
+    test_file: Path
+
+    @classmethod
+    def for_model_type(cls, model_type: str, custom_dir: Path | None = None) -> PackageTargets:
+        custom_dir = custom_dir or Path(custom_package.__file__).parent
+        root = custom_dir.parents[3]  # src/onboardlm/models/custom -> the checkout
+        if not (root / "pyproject.toml").is_file() or not (root / "tests").is_dir():
+            raise OutputExists(
+                str(custom_dir),
+                "not inside a source checkout",
+                "--into-package needs `pip install -e` of a clone",
+            )
+        stem = model_type.replace("-", "_")
+        return cls(
+            custom_dir / f"modeling_{stem}.py",
+            root / "tests" / "models" / "generated" / f"test_{stem}_modeling.py",
+        )
+
+    def check(self, force: bool) -> None:
+        for path in (self.model_file, self.test_file):
+            if path.exists() and not force:
+                raise OutputExists(str(path), "already exists", "pass --force to replace it")
+
+    def install(self, model_text: str, test_text: str) -> list[Path]:
+        """Write both files and refresh the custom package's imports; return the paths written."""
+        atomic_write_text(self.model_file, model_text)
+        self.test_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.test_file, test_text)
+        init = self.model_file.parent / "__init__.py"
+        atomic_write_text(init, render_custom_init(sorted(p.stem for p in init.parent.glob("modeling_*.py"))))
+        return [self.model_file, self.test_file, init]
+
+
+def render_custom_init(modules: list[str]) -> str:
+    """The ``__init__`` of ``onboardlm.models.custom``: import every model module (import = registration)."""
+    lines = [
+        '"""Lean model files; importing one registers it with AutoModelForCausalLMFactory."""',
+        "",
+        "from onboardlm.models.custom import (  # noqa: F401  (import = registration)",
+        *(f"    {name}," for name in modules),
+        ")",
+        "",
+        "__all__ = [",
+        *(f'    "{name}",' for name in modules),
+        "]",
+        "",
+    ]
+    return "\n".join(lines)

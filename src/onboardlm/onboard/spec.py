@@ -1,0 +1,169 @@
+"""ArchitectureSpec: what the analyzer measured about a transformers causal LM, one spec per block.
+
+The generator reads only this spec, never the transformers model. Each block slot holds the spec of
+one block kind; a new kind (a MoE feed-forward, an MLA attention) is a new spec class that joins the
+slot's union type and gets its own emitter in ``generate.py``. Code-valued fields (``bias``,
+``scaling``, ``eps``...) are Python expressions over ``config`` (or ``self``) that the emitted file
+evaluates, so one generated file serves every config of the architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from onboardlm.onboard.spec_moe import MLASpec, MoESpec
+
+NormKind = Literal["rms", "layer"]
+SlidingMode = Literal["none", "all", "layer_types"]
+RopeStyle = Literal["neox", "interleaved", "half"]  # half: each frequency once (GPT-OSS tables)
+MLPKind = Literal["gated", "fused_gated", "plain"]
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A normalisation module: RMSNorm or mean-centred LayerNorm, with ``(offset + weight)`` scaling."""
+
+    class_name: str  # HF class name, "LayerNorm" for torch's own nn.LayerNorm
+    kind: NormKind
+    offset: float  # 1.0 when the weight is applied as (1 + weight)
+    bias: bool
+    eps: str  # config expression, e.g. "config.rms_norm_eps", or a literal the module hard-codes
+    builtin: bool = False  # torch.nn.LayerNorm used as is
+    head_weights: bool = False  # weight of shape [heads, head_dim]: one row per head (Cohere q/k norm)
+    weight: bool = True  # False: no learned weight (OLMo, NanoChat)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """A linear layer by its checkpoint name; ``bias`` is a config expression or a literal."""
+
+    name: str
+    bias: str
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """The rotary module at model level and how attention applies its (cos, sin)."""
+
+    class_name: str
+    attr: str  # attribute on the inner model, e.g. "rotary_emb"
+    style: RopeStyle  # how attention rotates q/k: NeoX halves or interleaved channel pairs
+    table_layout: RopeStyle  # how the rotary module lays out its cos/sin tables
+    rope_types: tuple[str, ...]
+    partial: bool  # rotary dim < head dim: only the leading channels rotate
+    per_layer_type: bool  # one table per config.layer_types value (forward takes layer_type)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Multi-head attention with MHA / GQA / MQA key-value heads on ``torch_attention``."""
+
+    class_name: str
+    attr: str  # attribute on the decoder layer, e.g. "self_attn"
+    kind: Literal["mha", "gqa", "mqa"]
+    projections: tuple[LinearSpec, ...]  # q, k, v (or one fused qkv)
+    out: LinearSpec
+    fused_qkv: bool
+    scaling: str  # expression for the softmax scale
+    qk_norm: NormSpec | None = None
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
+    qk_norm_per_head: bool = True  # False: over the whole q / k projection (OLMo2)
+    qk_norm_flag: str | None = None  # config expression without which there are no q/k norms
+    sliding: SlidingMode = "none"
+    softcap: str | None = None  # expression for the attention logit soft-cap
+    rope_flag: str | None = None  # config expression saying whether layer ``layer_idx`` uses RoPE
+    num_heads: int = 0  # of the analyzed (full-size) config, for reports
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    sinks: bool = False  # a learned per-head sink logit in the softmax denominator (GPT-OSS)
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """A dense feed-forward block: gated (two or one fused input projection) or plain."""
+
+    class_name: str
+    attr: str  # attribute on the decoder layer, e.g. "mlp"
+    kind: MLPKind
+    inputs: tuple[LinearSpec, ...]  # gated: (gate, up); fused_gated: (gate_up,); plain: (up,)
+    down: LinearSpec
+    act_attr: str  # HF attribute name of the activation, e.g. "act_fn"
+    act: str  # config expression of the activation name, e.g. "config.hidden_act"
+    intermediate: str  # config expression, e.g. "config.intermediate_size"
+    activation: str = ""  # the activation's name in the analyzed config, e.g. "silu"
+
+
+@dataclass(frozen=True)
+class DecoderLayerSpec:
+    """Residual layout of a decoder layer: which norm sits where, and parallel or sequential blocks.
+
+    Sequential: ``h += attn_post(attn(attn_pre(h)))``, then ``h += mlp_post(mlp(mlp_pre(h)))``;
+    parallel: ``h += attn(n) + mlp(n)`` with ``n = attn_pre(h)``. Absent norms are None.
+    """
+
+    class_name: str
+    norm: NormSpec
+    attn_pre: str | None
+    attn_post: str | None
+    mlp_pre: str | None
+    mlp_post: str | None
+    parallel: bool = False
+    residual_multiplier: str | None = None  # expression scaling each block output (Granite)
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    attr: str  # on the inner model, e.g. "embed_tokens"
+    scale: str | None = None  # expression multiplying the embeddings (Gemma, Granite)
+    scaled_class: str | None = None  # HF embedding subclass that applies the scale itself (Gemma3)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The causal-LM head: final norm attribute, lm_head bias and logit post-processing."""
+
+    final_norm_attr: str
+    lm_head_bias: bool
+    logits_op: Literal["none", "divide", "multiply", "softcap"] = "none"
+    logits_value: str | None = None  # expression used by logits_op
+
+
+AttentionSlot = AttentionSpec | MLASpec
+FeedForwardSlot = MLPSpec | MoESpec
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Everything the generator needs for ``modeling_<model_type>.py``."""
+
+    model_type: str
+    config_class: str
+    hf_module: str  # transformers module the lean file mirrors
+    causal_lm_class: str
+    model_class: str
+    pretrained_class: str
+    decoder_class: str
+    attention: AttentionSlot
+    feed_forward: FeedForwardSlot
+    decoder: DecoderLayerSpec
+    embedding: EmbeddingSpec
+    head: HeadSpec
+    rope: RopeSpec | None
+    layers_attr: str = "layers"
+    model_attr: str = "model"
+    tie_word_embeddings: bool = False
+    layer_types: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = field(default_factory=tuple)  # features found, for reports
+
+    @property
+    def norm_specs(self) -> list[NormSpec]:
+        """Distinct norm classes of the model, decoder norm first (one class may serve 1-D and per-head weights)."""
+        found: dict[str, NormSpec] = {self.decoder.norm.class_name: self.decoder.norm}
+        qk_norm = getattr(self.attention, "qk_norm", None)  # MLA has none
+        if qk_norm is not None:
+            known = found.setdefault(qk_norm.class_name, qk_norm)
+            if qk_norm.head_weights and not known.head_weights:
+                found[qk_norm.class_name] = dataclasses.replace(known, head_weights=True)
+        return list(found.values())

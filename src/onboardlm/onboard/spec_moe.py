@@ -1,0 +1,161 @@
+"""Specs of the mixture-of-experts and multi-head-latent-attention blocks (measured by ``analyze_moe``).
+
+A ``MoESpec`` fills the feed-forward slot and an ``MLASpec`` the attention slot of an
+``ArchitectureSpec``; ``emit_moe`` renders them. Config-dependent values are recorded as the names
+of the config fields the generated code reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "MOE_ACTIVATIONS",
+    "ExpertsSpec",
+    "MLASpec",
+    "MoESpec",
+    "PackedExperts",
+    "RouterSpec",
+    "SharedExpertSpec",
+]
+
+#: Expert activations ``torch_moe`` runs: transformers' ``hidden_act`` name -> ActivationType member.
+MOE_ACTIVATIONS = {"silu": "Silu", "swish": "Silu", "gelu": "Gelu", "relu2": "Relu2"}
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a token picks its experts, and the config fields the generated router reads.
+
+    scoring: ``softmax`` (softmax over all experts, then top-k) or ``sigmoid`` (sigmoid scores, top-k
+    chosen on score + ``e_score_correction_bias`` within the best ``topk_group`` of ``n_group``
+    groups, scaled by ``routed_scaling_factor``). has_bias: the router linear has a bias (GPT-OSS).
+    norm_topk_prob: measured; ``norm_field`` is the config field the HF router reads it from (None:
+    a constant of the architecture).
+    """
+
+    attr: str
+    class_name: str
+    scoring: str
+    top_k_field: str
+    norm_topk_prob: bool
+    norm_field: str | None
+    has_bias: bool
+    has_correction_bias: bool
+    grouped: bool
+    scaling_field: str | None
+
+
+@dataclass(frozen=True)
+class PackedExperts:
+    """How the HF state dict packs expert tensors under ``experts.``.
+
+    gate_up is ``[E, 2I, H]`` (``transposed``: ``[E, H, 2I]``) with gate and up ``concatenated`` as
+    halves or interleaved row by row; down is ``[E, H, I]`` (``transposed``: ``[E, I, H]``).
+    """
+
+    gate_up_key: str
+    down_key: str
+    concatenated: bool
+    transposed: bool
+    gate_up_bias_key: str | None
+    down_bias_key: str | None
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """Routed experts: count and width (and their config fields), activation, bias, packed layout.
+
+    activation: a key of ``MOE_ACTIVATIONS``, or ``clamped_swiglu`` (GPT-OSS: gate clamped at
+    ``limit``, up to ``[-limit, limit]``, ``(up + 1) * gate * sigmoid(alpha * gate)``).
+    """
+
+    num_experts: int
+    num_experts_field: str
+    intermediate_size: int
+    intermediate_field: str
+    activation: str
+    has_bias: bool
+    packed: PackedExperts
+    swiglu_alpha_field: str | None = None
+    swiglu_limit_field: str | None = None
+
+
+@dataclass(frozen=True)
+class SharedExpertSpec:
+    """An always-on gated MLP beside the routed experts, optionally behind a sigmoid gate."""
+
+    attr: str
+    class_name: str
+    intermediate_expr: str
+    gate_attr: str | None
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """One architecture's MoE block and which decoder layers use it.
+
+    The feed-forward slot of a MoE architecture: ``attr`` is the decoder layer's attribute (``mlp``).
+    layer_condition: a Python expression over ``config`` and ``layer_idx`` that is true exactly for
+    the MoE layers (checked against the measured ``moe_layers`` of the tiny model). dense_class: the
+    plain gated MLP class of the other layers (``(config, intermediate_size=None)``), None when every
+    layer is MoE; it may be the shared expert's class.
+    """
+
+    class_name: str
+    attr: str
+    config_class: str
+    prefix: str
+    router: RouterSpec
+    experts: ExpertsSpec
+    shared: SharedExpertSpec | None
+    layer_condition: str
+    moe_layers: tuple[int, ...]
+    dense_class: str | None
+
+    @property
+    def note(self) -> str:
+        """One line for reports: routing, expert activation, shared experts, dense layers."""
+        scoring = "sigmoid grouped top-k" if self.router.scoring == "sigmoid" else "softmax top-k"
+        parts = [f"MoE ({scoring} router, {self.experts.activation} experts"]
+        if self.shared is not None:
+            parts.append("gated shared expert" if self.shared.gate_attr else "shared experts")
+        if self.dense_class is not None:
+            parts.append("dense layers")
+        return ", ".join(parts) + ")"
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """DeepSeek-style multi-head latent attention (the attention slot; ``attr`` on the decoder layer).
+
+    q_lora: queries go through ``q_a_proj -> q_a_layernorm -> q_b_proj`` (else one ``q_proj``); the
+    generated code still branches on ``config.q_lora_rank`` so every checkpoint of the type loads.
+    rope_interleave: the config has a ``rope_interleave`` field the HF attention branches on.
+    yarn_mscale: the HF attention multiplies the softmax scale by YaRN's ``mscale(factor,
+    mscale_all_dim)²``. norm_eps: expression of the latent norms' epsilon (DeepSeek: its norm's
+    default, a literal).
+    """
+
+    class_name: str
+    attr: str
+    config_class: str
+    norm_class: str
+    norm_eps: str
+    num_heads: int
+    q_lora: bool
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool
+    yarn_mscale: bool
+    scaling: float
+
+    @property
+    def note(self) -> str:
+        """One line for reports: query path, RoPE layout, softmax-scale correction."""
+        q = "low-rank q" if self.q_lora else "full-rank q"
+        rope = "interleaved (config.rope_interleave)" if self.rope_interleave else "NeoX"
+        mscale = ", YaRN mscale" if self.yarn_mscale else ""
+        return f"MLA ({q}, {rope} RoPE on the shared key part{mscale})"

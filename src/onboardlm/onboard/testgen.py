@@ -1,0 +1,621 @@
+"""Phase 6a: write the equivalence test file ``test_<model_type>_modeling.py`` for a lean model file.
+
+The test compares the lean model with the transformers model of the same config at four levels
+(``test_block_*``, ``test_layer_*``, ``test_model_*``, ``test_export_*``; ``verify`` reads the level
+from that prefix). What to test is read from the transformers model built on the tiny config: its
+decoder layers grouped into distinct kinds (layer type, module tree, per-layer attributes such as a
+sliding window), and, inside one layer of each kind, its norm, MLP, MoE, attention and rotary
+modules. The lean file mirrors transformers' module paths and class names, so each lean block is
+found at the same path and asserted to be the class of the same name. Blocks and layers get exactly
+the inputs their transformers counterparts received in one full forward (``testing.capture``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import torch
+import transformers
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from onboardlm.errors import OnboardlmError, UnsupportedFeature
+from onboardlm.review.model_index import ModelIndex, Role
+from onboardlm.review.source import SourceFile
+from onboardlm.review.tests_rules import LAYER_KIND_FIELDS
+from onboardlm.testing.capture import record_calls
+from onboardlm.testing.tiny_config import tiny_config
+
+__all__ = [
+    "BlockGroup",
+    "LayerKind",
+    "ReferenceLayout",
+    "config_fields",
+    "cover_lean_blocks",
+    "format_literal",
+    "generate_test_file",
+    "keep_called",
+    "lean_blocks",
+    "make_test_config",
+    "read_layout",
+    "snake_case",
+    "wrap",
+]
+
+LINE_LENGTH = 110
+TEMPLATES = Path(__file__).parent / "templates"
+#: Config fields always written out, so a reader sees the sizes even where they equal the defaults.
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+#: Fields that describe the installed transformers, not the model.
+IGNORED_FIELDS = frozenset({"transformers_version", "architectures", "dtype"})
+#: (role, check) by role: "identical" = assert_close(rtol=1e-3, atol=1e-3), a float = RMSE ratio.
+TOLERANCES: dict[str, str | float] = {
+    "norm": "identical",
+    "mlp": "identical",
+    "rotary": "identical",
+    "moe": 0.02,
+    "attention": 0.10,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """The first decoder layer of one kind: its path, class name and a short label for test ids."""
+
+    path: str
+    cls: str
+    label: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockGroup:
+    """Submodules of one transformers class with one role, to be tested against the lean class.
+
+    mode: ``inputs`` (the lean block gets the hidden states, plus ``position_embeddings`` for
+    attention), ``replay`` (it gets exactly the recorded arguments: rotary modules, and blocks whose
+    lean forward has the transformers parameter names) or ``standalone`` (no layer of the test config
+    uses the class: both are built from the config and fed random hidden states; no paths).
+    """
+
+    cls: str
+    role: str
+    paths: tuple[str, ...]
+    mode: str = "inputs"
+    repeated: bool = False  # some path is called more than once per forward: every call is checked
+
+    @property
+    def test_name(self) -> str:
+        return f"test_block_{snake_case(self.cls)}"
+
+    @property
+    def constant(self) -> str:
+        return f"{snake_case(self.cls).upper()}_PATHS"
+
+    @property
+    def tolerance(self) -> str | float:
+        return TOLERANCES[self.role]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceLayout:
+    """What the generated test covers, read from the transformers model on the tiny config."""
+
+    causal_lm: str
+    layers: tuple[LayerKind, ...]
+    blocks: tuple[BlockGroup, ...]
+    norm_classes: tuple[str, ...]  # expressions (``hf.X`` or ``nn.X``) whose weights are randomised
+
+    @property
+    def layer_classes(self) -> list[str]:
+        return list(dict.fromkeys(kind.cls for kind in self.layers))
+
+
+def snake_case(name: str) -> str:
+    """``Qwen3MoeSparseMoeBlock`` -> ``qwen3_moe_sparse_moe_block``, ``LlamaRMSNorm`` -> ``llama_rms_norm``."""
+    name = name.replace("MoE", "Moe")
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the transformers model
+# --------------------------------------------------------------------------------------------------
+
+
+def _role(module: nn.Module) -> str | None:
+    name = type(module).__name__
+    if any(child == "experts" for child, _ in module.named_children()):
+        return "moe"
+    for suffix, role in (
+        ("RotaryEmbedding", "rotary"),
+        ("Attention", "attention"),
+        ("MLP", "mlp"),
+        ("Norm", "norm"),
+    ):
+        if name.endswith(suffix):
+            return role
+    return None
+
+
+def _decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) == num_layers:
+            return name, module
+    raise UnsupportedFeature(
+        type(model).__name__, f"no ModuleList 'layers' of {num_layers} decoder layers", "cannot test layers"
+    )
+
+
+_Feature = tuple[str, ...]  # ("layer type",), ("mlp",), ("module", path), ("attr", path, name)
+
+
+def _layer_features(layer: nn.Module, layer_type: Any) -> dict[_Feature, Any]:
+    """What makes a decoder layer its kind: layer type, dense/MoE, module tree, scalar attributes."""
+    features: dict[_Feature, Any] = {("layer type",): layer_type}
+    features[("mlp",)] = "moe" if any(_role(m) == "moe" for m in layer.modules()) else "dense"
+    for path, module in layer.named_modules():
+        features[("module", path)] = type(module).__name__
+        for name, value in vars(module).items():
+            scalar = isinstance(value, (bool, int, float, str)) or value is None
+            if scalar and not name.startswith("_") and name not in ("training", "layer_idx"):
+                features[("attr", path, name)] = value
+    return features
+
+
+def _labels(kinds: list[dict[_Feature, Any]]) -> list[str]:
+    """Short test ids for layer kinds: the layer type and dense/moe where they differ, then (only if
+    still ambiguous) the other differing scalar attributes, e.g. ``sliding_window=8``."""
+    keys = list(dict.fromkeys(key for kind in kinds for key in kind))
+    varying = [key for key in keys if len({repr(kind.get(key)) for kind in kinds}) > 1]
+    labels = [[str(kind[key]) for key in varying if key[0] in ("layer type", "mlp")] for kind in kinds]
+    if len({repr(label) for label in labels}) < len(labels):
+        for label, kind in zip(labels, kinds, strict=True):
+            attrs = {key[2]: kind.get(key) for key in varying if key[0] == "attr" and key[2] != "layer_type"}
+            label += [f"{name}={value}" for name, value in attrs.items()]
+    return ["-".join(label) for label in labels]
+
+
+def _layer_kinds(layers_path: str, layers: nn.ModuleList, config: PretrainedConfig) -> tuple[LayerKind, ...]:
+    layer_types = getattr(config, "layer_types", None)
+    first: dict[str, tuple[int, dict[_Feature, Any]]] = {}
+    for i, layer in enumerate(layers):
+        features = _layer_features(layer, layer_types[i] if isinstance(layer_types, list) else None)
+        first.setdefault(repr(sorted(features.items())), (i, features))
+    kinds = list(first.values())
+    labels = _labels([features for _, features in kinds]) if len(kinds) > 1 else [""]
+    return tuple(
+        LayerKind(
+            f"{layers_path}.{i}", type(layers[i]).__name__, f"layer{i}" + (f"-{label}" if label else "")
+        )
+        for (i, _), label in zip(kinds, labels, strict=True)
+    )
+
+
+def _accessible(cls: type, hf_module: Any) -> bool:
+    return getattr(hf_module, cls.__name__, None) is cls
+
+
+def _under_tested_layer(path: str, layers_path: str, tested: set[str]) -> bool:
+    """Outside the decoder layers, or inside one of the ``tested`` layers (not a layer itself)."""
+    if not path.startswith(f"{layers_path}."):
+        return True
+    layer = ".".join(path.split(".")[: layers_path.count(".") + 2])
+    return layer in tested and path != layer
+
+
+def read_layout(reference: nn.Module, config: PretrainedConfig, hf_module: Any) -> ReferenceLayout:
+    """Layer kinds and blocks of a transformers causal LM built on ``config``."""
+    layers_path, layers = _decoder_layers(reference, config.num_hidden_layers)
+    kinds = _layer_kinds(layers_path, layers, config)
+    tested = {kind.path for kind in kinds}
+    groups: dict[str, tuple[str, list[str]]] = {}
+    for path, module in reference.named_modules():
+        if not _under_tested_layer(path, layers_path, tested) or "experts" in path.split("."):
+            continue
+        role = _role(module)
+        if role is not None and _accessible(type(module), hf_module):
+            groups.setdefault(type(module).__name__, (role, []))[1].append(path)
+    norms = []
+    for module in reference.modules():
+        cls = type(module)
+        if _role(module) == "norm":
+            if _accessible(cls, hf_module):
+                norms.append(f"hf.{cls.__name__}")
+            elif getattr(nn, cls.__name__, None) is cls:
+                norms.append(f"nn.{cls.__name__}")
+    blocks = [
+        BlockGroup(cls, role, tuple(paths), "replay" if role == "rotary" else "inputs")
+        for cls, (role, paths) in groups.items()
+    ]
+    return ReferenceLayout(
+        causal_lm=type(reference).__name__,
+        layers=kinds,
+        blocks=tuple(blocks),
+        norm_classes=tuple(dict.fromkeys(norms)),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Lean blocks that the transformers layout does not reach
+# --------------------------------------------------------------------------------------------------
+
+_REVIEW_ROLES = {Role.ATTENTION: "attention", Role.NORM: "norm", Role.MOE: "moe", Role.MLP: "mlp"}
+
+
+def _lean_index(lean_source: str) -> ModelIndex:
+    try:
+        tree = ast.parse(lean_source)
+    except SyntaxError as err:
+        raise OnboardlmError("lean model source", f"does not parse: line {err.lineno}: {err.msg}") from err
+    source = SourceFile(Path("<lean model file>"), lean_source, tree)
+    for parent in ast.walk(tree):
+        for child in ast.iter_child_nodes(parent):
+            source.parents[child] = parent
+    return ModelIndex(source)
+
+
+def lean_blocks(lean_source: str) -> dict[str, str]:
+    """Lean classes that need a block test (as the review's G1 sees them), with their role: attention,
+    norm and MoE classes, and MLP classes that a decoder layer builds."""
+    index = _lean_index(lean_source)
+    layer_names = {cls.name for cls in index.decoder_layers}
+    built_by_layers = {c.cls for c in index.constructions if c.owner in layer_names}
+    found = {}
+    for cls in index.src.classes.values():
+        role = index.role(cls)
+        if role in (Role.ATTENTION, Role.NORM, Role.MOE) or (
+            role is Role.MLP and cls.name in built_by_layers
+        ):
+            found[cls.name] = _REVIEW_ROLES[role]
+    return found
+
+
+def _lean_parameters(index: ModelIndex, cls: str, method: str) -> tuple[list[str], int] | None:
+    """Parameter names of a lean method (without ``self``) and how many have no default."""
+    for node in index.src.classes[cls].body:
+        if isinstance(node, ast.FunctionDef) and node.name == method:
+            names = [arg.arg for arg in node.args.args[1:]]
+            return names, len(names) - len(node.args.defaults)
+    return None
+
+
+def _hf_parameters(function: Any) -> tuple[list[str], int]:
+    params = [
+        p
+        for p in list(inspect.signature(function).parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return [p.name for p in params], sum(p.default is p.empty for p in params)
+
+
+def _builds_from_config(hf_cls: type, index: ModelIndex, name: str, config: PretrainedConfig) -> bool:
+    """Both classes are built as ``cls(config)`` and called as ``block(hidden_states)``."""
+    lean_init, lean_forward = (
+        _lean_parameters(index, name, "__init__"),
+        _lean_parameters(index, name, "forward"),
+    )
+    if lean_init is None or lean_forward is None or lean_init[1] != 1 or lean_forward[1] != 1:
+        return False
+    if _hf_parameters(hf_cls.__init__)[1] != 1 or _hf_parameters(hf_cls.forward)[1] != 1:
+        return False
+    try:
+        hf_cls(config)
+    except Exception:  # any failure: not buildable from the config alone
+        return False
+    return True
+
+
+def cover_lean_blocks(
+    layout: ReferenceLayout, reference: nn.Module, config: PretrainedConfig, hf_module: Any, lean_source: str
+) -> ReferenceLayout:
+    """Add block tests for lean classes that ``layout`` does not test: replayed at their transformers
+    path when the forward parameters match, else standalone when both build from the config."""
+    index = _lean_index(lean_source)
+    layers_path, _ = _decoder_layers(reference, config.num_hidden_layers)
+    tested = {kind.path for kind in layout.layers}
+    covered = {group.cls for group in layout.blocks}
+    extra = []
+    for name, role in lean_blocks(lean_source).items():
+        hf_cls = getattr(hf_module, name, None)
+        if name in covered or not isinstance(hf_cls, type):
+            continue
+        paths = tuple(
+            path
+            for path, module in reference.named_modules()
+            if type(module) is hf_cls and _under_tested_layer(path, layers_path, tested)
+        )
+        lean_forward = _lean_parameters(index, name, "forward")
+        if paths and lean_forward is not None and lean_forward[0] == _hf_parameters(hf_cls.forward)[0]:
+            extra.append(BlockGroup(name, role, paths, "replay"))
+        elif not paths and role in ("mlp", "moe") and _builds_from_config(hf_cls, index, name, config):
+            extra.append(BlockGroup(name, role, (), "standalone"))
+    return dataclasses.replace(layout, blocks=layout.blocks + tuple(extra))
+
+
+def keep_called(layout: ReferenceLayout, reference: nn.Module) -> ReferenceLayout:
+    """``layout`` without the block paths that one forward never calls; groups with a path called
+    more than once (a rotary module per layer type, one q/k norm for both) check every call."""
+    paths = [path for group in layout.blocks for path in group.paths]
+    input_ids = torch.arange(16).reshape(2, 8) % reference.config.vocab_size
+    positions = torch.arange(8)[None].expand(2, 8)
+    try:
+        calls = record_calls(
+            reference.eval(), paths, input_ids=input_ids, position_ids=positions, use_cache=False
+        )
+    except Exception as err:  # transformers' own failure on this config
+        raise UnsupportedFeature(
+            type(reference).__name__,
+            f"transformers cannot run the model on the test config: {type(err).__name__}: {err}",
+            "check the config's fields",
+        ) from err
+    blocks = []
+    for group in layout.blocks:
+        kept = tuple(path for path in group.paths if calls[path])
+        repeated = any(len(calls[path]) > 1 for path in kept)
+        if kept or group.mode == "standalone":
+            blocks.append(dataclasses.replace(group, paths=kept, repeated=repeated))
+    return dataclasses.replace(layout, blocks=tuple(blocks))
+
+
+# --------------------------------------------------------------------------------------------------
+# The test config as literals
+# --------------------------------------------------------------------------------------------------
+
+
+def _init_values(config: PretrainedConfig) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+
+
+def _is_literal(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_is_literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_literal(v) for k, v in value.items())
+    return False
+
+
+def config_fields(tiny: PretrainedConfig) -> dict[str, Any]:
+    """Constructor arguments that rebuild ``tiny``: sizes, layer-kind fields and non-default values."""
+    cls = type(tiny)
+    values = {k: v for k, v in _init_values(tiny).items() if k not in IGNORED_FIELDS}
+    defaults = _init_values(cls())
+    chosen = {
+        key: value
+        for key, value in values.items()
+        if key in SIZE_FIELDS
+        or (key in LAYER_KIND_FIELDS and value is not None)
+        or value != defaults.get(key)
+    }
+    rebuilt = _init_values(cls(**chosen))
+    chosen.update({key: value for key, value in values.items() if rebuilt.get(key) != value})
+    rebuilt = _init_values(cls(**chosen))
+    differing = sorted(key for key, value in values.items() if rebuilt.get(key) != value)
+    if differing:
+        raise UnsupportedFeature(
+            cls.__name__, f"the test config cannot be rebuilt from literals: {', '.join(differing)} differ"
+        )
+    for key, value in chosen.items():
+        if not _is_literal(value):
+            raise UnsupportedFeature(
+                f"{cls.__name__}.{key}",
+                f"value {value!r} cannot be written as a literal",
+                "set it in the test",
+            )
+    return chosen
+
+
+class Code(str):
+    """Source text written as is by ``format_literal`` (a name or expression, not a string literal)."""
+
+
+def _one_line(value: Any) -> str:
+    if isinstance(value, Code):
+        return str(value)
+    if isinstance(value, str):  # repr escapes; ruff prefers double quotes where no escape is needed
+        text = repr(value)
+        return f'"{text[1:-1]}"' if text[0] == "'" and '"' not in value else text
+    if isinstance(value, list):
+        return "[" + ", ".join(_one_line(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        inner = ", ".join(_one_line(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_one_line(k)}: {_one_line(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def format_literal(value: Any, indent: int, prefix: str = "", suffix: str = ",") -> str:
+    """``prefix`` + ``value`` at ``indent`` spaces as ruff formats it: one line if it fits, else one
+    element per line with a trailing comma (recursively)."""
+    pad = " " * indent
+    line = f"{pad}{prefix}{_one_line(value)}{suffix}"
+    if len(line) <= LINE_LENGTH or not isinstance(value, (list, tuple, dict)) or not value:
+        return line
+    if isinstance(value, dict):
+        items = [format_literal(v, indent + 4, f"{_one_line(k)}: ") for k, v in value.items()]
+    else:
+        items = [format_literal(v, indent + 4) for v in value]
+    opening, closing = {dict: "{}", list: "[]", tuple: "()"}[type(value)]
+    return "\n".join([f"{pad}{prefix}{opening}", *items, f"{pad}{closing}{suffix}"])
+
+
+def wrap(head: str, items: list[str], tail: str, indent: int = 0) -> str:
+    """``head`` + comma-separated ``items`` + ``tail`` as ruff formats a call or ``def``: one line if it
+    fits, else the items on one indented line, else one item per line with a trailing comma."""
+    pad = " " * indent
+    line = f"{pad}{head}{', '.join(items)}{tail}"
+    if len(line) <= LINE_LENGTH:
+        return line
+    middle = f"{pad}    {', '.join(items)}"
+    if len(middle) <= LINE_LENGTH:
+        return f"{pad}{head}\n{middle}\n{pad}{tail}"
+    return "\n".join([f"{pad}{head}", *(f"{pad}    {item}," for item in items), f"{pad}{tail}"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+
+
+def _hf_causal_lm(config: PretrainedConfig) -> type[nn.Module]:
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None:
+        raise UnsupportedFeature(
+            type(config).__name__,
+            f"transformers has no causal LM for model_type {config.model_type!r}",
+            "pass the text config of a causal LM",
+        )
+    return cls
+
+
+def _imports(config: PretrainedConfig, hf_module: str, lean_module: str, layout: ReferenceLayout) -> str:
+    """The import block, sorted the way ruff's isort does (stdlib, third party, first party)."""
+    config_cls = type(config)
+    config_from = "transformers" if getattr(transformers, config_cls.__name__, None) is config_cls else None
+    package, _, hf_name = hf_module.rpartition(".")
+    third = [
+        ("pytest", "import pytest"),
+        ("torch", "import torch"),
+        ("torch.export", "from torch.export import Dim"),
+        (
+            config_from or config_cls.__module__,
+            f"from {config_from or config_cls.__module__} import {config_cls.__name__}",
+        ),
+        (package, f"from {package} import {hf_name} as hf"),
+    ]
+    if any(name.startswith("nn.") for name in layout.norm_classes):
+        third.append(("torch", "from torch import nn"))
+    capture = (
+        "Call, first_tensor, record_calls"
+        if any(g.mode == "standalone" for g in layout.blocks)
+        else "Call, record_calls"
+    )
+    first = [
+        ("onboardlm.export", "from onboardlm.export import torch_export_to_gm"),
+        ("onboardlm.testing", "from onboardlm.testing import assert_rmse_close, transfer_weights"),
+        ("onboardlm.testing.capture", f"from onboardlm.testing.capture import {capture}"),
+    ]
+    lean_package, _, lean_name = lean_module.rpartition(".")
+    lean_import = (
+        (lean_module, f"import {lean_module} as lean")
+        if not lean_package
+        else (lean_package, f"from {lean_package} import {lean_name} as lean")
+    )
+    (first if lean_module.split(".")[0] == "onboardlm" else third).append(lean_import)
+
+    def ordered(section: list[tuple[str, str]]) -> list[str]:
+        return [line for _, line in sorted(section, key=lambda x: (x[1].startswith("from"), x[0].lower()))]
+
+    return "\n".join(["from __future__ import annotations", "", *ordered(third), "", *ordered(first)])
+
+
+def layer_constant(cls: str) -> str:
+    """Name of the ``{id: path}`` constant of the decoder layers of class ``cls``."""
+    return f"{snake_case(cls).upper()}S"
+
+
+def _constants(layout: ReferenceLayout) -> str:
+    """Module-level constants: layers by kind, block paths by class, recorded paths, norm classes."""
+    lines = ["# Decoder layers under test: the first layer of each distinct kind, by test id."]
+    for cls in layout.layer_classes:
+        kinds = {kind.label: kind.path for kind in layout.layers if kind.cls == cls}
+        lines.append(format_literal(kinds, 0, f"{layer_constant(cls)} = ", ""))
+    lines.append("# Blocks under test (in the layers above and outside the layers), by transformers class.")
+    recorded_blocks = [group for group in layout.blocks if group.paths]
+    lines += [format_literal(list(group.paths), 0, f"{group.constant} = ", "") for group in recorded_blocks]
+    recorded = [Code(f"*{layer_constant(cls)}.values()") for cls in layout.layer_classes]
+    recorded += [Code(f"*{group.constant}") for group in recorded_blocks]
+    lines.append(format_literal(recorded, 0, "RECORDED = ", ""))
+    if layout.norm_classes:
+        lines.append(format_literal(tuple(Code(name) for name in layout.norm_classes), 0, "NORMS = ", ""))
+    return "\n".join(lines)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
+    env.globals.update(wrap=wrap, snake_case=snake_case, layer_constant=layer_constant)
+    return env
+
+
+def make_test_config(config: PretrainedConfig) -> PretrainedConfig:
+    """``tiny_config(config)`` with weights initialised at std 1/sqrt(hidden_size), so every block's
+    output is of the order of the residual stream and a wrong block cannot hide in the sum."""
+    try:
+        tiny = tiny_config(config)
+    except ValueError as err:
+        raise UnsupportedFeature(
+            type(config).__name__, str(err), "pass a text-only causal-LM config"
+        ) from err
+    if isinstance(getattr(tiny, "initializer_range", None), float):
+        tiny.initializer_range = round(tiny.hidden_size**-0.5, 4)
+    return tiny
+
+
+def generate_test_file(
+    config: PretrainedConfig, lean_module: str, model_type: str, *, lean_source: str | None = None
+) -> str:
+    """Source of ``test_<model_type>_modeling.py`` comparing ``lean_module`` with transformers.
+
+    ``config`` is the real (text) config; the test uses its ``tiny_config`` written out as literals.
+    ``lean_module`` is imported as written (``onboardlm.models.custom.modeling_x`` or ``modeling_x``
+    when the test sits next to the model file). With ``lean_source`` (the lean file's text), lean
+    block classes that no layer of the test config reaches (a dense MLP class of a MoE model, an
+    experts module) get tests too where that can be done without guessing. Raises ``UnsupportedFeature`` for a config without a
+    transformers causal LM or whose test config cannot be written as literals.
+    """
+    tiny = make_test_config(config)
+    hf_cls = _hf_causal_lm(tiny)
+    fields = config_fields(tiny)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            reference = hf_cls(type(tiny)(**fields, attn_implementation="eager"))
+        except Exception as err:  # transformers' own failure on this config
+            raise UnsupportedFeature(
+                hf_cls.__name__,
+                f"transformers cannot build the model on the test config: {type(err).__name__}: {err}",
+                "check the config's fields",
+            ) from err
+    hf_module = importlib.import_module(hf_cls.__module__)
+    layout = read_layout(reference, tiny, hf_module)
+    if lean_source is not None:
+        layout = cover_lean_blocks(layout, reference, tiny, hf_module, lean_source)
+    layout = keep_called(layout, reference)
+    config_lines = "\n".join(format_literal(v, 8, f"{k}=") for k, v in fields.items())
+    template = _environment().get_template("test_modeling.py.j2")
+    return template.render(
+        model_type=model_type,
+        lean_module=lean_module,
+        config_cls=type(tiny).__name__,
+        config_lines=config_lines,
+        imports=_imports(tiny, hf_cls.__module__, lean_module, layout),
+        constants=_constants(layout),
+        layout=layout,
+    )

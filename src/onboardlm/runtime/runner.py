@@ -1,0 +1,135 @@
+"""End-to-end runs: load a model per the run settings, build the cached graph, answer prompts.
+
+``run_prompts(model, prompts, settings)`` is the library entry point of ``onboardlm run`` and of the
+onboarding E2E phase; :class:`Runner` keeps the loaded graph for several calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from onboardlm.errors import OnboardlmError
+from onboardlm.models.factory import AutoModelForCausalLMFactory, LoadReport
+from onboardlm.models.source import default_model_path
+from onboardlm.registry.settings import RunSettings
+from onboardlm.runtime.cache import KVCache, check_fits
+from onboardlm.runtime.chat import encode_chat_prompt, stop_token_ids
+from onboardlm.runtime.engine import CachedModel, build_cached_graph
+from onboardlm.runtime.prompts import default_prompts
+from onboardlm.runtime.sampler import make_generator
+from onboardlm.transforms import CachedGraph
+
+#: The model the shipped GGUF file holds; its registry entry applies to the default run.
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """One prompt and the model's answer."""
+
+    index: int
+    prompt: str
+    output: str
+    prompt_tokens: int
+    new_token_ids: list[int] = field(default_factory=list)
+    stopped_on_eos: bool = False
+
+    def log_line(self) -> str:
+        """The line the seed's runner logs: ``[PROMPT i] <prompt>: <output>``."""
+        return f"[PROMPT {self.index}] {self.prompt}: {self.output}"
+
+
+def model_location(model: str | None) -> str:
+    """Where to load ``model`` from: the shipped GGUF for the default model (by id or when None)."""
+    if model is None or model == DEFAULT_MODEL_ID:
+        return str(default_model_path())
+    return model
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OnboardlmError(f"device {device!r}", "no CUDA GPU is available here", "use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise OnboardlmError(f"device {device!r}", "not a device torch knows", "use cpu or cuda") from None
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | None:
+    """``auto`` -> None (the checkpoint's dtype), else the torch dtype of that name."""
+    return None if dtype == "auto" else getattr(torch, dtype)
+
+
+@dataclass
+class Runner:
+    """A loaded model as a cached graph, with its tokenizer and run settings."""
+
+    model_name: str
+    settings: RunSettings
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    graph: CachedGraph
+    report: LoadReport
+    device: torch.device
+
+    @classmethod
+    def load(cls, model: str | None, settings: RunSettings) -> Runner:
+        """Build ``model`` (``None``: the shipped default) with ``settings`` and export its cached graph."""
+        device = resolve_device(settings.device)
+        location = model_location(model)
+        factory = AutoModelForCausalLMFactory(location, settings.model_kwargs)
+        tokenizer = factory.tokenizer()
+        lean, report = factory.build_and_load(device=device, dtype=resolve_dtype(settings.dtype))
+        graph = build_cached_graph(lean)
+        return cls(model or DEFAULT_MODEL_ID, settings, factory.config, tokenizer, graph, report, device)
+
+    def run(self, prompts: list[str] | None = None) -> list[PromptResult]:
+        """Answer ``prompts`` (default: the settings' prompts, else the ten default prompts) in batches."""
+        texts = prompts or self.settings.prompts or default_prompts()
+        encoded = [encode_chat_prompt(self.tokenizer, text) for text in texts]
+        settings = self.settings
+        lengths = [len(ids) for ids in encoded]  # refuse before any compute; batches are cut below
+        check_fits(lengths, settings.max_new_tokens, len(lengths), settings.max_seq_len)
+        generator = make_generator(settings.sampling, self.device)  # one random stream for all batches
+        stops = stop_token_ids(self.tokenizer)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        results: list[PromptResult] = []
+        for start in range(0, len(encoded), settings.max_batch_size):
+            batch = encoded[start : start + settings.max_batch_size]
+            needed = max(len(ids) for ids in batch) + settings.max_new_tokens
+            cache = KVCache.allocate(self.graph.caches, len(batch), needed, self.device)
+            generations = CachedModel(self.graph, cache, pad_id).generate(
+                batch,
+                max_new_tokens=settings.max_new_tokens,
+                sampling=settings.sampling,
+                stop_ids=stops,
+                generator=generator,
+            )
+            for offset, generation in enumerate(generations):
+                index = start + offset
+                output = self.tokenizer.decode(generation.new_ids, skip_special_tokens=True).strip()
+                results.append(
+                    PromptResult(
+                        index,
+                        texts[index],
+                        output,
+                        len(generation.prompt_ids),
+                        generation.new_ids,
+                        generation.stopped_on_eos,
+                    )
+                )
+        return results
+
+
+def run_prompts(
+    model: str | Path | None, prompts: list[str] | None, settings: RunSettings
+) -> list[PromptResult]:
+    """Load ``model`` per ``settings`` and answer ``prompts`` (None: the settings' or the ten defaults)."""
+    return Runner.load(None if model is None else str(model), settings).run(prompts)

@@ -1,0 +1,109 @@
+"""Record what a model passes to its submodules during one forward.
+
+Equivalence tests feed a lean block exactly the inputs its HuggingFace counterpart received inside
+the full model (hidden states, the ``position_embeddings`` object, masks) and compare with exactly
+what it returned, so no test has to rebuild masks, rotary tables or per-layer-type arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from onboardlm.errors import OnboardlmError
+
+__all__ = ["Call", "first_tensor", "record_calls"]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a submodule: its positional and keyword arguments and its output (detached copies)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        """The block's main input: the first positional argument, else the ``hidden_states`` keyword."""
+        if self.args:
+            return self.args[0]
+        if "hidden_states" in self.kwargs:
+            return self.kwargs["hidden_states"]
+        raise KeyError(f"no positional argument and no 'hidden_states' keyword among {sorted(self.kwargs)}")
+
+    @property
+    def position_embeddings(self) -> Any:
+        """The ``position_embeddings`` keyword as passed (usually a (cos, sin) tuple), None if absent."""
+        return self.kwargs.get("position_embeddings")
+
+    @property
+    def result(self) -> torch.Tensor:
+        """The output tensor; for tuple outputs (attention weights, router logits) the first element."""
+        return first_tensor(self.output)
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """``output`` itself if it is a tensor, else the first element of a tuple/list or ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):  # ModelOutput is an OrderedDict of its non-None fields
+        output = tuple(output.values())
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"output of type {type(output).__name__} does not start with a tensor")
+
+
+def _detached(value: Any) -> Any:
+    """A copy of ``value`` that later in-place updates of the model cannot change."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_detached(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {key: _detached(v) for key, v in value.items()}
+    return value
+
+
+def record_calls(model: nn.Module, paths: Iterable[str], **inputs: Any) -> dict[str, list[Call]]:
+    """Run ``model(**inputs)`` once without gradients and return every call of each submodule path.
+
+    Each path maps to the list of its calls in order (empty when the forward never called it). An
+    unknown path raises ``OnboardlmError`` before anything runs; the hooks are always removed.
+    """
+    paths = list(dict.fromkeys(paths))
+    modules = {}
+    for path in paths:
+        try:
+            modules[path] = model.get_submodule(path)
+        except AttributeError as err:
+            raise OnboardlmError(
+                path, f"no such submodule in {type(model).__name__}", "use a name from named_modules()"
+            ) from err
+    calls: dict[str, list[Call]] = {path: [] for path in paths}
+    pending: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {path: [] for path in paths}
+    handles = []
+    for path, module in modules.items():
+
+        def before(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: str = path) -> None:
+            pending[path].append((_detached(args), _detached(kwargs)))
+
+        def after(_: nn.Module, args: Any, kwargs: Any, output: Any, path: str = path) -> None:
+            call_args, call_kwargs = pending[path].pop()
+            calls[path].append(Call(call_args, call_kwargs, _detached(output)))
+
+        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(module.register_forward_hook(after, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls

@@ -1,0 +1,173 @@
+"""The GPU path of a cached graph: CUDA-graph capture of its decode steps, optional torch.compile.
+
+:class:`FastGraph` is called like the cached ``GraphModule`` (keyword inputs, see
+:mod:`onboardlm.transforms.kv_cache`) and returns the same logits. It is bound to one static KV cache
+(``[max_batch, max_seq, ...]`` tensors that never move). A decode step (one token per sequence) of
+``b`` sequences is padded to the smallest captured batch size ``B >= b`` and replayed from a CUDA graph
+captured with ``kv_len = max_seq``: the masks follow ``input_pos``, so reading the whole cache gives
+the same result as reading the valid prefix. Padded rows use cache rows ``b .. B-1`` at the last
+position, which no live sequence reads before writing it itself. Prefill and any uncaptured step run
+the graph directly. :func:`accelerate` builds the whole fast path; :class:`SpeedOptions` turns each
+part (fusion, whole-graph ``torch.compile`` of the decode step, CUDA graphs) on or off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from onboardlm.transforms.fast_attention import use_fast_attention
+from onboardlm.transforms.fusion import fuse_elementwise
+from onboardlm.transforms.gather_logits import LOGIT_INDEX
+from onboardlm.transforms.kv_cache import INPUT_POS, KV_LEN
+from onboardlm.transforms.moe_backend import use_grouped_moe
+
+#: Ops that synchronise with the host (data-dependent shapes): a graph holding one is not captured.
+UNCAPTURABLE_OPS = ("torch_moe",)
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """The GPU path's switches.
+
+    ``fuse``: compiled elementwise kernels (:mod:`onboardlm.transforms.fusion`); ``compile``: also
+    ``torch.compile`` the whole decode graph (slow to compile: a minute or more for a large model);
+    ``cuda_graphs``: capture decode steps for ``batch_sizes``.
+    """
+
+    fuse: bool = True
+    compile: bool = False
+    cuda_graphs: bool = True
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]
+    logits: torch.Tensor
+
+
+@dataclass
+class CaptureReport:
+    """Captured batch sizes and, for each batch size that could not be captured, why."""
+
+    captured: list[int] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)
+
+
+def uncapturable_reason(gm: GraphModule) -> str | None:
+    """Why ``gm`` cannot be captured in a CUDA graph (an op from :data:`UNCAPTURABLE_OPS`), or None."""
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "__name__", "")
+        if node.op == "call_function" and any(
+            op in str(node.target) or op == name for op in UNCAPTURABLE_OPS
+        ):
+            return f"{node.name} calls {name or node.target}, which synchronises with the host"
+    return None
+
+
+class FastGraph:
+    """A cached graph bound to its static KV cache, with compiled and CUDA-graph decode steps."""
+
+    def __init__(self, gm: GraphModule, cache: dict[str, torch.Tensor], options: SpeedOptions) -> None:
+        self.gm = gm
+        self.cache = cache
+        first = next(iter(cache.values()))
+        self.device = cache_device(cache)
+        self.max_batch, self.max_seq = int(first.shape[0]), int(first.shape[1])
+        self.options = options
+        use_compile = options.compile and self.device.type == "cuda"
+        self.step = torch.compile(gm, dynamic=False) if use_compile else gm
+        self.report = CaptureReport()
+        self._captured: dict[int, _Captured] = {}
+        self._pool: Any = None
+
+    def capture(self) -> CaptureReport:
+        """Capture one decode step for every batch size of the options that fits the cache."""
+        if not self.options.cuda_graphs or self.device.type != "cuda":
+            return self.report
+        reason = uncapturable_reason(self.gm)
+        for size in sorted(set(self.options.batch_sizes)):
+            if size > self.max_batch:
+                continue
+            if reason is not None:
+                self.report.skipped[size] = reason
+                continue
+            try:
+                self._captured[size] = self._capture(size)
+                self.report.captured.append(size)
+            except RuntimeError as error:  # recorded; the step then runs uncaptured
+                self.report.skipped[size] = str(error).splitlines()[0]
+        return self.report
+
+    def _static_inputs(self, size: int) -> dict[str, torch.Tensor]:
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.long, device=self.device)
+
+        inputs = {"input_ids": zeros(size, 1), "position_ids": zeros(size, 1), LOGIT_INDEX: zeros(size)}
+        inputs[INPUT_POS] = torch.full((size,), self.max_seq - 1, dtype=torch.long, device=self.device)
+        return inputs
+
+    def _capture(self, size: int) -> _Captured:
+        inputs = self._static_inputs(size)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # compile and warm up outside the capture
+                self.step(**inputs, **{KV_LEN: self.max_seq}, **self.cache)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            logits = self.step(**inputs, **{KV_LEN: self.max_seq}, **self.cache)
+        self._pool = graph.pool()
+        return _Captured(graph, inputs, logits)
+
+    def _bucket(self, batch: int) -> int | None:
+        return min((size for size in self._captured if size >= batch), default=None)
+
+    def __call__(self, **inputs: Any) -> torch.Tensor:
+        """Run the graph on ``inputs`` (the cached graph's keyword inputs, caches included)."""
+        for name, tensor in self.cache.items():
+            if inputs[name] is not tensor:
+                raise ValueError(f"FastGraph is bound to its own KV cache; {name} is another tensor")
+        input_ids = inputs["input_ids"]
+        batch = input_ids.shape[0]
+        if input_ids.shape[1] != 1:
+            return self.gm(**inputs)
+        size = self._bucket(batch)
+        if size is None:  # one static shape per batch size: the compiled step never sees a new kv_len
+            return self.step(**{**inputs, KV_LEN: self.max_seq})
+        captured = self._captured[size]
+        static = captured.inputs
+        for name in ("input_ids", "position_ids", INPUT_POS, LOGIT_INDEX):
+            static[name][:batch].copy_(inputs[name])
+        if size > batch:
+            static["input_ids"][batch:] = 0
+            static["position_ids"][batch:] = 0
+            static[INPUT_POS][batch:] = self.max_seq - 1
+        captured.graph.replay()
+        return captured.logits[:batch].clone()  # the static buffer is overwritten by the next replay
+
+
+def accelerate(gm: GraphModule, cache: dict[str, torch.Tensor], options: SpeedOptions) -> FastGraph:
+    """The fast path for a cached graph (rewritten in place) and its runner.
+
+    SDPA attention, grouped MoE, fused elementwise ops (compiled on CUDA, eager elsewhere), then a
+    :class:`FastGraph` on ``cache`` with its decode steps captured. The rewrites are idempotent, so
+    several caches may share one graph.
+    """
+    use_fast_attention(gm)
+    use_grouped_moe(gm)
+    if options.fuse and not options.compile:  # a whole-graph compile fuses these itself
+        fuse_elementwise(gm, compile=cache_device(cache).type == "cuda")
+    fast = FastGraph(gm, cache, options)
+    fast.capture()
+    return fast
+
+
+def cache_device(cache: dict[str, torch.Tensor]) -> torch.device:
+    return next(iter(cache.values())).device

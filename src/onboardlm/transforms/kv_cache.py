@@ -1,0 +1,156 @@
+"""KV-cache transform: every canonical attention node of an exported graph becomes a cached one.
+
+``torch_attention`` nodes become ``onboardlm_cached_attention`` and ``torch_mla`` nodes
+``onboardlm_cached_mla`` (see :mod:`onboardlm.transforms.cached_ops`); each keeps its scale, causal
+flag, sliding window, logit cap and sinks. The graph gains inputs: ``input_pos`` (``[b]`` int64, where
+each sequence's new tokens go in the cache), ``kv_len`` (a Python int, how many cache positions to
+read) and one cache tensor per cached input of each layer (named in :attr:`CachedGraph.caches`).
+The result is a plain ``GraphModule``: call it with keyword arguments; it returns the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.graph import CodeGen
+from torch.fx.operator_schemas import normalize_function
+
+import onboardlm.ops  # noqa: F401  (registers the canonical ops)
+from onboardlm.errors import UnsupportedFeature
+from onboardlm.transforms import cached_ops
+
+INPUT_POS = "input_pos"
+KV_LEN = "kv_len"
+
+#: Canonical ops that carry state across tokens this transform has no cache for.
+_STATEFUL_OPS = ("torch_ssm", "torch_causal_conv1d", "torch_gated_delta_rule")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache tensor the graph takes: its input name, per-token shape and dtype."""
+
+    name: str
+    features: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class CachedGraph:
+    """A graph with cached attention and the caches it needs."""
+
+    gm: GraphModule
+    caches: list[CacheSpec]
+
+
+def _op(name: str) -> torch._ops.OpOverload:
+    return getattr(torch.ops.auto_deploy, name).default
+
+
+def _kwargs(node: Node) -> dict:
+    """The node's arguments by name, defaults filled in."""
+    normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    assert normalized is not None
+    schema = node.target._schema
+    defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    return {**defaults, **normalized.kwargs}
+
+
+def _per_token_shape(node: Node, layout: str) -> tuple[int, ...]:
+    """``(heads, dim)`` of a 4-D ``[b, s, n, d]`` (or ``bnsd``) tensor node, from its export metadata."""
+    shape = node.meta["val"].shape
+    heads, dim = (shape[1], shape[3]) if layout == "bnsd" else (shape[2], shape[3])
+    return int(heads), int(dim)
+
+
+def _dtype(node: Node) -> torch.dtype:
+    return node.meta["val"].dtype
+
+
+def _as_plain_graph(gm: GraphModule) -> Graph:
+    """The graph with positional/keyword inputs and a single output (the logits)."""
+    graph = gm.graph
+    graph._codegen = CodeGen()
+    output = next(n for n in graph.nodes if n.op == "output")
+    leaves = output.args[0]
+    logits = leaves[0] if isinstance(leaves, (tuple, list)) else leaves
+    output.args = (logits,)
+    return graph
+
+
+def insert_cached_attention(gm: GraphModule) -> CachedGraph:
+    """Replace the attention nodes of an exported causal-LM graph by cached attention (in place).
+
+    Raises :class:`UnsupportedFeature` for an attention with an explicit mask, for stateful ops
+    other than attention (SSM, conv, delta rule) and for a graph without attention.
+    """
+    graph = _as_plain_graph(gm)
+    for node in graph.nodes:
+        if node.op == "call_function" and any(node.target == _op(n) for n in _STATEFUL_OPS):
+            raise UnsupportedFeature(
+                node.name, f"{node.target.name()} state caching", "only attention is cached"
+            )
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        kv_len = graph.placeholder(KV_LEN)
+    with graph.inserting_after(placeholders[-1]):
+        input_pos = graph.placeholder(INPUT_POS)
+    last_input = kv_len
+    caches: list[CacheSpec] = []
+
+    def add_cache(name: str, features: tuple[int, ...], dtype: torch.dtype) -> Node:
+        nonlocal last_input
+        with graph.inserting_after(last_input):
+            last_input = graph.placeholder(name)
+        caches.append(CacheSpec(name, features, dtype))
+        return last_input
+
+    layer = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == _op("torch_attention"):
+            args = _kwargs(node)
+            if args["attn_mask"] is not None:
+                raise UnsupportedFeature(
+                    node.name, "torch_attention with an explicit attn_mask", "causal/window masks only"
+                )
+            layout = args["layout"]
+            k_cache = add_cache(
+                f"k_cache_{layer}", _per_token_shape(args["key"], layout), _dtype(args["key"])
+            )
+            v_cache = add_cache(
+                f"v_cache_{layer}", _per_token_shape(args["value"], layout), _dtype(args["value"])
+            )
+            new_args = (args["query"], args["key"], args["value"], k_cache, v_cache, input_pos, kv_len)
+            new_kwargs = {k: args[k] for k in ("is_causal", "scale", "sinks", "sliding_window", "logit_cap")}
+            new_kwargs["layout"] = layout
+            target = _op(cached_ops.CACHED_ATTENTION)
+        elif node.target == _op("torch_mla"):
+            args = _kwargs(node)
+            layout = args["layout"]
+            ckv = args["compressed_kv"]
+            ckv_cache = add_cache(f"ckv_cache_{layer}", (int(ckv.meta["val"].shape[-1]),), _dtype(ckv))
+            kpe_cache = add_cache(
+                f"kpe_cache_{layer}", _per_token_shape(args["kpe"], layout), _dtype(args["kpe"])
+            )
+            new_args = (
+                args["q_nope"], args["q_pe"], ckv, args["kpe"], args["kv_b_proj_weight"],
+                ckv_cache, kpe_cache, input_pos, kv_len,
+            )  # fmt: skip
+            new_kwargs = {"is_causal": args["is_causal"], "scale": args["scale"], "layout": layout}
+            target = _op(cached_ops.CACHED_MLA)
+        else:
+            continue
+        with graph.inserting_before(node):
+            cached = graph.call_function(target, new_args, new_kwargs)
+        cached.meta = dict(node.meta)
+        node.replace_all_uses_with(cached)
+        graph.erase_node(node)
+        layer += 1
+    if not caches:
+        raise UnsupportedFeature("graph", "no torch_attention or torch_mla node to cache")
+    graph.lint()
+    return CachedGraph(GraphModule(gm, graph), caches)

@@ -1,0 +1,500 @@
+"""Tensor parallelism from the sharding hints of an exported lean model (``apply_sharding_hints``).
+
+The pass reads the hint arguments the model file put on its canonical ops and rewrites one rank's copy
+of the GraphModule in place:
+
+- ``torch_linear_simple``: ``colwise`` keeps the rank's rows of the weight (and bias), each group of
+  ``output_sizes`` cut separately; a group narrower than ``world_size * tp_min_local_shape`` (K/V with
+  fewer KV heads than ranks) is replicated in ``tp_min_local_shape`` units, rank ``r`` taking unit
+  ``r // (world_size / units)``, which is the KV head its query heads use. ``rowwise`` keeps the
+  rank's columns; a bias stays on rank 0 only, so the all-reduce adds it once.
+- ``view``: ``shape[tp_scaled_dim]`` becomes the rank-local size (the producer linear's local/full
+  width ratio when the view reads a sharded linear, else ``shape / world_size``).
+- ``split_with_sizes`` with ``enable_sharding``: split sizes become rank-local in the same way.
+- ``all_reduce``: a real sum over the ranks (``torch.ops._c10d_functional.all_reduce`` + ``wait_tensor``).
+- ``torch_attention``: head counts follow from the sharded views; only per-head ``sinks`` are cut.
+- ``torch_moe``: expert parallel. Rank ``r`` keeps experts ``[r*E/ws, (r+1)*E/ws)`` whole and sees
+  expert ids shifted by its offset, so other ranks' experts fall outside its range and are skipped by
+  the op; the ``all_reduce`` after the block sums the partial outputs. Whole experts keep each
+  expert's GEMMs at full width (MoE intermediate sizes are small) and need no per-expert communication.
+- ``torch_mla`` with ``enable_sharding``: ``kv_b_proj_weight`` is cut head-wise (the query heads come
+  sharded from ``q_b_proj``/``q_proj`` colwise + ``view``).
+
+``shard_layers`` restricts the pass to some ``layer_type`` hints (the rest stays replicated). Shape
+metadata (``node.meta["val"]``) is re-propagated afterwards, so later passes (KV cache) see rank-local
+shapes; run this pass before ``use_direct_kernels``, which drops the ``all_reduce`` hint nodes. :func:`plan_sharding` validates a graph for a world size without touching it, so
+callers can reject a model before any process group exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import Counter
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.operator_schemas import normalize_function
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
+from onboardlm.errors import OnboardlmError, UnsupportedFeature
+
+log = logging.getLogger(__name__)
+
+_AD = torch.ops.auto_deploy
+_LINEAR = _AD.torch_linear_simple.default
+_VIEW = _AD.view.default
+_SPLIT = _AD.split_with_sizes.default
+_ALL_REDUCE = _AD.all_reduce.default
+_ATTENTION = _AD.torch_attention.default
+_MOE = _AD.torch_moe.default
+_MLA = _AD.torch_mla.default
+_HANDLED = {_LINEAR, _VIEW, _SPLIT, _ALL_REDUCE, _ATTENTION, _MOE, _MLA}
+
+
+class ShardingError(OnboardlmError):
+    """A model or world size that hint-driven tensor parallelism cannot shard."""
+
+
+@dataclass(frozen=True)
+class ParamShard:
+    """One rank's part of a parameter: the ``ranges`` (start, stop) of dimension ``dim``, concatenated."""
+
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def local_size(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
+
+    def cut(self, full: torch.Tensor) -> torch.Tensor:
+        """The rank's part of ``full`` as a new contiguous tensor."""
+        parts = [full.narrow(self.dim, start, stop - start) for start, stop in self.ranges]
+        return torch.cat(parts, dim=self.dim).contiguous()
+
+
+@dataclass
+class ShardingReport:
+    """What :func:`apply_sharding_hints` changed on one rank."""
+
+    rank: int
+    world_size: int
+    changed: Counter[str] = field(default_factory=Counter)  # nodes changed per op kind
+    params: dict[str, ParamShard] = field(default_factory=dict)  # parameter -> the part this rank holds
+    dropped: list[str] = field(default_factory=list)  # parameters this rank does not hold at all
+
+    @property
+    def nodes_changed(self) -> int:
+        return sum(self.changed.values())
+
+
+@dataclass
+class ShardingPlan:
+    """Graph edits for one rank, computed by :func:`plan_sharding` before anything is changed."""
+
+    report: ShardingReport
+    new_args: list[tuple[Node, str, Any]] = field(default_factory=list)
+    expert_offsets: list[tuple[Node, int]] = field(default_factory=list)
+    all_reduces: list[Node] = field(default_factory=list)
+    partial: set[Node] = field(default_factory=set)  # nodes whose output is a per-rank partial sum
+    local_width: dict[Node, tuple[int, int]] = field(default_factory=dict)  # (full, local) last dim
+
+    def shard(self, param: Node, shard: ParamShard) -> None:
+        name = _param_name(param)
+        previous = self.report.params.get(name)
+        if previous is not None and previous != shard:
+            raise UnsupportedFeature(name, "parameter used by two ops with different sharding")
+        self.report.params[name] = shard
+
+
+def _args(node: Node) -> dict[str, Any]:
+    """The node's arguments by name, defaults filled in."""
+    normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    assert normalized is not None, f"cannot normalise the arguments of {node.format_node()}"
+    defaults = {a.name: a.default_value for a in node.target._schema.arguments if a.has_default_value()}
+    return {**defaults, **normalized.kwargs}
+
+
+def _set_arg(node: Node, name: str, value: Any) -> None:
+    names = [a.name for a in node.target._schema.arguments]
+    index = names.index(name)
+    if index < len(node.args):
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)
+
+
+def _param_name(node: Node) -> str:
+    return str(node.target)
+
+
+def _param(gm: GraphModule, node: Any, role: str, user: Node) -> Node:
+    """``node`` as a ``get_attr`` of a tensor of ``gm``; anything else cannot be cut in place."""
+    if not (isinstance(node, Node) and node.op == "get_attr"):
+        raise UnsupportedFeature(user.name, f"{role} of {user.target} is computed, not a parameter")
+    return node
+
+
+def _shape(gm: GraphModule, node: Node) -> torch.Size:
+    return _get_attr(gm, _param_name(node)).shape
+
+
+def _get_attr(gm: GraphModule, target: str) -> torch.Tensor:
+    module_path, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(module_path), attr)
+
+
+def _even_range(size: int, rank: int, world_size: int, what: str) -> tuple[int, int]:
+    if size % world_size:
+        raise ShardingError(what, f"size {size} is not divisible by world size {world_size}")
+    local = size // world_size
+    return rank * local, (rank + 1) * local
+
+
+def _group_range(size: int, min_local: int, rank: int, world_size: int, what: str) -> tuple[int, int]:
+    """Rank ``rank``'s rows of a colwise group of ``size`` rows, at least ``min_local`` wide."""
+    if size % world_size == 0 and (size // world_size) % min_local == 0:
+        return _even_range(size, rank, world_size, what)
+    units = size // min_local
+    if size % min_local == 0 and world_size % units == 0:  # fewer units (KV heads) than ranks: replicate
+        start = rank // (world_size // units) * min_local
+        return start, start + min_local
+    raise ShardingError(
+        what,
+        f"{size} output features in units of {min_local} cannot be split over world size {world_size}",
+        "choose a world size that divides the head counts",
+    )
+
+
+def _plan_linear(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    args = _args(node)
+    mode = args["tp_mode"]
+    if mode == "none":
+        return
+    rank, world_size = plan.report.rank, plan.report.world_size
+    weight = _param(gm, args["weight"], "weight", node)
+    bias = args["bias"]
+    what = f"{_param_name(weight)} ({mode})"
+    out_features, in_features = _shape(gm, weight)
+    if mode == "colwise":
+        groups = args["output_sizes"] or [out_features]
+        if sum(groups) != out_features:
+            raise ShardingError(what, f"output_sizes {groups} do not add up to {out_features} rows")
+        ranges, offset = [], 0
+        for size in groups:
+            start, stop = _group_range(size, args["tp_min_local_shape"], rank, world_size, what)
+            ranges.append((offset + start, offset + stop))
+            offset += size
+        shard = ParamShard(0, tuple(ranges))
+        plan.shard(weight, shard)
+        if bias is not None:
+            plan.shard(_param(gm, bias, "bias", node), shard)
+        plan.local_width[node] = (out_features, shard.local_size)
+    else:
+        plan.shard(weight, ParamShard(1, (_even_range(in_features, rank, world_size, what),)))
+        if bias is not None and rank != 0:
+            plan.report.dropped.append(_param_name(_param(gm, bias, "bias", node)))
+            plan.new_args.append((node, "bias", None))
+        plan.partial.add(node)
+    plan.report.changed["linear"] += 1
+
+
+def _local(size: int, source: Node, plan: ShardingPlan, what: str) -> int:
+    """Rank-local size of a dimension of ``size`` of a tensor computed from ``source``.
+
+    When ``source`` is a colwise linear (or a chunk of one), the local/full width ratio of its output
+    gives the size, which covers replicated KV heads; otherwise it is ``size / world_size``.
+    """
+    if source in plan.local_width:
+        full, local = plan.local_width[source]
+        if (size * local) % full == 0:
+            return size * local // full
+    if size % plan.report.world_size:
+        raise ShardingError(
+            what,
+            f"size {size} is not divisible by world size {plan.report.world_size}",
+            "choose a world size that divides the head counts",
+        )
+    return size // plan.report.world_size
+
+
+def _plan_view(node: Node, plan: ShardingPlan) -> None:
+    args = _args(node)
+    dim = args["tp_scaled_dim"]
+    if dim == -1:
+        return
+    shape = list(args["shape"])
+    if not isinstance(shape[dim], int):
+        raise UnsupportedFeature(node.name, f"view scales dimension {dim}, which is dynamic")
+    shape[dim] = _local(shape[dim], args["x"], plan, f"view {node.name} dim {dim}")
+    plan.new_args.append((node, "shape", shape))
+    plan.report.changed["view"] += 1
+
+
+def _plan_split(node: Node, plan: ShardingPlan) -> None:
+    args = _args(node)
+    if not args["enable_sharding"]:
+        return
+    source, sizes = args["x"], list(args["split_sizes"])
+    if source.target == _LINEAR and source in plan.local_width and _args(source)["output_sizes"] == sizes:
+        shards = plan.report.params[_param_name(_args(source)["weight"])]
+        local = [stop - start for start, stop in shards.ranges]
+    else:
+        local = [_local(s, source, plan, f"split {node.name}") for s in sizes]
+    for user in node.users:
+        if user.target is operator.getitem:
+            plan.local_width[user] = (sizes[user.args[1]], local[user.args[1]])
+    plan.new_args.append((node, "split_sizes", local))
+    plan.report.changed["split_with_sizes"] += 1
+
+
+def _plan_attention(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    sinks = _args(node)["sinks"]
+    if sinks is None:
+        return
+    sinks = _param(gm, sinks, "sinks", node)
+    (heads,) = _shape(gm, sinks)
+    what = f"{_param_name(sinks)} (attention sinks)"
+    plan.shard(sinks, ParamShard(0, (_even_range(heads, plan.report.rank, plan.report.world_size, what),)))
+    plan.report.changed["attention"] += 1
+
+
+def _plan_moe(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    args = _args(node)
+    rank, world_size = plan.report.rank, plan.report.world_size
+    num_experts = len(args["w1_weight"])
+    start, stop = _even_range(num_experts, rank, world_size, f"{node.name} (number of MoE experts)")
+    for name in ("w1_weight", "w2_weight", "w3_weight"):
+        weights = [_param(gm, w, name, node) for w in args[name]]
+        plan.report.dropped += [_param_name(w) for w in weights[:start] + weights[stop:]]
+        plan.new_args.append((node, name, weights[start:stop]))
+    plan.expert_offsets.append((node, start))
+    plan.partial.add(node)
+    plan.report.changed["moe"] += 1
+
+
+def _plan_mla(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    args = _args(node)
+    if not args["enable_sharding"]:
+        return
+    weight = _param(gm, args["kv_b_proj_weight"], "kv_b_proj_weight", node)
+    heads = int(args["q_nope"].meta["val"].shape[1 if args["layout"] == "bnsd" else 2])
+    rows = _shape(gm, weight)[0]
+    what = f"{_param_name(weight)} ({heads} MLA heads)"
+    first, last = _even_range(heads, plan.report.rank, plan.report.world_size, what)
+    per_head = rows // heads
+    plan.shard(weight, ParamShard(0, ((first * per_head, last * per_head),)))
+    plan.report.changed["mla"] += 1
+
+
+def _check_unhandled_hints(node: Node) -> None:
+    """Ops outside this pass that ask to be sharded (SSM, conv, gated norm) are refused by name."""
+    if node.target in _HANDLED or not str(node.target).startswith("auto_deploy."):
+        return
+    args = _args(node)
+    if args.get("tp_mode", "none") != "none" or args.get("shardable") or args.get("enable_sharding"):
+        raise UnsupportedFeature(node.name, f"sharding hints of {node.target}", "run with world size 1")
+
+
+def _ancestors_reach(start: Node, targets: set[Node]) -> bool:
+    """Whether a node of ``targets`` feeds ``start`` without an ``all_reduce`` in between."""
+    seen, stack = set(), [start]
+    while stack:
+        node = stack.pop()
+        if node in targets:
+            return True
+        if node in seen or node.target == _ALL_REDUCE:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return False
+
+
+def _check_reductions(gm: GraphModule, plan: ShardingPlan) -> None:
+    """Every all_reduce sums a partial result, and every partial result is summed before the output."""
+    for node in plan.all_reduces:
+        if not _ancestors_reach(node.args[0], plan.partial):
+            raise UnsupportedFeature(
+                node.name, "all_reduce of a replicated tensor (no rowwise linear or sharded MoE feeds it)"
+            )
+    for node in plan.partial:
+        seen, stack = set(), list(node.users)
+        while stack:
+            user = stack.pop()
+            if user.op == "output":
+                raise UnsupportedFeature(node.name, "partial sum reaches the output without an all_reduce")
+            if user in seen or user.target == _ALL_REDUCE:
+                continue
+            seen.add(user)
+            stack.extend(user.users)
+
+
+def _selected(node: Node, shard_layers: Collection[str] | None) -> bool:
+    """Whether ``node``'s ``layer_type`` is one to shard (``torch_attention`` has none: it counts as mha)."""
+    if shard_layers is None or node.target not in _HANDLED:
+        return True
+    return _args(node).get("layer_type", "mha") in shard_layers
+
+
+def plan_sharding(
+    gm: GraphModule, rank: int, world_size: int, shard_layers: Collection[str] | None = None
+) -> ShardingPlan:
+    """Validate ``gm`` for ``world_size`` and compute rank ``rank``'s edits; ``gm`` is not changed.
+
+    ``shard_layers`` (e.g. ``["mha", "mlp"]``) limits sharding to ops with those ``layer_type`` hints;
+    the others, ``"unknown"`` included, stay replicated. ``None`` shards every hinted op.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ShardingError("world size", f"rank {rank} is not in [0, {world_size}) or world size < 1")
+    plan = ShardingPlan(ShardingReport(rank, world_size))
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not _selected(node, shard_layers):
+            continue
+        if node.target == _LINEAR:
+            _plan_linear(gm, node, plan)
+        elif node.target == _VIEW:
+            _plan_view(node, plan)
+        elif node.target == _SPLIT:
+            _plan_split(node, plan)
+        elif node.target == _ATTENTION:
+            _plan_attention(gm, node, plan)
+        elif node.target == _MOE:
+            _plan_moe(gm, node, plan)
+        elif node.target == _MLA:
+            _plan_mla(gm, node, plan)
+        elif node.target == _ALL_REDUCE:
+            plan.all_reduces.append(node)
+            plan.report.changed["all_reduce"] += 1
+        else:
+            _check_unhandled_hints(node)
+    if world_size > 1 and plan.report.nodes_changed == 0:
+        raise ShardingError(
+            "model graph",
+            "no sharding hints found (0 nodes changed)",
+            "the model file must use torch_linear_simple with tp_mode, auto_deploy.view and all_reduce",
+        )
+    _check_reductions(gm, plan)
+    return plan
+
+
+def check_devices(world_size: int, device: torch.device) -> None:
+    """Refuse more ranks than accelerators of ``device``'s type (CPU ranks are processes, not devices)."""
+    if device.type == "cpu":
+        return
+    available = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
+    if world_size > available:
+        raise ShardingError(
+            "world size", f"{world_size} ranks but only {available} {device.type} device(s)", "lower it"
+        )
+
+
+def apply_sharding_hints(
+    gm: GraphModule,
+    rank: int,
+    world_size: int,
+    group_name: str | None = None,
+    shard_layers: Collection[str] | None = None,
+) -> ShardingReport:
+    """Shard ``gm`` in place for rank ``rank`` of ``world_size``; see the module docstring.
+
+    ``group_name`` defaults to the default process group's, which must then exist (the group itself is
+    only used when the graph runs). ``shard_layers``: see :func:`plan_sharding`. Raises
+    :class:`ShardingError` / :class:`UnsupportedFeature` before changing anything.
+    """
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    check_devices(world_size, device)
+    plan = plan_sharding(gm, rank, world_size, shard_layers)
+    if world_size == 1:
+        return ShardingReport(rank, world_size)  # validated; nothing to change
+    if group_name is None:
+        group_name = _default_group_name()
+    _cut_parameters(gm, plan.report.params)
+    for node, name, value in plan.new_args:
+        _set_arg(node, name, value)
+    _shift_expert_ids(gm, plan.expert_offsets)
+    _insert_collectives(gm, plan.all_reduces, group_name)
+    gm.graph.eliminate_dead_code()
+    _delete_unused_params(gm, plan.report.dropped)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    _refresh_shapes(gm)
+    log.info(
+        "apply_sharding_hints: rank %d/%d, %d nodes processed", rank, world_size, plan.report.nodes_changed
+    )
+    return plan.report
+
+
+def _default_group_name() -> str:
+    if not torch.distributed.is_initialized():
+        raise ShardingError(
+            "process group", "world size > 1 needs torch.distributed initialised before sharding"
+        )
+    return torch.distributed.group.WORLD.group_name
+
+
+def _cut_parameters(gm: GraphModule, shards: dict[str, ParamShard]) -> None:
+    for name, shard in shards.items():
+        module_path, _, attr = name.rpartition(".")
+        module = gm.get_submodule(module_path)
+        full = getattr(module, attr)
+        local = shard.cut(full.detach())
+        value = (
+            torch.nn.Parameter(local, requires_grad=False) if isinstance(full, torch.nn.Parameter) else local
+        )
+        setattr(module, attr, value)
+
+
+def _shift_expert_ids(gm: GraphModule, offsets: Sequence[tuple[Node, int]]) -> None:
+    for node, offset in offsets:
+        if offset == 0:
+            continue
+        selected = _args(node)["selected_experts"]
+        with gm.graph.inserting_before(node):
+            shifted = gm.graph.call_function(torch.ops.aten.sub.Scalar, (selected, offset))
+        _set_arg(node, "selected_experts", shifted)
+
+
+def _insert_collectives(gm: GraphModule, nodes: Sequence[Node], group_name: str) -> None:
+    functional = torch.ops._c10d_functional
+    for node in nodes:
+        with gm.graph.inserting_after(node):
+            reduced = gm.graph.call_function(functional.all_reduce.default, (node.args[0], "sum", group_name))
+        with gm.graph.inserting_after(reduced):
+            waited = gm.graph.call_function(functional.wait_tensor.default, (reduced,))
+        node.replace_all_uses_with(waited)
+        gm.graph.erase_node(node)
+
+
+def _delete_unused_params(gm: GraphModule, names: Sequence[str]) -> None:
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in names:
+        if name not in used:
+            module_path, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(module_path), attr)
+
+
+def _refresh_shapes(gm: GraphModule) -> None:
+    """Recompute ``meta["val"]`` of every node with the export's fake mode and symbolic inputs."""
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = torch._guards.detect_fake_mode(inputs)
+    if fake_mode is None or any(v is None for v in inputs):
+        return
+    try:
+        FakeTensorProp(gm, fake_mode).propagate_dont_convert_inputs(*inputs)
+    except Exception as err:  # a shape mismatch anywhere in the rewritten graph
+        raise ShardingError("sharded graph", f"shapes do not fit after sharding: {err}") from err
+
+
+__all__ = [
+    "ParamShard",
+    "ShardingPlan",
+    "ShardingError",
+    "ShardingReport",
+    "apply_sharding_hints",
+    "check_devices",
+    "plan_sharding",
+]

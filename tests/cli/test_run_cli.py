@@ -1,0 +1,190 @@
+"""``onboardlm run``: registry and standalone settings, the log format, and every kind of bad input.
+
+Fast tests use a tiny random Llama saved with the shipped SmolLM2 tokenizer; the ``slow`` ones load the
+shipped SmolLM2 GGUF.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from typer.testing import CliRunner
+
+from onboardlm.cli import app
+from onboardlm.models.source import default_model_path
+from onboardlm.registry import load_run_settings, render_standalone_yaml, shipped_registry_dir
+from onboardlm.runtime.prompts import default_prompts
+from onboardlm.runtime.runner import DEFAULT_MODEL_ID
+
+runner = CliRunner()
+PROMPT_LINE = re.compile(r"^\[PROMPT (\d+)\] (.*)$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with a 2-layer random Llama checkpoint and SmolLM2's tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    gguf = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(directory)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def tiny_registry(tmp_path: Path, tiny_model: Path) -> Path:
+    """A registry with one entry, the tiny model, whose own config sets prompts and sampling."""
+    registry = tmp_path / "registry"
+    (registry / "configs").mkdir(parents=True)
+    for name in ("dashboard_default.yaml", "world_size_1.yaml"):
+        shutil.copy(shipped_registry_dir() / "configs" / name, registry / "configs" / name)
+    (registry / "configs" / "tiny.yaml").write_text(
+        "max_new_tokens: 6\nmax_batch_size: 2\n"
+        "sampling: {temperature: 0.8, top_k: 20, seed: 3}\n"
+        "prompts: ['Hello there', 'Tell me a story', 'Why is the sky blue?']\n"
+    )
+    entry = {
+        "name": str(tiny_model),
+        "yaml_extra": ["dashboard_default.yaml", "world_size_1.yaml", "tiny.yaml"],
+    }
+    (registry / "models.yaml").write_text(yaml.safe_dump({"version": 1, "models": [entry]}))
+    return registry
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["run", *args])
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+def _prompt_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("[PROMPT ")]
+
+
+def test_use_registry_and_its_standalone_yaml_give_the_same_settings_and_output(
+    tiny_registry: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    name = str(tiny_model)
+    standalone = tmp_path / "standalone.yaml"
+    standalone.write_text(render_standalone_yaml(name, tiny_registry))
+    from_registry = load_run_settings(name, use_registry=True, registry_dir=tiny_registry)
+    assert load_run_settings(name, yaml_extra=[standalone]) == from_registry
+    assert from_registry.sampling.temperature == 0.8 and from_registry.max_batch_size == 2
+
+    code_a, out_a = _run("--model", name, "--use-registry", "--registry-dir", str(tiny_registry))
+    code_b, out_b = _run("--model", name, "--args.yaml-extra", str(standalone))
+    assert code_a == 0 and code_b == 0, out_a + out_b
+    lines = _prompt_lines(out_a)
+    assert lines == _prompt_lines(out_b)
+    assert [line.split(":")[0] for line in lines] == [
+        "[PROMPT 0] Hello there", "[PROMPT 1] Tell me a story", "[PROMPT 2] Why is the sky blue?"
+    ]  # fmt: skip
+
+
+def test_command_line_options_override_the_settings(tiny_registry: Path, tiny_model: Path) -> None:
+    code, out = _run(
+        "--model", str(tiny_model), "--use-registry", "--registry-dir", str(tiny_registry),
+        "-p", "One", "-p", "Two", "--temperature", "0", "--max-new-tokens", "3",
+    )  # fmt: skip
+    assert code == 0, out
+    assert [line.split(":")[0] for line in _prompt_lines(out)] == ["[PROMPT 0] One", "[PROMPT 1] Two"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "nobody/NoSuchModel", "--use-registry"], "nobody/NoSuchModel: not in the registry"),
+        (["--model", "/no/such/dir"], "no such file or directory"),
+        (["--model", "not-a-model-type-or-id"], "not in the local HuggingFace cache"),
+        (["--dtype", "float13"], "float13"),
+        (
+            ["--max-new-tokens", "64", "--max-seq-len", "32"],
+            "max_new_tokens (64) must be smaller than max_seq_len",
+        ),
+    ],
+)
+def test_bad_options_fail_with_one_clear_message(args: list[str], message: str) -> None:
+    code, out = _run(*args)
+    assert code == 2
+    assert message in out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, "file not found"),
+        ("max_batch_size: [1,\n", "malformed YAML"),
+        ("max_batch: 4\n", "key 'max_batch': unknown key, did you mean 'max_batch_size'?"),
+        ("max_seq_len: '128'\n", "key 'max_seq_len'"),
+    ],
+)
+def test_bad_yaml_extra_files_are_named_in_the_message(
+    tmp_path: Path, text: str | None, message: str
+) -> None:
+    path = tmp_path / "extra.yaml"
+    if text is not None:
+        path.write_text(text)
+    code, out = _run("--args.yaml-extra", str(path))
+    assert code == 2
+    assert str(path) in out.replace("\n", "") and message in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused(tiny_model: Path) -> None:
+    code, out = _run("--model", str(tiny_model), "--device", "cuda")
+    assert code == 2
+    assert "device 'cuda': no CUDA GPU is available here" in out
+
+
+def test_a_prompt_longer_than_the_cache_is_refused(tiny_model: Path) -> None:
+    code, out = _run(
+        "--model", str(tiny_model), "--max-seq-len", "24", "--max-new-tokens", "8", "-p", "word " * 30
+    )
+    assert code == 2
+    assert re.search(
+        r"prompt 0 \(\d+ tokens\): longer than the cache allows: \d+ \+ max_new_tokens 8 > max_seq_len 24",
+        out,
+    )
+
+
+def test_a_model_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100).save_pretrained(
+        tmp_path
+    )
+    code, out = _run("--model", str(tmp_path))
+    assert code == 2
+    assert "has no tokenizer files" in out
+
+
+@pytest.mark.slow
+def test_default_run_answers_the_ten_default_prompts_in_the_log_format() -> None:
+    code, out = _run("--max-new-tokens", "12")
+    assert code == 0, out
+    assert "(lean onboardlm model)" in out
+    found = PROMPT_LINE.findall(out)
+    assert [int(i) for i, _ in found] == list(range(10))
+    for (_, rest), prompt in zip(found, default_prompts(), strict=True):
+        assert rest.startswith(f"{prompt}: ")
+    assert "Iceland" in found[3][1][len(default_prompts()[3]) :]
+
+
+@pytest.mark.slow
+def test_smollm2_registry_run_equals_its_standalone_yaml_run(tmp_path: Path) -> None:
+    standalone = tmp_path / "smollm2.yaml"
+    standalone.write_text(render_standalone_yaml(DEFAULT_MODEL_ID))
+    common = ["--model", DEFAULT_MODEL_ID, "--num-hidden-layers", "2", "--max-new-tokens", "4", "-p", "Hi"]
+    code_a, out_a = _run(*common, "--use-registry")
+    code_b, out_b = _run(*common, "--args.yaml-extra", str(standalone))
+    assert code_a == 0 and code_b == 0, out_a + out_b
+    assert "bfloat16" in out_a  # the entry's own config applies
+    assert _prompt_lines(out_a) == _prompt_lines(out_b) != []

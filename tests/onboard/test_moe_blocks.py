@@ -1,0 +1,258 @@
+"""MoE building blocks: measured from transformers' own MoE blocks, emitted, loaded and compared.
+
+Each architecture's HF model is built on ``tiny_config``; its first MoE block is the reference. The
+emitted lean block loads the HF block's state dict (packed experts, strict, through the block's load
+hook) and must match on random tokens (RMSE ratio <= 0.02), also when most experts get no token.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from onboardlm.errors import UnsupportedFeature
+from onboardlm.export import torch_export_to_gm
+from onboardlm.onboard.analyze_moe import analyze_moe
+from onboardlm.onboard.emit_moe import block_imports, emit_moe, expert_class_name, moe_constructor
+from onboardlm.onboard.spec_moe import MoESpec
+from onboardlm.testing import assert_rmse_close, tiny_config, transfer_weights
+
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss")
+MOE_TOL = 0.02
+
+
+def _hf_model(model_type: str) -> nn.Module:
+    torch.manual_seed(0)
+    config = tiny_config(AutoConfig.for_model(model_type))
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # weights large enough that routing and experts matter
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module", params=MOE_TYPES)
+def case(request: pytest.FixtureRequest) -> SimpleNamespace:
+    """HF model, its config, the measured spec, its first MoE block and the lean block built from the spec."""
+    model = _hf_model(request.param)
+    spec = analyze_moe(model.config, model)
+    assert spec is not None
+    namespace = _exec_blocks(spec)
+    lean = namespace[spec.class_name](model.config).eval()
+    hf_block = model.model.layers[spec.moe_layers[0]].mlp
+    return SimpleNamespace(model=model, spec=spec, hf=hf_block, lean=lean, namespace=namespace)
+
+
+def _exec_blocks(spec: MoESpec) -> dict[str, object]:
+    source = "\n".join(
+        [
+            "import torch",
+            "from torch import nn",
+            f"from transformers import {spec.config_class}",
+            "from transformers.activations import ACT2FN",
+            "import onboardlm.ops",
+            *block_imports(spec),
+            "",
+            emit_moe(spec),
+        ]
+    )
+    namespace: dict[str, object] = {}
+    exec(compile(source, f"<emitted {spec.class_name}>", "exec"), namespace)
+    return namespace
+
+
+def _hf_output(hf_block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = hf_block(x)
+    return out[0] if isinstance(out, tuple) else out  # GptOssMLP also returns router scores
+
+
+@torch.no_grad()
+def test_block_matches_hf_through_strict_load(case: SimpleNamespace) -> None:
+    report = transfer_weights(case.hf, case.lean)
+    assert report.num_tensors == len(case.hf.state_dict())
+    x = torch.randn(2, 7, case.model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    assert_rmse_close(case.lean(x), _hf_output(case.hf, x), MOE_TOL, msg=case.spec.class_name)
+
+
+@torch.no_grad()
+def test_block_matches_hf_when_most_experts_get_no_token(case: SimpleNamespace) -> None:
+    transfer_weights(case.hf, case.lean)
+    x = torch.randn(1, 1, case.model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    router = getattr(case.hf, case.spec.router.attr)
+    chosen = router(x.reshape(1, -1))[2].unique()
+    assert len(chosen) < case.spec.experts.num_experts, "the case must leave experts without tokens"
+    assert_rmse_close(case.lean(x), _hf_output(case.hf, x), MOE_TOL, msg=case.spec.class_name)
+
+
+@torch.no_grad()
+def test_hook_unpacks_each_expert_from_the_packed_hf_tensors(case: SimpleNamespace) -> None:
+    """Per-expert weights equal the slices of HF's packed tensors that HF's expert code uses."""
+    transfer_weights(case.hf, case.lean)
+    experts, packed = case.hf.experts, case.spec.experts.packed
+    hidden = case.model.config.hidden_size
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(3))
+    for e, expert in enumerate(case.lean.experts):
+        gate_up = experts.gate_up_proj[e]
+        gate_up_out = x @ gate_up if packed.transposed else x @ gate_up.T  # HF: [.., 2I] projections
+        if experts.has_bias:
+            gate_up_out = gate_up_out + experts.gate_up_proj_bias[e]
+        gate_hf, up_hf = (
+            gate_up_out.chunk(2, dim=-1)
+            if packed.concatenated
+            else (gate_up_out[:, ::2], gate_up_out[:, 1::2])
+        )
+        torch.testing.assert_close(expert.gate_proj(x), gate_hf)
+        torch.testing.assert_close(expert.up_proj(x), up_hf)
+        inner = torch.randn(3, expert.down_proj.in_features, generator=torch.Generator().manual_seed(e))
+        down = experts.down_proj[e]
+        down_hf = inner @ down if packed.transposed else inner @ down.T
+        if experts.has_bias:
+            down_hf = down_hf + experts.down_proj_bias[e]
+        torch.testing.assert_close(expert.down_proj(inner), down_hf)
+
+
+@torch.no_grad()
+def test_per_expert_checkpoint_loads_unchanged(case: SimpleNamespace) -> None:
+    transfer_weights(case.hf, case.lean)
+    fresh = case.namespace[case.spec.class_name](case.model.config)
+    transfer_weights(case.lean, fresh)  # keys already per expert: the hook leaves them alone
+    for key, value in case.lean.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value)
+
+
+def test_experts_are_a_module_list_of_gate_up_down_modules(case: SimpleNamespace) -> None:
+    assert isinstance(case.lean.experts, nn.ModuleList)
+    assert len(case.lean.experts) == case.spec.experts.num_experts
+    first = case.lean.experts[0]
+    assert type(first).__name__ == expert_class_name(case.spec)
+    assert {name for name, _ in first.named_children()} == {"gate_proj", "up_proj", "down_proj"}
+    router = getattr(case.lean, case.spec.router.attr)
+    assert type(router).__name__ == type(getattr(case.hf, case.spec.router.attr)).__name__
+
+
+def test_deepseek_router_is_grouped_sigmoid_with_correction_and_shared_experts() -> None:
+    model = _hf_model("deepseek_v3")
+    spec = analyze_moe(model.config, model)
+    assert (spec.router.scoring, spec.router.grouped, spec.router.has_correction_bias) == (
+        "sigmoid",
+        True,
+        True,
+    )
+    assert spec.router.scaling_field == "routed_scaling_factor"
+    assert spec.shared.intermediate_expr == "config.moe_intermediate_size * config.n_shared_experts"
+    assert spec.layer_condition == "layer_idx >= config.first_k_dense_replace"
+    assert spec.moe_layers == tuple(range(model.config.first_k_dense_replace, model.config.num_hidden_layers))
+
+
+def test_gpt_oss_experts_are_interleaved_transposed_biased_clamped_swiglu() -> None:
+    model = _hf_model("gpt_oss")
+    spec = analyze_moe(model.config, model)
+    packed = spec.experts.packed
+    assert (packed.concatenated, packed.transposed) == (False, True)
+    assert (packed.gate_up_bias_key, packed.down_bias_key) == ("gate_up_proj_bias", "down_proj_bias")
+    assert spec.experts.activation == "clamped_swiglu"
+    assert (spec.experts.swiglu_alpha_field, spec.experts.swiglu_limit_field) == (
+        "swiglu_alpha",
+        "swiglu_limit",
+    )
+
+
+def test_qwen2_moe_shared_expert_is_sigmoid_gated_and_sparse_step_rule_is_measured() -> None:
+    model = _hf_model("qwen2_moe")
+    spec = analyze_moe(model.config, model)
+    assert spec.shared.gate_attr == "shared_expert_gate"
+    assert spec.shared.intermediate_expr == "config.shared_expert_intermediate_size"
+    assert "decoder_sparse_step" in spec.layer_condition
+    assert spec.router.norm_field == "norm_topk_prob"
+
+
+def test_dense_model_has_no_moe_spec() -> None:
+    model = _hf_model("llama")
+    assert analyze_moe(model.config, model) is None
+
+
+def test_unsupported_activation_is_refused_by_name() -> None:
+    model = _hf_model("mixtral")
+    spec = analyze_moe(model.config, model)
+    bad = dataclasses.replace(spec, experts=dataclasses.replace(spec.experts, activation="gelu_pytorch_tanh"))
+    with pytest.raises(UnsupportedFeature, match="gelu_pytorch_tanh"):
+        emit_moe(bad)
+
+
+@pytest.mark.parametrize("case", ["deepseek_v3", "gpt_oss"], indirect=True)  # torch_moe and dense dispatch
+@torch.no_grad()
+def test_exported_block_runs_new_shapes_and_loads_packed_experts(case: SimpleNamespace) -> None:
+    """torch.export with dynamic batch and sequence; the graph takes HF's packed state dict (hook carried)."""
+    hidden = case.model.config.hidden_size
+    gm = torch_export_to_gm(
+        case.namespace[case.spec.class_name](case.model.config),
+        (torch.randn(2, 5, hidden),),
+        dynamic_shapes=({0: Dim("batch", max=8), 1: Dim("seq", max=64)},),
+    )
+    transfer_weights(case.hf, gm)
+    x = torch.randn(3, 11, hidden, generator=torch.Generator().manual_seed(4))
+    assert_rmse_close(gm(x), _hf_output(case.hf, x), MOE_TOL, msg=case.spec.class_name)
+
+
+def test_dense_mlp_class_is_measured_even_when_the_default_config_has_no_dense_layer() -> None:
+    """Qwen3-MoE's default config is all MoE; a probe layer with ``mlp_only_layers=[0]`` names the dense MLP."""
+    model = _hf_model("qwen3_moe")
+    spec = analyze_moe(model.config, model)
+    assert spec.moe_layers == tuple(range(model.config.num_hidden_layers))
+    assert spec.dense_class == "Qwen3MoeMLP"
+    assert (
+        moe_constructor(spec)
+        == f"Qwen3MoeSparseMoeBlock(config) if {spec.layer_condition} else Qwen3MoeMLP(config)"
+    )
+
+
+@torch.no_grad()
+def test_emitted_dense_mlp_matches_the_hf_dense_layer() -> None:
+    """DeepSeek's dense first layer and its shared experts share one emitted gated-MLP class."""
+    model = _hf_model("deepseek_v3")
+    spec = analyze_moe(model.config, model)
+    assert spec.dense_class == spec.shared.class_name == "DeepseekV3MLP"
+    hf_mlp = model.model.layers[0].mlp  # layer 0 is dense (first_k_dense_replace)
+    lean = _exec_blocks(spec)[spec.dense_class](model.config)
+    transfer_weights(hf_mlp, lean)
+    x = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(lean(x), hf_mlp(x), rtol=1e-3, atol=1e-3)
+
+
+def test_mixtral_and_gpt_oss_have_no_dense_layers() -> None:
+    for model_type in ("mixtral", "gpt_oss"):
+        model = _hf_model(model_type)
+        spec = analyze_moe(model.config, model)
+        assert (spec.layer_condition, spec.dense_class) == ("True", None)
+        assert moe_constructor(spec) == f"{spec.class_name}(config)"
+
+
+@torch.no_grad()
+def test_block_matches_hf_in_bfloat16(case: SimpleNamespace) -> None:
+    transfer_weights(case.hf, case.lean)
+    hf, lean = (copy.deepcopy(m).to(torch.bfloat16) for m in (case.hf, case.lean))
+    x = torch.randn(2, 16, case.model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    actual = lean(x.bfloat16())
+    assert actual.dtype == torch.bfloat16
+    assert_rmse_close(actual, _hf_output(hf, x.bfloat16()), MOE_TOL, msg=case.spec.class_name)
+
+
+def test_experts_with_unknown_math_are_refused_with_their_path() -> None:
+    """A packed-experts module whose output no known layout reproduces is not guessed at."""
+    model = _hf_model("mixtral")
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        experts.forward = lambda *args, _forward=experts.forward: 2 * _forward(*args)
+    with pytest.raises(UnsupportedFeature, match=r"model\.layers\.0\.mlp\.experts.*no known layout"):
+        analyze_moe(model.config, model)

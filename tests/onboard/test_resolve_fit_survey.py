@@ -1,0 +1,151 @@
+"""Phases 0 and 1: resolve (decoder-only check), fit (sizes from a meta build), survey (coverage)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+from onboardlm.errors import ModelSourceError
+from onboardlm.onboard.fit import count_parameters, fit, host_memory
+from onboardlm.onboard.resolve import resolve
+from onboardlm.onboard.survey import derived_model_types, family_stem, registry_family, survey
+
+
+def test_bare_model_type_resolves_to_its_default_config() -> None:
+    resolved = resolve("qwen3")
+    assert (resolved.model_type, resolved.config_class) == ("qwen3", "Qwen3Config")
+    assert resolved.causal_lm_class == "Qwen3ForCausalLM"
+    assert resolved.weights == "none (random weights)" and not resolved.has_tokenizer
+
+
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ("bert", "encoder-only"),
+        ("t5", "encoder-decoder"),
+        ("bart", "encoder-decoder"),
+        ("vit", "no causal-LM class"),
+    ],
+)
+def test_models_that_are_not_decoder_only_are_refused(model: str, problem: str) -> None:
+    with pytest.raises(ModelSourceError, match=f"^{model}: .*{problem}"):
+        resolve(model)
+
+
+def test_hub_id_missing_from_the_cache_fails_fast_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(ModelSourceError, match="not in the local HuggingFace cache"):
+        resolve("no-such-org/no-such-model", offline=True)
+    assert time.perf_counter() - start < 10
+
+
+def test_directory_without_config_and_unparsable_config(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        resolve(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelSourceError, match="malformed JSON"):
+        resolve(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_type_xyz"}))
+    with pytest.raises(ModelSourceError, match="cannot load the config"):
+        resolve(str(tmp_path))
+
+
+def test_parameter_count_equals_a_real_build() -> None:
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        tie_word_embeddings=True,
+    )
+    real = AutoModelForCausalLM.from_config(config)
+    assert count_parameters(config) == sum(p.numel() for p in real.parameters())
+
+
+@pytest.mark.parametrize(
+    ("layers", "world_size"), [(2, 1), (24, 2), (160, 4), (400, 8)], ids=["0.5B", "4B", "27B", "66B+"]
+)
+def test_world_size_follows_the_parameter_count(layers: int, world_size: int) -> None:
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        vocab_size=32000,
+    )
+    report = fit(config)
+    expected = (
+        1
+        if report.parameters < 2e9
+        else 2
+        if report.parameters <= 15e9
+        else 4
+        if report.parameters <= 80e9
+        else 8
+    )
+    assert report.world_size == expected == world_size
+    assert report.bytes_per_dtype["bfloat16"] == 2 * report.parameters
+    assert report.bytes_per_dtype["float32"] == 4 * report.parameters
+
+
+def test_fits_compares_bf16_weights_with_free_memory() -> None:
+    small = fit(
+        LlamaConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=300
+        )
+    )
+    huge = fit(AutoConfig.for_model("deepseek_v3"))
+    if torch.cuda.is_available() or small.run_device is None or small.run_device.free_bytes == 0:
+        pytest.skip("host memory not readable here")
+    assert small.fits and not huge.fits
+
+
+def test_host_memory_reads_meminfo(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000 kB\nMemFree:  10 kB\nMemAvailable:    600 kB\n")
+    memory = host_memory(meminfo)
+    assert (memory.free_bytes, memory.total_bytes) == (600 * 1024, 1000 * 1024)
+    assert host_memory(tmp_path / "absent").free_bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("Qwen/Qwen3-8B", "qwen3"),
+        ("Qwen/Qwen3-0.6B", "qwen3"),
+        ("mistralai/Mixtral-8x7B-v0.1", "mixtral"),
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2"),
+        ("SmolLM2-135M-Instruct.Q4_1", "smollm2"),
+        ("llama", None),
+    ],
+)
+def test_family_stem(name: str, stem: str | None) -> None:
+    assert family_stem(name) == stem
+
+
+def test_registry_family_finds_the_other_sizes() -> None:
+    family = registry_family("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "HuggingFaceTB/SmolLM2-360M-Instruct" in family and "HuggingFaceTB/SmolLM2-135M-Instruct" in family
+    assert not any("Llama-3" in name for name in family)
+
+
+def test_lineage_comes_from_the_modular_file() -> None:
+    assert set(derived_model_types("qwen3")) >= {"llama", "qwen2"}
+    assert derived_model_types("gpt2") == []  # no modular file
+
+
+def test_survey_reports_the_shipped_lean_llama() -> None:
+    coverage = survey(LlamaConfig(), "meta-llama/Llama-3.1-8B-Instruct")
+    assert coverage.already_supported
+    assert coverage.custom_class == "onboardlm.models.custom.modeling_llama.LlamaForCausalLM"
+    assert "meta-llama/Llama-3.1-8B-Instruct" in coverage.registry_family
