@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -72,10 +73,19 @@ def run_command(
         int | None, typer.Option(min=0, help="Sample from the k most likely tokens (0 = all).")
     ] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Sampling seed.")] = None,
+    world_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Tensor-parallel ranks [default: from the settings]; launch with "
+            "torchrun --nproc-per-node N -m onboardlm.cli run ... --world-size N.",
+        ),
+    ] = None,
 ) -> None:
     """Export a model to a graph with a KV cache and answer prompts; log ``[PROMPT i] <prompt>: <output>``."""
     from onboardlm.registry import load_run_settings
-    from onboardlm.runtime.runner import DEFAULT_MODEL_ID, Runner
+    from onboardlm.runtime.runner import DEFAULT_MODEL_ID
+    from onboardlm.runtime.tensor_parallel import close_process_group
 
     registry_name = model or DEFAULT_MODEL_ID
     settings = load_run_settings(
@@ -84,6 +94,7 @@ def run_command(
     model_kwargs = {"num_hidden_layers": num_hidden_layers} if num_hidden_layers else None
     overrides = {
         "max_new_tokens": max_new_tokens,
+        "world_size": world_size,
         "dtype": dtype.value if dtype else None,
         "device": device,
         "max_batch_size": max_batch_size,
@@ -92,14 +103,33 @@ def run_command(
         "sampling": {"temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed},
     }
     settings = settings_with_overrides(settings, overrides)
-    with console.status(f"loading and exporting {model or DEFAULT_MODEL_ID} ..."):
+    try:
+        _load_and_run(model, settings, prompt)
+    finally:
+        close_process_group()
+
+
+def _load_and_run(model: str | None, settings: Any, prompt: list[str] | None) -> None:
+    from onboardlm.runtime.distributed import RankInfo
+    from onboardlm.runtime.runner import DEFAULT_MODEL_ID, Runner
+
+    quiet = settings.world_size > 1 and RankInfo.from_env().rank != 0  # rank 0 prints for all
+    with (
+        console.status(f"loading and exporting {model or DEFAULT_MODEL_ID} ...")
+        if not quiet
+        else nullcontext()
+    ):
         runner = Runner.load(model, settings)
+    if quiet:
+        runner.run(prompt)
+        return
     report = runner.report
     kind = "lean onboardlm model" if report.is_custom else "transformers model (no lean model registered)"
     console.print(
         f"[green]loaded[/] {report.model_class} ({kind}) from {report.weights_source}; "
         f"{len(runner.graph.caches) // 2} cached attention layers, "
-        f"{str(runner.graph.caches[0].dtype).removeprefix('torch.')} on {runner.device}",
+        f"{str(runner.graph.caches[0].dtype).removeprefix('torch.')} on {runner.device}"
+        + (f", tensor parallel over {settings.world_size} ranks" if settings.world_size > 1 else ""),
         highlight=False,
         soft_wrap=True,
     )

@@ -52,17 +52,21 @@ class PackageTargets:
 
 
 def render_custom_init(modules: list[str]) -> str:
-    """The ``__init__`` of ``onboardlm.models.custom``: import every model module (import = registration)."""
-    lines = [
-        '"""Lean model files; importing one registers it with AutoModelForCausalLMFactory."""',
-        "",
-        "from onboardlm.models.custom import (  # noqa: F401  (import = registration)",
-        *(f"    {name}," for name in modules),
-        ")",
-        "",
-        "__all__ = [",
-        *(f'    "{name}",' for name in modules),
-        "]",
-        "",
-    ]
-    return "\n".join(lines)
+    """The ``__init__`` of ``onboardlm.models.custom``: import every model module (import = registration).
+
+    A module whose config class the installed transformers lacks (an older release) is skipped.
+    """
+    names = "".join(f'    "{name}",\n' for name in modules)
+    return (
+        '"""Lean model files; importing one registers it with AutoModelForCausalLMFactory.\n\n'
+        "A model whose config class the installed transformers lacks is skipped (logged at debug level).\n"
+        '"""\n\n'
+        "import importlib\n"
+        "import logging\n\n"
+        f"MODEL_MODULES = [\n{names}]\n\n"
+        "for _name in MODEL_MODULES:\n"
+        "    try:\n"
+        '        importlib.import_module(f"{__name__}.{_name}")\n'
+        "    except ImportError as _err:\n"
+        '        logging.getLogger(__name__).debug("skipped %s: %s", _name, _err)\n'
+    )

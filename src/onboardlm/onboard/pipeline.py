@@ -106,7 +106,7 @@ class _Run:
         model_file = log.run("generate", self._generate, needs=("analyze",))
         test_file = log.run("testgen", self._testgen, needs=("generate",))
         log.run("verify", lambda: self._verify(test_file), needs=("testgen",))
-        result.review = log.run("review", lambda: self._review(model_file, test_file), needs=("testgen",))
+        log.run("review", lambda: self._review(model_file, test_file), needs=("testgen",))
         registered = log.run("register", self._register, needs=("verify", "review"))
         if self.resolved.has_tokenizer:
             log.run("e2e", lambda: self._e2e(model_file, registered), needs=("register",))
@@ -155,6 +155,7 @@ class _Run:
 
     def _review(self, model_file: Path, test_file: Path) -> PhaseOutcome:
         report = review_model_file(model_file, test_file)
+        self.result.review = report  # kept on FAIL too: the report lists every finding
         verdict = "PASS" if report.passed else f"FAIL ({len(report.failures)} finding(s))"
         summary = f"REVIEW RESULT: {verdict}, {report.num_passed}/{len(report.applicable)} rules passed"
         return PhaseOutcome(report, summary, passed=report.passed)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
 
 from onboardlm.export import causal_lm_dynamic_shapes, torch_export_to_gm
 from onboardlm.registry.settings import SamplingSettings
@@ -21,10 +22,15 @@ from onboardlm.transforms import (
     insert_logit_gather,
 )
 from onboardlm.transforms.backends import use_direct_kernels
+from onboardlm.transforms.compile import SpeedOptions, accelerate
 
 
-def build_cached_graph(model: nn.Module) -> CachedGraph:
-    """Export ``model`` (dynamic batch and sequence) and insert cached attention and the logit gather."""
+def build_cached_graph(model: nn.Module, shard: Callable[[GraphModule], object] | None = None) -> CachedGraph:
+    """Export ``model`` (dynamic batch and sequence) and insert cached attention and the logit gather.
+
+    ``shard`` (tensor parallelism) rewrites the exported graph for this rank before the cache is
+    inserted, while the sharding hints are still in it.
+    """
     device = next(model.parameters()).device
     input_ids = torch.zeros(2, 8, dtype=torch.long, device=device)
     position_ids = torch.arange(8, device=device).expand(2, 8)
@@ -33,6 +39,8 @@ def build_cached_graph(model: nn.Module) -> CachedGraph:
         kwargs={"input_ids": input_ids, "position_ids": position_ids},
         dynamic_shapes=causal_lm_dynamic_shapes(),
     )
+    if shard is not None:
+        shard(gm)
     cached = insert_cached_attention(gm)
     insert_logit_gather(cached.gm)
     use_direct_kernels(cached.gm)
@@ -52,6 +60,10 @@ class CachedModel:
         self.cache = cache
         self.pad_id = pad_id
         self.device = next(iter(cache.tensors.values())).device
+        # On CUDA: SDPA attention, fused kernels, CUDA-graph decode steps (onboardlm.transforms.compile).
+        self._step = (
+            accelerate(graph.gm, cache.tensors, SpeedOptions()) if self.device.type == "cuda" else graph.gm
+        )
         self.lengths = torch.zeros(0, dtype=torch.long)
         self._max_len = 0
 
@@ -91,7 +103,7 @@ class CachedModel:
         logit_index: torch.Tensor,
     ) -> torch.Tensor:
         inputs = {INPUT_POS: input_pos, KV_LEN: kv_len, LOGIT_INDEX: logit_index}
-        logits = self.graph.gm(input_ids=input_ids, position_ids=position_ids, **inputs, **self.cache.tensors)
+        logits = self._step(input_ids=input_ids, position_ids=position_ids, **inputs, **self.cache.tensors)
         return logits[:, -1].float()
 
     def generate(

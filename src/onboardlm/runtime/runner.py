@@ -21,6 +21,7 @@ from onboardlm.runtime.chat import encode_chat_prompt, stop_token_ids
 from onboardlm.runtime.engine import CachedModel, build_cached_graph
 from onboardlm.runtime.prompts import default_prompts
 from onboardlm.runtime.sampler import make_generator
+from onboardlm.runtime.tensor_parallel import graph_sharder, rank_for_run
 from onboardlm.transforms import CachedGraph
 
 #: The model the shipped GGUF file holds; its registry entry applies to the default run.
@@ -83,11 +84,19 @@ class Runner:
     def load(cls, model: str | None, settings: RunSettings) -> Runner:
         """Build ``model`` (``None``: the shipped default) with ``settings`` and export its cached graph."""
         device = resolve_device(settings.device)
+        shard = None
+        if settings.world_size > 1:
+            info, device = rank_for_run(settings.world_size, device)
+            shard = graph_sharder(info, device)
+            if settings.sampling.seed is None:  # every rank must draw the same tokens
+                settings = settings.model_copy(
+                    update={"sampling": settings.sampling.model_copy(update={"seed": 0})}
+                )
         location = model_location(model)
         factory = AutoModelForCausalLMFactory(location, settings.model_kwargs)
         tokenizer = factory.tokenizer()
         lean, report = factory.build_and_load(device=device, dtype=resolve_dtype(settings.dtype))
-        graph = build_cached_graph(lean)
+        graph = build_cached_graph(lean, shard)
         return cls(model or DEFAULT_MODEL_ID, settings, factory.config, tokenizer, graph, report, device)
 
     def run(self, prompts: list[str] | None = None) -> list[PromptResult]:

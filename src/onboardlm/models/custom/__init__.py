@@ -1,31 +1,12 @@
-"""Lean model files; importing one registers it with AutoModelForCausalLMFactory."""
+"""Lean model files; importing one registers it with AutoModelForCausalLMFactory.
 
-from onboardlm.models.custom import (  # noqa: F401  (import = registration)
-    modeling_cohere,
-    modeling_deepseek_v3,
-    modeling_gemma,
-    modeling_gemma2,
-    modeling_gemma3_text,
-    modeling_glm4_moe,
-    modeling_gpt_oss,
-    modeling_granite,
-    modeling_internlm3,
-    modeling_llama,
-    modeling_mistral,
-    modeling_mixtral,
-    modeling_olmo2,
-    modeling_phi,
-    modeling_phi3,
-    modeling_qwen2,
-    modeling_qwen2_moe,
-    modeling_qwen3,
-    modeling_qwen3_moe,
-    modeling_smollm3,
-    modeling_stablelm,
-    modeling_starcoder2,
-)
+A model whose config class the installed transformers lacks is skipped (logged at debug level).
+"""
 
-__all__ = [
+import importlib
+import logging
+
+MODEL_MODULES = [
     "modeling_cohere",
     "modeling_deepseek_v3",
     "modeling_gemma",
@@ -49,3 +30,9 @@ __all__ = [
     "modeling_stablelm",
     "modeling_starcoder2",
 ]
+
+for _name in MODEL_MODULES:
+    try:
+        importlib.import_module(f"{__name__}.{_name}")
+    except ImportError as _err:
+        logging.getLogger(__name__).debug("skipped %s: %s", _name, _err)

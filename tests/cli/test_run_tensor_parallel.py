@@ -1,0 +1,70 @@
+"""`onboardlm run --world-size 2` under torchrun (gloo, CPU) answers exactly as one process does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from typer.testing import CliRunner
+
+from onboardlm.cli import app
+from onboardlm.models.source import default_model_path
+
+ARGS = ["--prompt", "What is the capital of France?", "--prompt", "Hi", "--max-new-tokens", "12",
+        "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama (4 heads, 2 KV heads) with SmolLM2's tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny_llama_tp")
+    gguf = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=False,
+        initializer_range=0.2,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _prompt_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("[PROMPT ")]
+
+
+def test_two_ranks_answer_like_one_process(tiny_model: Path) -> None:
+    single = CliRunner().invoke(app, ["run", "--model", str(tiny_model), *ARGS])
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(_free_port()), "-m", "onboardlm.cli", "run", "--model", str(tiny_model),
+         "--world-size", "2", *ARGS],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "tensor parallel over 2 ranks" in launched.stdout
+    lines = _prompt_lines(launched.stdout)
+    assert len(lines) == 2  # rank 0 prints, rank 1 stays quiet
+    assert lines == _prompt_lines(single.output)
+
+
+def test_world_size_without_torchrun_says_how_to_launch(tiny_model: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_model), "--world-size", "2", *ARGS])
+    assert result.exit_code == 2
+    assert "torchrun --nproc-per-node 2 -m onboardlm.cli run" in result.output
