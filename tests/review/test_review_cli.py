@@ -16,7 +16,7 @@ def test_pass_exits_0_with_the_verdict(files) -> None:
     result = runner.invoke(app, ["review", str(files.llama), "--test-file", str(files.llama_tests)])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("REVIEW RESULT: PASS")
-    assert "PASSED: 30/30 (N/A: 5)" in result.output
+    assert "PASSED: 31/31 (N/A: 5)" in result.output
 
 
 def test_fail_exits_1_with_numbered_failures(files, edit) -> None:

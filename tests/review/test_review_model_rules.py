@@ -81,6 +81,7 @@ CASES = [
     Case("C7", "causal mask built by hand", ((ATTENTION, "        mask = torch.full((seq_len, seq_len), float('-inf')).triu(1)\n" + ATTENTION.replace("is_causal=True", "attn_mask=mask")),), ".triu(1)"),
     Case("C8", "repeat_kv", ((ATTENTION, "        k, v = repeat_kv(k, 2), repeat_kv(v, 2)\n" + ATTENTION),), "repeat_kv(k"),
     Case("C8", "repeat_interleave", ((ATTENTION, "        k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)\n" + ATTENTION),), "repeat_interleave"),
+    Case("C9", "MLP calls its nn.Linear directly", (('        gate = linear(x, self.gate_proj.weight, self.gate_proj.bias, tp_mode="colwise", layer_type="mlp")\n', "        gate = self.gate_proj(x)\n"),), "gate = self.gate_proj(x)"),
     Case("C8", "expand then reshape of K", ((ATTENTION, "        k = k[:, :, :, None].expand(batch, seq_len, self.num_kv_heads, 2, self.head_dim)\n        k = k.reshape(batch, seq_len, -1, self.head_dim)\n" + ATTENTION),), "k = k.reshape"),
     Case("CA1", "position_ids fallback", ((MODEL_ASSERT, "        if position_ids is None:\n            position_ids = torch.arange(input_ids.shape[1])[None]\n        if inputs_embeds is None:\n"),), "if position_ids is None"),
     Case("CA1", "optional position_ids", (("        position_ids: torch.LongTensor,\n", "        position_ids: torch.LongTensor | None = None,\n"),), "    def forward(\n        self,\n        input_ids"),

@@ -26,6 +26,7 @@ CATALOGUE_IDS = [
     "C6",
     "C7",
     "C8",
+    "C9",  # issue 8: sharding hints (not in REVIEW_RULES.md, which predates it)
     "CA1",
     "CA2",
     "CA3",

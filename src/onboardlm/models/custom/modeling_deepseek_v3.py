@@ -270,7 +270,7 @@ class DeepseekV3Attention(nn.Module):
         )
         compressed_kv, k_pe = torch.split(latent, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         compressed_kv = self.kv_a_layernorm(compressed_kv)
-        k_pe = k_pe.reshape(batch, seq_len, 1, self.qk_rope_head_dim)
+        k_pe = ops.view(k_pe, [batch, seq_len, 1, self.qk_rope_head_dim], layer_type="mla")
 
         cos, sin = position_embeddings
         if self.rope_interleave:
