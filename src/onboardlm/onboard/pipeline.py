@@ -102,7 +102,7 @@ class _Run:
         config, result, log = self.resolved.source.config, self.result, self.log
         result.fit = log.run("fit", lambda: _fit_outcome(config))
         result.coverage = log.run("survey", self._survey)
-        result.spec = log.run("analyze", lambda: PhaseOutcome(analyze(config), "architecture measured"))
+        result.spec = log.run("analyze", lambda: _analyze_outcome(config))
         model_file = log.run("generate", self._generate, needs=("analyze",))
         test_file = log.run("testgen", self._testgen, needs=("generate",))
         log.run("verify", lambda: self._verify(test_file), needs=("testgen",))
@@ -187,6 +187,11 @@ class _Run:
         atomic_write_text(path, text)
         self.result.files.append(self.out_dir / name)
         return path
+
+
+def _analyze_outcome(config) -> PhaseOutcome:  # noqa: ANN001 - a transformers config
+    spec = analyze(config)
+    return PhaseOutcome(spec, "; ".join(spec.notes) or "architecture measured")
 
 
 def _fit_outcome(config) -> PhaseOutcome:  # noqa: ANN001 - a transformers config
