@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from onboardlm.models.factory import AutoModelForCausalLMFactory, import_shipped_models
+from onboardlm.models.factory import AutoModelForCausalLMFactory
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -34,8 +34,5 @@ def _seed() -> None:
 @pytest.fixture(autouse=True)
 def _factory_registrations() -> Iterator[None]:
     """Tests that import a generated model file register it; undo that after each test."""
-    import_shipped_models()
-    saved = dict(AutoModelForCausalLMFactory._custom_model_mapping)
-    yield
-    AutoModelForCausalLMFactory._custom_model_mapping.clear()
-    AutoModelForCausalLMFactory._custom_model_mapping.update(saved)
+    with AutoModelForCausalLMFactory.registrations_restored():
+        yield

@@ -10,11 +10,15 @@ weights with a strict key check, or with random weights.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -76,6 +80,22 @@ class AutoModelForCausalLMFactory:
         """
         import_shipped_models()
         cls._custom_model_mapping[config_cls_name] = custom_model_cls
+
+    @classmethod
+    @contextmanager
+    def registrations_restored(cls) -> Iterator[None]:
+        """Undo, on leaving the block, every registration made in it (importing a model file registers).
+
+        The shipped models are registered before the snapshot, so their first import inside the
+        block cannot outlive it either.
+        """
+        import_shipped_models()
+        saved = dict(cls._custom_model_mapping)
+        try:
+            yield
+        finally:
+            cls._custom_model_mapping.clear()
+            cls._custom_model_mapping.update(saved)
 
     @classmethod
     def custom_model_cls(cls, config: PretrainedConfig) -> type[nn.Module] | None:
@@ -163,6 +183,20 @@ class AutoModelForCausalLMFactory:
 def import_shipped_models() -> None:
     """Import ``onboardlm.models.custom`` (import = registration); a no-op while it is importing."""
     import onboardlm.models.custom  # noqa: F401
+
+
+def execute_model_file(path: Path, module_name: str) -> ModuleType:
+    """Run the lean model file ``path`` as module ``module_name`` (which registers its model).
+
+    The module is put in ``sys.modules`` (dataclasses and transformers look classes' modules up
+    there); the caller removes it when done.
+    """
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_checkpoint_into(model: nn.Module, state_dict: StateDict, *, subject: str) -> LoadReport:

@@ -9,7 +9,6 @@ registry entry when the model has one (``--use-registry``), else from the defaul
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from onboardlm.models.factory import AutoModelForCausalLMFactory, import_shipped_models
+from onboardlm.models.factory import AutoModelForCausalLMFactory, execute_model_file
 from onboardlm.onboard.fit import FitReport
 from onboardlm.onboard.resolve import ResolveResult
 from onboardlm.onboard.result import PromptRecord
@@ -87,18 +86,9 @@ def _records(results: list, run: str) -> list[PromptRecord]:  # noqa: ANN001 - r
 @contextmanager
 def lean_module_registered(model_file: Path) -> Iterator[ModuleType]:
     """Import ``model_file`` (its last line registers it) and undo the registration afterwards."""
-    import_shipped_models()  # so they cannot override the generated one later
-    mapping = AutoModelForCausalLMFactory._custom_model_mapping
-    saved = dict(mapping)
     name = f"_onboardlm_generated_{model_file.stem}"
-    spec = importlib.util.spec_from_file_location(name, model_file)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
-        yield module
+        with AutoModelForCausalLMFactory.registrations_restored():
+            yield execute_model_file(model_file, name)
     finally:
         sys.modules.pop(name, None)
-        mapping.clear()
-        mapping.update(saved)

@@ -419,7 +419,7 @@ def format_source(source: str) -> str:
 
     ``--isolated`` keeps the output the same whatever folder the command runs in.
     """
-    ruff = _ruff()
+    ruff = ruff_command()
     if ruff is None:
         return source
     settings = ["--isolated", "--line-length", "110", "--target-version", "py310"]
@@ -437,6 +437,7 @@ def format_source(source: str) -> str:
     return source
 
 
-def _ruff() -> list[str] | None:
+def ruff_command() -> list[str] | None:
+    """The ruff executable (a pinned dependency), or None when this install lacks it."""
     found = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
     return [found] if Path(found).exists() else None

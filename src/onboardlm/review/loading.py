@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import importlib.util
 import itertools
 import json
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from onboardlm.models.factory import AutoModelForCausalLMFactory, execute_model_file, load_checkpoint_into
 from onboardlm.review.model_index import ModelIndex
 from onboardlm.review.source import ReviewInputError
 
@@ -69,7 +69,7 @@ def check_strict_load(
     """Build the model file's causal LM on a tiny config and load the reference into it strictly."""
     with _isolated_registrations(), _module_name(model.src.path) as name:
         try:
-            module = _execute(model.src.path, name)
+            module = execute_model_file(model.src.path, name)
         except Exception as err:  # the file's own code failed: report it, do not crash the review
             return LoadCheck(False, f"importing the model file failed: {type(err).__name__}: {err}")
         try:
@@ -101,15 +101,6 @@ def _module_name(path: Path) -> Iterator[str]:
         sys.modules.pop(name, None)
 
 
-def _execute(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses and transformers look classes' modules up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def _package_of(path: Path) -> str | None:
     """The importable package whose directory holds ``path``, if any."""
     parts: list[str] = []
@@ -133,15 +124,11 @@ def _isolated_registrations() -> Iterator[None]:
     """Undo the factory and AutoConfig registrations that importing a model file makes."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from onboardlm.models.factory import AutoModelForCausalLMFactory
-
-    custom = dict(AutoModelForCausalLMFactory._custom_model_mapping)
     configs = dict(CONFIG_MAPPING._extra_content)
     try:
-        yield
+        with AutoModelForCausalLMFactory.registrations_restored():
+            yield
     finally:
-        AutoModelForCausalLMFactory._custom_model_mapping.clear()
-        AutoModelForCausalLMFactory._custom_model_mapping.update(custom)
         CONFIG_MAPPING._extra_content.clear()
         CONFIG_MAPPING._extra_content.update(configs)
 
@@ -185,7 +172,6 @@ def _load_reference(lean: Any, config: Any, model_type: str) -> LoadCheck:
     from transformers import AutoModelForCausalLM
 
     from onboardlm.errors import WeightsError
-    from onboardlm.models.factory import load_checkpoint_into
 
     try:
         reference = AutoModelForCausalLM.from_config(_reference_config(config, model_type))
