@@ -33,9 +33,13 @@ from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, insert_cached_a
 from onboardlm.transforms.backends import use_direct_kernels
 from onboardlm.transforms.compile import FastGraph, SpeedOptions, accelerate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plain_recipe  # noqa: E402  (benchmarks/plain_recipe.py: the static-cache + compile baseline)
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEW_TOKENS, BATCHES = 512, 128, (1, 8, 64)
 PREFILLS = ((1, 2048), (8, 512))
+RECIPE_BATCHES = (1,)
 START = time.perf_counter()
 
 
@@ -301,7 +305,7 @@ def bench_shape(
     name: str, config: Any, rec: dict[str, Any], save: Callable[[], None]
 ) -> list[Callable[[], None]]:
     """Measure transformers and onboardlm on one shape into ``rec``; returns the optional (compile) runs."""
-    rec.update({"hf": {}, "ours": {}, "ours_unfused": {}, "ours_compiled": {}, "hf_static_compile": {}})
+    rec.update({"hf": {}, "ours_compiled": {}, "plain_recipe": {}, "hf_static_compile": {}})
     with torch.device(DEV.device), no_init_weights():
         hf = AutoModelForCausalLM.from_config(
             copy.deepcopy(config), dtype=torch.bfloat16, attn_implementation="sdpa"
@@ -323,17 +327,15 @@ def bench_shape(
     save()
     lean = lean_model(name, config, hf)
     cached = cached_graph(lean)
-    plain = GraphModule(cached.gm, copy.deepcopy(cached.gm.graph))  # same weights, no fusion
     log(f"{name}: exported")
     cache = allocate_cache(cached.caches, max(BATCHES), PROMPT + NEW_TOKENS, DEV.device)
     longest = max(b for b, _ in PREFILLS), max(s for _, s in PREFILLS)  # its own cache: decode reads less
     prefill_cache = allocate_cache(cached.caches, *longest, DEV.device)
-    variants = {
-        "ours": (cached.gm, SpeedOptions(batch_sizes=BATCHES), BATCHES),
-        "ours_unfused": (plain, SpeedOptions(fuse=False, batch_sizes=(1,)), (1,)),
-    }
-    for key, (gm, options, batches) in variants.items():
+    for key, options in variants().items():
+        batches = options.batch_sizes
+        rec[key] = {"options": vars(options)}
         t0 = time.perf_counter()
+        gm = copy_graph(cached.gm)  # the passes rewrite a graph in place; each variant gets its own
         prefill = accelerate(gm, prefill_cache, replace(options, cuda_graphs=False))
         for b, s in PREFILLS:
             guarded(rec[key], f"prefill_{b}x{s}_ms", lambda b=b, s=s, p=prefill: ours_prefill(p, b, s, vocab))
@@ -343,18 +345,27 @@ def bench_shape(
             guarded(rec[key], f"decode_bs{b}", lambda b=b, f=fast: ours_decode(f, b, vocab))
             log(f"{name}: {key} bs{b} {short(rec[key][f'decode_bs{b}'])}")
         rec[key]["wall_s"] = time.perf_counter() - t0
+        del gm, prefill, fast
+        DEV.empty_cache()
         save()
-    del prefill, prefill_cache
+    del prefill_cache
     tokens = rec["ours"].get("decode_bs1", {}).get("tokens")
 
     def ours_compiled() -> None:
         t0 = time.perf_counter()
-        compiled = accelerate(plain, cache, SpeedOptions(compile=True, batch_sizes=(1,)))
+        compiled = accelerate(copy_graph(cached.gm), cache, SpeedOptions(compile=True, batch_sizes=(1,)))
         rec["ours_compiled"]["capture"] = vars(compiled.report)
         rec["ours_compiled"]["compile_s"] = time.perf_counter() - t0
         done = guarded(rec["ours_compiled"], "decode_bs1", lambda: ours_decode(compiled, 1, vocab))
         rec["ours_compiled"]["same_tokens_as_fused"] = done.get("tokens") == tokens
         log(f"{name}: onboardlm whole-graph compiled bs1 {short(done)}")
+
+    def recipe() -> None:
+        measure = plain_recipe.measure_decode
+        for b in RECIPE_BATCHES:
+            run = lambda b=b: measure(hf, config, b, PROMPT, NEW_TOKENS, DEV.device)  # noqa: E731
+            guarded(rec["plain_recipe"], f"decode_bs{b}", run)
+            log(f"{name}: plain PyTorch recipe bs{b} {short(rec['plain_recipe'][f'decode_bs{b}'])}")
 
     def hf_compiled() -> None:
         guarded(rec, "hf_static_compile", lambda: hf_static_compile(hf, vocab, rec["hf"]))
@@ -363,7 +374,22 @@ def bench_shape(
     def profiled() -> None:
         guarded(rec, "profile", lambda: profile(cached.gm, vocab, cached.caches))
 
-    return [profiled, ours_compiled, hf_compiled] if name == "8b" else []
+    return [recipe, profiled, ours_compiled, hf_compiled] if name == "8b" else []
+
+
+def variants() -> dict[str, SpeedOptions]:
+    """onboardlm's default fast path and, at batch 1, the same with one part turned off."""
+    return {
+        "ours": SpeedOptions(batch_sizes=BATCHES),
+        "ours_no_decode_kernel": SpeedOptions(decode_kernel=False, batch_sizes=(1,)),
+        "ours_no_linear_fusion": SpeedOptions(fuse_linears=False, batch_sizes=(1,)),
+        "ours_unfused": SpeedOptions(fuse=False, fuse_linears=False, batch_sizes=(1,)),
+    }
+
+
+def copy_graph(gm: GraphModule) -> GraphModule:
+    """A graph of its own over the same weight tensors."""
+    return GraphModule(gm, copy.deepcopy(gm.graph))
 
 
 def short(entry: Any) -> Any:
@@ -385,12 +411,14 @@ def hf_static_compile(hf: torch.nn.Module, vocab: int, eager: dict) -> dict:
 
 
 def profile(gm: Any, vocab: int, specs: Any) -> dict:
-    """torch.profiler top CUDA ops of an uncaptured bs1 decode step and of a 1x2048 prefill."""
+    """torch.profiler top CUDA ops of a 1x2048 prefill and of an uncaptured bs1 decode step (default path)."""
     from torch.profiler import ProfilerActivity  # noqa: PLC0415
     from torch.profiler import profile as torch_profile  # noqa: PLC0415
 
     tables = {}
-    fast = FastGraph(gm, allocate_cache(specs, 1, 2048, DEV.device), SpeedOptions(False, False))
+    fast = accelerate(
+        copy_graph(gm), allocate_cache(specs, 1, 2048, DEV.device), SpeedOptions(cuda_graphs=False)
+    )
     ids = torch.randint(0, vocab, (1, 2048), device=DEV.device)
     zero = torch.zeros(1, dtype=torch.long, device=DEV.device)
     cases = {
@@ -403,7 +431,7 @@ def profile(gm: Any, vocab: int, specs: Any) -> dict:
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn()
                 DEV.sync()
-            tables[case] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+            tables[case] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
     out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.txt").write_text("\n\n".join(f"== {k}\n{v}" for k, v in tables.items()))
@@ -428,6 +456,9 @@ def summarize(result: dict) -> dict:
     summary["decode_bs1_8b_tok_s"] = tok_s(ours, 1)
     summary["decode_bs1_8b_ratio_vs_hf"] = ratio(tok_s(ours, 1), tok_s(hf, 1))
     summary["decode_bs1_8b_compiled_tok_s"] = tok_s(big.get("ours_compiled", {}), 1)
+    recipe = tok_s(big.get("plain_recipe", {}), 1)
+    summary["decode_bs1_8b_plain_recipe_tok_s"] = recipe
+    summary["decode_bs1_8b_ratio_vs_plain_recipe"] = ratio(tok_s(ours, 1), recipe)
     summary["decode_bs1_8b_hf_static_compile_tok_s"] = (big.get("hf_static_compile") or {}).get("tok_s")
     hf_pre, ours_pre = hf.get("prefill_1x2048_ms"), ours.get("prefill_1x2048_ms")
     summary["prefill_1x2048_8b_ms"] = ours_pre
@@ -442,7 +473,16 @@ def summarize(result: dict) -> dict:
         bound = roof["copy_gb_s"] / big["active_weight_gb"]
         summary["decode_bs1_8b_bound_tok_s"] = bound
         summary["decode_bs1_8b_fraction_of_bound"] = ratio(summary["decode_bs1_8b_tok_s"], bound)
+        summary["decode_bs1_8b_plain_recipe_fraction_of_bound"] = ratio(recipe, bound)
     return summary
+
+
+#: Variants with one part of the fast path off, as the table names them.
+ABLATIONS = {
+    "ours_no_decode_kernel": "without the Triton decode kernel (SDPA)",
+    "ours_no_linear_fusion": "without q/k/v and gate/up GEMM fusion",
+    "ours_unfused": "without any fusion (elementwise or GEMM)",
+}
 
 
 def fmt(x: Any, digits: int = 1) -> str:
@@ -484,11 +524,21 @@ def markdown(result: dict) -> str:
                 f"| {name} | decode bs{b} tok/s | {fmt(o)} | {fmt(h)} | {fmt(ratio(o, h), 2)}x | "
                 f"{fmt(frac)}{'%' if frac else ''} |"
             )
-        unfused = rec.get("ours_unfused", {})
-        lines.append(
-            f"| {name} | without fusion: prefill 1x2048 ms / decode bs1 tok/s "
-            f"| {fmt(unfused.get('prefill_1x2048_ms'), 2)} / {fmt(tok_s(unfused, 1))} | | | |"
-        )
+        b, s = PREFILLS[0]
+        for key, label in ABLATIONS.items():
+            part = rec.get(key, {})
+            lines.append(
+                f"| {name} | {label}: prefill {b}x{s} ms / decode bs1 tok/s "
+                f"| {fmt(part.get(f'prefill_{b}x{s}_ms'), 2)} / {fmt(tok_s(part, 1))} | | | |"
+            )
+        recipe = rec.get("plain_recipe", {})
+        for b in RECIPE_BATCHES:
+            o, r = tok_s(ours, b), tok_s(recipe, b)
+            if r is not None:
+                lines.append(
+                    f"| {name} | decode bs{b} tok/s vs plain PyTorch recipe | {fmt(o)} | {fmt(r)} (recipe) "
+                    f"| {fmt(ratio(o, r), 2)}x | |"
+                )
         comp, stat = tok_s(rec.get("ours_compiled", {}), 1), (rec.get("hf_static_compile") or {}).get("tok_s")
         lines.append(
             f"| {name} | decode bs1 tok/s, compiled | {fmt(comp)} | {fmt(stat)} (static+compile) | | |"

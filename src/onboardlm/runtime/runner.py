@@ -109,12 +109,18 @@ class Runner:
         generator = make_generator(settings.sampling, self.device)  # one random stream for all batches
         stops = stop_token_ids(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # One cache (and, on CUDA, one set of captured decode graphs) for every batch of the run.
+        cache = KVCache.allocate(
+            self.graph.caches,
+            min(settings.max_batch_size, len(encoded)),
+            max(lengths) + settings.max_new_tokens,
+            self.device,
+        )
+        model = CachedModel(self.graph, cache, pad_id)
         results: list[PromptResult] = []
         for start in range(0, len(encoded), settings.max_batch_size):
             batch = encoded[start : start + settings.max_batch_size]
-            needed = max(len(ids) for ids in batch) + settings.max_new_tokens
-            cache = KVCache.allocate(self.graph.caches, len(batch), needed, self.device)
-            generations = CachedModel(self.graph, cache, pad_id).generate(
+            generations = model.generate(
                 batch,
                 max_new_tokens=settings.max_new_tokens,
                 sampling=settings.sampling,

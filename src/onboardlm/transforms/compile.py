@@ -20,6 +20,7 @@ import torch
 from torch.fx import GraphModule
 
 from onboardlm.transforms.fast_attention import use_fast_attention
+from onboardlm.transforms.fuse_linears import fuse_shared_input_linears
 from onboardlm.transforms.fusion import fuse_elementwise
 from onboardlm.transforms.gather_logits import LOGIT_INDEX
 from onboardlm.transforms.kv_cache import INPUT_POS, KV_LEN
@@ -35,13 +36,17 @@ class SpeedOptions:
 
     ``fuse``: compiled elementwise kernels (:mod:`onboardlm.transforms.fusion`); ``compile``: also
     ``torch.compile`` the whole decode graph (slow to compile: a minute or more for a large model);
-    ``cuda_graphs``: capture decode steps for ``batch_sizes``.
+    ``cuda_graphs``: capture decode steps for ``batch_sizes``; ``fuse_linears``: one GEMM per group of
+    linears sharing an input (q/k/v, gate/up; :mod:`onboardlm.transforms.fuse_linears`);
+    ``decode_kernel``: the Triton split-K kernel for one-token attention where it can run (else SDPA).
     """
 
     fuse: bool = True
     compile: bool = False
     cuda_graphs: bool = True
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    fuse_linears: bool = True
+    decode_kernel: bool = True
 
 
 @dataclass
@@ -156,12 +161,14 @@ class FastGraph:
 def accelerate(gm: GraphModule, cache: dict[str, torch.Tensor], options: SpeedOptions) -> FastGraph:
     """The fast path for a cached graph (rewritten in place) and its runner.
 
-    SDPA attention, grouped MoE, fused elementwise ops (compiled on CUDA, eager elsewhere), then a
-    :class:`FastGraph` on ``cache`` with its decode steps captured. The rewrites are idempotent, so
-    several caches may share one graph.
+    SDPA attention (the Triton kernel for decode), grouped MoE, fused shared-input linears, fused
+    elementwise ops (compiled on CUDA, eager elsewhere), then a :class:`FastGraph` on ``cache`` with
+    its decode steps captured. The rewrites are idempotent, so several caches may share one graph.
     """
-    use_fast_attention(gm)
+    use_fast_attention(gm, decode_kernel_allowed=options.decode_kernel)
     use_grouped_moe(gm)
+    if options.fuse_linears:
+        fuse_shared_input_linears(gm)
     if options.fuse and not options.compile:  # a whole-graph compile fuses these itself
         fuse_elementwise(gm, compile=cache_device(cache).type == "cuda")
     fast = FastGraph(gm, cache, options)

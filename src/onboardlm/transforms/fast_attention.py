@@ -7,10 +7,12 @@ runs everywhere (so its equivalence to the reference is tested on CPU):
 
 - fresh prefill (``kv_len == s_q``, hence every ``input_pos`` is 0): attention over the new keys and
   values themselves, causal, GQA without copying K/V (``enable_gqa``); a sliding window adds a mask;
-- decode (``s_q == 1``): the query heads of each KV head are folded into the query-length axis
-  (``[b, n_kv, group, d]``), so the KV heads are read once, and a ``[b, 1, 1, kv_len]`` mask keeps
-  each sequence to its own valid prefix. Shapes depend only on ``kv_len``, not on the values of
-  ``input_pos``, so a decode step with a fixed ``kv_len`` can be captured in a CUDA graph;
+- decode (``s_q == 1``): on CUDA with Triton, the split-K kernel of
+  :mod:`onboardlm.kernels.decode_attention`, which reads only each sequence's valid prefix. Otherwise
+  SDPA: the query heads of each KV head are folded into the query-length axis (``[b, n_kv, group,
+  d]``), so the KV heads are read once, and a ``[b, 1, 1, kv_len]`` mask keeps each sequence to its own
+  valid prefix. Either way shapes depend only on ``kv_len``, not on the values of ``input_pos``, so a
+  decode step with a fixed ``kv_len`` can be captured in a CUDA graph;
 - anything else (a chunk appended to a filled cache): masked SDPA over the cache prefix.
 
 Logit soft-capping and attention sinks have no SDPA kernel: those calls run the reference op.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
+from onboardlm.kernels import decode_attention as decode_kernel
 from onboardlm.ops.attention import check_layout, from_bnsd, to_bnsd
 from onboardlm.transforms import cached_ops
 
@@ -115,8 +118,13 @@ def fast_cached_attention(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     layout: str = "bnsd",
+    *,
+    decode_kernel_allowed: bool = True,
 ) -> torch.Tensor:
-    """``onboardlm_cached_attention`` on SDPA kernels (reference op for sinks and logit caps)."""
+    """``onboardlm_cached_attention`` on SDPA kernels (reference op for sinks and logit caps).
+
+    ``decode_kernel_allowed=False`` keeps one-token steps on SDPA even where the Triton kernel runs.
+    """
     if not has_fast_path(sinks, logit_cap):
         return _reference(
             query, key, value, k_cache, v_cache, input_pos, kv_len,
@@ -125,13 +133,20 @@ def fast_cached_attention(
     check_layout(layout)
     q, k, v = (to_bnsd(x, layout) for x in (query, key, value))
     b, _, s_q, head_dim = q.shape
-    cached_ops.write_cache(k_cache, k.transpose(1, 2), input_pos)
-    cached_ops.write_cache(v_cache, v.transpose(1, 2), input_pos)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     window = _window(sliding_window)
-    if s_q == kv_len:
+    if s_q == 1 < kv_len and decode_kernel_allowed and decode_kernel.is_available(q):
+        out = decode_kernel.decode_attention(
+            q[:, :, 0], k[:, :, 0], v[:, :, 0], k_cache, v_cache, input_pos, kv_len, scale, window or 0
+        )
+        return from_bnsd(out[:, :, None], layout)
+    if s_q == kv_len:  # a fresh prompt fills positions 0 .. s_q - 1: a plain copy, no index tensors
+        k_cache[:b, :s_q].copy_(k.transpose(1, 2))
+        v_cache[:b, :s_q].copy_(v.transpose(1, 2))
         out = _prefill(q, k, v, is_causal, scale, window)
     else:
+        cached_ops.write_cache(k_cache, k.transpose(1, 2), input_pos)
+        cached_ops.write_cache(v_cache, v.transpose(1, 2), input_pos)
         keys = k_cache[:b, :kv_len].transpose(1, 2)
         values = v_cache[:b, :kv_len].transpose(1, 2)
         if s_q == 1:
@@ -146,16 +161,19 @@ def _is_cached_attention(target: object) -> bool:
     return target in (op, op.default, cached_ops.cached_attention, cached_ops.cached_attention._init_fn)
 
 
-def use_fast_attention(gm: GraphModule) -> int:
+def use_fast_attention(gm: GraphModule, decode_kernel_allowed: bool = True) -> int:
     """Make every cached-attention node of ``gm`` call :func:`fast_cached_attention` (in place).
 
     Works before or after :func:`onboardlm.transforms.backends.use_direct_kernels`; returns the number
-    of nodes changed.
+    of nodes changed. ``decode_kernel_allowed`` is passed on to every call.
     """
     changed = 0
     for node in gm.graph.nodes:
-        if node.op == "call_function" and _is_cached_attention(node.target):
+        if node.op != "call_function":
+            continue
+        if _is_cached_attention(node.target) or node.target is fast_cached_attention:
             node.target = fast_cached_attention
+            node.kwargs = {**node.kwargs, "decode_kernel_allowed": decode_kernel_allowed}
             changed += 1
     gm.graph.lint()
     gm.recompile()

@@ -2,8 +2,9 @@
 
 Between the matmuls, the reference ops run as chains of small kernels (an RMSNorm is about eight:
 upcast, square, mean, add, rsqrt, two multiplies, downcast). This pass points the graph's RMSNorm and
-RoPE nodes, and every ``silu(gate) * up`` pair, at functions that ``torch.compile`` turns into one
-fused kernel each. Only these small functions are compiled (dynamic shapes, a few seconds each, shared
+RoPE nodes, every ``silu(gate) * up`` pair and every residual add feeding an RMSNorm (the add and the
+norm become one kernel that returns both the sum and its norm) at functions that ``torch.compile``
+turns into one fused kernel each. Only these small functions are compiled (dynamic shapes, a few seconds each, shared
 by all layers), not the whole graph. The functions compute the reference formulas; with
 ``compile=False`` (the CPU path) they run eagerly, which is how the rewrite is tested off the GPU.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -22,6 +24,7 @@ from torch._library.custom_ops import OPDEFS
 from torch.fx import GraphModule, Node
 
 from onboardlm.ops._library import NAMESPACE
+from onboardlm.ops.norm import torch_rmsnorm
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +41,29 @@ def _implementation(name: str) -> Callable[..., Any]:
     return OPDEFS[f"{NAMESPACE}::{name}"]._init_fn
 
 
+#: The reference RMSNorm's Python implementation (resolved here: dynamo cannot trace the registry lookup).
+_rmsnorm = torch_rmsnorm._init_fn
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + residual, torch_rmsnorm(x + residual))``: a residual add and the norm that follows it."""
+    total = x + residual
+    return total, _rmsnorm(total, weight, eps)
+
+
+#: Compiled variants allowed per fused function. One function serves every layer of every graph in
+#: the process (hidden sizes, q/k-norm head dims, ranks, dtypes); dynamo's default of 8 is reached by a
+#: process that runs a few models, after which the function would fall back to eager for good.
+RECOMPILE_LIMIT = 64
+
+
 @cache
 def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` compiled on first call; if compiling fails, ``fn`` itself from then on (with a warning)."""
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
     failures: list[Exception] = []
 
@@ -81,10 +104,43 @@ def _silu_mul_pairs(gm: GraphModule) -> list[tuple[Node, Node]]:
     return pairs
 
 
+def _add_rmsnorm_pairs(gm: GraphModule) -> list[tuple[Node, Node]]:
+    """``(add, norm)`` pairs: a ``torch_rmsnorm`` node whose input is a plain two-tensor add."""
+    pairs = []
+    for node in gm.graph.nodes:
+        if _fused_op_name(node) != "torch_rmsnorm" or node.kwargs:
+            continue
+        add = node.args[0]
+        if (
+            isinstance(add, Node)
+            and add.target == torch.ops.aten.add.Tensor
+            and len(add.args) == 2
+            and not add.kwargs
+            and all(isinstance(arg, Node) for arg in add.args)
+        ):
+            pairs.append((add, node))
+    return pairs
+
+
+def _fuse_add_rmsnorm(gm: GraphModule, wrap: Callable[..., Any]) -> int:
+    pairs = _add_rmsnorm_pairs(gm)
+    for add, norm in pairs:
+        with gm.graph.inserting_before(norm):
+            fused = gm.graph.call_function(wrap(add_rmsnorm), (*add.args, *norm.args[1:]))
+            total = gm.graph.call_function(operator.getitem, (fused, 0))
+            normed = gm.graph.call_function(operator.getitem, (fused, 1))
+        total.meta, normed.meta = dict(add.meta), dict(norm.meta)
+        norm.replace_all_uses_with(normed)
+        add.replace_all_uses_with(total)
+        gm.graph.erase_node(norm)
+        gm.graph.erase_node(add)
+    return len(pairs)
+
+
 def fuse_elementwise(gm: GraphModule, compile: bool = True) -> int:
-    """Rewrite ``gm`` in place as described above; returns the number of nodes rewritten."""
+    """Rewrite ``gm`` in place as described above; returns the number of fused calls made."""
     wrap = _compiled if compile else (lambda fn: fn)
-    changed = 0
+    changed = _fuse_add_rmsnorm(gm, wrap)
     for node in list(gm.graph.nodes):
         name = _fused_op_name(node)
         if name is not None:

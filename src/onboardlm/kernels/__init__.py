@@ -1,0 +1,1 @@
+"""Hand-written GPU kernels for what PyTorch has no fast kernel for (optional: they need Triton)."""
