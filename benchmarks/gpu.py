@@ -328,7 +328,7 @@ def bench_shape(
     lean = lean_model(name, config, hf)
     cached = cached_graph(lean)
     log(f"{name}: exported")
-    cache = allocate_cache(cached.caches, max(BATCHES), PROMPT + NEW_TOKENS, DEV.device)
+    cache = allocate_cache(cached.caches, max(BATCHES, default=1), PROMPT + NEW_TOKENS, DEV.device)
     longest = max(b for b, _ in PREFILLS), max(s for _, s in PREFILLS)  # its own cache: decode reads less
     prefill_cache = allocate_cache(cached.caches, *longest, DEV.device)
     for key, options in variants().items():
@@ -379,6 +379,8 @@ def bench_shape(
 
 def variants() -> dict[str, SpeedOptions]:
     """onboardlm's default fast path and, at batch 1, the same with one part turned off."""
+    if not BATCHES:  # --prefill-only
+        return {"ours": SpeedOptions(batch_sizes=())}
     return {
         "ours": SpeedOptions(batch_sizes=BATCHES),
         "ours_no_decode_kernel": SpeedOptions(decode_kernel=False, batch_sizes=(1,)),
@@ -543,7 +545,10 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {name} | decode bs1 tok/s, compiled | {fmt(comp)} | {fmt(stat)} (static+compile) | | |"
         )
-        peaks = [(side, rec.get(side, {}).get(f"decode_bs{max(BATCHES)}", {})) for side in ("ours", "hf")]
+        peaks = [
+            (side, rec.get(side, {}).get(f"decode_bs{max(BATCHES, default=1)}", {}))
+            for side in ("ours", "hf")
+        ]
         peak_text = [fmt(p.get("peak_gib"), 2) if isinstance(p, dict) else "-" for _, p in peaks]
         lines.append(f"| {name} | peak GiB (decode bs64) | {peak_text[0]} | {peak_text[1]} | | |")
     lines += ["", "Summary: `" + json.dumps(result["summary"]) + "`", ""]
@@ -565,10 +570,13 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=240.0, help="no compile run starts after this")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the code paths")
+    parser.add_argument("--prefill-only", action="store_true", help="prefill of the default path only")
     args = parser.parse_args()
+    global DEV, PROMPT, NEW_TOKENS, BATCHES, PREFILLS  # noqa: PLW0603
     if args.smoke:
-        global DEV, PROMPT, NEW_TOKENS, BATCHES, PREFILLS  # noqa: PLW0603
         DEV, PROMPT, NEW_TOKENS, BATCHES, PREFILLS = Device("cpu"), 16, 8, (1, 2), ((1, 32), (2, 16))
+    if args.prefill_only:
+        BATCHES, args.no_compile = (), True
     import transformers  # noqa: PLC0415
 
     torch.manual_seed(0)
