@@ -3,6 +3,10 @@
 Safetensors (single file or sharded with an index), GGUF (dequantised by transformers' GGUF
 support, which also maps llama.cpp tensor names to HuggingFace names) and PyTorch ``.bin`` files
 (read with ``weights_only=True``; arbitrary pickles are never executed).
+
+Some hub checkpoints keep an older layout than transformers' modules (Mixtral's
+``block_sparse_moe.experts.N.w1``, for one); transformers converts them while loading.
+:func:`read_converted_state_dict` lets it do so and returns its model's state dict.
 """
 
 from __future__ import annotations
@@ -34,6 +38,32 @@ def read_state_dict(
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     return state_dict
+
+
+def read_converted_state_dict(
+    weights: WeightsLocation, config: PretrainedConfig, dtype: torch.dtype | None = None
+) -> StateDict:
+    """The checkpoint as transformers loads it: its conversion mapping applied, keys of its own modules.
+
+    Holds a transformers copy of the model on the CPU while reading (twice the host memory of a
+    direct read), so it is the fallback for checkpoints whose keys the lean model does not take.
+    """
+    directory = weights.files[0].parent
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory,
+            config=config,
+            dtype=dtype or "auto",
+            use_safetensors=weights.format == "safetensors",
+            output_loading_info=True,
+        )
+    except Exception as err:  # transformers raises assorted errors on checkpoints it cannot read
+        raise WeightsError(str(directory), f"transformers cannot load this checkpoint either: {err}") from err
+    # transformers fills what the checkpoint lacks with random values; that is no load
+    gaps = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
+    if any(gaps.values()):
+        raise WeightsError(str(directory), f"transformers' conversion leaves keys unfilled: {gaps}")
+    return dict(model.state_dict())
 
 
 def _read_safetensors(files: tuple[Path, ...]) -> StateDict:

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 from transformers.initialization import no_init_weights
 
 from onboardlm.errors import ModelSourceError, WeightsError
-from onboardlm.models.checkpoint import StateDict, read_state_dict
+from onboardlm.models.checkpoint import StateDict, read_converted_state_dict, read_state_dict
 from onboardlm.models.source import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -174,9 +174,24 @@ class AutoModelForCausalLMFactory:
         is_custom = self.model_class()[1]
         if not use_checkpoint:
             return model, LoadReport(cls_name, is_custom, weights_source="random")
+        subject = ", ".join(str(f) for f in location.files)
         state_dict = read_state_dict(location, self.config, dtype)
-        report = load_checkpoint_into(model, state_dict, subject=", ".join(str(f) for f in location.files))
+        notes = []
+        try:
+            report = load_checkpoint_into(model, state_dict, subject=subject)
+        except WeightsError as direct_error:
+            if location.format == "gguf":  # already read through transformers' GGUF mapping
+                raise
+            logger.info("checkpoint keys differ from the model's; converting through transformers")
+            del state_dict
+            try:
+                converted = read_converted_state_dict(location, self.config, dtype)
+                report = load_checkpoint_into(model, converted, subject=subject)
+            except WeightsError as conversion_error:  # the direct error names the keys
+                raise direct_error from conversion_error
+            notes.append("keys converted by transformers' checkpoint conversion mapping")
         report.model_class, report.is_custom = cls_name, is_custom
+        report.notes += notes
         return model, report
 
 
