@@ -11,6 +11,7 @@ Some hub checkpoints keep an older layout than transformers' modules (Mixtral's
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -26,9 +27,13 @@ StateDict = dict[str, torch.Tensor]
 
 
 def read_state_dict(
-    weights: WeightsLocation, config: PretrainedConfig, dtype: torch.dtype | None = None
+    weights: WeightsLocation,
+    config: PretrainedConfig,
+    dtype: torch.dtype | None = None,
+    keep_fp32: re.Pattern[str] | None = None,
 ) -> StateDict:
-    """Read every tensor of ``weights`` on CPU, cast to ``dtype`` when given."""
+    """Read every tensor of ``weights`` on CPU, cast to ``dtype`` when given (but to fp32 where
+    ``keep_fp32`` matches the name: see :mod:`onboardlm.models.precision`)."""
     if weights.format == "safetensors":
         state_dict = _read_safetensors(weights.files)
     elif weights.format == "gguf":
@@ -36,8 +41,16 @@ def read_state_dict(
     else:
         state_dict = _read_pytorch(weights.files)
     if dtype is not None:
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        state_dict = {k: _cast(k, v, dtype, keep_fp32) for k, v in state_dict.items()}
     return state_dict
+
+
+def _cast(
+    name: str, tensor: torch.Tensor, dtype: torch.dtype, keep_fp32: re.Pattern[str] | None
+) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor
+    return tensor.float() if keep_fp32 is not None and keep_fp32.search(name) else tensor.to(dtype)
 
 
 def read_converted_state_dict(

@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -28,6 +29,7 @@ from transformers.initialization import no_init_weights
 
 from onboardlm.errors import ModelSourceError, WeightsError
 from onboardlm.models.checkpoint import StateDict, read_converted_state_dict, read_state_dict
+from onboardlm.models.precision import fp32_pattern, keep_in_fp32
 from onboardlm.models.source import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -154,7 +156,13 @@ class AutoModelForCausalLMFactory:
             else:
                 trust = bool(self._resolve_options["allow_remote_code"])
                 model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=trust)
+        keep_in_fp32(model, self.fp32_pattern(model))
         return model.eval()
+
+    def fp32_pattern(self, model: nn.Module) -> re.Pattern[str] | None:
+        """Names transformers keeps in fp32 at the dtype ``model`` was built in (see ``precision``)."""
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        return fp32_pattern(self.config, dtype)
 
     def build_and_load(
         self,
@@ -175,7 +183,7 @@ class AutoModelForCausalLMFactory:
         if not use_checkpoint:
             return model, LoadReport(cls_name, is_custom, weights_source="random")
         subject = ", ".join(str(f) for f in location.files)
-        state_dict = read_state_dict(location, self.config, dtype)
+        state_dict = read_state_dict(location, self.config, dtype, keep_fp32=self.fp32_pattern(model))
         notes = []
         try:
             report = load_checkpoint_into(model, state_dict, subject=subject)
