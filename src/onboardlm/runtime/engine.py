@@ -23,6 +23,7 @@ from onboardlm.transforms import (
 )
 from onboardlm.transforms.backends import use_direct_kernels
 from onboardlm.transforms.compile import SpeedOptions, accelerate
+from onboardlm.transforms.fold_weights import fold_weight_computations
 
 
 def build_cached_graph(model: nn.Module, shard: Callable[[GraphModule], object] | None = None) -> CachedGraph:
@@ -60,10 +61,13 @@ class CachedModel:
         self.cache = cache
         self.pad_id = pad_id
         self.device = next(iter(cache.tensors.values())).device
-        # On CUDA: SDPA attention, fused kernels, CUDA-graph decode steps (onboardlm.transforms.compile).
-        self._step = (
-            accelerate(graph.gm, cache.tensors, SpeedOptions()) if self.device.type == "cuda" else graph.gm
-        )
+        # On CUDA: SDPA attention, fused kernels, CUDA-graph decode steps (onboardlm.transforms.compile);
+        # on the CPU the reference ops, with weight-only computations done once.
+        if self.device.type == "cuda":
+            self._step = accelerate(graph.gm, cache.tensors, SpeedOptions())
+        else:
+            fold_weight_computations(graph.gm)
+            self._step = graph.gm
         self.lengths = torch.zeros(0, dtype=torch.long)
         self._max_len = 0
 
