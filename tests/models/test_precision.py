@@ -25,7 +25,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("model_type", "dtype"), CASES)
-def test_fp32_tensors_and_logits_match_transformers(model_type: str, dtype: torch.dtype, tmp_path: Path) -> None:
+def test_fp32_tensors_and_logits_match_transformers(
+    model_type: str, dtype: torch.dtype, tmp_path: Path
+) -> None:
     config = tiny_config(AutoConfig.for_model(model_type))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
