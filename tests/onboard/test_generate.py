@@ -118,3 +118,17 @@ def test_regenerated_llama_is_the_packaged_one() -> None:
     """The packaged golden Llama file is the generator's output, byte for byte."""
     packaged = Path(__file__).parents[2] / "src/onboardlm/models/custom/modeling_llama.py"
     assert generate_model_file(analyze(AutoConfig.for_model("llama"))) == packaged.read_text()
+
+
+def test_formatting_is_skipped_with_a_warning_without_ruff_or_when_ruff_fails(monkeypatch, caplog) -> None:
+    from onboardlm.onboard import generate
+
+    unformatted = "import torch\nx=  torch.ones(1)\n"
+    assert generate.format_source(unformatted) == "import torch\n\nx = torch.ones(1)\n"  # ruff formats
+    with caplog.at_level("WARNING", logger="onboardlm.onboard.generate"):
+        assert generate.format_source("def broken(:\n") == "def broken(:\n"
+        monkeypatch.setattr(generate, "ruff_command", lambda: None)
+        assert generate.format_source(unformatted) == unformatted
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("failed on the generated file" in m for m in messages)
+    assert any("ruff is not installed" in m for m in messages)

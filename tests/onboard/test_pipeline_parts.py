@@ -187,8 +187,9 @@ def test_report_markdown_lists_phases_tests_and_what_was_not_done(tmp_path: Path
 def test_package_targets_need_a_checkout_and_force(tmp_path: Path) -> None:
     custom = tmp_path / "src" / "onboardlm" / "models" / "custom"
     custom.mkdir(parents=True)
-    with pytest.raises(OutputExists, match="not inside a source checkout"):
+    with pytest.raises(OnboardlmError, match="not inside a source checkout") as caught:
         PackageTargets.for_model_type("qwen3", custom)
+    assert not isinstance(caught.value, OutputExists)
     (tmp_path / "pyproject.toml").write_text("")
     (tmp_path / "tests" / "models" / "generated").mkdir(parents=True)
     (custom / "modeling_llama.py").write_text("")

@@ -9,6 +9,7 @@ feed-forward or attention slot by adding a spec class and an emitter. The file i
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.emit_moe import block_imports, emit_mla_slot, emit_moe_slot, feed_forward_constructor
 from onboardlm.onboard.spec import ArchitectureSpec, AttentionSpec, DecoderLayerSpec, MLPSpec, NormSpec
 from onboardlm.onboard.spec_moe import MLASpec, MoESpec
+
+logger = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 _HINT = "add a template for this combination in onboardlm/onboard/templates"
@@ -415,12 +418,14 @@ def generate_model_file(spec: ArchitectureSpec) -> str:
 
 
 def format_source(source: str) -> str:
-    """``ruff check --fix`` (import order, unused imports) and ``ruff format``; unchanged without ruff.
+    """``ruff check --fix`` (import order, unused imports) and ``ruff format``; unchanged (with a
+    warning) without ruff or when ruff fails.
 
     ``--isolated`` keeps the output the same whatever folder the command runs in.
     """
     ruff = ruff_command()
     if ruff is None:
+        logger.warning("ruff is not installed: the generated file is left unformatted")
         return source
     settings = ["--isolated", "--line-length", "110", "--target-version", "py310"]
     first_party = ["--config", "lint.isort.known-first-party=['onboardlm']"]
@@ -432,8 +437,10 @@ def format_source(source: str) -> str:
             text=True,
             check=False,
         )
-        if done.returncode == 0:
-            source = done.stdout
+        if done.returncode != 0:  # the file is kept as generated; the verify phase reports real errors
+            logger.warning("ruff %s failed on the generated file: %s", args[0], done.stderr.strip()[:300])
+            continue
+        source = done.stdout
     return source
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onboardlm.models.custom as custom_package
+from onboardlm.errors import OnboardlmError
 from onboardlm.onboard.staging import OutputExists
 from onboardlm.registry.atomic import atomic_write_text
 
@@ -25,7 +26,7 @@ class PackageTargets:
         custom_dir = custom_dir or Path(custom_package.__file__).parent
         root = custom_dir.parents[3]  # src/onboardlm/models/custom -> the checkout
         if not (root / "pyproject.toml").is_file() or not (root / "tests").is_dir():
-            raise OutputExists(
+            raise OnboardlmError(
                 str(custom_dir),
                 "not inside a source checkout",
                 "--into-package needs `pip install -e` of a clone",
