@@ -113,3 +113,18 @@ def test_gpu_kernel_matches_float64(name: str, dtype: torch.dtype) -> None:
     got = decode_attention(case["query"], case["key"], case["value"], *caches, case["input_pos"],
                            case["kv_len"], case["scale"], case["window"])  # fmt: skip
     _check(name, got, caches, case)
+
+
+def test_cached_graph_decodes_through_the_kernel_as_through_sdpa(tmp_path: Path) -> None:
+    """The fast path's wiring (head/KV layouts, cache writes) on the CPU, under the interpreter."""
+    script = Path(__file__).with_name("_run_graph_interpreted.py")
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out.safetensors")],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = load_file(tmp_path / "out.safetensors")
+    assert int(out["kernel_calls"]) == 3 * 2  # three decode steps, two layers
+    kernel, sdpa = out["kernel"].float(), out["sdpa"].float()
+    error = (kernel - sdpa).pow(2).mean().sqrt() / sdpa.pow(2).mean().sqrt()
+    assert error < 0.01, f"RMSE ratio {error:.2e}"
