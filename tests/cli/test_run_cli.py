@@ -89,6 +89,9 @@ def test_use_registry_and_its_standalone_yaml_give_the_same_settings_and_output(
     assert [line.split(":")[0] for line in lines] == [
         "[PROMPT 0] Hello there", "[PROMPT 1] Tell me a story", "[PROMPT 2] Why is the sky blue?"
     ]  # fmt: skip
+    summary = re.search(r"generated (\d+) tokens for 3 prompts in [\d.]+ s \(([\d.]+) tok/s", out_a)
+    assert summary is not None, out_a
+    assert 3 <= int(summary.group(1)) <= 3 * 6 and float(summary.group(2)) > 0  # max_new_tokens 6 each
 
 
 def test_command_line_options_override_the_settings(tiny_registry: Path, tiny_model: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
@@ -133,7 +134,16 @@ def _load_and_run(model: str | None, settings: Any, prompt: list[str] | None) ->
         highlight=False,
         soft_wrap=True,
     )
+    started = time.perf_counter()
     with console.status("generating ..."):
         results = runner.run(prompt)
+    seconds = time.perf_counter() - started
     for result in results:
         console.print(result.log_line(), highlight=False, markup=False, soft_wrap=True)
+    new_tokens = sum(len(result.new_token_ids) for result in results)
+    console.print(
+        f"[green]generated[/] {new_tokens} tokens for {len(results)} prompts in {seconds:.2f} s "
+        f"({new_tokens / seconds:.1f} tok/s, prompt processing and warm-up included)",
+        highlight=False,
+        soft_wrap=True,
+    )
