@@ -1,0 +1,87 @@
+"""Absorbed MLA decode equals the reference cached MLA (which expands the latent cache every step)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from onboardlm.models.factory import AutoModelForCausalLMFactory
+from onboardlm.runtime.engine import build_cached_graph
+from onboardlm.testing import tiny_config
+from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, cached_ops
+from onboardlm.transforms.fast_mla import fast_cached_mla, use_fast_mla
+
+HEADS, NOPE, ROPE, V, RANK = 4, 16, 8, 12, 24
+
+
+def _call(dtype: torch.dtype, s_q: int, layout: str) -> dict:
+    generator = torch.Generator().manual_seed(s_q)
+    b, max_b, max_s = 3, 4, 20
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    q_shape = (b, s_q, HEADS) if layout == "bsnd" else (b, HEADS, s_q)
+    return {
+        "q_nope": rand(*q_shape, NOPE),
+        "q_pe": rand(*q_shape, ROPE),
+        "compressed_kv": rand(b, s_q, RANK),
+        "kpe": rand(b, s_q, 1, ROPE) if layout == "bsnd" else rand(b, 1, s_q, ROPE),
+        "kv_b_proj_weight": rand(HEADS * (NOPE + V), RANK) * 0.2,
+        "ckv_cache": rand(max_b, max_s, RANK),  # stale values everywhere: only the valid prefix counts
+        "kpe_cache": rand(max_b, max_s, 1, ROPE),
+        "input_pos": torch.tensor([13, 0, 7]) if s_q == 1 else torch.tensor([0, 0, 0]),
+        "kv_len": 14 if s_q == 1 else s_q,
+        "layout": layout,
+    }
+
+
+@pytest.mark.parametrize("layout", ["bsnd", "bnsd"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_decode_step_equals_the_reference(dtype: torch.dtype, layout: str) -> None:
+    args = _call(dtype, 1, layout)
+    exact = {
+        k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in args.items()
+    }
+    expected = cached_ops.cached_mla._init_fn(**exact)
+    got_args = copy.deepcopy(args)
+    got = fast_cached_mla(**got_args)
+    assert got.shape == expected.shape and got.dtype == dtype
+    error = (got.double() - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()
+    # the reference itself takes its softmax in fp32, whatever the dtype
+    assert error < {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype], error
+    for cache in ("ckv_cache", "kpe_cache"):  # the step's latent and RoPE key are stored like the reference
+        torch.testing.assert_close(got_args[cache].double(), exact[cache], rtol=0, atol=0)
+
+
+def test_prompts_go_to_the_reference() -> None:
+    args = _call(torch.float32, 5, "bsnd")
+    expected = cached_ops.cached_mla._init_fn(**copy.deepcopy(args))
+    torch.testing.assert_close(fast_cached_mla(**args), expected, rtol=0, atol=0)
+
+
+def test_deepseek_v3_graph_decodes_the_same() -> None:
+    config = tiny_config(AutoConfig.for_model("deepseek_v3"))
+    torch.manual_seed(0)
+    graph = build_cached_graph(AutoModelForCausalLMFactory(config).build_model())
+    fast = copy.deepcopy(graph.gm)
+    assert use_fast_mla(fast) == config.num_hidden_layers
+    batch, prompt, steps = 2, 6, 3
+    ids = torch.randint(0, config.vocab_size, (batch, prompt + steps))
+    positions = torch.arange(prompt + steps).expand(batch, -1)
+    zero = torch.zeros(batch, dtype=torch.long)
+
+    def run(gm) -> torch.Tensor:
+        caches = {s.name: torch.zeros(batch, prompt + steps, *s.features) for s in graph.caches}
+        outs = [gm(input_ids=ids[:, :prompt], position_ids=positions[:, :prompt],
+                   **{INPUT_POS: zero, KV_LEN: prompt, LOGIT_INDEX: zero + prompt - 1}, **caches)[:, -1]]  # fmt: skip
+        for pos in range(prompt, prompt + steps):
+            outs.append(gm(input_ids=ids[:, pos : pos + 1], position_ids=positions[:, pos : pos + 1],
+                           **{INPUT_POS: zero + pos, KV_LEN: pos + 1, LOGIT_INDEX: zero}, **caches)[:, -1])  # fmt: skip
+        return torch.stack(outs)
+
+    with torch.inference_mode():
+        torch.testing.assert_close(run(fast), run(graph.gm), rtol=1e-5, atol=1e-5)
