@@ -3,7 +3,8 @@
 For every case in the job it builds the lean model on the saved config, exports it, shards it with
 ``apply_sharding_hints``, fills it from the safetensors checkpoint with ``load_rank_weights`` (only
 this rank's slices) and saves the logits and the number of nodes the pass changed; for cases marked
-``generate`` it then adds the KV cache and saves greedy continuations. ``build_lean`` and
+``generate`` it then adds the KV cache and saves greedy continuations, on the reference ops and
+through the GPU path's rewrites (fast attention, fused linears, folded weights, fused elementwise ops). ``build_lean`` and
 ``greedy_tokens`` are also used by the test for the unsharded reference.
 """
 
@@ -28,6 +29,7 @@ from onboardlm.runtime.distributed import RankInfo, load_rank_weights, process_g
 from onboardlm.runtime.engine import CachedModel
 from onboardlm.transforms import CachedGraph, insert_cached_attention, insert_logit_gather
 from onboardlm.transforms.backends import use_direct_kernels
+from onboardlm.transforms.compile import SpeedOptions
 from onboardlm.transforms.sharding import apply_sharding_hints
 
 COMPAT = Path(__file__).resolve().parents[1] / "compat"
@@ -74,10 +76,11 @@ def _export(lean: nn.Module, vocab_size: int) -> torch.fx.GraphModule:
     )
 
 
-def greedy_tokens(graph: CachedGraph) -> list[list[int]]:
-    """Greedy continuations of :data:`PROMPTS` with the KV cache (prefill, then decode steps)."""
+def greedy_tokens(graph: CachedGraph, speed: SpeedOptions | None = None) -> list[list[int]]:
+    """Greedy continuations of :data:`PROMPTS` with the KV cache (prefill, then decode steps); with
+    ``speed``, through the GPU path's graph rewrites (run on the CPU)."""
     cache = KVCache.allocate(graph.caches, len(PROMPTS), 32, "cpu")
-    generations = CachedModel(graph, cache).generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    generations = CachedModel(graph, cache, speed=speed).generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     return [g.new_ids for g in generations]
 
 
@@ -99,7 +102,9 @@ def run_case(case: dict, info: RankInfo, input_ids: torch.Tensor, out_dir: Path)
         logits = gm(input_ids=input_ids, position_ids=positions).logits
     result = {"changed": dict(report.changed)}
     if case["generate"]:
-        result["tokens"] = greedy_tokens(_cached(gm))
+        graph = _cached(gm)
+        result["tokens"] = greedy_tokens(graph)
+        result["tokens_fast_path"] = greedy_tokens(graph, SpeedOptions())  # rewrites the same graph
     stem = f"{case['name']}.rank{info.rank}"
     torch.save(logits, out_dir / f"{stem}.pt")
     (out_dir / f"{stem}.json").write_text(json.dumps(result))

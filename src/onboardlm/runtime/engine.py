@@ -53,18 +53,22 @@ class CachedModel:
 
     Both return the fp32 logits ``[b, vocab]`` of each sequence's last token. Prompts of different
     lengths are right-padded; each sequence keeps its own length (``input_pos``), so padding is never
-    attended to.
+    attended to. ``speed`` selects the fast path's parts (default: all on CUDA, none on the CPU).
     """
 
-    def __init__(self, graph: CachedGraph, cache: KVCache, pad_id: int = 0) -> None:
+    def __init__(
+        self, graph: CachedGraph, cache: KVCache, pad_id: int = 0, speed: SpeedOptions | None = None
+    ) -> None:
         self.graph = graph
         self.cache = cache
         self.pad_id = pad_id
         self.device = next(iter(cache.tensors.values())).device
-        # On CUDA: SDPA attention, fused kernels, CUDA-graph decode steps (onboardlm.transforms.compile);
-        # on the CPU the reference ops, with weight-only computations done once.
-        if self.device.type == "cuda":
-            self._step = accelerate(graph.gm, cache.tensors, SpeedOptions())
+        # The fast path (fast attention, fused kernels, CUDA-graph decode steps: onboardlm.transforms.
+        # compile) with ``speed``, by default on CUDA; else the reference ops, weight-only work done once.
+        if speed is None and self.device.type == "cuda":
+            speed = SpeedOptions()
+        if speed is not None:
+            self._step = accelerate(graph.gm, cache.tensors, speed)
         else:
             fold_weight_computations(graph.gm)
             self._step = graph.gm
