@@ -29,7 +29,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the CPU install has no Triton; the SDPA path is used instead
+except ImportError:  # CPU builds of torch do not bring Triton; the SDPA path is used instead
     triton = None
 
 #: Dtypes the kernel takes (``tl.dot`` on fp32 would silently use TF32).
