@@ -15,7 +15,8 @@ from transformers import LlamaConfig
 
 from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.runtime.engine import build_cached_graph
-from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, fast_attention
+from onboardlm.testing.cached import prefill_then_decode, zero_caches
+from onboardlm.transforms import fast_attention
 from onboardlm.transforms.fast_attention import use_fast_attention
 
 BATCH, PROMPT, STEPS = 2, 5, 3
@@ -26,16 +27,7 @@ CONFIG = LlamaConfig(
 
 
 def run(gm, graph, ids: torch.Tensor) -> torch.Tensor:
-    caches = {s.name: torch.zeros(BATCH, PROMPT + STEPS, *s.features, dtype=s.dtype) for s in graph.caches}
-    zero = torch.zeros(BATCH, dtype=torch.long)
-    positions = torch.arange(PROMPT + STEPS).expand(BATCH, -1)
-    outs = [gm(input_ids=ids[:, :PROMPT], position_ids=positions[:, :PROMPT],
-               **{INPUT_POS: zero, KV_LEN: PROMPT, LOGIT_INDEX: zero + PROMPT - 1}, **caches)[:, -1]]  # fmt: skip
-    for step in range(STEPS):
-        pos = PROMPT + step
-        outs.append(gm(input_ids=ids[:, pos : pos + 1], position_ids=positions[:, pos : pos + 1],
-                       **{INPUT_POS: zero + pos, KV_LEN: pos + 1, LOGIT_INDEX: zero}, **caches)[:, -1])  # fmt: skip
-    return torch.stack(outs)
+    return prefill_then_decode(gm, zero_caches(graph, BATCH, PROMPT + STEPS), ids, PROMPT)
 
 
 def main(out_path: str) -> None:

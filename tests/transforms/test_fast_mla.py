@@ -11,7 +11,8 @@ from transformers import AutoConfig
 from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.runtime.engine import build_cached_graph
 from onboardlm.testing import tiny_config
-from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, cached_ops
+from onboardlm.testing.cached import prefill_then_decode, zero_caches
+from onboardlm.transforms import cached_ops
 from onboardlm.transforms.fast_mla import fast_cached_mla, use_fast_mla
 
 HEADS, NOPE, ROPE, V, RANK = 4, 16, 8, 12, 24
@@ -71,17 +72,8 @@ def test_deepseek_v3_graph_decodes_the_same() -> None:
     assert use_fast_mla(fast) == config.num_hidden_layers
     batch, prompt, steps = 2, 6, 3
     ids = torch.randint(0, config.vocab_size, (batch, prompt + steps))
-    positions = torch.arange(prompt + steps).expand(batch, -1)
-    zero = torch.zeros(batch, dtype=torch.long)
 
     def run(gm) -> torch.Tensor:
-        caches = {s.name: torch.zeros(batch, prompt + steps, *s.features) for s in graph.caches}
-        outs = [gm(input_ids=ids[:, :prompt], position_ids=positions[:, :prompt],
-                   **{INPUT_POS: zero, KV_LEN: prompt, LOGIT_INDEX: zero + prompt - 1}, **caches)[:, -1]]  # fmt: skip
-        for pos in range(prompt, prompt + steps):
-            outs.append(gm(input_ids=ids[:, pos : pos + 1], position_ids=positions[:, pos : pos + 1],
-                           **{INPUT_POS: zero + pos, KV_LEN: pos + 1, LOGIT_INDEX: zero}, **caches)[:, -1])  # fmt: skip
-        return torch.stack(outs)
+        return prefill_then_decode(gm, zero_caches(graph, batch, prompt + steps), ids, prompt)
 
-    with torch.inference_mode():
-        torch.testing.assert_close(run(fast), run(graph.gm), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(fast), run(graph.gm), rtol=1e-5, atol=1e-5)

@@ -10,22 +10,14 @@ from onboardlm.export import torch_export_to_gm
 from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.runtime.engine import build_cached_graph
 from onboardlm.testing import tiny_config
-from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX
+from onboardlm.testing.cached import prefill_then_decode, zero_caches
 from onboardlm.transforms.fold_weights import fold_weight_computations
 
 BATCH, SEQ = 2, 7
 
 
 def _prefill_and_decode(graph, ids: torch.Tensor) -> torch.Tensor:
-    caches = {s.name: torch.zeros(BATCH, SEQ, *s.features, dtype=s.dtype) for s in graph.caches}
-    zero = torch.zeros(BATCH, dtype=torch.long)
-    positions = torch.arange(SEQ).expand(BATCH, SEQ)
-    with torch.inference_mode():
-        first = graph.gm(input_ids=ids[:, :-1], position_ids=positions[:, :-1],
-                         **{INPUT_POS: zero, KV_LEN: SEQ - 1, LOGIT_INDEX: zero + SEQ - 2}, **caches)  # fmt: skip
-        second = graph.gm(input_ids=ids[:, -1:], position_ids=positions[:, -1:],
-                          **{INPUT_POS: zero + SEQ - 1, KV_LEN: SEQ, LOGIT_INDEX: zero}, **caches)  # fmt: skip
-    return torch.stack([first[:, -1], second[:, -1]])
+    return prefill_then_decode(graph.gm, zero_caches(graph, BATCH, SEQ), ids, SEQ - 1)
 
 
 def _targets(gm) -> list[str]:

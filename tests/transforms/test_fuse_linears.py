@@ -28,7 +28,8 @@ from transformers import (
 
 from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.runtime.engine import build_cached_graph
-from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, CachedGraph
+from onboardlm.testing.cached import prefill_then_decode
+from onboardlm.transforms import CachedGraph
 from onboardlm.transforms.compile import SpeedOptions, accelerate
 from onboardlm.transforms.fuse_linears import LINEAR_TARGETS, fuse_shared_input_linears
 
@@ -112,15 +113,7 @@ def _prefill_and_decode(
 ) -> torch.Tensor:
     """Logits of the last prompt token and of one decoded token (on a fresh cache unless given)."""
     caches = _caches(graph) if caches is None else caches
-    run = graph.gm if run is None else run
-    zero = torch.zeros(BATCH, dtype=torch.long)
-    positions = torch.arange(SEQ).expand(BATCH, SEQ)
-    with torch.inference_mode():
-        first = run(input_ids=ids[:, :-1], position_ids=positions[:, :-1],
-                    **{INPUT_POS: zero, KV_LEN: SEQ - 1, LOGIT_INDEX: zero + SEQ - 2}, **caches)  # fmt: skip
-        second = run(input_ids=ids[:, -1:], position_ids=positions[:, -1:],
-                     **{INPUT_POS: zero + SEQ - 1, KV_LEN: SEQ, LOGIT_INDEX: zero}, **caches)  # fmt: skip
-    return torch.stack([first[:, -1], second[:, -1]])
+    return prefill_then_decode(graph.gm if run is None else run, caches, ids, SEQ - 1)
 
 
 def _linear_count(gm: GraphModule) -> int:

@@ -14,7 +14,8 @@ from transformers import LlamaConfig
 
 from onboardlm.export import causal_lm_dynamic_shapes, torch_export_to_gm
 from onboardlm.models.factory import AutoModelForCausalLMFactory
-from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, insert_cached_attention, insert_logit_gather
+from onboardlm.testing.cached import prefill_then_decode
+from onboardlm.transforms import insert_cached_attention, insert_logit_gather
 from onboardlm.transforms.backends import use_direct_kernels
 from onboardlm.transforms.compile import FastGraph, SpeedOptions, uncapturable_reason
 from onboardlm.transforms.fast_attention import use_fast_attention
@@ -41,13 +42,7 @@ def model_and_graph():
 
 
 def _prefill_and_decode(run, graph, ids: torch.Tensor, caches: dict) -> list[torch.Tensor]:
-    zero = torch.zeros(BATCH, dtype=torch.long)
-    positions = torch.arange(SEQ).expand(BATCH, SEQ)
-    first = run(input_ids=ids[:, :-1], position_ids=positions[:, :-1],
-                **{INPUT_POS: zero, KV_LEN: SEQ - 1, LOGIT_INDEX: zero + SEQ - 2}, **caches)  # fmt: skip
-    second = run(input_ids=ids[:, -1:], position_ids=positions[:, -1:],
-                 **{INPUT_POS: zero + SEQ - 1, KV_LEN: SEQ, LOGIT_INDEX: zero}, **caches)  # fmt: skip
-    return [first[:, -1], second[:, -1]]
+    return list(prefill_then_decode(run, caches, ids, SEQ - 1))
 
 
 def _caches(graph) -> dict[str, torch.Tensor]:
