@@ -229,13 +229,16 @@ def allocate_cache(specs: Any, max_batch: int, max_seq: int, device: str) -> dic
     return {s.name: torch.zeros(max_batch, max_seq, *s.features, dtype=s.dtype, device=device) for s in specs}
 
 
-def cached_graph(model: torch.nn.Module) -> Any:
-    """The ``onboardlm run`` graph: export, KV cache, logit gather, direct kernels."""
+def cached_graph(model: torch.nn.Module, shard: Callable[[GraphModule], object] | None = None) -> Any:
+    """The ``onboardlm run`` graph: export, (``shard`` for tensor parallelism), KV cache, logit gather,
+    direct kernels."""
     ids = torch.zeros(2, 8, dtype=torch.long, device=DEV.device)
     positions = torch.arange(8, device=DEV.device).expand(2, 8)
     gm = torch_export_to_gm(
         model, kwargs={"input_ids": ids, "position_ids": positions}, dynamic_shapes=causal_lm_dynamic_shapes()
     )
+    if shard is not None:
+        shard(gm)
     cached = insert_cached_attention(gm)
     insert_logit_gather(cached.gm)
     use_direct_kernels(cached.gm)
