@@ -6,6 +6,9 @@ Every section records its error and the run goes on. Shapes: Llama-3-8B, SmolLM2
 Qwen3-MoE with 128 experts (8 active) and fewer layers. Figures: prefill latency (1x2048, 8x512),
 decode tokens/s at batch 1/8/64 (prompt 512, 128 new tokens), peak GPU memory, and the measured
 roofline (bf16 matmul ceiling, copy bandwidth) to express each figure as a fraction of its limit.
+Beside transformers: onboardlm with one part of its fast path off at a time (ablations), the plain
+PyTorch static-cache + ``torch.compile`` + CUDA-graph model of ``plain_recipe.py``, and a profile of
+the default path. ``--prefill-only`` measures prefill alone; ``--smoke`` runs tiny shapes on the CPU.
 """
 
 from __future__ import annotations
