@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MixtralConfig
 from typer.testing import CliRunner
 
 from onboardlm.cli import app
@@ -37,6 +37,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer random Mixtral, saved by transformers in the hub layout (``block_sparse_moe.*.w1``)."""
+    directory = tmp_path_factory.mktemp("tiny_mixtral_tp")
+    gguf = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+        initializer_range=0.2,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -47,7 +64,14 @@ def _prompt_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("[PROMPT ")]
 
 
-def test_two_ranks_answer_like_one_process(tiny_model: Path) -> None:
+@pytest.mark.parametrize(
+    ("fixture", "rank_local"),
+    [("tiny_model", True), ("tiny_mixtral", False)],  # Mixtral's hub layout needs transformers' conversion
+)
+def test_two_ranks_answer_like_one_process(
+    fixture: str, rank_local: bool, request: pytest.FixtureRequest
+) -> None:
+    tiny_model = request.getfixturevalue(fixture)
     single = CliRunner().invoke(app, ["run", "--model", str(tiny_model), *ARGS])
     assert single.exit_code == 0, single.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -59,6 +83,7 @@ def test_two_ranks_answer_like_one_process(tiny_model: Path) -> None:
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "tensor parallel over 2 ranks" in launched.stdout
+    assert ("this rank read only its shards" in launched.stdout) == rank_local  # else the whole-model load
     lines = _prompt_lines(launched.stdout)
     assert len(lines) == 2  # rank 0 prints, rank 1 stays quiet
     assert lines == _prompt_lines(single.output)

@@ -130,7 +130,8 @@ def _load_and_run(model: str | None, settings: Any, prompt: list[str] | None) ->
         f"[green]loaded[/] {report.model_class} ({kind}) from {report.weights_source}; "
         f"{len(runner.graph.caches) // 2} cached attention layers, "
         f"{str(runner.graph.caches[0].dtype).removeprefix('torch.')} on {runner.device}"
-        + (f", tensor parallel over {settings.world_size} ranks" if settings.world_size > 1 else ""),
+        + (f", tensor parallel over {settings.world_size} ranks" if settings.world_size > 1 else "")
+        + "".join(f"; {note}" for note in report.notes),
         highlight=False,
         soft_wrap=True,
     )

@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any, ClassVar, Literal
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
@@ -158,6 +159,21 @@ class AutoModelForCausalLMFactory:
                 model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=trust)
         keep_in_fp32(model, self.fp32_pattern(model))
         return model.eval()
+
+    def build_empty(self, dtype: torch.dtype | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """The model with every tensor on the meta device (no memory), and its buffers' values (CPU).
+
+        For a tensor-parallel rank that exports and shards the model before reading only its part of
+        the checkpoint; the buffers (RoPE tables and the like, often absent from checkpoints) are
+        computed here, once, to be put back after sharding.
+        """
+        with init_empty_weights(include_buffers=False):
+            model = self.build_model("cpu", dtype, init_weights=False)
+        buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+        model = model.to("meta")
+        if getattr(self.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+            model.tie_weights()
+        return model, buffers
 
     def fp32_pattern(self, model: nn.Module) -> re.Pattern[str] | None:
         """Names transformers keeps in fp32 at the dtype ``model`` was built in (see ``precision``)."""

@@ -6,13 +6,16 @@ onboarding E2E phase; :class:`Runner` keeps the loaded graph for several calls.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.fx import GraphModule
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from onboardlm.errors import OnboardlmError
+from onboardlm.errors import OnboardlmError, WeightsError
 from onboardlm.models.factory import AutoModelForCausalLMFactory, LoadReport
 from onboardlm.models.source import default_model_path
 from onboardlm.registry.settings import RunSettings
@@ -21,8 +24,11 @@ from onboardlm.runtime.chat import encode_chat_prompt, stop_token_ids
 from onboardlm.runtime.engine import CachedModel, build_cached_graph
 from onboardlm.runtime.prompts import default_prompts
 from onboardlm.runtime.sampler import make_generator
-from onboardlm.runtime.tensor_parallel import graph_sharder, rank_for_run
+from onboardlm.runtime.tensor_parallel import graph_sharder, rank_for_run, rank_local_sharder
 from onboardlm.transforms import CachedGraph
+from onboardlm.transforms.sharding import ShardingReport
+
+logger = logging.getLogger(__name__)
 
 #: The model the shipped GGUF file holds; its registry entry applies to the default run.
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -95,8 +101,17 @@ class Runner:
         location = model_location(model)
         factory = AutoModelForCausalLMFactory(location, settings.model_kwargs)
         tokenizer = factory.tokenizer()
-        lean, report = factory.build_and_load(device=device, dtype=resolve_dtype(settings.dtype))
-        graph = build_cached_graph(lean, shard)
+        dtype = resolve_dtype(settings.dtype)
+        weights = factory.source.weights
+        graph: CachedGraph | None = None
+        if shard is not None and weights is not None and weights.format == "safetensors":
+            try:
+                graph, report = _rank_local_graph(factory, shard, device, dtype)
+            except WeightsError as error:  # e.g. an older hub layout: transformers converts it whole
+                logger.warning("reading this rank's shards failed (%s); loading the whole checkpoint", error)
+        if graph is None:
+            lean, report = factory.build_and_load(device=device, dtype=dtype)
+            graph = build_cached_graph(lean, shard)
         return cls(model or DEFAULT_MODEL_ID, settings, factory.config, tokenizer, graph, report, device)
 
     def run(self, prompts: list[str] | None = None) -> list[PromptResult]:
@@ -141,6 +156,23 @@ class Runner:
                     )
                 )
         return results
+
+
+def _rank_local_graph(
+    factory: AutoModelForCausalLMFactory,
+    shard: Callable[[GraphModule], ShardingReport],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> tuple[CachedGraph, LoadReport]:
+    """A tensor-parallel rank's graph: exported from a meta-device model, sharded, then filled with only
+    this rank's slices of the safetensors checkpoint (no rank holds the whole model)."""
+    weights = factory.source.weights
+    assert weights is not None
+    lean, buffers = factory.build_empty(dtype)
+    graph = build_cached_graph(lean, rank_local_sharder(shard, device, buffers, weights.files))
+    cls_name, is_custom = type(lean).__name__, factory.model_class()[1]
+    source = ", ".join(str(f) for f in weights.files)
+    return graph, LoadReport(cls_name, is_custom, source, notes=["this rank read only its shards"])
 
 
 def run_prompts(

@@ -2,22 +2,26 @@
 
     torchrun --nproc-per-node N -m onboardlm.cli run --model MODEL --world-size N
 
-Every rank builds and exports the model, checks the sharding plan (bad sizes fail here, before any
-process group exists), joins the group (NCCL on CUDA, gloo on CPU) and shards its graph; rank 0
-prints. The collectives are torch.distributed's own.
+Every rank exports the model, checks the sharding plan (bad sizes fail here, before any process group
+exists), joins the group (NCCL on CUDA, gloo on CPU) and shards its graph; rank 0 prints. The
+collectives are torch.distributed's own. With a safetensors checkpoint the model is exported from the
+meta device and each rank reads only its slices (:func:`rank_local_sharder`); other checkpoints
+(and layouts that transformers must convert) are loaded whole, then sharded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.fx import GraphModule
 
 from onboardlm.errors import OnboardlmError
-from onboardlm.runtime.distributed import RankInfo, rank_device
-from onboardlm.transforms.sharding import ShardingReport, apply_sharding_hints, plan_sharding
+from onboardlm.runtime.distributed import RankInfo, load_rank_weights, rank_device
+from onboardlm.transforms.sharding import ParamShard, ShardingReport, apply_sharding_hints, plan_sharding
 
 LAUNCH_HINT = "launch it as: torchrun --nproc-per-node {n} -m onboardlm.cli run ... --world-size {n}"
 
@@ -47,6 +51,69 @@ def graph_sharder(info: RankInfo, device: torch.device) -> Callable[[GraphModule
         return apply_sharding_hints(gm, info.rank, info.world_size)
 
     return shard
+
+
+def rank_local_sharder(
+    shard: Callable[[GraphModule], ShardingReport],
+    device: torch.device,
+    buffers: Mapping[str, torch.Tensor],
+    files: Sequence[Path],
+) -> Callable[[GraphModule], ShardingReport]:
+    """``shard`` for a graph exported from a meta-device model, then fill this rank's part only.
+
+    After sharding, every meta tensor of the graph gets memory on ``device`` (tensors that alias each
+    other, such as tied embeddings, stay one tensor), the buffers get their computed values (cut
+    like a sharded parameter where the plan shards them), the device arguments the export recorded
+    point at ``device``, and :func:`load_rank_weights` reads this rank's slices of the safetensors
+    ``files``.
+    """
+
+    def shard_and_load(gm: GraphModule) -> ShardingReport:
+        report = shard(gm)
+        _materialize(gm, device, buffers, report.params)
+        _retarget_device(gm, device)
+        load_rank_weights(gm, files, report.params)
+        return report
+
+    return shard_and_load
+
+
+def _materialize(
+    gm: GraphModule,
+    device: torch.device,
+    buffers: Mapping[str, torch.Tensor],
+    shards: Mapping[str, ParamShard],
+) -> None:
+    made: dict[int, torch.Tensor] = {}
+    for store_name in ("_parameters", "_buffers"):
+        for module_name, module in gm.named_modules(remove_duplicate=False):
+            store = getattr(module, store_name)
+            for name, tensor in list(store.items()):
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if id(tensor) not in made:
+                    full = f"{module_name}.{name}" if module_name else name
+                    value = buffers.get(full)
+                    if value is not None:
+                        value = shards[full].cut(value) if full in shards else value
+                        value = value.to(device=device, dtype=tensor.dtype)
+                    else:
+                        value = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                    is_param = isinstance(tensor, nn.Parameter)
+                    made[id(tensor)] = nn.Parameter(value, requires_grad=False) if is_param else value
+                store[name] = made[id(tensor)]
+
+
+def _retarget_device(gm: GraphModule, device: torch.device) -> None:
+    """Point the device arguments the export recorded (``meta``: where the model was traced) at ``device``."""
+
+    def swap(value: object) -> object:
+        return device if isinstance(value, torch.device) and value.type == "meta" else value
+
+    for node in gm.graph.nodes:
+        node.args = torch.fx.node.map_aggregate(node.args, swap)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, swap)
+    gm.recompile()
 
 
 def close_process_group() -> None:

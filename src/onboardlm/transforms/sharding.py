@@ -382,8 +382,9 @@ def plan_sharding(
 
 
 def check_devices(world_size: int, device: torch.device) -> None:
-    """Refuse more ranks than accelerators of ``device``'s type (CPU ranks are processes, not devices)."""
-    if device.type == "cpu":
+    """Refuse more ranks than accelerators of ``device``'s type (CPU ranks are processes, not devices;
+    a meta-device graph is placed later, on the rank's own device, which is checked then)."""
+    if device.type in ("cpu", "meta"):
         return
     available = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
     if world_size > available:
