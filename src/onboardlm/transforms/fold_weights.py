@@ -14,18 +14,13 @@ only pure calls (no in-place or otherwise side-effecting op); metadata checks on
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
+
 _METADATA_CHECKS = (torch.ops.aten._assert_tensor_metadata.default,)
-
-
-def _attribute(gm: GraphModule, target: str) -> Any:
-    module_path, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(module_path), name)
 
 
 def _is_pure_call(node: Node) -> bool:
@@ -55,7 +50,7 @@ def _evaluate(gm: GraphModule) -> tuple[dict[Node, torch.Tensor | None], list[No
     with torch.no_grad():
         for node in gm.graph.nodes:
             if node.op == "get_attr":
-                value = _attribute(gm, str(node.target))
+                value = graph_tensor(gm, str(node.target))
                 if isinstance(value, torch.Tensor):
                     values[node] = value
                 continue
@@ -120,10 +115,7 @@ def fold_weight_computations(gm: GraphModule) -> int:
     for node in reversed(list(gm.graph.nodes)):
         if (node in read_before or node.op == "call_function") and node in values and not node.users:
             gm.graph.erase_node(node)
-    read_now = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in {str(n.target) for n in read_before} - read_now:
-        module_path, _, name = target.rpartition(".")
-        delattr(gm.get_submodule(module_path), name)
+    drop_unread(gm, (str(n.target) for n in read_before))
     gm.graph.lint()
     gm.recompile()
     return len(folded)

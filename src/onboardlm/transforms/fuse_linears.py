@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
+
 #: The linear calls this pass fuses: ``(input, weight[, bias])``.
 LINEAR_TARGETS = (F.linear, torch.ops.aten.linear.default)
 _ARG_NAMES = ("input", "weight", "bias")
@@ -50,17 +52,12 @@ class _Linear:
         return self.input, weight.dtype, weight.device, weight.shape[1], bias_key
 
 
-def _attribute(gm: GraphModule, target: str) -> object:
-    module_path, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(module_path), attr)
-
-
 def _plain_tensor(gm: GraphModule, node: object, ndim: int) -> torch.Tensor | None:
     """The tensor ``node`` reads when it is a ``get_attr`` of a plain float tensor of ``ndim`` dims."""
     if not (isinstance(node, Node) and node.op == "get_attr"):
         return None
     try:
-        value = _attribute(gm, str(node.target))
+        value = graph_tensor(gm, str(node.target))
     except AttributeError:
         return None
     if type(value) not in (torch.Tensor, nn.Parameter) or value.ndim != ndim:
@@ -112,10 +109,7 @@ def _delete_unread(gm: GraphModule, nodes: list[Node]) -> None:
     for node in nodes:
         if not node.users:
             gm.graph.erase_node(node)
-    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in {str(n.target) for n in nodes} - read:
-        module_path, _, attr = target.rpartition(".")
-        delattr(gm.get_submodule(module_path), attr)
+    drop_unread(gm, (str(n.target) for n in nodes))
 
 
 def _fuse(gm: GraphModule, group: list[_Linear]) -> None:

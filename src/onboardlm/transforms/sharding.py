@@ -42,6 +42,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import OnboardlmError, UnsupportedFeature
+from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +141,7 @@ def _param(gm: GraphModule, node: Any, role: str, user: Node) -> Node:
 
 
 def _shape(gm: GraphModule, node: Node) -> torch.Size:
-    return _get_attr(gm, _param_name(node)).shape
-
-
-def _get_attr(gm: GraphModule, target: str) -> torch.Tensor:
-    module_path, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(module_path), attr)
+    return graph_tensor(gm, _param_name(node)).shape
 
 
 def _even_range(size: int, rank: int, world_size: int, what: str) -> tuple[int, int]:
@@ -419,7 +415,7 @@ def apply_sharding_hints(
     _shift_expert_ids(gm, plan.expert_offsets)
     _insert_collectives(gm, plan.all_reduces, group_name)
     gm.graph.eliminate_dead_code()
-    _delete_unused_params(gm, plan.report.dropped)
+    drop_unread(gm, plan.report.dropped)
     gm.delete_all_unused_submodules()
     gm.recompile()
     _refresh_shapes(gm)
@@ -468,14 +464,6 @@ def _insert_collectives(gm: GraphModule, nodes: Sequence[Node], group_name: str)
             waited = gm.graph.call_function(functional.wait_tensor.default, (reduced,))
         node.replace_all_uses_with(waited)
         gm.graph.erase_node(node)
-
-
-def _delete_unused_params(gm: GraphModule, names: Sequence[str]) -> None:
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in names:
-        if name not in used:
-            module_path, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(module_path), attr)
 
 
 def _refresh_shapes(gm: GraphModule) -> None:
