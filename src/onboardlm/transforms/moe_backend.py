@@ -27,6 +27,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.operator_schemas import normalize_function
 
 from onboardlm.ops.moe import ActivationType, torch_moe
+from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
 
 #: Above this many tokens the all-experts path computes too much; grouped GEMMs run instead.
 DENSE_MAX_TOKENS = 256
@@ -150,10 +151,7 @@ def _is_torch_moe(node: Node) -> bool:
 def _attribute(gm: GraphModule, node: Node) -> torch.Tensor:
     if node.op != "get_attr":
         raise ValueError(f"expert weight {node.name} is not a parameter of the graph")
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value
+    return graph_tensor(gm, str(node.target))
 
 
 def use_grouped_moe(gm: GraphModule) -> int:
@@ -188,9 +186,11 @@ def use_grouped_moe(gm: GraphModule) -> int:
         grouped.meta = dict(node.meta)
         node.replace_all_uses_with(grouped)
         gm.graph.erase_node(node)
-        for weight in {n for name in ("w1_weight", "w2_weight", "w3_weight") for n in args[name]}:
+        experts = {n for name in ("w1_weight", "w2_weight", "w3_weight") for n in args[name]}
+        for weight in experts:
             if not weight.users:
                 gm.graph.erase_node(weight)
+        drop_unread(gm, (str(n.target) for n in experts))  # the stacked copies replace them
         changed += 1
     gm.graph.lint()
     gm.recompile()
