@@ -86,5 +86,7 @@ def test_graph_pass_replaces_torch_moe_and_keeps_the_output() -> None:
     assert not any("torch_moe" in str(n.target) for n in gm.graph.nodes)
     assert sum(n.op == "get_attr" for n in gm.graph.nodes) == 3
     held = dict(gm.named_parameters()) | dict(gm.named_buffers())
-    assert sorted(held) == sorted(str(n.target) for n in gm.graph.nodes if n.op == "get_attr")  # no experts kept
+    assert sorted(held) == sorted(
+        str(n.target) for n in gm.graph.nodes if n.op == "get_attr"
+    )  # no experts kept
     torch.testing.assert_close(gm(x, ids, weights), expected, rtol=1e-5, atol=1e-5)
