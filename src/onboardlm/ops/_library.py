@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._library.custom_ops import OPDEFS
 
 NAMESPACE = "auto_deploy"
 
@@ -66,3 +67,12 @@ def canonical_op(name: str) -> Callable[[Callable[..., Any]], Any]:
 def get_op(name: str) -> torch._ops.OpOverloadPacket:
     """The registered op packet ``torch.ops.auto_deploy.<name>``."""
     return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def op_targets(name: str) -> tuple[object, ...]:
+    """What the target of an FX node calling op ``name`` may be: the packet, its default overload and,
+    for an op defined in Python, the op object and its implementation (what ``use_direct_kernels``
+    calls instead)."""
+    packet = get_op(name)
+    definition = OPDEFS.get(f"{NAMESPACE}::{name}")
+    return (packet, packet.default) + (() if definition is None else (definition, definition._init_fn))

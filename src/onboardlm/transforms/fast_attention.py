@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule
 
 from onboardlm.kernels import decode_attention as decode_kernel
+from onboardlm.ops._library import op_targets
 from onboardlm.ops.attention import check_layout, from_bnsd, to_bnsd
 from onboardlm.transforms import cached_ops
 
@@ -156,11 +157,6 @@ def fast_cached_attention(
     return from_bnsd(out, layout)
 
 
-def _is_cached_attention(target: object) -> bool:
-    op = getattr(torch.ops.auto_deploy, cached_ops.CACHED_ATTENTION)
-    return target in (op, op.default, cached_ops.cached_attention, cached_ops.cached_attention._init_fn)
-
-
 def use_fast_attention(gm: GraphModule, decode_kernel_allowed: bool = True) -> int:
     """Make every cached-attention node of ``gm`` call :func:`fast_cached_attention` (in place).
 
@@ -171,7 +167,7 @@ def use_fast_attention(gm: GraphModule, decode_kernel_allowed: bool = True) -> i
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if _is_cached_attention(node.target) or node.target is fast_cached_attention:
+        if node.target in op_targets(cached_ops.CACHED_ATTENTION) or node.target is fast_cached_attention:
             node.target = fast_cached_attention
             node.kwargs = {**node.kwargs, "decode_kernel_allowed": decode_kernel_allowed}
             changed += 1

@@ -23,6 +23,7 @@ import math
 import torch
 from torch.fx import GraphModule
 
+from onboardlm.ops._library import op_targets
 from onboardlm.ops.attention import check_layout, from_bnsd, to_bnsd
 from onboardlm.transforms import cached_ops
 
@@ -72,16 +73,11 @@ def fast_cached_mla(
     return from_bnsd(out[:, :, None], layout)
 
 
-def _is_cached_mla(target: object) -> bool:
-    op = getattr(torch.ops.auto_deploy, cached_ops.CACHED_MLA)
-    return target in (op, op.default, cached_ops.cached_mla, cached_ops.cached_mla._init_fn)
-
-
 def use_fast_mla(gm: GraphModule) -> int:
     """Make every cached MLA node of ``gm`` call :func:`fast_cached_mla` (in place); returns the count."""
     changed = 0
     for node in gm.graph.nodes:
-        if node.op == "call_function" and _is_cached_mla(node.target):
+        if node.op == "call_function" and node.target in op_targets(cached_ops.CACHED_MLA):
             node.target = fast_cached_mla
             changed += 1
     gm.graph.lint()

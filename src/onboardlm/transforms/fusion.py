@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch._library.custom_ops import OPDEFS
 from torch.fx import GraphModule, Node
 
-from onboardlm.ops._library import NAMESPACE
+from onboardlm.ops._library import NAMESPACE, op_targets
 from onboardlm.ops.norm import torch_rmsnorm
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ def _fused_op_name(node: Node) -> str | None:
     if node.op != "call_function":
         return None
     for name in FUSED_OPS:
-        op = getattr(torch.ops.auto_deploy, name)
-        if node.target in (op, op.default, _implementation(name)):
+        if node.target in op_targets(name):
             return name
     return None
 

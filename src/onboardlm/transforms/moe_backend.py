@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.fx.operator_schemas import normalize_function
 
+from onboardlm.ops._library import op_targets
 from onboardlm.ops.moe import ActivationType, torch_moe
 from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
 
@@ -141,11 +142,7 @@ def grouped_moe(
 
 
 def _is_torch_moe(node: Node) -> bool:
-    return node.op == "call_function" and node.target in (
-        torch.ops.auto_deploy.torch_moe,
-        torch.ops.auto_deploy.torch_moe.default,
-        torch_moe._init_fn,
-    )
+    return node.op == "call_function" and node.target in op_targets("torch_moe")
 
 
 def _attribute(gm: GraphModule, node: Node) -> torch.Tensor:
