@@ -1,9 +1,11 @@
 """Shared test setup: one torch thread per xdist worker, GPU tests skipped without CUDA, factory
-registrations restored after each test."""
+registrations restored after each test, a two-rank ``torchrun`` command."""
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -36,3 +38,13 @@ def _factory_registrations() -> Iterator[None]:
     """Tests that import a generated model file register it; undo that after each test."""
     with AutoModelForCausalLMFactory.registrations_restored():
         yield
+
+
+@pytest.fixture
+def torchrun_two_ranks() -> list[str]:
+    """The command prefix that starts two local ranks under ``torch.distributed.run`` on a free port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(port)]  # fmt: skip

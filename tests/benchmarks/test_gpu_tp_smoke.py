@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_tp.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_rank_smoke_run_matches_one_rank(tmp_path: Path) -> None:
+def test_two_rank_smoke_run_matches_one_rank(tmp_path: Path, torchrun_two_ranks: list[str]) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), str(SCRIPT), "--smoke"],
+        [*torchrun_two_ranks, str(SCRIPT), "--smoke"],
         capture_output=True, text=True, env=env, timeout=300, check=False,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]

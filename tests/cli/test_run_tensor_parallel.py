@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,12 +52,6 @@ def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _prompt_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("[PROMPT ")]
 
@@ -69,16 +61,14 @@ def _prompt_lines(text: str) -> list[str]:
     [("tiny_model", True), ("tiny_mixtral", False)],  # Mixtral's hub layout needs transformers' conversion
 )
 def test_two_ranks_answer_like_one_process(
-    fixture: str, rank_local: bool, request: pytest.FixtureRequest
+    fixture: str, rank_local: bool, request: pytest.FixtureRequest, torchrun_two_ranks: list[str]
 ) -> None:
     tiny_model = request.getfixturevalue(fixture)
     single = CliRunner().invoke(app, ["run", "--model", str(tiny_model), *ARGS])
     assert single.exit_code == 0, single.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-         "--master-port", str(_free_port()), "-m", "onboardlm.cli", "run", "--model", str(tiny_model),
-         "--world-size", "2", *ARGS],
+        [*torchrun_two_ranks, "-m", "onboardlm.cli", "run", "--model", str(tiny_model), "--world-size", "2", *ARGS],
         capture_output=True, text=True, env=env, timeout=300, check=False,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-3000:]
