@@ -85,6 +85,16 @@ def _check(name: str, got: torch.Tensor, caches: tuple[torch.Tensor, torch.Tenso
     assert error < 0.01, f"{name}: RMSE ratio {error:.2e}"
 
 
+def _interpreted(script: str, *paths: Path) -> dict[str, torch.Tensor]:
+    """Run ``script`` (beside this file) under Triton's interpreter; its last path is what it writes."""
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name(script)), *map(str, paths)],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return load_file(paths[-1])
+
+
 def test_interpreted_kernel_matches_float64(tmp_path: Path) -> None:
     cases = {name: _case(name, torch.float16, "cpu") for name in CASES}
     tensors = {f"{name}.{key}": value for name, case in cases.items() for key, value in case.items()
@@ -92,14 +102,9 @@ def test_interpreted_kernel_matches_float64(tmp_path: Path) -> None:
     scalars = {name: {k: case[k] for k in ("kv_len", "scale", "window")} for name, case in cases.items()}
     save_file(tensors, tmp_path / "cases.safetensors")
     (tmp_path / "cases.safetensors.json").write_text(json.dumps(scalars))
-    script = Path(__file__).with_name("_run_interpreted.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "cases.safetensors"), str(tmp_path / "out.safetensors")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    outputs = load_file(tmp_path / "out.safetensors")
+    outputs = _interpreted(
+        "_run_interpreted.py", tmp_path / "cases.safetensors", tmp_path / "out.safetensors"
+    )
     for name, case in cases.items():
         _check(name, outputs[name], (outputs[f"{name}.k_cache"], outputs[f"{name}.v_cache"]), case)
 
@@ -117,13 +122,7 @@ def test_gpu_kernel_matches_float64(name: str, dtype: torch.dtype) -> None:
 
 def test_cached_graph_decodes_through_the_kernel_as_through_sdpa(tmp_path: Path) -> None:
     """The fast path's wiring (head/KV layouts, cache writes) on the CPU, under the interpreter."""
-    script = Path(__file__).with_name("_run_graph_interpreted.py")
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "out.safetensors")],
-        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = load_file(tmp_path / "out.safetensors")
+    out = _interpreted("_run_graph_interpreted.py", tmp_path / "out.safetensors")
     assert int(out["kernel_calls"]) == 3 * 2  # three decode steps, two layers
     kernel, sdpa = out["kernel"].float(), out["sdpa"].float()
     error = (kernel - sdpa).pow(2).mean().sqrt() / sdpa.pow(2).mean().sqrt()
