@@ -16,7 +16,7 @@ from torch.export import Dim
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from onboardlm.export import torch_export_to_gm
-from onboardlm.onboard.analyze_moe import analyze_mla
+from onboardlm.onboard.analyze_moe import _class_reads_attribute, analyze_mla
 from onboardlm.onboard.emit_moe import block_imports, emit_mla
 from onboardlm.onboard.spec_moe import MLASpec
 from onboardlm.testing import assert_rmse_close, tiny_config, transfer_weights
@@ -159,3 +159,22 @@ def test_exported_mla_attention_runs_a_second_shape() -> None:
     x, tables = inputs(3, 11)
     expected, _ = hf_attn(x, tables, _causal_mask(3, 11))
     assert_rmse_close(gm(x, tables), expected, ATTENTION_TOL)
+
+
+class _ReadsSwitch(nn.Module):
+    def forward(self, config: PretrainedConfig) -> bool:
+        return getattr(config, "rope_interleave", False)
+
+
+class _MentionsSwitch(nn.Module):
+    """Unlike DeepSeek-V3 this module has no rope_interleave switch."""
+
+    def forward(self, config: PretrainedConfig) -> bool:
+        # rope_interleave is not read here
+        return config.rope_theta > 0
+
+
+def test_rope_interleave_switch_is_found_in_code_not_in_text() -> None:
+    assert _class_reads_attribute(_ReadsSwitch, "rope_interleave")
+    assert _class_reads_attribute(type(_hf_model("default").model.layers[0].self_attn), "rope_interleave")
+    assert not _class_reads_attribute(_MentionsSwitch, "rope_interleave")

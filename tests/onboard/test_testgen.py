@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import transformers
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.deepseek_v3 import modeling_deepseek_v3
 from transformers.models.gemma2 import modeling_gemma2
 
@@ -219,9 +219,10 @@ def test_a_module_called_twice_per_forward_checks_every_call() -> None:
     """Llama-4's parameter-free q/k L2 norm is one module called for q and for k."""
     config = AutoConfig.for_model("llama4").get_text_config()
     tree = ast.parse(generate_test_file(config, "modeling_llama4", "llama4"))
-    test = next(
-        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "test_block_llama4_text_l2_norm"
-    )
+    # The class was Llama4TextL2Norm before transformers 5.25 and Llama4TextWeightlessRMSNorm since.
+    attention = AutoModelForCausalLM.from_config(tiny_config(config)).model.layers[0].self_attn
+    name = f"test_block_{snake_case(type(attention.qk_norm).__name__)}"
+    test = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
     loop = next(node for node in ast.walk(test) if isinstance(node, ast.For))
     assert ast.unparse(loop.iter) == "calls[path]"
     assert "assert_close(actual, call.result, rtol=0.001, atol=0.001)" in ast.unparse(loop)

@@ -8,13 +8,15 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
-from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+from transformers.models.mamba2 import modeling_mamba2
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
 from transformers.models.qwen3_next.modeling_qwen3_next import l2norm as qwen3_next_l2norm
 
 import onboardlm.ops.norm  # noqa: F401  (registers the normalisation ops)
 
 OPS = torch.ops.auto_deploy
+# transformers 5.25 renamed MambaRMSNormGated to Mamba2RMSNormGated; the tests cover both releases.
+MAMBA2_GATED_NORM = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_mamba2.MambaRMSNormGated
 H = 16
 EPS = 1e-5
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -96,7 +98,7 @@ def test_rmsnorm_gated_matches_float64(
 @pytest.mark.parametrize("with_gate", [True, False])
 @pytest.mark.parametrize("group_size", [4, H])
 def test_rmsnorm_gated_matches_mamba2(group_size: int, with_gate: bool) -> None:
-    hf = MambaRMSNormGated(H, group_size, eps=EPS)
+    hf = MAMBA2_GATED_NORM(H, group_size, eps=EPS)
     with torch.no_grad():
         hf.weight.copy_(_weight())
     x = torch.randn(2, 5, H)

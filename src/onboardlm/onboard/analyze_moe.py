@@ -9,8 +9,11 @@ config), so the emitted code reads the real config, not the tiny one.
 
 from __future__ import annotations
 
+import ast
 import copy
 import inspect
+import math
+import textwrap
 from collections.abc import Callable
 
 import torch
@@ -427,12 +430,11 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
         raise UnsupportedFeature(
             f"{path}.kv_a_proj_with_mqa", "latent KV layout other than [kv_lora_rank + rope]"
         )
-    source = inspect.getsource(inspect.getmodule(type(attn)))
-    uses_interleave = "rope_interleave" in source
+    if _complex_rotary_table(model):
+        raise UnsupportedFeature(path, "complex-frequency MLA RoPE (DeepSeek-V2 style)")
+    uses_interleave = _class_reads_attribute(type(attn), "rope_interleave")
     if uses_interleave and not hasattr(config, "rope_interleave"):
         raise UnsupportedFeature(path, "interleaved RoPE switch without config.rope_interleave")
-    if not uses_interleave and "freqs_cis" in source:
-        raise UnsupportedFeature(path, "complex-frequency MLA RoPE (DeepSeek-V2 style)")
     return MLASpec(
         class_name=type(attn).__name__,
         attr=attr,
@@ -446,8 +448,71 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
         qk_rope_head_dim=rope,
         v_head_dim=v_dim,
         rope_interleave=uses_interleave,
-        yarn_mscale="mscale_all_dim" in source,
+        yarn_mscale=_folds_yarn_mscale(config, attn, path),
         scaling=float(attn.scaling),
+    )
+
+
+def _complex_rotary_table(model: nn.Module) -> bool:
+    """Whether the model's rotary module returns complex frequencies (one table) instead of cos/sin."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if not isinstance(rotary, nn.Module):
+        return False
+    hidden = torch.zeros(1, 2, model.config.hidden_size)
+    table = rotary(hidden, torch.arange(2)[None])
+    return torch.is_complex(table if isinstance(table, torch.Tensor) else table[0])
+
+
+def _class_reads_attribute(cls: type, name: str) -> bool:
+    """Whether the source of ``cls`` itself (not its module) reads an attribute ``name``: ``x.name`` or
+    ``getattr(x, "name", ...)``. Comments, docstrings and other classes do not count."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == name:
+            return True
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value == name
+        ):
+            return True
+    return False
+
+
+# A YaRN setting whose mscale_all_dim changes the softmax scale by a factor far from 1.
+_YARN_PROBE = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 40.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def _folds_yarn_mscale(config: PretrainedConfig, attn: nn.Module, path: str) -> bool:
+    """Whether the HF attention multiplies its softmax scale by YaRN's ``mscale(factor, mscale_all_dim)**2``,
+    measured by rebuilding it under a default and a YaRN RoPE config (transformers moved this from the
+    model's module into ``modeling_rope_utils`` in 5.25, so reading the module's text is not enough)."""
+    scales = {}
+    for rope_type in ("default", "yarn"):
+        probe = copy.deepcopy(config)
+        probe.rope_parameters = (
+            dict(_YARN_PROBE) if rope_type == "yarn" else {"rope_type": "default", "rope_theta": 10000.0}
+        )
+        scales[rope_type] = float(type(attn)(probe, 0).scaling)
+    if math.isclose(scales["yarn"], scales["default"], rel_tol=1e-9):
+        return False
+    mscale = 0.1 * _YARN_PROBE["mscale_all_dim"] * math.log(_YARN_PROBE["factor"]) + 1.0
+    if math.isclose(scales["yarn"], scales["default"] * mscale**2, rel_tol=1e-6):
+        return True
+    raise UnsupportedFeature(
+        path, f"YaRN changes the softmax scale by {scales['yarn'] / scales['default']:.6g}, not by mscale**2"
     )
 
 
