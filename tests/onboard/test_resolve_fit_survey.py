@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import psutil
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from onboardlm.errors import ModelSourceError
-from onboardlm.onboard.fit import count_parameters, fit, host_memory
+from onboardlm.onboard.fit import DeviceMemory, count_parameters, fit, host_memory
 from onboardlm.onboard.resolve import resolve
 from onboardlm.onboard.survey import derived_model_types, family_stem, registry_family, survey
 
@@ -105,17 +112,41 @@ def test_fits_compares_bf16_weights_with_free_memory() -> None:
         )
     )
     huge = fit(AutoConfig.for_model("deepseek_v3"))
-    if torch.cuda.is_available() or small.run_device is None or small.run_device.free_bytes == 0:
-        pytest.skip("host memory not readable here")
+    if torch.cuda.is_available():
+        pytest.skip("a run would use the GPU, not the host")
     assert small.fits and not huge.fits
 
 
-def test_host_memory_reads_meminfo(tmp_path: Path) -> None:
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       1000 kB\nMemFree:  10 kB\nMemAvailable:    600 kB\n")
-    memory = host_memory(meminfo)
-    assert (memory.free_bytes, memory.total_bytes) == (600 * 1024, 1000 * 1024)
-    assert host_memory(tmp_path / "absent").free_bytes == 0
+def test_host_memory_is_psutils_figure() -> None:
+    memory = host_memory()
+    assert memory.total_bytes == psutil.virtual_memory().total
+    assert 0 < memory.free_bytes <= memory.total_bytes
+
+
+def test_fit_works_where_proc_meminfo_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on macOS or Windows: no /proc/meminfo. psutil (faked here) is the only source of host memory."""
+
+    def refuse_meminfo(real: Callable[..., Any]) -> Callable[..., Any]:
+        def guarded(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if "meminfo" in str(file):
+                raise FileNotFoundError(file)
+            return real(file, *args, **kwargs)
+
+        return guarded
+
+    for module in (builtins, io, os):
+        monkeypatch.setattr(module, "open", refuse_meminfo(module.open))
+    gib = 2**30
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=6 * gib, total=8 * gib))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=300
+    )
+    report = fit(config)
+    assert report.devices == [DeviceMemory("host", 6 * gib, 8 * gib)]
+    assert report.run_device == DeviceMemory("host", 6 * gib, 8 * gib) and report.fits
+    with pytest.raises(FileNotFoundError):  # the guard is live: /proc/meminfo really cannot be read here
+        Path("/proc/meminfo").read_text()
 
 
 @pytest.mark.parametrize(

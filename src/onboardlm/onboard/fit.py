@@ -7,8 +7,8 @@ no weights), so it is exact for every architecture, tied embeddings counted once
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import psutil
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -78,13 +78,7 @@ def gpu_memory() -> list[DeviceMemory]:
     return found
 
 
-def host_memory(meminfo: Path = Path("/proc/meminfo")) -> DeviceMemory:
-    """Available and total host memory from /proc/meminfo (0 when it cannot be read)."""
-    values: dict[str, int] = {}
-    try:
-        for line in meminfo.read_text().splitlines():
-            key, _, rest = line.partition(":")
-            values[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return DeviceMemory("host", 0, 0)
-    return DeviceMemory("host", values.get("MemAvailable", 0), values.get("MemTotal", 0))
+def host_memory() -> DeviceMemory:
+    """Available and total host memory, from psutil (Linux, macOS and Windows alike)."""
+    memory = psutil.virtual_memory()
+    return DeviceMemory("host", memory.available, memory.total)
