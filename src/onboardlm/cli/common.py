@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
+from onboardlm.compat import transformers_range_warning
 from onboardlm.errors import OnboardlmError
 
 app = typer.Typer(
@@ -22,6 +23,14 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+
+
+@app.callback()
+def warn_on_untested_transformers() -> None:
+    """Before any sub-command: one warning line when the installed transformers is untested."""
+    warning = transformers_range_warning()
+    if warning is not None:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
