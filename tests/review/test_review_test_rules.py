@@ -204,3 +204,17 @@ def test_run_pytest_reads_outcomes_per_test_function(tmp_path: Path) -> None:
     assert (
         set(run.failed) == {"test_one"} and set(run.skipped) == {"test_three"} and run.passed == {"test_two"}
     )
+    assert "assert 2 == 1" in run.failed["test_one"] and run.skipped["test_three"] == "Skipped: no reference"
+    assert run.summary == "1 failed, 2 passed, 1 skipped"
+
+
+def test_run_pytest_says_why_nothing_ran(tmp_path: Path) -> None:
+    broken = tmp_path / "broken_tests.py"
+    broken.write_text("import no_such_module_here\n\ndef test_one():\n    pass\n")
+    run = run_pytest(broken)
+    assert (
+        not run.ran and run.summary.startswith("collection failed") and "no_such_module_here" in run.summary
+    )
+    assert run_pytest(tmp_path / "absent_tests.py") == TestRun(
+        False, f"{tmp_path / 'absent_tests.py'}: no such test file"
+    )

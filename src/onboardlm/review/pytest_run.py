@@ -1,13 +1,12 @@
-"""``--run-tests``: run the test file with pytest in a subprocess and read per-test outcomes (JUnit XML)."""
+"""``--run-tests``: run the test file as the verify phase does and read per-test outcomes from its report."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
-import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from onboardlm.onboard.verify import verify
 
 TIMEOUT_S = 1800.0
 
@@ -26,32 +25,22 @@ class TestRun:
 
 
 def run_pytest(test_file: Path, timeout: float = TIMEOUT_S) -> TestRun:
-    """Run ``pytest test_file`` and collect which test functions failed, were skipped or passed."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider"]
-        command += [f"--junitxml={report}", "-o", "junit_family=xunit2"]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            return TestRun(False, f"pytest did not finish within {timeout:.0f} s")
-        last_line = (done.stdout.strip().splitlines() or ["no output"])[-1]
-        if done.returncode not in (0, 1) or not report.exists():
-            return TestRun(False, f"pytest exited with code {done.returncode}: {last_line}")
-        return _read_junit(report, last_line)
-
-
-def _read_junit(report: Path, summary: str) -> TestRun:
+    """Run ``pytest test_file`` (through :func:`onboardlm.onboard.verify.verify`, which reads the
+    metrics plugin's JSON) and collect which test functions failed, were skipped or passed."""
+    report = verify(test_file, timeout_s=timeout)
+    if report.reason:
+        return TestRun(False, report.reason)
     failed: dict[str, str] = {}
     skipped: dict[str, str] = {}
     seen: set[str] = set()
-    for case in ET.parse(report).getroot().iter("testcase"):
-        name = case.get("name", "").split("[", 1)[0]
+    for test in report.tests:
+        name = test.name.split("[", 1)[0]
         seen.add(name)
-        for child in case:
-            message = (child.get("message") or child.tag).splitlines()[0][:200]
-            if child.tag in ("failure", "error"):
-                failed.setdefault(name, message)
-            elif child.tag == "skipped":
-                skipped.setdefault(name, message)
+        message = (test.message or test.outcome).splitlines()[0][:200]
+        if test.outcome == "skipped":
+            skipped.setdefault(name, message)
+        elif not test.passed:
+            failed.setdefault(name, message)
+    counts = Counter(test.outcome for test in report.tests)
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
     return TestRun(True, summary, failed, skipped, frozenset(seen - set(failed) - set(skipped)))

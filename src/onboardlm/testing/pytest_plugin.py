@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+from onboardlm.registry.atomic import atomic_write_text
 from onboardlm.testing.metrics import RmseCheck, observe_rmse_checks
 
 OPTION = "--onboardlm-metrics"
@@ -145,9 +146,7 @@ class MetricsRecorder:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         data = {"exitstatus": int(exitstatus), "errors": self.errors, "tests": list(self.tests.values())}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps(data, indent=1))
-        partial.replace(self.path)
+        atomic_write_text(self.path, json.dumps(data, indent=1))
 
 
 def _message(report: pytest.TestReport | pytest.CollectReport) -> str:
