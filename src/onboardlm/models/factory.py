@@ -25,8 +25,15 @@ from typing import Any, ClassVar, Literal
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.initialization import no_init_weights
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from onboardlm.errors import ModelSourceError, WeightsError
 from onboardlm.models.checkpoint import StateDict, read_converted_state_dict, read_state_dict
@@ -135,6 +142,18 @@ class AutoModelForCausalLMFactory:
                 src.name, "has no tokenizer files", "use a model directory or GGUF with a tokenizer"
             )
         return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+
+    def generation_config(self) -> GenerationConfig:
+        """The checkpoint's generation settings (end tokens among them): its ``generation_config.json``,
+        else the generation fields of its config (a GGUF file's come from its metadata)."""
+        src = self.source
+        file = src.directory / GENERATION_CONFIG_NAME if src.directory is not None else None
+        if src.kind == "gguf" or file is None or not file.is_file():
+            return GenerationConfig.from_model_config(src.config)
+        try:
+            return GenerationConfig.from_pretrained(src.directory)
+        except (OSError, ValueError) as err:
+            raise ModelSourceError(str(file), f"cannot read the generation config: {err}") from None
 
     # ----------------------------------------------------------------- building
     def build_model(

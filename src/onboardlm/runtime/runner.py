@@ -85,6 +85,7 @@ class Runner:
     graph: CachedGraph
     report: LoadReport
     device: torch.device
+    stop_ids: frozenset[int]
 
     @classmethod
     def load(cls, model: str | None, settings: RunSettings) -> Runner:
@@ -112,7 +113,10 @@ class Runner:
         if graph is None:
             lean, report = factory.build_and_load(device=device, dtype=dtype)
             graph = build_cached_graph(lean, shard)
-        return cls(model or DEFAULT_MODEL_ID, settings, factory.config, tokenizer, graph, report, device)
+        stops = frozenset(stop_token_ids(tokenizer, factory.generation_config()))
+        return cls(
+            model or DEFAULT_MODEL_ID, settings, factory.config, tokenizer, graph, report, device, stops
+        )
 
     def run(self, prompts: list[str] | None = None) -> list[PromptResult]:
         """Answer ``prompts`` (default: the settings' prompts, else the ten default prompts) in batches."""
@@ -122,7 +126,6 @@ class Runner:
         lengths = [len(ids) for ids in encoded]  # refuse before any compute; batches are cut below
         check_fits(lengths, settings.max_new_tokens, len(lengths), settings.max_seq_len)
         generator = make_generator(settings.sampling, self.device)  # one random stream for all batches
-        stops = stop_token_ids(self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # One cache (and, on CUDA, one set of captured decode graphs) for every batch of the run.
         cache = KVCache.allocate(
@@ -139,7 +142,7 @@ class Runner:
                 batch,
                 max_new_tokens=settings.max_new_tokens,
                 sampling=settings.sampling,
-                stop_ids=stops,
+                stop_ids=self.stop_ids,
                 generator=generator,
             )
             for offset, generation in enumerate(generations):
