@@ -407,7 +407,7 @@ def generate_model_file(spec: ArchitectureSpec) -> str:
     body = "\n\n".join(block.rstrip("\n") + "\n" for block in blocks if block.strip())
     header = render(
         "header.py.j2",
-        docstring=describe(spec),
+        docstring=describe(spec).replace("\\", "\\\\").replace('"""', '\\"""'),  # model text, escaped
         functional="F.layer_norm(" in body,
         act2fn="ACT2FN[" in body,
         rope_init="ROPE_INIT_FUNCTIONS[" in body,
