@@ -4,7 +4,6 @@ registrations restored after each test, a two-rank ``torchrun`` command."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Iterator
 
@@ -42,9 +41,6 @@ def _factory_registrations() -> Iterator[None]:
 
 @pytest.fixture
 def torchrun_two_ranks() -> list[str]:
-    """The command prefix that starts two local ranks under ``torch.distributed.run`` on a free port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(port)]  # fmt: skip
+    """The command prefix that starts two local ranks under ``torch.distributed.run --standalone``,
+    whose rendezvous binds a free port itself (no port picked here and released before use)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
