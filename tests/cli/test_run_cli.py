@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from ruamel.yaml import YAML
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from typer.testing import CliRunner
 
@@ -57,7 +57,7 @@ def tiny_registry(tmp_path: Path, tiny_model: Path) -> Path:
         "name": str(tiny_model),
         "yaml_extra": ["dashboard_default.yaml", "world_size_1.yaml", "tiny.yaml"],
     }
-    (registry / "models.yaml").write_text(yaml.safe_dump({"version": 1, "models": [entry]}))
+    YAML(typ="safe").dump({"version": 1, "models": [entry]}, registry / "models.yaml")
     return registry
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
+from ruamel.yaml import YAML
 
 from onboardlm.registry import (
     RegistryError,
@@ -148,9 +148,10 @@ def test_missing_and_malformed_files_are_named(tmp_path: Path) -> None:
         load_yaml_file(broken)
     twice = write(tmp_path / "twice.yaml", "max_seq_len: 1\nmax_seq_len: 2\n")
     with pytest.raises(
-        RegistryError, match=r"twice\.yaml: malformed YAML at line 2, column 1: duplicate key"
-    ):
+        RegistryError, match=r"twice\.yaml: malformed YAML at line 2, column 1: duplicate key \"max_seq_len\""
+    ) as err:
         load_yaml_file(twice)
+    assert "\n" not in str(err.value)  # one line, not ruamel's explanation of duplicate keys
     listed = write(tmp_path / "list.yaml", "- a\n- b\n")
     with pytest.raises(RegistryError, match="expected a mapping"):
         load_yaml_file(listed)
@@ -185,4 +186,26 @@ def test_bad_registry_structure_is_reported(registry_dir: Path) -> None:
         read_entries(registry_dir)
     with pytest.raises(RegistryError, match="no models.yaml"):
         read_entries(registry_dir / "configs")
-    assert yaml.safe_load(models.read_text())  # the loader reports, it does not rewrite
+    assert YAML(typ="safe").load(models.read_text())  # the loader reports, it does not rewrite
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("modelz: []\n", "unknown top-level key 'modelz' (allowed: version, description, models)"),
+        ("version: 1\n", "expected a 'models' list at the top level"),
+        ("models: {a: 1}\n", "expected a 'models' list at the top level"),
+        ("models: [x]\n", "models[0]: expected a mapping with name and yaml_extra"),
+        ("models:\n  - {name: '  ', yaml_extra: [a.yaml]}\n", "models[0]: 'name' must be a non-empty string"),
+        ("models:\n  - {name: 7, yaml_extra: [a.yaml]}\n", "models[0]: 'name' must be a non-empty string"),
+        ("models:\n  - {name: a/b, yaml_extra: a.yaml}\n", "models[0] (a/b): 'yaml_extra' must be a list of file names"),
+        ("models:\n  - {name: a/b, yaml_extra: [a.yaml, '']}\n", "models[0] (a/b): 'yaml_extra' must be a list of file names"),
+        ("models:\n  - {name: a/b, yaml_extra: [sub/a.yaml]}\n", "models[0] (a/b): 'sub/a.yaml' must be a file name under configs/"),
+        ("models:\n  - {name: a/b, yaml_extra: [a.yaml]}\n  - {name: c/d, x: 1}\n", "models[1]: unknown key 'x' (allowed: name, yaml_extra)"),
+    ],
+)  # fmt: skip
+def test_models_file_schema_errors_are_one_line(registry_dir: Path, text: str, message: str) -> None:
+    models = write(registry_dir / "models.yaml", text)
+    with pytest.raises(RegistryError) as err:
+        read_entries(registry_dir)
+    assert str(err.value) == f"{models}: {message}"

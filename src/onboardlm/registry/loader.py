@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import copy
 import difflib
+import io
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
-from pydantic import ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import dataclasses as pydantic_dataclasses
+from pydantic_core import PydanticCustomError
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from onboardlm.registry.errors import RegistryError
 from onboardlm.registry.layout import RegistryLayout
@@ -24,34 +29,38 @@ ENTRY_KEYS = ("name", "yaml_extra")
 TOP_LEVEL_KEYS = ("version", "description", "models")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that rejects a key given twice in one mapping (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+def _yaml() -> YAML:
+    """ruamel.yaml's safe loader/dumper (YAML 1.2; a key given twice in one mapping is an error)."""
+    yaml = YAML(typ="safe")
+    yaml.default_flow_style = None  # block mappings, flow lists of scalars
+    return yaml
 
 
 def parse_yaml_text(text: str, source: str) -> Any:
-    """Parse YAML text; a syntax error becomes a :class:`RegistryError` naming ``source`` and the line."""
+    """Parse YAML text; a syntax error becomes a one-line :class:`RegistryError` naming ``source`` and
+    the line."""
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as err:
+        return _yaml().load(text)
+    except MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(err, DuplicateKeyError):  # its context is only "while constructing a mapping"
+            raise RegistryError(
+                source, f"malformed YAML{where}: {err.problem.removeprefix('found ')}"
+            ) from None
         message = f"malformed YAML{where}: {err.problem or err.context}"
         if err.problem and err.context and err.context_mark:
             message += f" ({err.context} at line {err.context_mark.line + 1})"
         raise RegistryError(source, message) from None
-    except yaml.YAMLError as err:
-        raise RegistryError(source, f"malformed YAML: {err}") from None
+    except YAMLError as err:
+        raise RegistryError(source, f"malformed YAML: {' '.join(str(err).split())}") from None
+
+
+def dump_yaml_text(data: Any) -> str:
+    """``data`` as YAML text that :func:`parse_yaml_text` reads back equal (keys in insertion order)."""
+    stream = io.StringIO()
+    _yaml().dump(data, stream)
+    return stream.getvalue()
 
 
 def load_yaml_file(path: Path | str) -> dict[str, Any]:
@@ -162,44 +171,73 @@ def merged_settings(yaml_files: Sequence[Path | str]) -> RunSettings:
     return settings_from_merged(merge_files(yaml_files))
 
 
-@dataclass(frozen=True)
+def _non_blank(name: str) -> str:
+    if not name.strip():
+        raise PydanticCustomError("blank", "blank")
+    return name
+
+
+def _bare_file_name(name: str) -> str:
+    if "/" in name or "\\" in name:
+        raise PydanticCustomError("nested_path", "must be a file name under configs/")
+    return name
+
+
+@pydantic_dataclasses.dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class RegistryEntry:
     """One model of ``models.yaml``: its name and the config files merged for it, in order."""
 
-    name: str
-    yaml_extra: tuple[str, ...]
+    name: Annotated[str, AfterValidator(_non_blank)]
+    yaml_extra: tuple[Annotated[str, StringConstraints(min_length=1), AfterValidator(_bare_file_name)], ...]
+
+
+class ModelsFile(BaseModel):
+    """The schema of ``models.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = None
+    description: str | None = None
+    models: list[RegistryEntry]
 
 
 def parse_entries(data: Mapping[str, Any], source: str) -> list[RegistryEntry]:
     """Check the structure of a loaded ``models.yaml`` and return its entries (duplicates kept)."""
-    unknown = [key for key in data if key not in TOP_LEVEL_KEYS]
-    if unknown:
-        raise RegistryError(
-            source, f"unknown top-level key '{unknown[0]}' (allowed: {', '.join(TOP_LEVEL_KEYS)})"
-        )
-    models = data.get("models")
-    if not isinstance(models, list):
-        raise RegistryError(source, "expected a 'models' list at the top level")
-    entries = []
-    for index, item in enumerate(models):
-        where = f"models[{index}]"
-        if not isinstance(item, dict):
-            raise RegistryError(source, f"{where}: expected a mapping with {' and '.join(ENTRY_KEYS)}")
-        extra = [key for key in item if key not in ENTRY_KEYS]
-        if extra:
-            raise RegistryError(
-                source, f"{where}: unknown key '{extra[0]}' (allowed: {', '.join(ENTRY_KEYS)})"
-            )
-        name, files = item.get("name"), item.get("yaml_extra")
-        if not isinstance(name, str) or not name.strip():
-            raise RegistryError(source, f"{where}: 'name' must be a non-empty string")
-        if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
-            raise RegistryError(source, f"{where} ({name}): 'yaml_extra' must be a list of file names")
-        nested = [f for f in files if "/" in f or "\\" in f]
-        if nested:
-            raise RegistryError(source, f"{where} ({name}): '{nested[0]}' must be a file name under configs/")
-        entries.append(RegistryEntry(name, tuple(files)))
-    return entries
+    try:
+        return ModelsFile.model_validate(data).models
+    except ValidationError as err:
+        raise RegistryError(source, _structure_problem(err, data)) from None
+
+
+def _structure_problem(err: ValidationError, data: Mapping[str, Any]) -> str:
+    """One line for the first problem in file order (an entry's unknown key before its fields)."""
+
+    def order(item: Any) -> tuple[int, ...]:
+        loc = item["loc"]
+        if len(loc) == 1:
+            return (1, TOP_LEVEL_KEYS.index(loc[0])) if loc[0] in TOP_LEVEL_KEYS else (0,)
+        known = len(loc) > 2 and loc[2] in ENTRY_KEYS
+        return (2, loc[1], 1 + ENTRY_KEYS.index(loc[2]) if known else 0)
+
+    item = min(err.errors(), key=order)
+    loc = item["loc"]
+    if len(loc) == 1 and loc[0] not in TOP_LEVEL_KEYS:
+        return f"unknown top-level key '{loc[0]}' (allowed: {', '.join(TOP_LEVEL_KEYS)})"
+    if loc == ("models",):
+        return "expected a 'models' list at the top level"
+    if len(loc) == 1:
+        return f"key '{loc[0]}': {item['msg'][0].lower()}{item['msg'][1:]}"
+    where = f"models[{loc[1]}]"
+    if len(loc) == 2:
+        return f"{where}: expected a mapping with {' and '.join(ENTRY_KEYS)}"
+    if loc[2] not in ENTRY_KEYS:
+        return f"{where}: unknown key '{loc[2]}' (allowed: {', '.join(ENTRY_KEYS)})"
+    if loc[2] == "name":
+        return f"{where}: 'name' must be a non-empty string"
+    name = data["models"][loc[1]]["name"]
+    if item["type"] == "nested_path":
+        return f"{where} ({name}): '{item['input']}' {item['msg']}"
+    return f"{where} ({name}): 'yaml_extra' must be a list of file names"
 
 
 def read_entries(registry_dir: Path | str | None = None) -> list[RegistryEntry]:
@@ -262,7 +300,7 @@ def render_standalone_yaml(name: str, registry_dir: Path | str | None = None) ->
         f"# Generated from the registry: {' + '.join(entry.yaml_extra)} (merged left to right).\n"
         f"# Use: onboardlm run --model {name} --args.yaml-extra THIS_FILE\n"
     )
-    return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    return header + dump_yaml_text(data)
 
 
 def load_run_settings(
