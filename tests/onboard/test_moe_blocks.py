@@ -162,9 +162,10 @@ def test_gpt_oss_experts_are_interleaved_transposed_biased_clamped_swiglu() -> N
     assert (packed.concatenated, packed.transposed) == (False, True)
     assert (packed.gate_up_bias_key, packed.down_bias_key) == ("gate_up_proj_bias", "down_proj_bias")
     assert spec.experts.activation == "clamped_swiglu"
-    assert (spec.experts.swiglu_alpha_field, spec.experts.swiglu_limit_field) == (
-        "swiglu_alpha",
-        "swiglu_limit",
+    # The config field where the release has it, with the value older releases hard-code as default.
+    assert (spec.experts.swiglu_alpha_expr, spec.experts.swiglu_limit_expr) == (
+        "getattr(config, 'swiglu_alpha', 1.702)",
+        "getattr(config, 'swiglu_limit', 7.0)",
     )
 
 

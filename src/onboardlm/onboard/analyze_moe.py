@@ -60,6 +60,15 @@ def _field_with_value(
     )
 
 
+def _field_or_literal(config: PretrainedConfig, field: str, value: float, where: str) -> str:
+    """``getattr(config, field, value)`` when the config carries ``field`` (checked equal to the measured
+    ``value``), else the literal ``value`` (older releases hard-code it in the module)."""
+    if not hasattr(config, field):
+        return repr(value)
+    _field_with_value(config, (field,), value, where, field.replace("_", " "))
+    return f"getattr(config, {field!r}, {value!r})"
+
+
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
     layers = getattr(base, "layers", None)
@@ -167,11 +176,11 @@ def _analyze_experts(config: PretrainedConfig, experts: nn.Module, path: str) ->
     has_bias = "gate_up_proj_bias" in params
     if has_bias != ("down_proj_bias" in params):
         raise UnsupportedFeature(path, "a bias on only one of gate_up_proj and down_proj")
-    alpha_field = limit_field = None
+    alpha_expr = limit_expr = None
     if hasattr(experts, "limit") and hasattr(experts, "alpha"):
         activation = "clamped_swiglu"
-        alpha_field = _field_with_value(config, ("swiglu_alpha",), experts.alpha, path, "swiglu alpha")
-        limit_field = _field_with_value(config, ("swiglu_limit",), experts.limit, path, "swiglu limit")
+        alpha_expr = _field_or_literal(config, "swiglu_alpha", float(experts.alpha), path)
+        limit_expr = _field_or_literal(config, "swiglu_limit", float(experts.limit), path)
     else:
         activation = _activation_name(config, experts, path)
         if has_bias:
@@ -199,8 +208,8 @@ def _analyze_experts(config: PretrainedConfig, experts: nn.Module, path: str) ->
         activation=activation,
         has_bias=has_bias,
         packed=packed,
-        swiglu_alpha_field=alpha_field,
-        swiglu_limit_field=limit_field,
+        swiglu_alpha_expr=alpha_expr,
+        swiglu_limit_expr=limit_expr,
     )
 
 

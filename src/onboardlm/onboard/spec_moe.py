@@ -68,6 +68,9 @@ class ExpertsSpec:
 
     activation: a key of ``MOE_ACTIVATIONS``, or ``clamped_swiglu`` (GPT-OSS: gate clamped at
     ``limit``, up to ``[-limit, limit]``, ``(up + 1) * gate * sigmoid(alpha * gate)``).
+    swiglu_alpha_expr / swiglu_limit_expr: Python expressions for ``alpha`` and ``limit``: the config
+    field with the measured value as its default (transformers releases before the field existed
+    hard-code that value in the module), or the literal when the config has no such field.
     """
 
     num_experts: int
@@ -77,8 +80,8 @@ class ExpertsSpec:
     activation: str
     has_bias: bool
     packed: PackedExperts
-    swiglu_alpha_field: str | None = None
-    swiglu_limit_field: str | None = None
+    swiglu_alpha_expr: str | None = None
+    swiglu_limit_expr: str | None = None
 
 
 @dataclass(frozen=True)

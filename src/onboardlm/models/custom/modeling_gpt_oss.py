@@ -113,8 +113,8 @@ class GptOssMLP(nn.Module):
             GptOssExpert(config.hidden_size, config.intermediate_size)
             for _ in range(config.num_local_experts)
         )
-        self.alpha = config.swiglu_alpha
-        self.limit = config.swiglu_limit
+        self.alpha = getattr(config, "swiglu_alpha", 1.702)
+        self.limit = getattr(config, "swiglu_limit", 7.0)
         self._register_load_state_dict_pre_hook(self._unpack_packed_experts)
 
     def _unpack_packed_experts(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
