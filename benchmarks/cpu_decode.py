@@ -3,8 +3,9 @@
 Both sides get the same dequantised GGUF weights (fp32), the same chat-templated default prompts and
 produce ``--new-tokens`` tokens per sequence without stopping at EOS, greedily. Decode throughput is
 ``batch * (new_tokens - 1) / (t(new_tokens) - t(1))``: the time of a full generation minus that of a
-prefill-plus-one-token generation, so prompt processing is excluded. Each measurement is the best of
-``--repeats`` interleaved runs (the machine may be shared). Writes JSON (``--out``) and prints ratios.
+prefill-plus-one-token generation, so prompt processing is excluded. Each time is the median of
+``--repeats`` interleaved runs (the machine may be shared), reported with its interquartile range.
+Writes JSON (``--out``) and prints ratios.
 
     .venv/bin/python benchmarks/cpu_decode.py --out benchmarks/results/cpu_decode.json
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +25,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
+from onboardlm.registry.atomic import atomic_write_text
 from onboardlm.registry.settings import RunSettings
 from onboardlm.runtime.cache import KVCache
 from onboardlm.runtime.chat import encode_chat_prompt
@@ -31,11 +33,8 @@ from onboardlm.runtime.engine import CachedModel
 from onboardlm.runtime.prompts import default_prompts
 from onboardlm.runtime.runner import DEFAULT_MODEL_ID, Runner
 
-
-def _elapsed(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import Timing, elapsed_ms  # noqa: E402  (benchmarks/timing.py)
 
 
 def _transformers_model(runner: Runner) -> torch.nn.Module:
@@ -71,19 +70,25 @@ def measure(runner: Runner, reference: torch.nn.Module, batch: int, new_tokens: 
         return call
 
     ours(2)(), theirs(2)()  # warm-up
-    times: dict[str, dict[int, float]] = {"onboardlm": {}, "transformers": {}}
+    runs: dict[str, dict[int, list[float]]] = {
+        "onboardlm": {1: [], new_tokens: []},
+        "transformers": {1: [], new_tokens: []},
+    }
     for n in (1, new_tokens):
         for _ in range(repeats):  # interleave the two so a busy moment hits both alike
             for name, make in (("onboardlm", ours), ("transformers", theirs)):
-                elapsed = _elapsed(make(n))
-                times[name][n] = min(times[name].get(n, float("inf")), elapsed)
+                runs[name][n].append(elapsed_ms(make(n)))
     result = {"batch": batch, "prompt_tokens_max": width, "new_tokens": new_tokens}
-    for name, t in times.items():
-        decode = t[new_tokens] - t[1]
+    for name, by_length in runs.items():
+        first, total = Timing.of(by_length[1]), Timing.of(by_length[new_tokens])
         result[name] = {
-            "prefill_plus_1_s": round(t[1], 4),
-            "total_s": round(t[new_tokens], 4),
-            "decode_tokens_per_s": round(batch * (new_tokens - 1) / decode, 2),
+            "prefill_plus_1_s": round(first.median_ms / 1e3, 4),
+            "prefill_plus_1_iqr_s": round(first.iqr_ms / 1e3, 4),
+            "total_s": round(total.median_ms / 1e3, 4),
+            "total_iqr_s": round(total.iqr_ms / 1e3, 4),
+            "decode_tokens_per_s": round(
+                batch * (new_tokens - 1) * 1e3 / (total.median_ms - first.median_ms), 2
+            ),
         }
     result["ratio"] = round(
         result["onboardlm"]["decode_tokens_per_s"] / result["transformers"]["decode_tokens_per_s"], 3
@@ -110,7 +115,8 @@ def main() -> None:
         "transformers": transformers.__version__,
         "cpu_threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "method": "decode tok/s = batch*(N-1)/(t(N)-t(1)), best of interleaved repeats, greedy, no EOS stop",
+        "method": "decode tok/s = batch*(N-1)/(t(N)-t(1)), t the median of interleaved repeats (IQR beside it), "
+        "greedy, no EOS stop",
         "results": results,
     }
     for r in results:
@@ -120,7 +126,7 @@ def main() -> None:
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ roofline (bf16 matmul ceiling, copy bandwidth) to express each figure as a fract
 Beside transformers: onboardlm with one part of its fast path off at a time (ablations), the plain
 PyTorch static-cache + ``torch.compile`` + CUDA-graph model of ``plain_recipe.py``, and a profile of
 the default path. ``--prefill-only`` measures prefill alone; ``--smoke`` runs tiny shapes on the CPU.
+Timing (``benchmarks/timing.py``): roofline kernels and prefills through ``triton.testing.do_bench`` (on
+the CPU ``torch.utils.benchmark.Timer``), stored as ``<figure>_ms`` (median) and ``<figure>_iqr_ms``;
+decode figures from the median of ``--repeats`` timed whole runs (``total_iqr_ms``/``decode_iqr_ms``).
 """
 
 from __future__ import annotations
@@ -32,17 +35,20 @@ from transformers.initialization import no_init_weights
 
 from onboardlm.export import causal_lm_dynamic_shapes, torch_export_to_gm
 from onboardlm.models.factory import AutoModelForCausalLMFactory
+from onboardlm.registry.atomic import atomic_write_text
 from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, insert_cached_attention, insert_logit_gather
 from onboardlm.transforms.backends import use_direct_kernels
 from onboardlm.transforms.compile import FastGraph, SpeedOptions, accelerate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plain_recipe  # noqa: E402  (benchmarks/plain_recipe.py: the static-cache + compile baseline)
+from timing import Timing, kernel_timing, run_timing  # noqa: E402  (benchmarks/timing.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEW_TOKENS, BATCHES = 512, 128, (1, 8, 64)
 PREFILLS = ((1, 2048), (8, 512))
 RECIPE_BATCHES = (1,)
+REPEATS = 3  # whole generate calls / decode loops timed per figure (--repeats)
 START = time.perf_counter()
 
 
@@ -138,28 +144,24 @@ def guarded(record: dict[str, Any], key: str, work: Callable[[], Any]) -> Any:
     return record[key]
 
 
-def time_ms(fn: Callable[[], Any], reps: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in ms, synchronised."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        DEV.sync()
-        t0 = time.perf_counter()
-        fn()
-        DEV.sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+def timed(record: dict[str, Any], key: str, work: Callable[[], Timing]) -> Any:
+    """:func:`guarded` for a timing: its median under ``key`` (``<figure>_ms``), its interquartile range
+    under ``<figure>_iqr_ms``; returns the median (or the error record)."""
+    timing = guarded(record, key, work)
+    if isinstance(timing, Timing):
+        record[key], record[key.removesuffix("_ms") + "_iqr_ms"] = timing.median_ms, timing.iqr_ms
+    return record[key]
 
 
 def roofline() -> dict[str, float]:
     n = 8192 if DEV.cuda else 256
     a, b = (torch.randn(n, n, device=DEV.device, dtype=torch.bfloat16) for _ in range(2))
-    mm = time_ms(lambda: a @ b, reps=10, warmup=3)
     src = torch.randn(1 << (30 if DEV.cuda else 20), device=DEV.device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), reps=10, warmup=3)
-    return {"matmul_tflops": 2 * n**3 / mm / 1e9, "copy_gb_s": 2 * src.numel() * 2 / copy_ms / 1e6}
+    result: dict[str, float] = {}
+    mm = timed(result, "matmul_ms", lambda: kernel_timing(lambda: a @ b, DEV.device))
+    copy_ms = timed(result, "copy_ms", lambda: kernel_timing(lambda: dst.copy_(src), DEV.device))
+    return {"matmul_tflops": 2 * n**3 / mm / 1e9, "copy_gb_s": 2 * src.numel() * 2 / copy_ms / 1e6, **result}
 
 
 def randomize(model: torch.nn.Module) -> None:
@@ -196,29 +198,28 @@ def prefill_flops(config: Any, params: int, batch: int, seq: int) -> float:
 
 
 # ---------------------------------------------------------------- transformers
-def hf_prefill(model: torch.nn.Module, batch: int, seq: int, vocab: int) -> float:
+def hf_prefill(model: torch.nn.Module, batch: int, seq: int, vocab: int) -> Timing:
     ids = torch.randint(0, vocab, (batch, seq), device=DEV.device)
     with torch.inference_mode():
-        return time_ms(lambda: model(ids, logits_to_keep=1, use_cache=True))
+        return kernel_timing(lambda: model(ids, logits_to_keep=1, use_cache=True), DEV.device, min_run_s=1.0)
 
 
 def hf_decode(model: torch.nn.Module, batch: int, vocab: int, prefill_ms: float, **kwargs: Any) -> dict:
+    """Whole ``generate`` calls, timed :data:`REPEATS` times; decode time = median total - prefill."""
     ids = torch.randint(0, vocab, (batch, PROMPT), device=DEV.device, generator=torch_gen())
     args = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, **kwargs}
+    last: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         model.generate(ids, **{**args, "max_new_tokens": 4, "min_new_tokens": 4})
         DEV.reset_peak()
-        DEV.sync()
-        t0 = time.perf_counter()
-        out = model.generate(ids, **args)
-        DEV.sync()
-    total_ms = (time.perf_counter() - t0) * 1e3
-    decode_ms = max(total_ms - prefill_ms, 1e-3)
+        total = run_timing(lambda: last.update(out=model.generate(ids, **args)), REPEATS)
+    decode_ms = max(total.median_ms - prefill_ms, 1e-3)
     return {
-        "total_ms": total_ms,
+        "total_ms": total.median_ms,
+        "total_iqr_ms": total.iqr_ms,
         "tok_s": batch * (NEW_TOKENS - 1) / decode_ms * 1e3,
         "peak_gib": DEV.peak_gib(),
-        "tokens": out[0, PROMPT : PROMPT + 64].tolist(),
+        "tokens": last["out"][0, PROMPT : PROMPT + 64].tolist(),
     }
 
 
@@ -254,37 +255,44 @@ def run_graph(fast: FastGraph, ids: torch.Tensor, start: torch.Tensor, last: tor
     return fast(input_ids=ids, position_ids=positions, **inputs, **fast.cache)[:, -1]
 
 
-def ours_prefill(fast: FastGraph, batch: int, seq: int, vocab: int) -> float:
+def ours_prefill(fast: FastGraph, batch: int, seq: int, vocab: int) -> Timing:
     ids = torch.randint(0, vocab, (batch, seq), device=DEV.device)
     zero = torch.zeros(batch, dtype=torch.long, device=DEV.device)
     with torch.inference_mode():
-        return time_ms(lambda: run_graph(fast, ids, zero, zero + seq - 1, seq))
+        return kernel_timing(
+            lambda: run_graph(fast, ids, zero, zero + seq - 1, seq), DEV.device, min_run_s=1.0
+        )
 
 
 def ours_decode(fast: FastGraph, batch: int, vocab: int) -> dict:
+    """The ``NEW_TOKENS - 1`` greedy decode steps after one prefill, timed :data:`REPEATS` times (each
+    repeat recomputes the same steps over the same cache positions)."""
     ids = torch.randint(0, vocab, (batch, PROMPT), device=DEV.device, generator=torch_gen())
     zero = torch.zeros(batch, dtype=torch.long, device=DEV.device)
 
-    def generate(steps: int) -> tuple[list[torch.Tensor], float]:
-        token = run_graph(fast, ids, zero, zero + PROMPT - 1, PROMPT).argmax(-1)
-        tokens = [token]
-        DEV.sync()
-        t0 = time.perf_counter()
-        for i in range(steps - 1):
-            token = run_graph(fast, token[:, None], zero + PROMPT + i, zero, PROMPT + i + 1).argmax(-1)
-            tokens.append(token)
-        DEV.sync()
-        return tokens, (time.perf_counter() - t0) * 1e3
+    def prefill() -> torch.Tensor:
+        return run_graph(fast, ids, zero, zero + PROMPT - 1, PROMPT).argmax(-1)
 
+    def decode(first: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        tokens = [first]
+        for i in range(steps - 1):
+            tokens.append(
+                run_graph(fast, tokens[-1][:, None], zero + PROMPT + i, zero, PROMPT + i + 1).argmax(-1)
+            )
+        return tokens
+
+    last: dict[str, list[torch.Tensor]] = {}
     with torch.inference_mode():
-        generate(4)
+        decode(prefill(), 4)
         DEV.reset_peak()
-        tokens, decode_ms = generate(NEW_TOKENS)
+        first = prefill()
+        timing = run_timing(lambda: last.update(tokens=decode(first, NEW_TOKENS)), REPEATS)
     return {
-        "decode_ms": decode_ms,
-        "tok_s": batch * (NEW_TOKENS - 1) / decode_ms * 1e3,
+        "decode_ms": timing.median_ms,
+        "decode_iqr_ms": timing.iqr_ms,
+        "tok_s": batch * (NEW_TOKENS - 1) / timing.median_ms * 1e3,
         "peak_gib": DEV.peak_gib(),
-        "tokens": [int(t[0]) for t in tokens[:64]],
+        "tokens": [int(t[0]) for t in last["tokens"][:64]],
     }
 
 
@@ -323,11 +331,11 @@ def bench_shape(
     vocab = config.vocab_size
     log(f"{name}: transformers built ({params / 1e9:.2f} B non-embedding params)")
     for b, s in PREFILLS:
-        guarded(rec["hf"], f"prefill_{b}x{s}_ms", lambda b=b, s=s: hf_prefill(hf, b, s, vocab))
+        timed(rec["hf"], f"prefill_{b}x{s}_ms", lambda b=b, s=s: hf_prefill(hf, b, s, vocab))
     for b in BATCHES:
         pre = rec["hf"].get(f"prefill_{b}x{PROMPT}_ms")
         if not isinstance(pre, float):
-            pre = guarded(rec["hf"], f"prefill_{b}x{PROMPT}_ms", lambda b=b: hf_prefill(hf, b, PROMPT, vocab))
+            pre = timed(rec["hf"], f"prefill_{b}x{PROMPT}_ms", lambda b=b: hf_prefill(hf, b, PROMPT, vocab))
         guarded(rec["hf"], f"decode_bs{b}", lambda b=b, pre=pre: hf_decode(hf, b, vocab, pre))
         log(f"{name}: transformers bs{b} {short(rec['hf'][f'decode_bs{b}'])}")
     save()
@@ -344,7 +352,7 @@ def bench_shape(
         gm = copy_graph(cached.gm)  # the passes rewrite a graph in place; each variant gets its own
         prefill = accelerate(gm, prefill_cache, replace(options, cuda_graphs=False))
         for b, s in PREFILLS:
-            guarded(rec[key], f"prefill_{b}x{s}_ms", lambda b=b, s=s, p=prefill: ours_prefill(p, b, s, vocab))
+            timed(rec[key], f"prefill_{b}x{s}_ms", lambda b=b, s=s, p=prefill: ours_prefill(p, b, s, vocab))
         fast = accelerate(gm, cache, options)
         rec[key]["capture"] = vars(fast.report)
         for b in batches:
@@ -369,7 +377,7 @@ def bench_shape(
     def recipe() -> None:
         measure = plain_recipe.measure_decode
         for b in RECIPE_BATCHES:
-            run = lambda b=b: measure(hf, config, b, PROMPT, NEW_TOKENS, DEV.device)  # noqa: E731
+            run = lambda b=b: measure(hf, config, b, PROMPT, NEW_TOKENS, DEV.device, repeats=REPEATS)  # noqa: E731
             guarded(rec["plain_recipe"], f"decode_bs{b}", run)
             log(f"{name}: plain PyTorch recipe bs{b} {short(rec['plain_recipe'][f'decode_bs{b}'])}")
 
@@ -442,7 +450,7 @@ def profile(gm: Any, vocab: int, specs: Any) -> dict:
             tables[case] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
     out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.txt").write_text("\n\n".join(f"== {k}\n{v}" for k, v in tables.items()))
+    atomic_write_text(out / "profile.txt", "\n\n".join(f"== {k}\n{v}" for k, v in tables.items()))
     return {"written": "profile.txt"}
 
 
@@ -570,6 +578,7 @@ def greedy_divergence(rec: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    global DEV, PROMPT, NEW_TOKENS, BATCHES, PREFILLS, REPEATS  # noqa: PLW0603
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="8b,small,moe")
     parser.add_argument("--moe-layers", type=int, default=8)
@@ -577,8 +586,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the code paths")
     parser.add_argument("--prefill-only", action="store_true", help="prefill of the default path only")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed runs per decode figure")
     args = parser.parse_args()
-    global DEV, PROMPT, NEW_TOKENS, BATCHES, PREFILLS  # noqa: PLW0603
+    REPEATS = args.repeats
     if args.smoke:
         DEV, PROMPT, NEW_TOKENS, BATCHES, PREFILLS = Device("cpu"), 16, 8, (1, 2), ((1, 32), (2, 16))
     if args.prefill_only:
@@ -604,8 +614,8 @@ def main() -> None:
     def save() -> None:
         result["summary"] = summarize(result)
         result["wall_s"] = elapsed()
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-        (out / f"{stem}.md").write_text(markdown(result))
+        atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1, default=str))
+        atomic_write_text(out / f"{stem}.md", markdown(result))
 
     later: list[Callable[[], None]] = []
     for name in args.shapes.split(","):

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from onboardlm.models.factory import AutoModelForCausalLMFactory
+from onboardlm.registry.atomic import atomic_write_text
 from onboardlm.runtime.distributed import RankInfo, process_group, rank_device
 from onboardlm.testing.metrics import rmse_ratio
 from onboardlm.transforms.compile import SpeedOptions, accelerate
@@ -115,8 +116,8 @@ def main() -> None:
     out = Path(os.environ.get("OUT", gpu.ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_tp_" + result["gpu"].replace(" ", "_").lower()
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / f"{stem}.md").write_text(markdown(result))
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1, default=str))
+    atomic_write_text(out / f"{stem}.md", markdown(result))
     print(markdown(result), flush=True)
 
 

@@ -1,8 +1,9 @@
 """One MLA decode step: the reference cached MLA (latent cache expanded every step) vs the absorbed one.
 
 DeepSeek-V3 attention shapes (128 heads, nope 128, rope 64, v 128, latent rank 512), batch 1, fp32 on
-this machine's CPU, for a few cache lengths. Prints and optionally writes (``--out``) the median
-milliseconds of each and their ratio; both run in the same process on the same inputs.
+this machine's CPU, for a few cache lengths. Each is timed by ``torch.utils.benchmark.Timer`` (as many
+runs as fit ``--min-run-s``); prints and optionally writes (``--out``) the median milliseconds of each,
+their interquartile ranges and the ratio of the medians; both run in the same process on the same inputs.
 
     .venv/bin/python benchmarks/mla_decode.py --out benchmarks/results/mla_decode_cpu.json
 """
@@ -12,13 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import torch
 
+from onboardlm.registry.atomic import atomic_write_text
 from onboardlm.transforms import cached_ops
 from onboardlm.transforms.fast_mla import fast_cached_mla
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import kernel_timing  # noqa: E402  (benchmarks/timing.py)
 
 HEADS, NOPE, ROPE, V, RANK = 128, 128, 64, 128, 512
 
@@ -38,35 +43,33 @@ def _inputs(kv_len: int) -> dict:
     }  # fmt: skip
 
 
-def _median_ms(fn, inputs: dict, reps: int) -> float:
-    fn(**inputs)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn(**inputs)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kv-lens", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--min-run-s", type=float, default=1.0, help="seconds of timed runs per figure")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = []
     with torch.inference_mode():
         for kv_len in args.kv_lens:
             inputs = _inputs(kv_len)
-            reference = _median_ms(cached_ops.cached_mla._init_fn, inputs, args.reps)
-            absorbed = _median_ms(fast_cached_mla, inputs, args.reps)
-            rows.append({"kv_len": kv_len, "reference_ms": reference, "absorbed_ms": absorbed,
-                         "speedup": reference / absorbed})  # fmt: skip
-            print(f"kv_len {kv_len}: reference {reference:.2f} ms, absorbed {absorbed:.2f} ms, "
-                  f"{reference / absorbed:.1f}x")  # fmt: skip
+            timings = {
+                name: kernel_timing(lambda fn=fn, inputs=inputs: fn(**inputs), "cpu", args.min_run_s)
+                for name, fn in (("reference", cached_ops.cached_mla._init_fn), ("absorbed", fast_cached_mla))
+            }
+            row: dict[str, float] = {"kv_len": kv_len}
+            for name, timing in timings.items():
+                row[f"{name}_ms"], row[f"{name}_iqr_ms"] = timing.median_ms, timing.iqr_ms
+            row["speedup"] = row["reference_ms"] / row["absorbed_ms"]
+            rows.append(row)
+            print(f"kv_len {kv_len}: reference {row['reference_ms']:.2f} ms (IQR {row['reference_iqr_ms']:.2f}), "
+                  f"absorbed {row['absorbed_ms']:.2f} ms (IQR {row['absorbed_iqr_ms']:.2f}), "
+                  f"{row['speedup']:.1f}x")  # fmt: skip
     if args.out:
         meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-        args.out.write_text(json.dumps({**meta, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+        atomic_write_text(
+            args.out, json.dumps({**meta, "torch": torch.__version__, "rows": rows}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

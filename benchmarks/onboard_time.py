@@ -9,6 +9,7 @@ import time counts. Prints one line per type, the total, and the ratio to the 60
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -17,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from onboardlm.registry.atomic import atomic_write_text
 
 TYPES = [
     "llama",
@@ -107,7 +110,8 @@ def main(types: list[str]) -> int:
         f"goal, {float(slowest['seconds']) / STRETCH_S:.2f}x of the stretch goal"
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    atomic_write_text(
+        RESULTS,
         json.dumps(
             {
                 "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
@@ -119,10 +123,14 @@ def main(types: list[str]) -> int:
             },
             indent=2,
         )
-        + "\n"
+        + "\n",
     )
     return 0 if passed == len(rows) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or list(TYPES)))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "types", nargs="*", default=TYPES, help="model types (default: the 22 generated ones)"
+    )
+    sys.exit(main(parser.parse_args().types))

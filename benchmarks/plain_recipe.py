@@ -4,13 +4,16 @@ The well-known recipe users reach for when transformers is too slow: a model wri
 a KV cache allocated once (``[max_batch, n_kv, max_seq, head_dim]``), SDPA over the whole static cache with
 a boolean causal mask built from the token positions, and the one-token decode step wrapped in
 ``torch.compile(mode="reduce-overhead", fullgraph=True)`` so inductor fuses it and CUDA graphs replay it.
-``measure_decode`` times it the way ``gpu.py`` times onboardlm. Imports torch and transformers only.
+``measure_decode`` times it the way ``gpu.py`` times onboardlm. Imports torch, transformers and
+``benchmarks/timing.py`` only.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +21,9 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import run_timing  # noqa: E402  (benchmarks/timing.py)
 
 
 def rope_theta(config: LlamaConfig) -> float:
@@ -188,16 +194,19 @@ def measure_decode(
     new_tokens: int,
     device: str,
     compile: bool = True,
+    repeats: int = 3,
 ) -> dict[str, Any]:
-    """Greedy decode with the recipe on ``hf_model``'s weights; times ``new_tokens - 1`` decode steps.
+    """Greedy decode with the recipe on ``hf_model``'s weights; times ``new_tokens - 1`` decode steps
+    ``repeats`` times after one prefill (``decode_ms``: the median, ``decode_iqr_ms``: the spread).
 
     The prompt (``gpu.py``'s: random ids from a generator seeded 1) is prefilled eagerly, untimed. With
     ``compile`` the one-token step (forward + argmax) is ``torch.compile``d, fullgraph, with CUDA graphs
     (``reduce-overhead`` on CUDA, default mode elsewhere) and, as the recipe does, inductor's
     coordinate-descent tuning (scoped to this call). A first 4-token run absorbs compilation and graph
     recording: ``compile_s`` is its wall time (shorter where inductor's on-disk cache holds the kernels).
-    Compile errors propagate. Returns ``tok_s``, ``decode_ms``, ``compile_s``, ``tokens`` (the first 64
-    greedy tokens of row 0, the prefill's token first) and ``peak_gib`` (None off CUDA).
+    Compile errors propagate. Returns ``tok_s``, ``decode_ms``, ``decode_iqr_ms``, ``compile_s``,
+    ``tokens`` (the first 64 greedy tokens of row 0, the prefill's token first) and ``peak_gib`` (None
+    off CUDA).
     """
     cuda = torch.device(device).type == "cuda"
     model = RecipeLlama.from_hf(hf_model, config).setup_caches(batch, prompt_len + new_tokens)
@@ -213,30 +222,34 @@ def measure_decode(
         mode = "reduce-overhead" if cuda else "default"
         step = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
 
-    def generate(steps: int) -> tuple[list[torch.Tensor], float]:
-        tokens = [model(ids, prompt_pos).argmax(-1, keepdim=True)]
+    def prefill() -> torch.Tensor:
+        return model(ids, prompt_pos).argmax(-1, keepdim=True)
+
+    def decode(first: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        tokens = [first]
         input_pos = torch.full((1,), prompt_len, dtype=torch.long, device=device)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
         for _ in range(steps - 1):
             if compile and cuda:
                 torch.compiler.cudagraph_mark_step_begin()
             tokens.append(step(tokens[-1], input_pos).clone())  # the graph's output buffer is reused
             input_pos += 1
+        return tokens
+
+    last: dict[str, list[torch.Tensor]] = {}
+    with torch.inference_mode(), inductor_config.patch(coordinate_descent_tuning=compile):
+        start = time.perf_counter()  # one-off: compilation and graph recording happen once
+        decode(prefill(), 4)
         if cuda:
             torch.cuda.synchronize()
-        return tokens, (time.perf_counter() - t0) * 1e3
-
-    with torch.inference_mode(), inductor_config.patch(coordinate_descent_tuning=compile):
-        _, warmup_ms = generate(4)
-        if cuda:
             torch.cuda.reset_peak_memory_stats()
-        tokens, decode_ms = generate(new_tokens)
+        compile_s = time.perf_counter() - start
+        first = prefill()
+        timing = run_timing(lambda: last.update(tokens=decode(first, new_tokens)), repeats)
     return {
-        "tok_s": batch * (new_tokens - 1) / decode_ms * 1e3,
-        "decode_ms": decode_ms,
-        "compile_s": warmup_ms / 1e3,
-        "tokens": torch.cat(tokens[:64], dim=1)[0].tolist(),
+        "tok_s": batch * (new_tokens - 1) / timing.median_ms * 1e3,
+        "decode_ms": timing.median_ms,
+        "decode_iqr_ms": timing.iqr_ms,
+        "compile_s": compile_s,
+        "tokens": torch.cat(last["tokens"][:64], dim=1)[0].tolist(),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }

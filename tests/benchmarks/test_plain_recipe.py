@@ -75,6 +75,7 @@ def test_measure_decode_greedy_tokens_match_generate(batch: int) -> None:
     )
     assert result["tokens"] == expected[0, PROMPT:].tolist()
     assert result["tok_s"] > 0 and result["decode_ms"] > 0 and result["compile_s"] >= 0
+    assert result["decode_iqr_ms"] >= 0
     assert result["peak_gib"] is None
 
 
