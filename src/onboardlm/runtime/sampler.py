@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from onboardlm.registry.settings import SamplingSettings
 
@@ -15,23 +16,18 @@ def make_generator(settings: SamplingSettings, device: str | torch.device = "cpu
 
 
 def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """``logits / temperature`` with tokens outside the top-k and the top-p nucleus set to ``-inf``.
+    """``logits / temperature`` with tokens outside the top-k and the top-p nucleus set to ``-inf``:
+    transformers' logits warpers, in the order ``generate`` applies them.
 
     The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
     (always at least one token).
     """
-    logits = logits.float() / settings.temperature
-    if 0 < settings.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, settings.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(float(settings.temperature))])
+    if settings.top_k > 0:
+        warpers.append(TopKLogitsWarper(settings.top_k))
     if settings.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # probability mass of strictly more likely tokens
-        drop_sorted = before >= settings.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+        warpers.append(TopPLogitsWarper(settings.top_p))
+    return warpers(None, logits.float())
 
 
 def sample(
