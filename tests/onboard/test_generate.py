@@ -21,6 +21,7 @@ from onboardlm.onboard.generate import generate_model_file, ruff_command
 from onboardlm.review import review_model_file
 from onboardlm.review.catalog import RULES
 from onboardlm.testing import assert_rmse_close, tiny_config, transfer_weights
+from onboardlm.testing.reference import reference_params
 
 DENSE_ARCHITECTURES = [
     "llama",
@@ -72,7 +73,7 @@ def positions(batch: int, seq: int) -> torch.Tensor:
     return torch.arange(seq)[None].expand(batch, seq)
 
 
-@pytest.mark.parametrize("model_type", DENSE_ARCHITECTURES)
+@pytest.mark.parametrize("model_type", reference_params(DENSE_ARCHITECTURES))
 def test_generated_model_matches_transformers(model_type: str, tmp_path: Path) -> None:
     path, config = write_model_file(model_type, tmp_path)
     lean_module = import_file(path)
