@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: scripts/compat.sh VERSION [VERSION ...]" >&2; exit 2; }
 root=$PWD
 venvs=${COMPAT_DIR:-$root/.compat}
-mkdir -p "$venvs"
+mkdir -p "$venvs" docs
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # uv re-resolves constraints.txt with transformers moved to each release, keeping every other pin that
 # release allows (an existing output file is uv's preference list); older releases need an older hub.

