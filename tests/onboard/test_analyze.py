@@ -135,8 +135,8 @@ def test_nope_layers_sliding_window_and_literal_biases(specs: dict) -> None:
 
 def test_unknown_architecture_names_the_module() -> None:
     with pytest.raises(UnsupportedFeature) as raised:
-        analyze(AutoConfig.for_model("gpt2"))  # learned absolute positions: a second embedding table
-    assert raised.value.module_path == "transformer.wpe"
+        analyze(AutoConfig.for_model("ctrl"))  # attention called as (v, k, q) with Wq/Wk/Wv projections
+    assert raised.value.module_path == "transformer.h.0.multi_head_attention"
 
 
 def test_dynamic_rope_per_layer_type_is_refused() -> None:

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.activations import ACT2FN
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.analyze_classic import projections, split_fused_qkv
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.spec import (
     ArchitectureSpec,
@@ -37,6 +38,7 @@ from onboardlm.onboard.spec import (
     LinearSpec,
     MLPSpec,
     NormSpec,
+    PositionEmbeddingSpec,
     RopeSpec,
     SlidingMode,
 )
@@ -120,7 +122,8 @@ class _Analyzer:
         inner = getattr(model, prefix, None)
         if inner is None:
             raise UnsupportedFeature(type(model).__name__, f"no base model at '{prefix}'", _HINT)
-        self._check_children(model, "", {prefix, "lm_head"})
+        head_attr = self._head_attr(model)
+        self._check_children(model, "", {prefix, head_attr})
         parts = self._model_parts(inner, prefix)
         layers = parts["layers"][1]
         layer = layers[0]
@@ -142,8 +145,9 @@ class _Analyzer:
             raise UnsupportedFeature(
                 f"{prefix}.{final_attr}", "final norm differs from the layer norms", _HINT
             )
-        embedding = self._embedding(inner, prefix, parts["embed"][0], layer)
-        head = self._head(model, inner, final_attr)
+        self._layer_norm_spec = decoder.norm
+        embedding = self._embedding(inner, prefix, parts, layer)
+        head = self._head(model, inner, final_attr, head_attr)
         layer_types = getattr(self.tiny, "layer_types", None)
         return ArchitectureSpec(
             model_type=self.config.model_type,
@@ -172,20 +176,46 @@ class _Analyzer:
                 where = f"{path}.{name}" if path else name
                 raise UnsupportedFeature(where, f"unrecognised module {type(child).__name__}", _HINT)
 
+    def _head_attr(self, model: nn.Module) -> str:
+        """Name of the causal LM's output projection (``lm_head``, GPT-NeoX-Japanese's ``embed_out``)."""
+        head = model.get_output_embeddings()
+        names = [name for name, child in model.named_children() if child is head]
+        if len(names) != 1:
+            raise UnsupportedFeature(type(model).__name__, "no output projection among its children", _HINT)
+        return names[0]
+
     def _model_parts(self, inner: nn.Module, prefix: str) -> dict[str, tuple[str, Any]]:
-        """Embedding, layer list, final norm and rotary module of the inner model, by what they are."""
+        """Embedding, layer list, final norm and rotary module of the inner model, by what they are.
+
+        The token embedding is the one ``get_input_embeddings`` returns; a second embedding is a
+        table of learned positions ("positions"); a leaf that holds only buffers and takes
+        ``position_ids`` is the rotary module (GPT-J's keeps a sin/cos table, not ``inv_freq``); a
+        leaf norm met before the layers normalises the embeddings ("embed_norm"), one after them is
+        the final norm.
+        """
         parts: dict[str, tuple[str, Any]] = {}
+        tokens = inner.get_input_embeddings()
         for name, child in inner.named_children():
             if isinstance(child, nn.Dropout):
                 continue
-            if isinstance(child, nn.Embedding):
+            leaf = not list(child.children())
+            if child is tokens:
                 role = "embed"
+            elif isinstance(child, nn.Embedding):
+                role = "positions"
             elif isinstance(child, nn.ModuleList):
                 role = "layers"
-            elif any("inv_freq" in buffer for buffer, _ in child.named_buffers()):
+            elif any("inv_freq" in buffer for buffer, _ in child.named_buffers()) or (
+                leaf
+                and not list(child.parameters())
+                and list(child.buffers())
+                and "position_ids" in inspect.signature(child.forward).parameters
+            ):
                 role = "rotary"
-            elif not list(child.children()):  # a leaf: the final norm (the probe checks it is one)
+            elif leaf and "layers" in parts:  # the final norm (the probe checks it is one)
                 role = "norm"
+            elif leaf and "embed" in parts:  # before the layers: a norm of the embeddings
+                role = "embed_norm"
             else:
                 raise UnsupportedFeature(
                     f"{prefix}.{name}", f"unrecognised module {type(child).__name__}", _HINT
@@ -314,7 +344,7 @@ class _Analyzer:
         if rotary is None:
             return None
         attr, module = rotary
-        params = self.tiny.rope_parameters or {}
+        params = getattr(self.tiny, "rope_parameters", None) or {}
         per_layer_type = "layer_type" in inspect.signature(module.forward).parameters
         tables = params.values() if per_layer_type else [params]
         rope_types = tuple(sorted({table.get("rope_type", "default") for table in tables if table}))
@@ -326,17 +356,18 @@ class _Analyzer:
         layer_types = sorted(set(getattr(self.tiny, "layer_types", None) or [])) if per_layer_type else [None]
         head_dim = self._head_dim()
         styles, dims = set(), set()
+        sin_first = self._sin_first(module, x, per_layer_type, layer_types)
         for layer_type in layer_types:
             kwargs = {"layer_type": layer_type} if per_layer_type else {}
-            cos, _ = module(x, positions, **kwargs)
+            cos = module(x, positions, **kwargs)[1 if sin_first else 0]
             half = cos.shape[-1] // 2
             if torch.equal(cos[..., :half], cos[..., half:]):
                 styles.add("neox")
             elif torch.equal(cos[..., ::2], cos[..., 1::2]):
                 styles.add("interleaved")
-            elif 2 * cos.shape[-1] == head_dim:  # each frequency once, for both halves (GPT-OSS)
+            elif 2 * cos.shape[-1] == head_dim or not params:  # each frequency once (GPT-OSS, GPT-J)
                 styles.add("half")
-                dims.add(head_dim)
+                dims.add(2 * cos.shape[-1])
                 continue
             else:
                 raise UnsupportedFeature(
@@ -347,6 +378,22 @@ class _Analyzer:
             raise UnsupportedFeature(f"{prefix}.{attr}", "rotary layout differs between layer types", _HINT)
         rotary_dim = dims.pop()
         partial = rotary_dim != head_dim
+        layout = styles.pop()
+        if not params:  # no rope_parameters: a base and a rotary dim the architecture fixes
+            base, dim = self._fixed_rope(f"{prefix}.{attr}", module, rotary_dim, sin_first, layout)
+            self.notes.append(f"RoPE base {base:g} on {dim}" + (", partial" if partial else ""))
+            return RopeSpec(
+                type(module).__name__,
+                attr,
+                layout,
+                layout,
+                (),
+                partial,
+                False,
+                sin_first,
+                base,
+                dim,  # type: ignore[arg-type]
+            )
         expected_dim = (
             int(head_dim * params.get("partial_rotary_factor", 1.0)) if not per_layer_type else head_dim
         )
@@ -354,9 +401,57 @@ class _Analyzer:
             raise UnsupportedFeature(
                 f"{prefix}.{attr}", f"rotary dim {rotary_dim} is not derived from head_dim", _HINT
             )
-        layout = styles.pop()
         self.notes.append(f"RoPE types {', '.join(rope_types)}" + (", partial" if partial else ""))
-        return RopeSpec(type(module).__name__, attr, layout, layout, rope_types, partial, per_layer_type)  # type: ignore[arg-type]
+        return RopeSpec(
+            type(module).__name__,
+            attr,
+            layout,
+            layout,
+            rope_types,
+            partial,
+            per_layer_type,
+            sin_first,  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def _sin_first(module: nn.Module, x: torch.Tensor, per_layer_type: bool, layer_types: list[Any]) -> bool:
+        """At position 0 cos is 1 and sin 0: which of the two the module returns first."""
+        kwargs = {"layer_type": layer_types[0]} if per_layer_type else {}
+        with torch.no_grad():
+            first, second = module(x[:, :1], torch.zeros(1, 1, dtype=torch.long), **kwargs)
+        return bool(torch.all(first == 0) and torch.all(second == 1))
+
+    def _fixed_rope(
+        self, path: str, module: nn.Module, rotary_dim: int, sin_first: bool, layout: str
+    ) -> tuple[float, str]:
+        """Base and rotary-dim expression of a rotary module that reads no ``rope_parameters``: the
+        base from the angle of the second frequency at position 1, the dim from an int config field
+        (or the head dim); the tables are then checked against ``position * base^(-2i/dim)``."""
+        positions = torch.arange(7)[None]
+        with torch.no_grad():
+            tables = module(torch.zeros(1, 7, self.hidden), positions)
+        sin = (tables[0] if sin_first else tables[1]).double()
+        cos = (tables[1] if sin_first else tables[0]).double()
+        if layout != "half":
+            raise UnsupportedFeature(
+                path, "rotary tables without rope_parameters in a repeated layout", _HINT
+            )
+        angles = torch.atan2(sin[0, 1], cos[0, 1])
+        if rotary_dim < 4 or angles[1] <= 0:
+            raise UnsupportedFeature(path, f"rotary dim {rotary_dim} too small to measure the base", _HINT)
+        base = float(f"{float(angles[1] ** (-rotary_dim / 2)):.6g}")
+        fields = [
+            f"config.{name}"
+            for name, value in self.fields.items()
+            if value == rotary_dim and isinstance(value, int) and "rot" in name
+        ]
+        head_dim = 'getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads'
+        dim = fields[0] if fields else head_dim if rotary_dim == self._head_dim() else None
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+        expected = positions[0, :, None].double() * inv_freq
+        if dim is None or not torch.allclose(expected.cos(), cos[0], atol=1e-5):
+            raise UnsupportedFeature(path, "rotary tables from no known base and dim", _HINT)
+        return base, dim
 
     def _head_dim(self) -> int:
         return getattr(self.tiny, "head_dim", None) or self.tiny.hidden_size // self.tiny.num_attention_heads
@@ -367,46 +462,38 @@ class _Analyzer:
         self, layer_path: str, layers: nn.ModuleList, rope: RopeSpec | None
     ) -> tuple[AttentionSpec, RopeSpec | None]:
         layer = layers[0]
-        attrs = [
-            name
-            for name, child in layer.named_children()
-            if "position_embeddings" in inspect.signature(child.forward).parameters
-        ]
-        if len(attrs) != 1:
-            raise UnsupportedFeature(
-                layer_path, f"expected one attention block, found {attrs or 'none'}", _HINT
-            )
-        attr = attrs[0]
+        attr = self._attention_attr(layer_path, layer)
         path = f"{layer_path}.{attr}"
         attn = getattr(layer, attr)
-        if not isinstance(getattr(self.tiny, "num_key_value_heads", None), int):
-            raise UnsupportedFeature(path, "a config without num_key_value_heads", _HINT)
-        heads, kv_heads, head_dim = (
-            self.tiny.num_attention_heads,
-            self.tiny.num_key_value_heads,
-            self._head_dim(),
-        )
-        q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        linears = {n: c for n, c in attn.named_children() if isinstance(c, nn.Linear)}
-        norms = {n: c for n, c in attn.named_children() if not isinstance(c, nn.Linear)}
+        heads, head_dim = self.tiny.num_attention_heads, self._head_dim()
+        q_size = heads * head_dim
+        linears = projections(attn)
+        norms = {n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
         separate = ["q_proj", "k_proj", "v_proj"]
         if set(separate) <= set(linears):
             ins = separate
+            kv_heads = linears["k_proj"].out_features // head_dim
         else:
-            ins = [n for n, c in linears.items() if c.out_features == q_size + 2 * kv_size]
+            ins = [
+                n
+                for n, c in linears.items()
+                if c.in_features == self.hidden and c.out_features > q_size and c.out_features % head_dim == 0
+            ]
+            kv_heads = (linears[ins[0]].out_features // head_dim - heads) // 2 if len(ins) == 1 else 0
         outs = [n for n in linears if n not in ins]
         fused = ins != separate
-        if len(ins) != 1 + 2 * (not fused) or len(outs) != 1:
+        if len(ins) != 1 + 2 * (not fused) or len(outs) != 1 or kv_heads < 1 or heads % kv_heads:
             raise UnsupportedFeature(path, f"attention projections {sorted(linears)}", _HINT)
+        kv_size = kv_heads * head_dim
         widths = [linears[n].out_features for n in ins]
-        if not fused and widths != [q_size, kv_size, kv_size]:
+        if widths != ([q_size, kv_size, kv_size] if not fused else [q_size + 2 * kv_size]):
             raise UnsupportedFeature(path, f"projection widths {widths} != heads x head_dim", _HINT)
         if (linears[outs[0]].in_features, linears[outs[0]].out_features) != (q_size, self.hidden):
             raise UnsupportedFeature(
                 f"{path}.{outs[0]}", "output projection is not heads x head_dim -> hidden", _HINT
             )
         biases = self._bias_expressions(layer, [f"{attr}.{n}" for n in linears])
-        projections = tuple(LinearSpec(n, biases[f"{attr}.{n}"]) for n in ins)
+        projections_spec = tuple(LinearSpec(n, biases[f"{attr}.{n}"], linears[n].transposed) for n in ins)
         qk_norm, qk_names, per_head = self._qk_norm(path, norms, head_dim, q_size)
         real = self._real_heads()
         kind = (
@@ -417,14 +504,17 @@ class _Analyzer:
             else "gqa"
         )
         self.notes.append(f"attention {kind.upper()}, {real['num_heads']} heads of {real['head_dim']}")
+        if any(linear.transposed for linear in linears.values()):
+            self.notes.append("Conv1D projections, weights stored transposed")
         scaling, scale = self._scaling(path, attn, head_dim)
+        scaling = self._scaling_flags(path, layer, attr, scaling, scale)
         uses_rope = self._uses_rope(layers, attr, rope)
         spec = AttentionSpec(
             class_name=type(attn).__name__,
             attr=attr,
             kind=kind,
-            projections=projections,
-            out=LinearSpec(outs[0], biases[f"{attr}.{outs[0]}"]),
+            projections=projections_spec,
+            out=LinearSpec(outs[0], biases[f"{attr}.{outs[0]}"], linears[outs[0]].transposed),
             fused_qkv=fused,
             scaling=scaling,
             qk_norm=qk_norm,
@@ -433,45 +523,141 @@ class _Analyzer:
             qk_norm_flag=self._module_flag(layer, f"{attr}.{qk_names[0]}") if qk_norm else None,
             sliding=self._sliding(path),
             softcap=self._attention_softcap(),
-            rope_flag=self._rope_flag(path, uses_rope),
+            rope_flag=self._rope_flag(path, uses_rope) if rope is not None else None,
             sinks=isinstance(getattr(attn, "sinks", None), torch.Tensor),
+            kv_heads=self._kv_heads_expression(path, kv_heads),
             **real,
         )
         if rope is not None:
             index = uses_rope.index(True) if True in uses_rope else 0
-            rope = self._probe_attention(path, index, layers[index], spec, scale, rope)
+            spec, rope = self._probe_attention(path, index, layers[index], spec, scale, rope, kv_heads)
+        else:
+            spec = self._probe_plain_attention(path, layer, spec, scale, kv_heads)
+        if spec.fused_qkv and spec.qkv_order != ("q", "k", "v") or spec.qkv_groups != "1":
+            self.notes.append(f"fused qkv in {spec.qkv_groups} group(s) of {'/'.join(spec.qkv_order)}")
         return spec, rope
 
+    def _attention_attr(self, layer_path: str, layer: nn.Module) -> str:
+        """The layer's attention child: the one that takes ``position_embeddings`` (RoPE models), else
+        the one that takes an ``attention_mask``."""
+        attrs: list[str] = []
+        for parameter in ("position_embeddings", "attention_mask"):
+            attrs = [
+                name
+                for name, child in layer.named_children()
+                if parameter in inspect.signature(child.forward).parameters
+            ]
+            if attrs:
+                break
+        if len(attrs) != 1:
+            raise UnsupportedFeature(
+                layer_path, f"expected one attention block, found {attrs or 'none'}", _HINT
+            )
+        return attrs[0]
+
+    def _kv_heads_expression(self, path: str, kv_heads: int) -> str:
+        config_kv = getattr(self.tiny, "num_key_value_heads", None)
+        if isinstance(config_kv, int) and config_kv == kv_heads:
+            return "config.num_key_value_heads"
+        if kv_heads == self.tiny.num_attention_heads:
+            return "config.num_attention_heads"
+        raise UnsupportedFeature(path, f"{kv_heads} KV heads from no config field", _HINT)
+
+    def _qkv_layouts(self, spec: AttentionSpec, kv_heads: int) -> list[tuple[str, int, tuple[str, ...]]]:
+        """Candidate layouts of a fused q/k/v output: (groups expression, groups, part order)."""
+        if not spec.fused_qkv:
+            return [("1", 1, ("q", "k", "v"))]
+        heads = self.tiny.num_attention_heads
+        groups = [("1", 1), ("self.num_heads", heads), ("self.num_kv_heads", kv_heads)]
+        orders = list(itertools.permutations(("q", "k", "v")))
+        return [(expression, count, order) for expression, count in groups for order in orders]
+
     def _probe_attention(
-        self, path: str, index: int, layer: nn.Module, spec: AttentionSpec, scale: float, rope: RopeSpec
-    ) -> RopeSpec:
-        """Match the HF attention output (no mask) with the spec's math; the match fixes the RoPE style."""
+        self,
+        path: str,
+        index: int,
+        layer: nn.Module,
+        spec: AttentionSpec,
+        scale: float,
+        rope: RopeSpec,
+        kv_heads: int,
+    ) -> tuple[AttentionSpec, RopeSpec]:
+        """Match the HF attention output (no mask) with the spec's math; the match fixes the RoPE style
+        (and a fused projection's layout)."""
         attn = getattr(layer, spec.attr)
-        generator = torch.Generator().manual_seed(5)
-        x = torch.randn(2, 6, self.hidden, generator=generator)
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
         rotary = getattr(getattr(self.model, self.model.base_model_prefix), rope.attr)
-        cos, sin = rotary(x, torch.tensor([[0, 3, 1, 7, 2, 5]] * 2), **kwargs)
-        with torch.no_grad():
-            expected = _first(attn(x, position_embeddings=(cos, sin), attention_mask=None))
-            cap = self.fields.get("attn_logit_softcapping") if spec.softcap else None
-            for style in ("neox", "interleaved"):
-                actual = _reference_attention(
-                    attn, spec, self.tiny, x, (cos, sin), style, rope.table_layout, scale, cap
-                )
-                if _close(actual, expected):
-                    self.notes.append(f"RoPE rotates {style} channels")
-                    return dataclasses.replace(rope, style=style)
+        for style in ("neox", "interleaved"):
+            probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, rotary, rope, style, kwargs)
+            found = probe.match(self._qkv_layouts(spec, kv_heads))
+            if found is not None:
+                self.notes.append(f"RoPE rotates {style} channels")
+                spec = self._confirm_groups(path, layer, spec, found, rope, style, kwargs)
+                return spec, dataclasses.replace(rope, style=style)
         raise UnsupportedFeature(
             path, "attention output matches no template (RoPE application, scale or wiring)", _HINT
         )
+
+    def _probe_plain_attention(
+        self, path: str, layer: nn.Module, spec: AttentionSpec, scale: float, kv_heads: int
+    ) -> AttentionSpec:
+        """Attention without RoPE: the HF output (no mask) against the spec's math."""
+        attn = getattr(layer, spec.attr)
+        probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads)
+        found = probe.match(self._qkv_layouts(spec, kv_heads))
+        if found is None:
+            raise UnsupportedFeature(path, "attention output matches no template (scale or wiring)", _HINT)
+        self.notes.append("attention without rotary embeddings")
+        return self._confirm_groups(path, layer, spec, found)
+
+    def _confirm_groups(
+        self,
+        path: str,
+        layer: nn.Module,
+        spec: AttentionSpec,
+        found: tuple[str, int, tuple[str, ...]],
+        rope: RopeSpec | None = None,
+        style: str = "neox",
+        kwargs: dict[str, Any] | None = None,
+    ) -> AttentionSpec:
+        """A fused projection split into as many groups as the test config has (KV) heads: rebuild the
+        layer with twice the heads to tell ``self.num_heads`` from a group count the model fixes."""
+        groups, count, order = found
+        spec = dataclasses.replace(spec, qkv_order=order)
+        if groups == "1":
+            return spec
+        variant = copy.deepcopy(self.tiny)
+        variant.num_attention_heads = 2 * self.tiny.num_attention_heads
+        if getattr(variant, "num_key_value_heads", None) == self.tiny.num_attention_heads:
+            variant.num_key_value_heads = variant.num_attention_heads
+        try:
+            rebuilt = copy.deepcopy(layer)
+            setattr(rebuilt, spec.attr, getattr(type(layer)(variant, 0), spec.attr).float().eval())
+            attn = getattr(rebuilt, spec.attr)
+            rotary = None
+            if rope is not None:
+                rotary = type(getattr(getattr(self.model, self.model.base_model_prefix), rope.attr))(variant)
+        except Exception as err:  # the layer refuses the variant: the group count stays unexplained
+            raise UnsupportedFeature(path, f"fused q/k/v in {count} groups: {err}", _HINT) from err
+        heads = variant.num_attention_heads
+        head_dim = getattr(variant, "head_dim", None) or variant.hidden_size // heads
+        width = getattr(attn, spec.projections[0].name).weight.numel() // self.hidden
+        kv_heads = (width // head_dim - heads) // 2
+        _, scale = self._scaling(path, attn, head_dim)
+        probe = _AttentionProbe(attn, spec, variant, scale, kv_heads, rotary, rope, style, kwargs or {})
+        candidates = [("self.num_heads", heads), ("self.num_kv_heads", kv_heads), (str(count), count)]
+        confirmed = probe.match([(expression, value, order) for expression, value in candidates])
+        if confirmed is None:
+            raise UnsupportedFeature(path, f"fused q/k/v in {count} groups from no config field", _HINT)
+        return dataclasses.replace(spec, qkv_groups=confirmed[0])
 
     def _real_heads(self) -> dict[str, int]:
         """Head counts and head dim of the analyzed config (the probes ran on a tiny copy)."""
         config = self.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return {"num_heads": heads, "num_kv_heads": config.num_key_value_heads or heads, "head_dim": head_dim}
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return {"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
 
     def _qk_norm(
         self, path: str, norms: dict[str, nn.Module], head_dim: int, q_size: int
@@ -502,6 +688,32 @@ class _Analyzer:
             if isinstance(value, float) and abs(value - measured) < 1e-9:
                 return expression, value
         raise UnsupportedFeature(path, f"attention scale {measured} from no known config field", _HINT)
+
+    def _scaling_flags(self, path: str, layer: nn.Module, attr: str, expression: str, value: float) -> str:
+        """``expression`` with the bool config fields that switch the scale: flipping one and rebuilding
+        the layer gives 1.0 (GPT-2's ``scale_attn_weights``) or divides it by ``layer_idx + 1``
+        (``scale_attn_by_inverse_layer_idx``, seen on a rebuilt second layer)."""
+        switched, divided = expression, None
+        for name, current in self.fields.items():
+            if not isinstance(current, bool):
+                continue
+            flipped = copy.deepcopy(self.tiny)
+            try:
+                setattr(flipped, name, not current)
+                scales = [getattr(getattr(type(layer)(flipped, i), attr), "scaling", value) for i in (0, 1)]
+            except Exception:  # a field whose flip the config or the layer refuses tells nothing
+                continue
+            if all(abs(scale - value) < 1e-12 for scale in scales):
+                continue
+            if all(abs(scale - 1.0) < 1e-12 for scale in scales) and switched == expression:
+                switched = f"({expression} if {'' if current else 'not '}config.{name} else 1.0)"
+            elif abs(scales[0] - value) < 1e-12 and abs(scales[1] - value / 2) < 1e-12 and divided is None:
+                divided = f"(layer_idx + 1 if {'not ' if current else ''}config.{name} else 1)"
+            else:
+                raise UnsupportedFeature(path, f"attention scale switched by config.{name}", _HINT)
+        if switched != expression:
+            self.notes.append("attention scale switched by a config flag")
+        return f"{switched} / {divided}" if divided else switched
 
     @staticmethod
     def _power(value: Any) -> float | None:
@@ -586,9 +798,7 @@ class _Analyzer:
 
     def _mlp(self, layer_path: str, layer: nn.Module, attention_attr: str) -> MLPSpec:
         candidates = [
-            name
-            for name, child in layer.named_children()
-            if name != attention_attr and any(isinstance(c, nn.Linear) for c in child.children())
+            name for name, child in layer.named_children() if name != attention_attr and projections(child)
         ]
         if len(candidates) != 1:
             raise UnsupportedFeature(
@@ -597,7 +807,7 @@ class _Analyzer:
         attr = candidates[0]
         path = f"{layer_path}.{attr}"
         mlp = getattr(layer, attr)
-        linears = {n: c for n, c in mlp.named_children() if isinstance(c, nn.Linear)}
+        linears = projections(mlp)
         others = {n: c for n, c in mlp.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
         if len(others) != 1:
             raise UnsupportedFeature(path, f"feed-forward submodules {sorted(others)}", _HINT)
@@ -608,22 +818,51 @@ class _Analyzer:
             raise UnsupportedFeature(path, f"feed-forward projections {sorted(linears)}", _HINT)
         kind, inputs, act = self._mlp_wiring(path, mlp, [linears[n] for n in ins], ins, linears[downs[0]])
         width = linears[downs[0]].in_features
-        sizes = [n for n, v in self.fields.items() if v == width and "intermediate" in n]
-        if not sizes:
-            raise UnsupportedFeature(path, f"intermediate width {width} is no config field", _HINT)
         biases = self._bias_expressions(layer, [f"{attr}.{n}" for n in linears])
         self.notes.append(f"{kind} MLP, {act}")
+        if any(linear.transposed for linear in linears.values()):
+            self.notes.append("Conv1D feed-forward projections, weights stored transposed")
         return MLPSpec(
             class_name=type(mlp).__name__,
             attr=attr,
             kind=kind,
-            inputs=tuple(LinearSpec(n, biases[f"{attr}.{n}"]) for n in inputs),
-            down=LinearSpec(downs[0], biases[f"{attr}.{downs[0]}"]),
+            inputs=tuple(LinearSpec(n, biases[f"{attr}.{n}"], linears[n].transposed) for n in inputs),
+            down=LinearSpec(downs[0], biases[f"{attr}.{downs[0]}"], linears[downs[0]].transposed),
             act_attr=act_attr,
             act=f"config.{act}",
-            intermediate=f"config.{'intermediate_size' if 'intermediate_size' in sizes else sizes[0]}",
+            intermediate=self._intermediate(path, layer, f"{attr}.{downs[0]}", width),
             activation=str(getattr(self.config, act)),
         )
+
+    def _intermediate(self, path: str, layer: nn.Module, down_path: str, width: int) -> str:
+        """Config expression of the feed-forward width: a field holding it (``intermediate_size``
+        first), else a multiple of the hidden size, with the unset field that overrides it when
+        setting that field changes the rebuilt layer's width (GPT-2's ``n_inner``)."""
+        sizes = [n for n, v in self.fields.items() if v == width and "intermediate" in n]
+        if sizes:
+            return f"config.{'intermediate_size' if 'intermediate_size' in sizes else sizes[0]}"
+        sizes = [
+            n
+            for n, v in self.fields.items()
+            if v == width and isinstance(v, int) and not isinstance(v, bool) and ("inner" in n or "ffn" in n)
+        ]
+        if sizes:
+            return f"config.{sizes[0]}"
+        if width % self.hidden:
+            raise UnsupportedFeature(path, f"intermediate width {width} is no config field", _HINT)
+        default = f"{width // self.hidden} * config.hidden_size"
+        for name, value in self.fields.items():
+            if value is not None or not any(word in name for word in ("inner", "intermediate", "ffn")):
+                continue
+            flipped = copy.deepcopy(self.tiny)
+            try:
+                setattr(flipped, name, 3 * self.hidden)
+                rebuilt = type(layer)(flipped, 0).get_submodule(down_path)
+            except Exception:  # a field the layer does not take as a width tells nothing
+                continue
+            if 3 * self.hidden in tuple(rebuilt.weight.shape):
+                return f"config.{name} or {default}"
+        return default
 
     def _mlp_wiring(
         self, path: str, mlp: nn.Module, ins: list[nn.Linear], names: list[str], down: nn.Linear
@@ -666,6 +905,8 @@ class _Analyzer:
         self.notes.append(
             "parallel attention + MLP"
             if layout.parallel
+            else f"post-LN: {layout.attn_post} and {layout.mlp_post} normalise the residual sums"
+            if layout.norm_after_residual
             else f"norm layout {layout.attn_pre}/{layout.attn_post}"
         )
         return DecoderLayerSpec(type(layer).__name__, specs.pop(), **vars(layout))
@@ -706,18 +947,23 @@ class _Analyzer:
 
     # ---------------------------------------------------------------------------------------- model
 
-    def _embedding(self, inner: nn.Module, prefix: str, attr: str, layer: nn.Module) -> EmbeddingSpec:
-        """Ratio of the first layer's input to the raw embedding rows, matched to config expressions."""
-        embed = getattr(inner, attr)
+    def _embedding(
+        self, inner: nn.Module, prefix: str, parts: dict[str, tuple[str, Any]], layer: nn.Module
+    ) -> EmbeddingSpec:
+        """The first layer's input against the raw embedding rows: a scale matched to config
+        expressions, plus learned position rows (at some offset) and a norm where the model has them."""
+        attr, embed = parts["embed"]
+        positions, embed_norm = parts.get("positions"), parts.get("embed_norm")
         captured: list[torch.Tensor] = []
         hook = layer.register_forward_pre_hook(
             lambda _m, args, kwargs: captured.append(args[0] if args else kwargs["hidden_states"]),
             with_kwargs=True,
         )
         input_ids = torch.arange(1, 6)[None]
+        position_ids = torch.arange(5)[None] + (3 if positions else 0)  # an offset shows in the rows used
         try:
             with torch.no_grad():
-                inner(input_ids=input_ids, position_ids=torch.arange(5)[None])
+                inner(input_ids=input_ids, position_ids=position_ids)
         finally:
             hook.remove()
         raw = embed.weight[input_ids]
@@ -727,18 +973,61 @@ class _Analyzer:
             ("config.hidden_size**0.5", self.hidden**0.5),
             ("config.embedding_multiplier", self.fields.get("embedding_multiplier")),
         ]
+        offsets: list[int | None] = [None] if positions is None else list(range(4))
         for expression, value in candidates:
-            if isinstance(value, float) and _close(captured[0], raw * value):
+            if not isinstance(value, float):
+                continue
+            for offset in offsets:
+                expected = raw * value
+                if offset is not None:
+                    expected = expected + positions[1].weight[position_ids + offset]
+                with torch.no_grad():
+                    if embed_norm is not None:
+                        expected = embed_norm[1](expected)
+                if not _close(captured[0], expected):
+                    continue
                 if expression:
                     self.notes.append(f"embeddings scaled by {expression}")
-                return EmbeddingSpec(attr, expression, scaled_class if expression else None)
+                spec = EmbeddingSpec(
+                    attr,
+                    expression,
+                    scaled_class if expression else None,
+                    padding_idx=hasattr(self.tiny, "pad_token_id"),
+                    positions=self._positions(prefix, positions, offset) if offset is not None else None,
+                    norm=self._embedding_norm(prefix, embed_norm, layer),
+                )
+                return spec
         raise UnsupportedFeature(f"{prefix}.{attr}", "embedding scale from no known config field", _HINT)
 
-    def _head(self, model: nn.Module, inner: nn.Module, final_attr: str) -> HeadSpec:
+    def _positions(self, prefix: str, positions: tuple[str, nn.Module], offset: int) -> PositionEmbeddingSpec:
+        """Learned position rows: ``config.max_position_embeddings + offset`` of them, read at ``offset``."""
+        attr, module = positions
+        rows = getattr(self.tiny, "max_position_embeddings", None)
+        if module.num_embeddings != (rows or 0) + offset or module.embedding_dim != self.hidden:
+            raise UnsupportedFeature(
+                f"{prefix}.{attr}",
+                f"position table of {module.num_embeddings} rows is not max_position_embeddings + {offset}",
+                _HINT,
+            )
+        self.notes.append("learned absolute position embeddings" + (f" (offset {offset})" if offset else ""))
+        return PositionEmbeddingSpec(attr, offset)
+
+    def _embedding_norm(
+        self, prefix: str, embed_norm: tuple[str, nn.Module] | None, layer: nn.Module
+    ) -> str | None:
+        if embed_norm is None:
+            return None
+        attr, module = embed_norm
+        if self._norm(f"{prefix}.{attr}", module) != self._layer_norm_spec:
+            raise UnsupportedFeature(f"{prefix}.{attr}", "embedding norm differs from the layer norms", _HINT)
+        self.notes.append("normalised embeddings")
+        return attr
+
+    def _head(self, model: nn.Module, inner: nn.Module, final_attr: str, attr: str) -> HeadSpec:
         """Compare the logits with lm_head(final hidden state) under the known post-processings."""
-        lm_head = model.lm_head
+        lm_head = getattr(model, attr)
         if not isinstance(lm_head, nn.Linear):
-            raise UnsupportedFeature("lm_head", f"head {type(lm_head).__name__}", _HINT)
+            raise UnsupportedFeature(attr, f"head {type(lm_head).__name__}", _HINT)
         input_ids, positions = torch.arange(1, 6)[None], torch.arange(5)[None]
         with torch.no_grad():
             hidden = inner(input_ids=input_ids, position_ids=positions).last_hidden_state
@@ -755,8 +1044,9 @@ class _Analyzer:
             if isinstance(value, (int, float)) and value and _close(apply(float(value)), logits):
                 if name:
                     self.notes.append(f"logits {op} by config.{name}")
-                return HeadSpec(final_attr, lm_head.bias is not None, op, f"config.{name}" if name else None)  # type: ignore[arg-type]
-        raise UnsupportedFeature("lm_head", "logit post-processing matches no template", _HINT)
+                value_expression = f"config.{name}" if name else None
+                return HeadSpec(final_attr, lm_head.bias is not None, op, value_expression, attr)  # type: ignore[arg-type]
+        raise UnsupportedFeature(attr, "logit post-processing matches no template", _HINT)
 
 
 class _Affine(nn.Module):
@@ -798,6 +1088,7 @@ class _Layout:
     mlp_post: str | None
     parallel: bool = False
     residual_multiplier: str | None = None
+    norm_after_residual: bool = False
 
     def apply(
         self, x: torch.Tensor, norms: dict[str, nn.Module], attn: _Mixer, mlp: _Mixer, multiplier: float
@@ -808,7 +1099,11 @@ class _Layout:
         scale = multiplier if self.residual_multiplier else 1.0
         if self.parallel:
             normed = norm(self.attn_pre, x)
-            return x + (norm(self.attn_post, attn.map(normed)) + norm(self.mlp_post, mlp.map(normed))) * scale
+            mlp_in = norm(self.mlp_pre, x) if self.mlp_pre else normed
+            return x + (norm(self.attn_post, attn.map(normed)) + norm(self.mlp_post, mlp.map(mlp_in))) * scale
+        if self.norm_after_residual:  # post-LN: each norm takes the residual sum
+            x = norm(self.attn_post, x + attn.map(norm(self.attn_pre, x)) * scale)
+            return norm(self.mlp_post, x + mlp.map(norm(self.mlp_pre, x)) * scale)
         x = x + norm(self.attn_post, attn.map(norm(self.attn_pre, x))) * scale
         return x + norm(self.mlp_post, mlp.map(norm(self.mlp_pre, x))) * scale
 
@@ -825,6 +1120,12 @@ def _layouts(norm_names: list[str]) -> list[_Layout]:
         used = [n for n in (a_pre, a_post, m_post) if n]
         if a_pre and sorted(used) == sorted(norm_names):
             found.append(_Layout(a_pre, a_post, None, m_post, parallel=True))
+    for a_pre, m_pre in itertools.product(norm_names, repeat=2):  # parallel, a norm for each block
+        if a_pre != m_pre and sorted([a_pre, m_pre]) == sorted(norm_names):
+            found.append(_Layout(a_pre, None, m_pre, None, parallel=True))
+    for a_post, m_post in itertools.product(norm_names, repeat=2):  # post-LN
+        if sorted({a_post, m_post}) == sorted(norm_names):
+            found.append(_Layout(None, a_post, None, m_post, norm_after_residual=True))
     return found
 
 
@@ -852,29 +1153,35 @@ def _reference_attention(
     spec: AttentionSpec,
     config: PretrainedConfig,
     x: torch.Tensor,
-    tables: tuple[torch.Tensor, torch.Tensor],
+    tables: tuple[torch.Tensor, torch.Tensor] | None,
     style: str,
     table_layout: str,
     scale: float,
     cap: float | None,
+    *,
+    layout: tuple[int, tuple[str, ...]] = (1, ("q", "k", "v")),
+    kv_heads: int | None = None,
 ) -> torch.Tensor:
-    """What the spec says the attention computes (no mask), in plain torch, on the HF module's weights."""
+    """What the spec says the attention computes (no mask), in plain torch, on the HF module's weights.
+
+    ``tables``: (cos, sin) to rotate q and k with, None for attention without RoPE; ``layout``: the
+    groups and part order of a fused q/k/v projection; ``kv_heads`` where the config has no field."""
     batch, seq = x.shape[:2]
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    heads = config.num_attention_heads
+    kv_heads = kv_heads or config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     projections = [getattr(attn, p.name)(x) for p in spec.projections]
     if spec.fused_qkv:
-        projections = list(
-            projections[0].split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
-        )
-    q, k, v = projections
+        q, k, v = split_fused_qkv(projections[0], *layout, heads, kv_heads, head_dim)
+    else:
+        q, k, v = (t.view(batch, seq, -1, head_dim) for t in projections)
     q_norm, k_norm = (getattr(attn, name, None) for name in spec.qk_norm_names)
     if spec.qk_norm is not None and not spec.qk_norm_per_head:
-        q, k = q_norm(q), k_norm(k)
-    q, k, v = (t.view(batch, seq, -1, head_dim) for t in (q, k, v))
+        q, k = (norm(t.flatten(-2)).view(t.shape) for norm, t in ((q_norm, q), (k_norm, k)))
     if spec.qk_norm is not None and spec.qk_norm_per_head:
         q, k = q_norm(q), k_norm(k)
-    q, k = (_rotate(t, *tables, style, table_layout) for t in (q, k))
+    if tables is not None:
+        q, k = (_rotate(t, *tables, style, table_layout) for t in (q, k))
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) * scale
@@ -885,3 +1192,51 @@ def _reference_attention(
         scores = torch.cat((scores, sinks), dim=-1)
     out = torch.softmax(scores.float(), dim=-1)[..., :seq] @ v
     return getattr(attn, spec.out.name)(out.transpose(1, 2).reshape(batch, seq, heads * head_dim))
+
+
+class _AttentionProbe:
+    """One HF attention run on fixed inputs (no mask), to compare with the spec's math under
+    candidate fused-q/k/v layouts; with a rotary module the inputs carry its tables."""
+
+    def __init__(
+        self,
+        attn: nn.Module,
+        spec: AttentionSpec,
+        config: PretrainedConfig,
+        scale: float,
+        kv_heads: int,
+        rotary: nn.Module | None = None,
+        rope: RopeSpec | None = None,
+        style: str = "neox",
+        kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.attn, self.spec, self.config, self.scale, self.kv_heads = attn, spec, config, scale, kv_heads
+        self.style = style
+        self.table_layout = rope.table_layout if rope is not None else "neox"
+        self.x = torch.randn(2, 6, config.hidden_size, generator=torch.Generator().manual_seed(5))
+        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.cap = getattr(config, "attn_logit_softcapping", None) if spec.softcap else None
+        with torch.no_grad():
+            if rotary is None or rope is None:
+                self.expected = _first(attn(self.x, attention_mask=None))
+            else:
+                tables = rotary(self.x, torch.tensor([[0, 3, 1, 7, 2, 5]] * 2), **(kwargs or {}))
+                self.tables = tables[::-1] if rope.sin_first else tables
+                self.expected = _first(attn(self.x, position_embeddings=tables, attention_mask=None))
+
+    def match(
+        self, layouts: list[tuple[str, int, tuple[str, ...]]]
+    ) -> tuple[str, int, tuple[str, ...]] | None:
+        """The first layout (groups expression, groups, order) under which the math matches HF."""
+        for groups, count, order in layouts:
+            with torch.no_grad():
+                try:
+                    actual = _reference_attention(
+                        self.attn, self.spec, self.config, self.x, self.tables, self.style,
+                        self.table_layout, self.scale, self.cap, layout=(count, order), kv_heads=self.kv_heads,
+                    )  # fmt: skip
+                except RuntimeError:  # the groups do not divide the heads
+                    continue
+            if _close(actual, self.expected):
+                return groups, count, order
+        return None

@@ -70,11 +70,12 @@ def _field_or_literal(config: PretrainedConfig, field: str, value: float, where:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The base model's one ModuleList child (``layers``, GPT-2's ``h``)."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UnsupportedFeature(type(model).__name__, "no `layers` ModuleList in the base model")
-    return layers
+    lists = [child for child in base.children() if isinstance(child, nn.ModuleList)]
+    if len(lists) != 1:
+        raise UnsupportedFeature(type(model).__name__, "no single ModuleList of layers in the base model")
+    return lists[0]
 
 
 def _moe_child(layer: nn.Module) -> tuple[str, nn.Module] | None:

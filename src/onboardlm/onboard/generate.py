@@ -23,7 +23,14 @@ import jinja2
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.emit_moe import block_imports, emit_mla_slot, emit_moe_slot, feed_forward_constructor
-from onboardlm.onboard.spec import ArchitectureSpec, AttentionSpec, DecoderLayerSpec, MLPSpec, NormSpec
+from onboardlm.onboard.spec import (
+    ArchitectureSpec,
+    AttentionSpec,
+    DecoderLayerSpec,
+    LinearSpec,
+    MLPSpec,
+    NormSpec,
+)
 from onboardlm.onboard.spec_moe import MLASpec, MoESpec
 
 logger = logging.getLogger(__name__)
@@ -68,7 +75,7 @@ def emit_norm(norm: NormSpec, spec: ArchitectureSpec) -> str:
 
 
 def _prefix(spec: ArchitectureSpec) -> str:
-    return spec.causal_lm_class.removesuffix("ForCausalLM")
+    return spec.causal_lm_class.removesuffix("ForCausalLM").removesuffix("LMHeadModel")
 
 
 def _output_class(spec: ArchitectureSpec) -> str:
@@ -110,7 +117,7 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
     init = [
         "self.layer_idx = layer_idx",
         "self.num_heads = config.num_attention_heads",
-        "self.num_kv_heads = config.num_key_value_heads",
+        f"self.num_kv_heads = {attn.kv_heads}",
         'self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads',
         f"self.scaling = {attn.scaling}",
     ]
@@ -145,14 +152,64 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
     start = len(init) - len(linears)
     init[start:] = _hoist_bias(init[start:], [linear.bias for linear in linears])
     init += _qk_norm_lines(attn)
+    init += _conv1d_hook_lines(linears)
+    if attn.alibi:
+        init.append(
+            'self.register_buffer("_ad_alibi_slopes", _alibi_slopes(self.num_heads), persistent=False)'
+        )
     rope_lines: list[str] = []
     if spec.rope is not None:
         rope_lines = render("rope_apply.py.j2", rope=spec.rope).rstrip("\n").split("\n")
         if attn.rope_flag:
             rope_lines = ["if self.use_rope:", *(f"    {line}" for line in rope_lines)]
     return render(
-        "attention.py.j2", attn=attn, config_class=spec.config_class, init_lines=init, rope_lines=rope_lines
+        "attention.py.j2",
+        attn=attn,
+        config_class=spec.config_class,
+        init_lines=init,
+        rope_lines=rope_lines,
+        positional=spec.rope is not None,
+        qkv=_fused_qkv(attn) if attn.fused_qkv else None,
+        methods=_conv1d_hook_method(linears),
     )
+
+
+def _fused_qkv(attn: AttentionSpec) -> dict[str, str]:
+    """How the forward splits a fused q/k/v output: sizes in checkpoint order, the names they bind
+    and, for a grouped layout, the number of groups the output is first viewed as."""
+    width = {"q": "self.num_heads * self.head_dim", "k": "self.num_kv_heads * self.head_dim"}
+    groups = attn.qkv_groups
+    if groups == "self.num_heads":
+        width = {"q": "self.head_dim", "k": "self.head_dim" if attn.kind == "mha" else None}
+    elif groups == "self.num_kv_heads":
+        width = {"q": "self.num_heads // self.num_kv_heads * self.head_dim", "k": "self.head_dim"}
+    elif groups != "1":
+        width = {part: f"{size} // {groups}" for part, size in width.items()}
+    if width["k"] is None:
+        raise UnsupportedFeature(attn.class_name, "q/k/v grouped per query head with fewer KV heads", _HINT)
+    width["v"] = width["k"]
+    return {
+        "sizes": f"[{', '.join(width[part] for part in attn.qkv_order)}]",
+        "targets": ", ".join(attn.qkv_order),
+        "groups": groups if groups != "1" else "",
+    }
+
+
+def _conv1d_hook_lines(linears: list[LinearSpec]) -> list[str]:
+    if not any(linear.transposed for linear in linears):
+        return []
+    return ["self._register_load_state_dict_pre_hook(self._transpose_conv1d_weights)"]
+
+
+def _conv1d_hook_method(linears: list[LinearSpec]) -> str:
+    """The load hook of a block whose checkpoint stores linears as transformers' Conv1D ([in, out])."""
+    names = [linear.name for linear in linears if linear.transposed]
+    if not names:
+        return ""
+    if len(names) != len(linears):
+        raise UnsupportedFeature(", ".join(names), "Conv1D and nn.Linear projections in one block", _HINT)
+    described = " and ".join(f"``{name}``" for name in names)
+    return render("conv1d_hook.py.j2", names=repr(tuple(names)), described=described)
 
 
 def _qk_norm_lines(attn: AttentionSpec) -> list[str]:
@@ -197,8 +254,16 @@ def emit_mlp(mlp: MLPSpec, spec: ArchitectureSpec) -> str:
             f"self.{mlp.down.name} = nn.Linear({mlp.intermediate}, config.hidden_size, bias={mlp.down.bias})"
         )
     init = _hoist_bias(init, [linear.bias for linear in (*mlp.inputs, mlp.down)])
+    linears = [*mlp.inputs, mlp.down]
+    init += _conv1d_hook_lines(linears)
     template = "mlp_plain.py.j2" if mlp.kind == "plain" else "mlp_gated.py.j2"
-    return render(template, mlp=mlp, config_class=spec.config_class, init_lines=init)
+    return render(
+        template,
+        mlp=mlp,
+        config_class=spec.config_class,
+        init_lines=init,
+        methods=_conv1d_hook_method(linears),
+    )
 
 
 def _hoist_bias(lines: list[str], biases: list[str]) -> list[str]:
@@ -227,15 +292,26 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
     if layer.residual_multiplier:
         init.append(f"self.residual_multiplier = {layer.residual_multiplier}")
         scale = " * self.residual_multiplier"
-    if layer.parallel:
-        attn_call = _block_call(attn.attr, "normed", None, layer.attn_post, ", position_embeddings")
+    positions = ", position_embeddings" if spec.rope is not None else ""
+    if layer.parallel and layer.mlp_pre:  # a norm for each block
+        attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions)
+        mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, layer.mlp_post)
+        total = f"({attn_call} + {mlp_call}){scale}" if scale else f"{attn_call} + {mlp_call}"
+        forward = [f"return hidden_states + {total}"]
+    elif layer.parallel:
+        attn_call = _block_call(attn.attr, "normed", None, layer.attn_post, positions)
         mlp_call = _block_call(ff.attr, "normed", None, layer.mlp_post)
         total = f"({attn_call} + {mlp_call}){scale}" if scale else f"{attn_call} + {mlp_call}"
         forward = [f"normed = self.{layer.attn_pre}(hidden_states)", f"return hidden_states + {total}"]
+    elif layer.norm_after_residual:  # post-LN: the norms take the residual sums
+        attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, None, positions)
+        mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, None)
+        forward = [
+            f"hidden_states = self.{layer.attn_post}(hidden_states + {attn_call}{scale})",
+            f"return self.{layer.mlp_post}(hidden_states + {mlp_call}{scale})",
+        ]
     else:
-        attn_call = _block_call(
-            attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, ", position_embeddings"
-        )
+        attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions)
         mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, layer.mlp_post)
         forward = [
             f"hidden_states = hidden_states + {attn_call}{scale}",
@@ -247,36 +323,50 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
         config_class=spec.config_class,
         init_lines=init,
         forward_lines=forward,
+        positional=spec.rope is not None,
     )
 
 
 def emit_model(spec: ArchitectureSpec) -> str:
-    embedding, rope = spec.embedding, spec.rope
+    embedding, rope, positions = spec.embedding, spec.rope, spec.embedding.positions
+    padding = ", config.pad_token_id" if embedding.padding_idx else ""
     if embedding.scaled_class:
-        embed = f"{embedding.scaled_class}(config.vocab_size, config.hidden_size, config.pad_token_id, {embedding.scale})"
+        embed = f"{embedding.scaled_class}(config.vocab_size, config.hidden_size{padding}, {embedding.scale})"
     else:
-        embed = "nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)"
-    init = [
-        f"self.{embedding.attr} = {embed}",
+        embed = f"nn.Embedding(config.vocab_size, config.hidden_size{padding})"
+    init = [f"self.{embedding.attr} = {embed}"]
+    if positions is not None:
+        rows = "config.max_position_embeddings" + (f" + {positions.offset}" if positions.offset else "")
+        init.append(f"self.{positions.attr} = nn.Embedding({rows}, config.hidden_size)")
+    if embedding.norm:
+        init.append(f"self.{embedding.norm} = {norm_constructor(spec.decoder.norm, 'config.hidden_size')}")
+    init += [
         f"self.{spec.layers_attr} = nn.ModuleList({spec.decoder_class}(config, i) for i in range(config.num_hidden_layers))",
         f"self.{spec.head.final_norm_attr} = {norm_constructor(spec.decoder.norm, 'config.hidden_size')}",
     ]
-    if rope is None:
-        raise UnsupportedFeature(spec.model_attr, "a model without rotary embeddings", _HINT)
-    init.append(f"self.{rope.attr} = {rope.class_name}(config)")
-    if rope.per_layer_type:
-        forward = [
-            f"position_embeddings = {{layer_type: self.{rope.attr}(inputs_embeds, position_ids, layer_type) for layer_type in self.{rope.attr}.layer_types}}"
-        ]
-    else:
-        forward = [f"position_embeddings = self.{rope.attr}(inputs_embeds, position_ids)"]
+    forward = []
+    if rope is not None:
+        init.append(f"self.{rope.attr} = {rope.class_name}(config)")
+        if rope.per_layer_type:
+            forward = [
+                f"position_embeddings = {{layer_type: self.{rope.attr}(inputs_embeds, position_ids, layer_type) for layer_type in self.{rope.attr}.layer_types}}"
+            ]
+        else:
+            forward = [f"position_embeddings = self.{rope.attr}(inputs_embeds, position_ids)"]
+    hidden = "inputs_embeds"
     if embedding.scale and not embedding.scaled_class:
         init.append(f"self.embed_scale = {embedding.scale}")
-        forward.append("hidden_states = inputs_embeds * self.embed_scale")
-    else:
-        forward.append("hidden_states = inputs_embeds")
+        hidden = "inputs_embeds * self.embed_scale"
+    if positions is not None:
+        offset = f" + {positions.offset}" if positions.offset else ""
+        hidden += f" + self.{positions.attr}(position_ids{offset})"
+    if embedding.norm:
+        hidden = f"self.{embedding.norm}({hidden})"
+    forward.append(f"hidden_states = {hidden}")
     layers = f"self.{spec.layers_attr}"
-    if rope.per_layer_type:
+    if rope is None:
+        forward += [f"for layer in {layers}:", "    hidden_states = layer(hidden_states)"]
+    elif rope.per_layer_type:
         forward += [
             f"for layer, layer_type in zip({layers}, self.config.layer_types, strict=True):",
             "    hidden_states = layer(hidden_states, position_embeddings[layer_type])",
@@ -330,8 +420,12 @@ def describe(spec: ArchitectureSpec) -> str:
     norm = {"rms": "RMSNorm", "layer": "LayerNorm"}[layer.norm.kind] + (
         " (1 + weight)" if layer.norm.offset else ""
     )
-    if layer.parallel:
+    if layer.parallel and layer.mlp_pre:
+        layout = f"decoder layers with parallel attention and MLP, each after its own {norm}"
+    elif layer.parallel:
         layout = f"decoder layers with parallel attention and MLP after one {norm}"
+    elif layer.norm_after_residual:
+        layout = f"post-LN decoder layers ({norm} of each residual sum)"
     elif layer.attn_pre and layer.attn_post:
         layout = f"decoder layers with {norm} before and after attention and MLP"
     elif layer.attn_post:
@@ -341,12 +435,32 @@ def describe(spec: ArchitectureSpec) -> str:
     # MHA and MQA are edge cases of grouped-query attention
     attention = "multi-head latent attention" if isinstance(attn, MLASpec) else "grouped-query attention"
     features = [layout]
-    if rope is not None:
+    if spec.embedding.positions is not None:
+        features.append("learned absolute position embeddings")
+    if rope is not None and rope.fixed_base is not None:
+        style = "interleaved " if rope.style == "interleaved" else ""
+        partial = "partial " if rope.partial else ""
+        features.append(f"{partial}{style}rotary position embeddings (base {rope.fixed_base:g})")
+    elif rope is not None:
         runtime = [kind for kind in ("longrope", "dynamic") if kind in rope.rope_types]
         kinds = ", ".join(["default", "linear", "llama3", "yarn", "proportional", *runtime])
         style = "interleaved " if rope.style == "interleaved" else ""
         partial = "partial " if rope.partial else ""
         features.append(f"{partial}{style}rotary position embeddings ({kinds})")
+    if getattr(attn, "alibi", False):
+        attention += " with ALiBi biases"
+    if getattr(attn, "fused_qkv", False) and attn.qkv_groups != "1":
+        attention += (
+            " (q/k/v fused, grouped per "
+            + (
+                "head"
+                if attn.qkv_groups == "self.num_heads"
+                else "KV head"
+                if attn.qkv_groups == "self.num_kv_heads"
+                else f"{attn.qkv_groups} groups"
+            )
+            + ")"
+        )
     features.append(attention + (" with q/k norm" if getattr(attn, "qk_norm", None) else ""))
     features.append(
         {
@@ -360,6 +474,8 @@ def describe(spec: ArchitectureSpec) -> str:
         for note in spec.notes
         if any(word in note for word in ("sliding", "soft-cap", "scaled", "logits", "NoPE"))
     ]
+    if any(linear.transposed for linear in (*getattr(attn, "projections", ()), *getattr(ff, "inputs", ()))):
+        extras.append("checkpoint linears stored as transformers' Conv1D ([in, out]) are transposed on load")
     extra = f" Also: {'; '.join(extras)}." if extras else ""
     lines = [
         f"Lean, export-friendly {_prefix(spec)} on canonical ``auto_deploy`` ops.",

@@ -41,6 +41,7 @@ class LinearSpec:
 
     name: str
     bias: str
+    transposed: bool = False  # stored as transformers' Conv1D, weight [in, out]: transposed on load
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class RopeSpec:
     rope_types: tuple[str, ...]
     partial: bool  # rotary dim < head dim: only the leading channels rotate
     per_layer_type: bool  # one table per config.layer_types value (forward takes layer_type)
+    sin_first: bool = False  # the module returns (sin, cos), as GPT-J's does
+    fixed_base: float | None = None  # no rope_parameters: a base the architecture hard-codes
+    dim: str | None = None  # with fixed_base: expression of the rotary dim, e.g. "config.rotary_dim"
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,10 @@ class AttentionSpec:
     num_kv_heads: int = 0
     head_dim: int = 0
     sinks: bool = False  # a learned per-head sink logit in the softmax denominator (GPT-OSS)
+    kv_heads: str = "config.num_key_value_heads"  # expression of the number of KV heads
+    qkv_groups: str = "1"  # fused qkv: equal groups its output splits into first (1: flat [q | k | v])
+    qkv_order: tuple[str, ...] = ("q", "k", "v")  # fused qkv: order of the parts inside a group
+    alibi: bool = False  # ALiBi: a per-head linear bias on the key position joins the scores
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,15 @@ class DecoderLayerSpec:
     mlp_post: str | None
     parallel: bool = False
     residual_multiplier: str | None = None  # expression scaling each block output (Granite)
+    norm_after_residual: bool = False  # post-LN: attn_post / mlp_post normalise the residual sum
+
+
+@dataclass(frozen=True)
+class PositionEmbeddingSpec:
+    """Learned absolute position embeddings added to the token embeddings (GPT-2, OPT)."""
+
+    attr: str  # on the inner model, e.g. "wpe"
+    offset: int = 0  # row of position 0 (OPT and BioGPT keep two rows before it)
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,9 @@ class EmbeddingSpec:
     attr: str  # on the inner model, e.g. "embed_tokens"
     scale: str | None = None  # expression multiplying the embeddings (Gemma, Granite)
     scaled_class: str | None = None  # HF embedding subclass that applies the scale itself (Gemma3)
+    padding_idx: bool = True  # pass config.pad_token_id (absent from some configs, e.g. CodeGen's)
+    positions: PositionEmbeddingSpec | None = None
+    norm: str | None = None  # attribute of a norm applied to the embeddings (BLOOM)
 
 
 @dataclass(frozen=True)
@@ -128,6 +148,7 @@ class HeadSpec:
     lm_head_bias: bool
     logits_op: Literal["none", "divide", "multiply", "softcap"] = "none"
     logits_value: str | None = None  # expression used by logits_op
+    attr: str = "lm_head"  # the output projection's name on the causal LM
 
 
 AttentionSlot = AttentionSpec | MLASpec

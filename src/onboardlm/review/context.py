@@ -37,7 +37,7 @@ class ReviewContext:
             raise ReviewInputError("--reference/--checkpoint-keys", "give one of them, not both")
         model = ModelIndex(SourceFile.parse(model_file, "model file"))
         if model.causal_lm is None:
-            raise ReviewInputError(str(model_file), "model file has no *ForCausalLM class")
+            raise ReviewInputError(str(model_file), "model file has no *ForCausalLM (or *LMHeadModel) class")
         tests = TestIndex(SourceFile.parse(test_file, "test file"), model) if test_file is not None else None
         if reference is not None:
             _check_model_type(reference)

@@ -37,6 +37,9 @@ CONFIG_BASES = frozenset(
     }
 )
 MODULE_LIST = frozenset({"torch.nn.ModuleList", "torch.nn.modules.container.ModuleList"})
+#: Name suffixes of a causal-LM class: ``*ForCausalLM``, or ``*LMHeadModel`` where transformers names
+#: its causal LM so (GPT-2, CTRL, OpenAI GPT) and the lean file mirrors the name.
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 ROUTING_NAME = re.compile(r"rout|topk|top_k|moe|expert|gate(?!_proj)", re.IGNORECASE)
 _MAX_HELPER_DEPTH = 4
 
@@ -122,13 +125,13 @@ class ModelIndex:
 
     @cached_property
     def causal_lm(self) -> ast.ClassDef | None:
-        """The ``*ForCausalLM`` class: the registered one, else the first defined."""
+        """The ``*ForCausalLM`` (or ``*LMHeadModel``) class: the registered one, else the first defined."""
         call = self.registration
         if call is not None and len(call.args) > 1 and isinstance(call.args[1], ast.Name):
             registered = self.src.classes.get(call.args[1].id)
-            if registered is not None and registered.name.endswith("ForCausalLM"):
+            if registered is not None and registered.name.endswith(CAUSAL_LM_SUFFIXES):
                 return registered
-        return next((c for c in self.src.classes.values() if c.name.endswith("ForCausalLM")), None)
+        return next((c for c in self.src.classes.values() if c.name.endswith(CAUSAL_LM_SUFFIXES)), None)
 
     # ----------------------------------------------------------------- constructions
     @cached_property

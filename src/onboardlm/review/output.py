@@ -6,7 +6,7 @@ import ast
 
 from onboardlm.review.context import ReviewContext
 from onboardlm.review.findings import Flag, Outcome, rule
-from onboardlm.review.model_index import PRETRAINED_MODEL, ModelIndex
+from onboardlm.review.model_index import CAUSAL_LM_SUFFIXES, PRETRAINED_MODEL, ModelIndex
 from onboardlm.review.source import SourceFile, argument, call_name, constant_value, dotted_parts
 from onboardlm.review.structure import config_names
 
@@ -173,8 +173,12 @@ def _registration_flags(model: ModelIndex, call: ast.Call) -> list[Flag]:
     if not isinstance(name, str):
         flags.append(src.flag(call, "the first argument is not the config class name as a string"))
     target = call.args[1] if len(call.args) > 1 else None
-    if not (isinstance(target, ast.Name) and target.id in src.classes and target.id.endswith("ForCausalLM")):
-        flags.append(src.flag(call, "the second argument is not the file's *ForCausalLM class"))
+    if not (
+        isinstance(target, ast.Name) and target.id in src.classes and target.id.endswith(CAUSAL_LM_SUFFIXES)
+    ):
+        flags.append(
+            src.flag(call, "the second argument is not the file's *ForCausalLM (or *LMHeadModel) class")
+        )
     declared = [n for n, node in config_names(model).items() if not isinstance(node, ast.Call)]
     if isinstance(name, str) and declared and name not in declared:
         flags.append(src.flag(call, f"registers {name!r} but config_class is {declared[0]}"))
