@@ -21,9 +21,9 @@ from torch.fx.operator_schemas import normalize_function
 
 from onboardlm.ops import DECLARED_OPS
 from onboardlm.ops._library import FOREIGN_OPS, NAMESPACE
-from onboardlm.transforms import cached_ops
+from onboardlm.transforms import cached_ops, paged_ops
 
-_OWN_OPS = (*DECLARED_OPS, cached_ops.CACHED_ATTENTION, cached_ops.CACHED_MLA)
+_OWN_OPS = (*DECLARED_OPS, cached_ops.CACHED_ATTENTION, cached_ops.CACHED_MLA, paged_ops.PAGED_ATTENTION)
 
 
 def _reshape(x: torch.Tensor, shape: list[int]) -> torch.Tensor:

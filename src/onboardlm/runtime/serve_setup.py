@@ -1,0 +1,70 @@
+"""Build a :class:`ServingEngine` from a model and ``onboardlm run``'s settings plus serving options."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from onboardlm.errors import OnboardlmError
+from onboardlm.models.factory import AutoModelForCausalLMFactory
+from onboardlm.registry.settings import RunSettings
+from onboardlm.runtime.chat import stop_token_ids
+from onboardlm.runtime.paged_cache import BlockAllocator, PagedKVCache, blocks_for
+from onboardlm.runtime.paged_model import PagedModel, build_paged_graph
+from onboardlm.runtime.runner import model_location, resolve_device, resolve_dtype
+from onboardlm.runtime.scheduler import Scheduler, SchedulerLimits
+from onboardlm.runtime.serving import EngineConfig, ServingEngine
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Serving limits beyond the run settings (``max_batch_size`` = sequences running at once).
+
+    ``kv_cache_tokens`` defaults to ``max_batch_size * max_seq_len``, the cache ``onboardlm run`` holds.
+    """
+
+    block_size: int = 16
+    kv_cache_tokens: int | None = None
+    max_step_tokens: int = 256
+    max_waiting: int = 256
+
+
+def engine_for_model(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    stop_ids: Iterable[int],
+    settings: RunSettings,
+    options: ServeOptions,
+) -> ServingEngine:
+    """A (not yet started) engine over a loaded lean ``model``."""
+    graph = build_paged_graph(model)
+    device = next(model.parameters()).device
+    cache_tokens = options.kv_cache_tokens or settings.max_batch_size * settings.max_seq_len
+    num_blocks = max(
+        blocks_for(cache_tokens, options.block_size), blocks_for(settings.max_seq_len, options.block_size)
+    )
+    cache = PagedKVCache.allocate(graph.caches, num_blocks, options.block_size, device)
+    limits = SchedulerLimits(
+        settings.max_batch_size, max(options.max_step_tokens, settings.max_batch_size), options.max_waiting
+    )
+    scheduler = Scheduler(BlockAllocator(num_blocks, options.block_size), limits)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    config = EngineConfig(settings.max_seq_len, limits, vocab)
+    return ServingEngine(PagedModel(graph, cache), scheduler, tokenizer, stop_ids, config)
+
+
+def load_engine(model: str | None, settings: RunSettings, options: ServeOptions) -> ServingEngine:
+    """Load ``model`` (``None``: the shipped default) as ``onboardlm run`` does and build its engine."""
+    if settings.world_size > 1:
+        raise OnboardlmError(
+            f"world_size {settings.world_size}", "serve runs on one device", "serve with world_size 1"
+        )
+    device = resolve_device(settings.device)
+    factory = AutoModelForCausalLMFactory(model_location(model), settings.model_kwargs)
+    tokenizer = factory.tokenizer()
+    lean, _ = factory.build_and_load(device=device, dtype=resolve_dtype(settings.dtype))
+    stops = stop_token_ids(tokenizer, factory.generation_config())
+    return engine_for_model(lean, tokenizer, stops, settings, options)
