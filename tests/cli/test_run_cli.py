@@ -1,4 +1,4 @@
-"""``onboardlm run``: registry and standalone settings, the log format, and every kind of bad input.
+"""``onboardlm run``: registry and standalone settings and the log format (bad input: tests/test_bad_inputs.py).
 
 Fast tests use a tiny random Llama saved with the shipped SmolLM2 tokenizer; the ``slow`` ones load the
 shipped SmolLM2 GGUF.
@@ -11,16 +11,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from ruamel.yaml import YAML
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from typer.testing import CliRunner
 
 from onboardlm.cli import app
-from onboardlm.models.source import default_model_path
 from onboardlm.registry import load_run_settings, render_standalone_yaml, shipped_registry_dir
 from onboardlm.runtime.prompts import default_prompts
 from onboardlm.runtime.runner import DEFAULT_MODEL_ID
+from onboardlm.testing.checkpoints import save_tiny_llama
 
 runner = CliRunner()
 PROMPT_LINE = re.compile(r"^\[PROMPT (\d+)\] (.*)$", re.MULTILINE)
@@ -29,16 +27,7 @@ PROMPT_LINE = re.compile(r"^\[PROMPT (\d+)\] (.*)$", re.MULTILINE)
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with a 2-layer random Llama checkpoint and SmolLM2's tokenizer."""
-    directory = tmp_path_factory.mktemp("tiny_llama")
-    gguf = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokenizer.save_pretrained(directory)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
-    )  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture
@@ -101,72 +90,6 @@ def test_command_line_options_override_the_settings(tiny_registry: Path, tiny_mo
     )  # fmt: skip
     assert code == 0, out
     assert [line.split(":")[0] for line in _prompt_lines(out)] == ["[PROMPT 0] One", "[PROMPT 1] Two"]
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--model", "nobody/NoSuchModel", "--use-registry"], "nobody/NoSuchModel: not in the registry"),
-        (["--model", "/no/such/dir"], "no such file or directory"),
-        (["--model", "not-a-model-type-or-id"], "not in the local HuggingFace cache"),
-        (["--dtype", "float13"], "float13"),
-        (
-            ["--max-new-tokens", "64", "--max-seq-len", "32"],
-            "max_new_tokens (64) must be smaller than max_seq_len",
-        ),
-    ],
-)
-def test_bad_options_fail_with_one_clear_message(args: list[str], message: str) -> None:
-    code, out = _run(*args)
-    assert code == 2
-    assert message in out
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        (None, "file not found"),
-        ("max_batch_size: [1,\n", "malformed YAML"),
-        ("max_batch: 4\n", "key 'max_batch': unknown key, did you mean 'max_batch_size'?"),
-        ("max_seq_len: '128'\n", "key 'max_seq_len'"),
-    ],
-)
-def test_bad_yaml_extra_files_are_named_in_the_message(
-    tmp_path: Path, text: str | None, message: str
-) -> None:
-    path = tmp_path / "extra.yaml"
-    if text is not None:
-        path.write_text(text)
-    code, out = _run("--args.yaml-extra", str(path))
-    assert code == 2
-    assert str(path) in out.replace("\n", "") and message in out
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-def test_cuda_without_a_gpu_is_refused(tiny_model: Path) -> None:
-    code, out = _run("--model", str(tiny_model), "--device", "cuda")
-    assert code == 2
-    assert "device 'cuda': no CUDA GPU is available here" in out
-
-
-def test_a_prompt_longer_than_the_cache_is_refused(tiny_model: Path) -> None:
-    code, out = _run(
-        "--model", str(tiny_model), "--max-seq-len", "24", "--max-new-tokens", "8", "-p", "word " * 30
-    )
-    assert code == 2
-    assert re.search(
-        r"prompt 0 \(\d+ tokens\): longer than the cache allows: \d+ \+ max_new_tokens 8 > max_seq_len 24",
-        out,
-    )
-
-
-def test_a_model_without_a_tokenizer_is_refused(tmp_path: Path) -> None:
-    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100).save_pretrained(
-        tmp_path
-    )
-    code, out = _run("--model", str(tmp_path))
-    assert code == 2
-    assert "has no tokenizer files" in out
 
 
 @pytest.mark.slow

@@ -8,9 +8,6 @@ from pathlib import Path
 
 import pytest
 from gguf import GGUFReader
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
 from transformers import (
     AutoTokenizer,
     GenerationConfig,
@@ -24,16 +21,13 @@ from onboardlm.models.source import default_model_path
 from onboardlm.registry.settings import RunSettings
 from onboardlm.runtime.chat import stop_token_ids
 from onboardlm.runtime.runner import Runner
+from onboardlm.testing.checkpoints import word_tokenizer
 
 VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, "<|im_end|>": 3, "<|eot_id|>": 4, "hello": 5, "world": 6, "!": 7}
 
 
 def tiny_tokenizer(eos: str | None = "</s>") -> PreTrainedTokenizerFast:
-    backend = Tokenizer(WordLevel(VOCAB, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token=eos
-    )
+    return word_tokenizer(VOCAB, eos)
 
 
 def tiny_checkpoint(directory: Path, config_eos: int | list[int], generation_eos: list[int] | None) -> Path:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from onboardlm.compat import transformers_range_warning
 from onboardlm.errors import OnboardlmError
@@ -32,6 +33,7 @@ def warn_on_untested_transformers() -> None:
     if warning is not None:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -46,6 +48,12 @@ class DType(str, enum.Enum):
         return getattr(torch, self.value)
 
 
+def print_error(message: str) -> None:
+    """``error: <message>`` in red on stderr, always one line (line breaks inside become spaces)."""
+    line = " ".join(message.split())
+    err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def reports_user_errors(command: F) -> F:
     """Turn an :class:`OnboardlmError` into one red line on stderr and exit code 2."""
 
@@ -54,7 +62,7 @@ def reports_user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except OnboardlmError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            print_error(str(err))
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]

@@ -11,8 +11,11 @@ from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
-from onboardlm.cli.common import app, console, reports_user_errors
+from onboardlm.cli.common import app, console, print_error, reports_user_errors
 from onboardlm.onboard.phases import PhaseRecord
+
+#: Exit code of an onboarding stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2.
+EXIT_INTERRUPTED = 130
 
 _MARKS = {"pass": "[green]✓[/]", "fail": "[bold red]✗[/]", "skipped": "[yellow]-[/]"}
 
@@ -31,9 +34,7 @@ class _Progress:
             self.status = console.status(f"{name} ...")
             self.status.start()
             return
-        if self.status is not None:
-            self.status.stop()
-            self.status = None
+        self.stop()
         if record is None:  # aborted: the error is reported by the caller
             return
         console.print(
@@ -42,6 +43,12 @@ class _Progress:
             soft_wrap=True,
             markup=True,
         )
+
+    def stop(self) -> None:
+        """End the spinner, if one runs."""
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
 
 
 @app.command("onboard")
@@ -82,7 +89,13 @@ def onboard_command(
         allow_remote_code=allow_remote_code,
         into_package=into_package,
     )
-    result = onboard(model or str(default_model_path()), options, listener=_Progress(quiet=as_json))
+    progress = _Progress(quiet=as_json)
+    try:
+        result = onboard(model or str(default_model_path()), options, listener=progress)
+    except KeyboardInterrupt:  # Ctrl-C: the pipeline has already removed its staging folder
+        progress.stop()
+        print_error(f"{out or 'onboard'}: interrupted; the output folder is left as it was")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if as_json:
         typer.echo(json.dumps(report_data(result), indent=2, default=str))
     else:

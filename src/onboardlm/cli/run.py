@@ -27,7 +27,7 @@ def settings_with_overrides(base: Any, overrides: dict[str, Any]) -> Any:
     try:
         return RunSettings.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(f"{p.key}: {p.message}" for p in field_problems(err))
+        problems = "; ".join(f"{p.key}: {p.message}" if p.key else p.message for p in field_problems(err))
         raise OnboardlmError("command-line options", problems) from None
 
 
@@ -85,9 +85,11 @@ def run_command(
 ) -> None:
     """Export a model to a graph with a KV cache and answer prompts; log ``[PROMPT i] <prompt>: <output>``."""
     from onboardlm.registry import load_run_settings
+    from onboardlm.runtime.prompts import check_prompts
     from onboardlm.runtime.runner import DEFAULT_MODEL_ID
     from onboardlm.runtime.tensor_parallel import close_process_group
 
+    check_prompts(prompt or [])  # before the model loads
     registry_name = model or DEFAULT_MODEL_ID
     settings = load_run_settings(
         registry_name, use_registry=use_registry, yaml_extra=yaml_extra or [], registry_dir=registry_dir

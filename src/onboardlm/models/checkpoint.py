@@ -11,11 +11,16 @@ Some hub checkpoints keep an older layout than transformers' modules (Mixtral's
 
 from __future__ import annotations
 
+import pickle
 import re
+import warnings
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
@@ -63,13 +68,14 @@ def read_converted_state_dict(
     """
     directory = weights.files[0].parent
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            directory,
-            config=config,
-            dtype=dtype or "auto",
-            use_safetensors=weights.format == "safetensors",
-            output_loading_info=True,
-        )
+        with _transformers_quiet():  # its load report would repeat, in a table, what we raise below
+            model, info = AutoModelForCausalLM.from_pretrained(
+                directory,
+                config=config,
+                dtype=dtype or "auto",
+                use_safetensors=weights.format == "safetensors",
+                output_loading_info=True,
+            )
     except Exception as err:  # transformers raises assorted errors on checkpoints it cannot read
         raise WeightsError(str(directory), f"transformers cannot load this checkpoint either: {err}") from err
     # transformers fills what the checkpoint lacks with random values; that is no load
@@ -79,32 +85,97 @@ def read_converted_state_dict(
     return dict(model.state_dict())
 
 
+def check_readable(weights: WeightsLocation) -> None:
+    """Raise :class:`WeightsError` unless every file of a safetensors or PyTorch checkpoint opens.
+
+    Cheap: safetensors headers are read (they cover the whole file, so truncation shows), and
+    PyTorch zip files are memory-mapped, not read. GGUF files are checked when their config is read.
+    """
+    for file in weights.files:
+        if weights.format == "safetensors":
+            with _safetensors_errors(file), safe_open(file, "pt") as handle:
+                handle.keys()
+        elif weights.format == "pytorch":
+            _load_pytorch_file(file)
+
+
 def _read_safetensors(files: tuple[Path, ...]) -> StateDict:
     state_dict: StateDict = {}
     for file in files:
-        if not file.is_file():
-            raise WeightsError(str(file), "checkpoint shard is missing", "re-download the checkpoint")
-        try:
+        with _safetensors_errors(file):
             state_dict.update(load_file(file))
-        except (SafetensorError, OSError) as err:
-            raise WeightsError(str(file), f"corrupt or unreadable safetensors file: {err}") from err
     return state_dict
+
+
+@contextmanager
+def _safetensors_errors(file: Path) -> Iterator[None]:
+    if not file.is_file():
+        raise WeightsError(str(file), "checkpoint shard is missing", "re-download the checkpoint")
+    try:
+        yield
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(str(file), f"corrupt or unreadable safetensors file: {err}") from err
 
 
 def _read_pytorch(files: tuple[Path, ...]) -> StateDict:
     state_dict: StateDict = {}
     for file in files:
-        if not file.is_file():
-            raise WeightsError(str(file), "checkpoint shard is missing", "re-download the checkpoint")
-        try:
-            state_dict.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as err:  # torch.load raises many types on bad or unsafe pickles
-            raise WeightsError(
-                str(file),
-                f"cannot read as a weights-only PyTorch checkpoint: {err}",
-                "convert it to safetensors",
-            ) from err
+        state_dict.update(_load_pytorch_file(file))
     return state_dict
+
+
+def _load_pytorch_file(file: Path) -> StateDict:
+    """One ``.bin`` file as a state dict, read with ``weights_only=True``: a pickle that would build
+    anything but tensors and plain containers (or call code) is refused, never run."""
+    if not file.is_file():
+        raise WeightsError(str(file), "checkpoint shard is missing", "re-download the checkpoint")
+    try:
+        with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol
+            warnings.simplefilter("ignore")
+            # only the zip format can be memory-mapped; older files are read whole
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as err:
+        raise WeightsError(str(file), _refusal(str(err)), "convert it to safetensors") from err
+    except Exception as err:  # torch.load raises many types on damaged files
+        raise WeightsError(
+            str(file),
+            f"cannot read as a weights-only PyTorch checkpoint: {' '.join(str(err).split())}",
+            "convert it to safetensors",
+        ) from err
+    if not isinstance(loaded, dict):
+        problem = f"it holds a {type(loaded).__name__}"
+    else:
+        key = next((k for k, v in loaded.items() if not isinstance(v, torch.Tensor)), None)
+        if key is None:
+            return loaded
+        problem = f"key {key!r} holds a {type(loaded[key]).__name__}"
+    raise WeightsError(str(file), f"not a state dict of tensors: {problem}", "save model.state_dict()")
+
+
+def _refusal(error: str) -> str:
+    """torch's weights-only refusal (a paragraph of advice) as one line naming what the pickle wanted."""
+    called = re.search(r"GLOBAL (\S+) was not an allowed global", error)
+    if called:
+        return f"refused: the pickle calls {called.group(1)}, not a plain state dict; nothing was run"
+    reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", error, re.DOTALL)
+    detail = " ".join(reason.group(1).split()) if reason else "weights-only load failed"
+    return f"refused: not a plain state dict ({detail}); nothing was run"
+
+
+@contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """Silence transformers' warnings and progress bars for the block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _read_gguf(file: Path, config: PretrainedConfig, dtype: torch.dtype | None) -> StateDict:

@@ -268,7 +268,7 @@ def load_checkpoint_into(model: nn.Module, state_dict: StateDict, *, subject: st
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # size mismatches
-        raise WeightsError(subject, f"checkpoint does not fit the model: {err}") from err
+        raise WeightsError(subject, f"checkpoint does not fit the model: {_size_mismatches(err)}") from err
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         parts = []
@@ -285,6 +285,23 @@ def load_checkpoint_into(model: nn.Module, state_dict: StateDict, *, subject: st
         weights_source=subject,
         num_tensors=len(state_dict),
         tied_keys=sorted(k for k in tied if k in result.missing_keys),
+    )
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(.*?)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[(.*?)\]\)"
+)
+
+
+def _size_mismatches(err: RuntimeError) -> str:
+    """``load_state_dict``'s multi-line size-mismatch report as one line."""
+    found = _SIZE_MISMATCH.findall(str(err))
+    if not found:
+        return " ".join(str(err).split())
+    return "; ".join(
+        f"size mismatch for {key}: [{ckpt}] in the checkpoint, [{own}] in the model"
+        for key, ckpt, own in found
     )
 
 

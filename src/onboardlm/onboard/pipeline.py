@@ -5,7 +5,8 @@ resolve -> fit -> survey -> analyze -> generate -> testgen -> verify -> review -
 Usage errors (unknown model, non-causal LM, existing output without ``force``) raise before anything
 is written. After that, every phase records its outcome; a phase whose inputs failed is skipped with
 the reason, and the report always says what was and was not done. Files are written into a staging
-folder that replaces the output folder only at the end.
+folder that replaces the output folder only at the end; the output folder is locked meanwhile, so a
+second onboarding into it is refused (:func:`onboardlm.onboard.staging.claim_output`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from onboardlm.errors import OnboardlmError
 from onboardlm.onboard import generate, testgen
 from onboardlm.onboard import verify as verify_phase
 from onboardlm.onboard.analyze import analyze
@@ -25,7 +27,7 @@ from onboardlm.onboard.register import RegisterOutcome, register
 from onboardlm.onboard.report import write_report
 from onboardlm.onboard.resolve import ResolveResult, resolve
 from onboardlm.onboard.result import OnboardResult
-from onboardlm.onboard.staging import DEFAULT_ROOT, StagingFolder, check_destination, output_name
+from onboardlm.onboard.staging import DEFAULT_ROOT, claim_output, output_name
 from onboardlm.onboard.survey import survey
 from onboardlm.registry.atomic import atomic_write_text
 from onboardlm.review import review_model_file
@@ -51,15 +53,16 @@ def onboard(
     options = options or OnboardOptions()
     start = time.perf_counter()
     log = PhaseLog(listener)
-    resolved: ResolveResult = log.run("resolve", lambda: _resolve(model, options), reraise=True)
+    resolved: ResolveResult | None = log.run("resolve", lambda: _resolve(model, options), reraise=True)
+    if resolved is None:  # not a usage error: a failure inside resolve, recorded by the log
+        record = log.get("resolve")
+        raise OnboardlmError(model, f"cannot be resolved: {record.summary if record else 'unknown error'}")
     out_dir = options.out_dir or DEFAULT_ROOT / output_name(resolved.name)
-    check_destination(out_dir, options.force)
     targets = PackageTargets.for_model_type(resolved.model_type) if options.into_package else None
     if targets is not None:
         targets.check(options.force)
 
-    staging = StagingFolder(out_dir)
-    try:
+    with claim_output(out_dir, options.force) as staging:  # checks the destination first
         run = _Run(resolved, options, log, staging.path, out_dir)
         result = run.phases()
         if targets is not None:
@@ -70,9 +73,6 @@ def onboard(
         result.seconds = time.perf_counter() - start
         result.files += [out_dir / path.name for path in write_report(result, staging.path)]
         staging.publish()
-    except BaseException:
-        staging.discard()
-        raise
     return result
 
 

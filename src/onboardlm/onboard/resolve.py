@@ -3,7 +3,8 @@
 MODEL is a hub id (local HuggingFace cache first; the network only when allowed), a local directory
 with config.json, a ``.gguf`` file, or a bare transformers ``model_type`` (default config, random
 weights). Only decoder-only causal LMs are accepted: encoder-only models with an LM head and
-encoder-decoder models are refused here, before any work is done.
+encoder-decoder models are refused here, before any work is done, and so is a checkpoint whose files
+do not open (a truncated safetensors file, a ``.bin`` pickle that is not a plain state dict).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from onboardlm.errors import ModelSourceError
+from onboardlm.models.checkpoint import check_readable
 from onboardlm.models.source import ModelSource, resolve_model_source
 
 
@@ -42,6 +44,8 @@ def resolve(model: str, *, offline: bool = True, allow_remote_code: bool = False
     config = source.config
     model_type = config.model_type
     check_decoder_only(model, model_type, bool(getattr(config, "is_encoder_decoder", False)))
+    if source.weights is not None:  # a damaged checkpoint is bad input: refuse it before any work
+        check_readable(source.weights)
     return ResolveResult(
         source=source,
         model_type=model_type,

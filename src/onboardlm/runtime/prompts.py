@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from onboardlm.errors import OnboardlmError
+
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "How big is the universe? ",
     "In simple words and a single sentence, explain the concept of gravity: ",
@@ -19,3 +23,14 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 def default_prompts() -> list[str]:
     """A fresh list of the ten default prompts."""
     return list(DEFAULT_PROMPTS)
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Refuse an empty or blank prompt (the model would answer nothing in particular)."""
+    for index, prompt in enumerate(prompts):
+        if not prompt.strip():
+            raise OnboardlmError(
+                f"prompt {index}",
+                "empty or blank",
+                "give it some text, or leave out --prompt for the default prompts",
+            )

@@ -22,7 +22,7 @@ from onboardlm.registry.settings import RunSettings
 from onboardlm.runtime.cache import KVCache, check_fits
 from onboardlm.runtime.chat import encode_chat_prompt, stop_token_ids
 from onboardlm.runtime.engine import CachedModel, build_cached_graph
-from onboardlm.runtime.prompts import default_prompts
+from onboardlm.runtime.prompts import check_prompts, default_prompts
 from onboardlm.runtime.sampler import make_generator
 from onboardlm.runtime.tensor_parallel import graph_sharder, rank_for_run, rank_local_sharder
 from onboardlm.transforms import CachedGraph
@@ -121,6 +121,7 @@ class Runner:
     def run(self, prompts: list[str] | None = None) -> list[PromptResult]:
         """Answer ``prompts`` (default: the settings' prompts, else the ten default prompts) in batches."""
         texts = prompts or self.settings.prompts or default_prompts()
+        check_prompts(texts)
         encoded = [encode_chat_prompt(self.tokenizer, text) for text in texts]
         settings = self.settings
         lengths = [len(ids) for ids in encoded]  # refuse before any compute; batches are cut below

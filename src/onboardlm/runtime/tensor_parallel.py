@@ -21,13 +21,20 @@ from torch.fx import GraphModule
 
 from onboardlm.errors import OnboardlmError
 from onboardlm.runtime.distributed import RankInfo, load_rank_weights, rank_device
-from onboardlm.transforms.sharding import ParamShard, ShardingReport, apply_sharding_hints, plan_sharding
+from onboardlm.transforms.sharding import (
+    ParamShard,
+    ShardingReport,
+    apply_sharding_hints,
+    check_devices,
+    plan_sharding,
+)
 
 LAUNCH_HINT = "launch it as: torchrun --nproc-per-node {n} -m onboardlm.cli run ... --world-size {n}"
 
 
 def rank_for_run(world_size: int, device: torch.device) -> tuple[RankInfo, torch.device]:
     """This process's rank for a run of ``world_size`` ranks, and the device it computes on."""
+    check_devices(world_size, device)  # more ranks than GPUs: say so before how to launch them
     info = RankInfo.from_env()
     if info.world_size != world_size:
         raise OnboardlmError(
