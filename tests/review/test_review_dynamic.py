@@ -136,3 +136,13 @@ def test_malformed_checkpoint_keys_are_refused(files, tmp_path) -> None:
     keys.write_text('{"weights": 3}')
     with pytest.raises(ReviewInputError, match="weight_map"):
         review_model_file(files.llama, checkpoint_keys=keys)
+
+
+def test_ba1_builds_the_config_being_onboarded(files, review_rule) -> None:
+    """A tiny copy of the given config (biased projections here), not of the class defaults."""
+    config = LlamaConfig(attention_bias=True, mlp_bias=True)
+    expected = len(LlamaForCausalLM(tiny_config(config)).state_dict())
+    default = review_rule("BA1", files.llama).result("BA1").findings[0].reason
+    given = review_rule("BA1", files.llama, config=config).result("BA1")
+    assert given.status is Status.PASS
+    assert f"{expected} tensors" in given.findings[0].reason and f"{expected} tensors" not in default

@@ -192,6 +192,16 @@ def test_dropout_p_zero_is_not_a_training_path(files, edit, review_rule) -> None
     assert review_rule("C5", edited.path).passed
 
 
+def test_router_buffer_of_a_class_named_like_rope_is_no_rope_table(files, edit, review_rule) -> None:
+    """A class named SolarOpenTopkRouter has "rope" inside a word: its buffer is a checkpoint tensor."""
+    router = (
+        "class SolarOpenTopkRouter(nn.Module):\n    def __init__(self) -> None:\n        super().__init__()\n"
+        '        self.register_buffer("e_score_correction_bias", torch.zeros(4))\n\n\n'
+    )
+    edited = edit(files.llama, ("class LlamaPreTrainedModel(", router + "class LlamaPreTrainedModel("))
+    assert review_rule("D1", edited.path).passed
+
+
 def test_routing_code_may_use_softmax_and_a_plain_gate(files, review_rule) -> None:
     report = review_rule({"C1", "C7"}, files.moe)
     assert report.passed, report.failures

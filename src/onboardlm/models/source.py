@@ -20,7 +20,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from onboardlm.errors import ModelSourceError
+from onboardlm.errors import ModelSourceError, UnsupportedFeature
+from onboardlm.models.config_completion import complete_default_config
 
 SourceKind = Literal["config", "directory", "gguf", "hub", "model_type"]
 WeightsFormat = Literal["safetensors", "gguf", "pytorch"]
@@ -108,13 +109,26 @@ def resolve_model_source(
             text, "is a file but not a .gguf file", "pass a directory with config.json or a .gguf file"
         )
     if text in CONFIG_MAPPING and "/" not in text:
-        config = AutoConfig.for_model(text)
-        return ModelSource(
-            name=text, kind="model_type", config=config, notes=["default config, random weights"]
-        )
+        return _from_model_type(text)
     if _looks_like_path(text):
         raise ModelSourceError(text, "no such file or directory", "check the path")
     return _from_hub(text, allow_remote_code=allow_remote_code, offline=offline)
+
+
+def _from_model_type(model_type: str) -> ModelSource:
+    """transformers' default config of ``model_type``, completed as a checkpoint's would be."""
+    try:
+        config = AutoConfig.for_model(model_type)
+    except Exception as err:  # the default config fails transformers' own validation
+        message = " ".join(str(err.__cause__ or err).split())
+        raise UnsupportedFeature(
+            CONFIG_MAPPING[model_type].__name__, f"transformers' default config does not validate: {message}"
+        ) from err
+    completed = complete_default_config(config)
+    notes = (
+        [f"default config completed as a checkpoint's would be: {', '.join(completed)}"] if completed else []
+    )
+    return ModelSource(name=model_type, kind="model_type", config=config, notes=notes)
 
 
 def _looks_like_path(text: str) -> bool:

@@ -21,14 +21,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.activations import ACT2FN
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_classic import projections, split_fused_qkv
-from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
+from onboardlm.onboard.analyze_moe import _complex_rotary_table, analyze_mla, analyze_moe
 from onboardlm.onboard.spec import (
     ArchitectureSpec,
     AttentionSpec,
@@ -58,6 +60,7 @@ _TELLING_MULTIPLIERS = {
     "logit_scale": 0.4,
 }
 _HINT = "add a template for it in onboardlm/onboard/templates and teach analyze.py to recognise it"
+_TINY_HINT = "teach onboardlm.testing.tiny_config the config fields that check"
 
 
 def analyze(config: PretrainedConfig) -> ArchitectureSpec:
@@ -66,6 +69,11 @@ def analyze(config: PretrainedConfig) -> ArchitectureSpec:
         tiny = tiny_config(config)
     except ValueError as err:
         raise UnsupportedFeature(type(config).__name__, str(err), "pass the text decoder's config") from err
+    except StrictDataclassError as err:  # the shrunken fields break one of the config's own checks
+        reason = " ".join(str(err.__cause__ or err).split())
+        raise UnsupportedFeature(
+            type(config).__name__, f"its tiny copy fails transformers' validation: {reason}", _TINY_HINT
+        ) from err
     for name, value in _TELLING_MULTIPLIERS.items():
         if isinstance(getattr(tiny, name, None), float):
             with contextlib.suppress(AttributeError):  # a read-only property derived from other fields
@@ -85,12 +93,28 @@ def _measure(config: PretrainedConfig, tiny: PretrainedConfig) -> ArchitectureSp
             f"transformers cannot build a causal LM from its tiny copy: {err}",
             "check that the config is complete (head_dim, rope parameters) for transformers",
         ) from err
+    if _complex_rotary(model):
+        raise UnsupportedFeature(
+            f"{model.base_model_prefix}.rotary_emb",
+            "complex-frequency RoPE (one complex table, no cos/sin)",
+            _HINT,
+        )
     try:
         return _Analyzer(config, tiny, model).spec()
-    except (AttributeError, TypeError, IndexError, KeyError, RuntimeError) as err:
-        raise UnsupportedFeature(
+    except (AttributeError, TypeError, IndexError, KeyError, ValueError, RuntimeError) as err:
+        # raised inside a transformers module on a probe input: name that module and its line
+        located = transformers_failure(tiny, err, "fails on the analyzer's probe input")
+        raise located or UnsupportedFeature(
             type(config).__name__, f"analysis failed ({type(err).__name__}: {err})", _HINT
         ) from err
+
+
+def _complex_rotary(model: nn.Module) -> bool:
+    """Whether the rotary module returns one complex table (DeepSeek-V2) instead of cos and sin."""
+    try:
+        return _complex_rotary_table(model)
+    except Exception:  # a rotary module with another signature: the RoPE probe looks at it
+        return False
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

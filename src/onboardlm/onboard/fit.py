@@ -12,6 +12,7 @@ import psutil
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from onboardlm.models.build_errors import unbuildable
 from onboardlm.registry.editor import world_size_for_params
 
 #: Bytes per parameter of the dtypes a run may use.
@@ -62,9 +63,13 @@ def fit(config: PretrainedConfig) -> FitReport:
 
 
 def count_parameters(config: PretrainedConfig) -> int:
-    """Exact parameter count of the transformers causal LM for ``config``, without allocating."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    """Exact parameter count of the transformers causal LM for ``config``, without allocating;
+    :class:`UnsupportedFeature` (module and unset field) when transformers cannot build it."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # transformers raises anything from a config it cannot build
+        raise unbuildable(config, err) from err
     return sum(p.numel() for p in model.parameters())
 
 

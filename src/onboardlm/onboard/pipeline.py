@@ -80,6 +80,7 @@ def _resolve(model: str, options: OnboardOptions) -> PhaseOutcome:
     resolved = resolve(model, offline=options.offline, allow_remote_code=options.allow_remote_code)
     tokenizer = "tokenizer found" if resolved.has_tokenizer else "no tokenizer"
     summary = f"{resolved.config_class} ({resolved.model_type}); weights {resolved.weights}; {tokenizer}"
+    summary += "".join(f"; {note}" for note in resolved.source.notes)
     return PhaseOutcome(resolved, summary)
 
 
@@ -154,7 +155,7 @@ class _Run:
         return PhaseOutcome(report, summary, passed=report.passed)
 
     def _review(self, model_file: Path, test_file: Path) -> PhaseOutcome:
-        report = review_model_file(model_file, test_file)
+        report = review_model_file(model_file, test_file, config=self.resolved.source.config)
         self.result.review = report  # kept on FAIL too: the report lists every finding
         verdict = "PASS" if report.passed else f"FAIL ({len(report.failures)} finding(s))"
         summary = f"REVIEW RESULT: {verdict}, {report.num_passed}/{len(report.applicable)} rules passed"

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from transformers import PretrainedConfig
+
 from onboardlm.review.loading import LoadCheck, check_strict_load, read_checkpoint_keys
 from onboardlm.review.model_index import ModelIndex
 from onboardlm.review.pytest_run import TestRun, run_pytest
@@ -22,6 +24,7 @@ class ReviewContext:
     reference: str | None = None
     checkpoint_keys: frozenset[str] | None = None
     run_tests: bool = False
+    config: PretrainedConfig | None = None  # the config being onboarded (BA1 builds its tiny copy)
 
     @classmethod
     def load(
@@ -31,6 +34,7 @@ class ReviewContext:
         reference: str | None = None,
         checkpoint_keys: Path | None = None,
         run_tests: bool = False,
+        config: PretrainedConfig | None = None,
     ) -> ReviewContext:
         """Parse and validate the inputs; :class:`ReviewInputError` when one is unusable."""
         if reference is not None and checkpoint_keys is not None:
@@ -42,7 +46,7 @@ class ReviewContext:
         if reference is not None:
             _check_model_type(reference)
         keys = read_checkpoint_keys(checkpoint_keys) if checkpoint_keys is not None else None
-        return cls(model, tests, reference, keys, run_tests)
+        return cls(model, tests, reference, keys, run_tests, config)
 
     @property
     def src(self) -> SourceFile:
@@ -51,7 +55,7 @@ class ReviewContext:
     @cached_property
     def strict_load(self) -> LoadCheck:
         """BA1's dynamic check: build the model on a tiny config and load the reference strictly."""
-        return check_strict_load(self.model, self.reference, self.checkpoint_keys)
+        return check_strict_load(self.model, self.reference, self.checkpoint_keys, self.config)
 
     @cached_property
     def test_run(self) -> TestRun | None:

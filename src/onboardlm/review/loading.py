@@ -64,23 +64,27 @@ def read_checkpoint_keys(path: Path) -> frozenset[str]:
 
 
 def check_strict_load(
-    model: ModelIndex, reference: str | None, checkpoint_keys: frozenset[str] | None
+    model: ModelIndex,
+    reference: str | None,
+    checkpoint_keys: frozenset[str] | None,
+    config: Any = None,
 ) -> LoadCheck:
-    """Build the model file's causal LM on a tiny config and load the reference into it strictly."""
+    """Build the model file's causal LM on a tiny copy of ``config`` (default: the config class's
+    defaults, completed as a checkpoint's would be) and load the reference into it strictly."""
     with _isolated_registrations(), _module_name(model.src.path) as name:
         try:
             module = execute_model_file(model.src.path, name)
         except Exception as err:  # the file's own code failed: report it, do not crash the review
             return LoadCheck(False, f"importing the model file failed: {type(err).__name__}: {err}")
         try:
-            lean, config = _build(module, model)
+            lean, tiny = _build(module, model, config)
         except Exception as err:
             return LoadCheck(
                 False, f"building the model on a tiny config failed: {type(err).__name__}: {err}"
             )
         if checkpoint_keys is not None:
             return _compare_keys(lean, checkpoint_keys)
-        return _load_reference(lean, config, reference or config.model_type)
+        return _load_reference(lean, tiny, reference or tiny.model_type)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,17 +137,24 @@ def _isolated_registrations() -> Iterator[None]:
         CONFIG_MAPPING._extra_content.update(configs)
 
 
-def _build(module: ModuleType, model: ModelIndex) -> tuple[Any, Any]:
+def _build(module: ModuleType, model: ModelIndex, config: Any) -> tuple[Any, Any]:
+    """The lean causal LM on the tiny copy of ``config`` (or of the file's config class's defaults)."""
     import torch
 
+    from onboardlm.models.config_completion import complete_default_config
     from onboardlm.testing.tiny_config import tiny_config
 
     assert model.causal_lm is not None
     cls = getattr(module, model.causal_lm.name)
     config_cls = _config_class(module, model, cls)
-    config = tiny_config(config_cls())
+    if config is None:
+        config = config_cls()
+        complete_default_config(config)
+    elif not isinstance(config, config_cls):  # e.g. a bundled config class: same fields, its class
+        config = config_cls.from_dict(config.to_dict())
+    tiny = tiny_config(config)
     with torch.device("cpu"):
-        return cls(config).eval(), config
+        return cls(tiny).eval(), tiny
 
 
 def _config_class(module: ModuleType, model: ModelIndex, cls: type) -> type:

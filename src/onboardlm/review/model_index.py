@@ -268,9 +268,13 @@ class ModelIndex:
         return next((n for n in cls.body if isinstance(n, FUNCTION_TYPES) and n.name == name), None)
 
 
+#: "Rotary" or "RoPE" as a word of a class name (CamelCase or snake_case), not inside one ("SolarOpen").
+ROTARY_CLASS_NAME = re.compile(r"Rotary|RoPE|Rope(?![a-z])|ROPE|(?:^|_)(?:rotary|rope)(?:_|$)")
+
+
 def _role_by_name(name: str, attrs: set[str]) -> Role:
     lowered = name.lower()
-    if "rotary" in lowered or "rope" in lowered:
+    if ROTARY_CLASS_NAME.search(name):
         return Role.ROTARY
     if re.search(r"(attention|attn)$", lowered):
         return Role.ATTENTION

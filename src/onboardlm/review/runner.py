@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
+from transformers import PretrainedConfig
+
 from onboardlm.review.catalog import RULES, RULES_BY_ID
 from onboardlm.review.context import ReviewContext
 from onboardlm.review.findings import Finding, Outcome, ReviewReport, Rule, RuleResult, Status
@@ -18,12 +20,14 @@ def review_model_file(
     checkpoint_keys: str | Path | None = None,
     run_tests: bool = False,
     rule_ids: Collection[str] | None = None,
+    config: PretrainedConfig | None = None,
 ) -> ReviewReport:
     """Review a lean model file (and its test file) against the rule catalogue.
 
     ``reference``: transformers model_type whose state dict BA1 loads (default: the config's own);
     ``checkpoint_keys``: a file of checkpoint keys to compare with instead; ``run_tests``: also run the
-    test file with pytest; ``rule_ids``: only these rules (all by default). Bad input raises
+    test file with pytest; ``rule_ids``: only these rules (all by default); ``config``: the config being
+    onboarded, whose tiny copy BA1 builds (default: the config class's defaults). Bad input raises
     :class:`ReviewInputError`.
     """
     unknown = sorted(set(rule_ids or ()) - set(RULES_BY_ID))
@@ -35,6 +39,7 @@ def review_model_file(
         reference,
         Path(checkpoint_keys) if checkpoint_keys is not None else None,
         run_tests,
+        config,
     )
     selected = [r for r in RULES if rule_ids is None or r.id in rule_ids]
     options = {

@@ -1,0 +1,103 @@
+"""Default configs completed as a checkpoint's config.json would be.
+
+A bare ``model_type`` onboards transformers' default config. A few defaults leave fields unset that
+every real checkpoint of the family sets (``head_dim`` or ``num_key_value_heads`` None, MoE routing
+counts None), and transformers then cannot build or run the model. :func:`complete_default_config`
+fills them, by field name and never by ``model_type``, and says what it filled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from transformers import PretrainedConfig
+
+__all__ = ["complete_default_config"]
+
+#: Routed experts and top-k of an MoE default config that leaves them unset (a small Mixtral-like MoE).
+DEFAULT_EXPERTS = 8
+DEFAULT_TOP_K = 2
+_EXPERT_FIELDS = ("n_routed_experts", "num_experts", "num_local_experts")
+_TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token")
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_moe(config: PretrainedConfig) -> bool:
+    """An MoE family: its config sets the experts' FFN width."""
+    return _int(getattr(config, "moe_intermediate_size", None))
+
+
+def _experts(config: PretrainedConfig) -> int | None:
+    return next((getattr(config, f) for f in _EXPERT_FIELDS if _int(getattr(config, f, None))), None)
+
+
+def _top_k(config: PretrainedConfig) -> int | None:
+    experts = _experts(config)
+    return min(DEFAULT_TOP_K, experts) if _is_moe(config) and experts else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Completion:
+    """A field a checkpoint always sets, the value it gets, and how that value is derived."""
+
+    fields: tuple[str, ...]
+    value: Callable[[PretrainedConfig], int | None]
+    how: str
+
+
+_COMPLETIONS: tuple[_Completion, ...] = (
+    _Completion(
+        ("head_dim",),
+        lambda c: (
+            c.hidden_size // c.num_attention_heads
+            if _int(getattr(c, "hidden_size", None)) and _int(getattr(c, "num_attention_heads", None))
+            else None
+        ),
+        "as hidden_size // num_attention_heads",
+    ),
+    _Completion(
+        ("num_key_value_heads",),
+        lambda c: c.num_attention_heads if _int(getattr(c, "num_attention_heads", None)) else None,
+        "as num_attention_heads: multi-head attention",
+    ),
+    _Completion(
+        _EXPERT_FIELDS, lambda c: DEFAULT_EXPERTS if _is_moe(c) else None, "a small MoE's expert count"
+    ),
+    _Completion(_TOP_K_FIELDS, _top_k, "top-2 routing"),
+    _Completion(("n_shared_experts",), lambda c: 1 if _is_moe(c) else None, "one shared expert"),
+    _Completion(("n_group", "topk_group"), lambda c: 1 if _is_moe(c) else None, "no expert groups"),
+)
+
+
+def _declared(config: PretrainedConfig) -> set[str]:
+    """The fields the config class declares (dataclass fields, or attributes set on the instance)."""
+    names = set(vars(config))
+    if dataclasses.is_dataclass(config):
+        names |= {f.name for f in dataclasses.fields(config)}
+    return names
+
+
+def complete_default_config(config: PretrainedConfig) -> list[str]:
+    """Fill, in place, the fields a default ``config`` leaves None that a checkpoint always sets.
+
+    Returns one note per filled field (``head_dim=128 (as hidden_size // num_attention_heads)``); an
+    empty list when the config was complete (or is heterogeneous: per-layer values).
+    """
+    if getattr(config, "is_heterogeneous", False):  # per-layer values: not one field to fill
+        return []
+    declared, notes = _declared(config), []
+    for completion in _COMPLETIONS:
+        for name in completion.fields:
+            if name not in declared or getattr(config, name, None) is not None:
+                continue
+            value = completion.value(config)
+            if value is None:
+                continue
+            setattr(config, name, value)
+            notes.append(f"{name}={value} ({completion.how})")
+    return notes
