@@ -557,6 +557,8 @@ class _Analyzer:
             spec, rope = self._probe_attention(path, index, layers[index], spec, scale, rope, kv_heads)
         else:
             spec = self._probe_plain_attention(path, layer, spec, scale, kv_heads)
+        if spec.fused_qkv:
+            spec = dataclasses.replace(spec, qkv_switches=self._qkv_switches(path, layer, spec, rope))
         if spec.fused_qkv and spec.qkv_order != ("q", "k", "v") or spec.qkv_groups != "1":
             self.notes.append(f"fused qkv in {spec.qkv_groups} group(s) of {'/'.join(spec.qkv_order)}")
         return spec, rope
@@ -633,6 +635,92 @@ class _Analyzer:
             raise UnsupportedFeature(path, "attention output matches no template (scale or wiring)", _HINT)
         self.notes.append("attention without rotary embeddings")
         return self._confirm_groups(path, layer, spec, found)
+
+    def _qkv_switches(
+        self, path: str, layer: nn.Module, spec: AttentionSpec, rope: RopeSpec | None
+    ) -> tuple[tuple[str, bool, str, tuple[str, ...]], ...]:
+        """Bool config fields that lay the fused q/k/v out differently (GPT-BigCode's ``multi_query``):
+        each flipped alone on a rebuilt layer, the layout measured again; where two switch, both
+        flipped together fix which one wins. A flip whose attention no layout reproduces is noted."""
+        base = (spec.qkv_groups, spec.qkv_order)
+        found: list[tuple[str, bool, str, tuple[str, ...]]] = []
+        for name, current in self.fields.items():
+            if not isinstance(current, bool):
+                continue
+            layout = self._fused_layout({name: not current}, layer, spec, rope)
+            if layout is None:
+                continue
+            if layout == "unmatched":
+                self.notes.append(f"config.{name}={not current}: attention not reproduced by this file")
+            elif layout != base:
+                found.append((name, not current, *layout))
+        if len(found) > 1:
+            found = self._switch_order(path, layer, spec, rope, found)
+        return tuple(found)
+
+    def _switch_order(
+        self,
+        path: str,
+        layer: nn.Module,
+        spec: AttentionSpec,
+        rope: RopeSpec | None,
+        found: list[tuple[str, bool, str, tuple[str, ...]]],
+    ) -> list[tuple[str, bool, str, tuple[str, ...]]]:
+        """The order of the switches (first true one wins) that every pair of flips agrees with."""
+        pairs = {}
+        for first, second in itertools.combinations(found, 2):
+            pairs[(first[0], second[0])] = self._fused_layout(
+                {first[0]: first[1], second[0]: second[1]}, layer, spec, rope
+            )
+        for order in itertools.permutations(found):
+            rank = {switch[0]: i for i, switch in enumerate(order)}
+            if all(
+                layout == tuple(min((a, b), key=lambda s: rank[s[0]])[2:])
+                for (name_a, name_b), layout in pairs.items()
+                for a, b in [
+                    (next(s for s in found if s[0] == name_a), next(s for s in found if s[0] == name_b))
+                ]
+            ):
+                return list(order)
+        raise UnsupportedFeature(path, "fused q/k/v layouts that config flags combine", _HINT)
+
+    def _fused_layout(
+        self, overrides: dict[str, Any], layer: nn.Module, spec: AttentionSpec, rope: RopeSpec | None
+    ) -> tuple[str, tuple[str, ...]] | str | None:
+        """(groups, order) of the fused q/k/v of a layer rebuilt with ``overrides``; None when the
+        config or layer refuses them or the layer has no such projection, "unmatched" when no layout
+        reproduces its attention."""
+        config = copy.deepcopy(self.tiny)
+        try:
+            for name, value in overrides.items():
+                setattr(config, name, value)
+            attn = getattr(type(layer)(config, 0), spec.attr).float().eval()
+            fused = getattr(attn, spec.projections[0].name)
+            heads = config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            rotary = None
+            if rope is not None:
+                rotary = type(getattr(getattr(self.model, self.model.base_model_prefix), rope.attr))(config)
+        except Exception:  # a flip the config or the layer refuses tells nothing
+            return None
+        kv_heads = (fused.weight.numel() // config.hidden_size // head_dim - heads) // 2
+        if kv_heads < 1:
+            return "unmatched"
+        scale = getattr(attn, "scaling", head_dim**-0.5)
+        kwargs = {"layer_type": config.layer_types[0]} if rope is not None and rope.per_layer_type else {}
+        style = rope.style if rope is not None else "neox"
+        counts = {"1": 1, "self.num_heads": heads, "self.num_kv_heads": kv_heads}
+        if spec.qkv_groups.isdigit():
+            counts[spec.qkv_groups] = int(spec.qkv_groups)
+        orders = list(itertools.permutations(("q", "k", "v")))
+        measured = (spec.qkv_groups, counts[spec.qkv_groups], spec.qkv_order)  # the base layout first
+        candidates = [measured, *((g, count, order) for g, count in counts.items() for order in orders)]
+        try:
+            probe = _AttentionProbe(attn, spec, config, scale, kv_heads, rotary, rope, style, kwargs)
+            match = probe.match(candidates)
+        except Exception:  # the flip changed more than the layout (another module, another call)
+            return "unmatched"
+        return "unmatched" if match is None else (match[0], match[2])
 
     def _confirm_groups(
         self,
@@ -1200,6 +1288,8 @@ def _reference_attention(
     else:
         q, k, v = (t.view(batch, seq, -1, head_dim) for t in projections)
     q_norm, k_norm = (getattr(attn, name, None) for name in spec.qk_norm_names)
+    if q_norm is None:  # switched off by the config (``qk_norm_flag``)
+        spec = dataclasses.replace(spec, qk_norm=None)
     if spec.qk_norm is not None and not spec.qk_norm_per_head:
         q, k = (norm(t.flatten(-2)).view(t.shape) for norm, t in ((q_norm, q), (k_norm, k)))
     if spec.qk_norm is not None and spec.qk_norm_per_head:

@@ -95,6 +95,8 @@ def emit_rope_frequencies(spec: ArchitectureSpec) -> str:
         per_layer_type=rope.per_layer_type,
         partial=rope.partial,
         refused=[kind for kind in ("dynamic", "longrope") if kind not in rope.rope_types],
+        fixed_base=rope.fixed_base,
+        dim=rope.dim,
     )
 
 
@@ -151,6 +153,7 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
     linears = [*attn.projections, attn.out]
     start = len(init) - len(linears)
     init[start:] = _hoist_bias(init[start:], [linear.bias for linear in linears])
+    init += [f"self.{field} = config.{field}" for field in dict.fromkeys(f for f, *_ in attn.qkv_switches)]
     init += _qk_norm_lines(attn)
     init += _conv1d_hook_lines(linears)
     if attn.alibi:
@@ -169,30 +172,52 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         init_lines=init,
         rope_lines=rope_lines,
         positional=spec.rope is not None,
-        qkv=_fused_qkv(attn) if attn.fused_qkv else None,
+        qkv_lines=_fused_qkv_lines(attn) if attn.fused_qkv else [],
         methods=_conv1d_hook_method(linears),
     )
 
 
-def _fused_qkv(attn: AttentionSpec) -> dict[str, str]:
-    """How the forward splits a fused q/k/v output: sizes in checkpoint order, the names they bind
-    and, for a grouped layout, the number of groups the output is first viewed as."""
+def _fused_qkv_lines(attn: AttentionSpec) -> list[str]:
+    """Forward lines splitting a fused q/k/v output into q, k, v: the measured layout, and where a
+    config flag switches the layout (GPT-BigCode's ``multi_query``), one branch per layout."""
+    name = attn.projections[0].name
+    default = _fused_split(name, attn.qkv_groups, attn.qkv_order)
+    if not attn.qkv_switches:
+        return default
+    lines = []
+    for index, (field, value, groups, order) in enumerate(attn.qkv_switches):
+        keyword = "if" if index == 0 else "elif"
+        lines.append(f"{keyword} {'' if value else 'not '}self.{field}:")
+        lines += [f"    {line}" for line in _fused_split(name, groups, order)]
+    return [*lines, "else:", *(f"    {line}" for line in default)]
+
+
+def _fused_split(name: str, groups: str, order: tuple[str, ...]) -> list[str]:
+    """Lines splitting the output of fused projection ``name`` laid out in ``groups`` groups of
+    ``order``: flat (one group) with ``output_sizes`` hints, else viewed as groups first."""
     width = {"q": "self.num_heads * self.head_dim", "k": "self.num_kv_heads * self.head_dim"}
-    groups = attn.qkv_groups
-    if groups == "self.num_heads":
-        width = {"q": "self.head_dim", "k": "self.head_dim" if attn.kind == "mha" else None}
+    if groups == "self.num_heads":  # one head's q, k and v per group: as many KV heads as heads
+        width = {"q": "self.head_dim", "k": "self.head_dim"}
     elif groups == "self.num_kv_heads":
         width = {"q": "self.num_heads // self.num_kv_heads * self.head_dim", "k": "self.head_dim"}
     elif groups != "1":
         width = {part: f"{size} // {groups}" for part, size in width.items()}
-    if width["k"] is None:
-        raise UnsupportedFeature(attn.class_name, "q/k/v grouped per query head with fewer KV heads", _HINT)
     width["v"] = width["k"]
-    return {
-        "sizes": f"[{', '.join(width[part] for part in attn.qkv_order)}]",
-        "targets": ", ".join(attn.qkv_order),
-        "groups": groups if groups != "1" else "",
-    }
+    sizes = f"[{', '.join(width[part] for part in order)}]"
+    targets = ", ".join(order)
+    linear = f'ops.torch_linear_simple(hidden_states, self.{name}.weight, self.{name}.bias, tp_mode="colwise"'
+    if groups == "1":
+        return [
+            f"sizes = {sizes}",
+            f'qkv = {linear}, output_sizes=sizes, tp_min_local_shape=self.head_dim, layer_type="mha")',
+            f'{targets} = ops.split_with_sizes(qkv, sizes, dim=-1, enable_sharding=True, layer_type="mha")',
+        ]
+    return [
+        f"sizes = {sizes}  # {targets} in each of the {groups} groups",
+        f'qkv = {linear}, tp_min_local_shape=sum(sizes), layer_type="mha")',
+        f'qkv = ops.view(qkv, [batch, seq_len, {groups}, sum(sizes)], tp_scaled_dim=2, layer_type="mha")',
+        f'{targets} = ops.split_with_sizes(qkv, sizes, dim=-1, layer_type="mha")',
+    ]
 
 
 def _conv1d_hook_lines(linears: list[LinearSpec]) -> list[str]:

@@ -86,6 +86,9 @@ class AttentionSpec:
     qkv_groups: str = "1"  # fused qkv: equal groups its output splits into first (1: flat [q | k | v])
     qkv_order: tuple[str, ...] = ("q", "k", "v")  # fused qkv: order of the parts inside a group
     alibi: bool = False  # ALiBi: a per-head linear bias on the key position joins the scores
+    #: fused qkv: (config field, value, groups, order) of the other layouts bool config fields select,
+    #: checked in order before the measured one (GPT-BigCode's multi_query=False: per head)
+    qkv_switches: tuple[tuple[str, bool, str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
