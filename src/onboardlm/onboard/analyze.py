@@ -148,13 +148,15 @@ class _Analyzer:
             raise UnsupportedFeature(type(model).__name__, f"no base model at '{prefix}'", _HINT)
         head_attr = self._head_attr(model)
         self._check_children(model, "", {prefix, head_attr})
-        parts = self._model_parts(inner, prefix)
+        stack_attr, self.stack = self._stack(inner)
+        path = f"{prefix}.{stack_attr}" if stack_attr else prefix
+        parts = self._model_parts(self.stack, path)
         layers = parts["layers"][1]
         layer = layers[0]
         if len({type(m).__name__ for m in layers}) != 1:
-            raise UnsupportedFeature(f"{prefix}.{parts['layers'][0]}", "decoder layers of different classes")
-        layer_path = f"{prefix}.{parts['layers'][0]}.0"
-        rope = self._rope(inner, prefix, parts.get("rotary"))
+            raise UnsupportedFeature(f"{path}.{parts['layers'][0]}", "decoder layers of different classes")
+        layer_path = f"{path}.{parts['layers'][0]}.0"
+        rope = self._rope(self.stack, path, parts.get("rotary"))
         attention = analyze_mla(self.tiny, model)  # multi-head latent attention, else MHA/GQA
         if attention is None:
             attention, rope = self._attention(layer_path, layers, rope)
@@ -162,16 +164,17 @@ class _Analyzer:
         self.notes += [
             block.note for block in (attention, feed_forward) if isinstance(block, (MLASpec, MoESpec))
         ]
-        decoder = self._decoder(layer_path, layer, attention.attr, feed_forward.attr)
+        decoder = self._decoder(layer_path, layer, attention.attr, feed_forward)
         final_attr, final_norm = parts["norm"]
-        final_spec = self._norm(f"{prefix}.{final_attr}", final_norm)
+        final_spec = self._norm(f"{path}.{final_attr}", final_norm)
         if final_spec != decoder.norm:
-            raise UnsupportedFeature(
-                f"{prefix}.{final_attr}", "final norm differs from the layer norms", _HINT
-            )
+            raise UnsupportedFeature(f"{path}.{final_attr}", "final norm differs from the layer norms", _HINT)
         self._layer_norm_spec = decoder.norm
-        embedding = self._embedding(inner, prefix, parts, layer)
+        embedding = self._embedding(self.stack, path, parts, layer)
         head = self._head(model, inner, final_attr, head_attr)
+        head = dataclasses.replace(
+            head, final_norm_flag=self._final_norm_flag(f"{path}.{final_attr}", final_attr)
+        )
         layer_types = getattr(self.tiny, "layer_types", None)
         return ArchitectureSpec(
             model_type=self.config.model_type,
@@ -189,6 +192,8 @@ class _Analyzer:
             rope=rope,
             layers_attr=parts["layers"][0],
             model_attr=prefix,
+            stack_attr=stack_attr,
+            stack_class=type(self.stack).__name__ if stack_attr else None,
             tie_word_embeddings=bool(getattr(self.config, "tie_word_embeddings", False)),
             layer_types=tuple(layer_types) if isinstance(layer_types, list) else (),
             notes=tuple(self.notes),
@@ -199,6 +204,19 @@ class _Analyzer:
             if name not in known and not isinstance(child, nn.Dropout):
                 where = f"{path}.{name}" if path else name
                 raise UnsupportedFeature(where, f"unrecognised module {type(child).__name__}", _HINT)
+
+    @staticmethod
+    def _stack(inner: nn.Module) -> tuple[str | None, nn.Module]:
+        """The module that holds the embeddings and layers: the inner model, or its only child where
+        the inner model just wraps a decoder stack (OPT's ``model.decoder``)."""
+        children = [(n, c) for n, c in inner.named_children() if not isinstance(c, nn.Dropout)]
+        if (
+            len(children) == 1
+            and not isinstance(children[0][1], nn.ModuleList)
+            and list(children[0][1].children())
+        ):
+            return children[0]
+        return None, inner
 
     def _head_attr(self, model: nn.Module) -> str:
         """Name of the causal LM's output projection (``lm_head``, GPT-NeoX-Japanese's ``embed_out``)."""
@@ -213,12 +231,15 @@ class _Analyzer:
 
         The token embedding is the one ``get_input_embeddings`` returns; a second embedding is a
         table of learned positions ("positions"); a leaf that holds only buffers and takes
-        ``position_ids`` is the rotary module (GPT-J's keeps a sin/cos table, not ``inv_freq``); a
-        leaf norm met before the layers normalises the embeddings ("embed_norm"), one after them is
-        the final norm.
+        ``position_ids`` is the rotary module (GPT-J's keeps a sin/cos table, not ``inv_freq``);
+        linear leaves project the embeddings in and the last hidden state out (OPT's ``project_in``
+        / ``project_out``, told apart by their widths); of two leaf norms, the one fed the last
+        layer's output is the final norm and the other normalises the embeddings ("embed_norm").
         """
         parts: dict[str, tuple[str, Any]] = {}
         tokens = inner.get_input_embeddings()
+        linears = projections(inner)
+        norms: list[tuple[str, nn.Module]] = []
         for name, child in inner.named_children():
             if isinstance(child, nn.Dropout):
                 continue
@@ -236,10 +257,13 @@ class _Analyzer:
                 and "position_ids" in inspect.signature(child.forward).parameters
             ):
                 role = "rotary"
-            elif leaf and "layers" in parts:  # the final norm (the probe checks it is one)
-                role = "norm"
-            elif leaf and "embed" in parts:  # before the layers: a norm of the embeddings
-                role = "embed_norm"
+            elif name in linears and linears[name].out_features == self.hidden:
+                role = "project_in"
+            elif name in linears and linears[name].in_features == self.hidden:
+                role = "project_out"
+            elif leaf:  # a norm (the probes check it is one)
+                norms.append((name, child))
+                continue
             else:
                 raise UnsupportedFeature(
                     f"{prefix}.{name}", f"unrecognised module {type(child).__name__}", _HINT
@@ -247,10 +271,54 @@ class _Analyzer:
             if role in parts:
                 raise UnsupportedFeature(f"{prefix}.{name}", f"a second {role} module", _HINT)
             parts[role] = (name, child)
+        if len(norms) == 1:
+            parts["norm"] = norms[0]
+        elif len(norms) == 2 and "layers" in parts:
+            final = self._final_norm(inner, parts["layers"][1], norms)
+            parts["norm"] = norms[final]
+            parts["embed_norm"] = norms[1 - final]
+        elif len(norms) > 2:
+            raise UnsupportedFeature(f"{prefix}.{norms[2][0]}", "a third norm module", _HINT)
         for role in ("embed", "layers", "norm"):
             if role not in parts:
                 raise UnsupportedFeature(prefix, f"no {role} module found", _HINT)
         return parts
+
+    def _final_norm(self, inner: nn.Module, layers: nn.ModuleList, norms: list[tuple[str, nn.Module]]) -> int:
+        """Which of two norms takes the last layer's output (the other then takes the embeddings)."""
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [layers[-1].register_forward_hook(lambda _m, _a, out: seen.setdefault("last", _first(out)))]
+        for name, module in norms:
+            hooks.append(
+                module.register_forward_hook(lambda _m, args, _o, n=name: seen.setdefault(n, args[0]))
+            )
+        try:
+            with torch.no_grad():
+                inner(input_ids=torch.arange(1, 6)[None], position_ids=torch.arange(5)[None])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        finals = [i for i, (name, _) in enumerate(norms) if name in seen and _close(seen[name], seen["last"])]
+        if len(finals) != 1:
+            raise UnsupportedFeature(norms[0][0], "two norms, neither on the last layer's output", _HINT)
+        return finals[0]
+
+    def _final_norm_flag(self, path: str, attr: str) -> str | None:
+        """The bool config field without which the stack builds no final norm (OPT's
+        ``do_layer_norm_before``), found by flipping each true field and rebuilding the stack."""
+        for name, value in self.fields.items():
+            if value is not True:
+                continue
+            flipped = copy.deepcopy(self.tiny)
+            try:
+                setattr(flipped, name, False)
+                rebuilt = type(self.stack)(flipped)
+            except Exception:  # a field whose flip the config or the model refuses tells nothing
+                continue
+            if getattr(rebuilt, attr, None) is None:
+                self.notes.append(f"final norm only with config.{name}")
+                return f"config.{name}"
+        return None
 
     # ---------------------------------------------------------------------------------------- norms
 
@@ -612,7 +680,7 @@ class _Analyzer:
         (and a fused projection's layout)."""
         attn = getattr(layer, spec.attr)
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
-        rotary = getattr(getattr(self.model, self.model.base_model_prefix), rope.attr)
+        rotary = getattr(self.stack, rope.attr)
         for style in ("neox", "interleaved"):
             probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, rotary, rope, style, kwargs)
             found = probe.match(self._qkv_layouts(spec, kv_heads))
@@ -700,7 +768,7 @@ class _Analyzer:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
             rotary = None
             if rope is not None:
-                rotary = type(getattr(getattr(self.model, self.model.base_model_prefix), rope.attr))(config)
+                rotary = type(getattr(self.stack, rope.attr))(config)
         except Exception:  # a flip the config or the layer refuses tells nothing
             return None
         kv_heads = (fused.weight.numel() // config.hidden_size // head_dim - heads) // 2
@@ -748,7 +816,7 @@ class _Analyzer:
             attn = getattr(rebuilt, spec.attr)
             rotary = None
             if rope is not None:
-                rotary = type(getattr(getattr(self.model, self.model.base_model_prefix), rope.attr))(variant)
+                rotary = type(getattr(self.stack, rope.attr))(variant)
         except Exception as err:  # the layer refuses the variant: the group count stays unexplained
             raise UnsupportedFeature(path, f"fused q/k/v in {count} groups: {err}", _HINT) from err
         heads = variant.num_attention_heads
@@ -876,7 +944,7 @@ class _Analyzer:
             return [False] * len(layers)
         generator = torch.Generator().manual_seed(2)
         x = torch.randn(1, 5, self.hidden, generator=generator)
-        rotary = getattr(getattr(self.model, self.model.base_model_prefix), rope.attr)
+        rotary = getattr(self.stack, rope.attr)
         uses = []
         for index, layer in enumerate(layers):
             outputs = []
@@ -912,6 +980,8 @@ class _Analyzer:
         candidates = [
             name for name, child in layer.named_children() if name != attention_attr and projections(child)
         ]
+        if not candidates and projections(layer):
+            return self._inline_mlp(layer_path, layer)
         if len(candidates) != 1:
             raise UnsupportedFeature(
                 layer_path, f"expected one feed-forward block, found {candidates}", _HINT
@@ -976,6 +1046,51 @@ class _Analyzer:
                 return f"config.{name} or {default}"
         return default
 
+    def _inline_mlp(self, layer_path: str, layer: nn.Module) -> MLPSpec:
+        """A plain MLP whose linears and activation sit on the decoder layer itself (OPT, BioGPT):
+        the up projection widens the hidden size, the down one narrows it back, and the activation is
+        the one parameter-free elementwise child; the layout probe checks the wiring."""
+        linears = projections(layer)
+        downs = [n for n, c in linears.items() if c.out_features == self.hidden]
+        ups = [
+            n for n, c in linears.items() if c.in_features == self.hidden and c.out_features != self.hidden
+        ]
+        activations = [
+            n for n, c in layer.named_children() if not list(c.parameters()) and _elementwise(c, self.hidden)
+        ]
+        if len(downs) != 1 or len(ups) != 1 or len(linears) != 2 or len(activations) != 1:
+            raise UnsupportedFeature(
+                layer_path, f"feed-forward linears {sorted(linears)} on the layer", _HINT
+            )
+        act_module = getattr(layer, activations[0])
+        x = torch.randn(3, 7, generator=torch.Generator().manual_seed(3)) * 2
+        fields = [
+            f
+            for f in _ACT_FIELDS
+            if isinstance(self.fields.get(f), str)
+            and self.fields[f] in ACT2FN
+            and _close(ACT2FN[self.fields[f]](x), act_module(x))
+        ]
+        if not fields:
+            raise UnsupportedFeature(
+                f"{layer_path}.{activations[0]}", "activation from no config field", _HINT
+            )
+        up, down = linears[ups[0]], linears[downs[0]]
+        biases = self._bias_expressions(layer, [ups[0], downs[0]])
+        self.notes.append(f"plain MLP on the layer itself, {fields[0]}")
+        return MLPSpec(
+            class_name=type(layer).__name__,
+            attr="feed_forward",
+            kind="plain",
+            inputs=(LinearSpec(ups[0], biases[ups[0]], up.transposed),),
+            down=LinearSpec(downs[0], biases[downs[0]], down.transposed),
+            act_attr=activations[0],
+            act=f"config.{fields[0]}",
+            intermediate=self._intermediate(layer_path, layer, downs[0], down.in_features),
+            activation=str(self.fields[fields[0]]),
+            inline=True,
+        )
+
     def _mlp_wiring(
         self, path: str, mlp: nn.Module, ins: list[nn.Linear], names: list[str], down: nn.Linear
     ) -> tuple[str, list[str], str]:
@@ -1007,13 +1122,20 @@ class _Analyzer:
 
     # ---------------------------------------------------------------------------------------- layer
 
-    def _decoder(self, layer_path: str, layer: nn.Module, attn_attr: str, mlp_attr: str) -> DecoderLayerSpec:
-        norm_names = [n for n in dict(layer.named_children()) if n not in (attn_attr, mlp_attr)]
+    def _decoder(
+        self, layer_path: str, layer: nn.Module, attn_attr: str, ff: MLPSpec | MoESpec
+    ) -> DecoderLayerSpec:
+        blocks = self._block_names(ff, attn_attr)
+        norm_names = [n for n in dict(layer.named_children()) if n not in blocks]
         norm_names = [n for n in norm_names if not isinstance(getattr(layer, n), nn.Dropout)]
         specs = {self._norm(f"{layer_path}.{n}", getattr(layer, n)) for n in norm_names}
         if len(specs) != 1:
             raise UnsupportedFeature(layer_path, "decoder norms of different kinds (or none)", _HINT)
-        layout = self._probe_layout(layer_path, layer, attn_attr, mlp_attr, norm_names)
+        layout = self._probe_layout(layer, attn_attr, ff, norm_names)
+        if layout is None:
+            raise UnsupportedFeature(
+                layer_path, f"residual layout with norms {norm_names} matches no template", _HINT
+            )
         self.notes.append(
             "parallel attention + MLP"
             if layout.parallel
@@ -1021,25 +1143,87 @@ class _Analyzer:
             if layout.norm_after_residual
             else f"norm layout {layout.attn_pre}/{layout.attn_post}"
         )
-        return DecoderLayerSpec(type(layer).__name__, specs.pop(), **vars(layout))
+        spec = DecoderLayerSpec(type(layer).__name__, specs.pop(), **vars(layout))
+        return dataclasses.replace(
+            spec, switches=self._layout_switches(layer, attn_attr, ff, spec, norm_names)
+        )
+
+    @staticmethod
+    def _block_names(ff: MLPSpec | MoESpec, attn_attr: str) -> set[str]:
+        """Children of the layer that are the attention and the feed-forward (its modules if inline)."""
+        if isinstance(ff, MLPSpec) and ff.inline:
+            return {attn_attr, ff.inputs[0].name, ff.down.name, ff.act_attr}
+        return {attn_attr, ff.attr}
+
+    def _layout_switches(
+        self,
+        layer: nn.Module,
+        attn_attr: str,
+        ff: MLPSpec | MoESpec,
+        spec: DecoderLayerSpec,
+        norm_names: list[str],
+    ) -> tuple[tuple[str, bool, DecoderLayerSpec], ...]:
+        """Bool config fields that place the norms differently (OPT's ``do_layer_norm_before``): each
+        flipped on a rebuilt layer and its layout probed again; a flip no layout explains is noted."""
+        base = _Layout(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(_Layout)})
+        found = []
+        for name, current in self.fields.items():
+            if not isinstance(current, bool):
+                continue
+            flipped = copy.deepcopy(self.tiny)
+            try:
+                setattr(flipped, name, not current)
+                rebuilt = type(layer)(flipped, 0).float().eval()
+            except Exception:  # a field whose flip the config or the layer refuses tells nothing
+                continue
+            names = [n for n, c in rebuilt.named_children() if n not in self._block_names(ff, attn_attr)]
+            names = [n for n in names if not isinstance(getattr(rebuilt, n), nn.Dropout)]
+            if sorted(names) != sorted(norm_names):
+                self.notes.append(f"config.{name}={not current}: other layer norms, not built by this file")
+                continue
+            try:
+                layout = self._probe_layout(rebuilt, attn_attr, ff, names)
+            except Exception:  # the flip changed the blocks themselves: not a layout switch
+                layout = None
+            if layout is None:
+                self.notes.append(f"config.{name}={not current}: layer layout not reproduced by this file")
+            elif layout != base:
+                found.append((name, not current, dataclasses.replace(spec, **vars(layout), switches=())))
+        if len(found) > 1:
+            raise UnsupportedFeature(
+                type(layer).__name__, "layer layouts that several config flags switch", _HINT
+            )
+        if found:
+            self.notes.append(f"layer layout switched by config.{found[0][0]}")
+        return tuple(found)
 
     def _probe_layout(
-        self, layer_path: str, layer: nn.Module, attn_attr: str, mlp_attr: str, norm_names: list[str]
-    ) -> _Layout:
-        """Replace the blocks of a copy of the layer by distinct nonlinear stand-ins and match the output."""
+        self, layer: nn.Module, attn_attr: str, ff: MLPSpec | MoESpec, norm_names: list[str]
+    ) -> _Layout | None:
+        """Replace the blocks of a copy of the layer by distinct nonlinear stand-ins and match the output
+        (an MLP that sits on the layer becomes the stand-in as its up projection, with identity
+        activation and down projection)."""
         probe = copy.deepcopy(layer)
         generator = torch.Generator().manual_seed(4)
         stand_ins = {name: _Affine(1.0 + 0.3 * i, 0.1 * (i + 1)) for i, name in enumerate(norm_names)}
         for name, module in stand_ins.items():
             setattr(probe, name, module)
+        inline = isinstance(ff, MLPSpec) and ff.inline
         with torch.no_grad():
-            mlp_tuple = isinstance(getattr(layer, mlp_attr)(torch.zeros(1, 2, self.hidden)), tuple)
+            mlp_tuple = not inline and isinstance(
+                getattr(layer, ff.attr)(torch.zeros(1, 2, self.hidden)), tuple
+            )
         attn, mlp = (
             _Mixer(self.hidden, generator, True, True),
             _Mixer(self.hidden, generator, False, mlp_tuple),
         )
         setattr(probe, attn_attr, attn)
-        setattr(probe, mlp_attr, mlp)
+        if inline:
+            setattr(probe, ff.inputs[0].name, mlp)
+            setattr(probe, ff.act_attr, nn.Identity())
+            setattr(probe, ff.down.name, nn.Identity())
+        else:
+            setattr(probe, ff.attr, mlp)
         x = torch.randn(2, 5, self.hidden, generator=generator)
         tables = (torch.ones(2, 5, self._head_dim()), torch.zeros(2, 5, self._head_dim()))
         with torch.no_grad():
@@ -1053,9 +1237,7 @@ class _Analyzer:
                 candidate = dataclasses.replace(layout, residual_multiplier=scale)
                 if _close(candidate.apply(x, stand_ins, attn, mlp, multiplier or 1.0), expected):
                     return candidate
-        raise UnsupportedFeature(
-            layer_path, f"residual layout with norms {norm_names} matches no template", _HINT
-        )
+        return None
 
     # ---------------------------------------------------------------------------------------- model
 
@@ -1066,6 +1248,7 @@ class _Analyzer:
         expressions, plus learned position rows (at some offset) and a norm where the model has them."""
         attr, embed = parts["embed"]
         positions, embed_norm = parts.get("positions"), parts.get("embed_norm")
+        project_in, project_out = parts.get("project_in"), parts.get("project_out")
         captured: list[torch.Tensor] = []
         hook = layer.register_forward_pre_hook(
             lambda _m, args, kwargs: captured.append(args[0] if args else kwargs["hidden_states"]),
@@ -1091,6 +1274,9 @@ class _Analyzer:
                 continue
             for offset in offsets:
                 expected = raw * value
+                if project_in is not None:
+                    with torch.no_grad():
+                        expected = project_in[1](expected)
                 if offset is not None:
                     expected = expected + positions[1].weight[position_ids + offset]
                 with torch.no_grad():
@@ -1108,8 +1294,47 @@ class _Analyzer:
                     positions=self._positions(prefix, positions, offset) if offset is not None else None,
                     norm=self._embedding_norm(prefix, embed_norm, layer),
                 )
-                return spec
+                return self._projected(prefix, spec, embed, project_in, project_out)
         raise UnsupportedFeature(f"{prefix}.{attr}", "embedding scale from no known config field", _HINT)
+
+    def _projected(
+        self,
+        prefix: str,
+        spec: EmbeddingSpec,
+        embed: nn.Embedding,
+        project_in: tuple[str, nn.Module] | None,
+        project_out: tuple[str, nn.Module] | None,
+    ) -> EmbeddingSpec:
+        """Embeddings narrower or wider than the hidden size: the config field of their width, and
+        the projections in and out that exist exactly when it differs from ``hidden_size`` (checked
+        on a stack rebuilt with the field set to the hidden size)."""
+        width = embed.embedding_dim
+        if width == self.hidden and project_in is None and project_out is None:
+            return spec
+        fields = [
+            n for n, v in self.fields.items() if v == width and isinstance(v, int) and n != "hidden_size"
+        ]
+        if any(
+            isinstance(getattr(part[1], "bias", None), torch.Tensor)
+            for part in (project_in, project_out)
+            if part
+        ):
+            raise UnsupportedFeature(f"{prefix}.{spec.attr}", "embedding projections with a bias", _HINT)
+        if project_in is None or project_out is None or not fields:
+            raise UnsupportedFeature(
+                f"{prefix}.{spec.attr}", f"embeddings of width {width} without projections", _HINT
+            )
+        flipped = copy.deepcopy(self.tiny)
+        setattr(flipped, fields[0], self.hidden)
+        rebuilt = type(self.stack)(flipped)
+        if any(getattr(rebuilt, part[0], None) is not None for part in (project_in, project_out)):
+            raise UnsupportedFeature(
+                f"{prefix}.{project_in[0]}", "embedding projections not switched by their width", _HINT
+            )
+        self.notes.append(f"embeddings of config.{fields[0]} channels, projected in and out")
+        return dataclasses.replace(
+            spec, width=f"config.{fields[0]}", project_in=project_in[0], project_out=project_out[0]
+        )
 
     def _positions(self, prefix: str, positions: tuple[str, nn.Module], offset: int) -> PositionEmbeddingSpec:
         """Learned position rows: ``config.max_position_embeddings + offset`` of them, read at ``offset``."""
@@ -1218,6 +1443,23 @@ class _Layout:
             return norm(self.mlp_post, x + mlp.map(norm(self.mlp_pre, x)) * scale)
         x = x + norm(self.attn_post, attn.map(norm(self.attn_pre, x))) * scale
         return x + norm(self.mlp_post, mlp.map(norm(self.mlp_pre, x))) * scale
+
+
+def _elementwise(module: nn.Module, width: int) -> bool:
+    """Whether ``module`` maps each element on its own (an activation, not a norm): changing one input
+    element changes only that output element."""
+    x = torch.randn(2, width, generator=torch.Generator().manual_seed(8))
+    changed = x.clone()
+    changed[0, 0] += 1.0
+    try:
+        with torch.no_grad():
+            before, after = module(x), module(changed)
+    except Exception:  # not a tensor -> tensor map
+        return False
+    if not isinstance(before, torch.Tensor) or before.shape != x.shape:
+        return False
+    diff = (before != after).flatten().tolist()
+    return not any(diff[1:])
 
 
 def _layouts(norm_names: list[str]) -> list[_Layout]:

@@ -46,6 +46,8 @@ def linear_layout(module: nn.Module) -> bool | None:
     names = {name for name, _ in module.named_parameters()}
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or names - {"weight", "bias"}:
         return None
+    if isinstance(module, nn.Embedding):  # a lookup table, not a linear map
+        return None
     if list(module.children()):
         return None
     bias = getattr(module, "bias", None)
@@ -58,7 +60,7 @@ def linear_layout(module: nn.Module) -> bool | None:
         try:
             with torch.no_grad():
                 actual = module(x)
-        except (RuntimeError, TypeError, ValueError):  # wrong input width for this layout
+        except (RuntimeError, TypeError, ValueError, IndexError):  # wrong input width for this layout
             continue
         expected = x @ w if transposed else F.linear(x, w)
         if bias is not None:

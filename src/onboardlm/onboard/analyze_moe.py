@@ -70,8 +70,12 @@ def _field_or_literal(config: PretrainedConfig, field: str, value: float, where:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The base model's one ModuleList child (``layers``, GPT-2's ``h``)."""
+    """The base model's one ModuleList child (``layers``, GPT-2's ``h``), inside its only child where
+    the base model wraps a decoder stack (OPT's ``model.decoder``)."""
     base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    children = [child for child in base.children() if not isinstance(child, nn.Dropout)]
+    if len(children) == 1 and not isinstance(children[0], nn.ModuleList):
+        base = children[0]
     lists = [child for child in base.children() if isinstance(child, nn.ModuleList)]
     if len(lists) != 1:
         raise UnsupportedFeature(type(model).__name__, "no single ModuleList of layers in the base model")

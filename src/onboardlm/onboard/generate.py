@@ -262,6 +262,8 @@ def _qk_norm_lines(attn: AttentionSpec) -> list[str]:
 
 
 def emit_mlp(mlp: MLPSpec, spec: ArchitectureSpec) -> str:
+    if mlp.inline:  # the decoder layer builds and calls the linears itself
+        return ""
     init = []
     if mlp.kind == "fused_gated":
         fused = mlp.inputs[0]
@@ -307,16 +309,46 @@ def _block_call(attr: str, argument: str, pre: str | None, post: str | None, ext
 
 def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
     attn, ff = spec.attention, spec.feed_forward
-    init = [
-        f"self.{attn.attr} = {attn.class_name}(config, layer_idx)",
-        f"self.{ff.attr} = {feed_forward_constructor(ff)}",
-    ]
+    init = [f"self.{attn.attr} = {attn.class_name}(config, layer_idx)"]
+    methods = ""
+    if isinstance(ff, MLPSpec) and ff.inline:
+        up, down = ff.inputs[0], ff.down
+        lines = [
+            f"self.{up.name} = nn.Linear(config.hidden_size, {ff.intermediate}, bias={up.bias})",
+            f"self.{down.name} = nn.Linear({ff.intermediate}, config.hidden_size, bias={down.bias})",
+        ]
+        init += _hoist_bias(lines, [up.bias, down.bias])
+        init.append(f"self.{ff.act_attr} = ACT2FN[{ff.act}]")
+        methods = render("mlp_inline.py.j2", mlp=ff)
+    else:
+        init.append(f"self.{ff.attr} = {feed_forward_constructor(ff)}")
     norms = [layer.attn_pre, layer.attn_post, layer.mlp_pre, layer.mlp_post]
     init += [f"self.{name} = {norm_constructor(layer.norm, 'config.hidden_size')}" for name in norms if name]
-    scale = ""
     if layer.residual_multiplier:
         init.append(f"self.residual_multiplier = {layer.residual_multiplier}")
-        scale = " * self.residual_multiplier"
+    forward = _layout_lines(layer, spec)
+    for field, value, other in layer.switches:  # another layout where a config flag says so
+        init.append(f"self.{field} = config.{field}")
+        forward = [
+            f"if {'' if value else 'not '}self.{field}:",
+            *(f"    {line}" for line in _layout_lines(other, spec)),
+            *forward,
+        ]
+    return render(
+        "decoder_layer.py.j2",
+        layer=layer,
+        config_class=spec.config_class,
+        init_lines=init,
+        forward_lines=forward,
+        positional=spec.rope is not None,
+        methods=methods,
+    )
+
+
+def _layout_lines(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> list[str]:
+    """Forward lines of a decoder layer with ``layer``'s residual layout."""
+    attn, ff = spec.attention, spec.feed_forward
+    scale = " * self.residual_multiplier" if layer.residual_multiplier else ""
     positions = ", position_embeddings" if spec.rope is not None else ""
     if layer.parallel and layer.mlp_pre:  # a norm for each block
         attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions)
@@ -342,32 +374,37 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
             f"hidden_states = hidden_states + {attn_call}{scale}",
             f"return hidden_states + {mlp_call}{scale}",
         ]
-    return render(
-        "decoder_layer.py.j2",
-        layer=layer,
-        config_class=spec.config_class,
-        init_lines=init,
-        forward_lines=forward,
-        positional=spec.rope is not None,
-    )
+    return forward
 
 
 def emit_model(spec: ArchitectureSpec) -> str:
     embedding, rope, positions = spec.embedding, spec.rope, spec.embedding.positions
     padding = ", config.pad_token_id" if embedding.padding_idx else ""
+    width = embedding.width
     if embedding.scaled_class:
-        embed = f"{embedding.scaled_class}(config.vocab_size, config.hidden_size{padding}, {embedding.scale})"
+        embed = f"{embedding.scaled_class}(config.vocab_size, {width}{padding}, {embedding.scale})"
     else:
-        embed = f"nn.Embedding(config.vocab_size, config.hidden_size{padding})"
+        embed = f"nn.Embedding(config.vocab_size, {width}{padding})"
     init = [f"self.{embedding.attr} = {embed}"]
+    if embedding.project_in:  # both exist exactly when the embedding width differs from the hidden size
+        init += [
+            f"if {width} != config.hidden_size:",
+            f"    self.{embedding.project_in} = nn.Linear({width}, config.hidden_size, bias=False)",
+            f"    self.{embedding.project_out} = nn.Linear(config.hidden_size, {width}, bias=False)",
+            "else:",
+            f"    self.{embedding.project_in} = self.{embedding.project_out} = None",
+        ]
     if positions is not None:
         rows = "config.max_position_embeddings" + (f" + {positions.offset}" if positions.offset else "")
         init.append(f"self.{positions.attr} = nn.Embedding({rows}, config.hidden_size)")
     if embedding.norm:
         init.append(f"self.{embedding.norm} = {norm_constructor(spec.decoder.norm, 'config.hidden_size')}")
+    final_norm = norm_constructor(spec.decoder.norm, "config.hidden_size")
+    if spec.head.final_norm_flag:
+        final_norm = f"{final_norm} if {spec.head.final_norm_flag} else None"
     init += [
         f"self.{spec.layers_attr} = nn.ModuleList({spec.decoder_class}(config, i) for i in range(config.num_hidden_layers))",
-        f"self.{spec.head.final_norm_attr} = {norm_constructor(spec.decoder.norm, 'config.hidden_size')}",
+        f"self.{spec.head.final_norm_attr} = {final_norm}",
     ]
     forward = []
     if rope is not None:
@@ -382,6 +419,12 @@ def emit_model(spec: ArchitectureSpec) -> str:
     if embedding.scale and not embedding.scaled_class:
         init.append(f"self.embed_scale = {embedding.scale}")
         hidden = "inputs_embeds * self.embed_scale"
+    if embedding.project_in:
+        forward += [
+            f"if self.{embedding.project_in} is not None:",
+            f"    inputs_embeds = torch.ops.auto_deploy.torch_linear_simple({hidden}, self.{embedding.project_in}.weight, None)",
+        ]
+        hidden = "inputs_embeds"
     if positions is not None:
         offset = f" + {positions.offset}" if positions.offset else ""
         hidden += f" + self.{positions.attr}(position_ids{offset})"
@@ -401,8 +444,31 @@ def emit_model(spec: ArchitectureSpec) -> str:
             f"for layer in {layers}:",
             "    hidden_states = layer(hidden_states, position_embeddings)",
         ]
-    forward.append(f"return self.{spec.head.final_norm_attr}(hidden_states)")
-    return render("model.py.j2", spec=spec, init_lines=init, forward_lines=forward)
+    final = spec.head.final_norm_attr
+    if spec.head.final_norm_flag:
+        forward += [f"if self.{final} is not None:", f"    hidden_states = self.{final}(hidden_states)"]
+    else:
+        forward.append(f"hidden_states = self.{final}(hidden_states)")
+    if embedding.project_out:
+        forward += [
+            f"if self.{embedding.project_out} is not None:",
+            f"    hidden_states = torch.ops.auto_deploy.torch_linear_simple(hidden_states, self.{embedding.project_out}.weight, None)",
+        ]
+    if forward[-1] == f"hidden_states = self.{final}(hidden_states)":
+        forward[-1] = f"return self.{final}(hidden_states)"
+    else:
+        forward.append("return hidden_states")
+    if spec.stack_attr:  # the inner model only holds the decoder stack, as transformers' does
+        stack = render(
+            "model.py.j2", spec=spec, class_name=spec.stack_class, init_lines=init, forward_lines=forward
+        )
+        wrapper = render(
+            "model_wrapper.py.j2", spec=spec, stack=f"self.{spec.stack_attr}", stack_class=spec.stack_class
+        )
+        return stack.rstrip("\n") + "\n\n\n" + wrapper
+    return render(
+        "model.py.j2", spec=spec, class_name=spec.model_class, init_lines=init, forward_lines=forward
+    )
 
 
 def emit_causal_lm(spec: ArchitectureSpec) -> str:

@@ -104,6 +104,7 @@ class MLPSpec:
     act: str  # config expression of the activation name, e.g. "config.hidden_act"
     intermediate: str  # config expression, e.g. "config.intermediate_size"
     activation: str = ""  # the activation's name in the analyzed config, e.g. "silu"
+    inline: bool = False  # the linears sit on the decoder layer itself (OPT's fc1/fc2), not in a block
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ class DecoderLayerSpec:
     parallel: bool = False
     residual_multiplier: str | None = None  # expression scaling each block output (Granite)
     norm_after_residual: bool = False  # post-LN: attn_post / mlp_post normalise the residual sum
+    #: (config field, value, layout) of the other layouts a bool config field selects, checked in order
+    #: before this one (OPT's do_layer_norm_before=False: post-LN)
+    switches: tuple[tuple[str, bool, DecoderLayerSpec], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,9 @@ class EmbeddingSpec:
     padding_idx: bool = True  # pass config.pad_token_id (absent from some configs, e.g. CodeGen's)
     positions: PositionEmbeddingSpec | None = None
     norm: str | None = None  # attribute of a norm applied to the embeddings (BLOOM)
+    width: str = "config.hidden_size"  # expression of the embedding width (OPT: word_embed_proj_dim)
+    project_in: str | None = None  # linear from the embedding width to the hidden size, if any
+    project_out: str | None = None  # linear from the hidden size back to it, before the head
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,7 @@ class HeadSpec:
     logits_op: Literal["none", "divide", "multiply", "softcap"] = "none"
     logits_value: str | None = None  # expression used by logits_op
     attr: str = "lm_head"  # the output projection's name on the causal LM
+    final_norm_flag: str | None = None  # expression without which there is no final norm (OPT)
 
 
 AttentionSlot = AttentionSpec | MLASpec
@@ -177,9 +185,16 @@ class ArchitectureSpec:
     rope: RopeSpec | None
     layers_attr: str = "layers"
     model_attr: str = "model"
+    stack_attr: str | None = None  # the inner model only wraps the decoder stack here (OPT's "decoder")
+    stack_class: str | None = None
     tie_word_embeddings: bool = False
     layer_types: tuple[str, ...] = field(default_factory=tuple)
     notes: tuple[str, ...] = field(default_factory=tuple)  # features found, for reports
+
+    @property
+    def stack_path(self) -> str:
+        """Path of the module holding embeddings, layers and final norm: ``model`` or ``model.decoder``."""
+        return f"{self.model_attr}.{self.stack_attr}" if self.stack_attr else self.model_attr
 
     @property
     def norm_specs(self) -> list[NormSpec]:
