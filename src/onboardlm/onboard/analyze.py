@@ -49,7 +49,7 @@ from onboardlm.testing import tiny_config
 
 _TOL = 1e-5
 _EPS_NAMES = ("variance_epsilon", "eps", "variance_eps", "epsilon")
-_ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function")
+_ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function", "activation")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic")
 _LOGIT_SCALES = ("logits_scaling", "logit_scale")
 #: Scalar multipliers whose default 1.0 would hide them from the probes: set to telling values.
@@ -309,16 +309,30 @@ class _Analyzer:
         for name, value in self.fields.items():
             if value is not True:
                 continue
-            flipped = copy.deepcopy(self.tiny)
             try:
-                setattr(flipped, name, False)
-                rebuilt = type(self.stack)(flipped)
+                rebuilt = type(self.stack)(self._flip({name: False}))
             except Exception:  # a field whose flip the config or the model refuses tells nothing
                 continue
             if getattr(rebuilt, attr, None) is None:
                 self.notes.append(f"final norm only with config.{name}")
                 return f"config.{name}"
         return None
+
+    def _flip(self, overrides: dict[str, Any]) -> PretrainedConfig:
+        """The tiny config with ``overrides``, rebuilt through its constructor so that fields it
+        derives follow (Falcon's num_key_value_heads from multi_query); extra attributes kept."""
+        values = {f.name: getattr(self.tiny, f.name) for f in dataclasses.fields(self.tiny) if f.init}
+        try:
+            config = type(self.tiny)(**{**values, **overrides})
+        except Exception:  # a constructor that refuses the combination: set the fields as they are
+            config = copy.deepcopy(self.tiny)
+            for name, value in overrides.items():
+                setattr(config, name, value)
+            return config
+        for key, value in vars(self.tiny).items():
+            if key not in vars(config) or key == "_attn_implementation_internal":
+                setattr(config, key, copy.deepcopy(value))
+        return config
 
     # ---------------------------------------------------------------------------------------- norms
 
@@ -720,6 +734,8 @@ class _Analyzer:
                 continue
             if layout == "unmatched":
                 self.notes.append(f"config.{name}={not current}: attention not reproduced by this file")
+            elif layout == "other modules":
+                self.notes.append(f"config.{name}={not current}: other layer modules, not built by this file")
             elif layout != base:
                 found.append((name, not current, *layout))
         if len(found) > 1:
@@ -756,13 +772,15 @@ class _Analyzer:
         self, overrides: dict[str, Any], layer: nn.Module, spec: AttentionSpec, rope: RopeSpec | None
     ) -> tuple[str, tuple[str, ...]] | str | None:
         """(groups, order) of the fused q/k/v of a layer rebuilt with ``overrides``; None when the
-        config or layer refuses them or the layer has no such projection, "unmatched" when no layout
-        reproduces its attention."""
-        config = copy.deepcopy(self.tiny)
+        config or layer refuses them or the layer has no such projection, "other modules" when the
+        rebuilt layer has other parameters, "unmatched" when no layout reproduces its attention."""
         try:
-            for name, value in overrides.items():
-                setattr(config, name, value)
-            attn = getattr(type(layer)(config, 0), spec.attr).float().eval()
+            config = self._flip(overrides)
+            rebuilt = type(layer)(config, 0)
+            weights = [{k for k in m.state_dict() if not k.endswith(".bias")} for m in (rebuilt, layer)]
+            if weights[0] != weights[1]:
+                return "other modules"  # the flip builds other modules: more than a layout
+            attn = getattr(rebuilt, spec.attr).float().eval()
             fused = getattr(attn, spec.projections[0].name)
             heads = config.num_attention_heads
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -1170,16 +1188,16 @@ class _Analyzer:
         for name, current in self.fields.items():
             if not isinstance(current, bool):
                 continue
-            flipped = copy.deepcopy(self.tiny)
             try:
-                setattr(flipped, name, not current)
-                rebuilt = type(layer)(flipped, 0).float().eval()
+                rebuilt = type(layer)(self._flip({name: not current}), 0).float().eval()
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             names = [n for n, c in rebuilt.named_children() if n not in self._block_names(ff, attn_attr)]
             names = [n for n in names if not isinstance(getattr(rebuilt, n), nn.Dropout)]
             if sorted(names) != sorted(norm_names):
-                self.notes.append(f"config.{name}={not current}: other layer norms, not built by this file")
+                note = f"config.{name}={not current}: other layer modules, not built by this file"
+                if note not in self.notes:
+                    self.notes.append(note)
                 continue
             try:
                 layout = self._probe_layout(rebuilt, attn_attr, ff, names)

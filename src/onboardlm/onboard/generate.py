@@ -565,6 +565,11 @@ def describe(spec: ArchitectureSpec) -> str:
         for note in spec.notes
         if any(word in note for word in ("sliding", "soft-cap", "scaled", "logits", "NoPE"))
     ]
+    unsupported = [note.split(":")[0] for note in spec.notes if note.endswith("by this file")]
+    if unsupported:  # flags whose other value builds other modules or attention than this file's
+        extras.append(
+            f"not for configs with {', '.join(dict.fromkeys(unsupported))} (measured: other modules)"
+        )
     if any(linear.transposed for linear in (*getattr(attn, "projections", ()), *getattr(ff, "inputs", ()))):
         extras.append("checkpoint linears stored as transformers' Conv1D ([in, out]) are transposed on load")
     extra = f" Also: {'; '.join(extras)}." if extras else ""

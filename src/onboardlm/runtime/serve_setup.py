@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from onboardlm.errors import OnboardlmError
-from onboardlm.models.factory import AutoModelForCausalLMFactory
+from onboardlm.models.factory import AutoModelForCausalLMFactory, LoadReport
 from onboardlm.registry.settings import RunSettings
 from onboardlm.runtime.chat import stop_token_ids
 from onboardlm.runtime.paged_cache import BlockAllocator, PagedKVCache, blocks_for
@@ -56,8 +56,19 @@ def engine_for_model(
     return ServingEngine(PagedModel(graph, cache), scheduler, tokenizer, stop_ids, config)
 
 
-def load_engine(model: str | None, settings: RunSettings, options: ServeOptions) -> ServingEngine:
-    """Load ``model`` (``None``: the shipped default) as ``onboardlm run`` does and build its engine."""
+@dataclass
+class LoadedModel:
+    """A lean model loaded as ``onboardlm run`` loads it, with what serving it needs."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    stop_ids: frozenset[int]
+    config: PretrainedConfig
+    report: LoadReport
+
+
+def load_model(model: str | None, settings: RunSettings) -> LoadedModel:
+    """Load ``model`` (``None``: the shipped default) on one device per ``settings``."""
     if settings.world_size > 1:
         raise OnboardlmError(
             f"world_size {settings.world_size}", "serve runs on one device", "serve with world_size 1"
@@ -65,6 +76,12 @@ def load_engine(model: str | None, settings: RunSettings, options: ServeOptions)
     device = resolve_device(settings.device)
     factory = AutoModelForCausalLMFactory(model_location(model), settings.model_kwargs)
     tokenizer = factory.tokenizer()
-    lean, _ = factory.build_and_load(device=device, dtype=resolve_dtype(settings.dtype))
-    stops = stop_token_ids(tokenizer, factory.generation_config())
-    return engine_for_model(lean, tokenizer, stops, settings, options)
+    lean, report = factory.build_and_load(device=device, dtype=resolve_dtype(settings.dtype))
+    stops = frozenset(stop_token_ids(tokenizer, factory.generation_config()))
+    return LoadedModel(lean, tokenizer, stops, factory.config, report)
+
+
+def load_engine(model: str | None, settings: RunSettings, options: ServeOptions) -> ServingEngine:
+    """Load ``model`` (``None``: the shipped default) as ``onboardlm run`` does and build its engine."""
+    loaded = load_model(model, settings)
+    return engine_for_model(loaded.model, loaded.tokenizer, loaded.stop_ids, settings, options)

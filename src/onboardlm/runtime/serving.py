@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -108,6 +109,7 @@ class ServingEngine:
         self._lock = threading.Lock()
         self._accepting = True
         self._thread: threading.Thread | None = None
+        self._samples: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, generated_tokens) per step
 
     # -- any thread --------------------------------------------------------------------------------
 
@@ -147,15 +149,28 @@ class ServingEngine:
         with self._lock:
             return len(self._unfinished)
 
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Output tokens per second over the last ``window`` seconds of steps (0 when idle)."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._samples) if now - t <= window]
+        if not recent:
+            return 0.0
+        span = max(now - recent[0][0], 1e-3)
+        return (self.stats.generated_tokens - recent[0][1]) / span
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="onboardlm-engine", daemon=True)
         self._thread.start()
 
+    def stop_admitting(self) -> None:
+        """Refuse new requests (:class:`ShuttingDown`); the admitted ones go on."""
+        with self._lock:
+            self._accepting = False
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop admitting, let running requests finish for up to ``timeout`` seconds, cancel the rest
         and stop the engine thread."""
-        with self._lock:
-            self._accepting = False
+        self.stop_admitting()
         deadline = time.monotonic() + timeout
         while self.num_unfinished and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -311,3 +326,4 @@ class ServingEngine:
         stats.running = len(self.scheduler.running)
         stats.blocks_used = self.scheduler.allocator.num_used
         stats.steps += 1
+        self._samples.append((time.monotonic(), stats.generated_tokens))

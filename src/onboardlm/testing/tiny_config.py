@@ -383,7 +383,7 @@ def _rope_parameters(old: dict[str, Any], o: Mapping[str, Any], n: Mapping[str, 
 # Applied in order; a rule may read the new values of fields above it. None values stay None.
 _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
     (("num_attention_heads",), _const(_HEADS)),
-    (("num_key_value_heads",), _kv_heads),
+    (("num_key_value_heads", "num_kv_heads"), _kv_heads),  # num_kv_heads: Falcon
     (("num_attention_heads_per_layer",), _heads_per_layer),
     # MLA: ranks and head dims shrink, q_lora_rank None (no q compression) stays None
     (("q_lora_rank",), _const(_Q_LORA_RANK)),
