@@ -2,8 +2,9 @@
 
 Mirrors ``transformers.models.stablelm.modeling_stablelm`` (StableLmForCausalLM): pre-norm decoder
 layers with LayerNorm, partial rotary position embeddings (default, linear, llama3, yarn,
-proportional), grouped-query attention and a gated MLP. Module names equal the checkpoint keys, so
-HuggingFace state dicts load with ``strict=True``.
+proportional), grouped-query attention and a gated MLP. Also: not for configs with
+config.use_parallel_residual=True (measured: other modules). Module names equal the checkpoint keys,
+so HuggingFace state dicts load with ``strict=True``.
 
 Left out on purpose: KV cache, attention masks (attention is causal), dropout, gradient
 checkpointing, attention-implementation switches, ``repeat_kv`` (the attention op handles GQA),
