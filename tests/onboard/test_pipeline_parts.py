@@ -171,6 +171,7 @@ def test_report_json_has_the_documented_keys(tmp_path: Path) -> None:
         "metric": 0.3,
         "tolerance": 0.05,
         "passed": False,
+        "margin": pytest.approx(0.05 / 0.3),
     }
     assert data["files"] == [str(tmp_path / "modeling_qwen3.py")]
     assert data == json.loads(json.dumps(report_data(result), default=str))
@@ -180,7 +181,8 @@ def test_report_markdown_lists_phases_tests_and_what_was_not_done(tmp_path: Path
     text = render_markdown(_result(tmp_path))
     assert "status: **FAIL**" in text
     assert "| verify | fail |" in text
-    assert "| model | `test_full_model_logits` | 0.3 | 0.05 | FAIL |" in text
+    assert "| model | `test_full_model_logits` | 0.3 | 0.05 | 0.167x | FAIL |" in text
+    assert "| layer | `test_decoder_layer[full_attention]` | 0.004 | 0.05 | 12.5x | pass |" in text
     assert "- registry: a bare model_type names no hub checkpoint" in text
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +16,29 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3
 from transformers.models.gemma2 import modeling_gemma2
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.generate import docstring_text, ruff_command
 from onboardlm.onboard.testgen import (
-    format_literal,
+    FP32_RMSE_TOL,
+    TEST_SOFTCAP,
     generate_test_file,
     lean_blocks,
     make_test_config,
     read_layout,
     snake_case,
-    wrap,
 )
 from onboardlm.review import Status, review_model_file
 from onboardlm.testing import tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_FILE = ROOT / "src/onboardlm/models/custom/modeling_llama.py"
+LEAN_SOURCES = {"deepseek_v3": (ROOT / "src/onboardlm/models/custom/modeling_deepseek_v3.py").read_text()}
 TEST_RULES = ["F1", "F2", "F3", "F4", "G1", "G2", "G3", "G4", "G5", "H1", "H2"]
 
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Generated tests for a dense model, one with sliding/full layers and one with dense/MoE layers."""
+    """Generated tests for a dense model, one with sliding/full layers and one with dense/MoE layers
+    (that one from its lean file too, so its variants follow the flags the file reads)."""
     folder = tmp_path_factory.mktemp("generated")
     lean_modules = {
         "llama": "onboardlm.models.custom.modeling_llama",
@@ -46,8 +48,11 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files = {}
     for model_type, lean_module in lean_modules.items():
         files[model_type] = folder / f"test_{model_type}_modeling.py"
+        lean_source = LEAN_SOURCES.get(model_type)
         files[model_type].write_text(
-            generate_test_file(AutoConfig.for_model(model_type), lean_module, model_type)
+            generate_test_file(
+                AutoConfig.for_model(model_type), lean_module, model_type, lean_source=lean_source
+            )
         )
     return files
 
@@ -60,14 +65,15 @@ def module_constant(source: str, name: str) -> Any:
 
 
 def config_keywords(source: str) -> dict[str, Any]:
-    """The keyword literals of the config call in ``make_config``."""
+    """The config fields of ``make_config``: its dict literal plus the call's literal keywords."""
     function = next(
         node
         for node in ast.parse(source).body
         if isinstance(node, ast.FunctionDef) and node.name == "make_config"
     )
+    fields = ast.literal_eval(next(node for node in ast.walk(function) if isinstance(node, ast.Dict)))
     call = next(node for node in ast.walk(function) if isinstance(node, ast.Call))
-    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    return {**fields, **{kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}}
 
 
 def init_values(config: transformers.PretrainedConfig) -> dict[str, Any]:
@@ -78,13 +84,14 @@ def init_values(config: transformers.PretrainedConfig) -> dict[str, Any]:
 
 
 def test_generated_files_are_ruff_clean(generated: dict[str, Path]) -> None:
-    ruff = Path(sys.executable).with_name("ruff")
+    ruff = ruff_command()
+    assert ruff is not None
     config = str(ROOT / "pyproject.toml")
     files = [str(path) for path in generated.values()]
-    check = subprocess.run([ruff, "check", "--config", config, *files], capture_output=True, text=True)
+    check = subprocess.run([*ruff, "check", "--config", config, *files], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
     fmt = subprocess.run(
-        [ruff, "format", "--check", "--config", config, *files], capture_output=True, text=True
+        [*ruff, "format", "--check", "--config", config, *files], capture_output=True, text=True
     )
     assert fmt.returncode == 0, fmt.stdout
 
@@ -103,9 +110,7 @@ def test_config_literals_rebuild_the_tiny_config(generated: dict[str, Path], mod
     assert keywords["initializer_range"] == 0.125  # 1 / sqrt(hidden_size)
     config = AutoConfig.for_model(model_type)
     rebuilt = type(config)(**keywords)
-    expected = tiny_config(config)
-    expected.initializer_range = 0.125
-    assert init_values(rebuilt) == init_values(expected)
+    assert init_values(rebuilt) == init_values(make_test_config(config))
 
 
 def test_every_layer_kind_gets_its_own_case(generated: dict[str, Path]) -> None:
@@ -123,35 +128,58 @@ def test_every_layer_kind_gets_its_own_case(generated: dict[str, Path]) -> None:
     }
 
 
-def test_blocks_by_role_with_the_catalogue_tolerances(generated: dict[str, Path]) -> None:
+def test_blocks_by_role_with_the_fp32_tolerance(generated: dict[str, Path]) -> None:
     source = generated["deepseek_v3"].read_text()
     assert module_constant(source, "DEEPSEEK_V3_MOE_PATHS") == ["model.layers.1.mlp"]
     assert module_constant(source, "DEEPSEEK_V3_MLP_PATHS") == [
         "model.layers.0.mlp",
         "model.layers.1.mlp.shared_experts",
     ]
+    assert module_constant(source, "FP32_RMSE_TOL") == FP32_RMSE_TOL == 1e-5
+    assert module_constant(source, "BF16_RMSE_TOL") == 0.05
     tree = ast.parse(source)
-    tolerance = {
+    calls = {
         node.name: [ast.unparse(call) for call in ast.walk(node) if isinstance(call, ast.Call)]
         for node in tree.body
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
     }
-    assert (
-        "assert_rmse_close(actual, call.result, rmse_ratio_tol=0.02, msg=path)"
-        in tolerance["test_block_deepseek_v3_moe"]
-    )
-    assert (
-        "assert_rmse_close(actual, call.result, rmse_ratio_tol=0.1, msg=path)"
-        in tolerance["test_block_deepseek_v3_attention"]
-    )
-    assert (
-        "torch.testing.assert_close(actual, call.result, rtol=0.001, atol=0.001)"
-        in tolerance["test_block_deepseek_v3_mlp"]
-    )
-    assert (
-        "assert_rmse_close(actual, call.result, rmse_ratio_tol=0.05, msg=path)"
-        in tolerance["test_layer_deepseek_v3_decoder_layer"]
-    )
+    fp32 = "assert_rmse_close(actual, call.result, rmse_ratio_tol=FP32_RMSE_TOL, msg=path)"
+    for name in ("moe", "attention", "mlp"):
+        assert fp32 in calls[f"test_block_deepseek_v3_{name}"]
+    assert fp32 in calls["test_layer_deepseek_v3_decoder_layer"]
+    # identical math is also checked element-wise
+    identical = "torch.testing.assert_close(actual, call.result, rtol=0.001, atol=0.001)"
+    assert identical in calls["test_block_deepseek_v3_mlp"]
+    assert identical not in calls["test_block_deepseek_v3_attention"]
+    assert any("FP32_RMSE_TOL" in c for c in calls["test_model_logits_fp32"])
+    assert any("BF16_RMSE_TOL" in c for c in calls["test_model_logits_bf16"])
+    assert any("FP32_RMSE_TOL" in c for c in calls["test_model_logits_variant"])
+
+
+def test_variants_take_the_branches_the_base_config_does_not(generated: dict[str, Path]) -> None:
+    """DeepSeek-V3's lean file keeps both states of norm_topk_prob, rope_interleave and q_lora_rank,
+    and a yarn branch with a softmax mscale; the real checkpoints set yarn."""
+    variants = module_constant(generated["deepseek_v3"].read_text(), "CONFIG_VARIANTS")
+    assert variants["norm_topk_prob=False"] == {"norm_topk_prob": False}
+    assert variants["rope_interleave=False"] == {"rope_interleave": False}
+    assert variants["q_lora_rank=None"] == {"q_lora_rank": None}
+    assert variants["tie_word_embeddings=True"] == {"tie_word_embeddings": True}
+    yarn = variants["rope=yarn"]["rope_parameters"]
+    assert yarn["rope_type"] == "yarn" and yarn["mscale_all_dim"] == 1.0
+    # the llama test above was generated without the lean source: no flags read, still tie and RoPE
+    assert set(module_constant(generated["llama"].read_text(), "CONFIG_VARIANTS")) == {
+        "tie_word_embeddings=True",
+        "rope=yarn",
+    }
+
+
+def test_test_config_groups_kv_heads_and_makes_softcaps_bite() -> None:
+    llama = make_test_config(AutoConfig.for_model("llama"))
+    assert (llama.num_attention_heads, llama.num_key_value_heads) == (4, 2)
+    gemma2 = make_test_config(AutoConfig.for_model("gemma2"))
+    assert gemma2.attn_logit_softcapping == gemma2.final_logit_softcapping == TEST_SOFTCAP
+    deepseek = make_test_config(AutoConfig.for_model("deepseek_v3"))  # MLA: no grouping to make
+    assert deepseek.num_key_value_heads == deepseek.num_attention_heads
 
 
 def test_read_layout_skips_expert_internals_and_unrepresented_layers() -> None:
@@ -161,7 +189,6 @@ def test_read_layout_skips_expert_internals_and_unrepresented_layers() -> None:
     paths = [path for group in layout.blocks for path in group.paths]
     assert not any(".experts" in path for path in paths)
     assert {group.role for group in layout.blocks} == {"attention", "norm", "mlp", "moe", "rotary"}
-    assert layout.norm_classes == ("hf.DeepseekV3RMSNorm",)
 
     gemma = make_test_config(AutoConfig.for_model("gemma2"))
     gemma.num_hidden_layers, gemma.layer_types = 4, ["sliding_attention", "full_attention"] * 2
@@ -177,15 +204,14 @@ def test_composite_config_is_refused() -> None:
         generate_test_file(AutoConfig.for_model("gemma3"), "modeling_gemma3", "gemma3")
 
 
-def test_formatting_helpers() -> None:
+def test_snake_case_and_docstring_escaping() -> None:
     assert snake_case("Qwen3MoeSparseMoeBlock") == "qwen3_moe_sparse_moe_block"
     assert snake_case("LlamaRMSNorm") == "llama_rms_norm"
     assert snake_case("DeepseekV3MoE") == "deepseek_v3_moe"
-    assert format_literal({"a": [1, 2.5e-06], "b": None}, 4, "x=") == '    x={"a": [1, 2.5e-06], "b": None},'
-    long = ["sliding_attention"] * 6
-    assert format_literal(long, 0, "L = ", "") == "L = [\n" + '    "sliding_attention",\n' * 6 + "]"
-    assert wrap("f(", ["a", "b"], ")") == "f(a, b)"
-    assert wrap("f(", ["x" * 60, "y" * 60], ")") == "f(\n" + f"    {'x' * 60},\n    {'y' * 60},\n" + ")"
+    hostile = 'a """quote""" and a \\ backslash, ending in "'
+    assert ast.literal_eval(f'"""{docstring_text(hostile)}"""') == hostile
+    source = generate_test_file(AutoConfig.for_model("llama"), "modeling_llama", 'x"""\\y')
+    assert ast.get_docstring(ast.parse(source)).splitlines()[0].endswith('(x"""\\y).')
 
 
 def test_lean_blocks_no_layer_reaches_are_tested_standalone_when_both_build_from_the_config() -> None:
@@ -199,7 +225,7 @@ def test_lean_blocks_no_layer_reaches_are_tested_standalone_when_both_build_from
     tests = {node.name: ast.unparse(node) for node in tree.body if isinstance(node, ast.FunctionDef)}
     standalone = tests["test_block_qwen3_moe_mlp"]
     assert "hf.Qwen3MoeMLP(make_config())" in standalone and "lean.Qwen3MoeMLP(make_config())" in standalone
-    assert "rtol=0.001, atol=0.001" in standalone
+    assert "rtol=0.001, atol=0.001" in standalone and "randomize_constant_tensors(reference)" in standalone
     # the lean constructor needs an argument transformers' does not: no test rather than a guess
     as_is = generate_test_file(config, "modeling_qwen3_moe", "qwen3_moe", lean_source=source)
     assert "def test_block_qwen3_moe_mlp" not in as_is
@@ -226,3 +252,15 @@ def test_a_module_called_twice_per_forward_checks_every_call() -> None:
     loop = next(node for node in ast.walk(test) if isinstance(node, ast.For))
     assert ast.unparse(loop.iter) == "calls[path]"
     assert "assert_close(actual, call.result, rtol=0.001, atol=0.001)" in ast.unparse(loop)
+
+
+def test_the_shipped_llama_test_is_the_generator_s_output() -> None:
+    """tests/models/generated/ holds what ``onboardlm onboard llama --into-package`` writes today."""
+    shipped = ROOT / "tests/models/generated/test_llama_modeling.py"
+    text = generate_test_file(
+        AutoConfig.for_model("llama"),
+        "onboardlm.models.custom.modeling_llama",
+        "llama",
+        lean_source=LLAMA_FILE.read_text(),
+    )
+    assert text == shipped.read_text()

@@ -3,16 +3,18 @@
 One jinja2 template per building block (``templates/*.py.j2``) and one emitter per block kind. An
 emitter turns its spec into template variables (constructor lines, forward lines) and renders it;
 ``EMITTERS`` maps a spec class to its emitter, so a new block kind (MoE, MLA) plugs into the
-feed-forward or attention slot by adding a spec class and an emitter. The file is run through
-``ruff format`` when ruff is available, so the output reads like the hand-written golden Llama.
+feed-forward or attention slot by adding a spec class and an emitter. The header imports everything a
+lean file may use; the pinned ruff (the environment's own, never another one first on PATH) drops the
+unused imports (F401), sorts them and formats the file, so the output reads like the hand-written
+golden Llama. Generated test files go through the same ``format_source``.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import subprocess
-import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from functools import cache
@@ -22,7 +24,7 @@ from typing import Any
 import jinja2
 
 from onboardlm.errors import UnsupportedFeature
-from onboardlm.onboard.emit_moe import block_imports, emit_mla_slot, emit_moe_slot, feed_forward_constructor
+from onboardlm.onboard.emit_moe import emit_mla_slot, emit_moe_slot, feed_forward_constructor
 from onboardlm.onboard.spec import (
     ArchitectureSpec,
     AttentionSpec,
@@ -617,23 +619,22 @@ def generate_model_file(spec: ArchitectureSpec) -> str:
         emit_causal_lm(spec),
     ]
     body = "\n\n".join(block.rstrip("\n") + "\n" for block in blocks if block.strip())
-    header = render(
-        "header.py.j2",
-        docstring=describe(spec).replace("\\", "\\\\").replace('"""', '\\"""'),  # model text, escaped
-        functional="F.layer_norm(" in body,
-        act2fn="ACT2FN[" in body,
-        rope_init="ROPE_INIT_FUNCTIONS[" in body,
-        config_class=spec.config_class,
-        extra_imports=block_imports(spec.attention, spec.feed_forward),
-    )
+    header = render("header.py.j2", docstring=docstring_text(describe(spec)), config_class=spec.config_class)
     return format_source(header + "\n\n" + body)
 
 
-def format_source(source: str) -> str:
-    """``ruff check --fix`` (import order, unused imports) and ``ruff format``; unchanged (with a
-    warning) without ruff or when ruff fails.
+def docstring_text(text: str) -> str:
+    """``text`` made safe inside a triple-quoted docstring: backslashes and triple quotes escaped."""
+    text = text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    return text[:-1] + '\\"' if text.endswith('"') else text
 
-    ``--isolated`` keeps the output the same whatever folder the command runs in.
+
+def format_source(source: str) -> str:
+    """``ruff check --fix`` (unused imports F401, import order I) and ``ruff format``; unchanged (with
+    a warning) without ruff or when ruff fails.
+
+    ``--isolated`` and an empty working folder keep the output the same wherever the command runs
+    (no project settings, no local module taken for first party).
     """
     ruff = ruff_command()
     if ruff is None:
@@ -641,14 +642,16 @@ def format_source(source: str) -> str:
         return source
     settings = ["--isolated", "--line-length", "110", "--target-version", "py310"]
     first_party = ["--config", "lint.isort.known-first-party=['onboardlm']"]
-    for args in (["check", "--fix", "--select", "I,F401", "--quiet", *first_party], ["format"]):
-        done = subprocess.run(
-            [*ruff, *args, *settings, "--stdin-filename", "modeling.py", "-"],
-            input=source,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+    for args in (["check", "--fix", "--select", "F401,I", "--quiet", *first_party], ["format"]):
+        with tempfile.TemporaryDirectory(prefix="onboardlm-ruff-") as empty:
+            done = subprocess.run(
+                [*ruff, *args, *settings, "--stdin-filename", "modeling.py", "-"],
+                input=source,
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=empty,
+            )
         if done.returncode != 0:  # the file is kept as generated; the verify phase reports real errors
             logger.warning("ruff %s failed on the generated file: %s", args[0], done.stderr.strip()[:300])
             continue
@@ -657,6 +660,11 @@ def format_source(source: str) -> str:
 
 
 def ruff_command() -> list[str] | None:
-    """The ruff executable (a pinned dependency), or None when this install lacks it."""
-    found = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
-    return [found] if Path(found).exists() else None
+    """The pinned ruff of this environment (the binary of the installed ``ruff`` package), never
+    another ruff first on PATH; None when this install lacks it."""
+    try:
+        from ruff import find_ruff_bin
+
+        return [os.fsdecode(find_ruff_bin())]
+    except (ImportError, FileNotFoundError):
+        return None

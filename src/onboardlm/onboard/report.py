@@ -23,7 +23,7 @@ def report_data(result: OnboardResult) -> dict[str, Any]:
             {"name": r.name, "status": r.status, "seconds": round(r.seconds, 3), "summary": r.summary}
             for r in result.phases
         ],
-        "tests": [dataclasses.asdict(test) for test in result.tests],
+        "tests": [{**dataclasses.asdict(test), "margin": margin(test)} for test in result.tests],
         "files": [str(path) for path in result.files],
         "spec": _plain(result.spec),
         "fit": _plain(result.fit),
@@ -71,11 +71,13 @@ def render_markdown(result: OnboardResult) -> str:
             "",
             "## Tests",
             "",
-            "| level | test | metric | tolerance | result |",
-            "| --- | --- | ---: | ---: | --- |",
+            "margin = tolerance / metric: how many times the measured error fits under the tolerance.",
+            "",
+            "| level | test | metric | tolerance | margin | result |",
+            "| --- | --- | ---: | ---: | ---: | --- |",
         ]
         lines += [
-            f"| {t.level} | `{t.name}` | {_number(t.metric)} | {_number(t.tolerance)} | "
+            f"| {t.level} | `{t.name}` | {_number(t.metric)} | {_number(t.tolerance)} | {_margin_text(t)} | "
             f"{'pass' if t.passed else 'FAIL'} |"
             for t in result.tests
         ]
@@ -100,6 +102,21 @@ def render_markdown(result: OnboardResult) -> str:
     if result.not_done:
         lines += ["", "## Not done", ""] + [f"- {item}" for item in result.not_done]
     return "\n".join(lines) + "\n"
+
+
+def margin(test: Any) -> float | None:
+    """``tolerance / metric`` of a test (above 1 passes); None without both numbers or at metric 0."""
+    metric, tolerance = getattr(test, "metric", None), getattr(test, "tolerance", None)
+    if metric is None or tolerance is None or metric <= 0:
+        return None
+    return tolerance / metric
+
+
+def _margin_text(test: Any) -> str:
+    if getattr(test, "metric", None) == 0 and getattr(test, "tolerance", None) is not None:
+        return "exact"
+    value = margin(test)
+    return "-" if value is None else f"{value:.3g}x"
 
 
 def _plain(value: Any) -> Any:

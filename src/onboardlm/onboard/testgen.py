@@ -8,11 +8,18 @@ sliding window), and, inside one layer of each kind, its norm, MLP, MoE, attenti
 modules. The lean file mirrors transformers' module paths and class names, so each lean block is
 found at the same path and asserted to be the class of the same name. Blocks and layers get exactly
 the inputs their transformers counterparts received in one full forward (``testing.capture``).
+
+Every fp32 check asserts an RMSE ratio of ``FP32_RMSE_TOL`` (chosen from the measured error of the
+shipped ports and of the mutation catalogue's mildest bugs; the generated docstring has the numbers),
+bf16 logits the seed's ``BF16_RMSE_TOL``. ``config_variants`` adds fp32 logit tests on configs that
+take the lean file's other branches. The text is written plainly and formatted by the pinned ruff
+(``generate.format_source``), as the model files are.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -29,29 +36,31 @@ from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from onboardlm.errors import OnboardlmError, UnsupportedFeature
+from onboardlm.onboard.config_variants import Variant, config_variants
+from onboardlm.onboard.generate import docstring_text, format_source
 from onboardlm.review.model_index import ModelIndex, Role
 from onboardlm.review.source import SourceFile
 from onboardlm.review.tests_rules import LAYER_KIND_FIELDS
 from onboardlm.testing.capture import record_calls
+from onboardlm.testing.random_init import randomize_constant_tensors
 from onboardlm.testing.tiny_config import tiny_config
 
 __all__ = [
+    "BF16_RMSE_TOL",
+    "FP32_RMSE_TOL",
     "BlockGroup",
     "LayerKind",
     "ReferenceLayout",
     "config_fields",
     "cover_lean_blocks",
-    "format_literal",
     "generate_test_file",
     "keep_called",
     "lean_blocks",
     "make_test_config",
     "read_layout",
     "snake_case",
-    "wrap",
 ]
 
-LINE_LENGTH = 110
 TEMPLATES = Path(__file__).parent / "templates"
 #: Config fields always written out, so a reader sees the sizes even where they equal the defaults.
 SIZE_FIELDS = (
@@ -64,14 +73,18 @@ SIZE_FIELDS = (
 )
 #: Fields that describe the installed transformers, not the model.
 IGNORED_FIELDS = frozenset({"transformers_version", "architectures", "dtype"})
-#: (role, check) by role: "identical" = assert_close(rtol=1e-3, atol=1e-3), a float = RMSE ratio.
-TOLERANCES: dict[str, str | float] = {
-    "norm": "identical",
-    "mlp": "identical",
-    "rotary": "identical",
-    "moe": 0.02,
-    "attention": 0.10,
-}
+#: Roles whose lean block does the same math as transformers' (also checked element-wise, 1e-3).
+IDENTICAL_ROLES = frozenset({"norm", "mlp", "rotary"})
+#: RMSE ratio every fp32 check asserts. Correct ports measure at most 6.3e-7 (logits; blocks 1.5e-7),
+#: the mildest bug of the mutation catalogue 1.7e-4 or more: see the generated file's docstring.
+FP32_RMSE_TOL = 1e-5
+#: bf16 logits: rounding dominates, so the seed's tolerance stays.
+BF16_RMSE_TOL = 0.05
+#: Soft-caps in the test config: low enough that tanh bends on the test's activations, so a cap
+#: that is off by a few percent changes the output (at the real 30 or 50 it hardly would).
+TEST_SOFTCAP = 2.0
+#: Query heads per KV head where the real config has none (MHA): grouping is then exercised.
+TEST_KV_GROUP = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +121,8 @@ class BlockGroup:
         return f"{snake_case(self.cls).upper()}_PATHS"
 
     @property
-    def tolerance(self) -> str | float:
-        return TOLERANCES[self.role]
+    def identical(self) -> bool:
+        return self.role in IDENTICAL_ROLES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +132,6 @@ class ReferenceLayout:
     causal_lm: str
     layers: tuple[LayerKind, ...]
     blocks: tuple[BlockGroup, ...]
-    norm_classes: tuple[str, ...]  # expressions (``hf.X`` or ``nn.X``) whose weights are randomised
 
     @property
     def layer_classes(self) -> list[str]:
@@ -232,14 +244,6 @@ def read_layout(reference: nn.Module, config: PretrainedConfig, hf_module: Any) 
         role = _role(module)
         if role is not None and _accessible(type(module), hf_module):
             groups.setdefault(type(module).__name__, (role, []))[1].append(path)
-    norms = []
-    for module in reference.modules():
-        cls = type(module)
-        if _role(module) == "norm":
-            if _accessible(cls, hf_module):
-                norms.append(f"hf.{cls.__name__}")
-            elif getattr(nn, cls.__name__, None) is cls:
-                norms.append(f"nn.{cls.__name__}")
     blocks = [
         BlockGroup(cls, role, tuple(paths), "replay" if role == "rotary" else "inputs")
         for cls, (role, paths) in groups.items()
@@ -248,7 +252,6 @@ def read_layout(reference: nn.Module, config: PretrainedConfig, hf_module: Any) 
         causal_lm=type(reference).__name__,
         layers=kinds,
         blocks=tuple(blocks),
-        norm_classes=tuple(dict.fromkeys(norms)),
     )
 
 
@@ -425,54 +428,6 @@ def config_fields(tiny: PretrainedConfig) -> dict[str, Any]:
     return chosen
 
 
-class Code(str):
-    """Source text written as is by ``format_literal`` (a name or expression, not a string literal)."""
-
-
-def _one_line(value: Any) -> str:
-    if isinstance(value, Code):
-        return str(value)
-    if isinstance(value, str):  # repr escapes; ruff prefers double quotes where no escape is needed
-        text = repr(value)
-        return f'"{text[1:-1]}"' if text[0] == "'" and '"' not in value else text
-    if isinstance(value, list):
-        return "[" + ", ".join(_one_line(v) for v in value) + "]"
-    if isinstance(value, tuple):
-        inner = ", ".join(_one_line(v) for v in value)
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_one_line(k)}: {_one_line(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-def format_literal(value: Any, indent: int, prefix: str = "", suffix: str = ",") -> str:
-    """``prefix`` + ``value`` at ``indent`` spaces as ruff formats it: one line if it fits, else one
-    element per line with a trailing comma (recursively)."""
-    pad = " " * indent
-    line = f"{pad}{prefix}{_one_line(value)}{suffix}"
-    if len(line) <= LINE_LENGTH or not isinstance(value, (list, tuple, dict)) or not value:
-        return line
-    if isinstance(value, dict):
-        items = [format_literal(v, indent + 4, f"{_one_line(k)}: ") for k, v in value.items()]
-    else:
-        items = [format_literal(v, indent + 4) for v in value]
-    opening, closing = {dict: "{}", list: "[]", tuple: "()"}[type(value)]
-    return "\n".join([f"{pad}{prefix}{opening}", *items, f"{pad}{closing}{suffix}"])
-
-
-def wrap(head: str, items: list[str], tail: str, indent: int = 0) -> str:
-    """``head`` + comma-separated ``items`` + ``tail`` as ruff formats a call or ``def``: one line if it
-    fits, else the items on one indented line, else one item per line with a trailing comma."""
-    pad = " " * indent
-    line = f"{pad}{head}{', '.join(items)}{tail}"
-    if len(line) <= LINE_LENGTH:
-        return line
-    middle = f"{pad}    {', '.join(items)}"
-    if len(middle) <= LINE_LENGTH:
-        return f"{pad}{head}\n{middle}\n{pad}{tail}"
-    return "\n".join([f"{pad}{head}", *(f"{pad}    {item}," for item in items), f"{pad}{tail}"])
-
-
 # --------------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------------
@@ -490,66 +445,30 @@ def _hf_causal_lm(config: PretrainedConfig) -> type[nn.Module]:
     return cls
 
 
-def _imports(config: PretrainedConfig, hf_module: str, lean_module: str, layout: ReferenceLayout) -> str:
-    """The import block, sorted the way ruff's isort does (stdlib, third party, first party)."""
-    config_cls = type(config)
-    config_from = "transformers" if getattr(transformers, config_cls.__name__, None) is config_cls else None
-    package, _, hf_name = hf_module.rpartition(".")
-    third = [
-        ("pytest", "import pytest"),
-        ("torch", "import torch"),
-        ("torch.export", "from torch.export import Dim"),
-        (
-            config_from or config_cls.__module__,
-            f"from {config_from or config_cls.__module__} import {config_cls.__name__}",
-        ),
-        (package, f"from {package} import {hf_name} as hf"),
-    ]
-    if any(name.startswith("nn.") for name in layout.norm_classes):
-        third.append(("torch", "from torch import nn"))
-    capture = (
-        "Call, first_tensor, record_calls"
-        if any(g.mode == "standalone" for g in layout.blocks)
-        else "Call, record_calls"
-    )
-    first = [
-        ("onboardlm.export", "from onboardlm.export import torch_export_to_gm"),
-        ("onboardlm.testing", "from onboardlm.testing import assert_rmse_close, transfer_weights"),
-        ("onboardlm.testing.capture", f"from onboardlm.testing.capture import {capture}"),
-    ]
-    lean_package, _, lean_name = lean_module.rpartition(".")
-    lean_import = (
-        (lean_module, f"import {lean_module} as lean")
-        if not lean_package
-        else (lean_package, f"from {lean_package} import {lean_name} as lean")
-    )
-    (first if lean_module.split(".")[0] == "onboardlm" else third).append(lean_import)
-
-    def ordered(section: list[tuple[str, str]]) -> list[str]:
-        return [line for _, line in sorted(section, key=lambda x: (x[1].startswith("from"), x[0].lower()))]
-
-    return "\n".join(["from __future__ import annotations", "", *ordered(third), "", *ordered(first)])
-
-
 def layer_constant(cls: str) -> str:
     """Name of the ``{id: path}`` constant of the decoder layers of class ``cls``."""
     return f"{snake_case(cls).upper()}S"
 
 
-def _constants(layout: ReferenceLayout) -> str:
-    """Module-level constants: layers by kind, block paths by class, recorded paths, norm classes."""
+def _constants(layout: ReferenceLayout, variants: list[Variant]) -> str:
+    """Module-level constants: layers by kind, block paths by class, recorded paths, config variants.
+
+    Written on one line each; ``ruff format`` lays them out."""
     lines = ["# Decoder layers under test: the first layer of each distinct kind, by test id."]
     for cls in layout.layer_classes:
         kinds = {kind.label: kind.path for kind in layout.layers if kind.cls == cls}
-        lines.append(format_literal(kinds, 0, f"{layer_constant(cls)} = ", ""))
+        lines.append(f"{layer_constant(cls)} = {kinds!r}")
     lines.append("# Blocks under test (in the layers above and outside the layers), by transformers class.")
     recorded_blocks = [group for group in layout.blocks if group.paths]
-    lines += [format_literal(list(group.paths), 0, f"{group.constant} = ", "") for group in recorded_blocks]
-    recorded = [Code(f"*{layer_constant(cls)}.values()") for cls in layout.layer_classes]
-    recorded += [Code(f"*{group.constant}") for group in recorded_blocks]
-    lines.append(format_literal(recorded, 0, "RECORDED = ", ""))
-    if layout.norm_classes:
-        lines.append(format_literal(tuple(Code(name) for name in layout.norm_classes), 0, "NORMS = ", ""))
+    lines += [f"{group.constant} = {list(group.paths)!r}" for group in recorded_blocks]
+    recorded = [f"*{layer_constant(cls)}.values()" for cls in layout.layer_classes]
+    recorded += [f"*{group.constant}" for group in recorded_blocks]
+    lines.append(f"RECORDED = [{', '.join(recorded)}]")
+    if variants:
+        lines.append(
+            "# Config fields that take the lean file's branches the base config does not, by test id."
+        )
+        lines.append(f"CONFIG_VARIANTS = { ({v.label: v.overrides for v in variants})!r}")
     return "\n".join(lines)
 
 
@@ -562,13 +481,20 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         autoescape=False,
     )
-    env.globals.update(wrap=wrap, snake_case=snake_case, layer_constant=layer_constant)
+    env.globals.update(snake_case=snake_case, layer_constant=layer_constant)
+    env.filters["docstring"] = docstring_text
     return env
 
 
 def make_test_config(config: PretrainedConfig) -> PretrainedConfig:
-    """``tiny_config(config)`` with weights initialised at std 1/sqrt(hidden_size), so every block's
-    output is of the order of the residual stream and a wrong block cannot hide in the sum."""
+    """``tiny_config(config)`` set up so that a wrong block cannot hide:
+
+    - weights initialised at std 1/sqrt(hidden_size), so every block's output is of the order of the
+      residual stream;
+    - KV heads grouped (``TEST_KV_GROUP`` query heads each) where the real config has one KV head per
+      query head, so a wrong query-to-KV-head mapping shows;
+    - soft-caps at ``TEST_SOFTCAP``, where tanh bends on the test's activations.
+    """
     try:
         tiny = tiny_config(config)
     except ValueError as err:
@@ -577,7 +503,51 @@ def make_test_config(config: PretrainedConfig) -> PretrainedConfig:
         ) from err
     if isinstance(getattr(tiny, "initializer_range", None), float):
         tiny.initializer_range = round(tiny.hidden_size**-0.5, 4)
+    for name, value in _init_values(tiny).items():
+        if "softcap" in name and isinstance(value, float):
+            setattr(tiny, name, TEST_SOFTCAP)
+    heads = getattr(tiny, "num_attention_heads", None)
+    if (
+        "num_key_value_heads" in _init_values(tiny)
+        and isinstance(heads, int)
+        and tiny.num_key_value_heads == heads
+        and heads % TEST_KV_GROUP == 0
+        and heads > TEST_KV_GROUP
+    ):
+        grouped = copy.deepcopy(tiny)
+        grouped.num_key_value_heads = heads // TEST_KV_GROUP
+        if _runs(grouped):  # MLA, for one, has no KV-head grouping
+            tiny = grouped
     return tiny
+
+
+def _runs(config: PretrainedConfig) -> bool:
+    """transformers builds and runs its causal LM on ``config`` (written out as literals)."""
+    try:
+        model = _hf_causal_lm(config)(type(config)(**config_fields(config), attn_implementation="eager"))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.eval()(input_ids=torch.zeros(1, 4, dtype=torch.long), position_ids=torch.arange(4)[None])
+    except Exception:  # any failure: transformers does not take this config
+        return False
+    return True
+
+
+def _hf_logits(hf_cls: type[nn.Module], config_cls: type, fields: dict[str, Any]) -> Any:
+    """``logits(overrides)`` of transformers' model on ``fields`` + overrides, None if it fails."""
+
+    def logits(overrides: dict[str, Any]) -> torch.Tensor | None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            try:
+                model = hf_cls(config_cls(**{**fields, **overrides}, attn_implementation="eager")).eval()
+                randomize_constant_tensors(model)
+                ids = torch.arange(16).reshape(2, 8) % fields["vocab_size"]
+                with torch.no_grad():
+                    return model(input_ids=ids, position_ids=torch.arange(8)[None].expand(2, 8)).logits
+            except Exception:  # transformers cannot take this variant: no test for it
+                return None
+
+    return logits
 
 
 def generate_test_file(
@@ -585,12 +555,14 @@ def generate_test_file(
 ) -> str:
     """Source of ``test_<model_type>_modeling.py`` comparing ``lean_module`` with transformers.
 
-    ``config`` is the real (text) config; the test uses its ``tiny_config`` written out as literals.
-    ``lean_module`` is imported as written (``onboardlm.models.custom.modeling_x`` or ``modeling_x``
-    when the test sits next to the model file). With ``lean_source`` (the lean file's text), lean
-    block classes that no layer of the test config reaches (a dense MLP class of a MoE model, an
-    experts module) get tests too where that can be done without guessing. Raises ``UnsupportedFeature`` for a config without a
-    transformers causal LM or whose test config cannot be written as literals.
+    ``config`` is the real (text) config; the test uses its ``make_test_config`` written out as
+    literals. ``lean_module`` is imported as written (``onboardlm.models.custom.modeling_x`` or
+    ``modeling_x`` when the test sits next to the model file). With ``lean_source`` (the lean file's
+    text), lean block classes that no layer of the test config reaches (a dense MLP class of a MoE
+    model, an experts module) get tests too where that can be done without guessing, and the config
+    variants cover the flags the lean file reads. The text is formatted by the pinned ruff, as the
+    model files are. Raises ``UnsupportedFeature`` for a config without a transformers causal LM or
+    whose test config cannot be written as literals.
     """
     tiny = make_test_config(config)
     hf_cls = _hf_causal_lm(tiny)
@@ -610,14 +582,31 @@ def generate_test_file(
     if lean_source is not None:
         layout = cover_lean_blocks(layout, reference, tiny, hf_module, lean_source)
     layout = keep_called(layout, reference)
-    config_lines = "\n".join(format_literal(v, 8, f"{k}=") for k, v in fields.items())
+    variants = [
+        v
+        for v in config_variants(tiny, lean_source, _hf_logits(hf_cls, type(tiny), fields))
+        if _is_literal(v.overrides)
+    ]
+    config_cls = type(tiny)
+    in_transformers = getattr(transformers, config_cls.__name__, None) is config_cls
+    lean_package, _, lean_name = lean_module.rpartition(".")
+    hf_package, _, hf_name = hf_cls.__module__.rpartition(".")
     template = _environment().get_template("test_modeling.py.j2")
-    return template.render(
+    text = template.render(
         model_type=model_type,
         lean_module=lean_module,
-        config_cls=type(tiny).__name__,
-        config_lines=config_lines,
-        imports=_imports(tiny, hf_cls.__module__, lean_module, layout),
-        constants=_constants(layout),
+        lean_import=f"from {lean_package} import {lean_name} as lean"
+        if lean_package
+        else f"import {lean_module} as lean",
+        hf_import=f"from {hf_package} import {hf_name} as hf",
+        config_import=f"from {'transformers' if in_transformers else config_cls.__module__} import {config_cls.__name__}",
+        config_cls=config_cls.__name__,
+        config_fields=repr(fields),
+        constants=_constants(layout, variants),
         layout=layout,
+        variants=variants,
+        fp32_tol=FP32_RMSE_TOL,
+        bf16_tol=BF16_RMSE_TOL,
+        softcap=TEST_SOFTCAP,
     )
+    return format_source(text)

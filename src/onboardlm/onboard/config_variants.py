@@ -1,0 +1,152 @@
+"""Config variants that take the branches of a lean model file that the base test config does not.
+
+The tiny test config is one point of the family's config space; a lean file keeps branches for
+others: flags real checkpoints set the other way (``norm_topk_prob``, ``attention_bias``), optional
+ranks that switch a projection on or off (``q_lora_rank``), tied and untied embeddings, and RoPE
+scaling (a default table vs yarn, with DeepSeek's softmax ``mscale``). Each candidate flips one of
+them; it is kept when transformers builds and runs the model with it. A flip that transformers
+ignores is kept too: the lean file reads the flag, so the test shows whether it ignores it as well.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+__all__ = ["Variant", "candidate_variants", "config_variants"]
+
+#: Yarn for the RoPE variant: a factor that changes the low frequencies and the cos/sin scale.
+YARN_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One test id and the config fields it overrides."""
+
+    label: str
+    overrides: dict[str, Any]
+    group: str = ""  # "rope": only the first that runs is kept; "flag": one config flag flipped
+
+
+def _config_reads(tree: ast.Module) -> set[str]:
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config"
+    }
+
+
+def _optional_fields(tree: ast.Module) -> set[str]:
+    """Fields copied as ``self.x = config.x`` and tested with ``self.x is None``."""
+    copied = {
+        node.targets[0].attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and isinstance(node.value.value, ast.Name)
+        and node.value.value.id == "config"
+        and node.targets[0].attr == node.value.attr
+    }
+    tested = {
+        node.left.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare)
+        and isinstance(node.left, ast.Attribute)
+        and isinstance(node.ops[0], (ast.Is, ast.IsNot))
+        and isinstance(node.comparators[0], ast.Constant)
+        and node.comparators[0].value is None
+    }
+    return copied & tested
+
+
+def _has_rope_branch(tree: ast.Module) -> bool:
+    return any(
+        isinstance(node, ast.Compare)
+        and isinstance(node.comparators[0], ast.Constant)
+        and node.comparators[0].value == "default"
+        for node in ast.walk(tree)
+    )
+
+
+def _other_rope(parameters: dict[str, Any], scaled: dict[str, Any]) -> dict[str, Any]:
+    """The default table for any scaled one, else ``scaled`` (``rope_theta`` and a partial rotary
+    factor kept); per layer type, each table likewise."""
+    if "rope_theta" not in parameters:  # per layer type: one table per key
+        return {key: _other_rope(value, scaled) for key, value in parameters.items()}
+    kept = {k: v for k, v in parameters.items() if k in ("rope_theta", "partial_rotary_factor")}
+    if parameters.get("rope_type", "default") != "default":
+        return {**kept, "rope_type": "default"}
+    return {**kept, **scaled}
+
+
+def _scaled_ropes(max_positions: int, mscale: bool) -> list[dict[str, Any]]:
+    """Scaled RoPE parameters to try, in order: yarn (frequencies and the cos/sin scale; DeepSeek's
+    softmax mscale too where the file reads it), then linear (for families without yarn support)."""
+    yarn: dict[str, Any] = {
+        "rope_type": "yarn",
+        "factor": YARN_FACTOR,
+        "original_max_position_embeddings": max(1, int(max_positions // YARN_FACTOR)),
+    }
+    if mscale:
+        yarn.update(mscale=1.0, mscale_all_dim=1.0)
+    return [yarn, {"rope_type": "linear", "factor": YARN_FACTOR}]
+
+
+def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[Variant]:
+    """One flip per branch the lean file may have, before checking that transformers runs it."""
+    tree = ast.parse(lean_source) if lean_source is not None else None
+    found = []
+    if tree is not None:
+        for name in sorted(_config_reads(tree)):
+            value = getattr(tiny, name, None)
+            if isinstance(value, bool) and name != "tie_word_embeddings":
+                found.append(Variant(f"{name}={not value}", {name: not value}, group="flag"))
+        for name in sorted(_optional_fields(tree)):
+            if getattr(tiny, name, None) is not None:
+                found.append(Variant(f"{name}=None", {name: None}))
+    tied = bool(getattr(tiny, "tie_word_embeddings", False))
+    found.append(Variant(f"tie_word_embeddings={not tied}", {"tie_word_embeddings": not tied}))
+    parameters = getattr(tiny, "rope_parameters", None)
+    if isinstance(parameters, dict) and parameters and (tree is None or _has_rope_branch(tree)):
+        mscale = lean_source is not None and "mscale_all_dim" in lean_source
+        max_positions = int(getattr(tiny, "max_position_embeddings", 4096) or 4096)
+        for scaled in _scaled_ropes(max_positions, mscale):
+            other = _other_rope(parameters, scaled)
+            tables = [other] if "rope_theta" in other else list(other.values())
+            kinds = "/".join(sorted({table.get("rope_type", "default") for table in tables}))
+            found.append(Variant(f"rope={kinds}", {"rope_parameters": other}, group="rope"))
+    return found
+
+
+def config_variants(
+    tiny: PretrainedConfig,
+    lean_source: str | None,
+    logits: Callable[[dict[str, Any]], torch.Tensor | None],
+) -> list[Variant]:
+    """The candidates transformers builds and runs (``logits(overrides)`` is not None); of a group,
+    the first that runs. Where a single flag cannot be flipped alone (InternLM3 wants its two bias
+    flags equal), all flags flipped together are tried too."""
+    kept: list[Variant] = []
+    flags: dict[str, Any] = {}
+    refused = False
+    for variant in candidate_variants(tiny, lean_source):
+        if variant.group == "rope" and any(k.group == "rope" for k in kept):
+            continue
+        runs = logits(variant.overrides) is not None
+        if variant.group == "flag":
+            flags.update(variant.overrides)
+            refused = refused or not runs
+        if runs:
+            kept.append(variant)
+    if refused and len(flags) > 1:
+        together = Variant(",".join(f"{name}={value}" for name, value in flags.items()), flags)
+        if logits(together.overrides) is not None:
+            kept.append(together)
+    return kept
