@@ -29,7 +29,7 @@ from transformers.activations import ACT2FN
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
-from onboardlm.onboard.analyze_classic import projections, split_fused_qkv
+from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_fused_qkv
 from onboardlm.onboard.analyze_moe import _complex_rotary_table, analyze_mla, analyze_moe
 from onboardlm.onboard.spec import (
     ArchitectureSpec,
@@ -46,10 +46,13 @@ from onboardlm.onboard.spec import (
 )
 from onboardlm.onboard.spec_moe import MLASpec, MoESpec
 from onboardlm.testing import tiny_config
+from onboardlm.testing.capture import record_calls
 
 _TOL = 1e-5
 _EPS_NAMES = ("variance_epsilon", "eps", "variance_eps", "epsilon")
 _ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function", "activation")
+#: Activations tried when no config field names the one an MLP applies (BLOOM's tanh GELU).
+_LITERAL_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "relu", "silu", "gelu_new")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic")
 _LOGIT_SCALES = ("logits_scaling", "logit_scale")
 #: Scalar multipliers whose default 1.0 would hide them from the probes: set to telling values.
@@ -298,7 +301,14 @@ class _Analyzer:
         finally:
             for hook in hooks:
                 hook.remove()
-        finals = [i for i, (name, _) in enumerate(norms) if name in seen and _close(seen[name], seen["last"])]
+        last = seen["last"]
+        finals = [
+            i
+            for i, (name, _) in enumerate(norms)
+            if name in seen
+            and seen[name].numel() == last.numel()
+            and _close(seen[name].reshape(last.shape), last)
+        ]
         if len(finals) != 1:
             raise UnsupportedFeature(norms[0][0], "two norms, neither on the last layer's output", _HINT)
         return finals[0]
@@ -711,11 +721,16 @@ class _Analyzer:
     ) -> AttentionSpec:
         """Attention without RoPE: the HF output (no mask) against the spec's math."""
         attn = getattr(layer, spec.attr)
-        probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads)
+        recorded = (self.model, path) if _needs_recording(attn) else None
+        probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, recorded_from=recorded)
         found = probe.match(self._qkv_layouts(spec, kv_heads))
         if found is None:
             raise UnsupportedFeature(path, "attention output matches no template (scale or wiring)", _HINT)
-        self.notes.append("attention without rotary embeddings")
+        if probe.matched_alibi:
+            self.notes.append("ALiBi attention biases")
+            spec = dataclasses.replace(spec, alibi=True)
+        else:
+            self.notes.append("attention without rotary embeddings")
         return self._confirm_groups(path, layer, spec, found)
 
     def _qkv_switches(
@@ -729,7 +744,7 @@ class _Analyzer:
         for name, current in self.fields.items():
             if not isinstance(current, bool):
                 continue
-            layout = self._fused_layout({name: not current}, layer, spec, rope)
+            layout = self._fused_layout({name: not current}, layer, spec, rope, path)
             if layout is None:
                 continue
             if layout == "unmatched":
@@ -754,7 +769,7 @@ class _Analyzer:
         pairs = {}
         for first, second in itertools.combinations(found, 2):
             pairs[(first[0], second[0])] = self._fused_layout(
-                {first[0]: first[1], second[0]: second[1]}, layer, spec, rope
+                {first[0]: first[1], second[0]: second[1]}, layer, spec, rope, path
             )
         for order in itertools.permutations(found):
             rank = {switch[0]: i for i, switch in enumerate(order)}
@@ -769,7 +784,12 @@ class _Analyzer:
         raise UnsupportedFeature(path, "fused q/k/v layouts that config flags combine", _HINT)
 
     def _fused_layout(
-        self, overrides: dict[str, Any], layer: nn.Module, spec: AttentionSpec, rope: RopeSpec | None
+        self,
+        overrides: dict[str, Any],
+        layer: nn.Module,
+        spec: AttentionSpec,
+        rope: RopeSpec | None,
+        path: str,
     ) -> tuple[str, tuple[str, ...]] | str | None:
         """(groups, order) of the fused q/k/v of a layer rebuilt with ``overrides``; None when the
         config or layer refuses them or the layer has no such projection, "other modules" when the
@@ -802,11 +822,25 @@ class _Analyzer:
         measured = (spec.qkv_groups, counts[spec.qkv_groups], spec.qkv_order)  # the base layout first
         candidates = [measured, *((g, count, order) for g, count in counts.items() for order in orders)]
         try:
-            probe = _AttentionProbe(attn, spec, config, scale, kv_heads, rotary, rope, style, kwargs)
+            recorded = None
+            if _needs_recording(attn):  # a whole model per flip: only for flags its class reads
+                source = inspect.getsource(type(attn))
+                if not any(name in source for name in overrides):
+                    return None
+                recorded = self._recording_model(config, path)
+            probe = _AttentionProbe(
+                attn, spec, config, scale, kv_heads, rotary, rope, style, kwargs, recorded_from=recorded
+            )
             match = probe.match(candidates)
         except Exception:  # the flip changed more than the layout (another module, another call)
             return "unmatched"
         return "unmatched" if match is None else (match[0], match[2])
+
+    @staticmethod
+    def _recording_model(config: PretrainedConfig, path: str) -> tuple[nn.Module, str]:
+        """A whole tiny model on ``config``, to record an attention that needs its model's inputs."""
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        return model.float().eval(), path
 
     def _confirm_groups(
         self,
@@ -842,7 +876,10 @@ class _Analyzer:
         width = getattr(attn, spec.projections[0].name).weight.numel() // self.hidden
         kv_heads = (width // head_dim - heads) // 2
         _, scale = self._scaling(path, attn, head_dim)
-        probe = _AttentionProbe(attn, spec, variant, scale, kv_heads, rotary, rope, style, kwargs or {})
+        recorded = self._recording_model(variant, path) if _needs_recording(attn) else None
+        probe = _AttentionProbe(
+            attn, spec, variant, scale, kv_heads, rotary, rope, style, kwargs or {}, recorded_from=recorded
+        )
         candidates = [("self.num_heads", heads), ("self.num_kv_heads", kv_heads), (str(count), count)]
         confirmed = probe.match([(expression, value, order) for expression, value in candidates])
         if confirmed is None:
@@ -1029,9 +1066,9 @@ class _Analyzer:
             inputs=tuple(LinearSpec(n, biases[f"{attr}.{n}"], linears[n].transposed) for n in inputs),
             down=LinearSpec(downs[0], biases[f"{attr}.{downs[0]}"], linears[downs[0]].transposed),
             act_attr=act_attr,
-            act=f"config.{act}",
+            act=act if act.startswith('"') else f"config.{act}",
             intermediate=self._intermediate(path, layer, f"{attr}.{downs[0]}", width),
-            activation=str(getattr(self.config, act)),
+            activation=act.strip('"') if act.startswith('"') else str(getattr(self.config, act)),
         )
 
     def _intermediate(self, path: str, layer: nn.Module, down_path: str, width: int) -> str:
@@ -1115,7 +1152,7 @@ class _Analyzer:
         """Which input is the gate, whether a fused projection is (gate, up), which activation field."""
         x = torch.randn(2, 3, self.hidden, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            expected = mlp(x)
+            expected = _call_filled(mlp, x)
             outs = [linear(x) for linear in ins]
         variants: list[tuple[str, list[str], Callable[[Callable], torch.Tensor]]] = []
         if len(ins) == 2:
@@ -1136,6 +1173,12 @@ class _Analyzer:
                 with torch.no_grad():
                     if _close(down(combine(act)), expected):
                         return kind, order, field_name
+        for act_name in _LITERAL_ACTIVATIONS:  # no config field names it: the module hard-codes one
+            for kind, order, combine in variants:
+                with torch.no_grad():
+                    if _close(down(combine(ACT2FN[act_name])), expected):
+                        self.notes.append(f"activation {act_name} fixed by the architecture")
+                        return kind, order, f'"{act_name}"'
         raise UnsupportedFeature(path, "feed-forward wiring matches no gated or plain MLP template", _HINT)
 
     # ---------------------------------------------------------------------------------------- layer
@@ -1229,11 +1272,17 @@ class _Analyzer:
         inline = isinstance(ff, MLPSpec) and ff.inline
         with torch.no_grad():
             mlp_tuple = not inline and isinstance(
-                getattr(layer, ff.attr)(torch.zeros(1, 2, self.hidden)), tuple
+                _call_filled(getattr(layer, ff.attr), torch.zeros(1, 2, self.hidden)), tuple
             )
         attn, mlp = (
-            _Mixer(self.hidden, generator, True, True),
-            _Mixer(self.hidden, generator, False, mlp_tuple),
+            _Mixer(self.hidden, generator, True, True, _takes_residual(getattr(layer, attn_attr))),
+            _Mixer(
+                self.hidden,
+                generator,
+                False,
+                mlp_tuple,
+                not inline and _takes_residual(getattr(layer, ff.attr)),
+            ),
         )
         setattr(probe, attn_attr, attn)
         if inline:
@@ -1244,10 +1293,13 @@ class _Analyzer:
             setattr(probe, ff.attr, mlp)
         x = torch.randn(2, 5, self.hidden, generator=generator)
         tables = (torch.ones(2, 5, self._head_dim()), torch.zeros(2, 5, self._head_dim()))
+        inputs = {
+            "attention_mask": None,
+            "position_ids": torch.arange(5)[None],
+            "position_embeddings": tables,
+        }
         with torch.no_grad():
-            expected = _first(
-                probe(x, attention_mask=None, position_ids=torch.arange(5)[None], position_embeddings=tables)
-            )
+            expected = _first(_call_filled(probe, x, inputs, fill=None))
         multiplier = self.fields.get("residual_multiplier")
         multipliers = [None] + (["config.residual_multiplier"] if isinstance(multiplier, float) else [])
         for layout in _layouts(norm_names):
@@ -1420,18 +1472,26 @@ class _Mixer(nn.Module):
     returns one (HF attention: (output, weights); GPT-OSS MoE: (output, router scores))."""
 
     def __init__(
-        self, hidden: int, generator: torch.Generator, is_attention: bool, returns_tuple: bool
+        self,
+        hidden: int,
+        generator: torch.Generator,
+        is_attention: bool,
+        returns_tuple: bool,
+        adds_residual: bool = False,
     ) -> None:
         super().__init__()
         self.matrix = torch.randn(hidden, hidden, generator=generator) / hidden**0.5
         self.is_attention = is_attention
         self.returns_tuple = returns_tuple
+        self.adds_residual = adds_residual  # like BLOOM's blocks, which take the residual and add it
 
     def map(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x @ self.matrix) if self.is_attention else torch.sin(x @ self.matrix)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = self.map(hidden_states)
+        if self.adds_residual:
+            out = out + kwargs.get("residual", args[0] if args else None)
         return (out, None) if self.returns_tuple else out
 
 
@@ -1461,6 +1521,41 @@ class _Layout:
             return norm(self.mlp_post, x + mlp.map(norm(self.mlp_pre, x)) * scale)
         x = x + norm(self.attn_post, attn.map(norm(self.attn_pre, x))) * scale
         return x + norm(self.mlp_post, mlp.map(norm(self.mlp_pre, x))) * scale
+
+
+def _needs_recording(attn: nn.Module) -> bool:
+    """An attention that cannot run on hidden states alone: a forward parameter without a default
+    besides them (BLOOM's residual and alibi)."""
+    parameters = list(inspect.signature(attn.forward).parameters.values())[1:]
+    return any(
+        p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for p in parameters
+        if p.name not in ("position_embeddings", "attention_mask")
+    )
+
+
+def _takes_residual(module: nn.Module) -> bool:
+    """Whether a block takes the residual and adds it to its output itself (BLOOM's attention and
+    MLP): a ``residual`` parameter of its forward."""
+    return "residual" in inspect.signature(module.forward).parameters
+
+
+def _call_filled(
+    module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any] | None = None, fill: Any = "zeros"
+) -> Any:
+    """``module(x, **kwargs)`` with every other parameter that has no default filled: with zeros
+    like ``x`` (a residual) or ``fill`` (None for tensors the layer only passes on, BLOOM's alibi)."""
+    kwargs = dict(kwargs or {})
+    parameters = list(inspect.signature(module.forward).parameters.values())[1:]
+    signature_names = {p.name for p in parameters}
+    for parameter in parameters:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) or parameter.name in kwargs:
+            continue
+        if parameter.default is parameter.empty:
+            kwargs[parameter.name] = torch.zeros_like(x) if fill == "zeros" else fill
+    if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+        kwargs = {k: v for k, v in kwargs.items() if k in signature_names}
+    return module(x, **kwargs)
 
 
 def _elementwise(module: nn.Module, width: int) -> bool:
@@ -1533,6 +1628,8 @@ def _reference_attention(
     *,
     layout: tuple[int, tuple[str, ...]] = (1, ("q", "k", "v")),
     kv_heads: int | None = None,
+    causal: bool = False,
+    alibi: bool = False,
 ) -> torch.Tensor:
     """What the spec says the attention computes (no mask), in plain torch, on the HF module's weights.
 
@@ -1559,6 +1656,10 @@ def _reference_attention(
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) * scale
+    if alibi:  # slope_h * key position (the query's position would only shift a softmax row)
+        scores = scores + alibi_slopes(heads)[:, None, None] * torch.arange(seq, dtype=scores.dtype)
+    if causal:
+        scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
     if cap:
         scores = torch.tanh(scores / cap) * cap
     if spec.sinks:  # one extra logit per head in the denominator, contributing no value
@@ -1570,7 +1671,13 @@ def _reference_attention(
 
 class _AttentionProbe:
     """One HF attention run on fixed inputs (no mask), to compare with the spec's math under
-    candidate fused-q/k/v layouts; with a rotary module the inputs carry its tables."""
+    candidate fused-q/k/v layouts; with a rotary module the inputs carry its tables.
+
+    An attention that needs more than the hidden states (BLOOM's takes the residual and the ALiBi
+    tensor its model builds) is instead recorded inside one forward of ``recorded_from`` (model,
+    path): causal, with the residual it adds taken off; the match then also tells whether an ALiBi
+    bias joins the scores.
+    """
 
     def __init__(
         self,
@@ -1583,6 +1690,7 @@ class _AttentionProbe:
         rope: RopeSpec | None = None,
         style: str = "neox",
         kwargs: dict[str, Any] | None = None,
+        recorded_from: tuple[nn.Module, str] | None = None,
     ) -> None:
         self.attn, self.spec, self.config, self.scale, self.kv_heads = attn, spec, config, scale, kv_heads
         self.style = style
@@ -1590,6 +1698,10 @@ class _AttentionProbe:
         self.x = torch.randn(2, 6, config.hidden_size, generator=torch.Generator().manual_seed(5))
         self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cap = getattr(config, "attn_logit_softcapping", None) if spec.softcap else None
+        self.causal, self.alibi_options, self.matched_alibi = False, (False,), False
+        if recorded_from is not None:
+            self._record(*recorded_from)
+            return
         with torch.no_grad():
             if rotary is None or rope is None:
                 self.expected = _first(attn(self.x, attention_mask=None))
@@ -1598,19 +1710,38 @@ class _AttentionProbe:
                 self.tables = tables[::-1] if rope.sin_first else tables
                 self.expected = _first(attn(self.x, position_embeddings=tables, attention_mask=None))
 
+    def _record(self, model: nn.Module, path: str) -> None:
+        input_ids = torch.arange(12).reshape(2, 6) % (self.config.vocab_size - 1) + 1
+        call = record_calls(
+            model,
+            [path],
+            input_ids=input_ids,
+            position_ids=torch.arange(6)[None].expand(2, 6),
+            use_cache=False,
+        )[path][0]
+        self.attn = model.get_submodule(path)
+        self.x, self.expected = call.hidden_states, call.result
+        if _takes_residual(self.attn):  # the block adds the residual it is given
+            residual = call.kwargs.get("residual", call.args[1] if len(call.args) > 1 else None)
+            self.expected = self.expected - residual
+        self.causal, self.alibi_options = True, (False, True)
+
     def match(
         self, layouts: list[tuple[str, int, tuple[str, ...]]]
     ) -> tuple[str, int, tuple[str, ...]] | None:
         """The first layout (groups expression, groups, order) under which the math matches HF."""
-        for groups, count, order in layouts:
-            with torch.no_grad():
-                try:
-                    actual = _reference_attention(
-                        self.attn, self.spec, self.config, self.x, self.tables, self.style,
-                        self.table_layout, self.scale, self.cap, layout=(count, order), kv_heads=self.kv_heads,
-                    )  # fmt: skip
-                except RuntimeError:  # the groups do not divide the heads
-                    continue
-            if _close(actual, self.expected):
-                return groups, count, order
+        for alibi in self.alibi_options:
+            for groups, count, order in layouts:
+                with torch.no_grad():
+                    try:
+                        actual = _reference_attention(
+                            self.attn, self.spec, self.config, self.x, self.tables, self.style,
+                            self.table_layout, self.scale, self.cap, layout=(count, order),
+                            kv_heads=self.kv_heads, causal=self.causal, alibi=alibi,
+                        )  # fmt: skip
+                    except RuntimeError:  # the groups do not divide the heads
+                        continue
+                if _close(actual, self.expected):
+                    self.matched_alibi = alibi
+                    return groups, count, order
         return None

@@ -608,6 +608,7 @@ def generate_model_file(spec: ArchitectureSpec) -> str:
     embedding = spec.embedding
     blocks = [
         emit_rope_frequencies(spec),
+        render("alibi.py.j2") if getattr(spec.attention, "alibi", False) else "",
         render("output.py.j2", output_class=_output_class(spec)),
         *(emit(norm, spec) for norm in spec.norm_specs),
         render("embedding_scaled.py.j2", class_name=embedding.scaled_class) if embedding.scaled_class else "",

@@ -403,10 +403,11 @@ def config_fields(tiny: PretrainedConfig) -> dict[str, Any]:
     cls = type(tiny)
     values = {k: v for k, v in _init_values(tiny).items() if k not in IGNORED_FIELDS}
     defaults = _init_values(cls())
+    sizes = {*SIZE_FIELDS, *(cls.attribute_map.get(name, name) for name in SIZE_FIELDS)}  # BLOOM's n_layer
     chosen = {
         key: value
         for key, value in values.items()
-        if key in SIZE_FIELDS
+        if key in sizes
         or (key in LAYER_KIND_FIELDS and value is not None)
         or value != defaults.get(key)
     }
