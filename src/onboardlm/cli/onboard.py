@@ -128,8 +128,9 @@ def _render(result) -> None:  # noqa: ANN001 - OnboardResult, imported lazily
     for item in result.not_done:
         console.print(f"[yellow]not done:[/] {item}", highlight=False, soft_wrap=True)
     verdict = "[green]PASS[/]" if result.status == "pass" else "[bold red]FAIL[/]"
+    kind = result.model_type if result.scope is None else f"{result.model_type}, {result.scope}"
     console.print(
-        f"{verdict} {result.model} ({result.model_type}) in {result.seconds:.1f} s; report: {result.out_dir}/report.md",
+        f"{verdict} {result.model} ({escape(kind)}) in {result.seconds:.1f} s; report: {result.out_dir}/report.md",
         highlight=False,
         soft_wrap=True,
     )

@@ -15,9 +15,10 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +30,8 @@ from onboardlm.errors import WeightsError
 from onboardlm.models.source import WeightsLocation
 
 StateDict = dict[str, torch.Tensor]
+#: Checkpoint key -> the key it loads under, or None to leave the tensor out.
+Rename = Callable[[str], str | None]
 
 
 def read_state_dict(
@@ -36,15 +39,20 @@ def read_state_dict(
     config: PretrainedConfig,
     dtype: torch.dtype | None = None,
     keep_fp32: re.Pattern[str] | None = None,
+    rename: Rename | None = None,
 ) -> StateDict:
     """Read every tensor of ``weights`` on CPU, cast to ``dtype`` when given (but to fp32 where
-    ``keep_fp32`` matches the name: see :mod:`onboardlm.models.precision`)."""
+    ``keep_fp32`` matches the name: see :mod:`onboardlm.models.precision`).
+
+    ``rename`` (safetensors and PyTorch files) maps each checkpoint key to the key it is loaded
+    under, or to None for a tensor not to read (safetensors files then skip it unread).
+    """
     if weights.format == "safetensors":
-        state_dict = _read_safetensors(weights.files)
+        state_dict = _read_safetensors(weights.files, rename)
     elif weights.format == "gguf":
         state_dict = _read_gguf(weights.files[0], config, dtype)
     else:
-        state_dict = _read_pytorch(weights.files)
+        state_dict = _renamed(_read_pytorch(weights.files), rename)
     if dtype is not None:
         state_dict = {k: _cast(k, v, dtype, keep_fp32) for k, v in state_dict.items()}
     return state_dict
@@ -59,17 +67,23 @@ def _cast(
 
 
 def read_converted_state_dict(
-    weights: WeightsLocation, config: PretrainedConfig, dtype: torch.dtype | None = None
+    weights: WeightsLocation,
+    config: PretrainedConfig,
+    dtype: torch.dtype | None = None,
+    model_class: type[Any] = AutoModelForCausalLM,
+    refuse_unexpected: bool = False,
 ) -> StateDict:
     """The checkpoint as transformers loads it: its conversion mapping applied, keys of its own modules.
 
-    Holds a transformers copy of the model on the CPU while reading (twice the host memory of a
-    direct read), so it is the fallback for checkpoints whose keys the lean model does not take.
+    Holds a transformers copy of the model (``model_class``: the causal LM, or a multimodal model's
+    class) on the CPU while reading (twice the host memory of a direct read), so it is the fallback
+    for checkpoints whose keys the lean model does not take. Keys transformers leaves unfilled are an
+    error; so are checkpoint keys it does not use, with ``refuse_unexpected``.
     """
     directory = weights.files[0].parent
     try:
         with _transformers_quiet():  # its load report would repeat, in a table, what we raise below
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = model_class.from_pretrained(
                 directory,
                 config=config,
                 dtype=dtype or "auto",
@@ -79,7 +93,8 @@ def read_converted_state_dict(
     except Exception as err:  # transformers raises assorted errors on checkpoints it cannot read
         raise WeightsError(str(directory), f"transformers cannot load this checkpoint either: {err}") from err
     # transformers fills what the checkpoint lacks with random values; that is no load
-    gaps = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
+    kinds = ("missing_keys", "mismatched_keys", *(("unexpected_keys",) if refuse_unexpected else ()))
+    gaps = {k: sorted(info.get(k) or []) for k in kinds}
     if any(gaps.values()):
         raise WeightsError(str(directory), f"transformers' conversion leaves keys unfilled: {gaps}")
     return dict(model.state_dict())
@@ -99,12 +114,42 @@ def check_readable(weights: WeightsLocation) -> None:
             _load_pytorch_file(file)
 
 
-def _read_safetensors(files: tuple[Path, ...]) -> StateDict:
+def checkpoint_shapes(weights: WeightsLocation) -> dict[str, tuple[int, ...]]:
+    """Every tensor's key and shape; safetensors shapes come from the file headers (nothing read)."""
+    if weights.format == "gguf":
+        raise WeightsError(
+            str(weights.files[0]), "tensor shapes are read from safetensors or PyTorch files only"
+        )
+    if weights.format == "pytorch":
+        return {k: tuple(v.shape) for k, v in _read_pytorch(weights.files).items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weights.files:
+        with _safetensors_errors(file), safe_open(file, "pt") as handle:
+            names = handle.keys()  # a safetensors handle is not iterable
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in names})
+    return shapes
+
+
+def _read_safetensors(files: tuple[Path, ...], rename: Rename | None = None) -> StateDict:
     state_dict: StateDict = {}
     for file in files:
         with _safetensors_errors(file):
-            state_dict.update(load_file(file))
+            if rename is None:
+                state_dict.update(load_file(file))
+                continue
+            with safe_open(file, "pt") as handle:
+                names = handle.keys()
+                for key in names:
+                    name = rename(key)
+                    if name is not None:
+                        state_dict[name] = handle.get_tensor(key)
     return state_dict
+
+
+def _renamed(state_dict: StateDict, rename: Rename | None) -> StateDict:
+    if rename is None:
+        return state_dict
+    return {name: tensor for key, tensor in state_dict.items() if (name := rename(key)) is not None}
 
 
 @contextmanager

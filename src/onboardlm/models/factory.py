@@ -38,7 +38,8 @@ from transformers.utils import GENERATION_CONFIG_NAME
 from onboardlm.errors import ModelSourceError, WeightsError
 from onboardlm.models.checkpoint import StateDict, read_converted_state_dict, read_state_dict
 from onboardlm.models.precision import fp32_pattern, keep_in_fp32
-from onboardlm.models.source import ModelSource, resolve_model_source
+from onboardlm.models.source import ModelSource, WeightsLocation, resolve_model_source
+from onboardlm.models.text_weights import read_converted_text_weights, read_text_weights
 
 logger = logging.getLogger(__name__)
 
@@ -218,8 +219,7 @@ class AutoModelForCausalLMFactory:
         if not use_checkpoint:
             return model, LoadReport(cls_name, is_custom, weights_source="random")
         subject = ", ".join(str(f) for f in location.files)
-        state_dict = read_state_dict(location, self.config, dtype, keep_fp32=self.fp32_pattern(model))
-        notes = []
+        state_dict, notes = self._read_checkpoint(location, model, dtype)
         try:
             report = load_checkpoint_into(model, state_dict, subject=subject)
         except WeightsError as direct_error:
@@ -228,7 +228,7 @@ class AutoModelForCausalLMFactory:
             logger.info("checkpoint keys differ from the model's; converting through transformers")
             del state_dict
             try:
-                converted = read_converted_state_dict(location, self.config, dtype)
+                converted, notes = self._read_converted(location, model, dtype)
                 report = load_checkpoint_into(model, converted, subject=subject)
             except WeightsError as conversion_error:  # the direct error names the keys
                 raise direct_error from conversion_error
@@ -236,6 +236,25 @@ class AutoModelForCausalLMFactory:
         report.model_class, report.is_custom = cls_name, is_custom
         report.notes += notes
         return model, report
+
+    def _read_checkpoint(
+        self, location: WeightsLocation, model: nn.Module, dtype: torch.dtype | None
+    ) -> tuple[StateDict, list[str]]:
+        """The checkpoint's tensors for ``model``; of a multimodal checkpoint, its text decoder's only."""
+        keep_fp32 = self.fp32_pattern(model)
+        if self.source.multimodal is None or location.format == "gguf":
+            return read_state_dict(location, self.config, dtype, keep_fp32=keep_fp32), []
+        text = read_text_weights(location, model, dtype, keep_fp32)
+        return text.state_dict, [text.note]
+
+    def _read_converted(
+        self, location: WeightsLocation, model: nn.Module, dtype: torch.dtype | None
+    ) -> tuple[StateDict, list[str]]:
+        """The checkpoint as transformers loads it (a multimodal one whole, then its text decoder cut out)."""
+        if self.source.multimodal is None:
+            return read_converted_state_dict(location, self.config, dtype), []
+        text = read_converted_text_weights(location, self.source.multimodal, model, dtype)
+        return text.state_dict, [text.note]
 
 
 def import_shipped_models() -> None:

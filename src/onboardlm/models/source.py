@@ -8,6 +8,7 @@ False, and remote code is never trusted unless ``allow_remote_code`` is set.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -22,6 +23,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from onboardlm.errors import ModelSourceError, UnsupportedFeature
 from onboardlm.models.config_completion import complete_default_config
+from onboardlm.models.multimodal import text_decoder_of
 
 SourceKind = Literal["config", "directory", "gguf", "hub", "model_type"]
 WeightsFormat = Literal["safetensors", "gguf", "pytorch"]
@@ -59,6 +61,8 @@ class ModelSource:
     directory: Path | None = None
     gguf_file: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: the multimodal config whose text decoder ``config`` is (its weights are read by key prefix)
+    multimodal: PretrainedConfig | None = None
 
     @property
     def has_tokenizer(self) -> bool:
@@ -94,7 +98,26 @@ def resolve_model_source(
     allow_remote_code: bool = False,
     offline: bool = True,
 ) -> ModelSource:
-    """Resolve ``model`` into a :class:`ModelSource`, or raise :class:`ModelSourceError`."""
+    """Resolve ``model`` into a :class:`ModelSource`, or raise :class:`ModelSourceError`.
+
+    A multimodal model resolves to its text decoder (:mod:`onboardlm.models.multimodal`).
+    """
+    source = _resolve_source(model, gguf_file=gguf_file, allow_remote_code=allow_remote_code, offline=offline)
+    decoder = text_decoder_of(source.config, source.name)
+    if decoder is None:
+        return source
+    return dataclasses.replace(
+        source, config=decoder.config, multimodal=decoder.multimodal, notes=[*source.notes, decoder.note]
+    )
+
+
+def _resolve_source(
+    model: str | os.PathLike[str] | PretrainedConfig,
+    *,
+    gguf_file: str | None,
+    allow_remote_code: bool,
+    offline: bool,
+) -> ModelSource:
     if isinstance(model, PretrainedConfig):
         return ModelSource(name=type(model).__name__, kind="config", config=model)
     text = os.fspath(model)

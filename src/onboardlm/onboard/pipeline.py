@@ -95,8 +95,13 @@ class _Run:
         self.module_name = f"modeling_{resolved.model_type.replace('-', '_')}"
         self.model_text = ""
         self.package_test_text = ""
+        multimodal = resolved.source.multimodal
         self.result = OnboardResult(
-            model=resolved.name, model_type=resolved.model_type, out_dir=out_dir, phases=log.records
+            model=resolved.name,
+            model_type=resolved.model_type,
+            out_dir=out_dir,
+            phases=log.records,
+            text_decoder_of=multimodal.model_type if multimodal is not None else None,
         )
 
     def phases(self) -> OnboardResult:
@@ -115,6 +120,12 @@ class _Run:
             log.skip("e2e", "no tokenizer: a bare model_type has no text to run")
             result.not_done.append(
                 "e2e: not run, the model has no tokenizer (random weights from a model_type)"
+            )
+        failed = next((record for record in log.records if record.status == "fail"), None)
+        if result.text_decoder_of is not None and failed is not None:
+            result.not_done.append(
+                f"{result.model_type}, the text decoder of {result.text_decoder_of}, does not onboard yet: "
+                f"{failed.name}: {failed.summary}"
             )
         return result
 

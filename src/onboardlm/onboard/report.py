@@ -25,6 +25,7 @@ def report_data(result: OnboardResult) -> dict[str, Any]:
         ],
         "tests": [{**dataclasses.asdict(test), "margin": margin(test)} for test in result.tests],
         "files": [str(path) for path in result.files],
+        "text_decoder_of": result.text_decoder_of,  # the multimodal model_type, or None
         "spec": _plain(result.spec),
         "fit": _plain(result.fit),
         "coverage": _plain(result.coverage),
@@ -50,6 +51,8 @@ def render_markdown(result: OnboardResult) -> str:
         f"- model_type: `{result.model_type}`",
         f"- status: **{result.status.upper()}** in {result.seconds:.1f} s",
     ]
+    if result.scope is not None:
+        lines.append(f"- scope: {result.scope}")
     if result.fit is not None:
         fit = result.fit
         lines.append(

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from onboardlm.models.multimodal import TOWERS_NOT_ONBOARDED
 from onboardlm.onboard.fit import FitReport
 from onboardlm.onboard.phases import PhaseRecord
 from onboardlm.onboard.survey import Coverage
@@ -47,6 +48,14 @@ class OnboardResult:
     coverage: Coverage | None = None
     review: Any = None  # onboardlm.review.findings.ReviewReport
     seconds: float = 0.0
+    text_decoder_of: str | None = None  # the multimodal model_type whose text decoder this is
+
+    @property
+    def scope(self) -> str | None:
+        """What a multimodal checkpoint's onboarding covers, in words; None for a text-only model."""
+        if self.text_decoder_of is None:
+            return None
+        return f"text decoder of {self.text_decoder_of}; {TOWERS_NOT_ONBOARDED}"
 
     @property
     def status(self) -> Literal["pass", "fail"]:
