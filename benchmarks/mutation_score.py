@@ -4,7 +4,8 @@ For every type, each kind of the catalogue in ``onboardlm.testing.mutations`` th
 ``src/onboardlm/models/custom/modeling_<type>.py`` is applied (an AST edit) and the generated test
 ``tests/models/generated/test_<type>_modeling.py`` is run against the mutant (pytest -x, one forked
 child per mutant). Writes, per file, the applicable mutants, how many were caught and the test that
-caught each (with its metric and tolerance), plus the mutants that do not apply and why, to
+caught each (with its metric and tolerance), the mutants that do not change the numbers and why,
+and the kinds whose construct the file lacks, to
 benchmarks/results/mutation_score.json (or ``--out``). Exit status 1 when any applicable mutant
 survives or errors.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from onboardlm.testing.mutations import KINDS, kinds_by_name
+from onboardlm.testing.mutations import KINDS, Kind, kinds_by_name, mutants
 from onboardlm.testing.mutations.runner import MutantOutcome, score_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,12 @@ RESULTS = ROOT / "benchmarks/results/mutation_score.json"
 
 def shipped_types() -> list[str]:
     return sorted(path.stem.removeprefix("modeling_") for path in MODELS.glob("modeling_*.py"))
+
+
+def kinds_without_site(model_file: Path, kinds: list[Kind]) -> list[str]:
+    """The kinds whose construct the file does not have (no mutant to make)."""
+    applied = {mutant.kind for mutant in mutants(model_file.read_text(), kinds)}
+    return [kind.name for kind in kinds if kind.name not in applied]
 
 
 def _line(outcome: MutantOutcome) -> str:
@@ -69,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  control failed: {score.control.detail}", flush=True)
         print(f"  {len(score.caught)}/{len(score.applicable)} caught in {score.seconds:.1f} s", flush=True)
         files[model_type] = score.to_dict()
+        files[model_type]["kinds_without_site"] = kinds_without_site(
+            MODELS / f"modeling_{model_type}.py", kinds
+        )
         for key in ("model_file", "test_file"):
             path = Path(files[model_type][key]).resolve()
             files[model_type][key] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
