@@ -63,20 +63,21 @@ _TELLING_MULTIPLIERS = {
     "logit_scale": 0.4,
 }
 _HINT = "add a template for it in onboardlm/onboard/templates and teach analyze.py to recognise it"
-_TINY_HINT = "teach onboardlm.testing.tiny_config the config fields that check"
+_TINY_HINT = "teach onboardlm.testing.tiny_config to shrink these config fields"
 
 
 def analyze(config: PretrainedConfig) -> ArchitectureSpec:
     """Measure the architecture of ``config``'s transformers causal LM (built tiny, random weights)."""
     try:
         tiny = tiny_config(config)
-    except ValueError as err:
-        raise UnsupportedFeature(type(config).__name__, str(err), "pass the text decoder's config") from err
-    except StrictDataclassError as err:  # the shrunken fields break one of the config's own checks
-        reason = " ".join(str(err.__cause__ or err).split())
-        raise UnsupportedFeature(
-            type(config).__name__, f"its tiny copy fails transformers' validation: {reason}", _TINY_HINT
-        ) from err
+    except (ValueError, StrictDataclassError) as err:
+        if type(config).sub_configs:  # a composite config: its text decoder is what to onboard
+            raise UnsupportedFeature(
+                type(config).__name__, str(err), "pass the text decoder's config"
+            ) from err
+        reason = " ".join(str(err.__cause__ if isinstance(err, StrictDataclassError) else err).split())
+        # per-layer overrides, or the shrunken fields break one of the config class's own checks
+        raise UnsupportedFeature(type(config).__name__, f"no tiny copy of it: {reason}", _TINY_HINT) from err
     for name, value in _TELLING_MULTIPLIERS.items():
         if isinstance(getattr(tiny, name, None), float):
             with contextlib.suppress(AttributeError):  # a read-only property derived from other fields
@@ -125,7 +126,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _config_fields(config: PretrainedConfig) -> dict[str, Any]:
@@ -168,16 +169,14 @@ class _Analyzer:
             block.note for block in (attention, feed_forward) if isinstance(block, (MLASpec, MoESpec))
         ]
         decoder = self._decoder(layer_path, layer, attention.attr, feed_forward)
-        final_attr, final_norm = parts["norm"]
-        final_spec = self._norm(f"{path}.{final_attr}", final_norm)
-        if final_spec != decoder.norm:
-            raise UnsupportedFeature(f"{path}.{final_attr}", "final norm differs from the layer norms", _HINT)
+        final_attr = self._final_norm_attr(path, parts, decoder)
         self._layer_norm_spec = decoder.norm
         embedding = self._embedding(self.stack, path, parts, layer)
         head = self._head(model, inner, final_attr, head_attr)
-        head = dataclasses.replace(
-            head, final_norm_flag=self._final_norm_flag(f"{path}.{final_attr}", final_attr)
-        )
+        if final_attr is not None:
+            head = dataclasses.replace(
+                head, final_norm_flag=self._final_norm_flag(f"{path}.{final_attr}", final_attr)
+            )
         layer_types = getattr(self.tiny, "layer_types", None)
         return ArchitectureSpec(
             model_type=self.config.model_type,
@@ -207,6 +206,21 @@ class _Analyzer:
             if name not in known and not isinstance(child, nn.Dropout):
                 where = f"{path}.{name}" if path else name
                 raise UnsupportedFeature(where, f"unrecognised module {type(child).__name__}", _HINT)
+
+    def _final_norm_attr(
+        self, path: str, parts: dict[str, tuple[str, Any]], decoder: DecoderLayerSpec
+    ) -> str | None:
+        """The final norm's attribute, checked to be the layers' kind of norm; None for a post-LN
+        stack, whose layers end in a norm already (OpenAI GPT)."""
+        if "norm" not in parts:
+            if not decoder.norm_after_residual:
+                raise UnsupportedFeature(path, "no norm module found", _HINT)
+            self.notes.append("no final norm (post-LN layers)")
+            return None
+        final_attr, final_norm = parts["norm"]
+        if self._norm(f"{path}.{final_attr}", final_norm) != decoder.norm:
+            raise UnsupportedFeature(f"{path}.{final_attr}", "final norm differs from the layer norms", _HINT)
+        return final_attr
 
     @staticmethod
     def _stack(inner: nn.Module) -> tuple[str | None, nn.Module]:
@@ -253,6 +267,8 @@ class _Analyzer:
                 role = "positions"
             elif isinstance(child, nn.ModuleList):
                 role = "layers"
+            elif leaf and _sinusoidal_positions(child, self.hidden):  # fixed sin/cos rows (XGLM)
+                role = "positions"
             elif any("inv_freq" in buffer for buffer, _ in child.named_buffers()) or (
                 leaf
                 and not list(child.parameters())
@@ -282,7 +298,7 @@ class _Analyzer:
             parts["embed_norm"] = norms[1 - final]
         elif len(norms) > 2:
             raise UnsupportedFeature(f"{prefix}.{norms[2][0]}", "a third norm module", _HINT)
-        for role in ("embed", "layers", "norm"):
+        for role in ("embed", "layers"):
             if role not in parts:
                 raise UnsupportedFeature(prefix, f"no {role} module found", _HINT)
         return parts
@@ -581,6 +597,12 @@ class _Analyzer:
         attr = self._attention_attr(layer_path, layer)
         path = f"{layer_path}.{attr}"
         attn = getattr(layer, attr)
+        weights = [{name for name, _ in getattr(other, attr).named_parameters()} for other in layers]
+        for index, names in enumerate(weights):
+            if names != weights[0]:
+                extra = sorted(names ^ weights[0])[0]
+                where = path if extra in weights[0] else path.replace(".0.", f".{index}.", 1)
+                raise UnsupportedFeature(f"{where}.{extra}", "attention weights only some layers have", _HINT)
         heads, head_dim = self.tiny.num_attention_heads, self._head_dim()
         q_size = heads * head_dim
         linears = projections(attn)
@@ -724,6 +746,9 @@ class _Analyzer:
         recorded = (self.model, path) if _needs_recording(attn) else None
         probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, recorded_from=recorded)
         found = probe.match(self._qkv_layouts(spec, kv_heads))
+        if found is None and recorded is None:  # it masks causally by itself (OpenAI GPT): as called
+            probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, recorded_from=(self.model, path))
+            found = probe.match(self._qkv_layouts(spec, kv_heads))
         if found is None:
             raise UnsupportedFeature(path, "attention output matches no template (scale or wiring)", _HINT)
         if probe.matched_alibi:
@@ -1275,7 +1300,13 @@ class _Analyzer:
                 _call_filled(getattr(layer, ff.attr), torch.zeros(1, 2, self.hidden)), tuple
             )
         attn, mlp = (
-            _Mixer(self.hidden, generator, True, True, _takes_residual(getattr(layer, attn_attr))),
+            _Mixer(
+                self.hidden,
+                generator,
+                True,
+                _output_kind(getattr(layer, attn_attr), self.hidden),
+                _takes_residual(getattr(layer, attn_attr)),
+            ),  # fmt: skip
             _Mixer(
                 self.hidden,
                 generator,
@@ -1347,13 +1378,18 @@ class _Analyzer:
                 if project_in is not None:
                     with torch.no_grad():
                         expected = project_in[1](expected)
-                if offset is not None:
+                if offset is not None and isinstance(positions[1], nn.Embedding):
                     expected = expected + positions[1].weight[position_ids + offset]
+                elif offset is not None:  # a sinusoidal table: offset and base measured after the match
+                    with torch.no_grad():
+                        expected = expected + positions[1](position_ids)
                 with torch.no_grad():
                     if embed_norm is not None:
                         expected = embed_norm[1](expected)
                 if not _close(captured[0], expected):
                     continue
+                if expression and scaled_class:
+                    expression = self._embedding_scale_flags(attr, expression, value)
                 if expression:
                     self.notes.append(f"embeddings scaled by {expression}")
                 spec = EmbeddingSpec(
@@ -1366,6 +1402,29 @@ class _Analyzer:
                 )
                 return self._projected(prefix, spec, embed, project_in, project_out)
         raise UnsupportedFeature(f"{prefix}.{attr}", "embedding scale from no known config field", _HINT)
+
+    def _embedding_scale_flags(self, attr: str, expression: str, value: float) -> str:
+        """``expression``, or ``(expression if config.F else 1.0)`` where flipping the bool field F
+        and rebuilding the stack leaves the scaled embedding module unscaled (BioGPT's and XGLM's
+        ``scale_embedding``)."""
+        input_ids = torch.arange(1, 6)[None]
+        for name, current in self.fields.items():
+            if not isinstance(current, bool):
+                continue
+            try:
+                embed = getattr(type(self.stack)(self._flip({name: not current})), attr)
+                with torch.no_grad():
+                    scaled = embed(input_ids)
+            except Exception:  # a flip the config or the model refuses tells nothing
+                continue
+            raw = embed.weight[input_ids]
+            if _close(scaled, raw * value):
+                continue
+            if not _close(scaled, raw):
+                raise UnsupportedFeature(attr, f"embedding scale switched by config.{name}", _HINT)
+            self.notes.append(f"embedding scale switched by config.{name}")
+            return f"({expression} if {'' if current else 'not '}config.{name} else 1.0)"
+        return expression
 
     def _projected(
         self,
@@ -1407,8 +1466,12 @@ class _Analyzer:
         )
 
     def _positions(self, prefix: str, positions: tuple[str, nn.Module], offset: int) -> PositionEmbeddingSpec:
-        """Learned position rows: ``config.max_position_embeddings + offset`` of them, read at ``offset``."""
+        """Learned position rows: ``config.max_position_embeddings + offset`` of them, read at ``offset``;
+        or a sinusoidal table: ``cat(sin, cos)`` of ``(position + offset) * base^(-i / (half - 1))``,
+        offset and base measured against the module's rows."""
         attr, module = positions
+        if not isinstance(module, nn.Embedding):
+            return self._sinusoidal(prefix, attr, module)
         rows = getattr(self.tiny, "max_position_embeddings", None)
         if module.num_embeddings != (rows or 0) + offset or module.embedding_dim != self.hidden:
             raise UnsupportedFeature(
@@ -1418,6 +1481,27 @@ class _Analyzer:
             )
         self.notes.append("learned absolute position embeddings" + (f" (offset {offset})" if offset else ""))
         return PositionEmbeddingSpec(attr, offset)
+
+    def _sinusoidal(self, prefix: str, attr: str, module: nn.Module) -> PositionEmbeddingSpec:
+        position_ids = torch.arange(9)[None]
+        with torch.no_grad():
+            rows = module(position_ids)[0].double()
+        half = self.hidden // 2
+        if half > 1:
+            angles = torch.atan2(rows[:, 1], rows[:, half + 1])  # the second frequency, row by row
+            step = torch.remainder(angles[1] - angles[0], 2 * torch.pi)  # = f_1 = base^(-1 / (half - 1))
+            base = float(f"{float(step ** -(half - 1)):.6g}") if 0 < step < 1 else 0.0
+            freqs = base ** (-torch.arange(half, dtype=torch.float64) / (half - 1)) if base > 1 else None
+            for offset in range(4) if freqs is not None else ():
+                table = (position_ids[0, :, None] + offset).double() * freqs
+                if torch.allclose(torch.cat((table.sin(), table.cos()), -1), rows, atol=1e-5):
+                    self.notes.append(
+                        f"sinusoidal absolute position embeddings (base {base:g}, offset {offset})"
+                    )
+                    return PositionEmbeddingSpec(
+                        attr, offset, sinusoidal_base=base, class_name=type(module).__name__
+                    )
+        raise UnsupportedFeature(f"{prefix}.{attr}", "position table matches no sinusoidal template", _HINT)
 
     def _embedding_norm(
         self, prefix: str, embed_norm: tuple[str, nn.Module] | None, layer: nn.Module
@@ -1492,6 +1576,8 @@ class _Mixer(nn.Module):
         out = self.map(hidden_states)
         if self.adds_residual:
             out = out + kwargs.get("residual", args[0] if args else None)
+        if self.returns_tuple == "list":  # OpenAI GPT's attention returns [output]
+            return [out]
         return (out, None) if self.returns_tuple else out
 
 
@@ -1523,6 +1609,20 @@ class _Layout:
         return x + norm(self.mlp_post, mlp.map(norm(self.mlp_pre, x))) * scale
 
 
+def _sinusoidal_positions(module: nn.Module, hidden: int) -> bool:
+    """A parameter-free module that maps position ids to rows of the hidden width (XGLM's fixed
+    sinusoidal table), told from a rotary module by what it returns."""
+    parameters = list(inspect.signature(module.forward).parameters)
+    if list(module.parameters()) or not parameters or parameters[0] != "position_ids":
+        return False
+    try:
+        with torch.no_grad():
+            rows = module(torch.arange(4)[None])
+    except Exception:  # not a table of positions
+        return False
+    return isinstance(rows, torch.Tensor) and tuple(rows.shape) == (1, 4, hidden)
+
+
 def _needs_recording(attn: nn.Module) -> bool:
     """An attention that cannot run on hidden states alone: a forward parameter without a default
     besides them (BLOOM's residual and alibi)."""
@@ -1532,6 +1632,17 @@ def _needs_recording(attn: nn.Module) -> bool:
         for p in parameters
         if p.name not in ("position_embeddings", "attention_mask")
     )
+
+
+def _output_kind(attn: nn.Module, hidden: int) -> bool | str:
+    """How an attention returns its output: a tuple (True, transformers' usual (output, weights)) or
+    a list ("list", OpenAI GPT's [output]); a tuple where it cannot run on hidden states alone."""
+    try:
+        with torch.no_grad():
+            output = attn(torch.zeros(1, 2, hidden))
+    except Exception:  # needs its model's inputs (RoPE tables, BLOOM's residual): the usual tuple
+        return True
+    return "list" if isinstance(output, list) else True
 
 
 def _takes_residual(module: nn.Module) -> bool:

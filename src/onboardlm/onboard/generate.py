@@ -396,7 +396,9 @@ def emit_model(spec: ArchitectureSpec) -> str:
             "else:",
             f"    self.{embedding.project_in} = self.{embedding.project_out} = None",
         ]
-    if positions is not None:
+    if positions is not None and positions.sinusoidal_base:
+        init.append(f"self.{positions.attr} = {positions.class_name}(config)")
+    elif positions is not None:
         rows = "config.max_position_embeddings" + (f" + {positions.offset}" if positions.offset else "")
         init.append(f"self.{positions.attr} = nn.Embedding({rows}, config.hidden_size)")
     if embedding.norm:
@@ -404,10 +406,11 @@ def emit_model(spec: ArchitectureSpec) -> str:
     final_norm = norm_constructor(spec.decoder.norm, "config.hidden_size")
     if spec.head.final_norm_flag:
         final_norm = f"{final_norm} if {spec.head.final_norm_flag} else None"
-    init += [
-        f"self.{spec.layers_attr} = nn.ModuleList({spec.decoder_class}(config, i) for i in range(config.num_hidden_layers))",
-        f"self.{spec.head.final_norm_attr} = {final_norm}",
-    ]
+    init.append(
+        f"self.{spec.layers_attr} = nn.ModuleList({spec.decoder_class}(config, i) for i in range(config.num_hidden_layers))"
+    )
+    if spec.head.final_norm_attr:
+        init.append(f"self.{spec.head.final_norm_attr} = {final_norm}")
     forward = []
     if rope is not None:
         init.append(f"self.{rope.attr} = {rope.class_name}(config)")
@@ -427,7 +430,9 @@ def emit_model(spec: ArchitectureSpec) -> str:
             f"    inputs_embeds = torch.ops.auto_deploy.torch_linear_simple({hidden}, self.{embedding.project_in}.weight, None)",
         ]
         hidden = "inputs_embeds"
-    if positions is not None:
+    if positions is not None and positions.sinusoidal_base:
+        hidden += f" + self.{positions.attr}(inputs_embeds, position_ids)"
+    elif positions is not None:
         offset = f" + {positions.offset}" if positions.offset else ""
         hidden += f" + self.{positions.attr}(position_ids{offset})"
     if embedding.norm:
@@ -447,9 +452,9 @@ def emit_model(spec: ArchitectureSpec) -> str:
             "    hidden_states = layer(hidden_states, position_embeddings)",
         ]
     final = spec.head.final_norm_attr
-    if spec.head.final_norm_flag:
+    if final and spec.head.final_norm_flag:
         forward += [f"if self.{final} is not None:", f"    hidden_states = self.{final}(hidden_states)"]
-    else:
+    elif final:
         forward.append(f"hidden_states = self.{final}(hidden_states)")
     if embedding.project_out:
         forward += [
@@ -471,6 +476,13 @@ def emit_model(spec: ArchitectureSpec) -> str:
     return render(
         "model.py.j2", spec=spec, class_name=spec.model_class, init_lines=init, forward_lines=forward
     )
+
+
+def _emit_sinusoidal_positions(spec: ArchitectureSpec) -> str:
+    positions = spec.embedding.positions
+    if positions is None or not positions.sinusoidal_base:
+        return ""
+    return render("sinusoidal_positions.py.j2", positions=positions, config_class=spec.config_class)
 
 
 def emit_causal_lm(spec: ArchitectureSpec) -> str:
@@ -609,6 +621,7 @@ def generate_model_file(spec: ArchitectureSpec) -> str:
     blocks = [
         emit_rope_frequencies(spec),
         render("alibi.py.j2") if getattr(spec.attention, "alibi", False) else "",
+        _emit_sinusoidal_positions(spec),
         render("output.py.j2", output_class=_output_class(spec)),
         *(emit(norm, spec) for norm in spec.norm_specs),
         render("embedding_scaled.py.j2", class_name=embedding.scaled_class) if embedding.scaled_class else "",

@@ -135,6 +135,8 @@ class PositionEmbeddingSpec:
 
     attr: str  # on the inner model, e.g. "wpe"
     offset: int = 0  # row of position 0 (OPT and BioGPT keep two rows before it)
+    sinusoidal_base: float | None = None  # fixed sin/cos rows, not a checkpoint weight (XGLM)
+    class_name: str | None = None  # the module class of a sinusoidal table
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class EmbeddingSpec:
 class HeadSpec:
     """The causal-LM head: final norm attribute, lm_head bias and logit post-processing."""
 
-    final_norm_attr: str
+    final_norm_attr: str | None  # None: no final norm (post-LN layers end in one)
     lm_head_bias: bool
     logits_op: Literal["none", "divide", "multiply", "softcap"] = "none"
     logits_value: str | None = None  # expression used by logits_op

@@ -407,9 +407,7 @@ def config_fields(tiny: PretrainedConfig) -> dict[str, Any]:
     chosen = {
         key: value
         for key, value in values.items()
-        if key in sizes
-        or (key in LAYER_KIND_FIELDS and value is not None)
-        or value != defaults.get(key)
+        if key in sizes or (key in LAYER_KIND_FIELDS and value is not None) or value != defaults.get(key)
     }
     rebuilt = _init_values(cls(**chosen))
     chosen.update({key: value for key, value in values.items() if rebuilt.get(key) != value})
