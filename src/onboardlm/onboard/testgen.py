@@ -111,6 +111,8 @@ class BlockGroup:
     paths: tuple[str, ...]
     mode: str = "inputs"
     repeated: bool = False  # some path is called more than once per forward: every call is checked
+    #: transformers' block adds the residual it is given (BLOOM); in the lean file the layer does
+    adds_residual: bool = False
 
     @property
     def test_name(self) -> str:
@@ -132,6 +134,7 @@ class ReferenceLayout:
     causal_lm: str
     layers: tuple[LayerKind, ...]
     blocks: tuple[BlockGroup, ...]
+    positional: bool = True  # lean layers and attention take position_embeddings (False: no RoPE)
 
     @property
     def layer_classes(self) -> list[str]:
@@ -165,9 +168,19 @@ def _role(module: nn.Module) -> str | None:
 
 
 def _decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.endswith("layers") and len(module) == num_layers:
+    """The ModuleList of the decoder layers: ``...layers``, else the only list of ``num_layers``
+    modules of one class (GPT-2's ``transformer.h``)."""
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers
+    ]
+    for name, module in lists:
+        if name.endswith("layers"):
             return name, module
+    uniform = [(name, module) for name, module in lists if len({type(m) for m in module}) == 1]
+    if len(uniform) == 1:
+        return uniform[0]
     raise UnsupportedFeature(
         type(model).__name__, f"no ModuleList 'layers' of {num_layers} decoder layers", "cannot test layers"
     )
@@ -245,7 +258,13 @@ def read_layout(reference: nn.Module, config: PretrainedConfig, hf_module: Any) 
         if role is not None and _accessible(type(module), hf_module):
             groups.setdefault(type(module).__name__, (role, []))[1].append(path)
     blocks = [
-        BlockGroup(cls, role, tuple(paths), "replay" if role == "rotary" else "inputs")
+        BlockGroup(
+            cls,
+            role,
+            tuple(paths),
+            "replay" if role == "rotary" else "inputs",
+            adds_residual="residual" in inspect.signature(getattr(hf_module, cls).forward).parameters,
+        )
         for cls, (role, paths) in groups.items()
     ]
     return ReferenceLayout(
@@ -350,6 +369,15 @@ def cover_lean_blocks(
         elif not paths and role in ("mlp", "moe") and _builds_from_config(hf_cls, index, name, config):
             extra.append(BlockGroup(name, role, (), "standalone"))
     return dataclasses.replace(layout, blocks=layout.blocks + tuple(extra))
+
+
+def _takes_positions(lean_source: str, layout: ReferenceLayout) -> bool:
+    """Whether the lean decoder layers take ``position_embeddings`` (models without RoPE do not)."""
+    index = _lean_index(lean_source)
+    found = [
+        _lean_parameters(index, cls, "forward") for cls in layout.layer_classes if cls in index.src.classes
+    ]
+    return not found or any(params is not None and "position_embeddings" in params[0] for params in found)
 
 
 def keep_called(layout: ReferenceLayout, reference: nn.Module) -> ReferenceLayout:
@@ -581,6 +609,8 @@ def generate_test_file(
     if lean_source is not None:
         layout = cover_lean_blocks(layout, reference, tiny, hf_module, lean_source)
     layout = keep_called(layout, reference)
+    if lean_source is not None:
+        layout = dataclasses.replace(layout, positional=_takes_positions(lean_source, layout))
     variants = [
         v
         for v in config_variants(tiny, lean_source, _hf_logits(hf_cls, type(tiny), fields))
