@@ -151,6 +151,8 @@ def test_bad_requests_are_refused_at_submit(model) -> None:
         engine.submit(_request("vocab", [2, 50], 4), out)
     with pytest.raises(ValueError, match="no tokens"):
         engine.submit(_request("empty", [], 4), out)
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit(_request("top_p", [2, 3], 4, top_p=0.0), out)
     engine.submit(_request("a", [2, 3], 4), out)
     with pytest.raises(QueueFull):
         engine.submit(_request("b", [2, 3], 4), out)
@@ -159,3 +161,16 @@ def test_bad_requests_are_refused_at_submit(model) -> None:
     assert out.finish("a") is FinishReason.LENGTH
     with pytest.raises(ShuttingDown):
         engine.submit(_request("c", [2, 3], 4), out)
+
+
+def test_a_failing_model_step_ends_its_requests_with_an_error_and_frees_their_blocks(model) -> None:
+    engine, out = _engine(model), Collector()
+
+    def broken(chunks):
+        raise RuntimeError("boom")
+
+    engine.model.step = broken
+    engine.submit(_request("a", [2, 3, 4], 4), out)
+    engine.run_once()
+    assert out.finish("a") is FinishReason.ERROR and out.events["a"][-1].error == "boom"
+    assert engine.scheduler.allocator.num_used == 0 and engine.num_unfinished == 0

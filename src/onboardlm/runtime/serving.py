@@ -125,6 +125,7 @@ class ServingEngine:
         bad = [t for t in request.prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        _sampling_settings(request)  # a pydantic ValidationError is a ValueError
 
     def submit(self, request: GenerationRequest, on_event: EventCallback) -> None:
         """Queue ``request``; raises :class:`ShuttingDown`, :class:`QueueFull` or ValueError at once."""
@@ -190,8 +191,15 @@ class ServingEngine:
         return True
 
     def _loop(self) -> None:
-        while self.run_once(block=not self.scheduler.has_work()):
-            pass
+        while True:
+            try:
+                if not self.run_once(block=not self.scheduler.has_work()):
+                    break
+            except Exception as error:  # a bug must not leave requests waiting for ever
+                logger.exception("engine turn failed")
+                for request_id, active in list(self._active.items()):
+                    self.scheduler.cancel(request_id)
+                    self._finish(active, FinishReason.ERROR, error=str(error))
         for request_id in list(self._active):
             self._cancel(request_id)
 
@@ -215,11 +223,9 @@ class ServingEngine:
 
     def _add(self, request: GenerationRequest, on_event: EventCallback) -> None:
         sampling = request.sampling
-        settings = SamplingSettings(
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
-        )
         generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
-        active = _Active(request, on_event, TextStream(self.tokenizer, sampling.stop), settings, generator)
+        stream = TextStream(self.tokenizer, sampling.stop)
+        active = _Active(request, on_event, stream, _sampling_settings(request), generator)
         self._active[request.request_id] = active
         try:
             self.scheduler.add(request)
@@ -327,3 +333,8 @@ class ServingEngine:
         stats.blocks_used = self.scheduler.allocator.num_used
         stats.steps += 1
         self._samples.append((time.monotonic(), stats.generated_tokens))
+
+
+def _sampling_settings(request: GenerationRequest) -> SamplingSettings:
+    sampling = request.sampling
+    return SamplingSettings(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
