@@ -7,19 +7,30 @@ import importlib
 import logging
 
 MODEL_MODULES = [
+    "modeling_biogpt",
+    "modeling_bloom",
+    "modeling_codegen",
     "modeling_cohere",
     "modeling_deepseek_v3",
+    "modeling_falcon",
     "modeling_gemma",
     "modeling_gemma2",
     "modeling_gemma3_text",
     "modeling_glm4_moe",
+    "modeling_gpt2",
+    "modeling_gpt_bigcode",
+    "modeling_gpt_neox",
     "modeling_gpt_oss",
+    "modeling_gptj",
     "modeling_granite",
     "modeling_internlm3",
     "modeling_llama",
     "modeling_mistral",
     "modeling_mixtral",
     "modeling_olmo2",
+    "modeling_openai_gpt",
+    "modeling_opt",
+    "modeling_persimmon",
     "modeling_phi",
     "modeling_phi3",
     "modeling_qwen2",
@@ -29,6 +40,7 @@ MODEL_MODULES = [
     "modeling_smollm3",
     "modeling_stablelm",
     "modeling_starcoder2",
+    "modeling_xglm",
 ]
 
 for _name in MODEL_MODULES:
