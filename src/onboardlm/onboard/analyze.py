@@ -8,6 +8,15 @@ attention block against a plain-torch reference), embedding and logit scaling, a
 window is applied. Which config field switches a bias or an optional module comes from toggling the
 field and rebuilding the layer. A module or behaviour that no template covers raises
 ``UnsupportedFeature`` naming the module path.
+
+Classic layouts (GPT-2, GPT-NeoX, GPT-J, OPT, Falcon, BLOOM, ...) are measured the same way: linear
+maps in either weight layout (``analyze_classic``: nn.Linear or transformers' Conv1D), the layout of
+a fused q/k/v projection (matched against the attention output, group count confirmed with twice
+the heads), learned or sinusoidal absolute positions (their offset and base), ALiBi (an attention
+that needs its model's inputs is recorded inside one forward), decoder stacks wrapped by the inner
+model, MLPs whose linears sit on the layer, post-LN and parallel layouts, and the bool config
+fields that switch a layout, a scale or a final norm (flipped on a rebuilt layer or stack). A flip
+that builds other modules is recorded in the notes and named in the model file's docstring.
 """
 
 from __future__ import annotations
