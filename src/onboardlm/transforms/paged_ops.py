@@ -88,27 +88,32 @@ def paged_attention(
     """``torch_attention`` over a paged KV cache, for a packed batch (see the module docstring).
 
     Reference implementation: writes the new keys/values, gathers each sequence's keys through its
-    block table, pads the queries per sequence and attends with :func:`attend_bnsd`.
+    block table, pads the queries per sequence (except in a decode step, one token per sequence, which
+    needs no host synchronisation) and attends with :func:`attend_bnsd`.
     """
     check_layout(layout)
     q, k, v = (to_bnsd(x, layout) for x in (query, key, value))  # [1, n, T, d]
     _check_paged(q, k_cache, query_start, block_tables)
     write_slots(k_cache, k[0].transpose(0, 1), slot_mapping)
     write_slots(v_cache, v[0].transpose(0, 1), slot_mapping)
-    new = query_start[1:] - query_start[:-1]
-    max_q = int(new.max())
-    offsets = torch.arange(max_q, device=q.device)
-    valid = offsets < new[:, None]  # [S, max_q]
-    index = torch.where(valid, query_start[:-1, None] + offsets, 0)
-    queries = q[0][:, index].transpose(0, 1)  # [S, n, max_q, d]
     keys = gather_blocks(k_cache, block_tables).transpose(1, 2)  # [S, n_kv, L, d]
     values = gather_blocks(v_cache, block_tables).transpose(1, 2)
-    mask = paged_mask(
-        cached_lens[:, None] + offsets, cached_lens + new, keys.shape[2], is_causal, sliding_window
-    )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = attend_bnsd(queries, keys, values, scale, attn_mask=mask, sinks=sinks, logit_cap=logit_cap)
-    packed = out.transpose(1, 2)[valid]  # [T, n, d_v], in packed token order
+    if q.shape[2] == block_tables.shape[0]:  # one new token per sequence (a decode step): no padding
+        mask = paged_mask(cached_lens[:, None], cached_lens + 1, keys.shape[2], is_causal, sliding_window)
+        queries = q[0].transpose(0, 1)[:, :, None]  # [S, n, 1, d]
+        out = attend_bnsd(queries, keys, values, scale, attn_mask=mask, sinks=sinks, logit_cap=logit_cap)
+        packed = out[:, :, 0]  # [T, n, d_v]
+    else:  # queries padded per sequence to the longest chunk
+        new = query_start[1:] - query_start[:-1]
+        offsets = torch.arange(int(new.max()), device=q.device)
+        valid = offsets < new[:, None]  # [S, max_q]
+        index = torch.where(valid, query_start[:-1, None] + offsets, 0)
+        queries = q[0][:, index].transpose(0, 1)  # [S, n, max_q, d]
+        positions = cached_lens[:, None] + offsets
+        mask = paged_mask(positions, cached_lens + new, keys.shape[2], is_causal, sliding_window)
+        out = attend_bnsd(queries, keys, values, scale, attn_mask=mask, sinks=sinks, logit_cap=logit_cap)
+        packed = out.transpose(1, 2)[valid]  # [T, n, d_v], in packed token order
     return packed[None].contiguous() if layout == "bsnd" else packed.transpose(0, 1)[None].contiguous()
 
 
