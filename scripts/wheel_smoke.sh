@@ -42,10 +42,12 @@ fi
 echo "ok: without the default model: exit $status, '$(cat "$work/default.log")'"
 
 set +e
-"$bin/onboardlm" onboard llama --into-package --out "$work/into" > "$work/into.log" 2>&1
+mkdir "$work/elsewhere"  # $work/llama (the output above) would be read as a model directory
+(cd "$work/elsewhere" && "$bin/onboardlm" onboard llama --into-package --out "$work/into") > "$work/into.log" 2>&1
 status=$?
 set -e
-if [ "$status" -ne 2 ] || [ "$(grep -c . "$work/into.log")" -ne 1 ] || [ -e "$work/into" ]; then
+if [ "$status" -ne 2 ] || [ "$(grep -c . "$work/into.log")" -ne 1 ] || [ -e "$work/into" ] \
+  || ! grep -q "into-package" "$work/into.log"; then
   cat "$work/into.log"; echo "FAIL: --into-package from a wheel install (exit $status)" >&2; exit 1
 fi
 echo "ok: --into-package from a wheel: exit 2, '$(cat "$work/into.log")'"

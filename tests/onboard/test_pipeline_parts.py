@@ -206,3 +206,19 @@ def test_package_targets_need_a_checkout_and_force(tmp_path: Path) -> None:
     assert (custom / "__init__.py").read_text() == render_custom_init(["modeling_llama", "modeling_qwen3"])
     with pytest.raises(OutputExists, match="already exists"):
         targets.check(force=False)
+
+
+def test_into_package_outside_a_checkout_stops_before_any_phase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onboardlm.models.custom as custom_package
+    from onboardlm.onboard import pipeline
+
+    wheel_custom = tmp_path / "site-packages" / "onboardlm" / "models" / "custom"
+    wheel_custom.mkdir(parents=True)
+    monkeypatch.setattr(custom_package, "__file__", str(wheel_custom / "__init__.py"))
+    monkeypatch.setattr(pipeline, "_resolve", lambda *args: pytest.fail("resolve ran"))
+    options = pipeline.OnboardOptions(out_dir=tmp_path / "out", into_package=True)
+    with pytest.raises(OnboardlmError, match="--into-package needs `pip install -e` of a clone"):
+        pipeline.onboard("llama", options)
+    assert not (tmp_path / "out").exists()

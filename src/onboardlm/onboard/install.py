@@ -21,8 +21,9 @@ class PackageTargets:
     model_file: Path
     test_file: Path
 
-    @classmethod
-    def for_model_type(cls, model_type: str, custom_dir: Path | None = None) -> PackageTargets:
+    @staticmethod
+    def checkout_root(custom_dir: Path | None = None) -> Path:
+        """The source checkout holding ``custom_dir`` (the installed custom package by default)."""
         custom_dir = custom_dir or Path(custom_package.__file__).parent
         root = custom_dir.parents[3]  # src/onboardlm/models/custom -> the checkout
         if not (root / "pyproject.toml").is_file() or not (root / "tests").is_dir():
@@ -31,6 +32,12 @@ class PackageTargets:
                 "not inside a source checkout",
                 "--into-package needs `pip install -e` of a clone",
             )
+        return root
+
+    @classmethod
+    def for_model_type(cls, model_type: str, custom_dir: Path | None = None) -> PackageTargets:
+        custom_dir = custom_dir or Path(custom_package.__file__).parent
+        root = cls.checkout_root(custom_dir)
         stem = model_type.replace("-", "_")
         return cls(
             custom_dir / f"modeling_{stem}.py",

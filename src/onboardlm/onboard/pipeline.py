@@ -53,6 +53,8 @@ def onboard(
     options = options or OnboardOptions()
     start = time.perf_counter()
     log = PhaseLog(listener)
+    if options.into_package:
+        PackageTargets.checkout_root()  # a wheel install is told before any phase runs
     resolved: ResolveResult | None = log.run("resolve", lambda: _resolve(model, options), reraise=True)
     if resolved is None:  # not a usage error: a failure inside resolve, recorded by the log
         record = log.get("resolve")
