@@ -10,7 +10,8 @@ with a time limit; its verdict is one of
 - ``unsupported``: a phase stopped on a named unsupported feature (module path + feature);
 - ``fail``: a phase failed otherwise (an equivalence test or a review rule), with its summary;
 - ``internal_error``: a traceback reached the report or the process died;
-- ``timeout``: the per-type time limit ran out.
+- ``timeout``: the per-type time limit ran out;
+- ``skipped``: no tiny config could be written (transformers' default config does not validate).
 
 ``benchmarks/results/coverage.json`` gets, per type and input, the verdict, the failing phase and
 its reason, the seconds and the worst RMSE ratio per test level; it is rewritten atomically after
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -42,11 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "coverage.json"
 DOC = ROOT / "docs" / "coverage.md"
 VARIANTS = ("bare", "tiny")
-VERDICTS = ("pass", "refused", "unsupported", "fail", "internal_error", "timeout")
+VERDICTS = ("pass", "refused", "unsupported", "fail", "internal_error", "timeout", "skipped")
 BLOCK_START, BLOCK_END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 #: Tests whose tolerance is at least this are RMSE-ratio tests (the others are assert_close).
 RMSE_TOLERANCE_FLOOR = 0.01
 DEFAULT_TIMEOUT_S = 300.0
+TINY_DIR = "<tiny config dir>"  # the directory of the tiny config, as reasons name it
 
 
 @dataclass
@@ -101,14 +104,16 @@ def classify(result: Any) -> Outcome:
     if tests:
         outcome.tests = f"{sum(t.passed for t in tests)}/{len(tests)}"
     failed = next((record for record in result.phases if record.status == "fail"), None)
-    if failed is not None:
+    internal = next((record for record in result.phases if "internal error" in record.summary), None)
+    if internal is not None:  # in any phase, even after another phase failed first
+        outcome.verdict, outcome.phase, outcome.reason = (
+            "internal_error",
+            internal.name,
+            _first_line(internal.summary),
+        )
+    elif failed is not None:
         outcome.phase, outcome.reason = failed.name, _first_line(failed.summary)
-        if "internal error" in failed.summary:
-            outcome.verdict = "internal_error"
-        elif "unsupported feature" in failed.summary:
-            outcome.verdict = "unsupported"
-        else:
-            outcome.verdict = "fail"
+        outcome.verdict = "unsupported" if "unsupported feature" in failed.summary else "fail"
     return outcome
 
 
@@ -122,7 +127,16 @@ def run_worker(model_type: str, variant: str, work: Path, result_file: Path) -> 
     try:
         model = model_type
         if variant == "tiny":
-            notes = _tiny_directory(model_type, work / "config")
+            try:
+                notes = _tiny_directory(model_type, work / "config")
+            except Exception as err:  # noqa: BLE001 - no config to onboard: the input does not exist
+                reason = " ".join(str(err.__cause__ or err).split())
+                outcome = Outcome(
+                    "skipped", 0.0, "harness", f"no config to write ({type(err).__name__}: {reason})"
+                )
+                outcome.seconds = round(time.perf_counter() - start, 2)
+                result_file.write_text(json.dumps(asdict(outcome)))
+                return
             model = str(work / "config")
         result = onboard(model, OnboardOptions(out_dir=work / "out", force=True))
         outcome = classify(result)
@@ -137,6 +151,8 @@ def run_worker(model_type: str, variant: str, work: Path, result_file: Path) -> 
         outcome = Outcome("internal_error", 0.0, "harness", reason)
     outcome.seconds = round(time.perf_counter() - start, 2)
     outcome.notes = notes + outcome.notes
+    if outcome.reason:  # no temporary paths in the results
+        outcome.reason = outcome.reason.replace(str(work / "config"), TINY_DIR).replace(str(work), "<work>")
     result_file.write_text(json.dumps(asdict(outcome)))
 
 
@@ -232,13 +248,34 @@ class Sweep:
         atomic_write_text(self.path, json.dumps(data, indent=2) + "\n")
 
 
+def code_revision() -> str | None:
+    """The git commit of this checkout (``-dirty`` with uncommitted changes), None outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{commit}-dirty" if status.strip() else commit
+
+
 def sweep_one(
-    model_type: str, causal_lm_class: str, variants: tuple[str, ...], timeout_s: float
+    model_type: str, causal_lm_class: str, variants: tuple[str, ...], timeout_s: float, revision: str | None
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {"class": causal_lm_class}
+    row: dict[str, Any] = {"class": causal_lm_class, "revision": revision}
     for variant in variants:
         row[variant] = asdict(onboard_in_subprocess(model_type, variant, timeout_s))
     return row
+
+
+#: The analyzer's hint on every unsupported feature, left out of the table.
+_GENERIC_HINT = re.compile(r" \(add a template for it in onboardlm/onboard/templates[^)]*\)")
 
 
 def _cell(text: str | None) -> str:
@@ -248,16 +285,17 @@ def _cell(text: str | None) -> str:
 def render_table(data: dict[str, Any]) -> str:
     """The markdown support table (counts, then one row per type) from coverage.json's data."""
     types: dict[str, dict[str, Any]] = data["types"]
+    revisions = sorted({str(row.get("revision"))[:12] for row in types.values()})
     lines = [
         f"transformers {data.get('transformers')}, torch {data.get('torch')}; "
         f"{data.get('done')} of {data.get('mapping_size')} types of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` "
-        f"{'(complete)' if data.get('complete') else '(partial run)'}.",
+        f"{'(complete)' if data.get('complete') else '(partial run)'}; onboardlm at {', '.join(revisions)}.",
         "",
         "| input | " + " | ".join(VERDICTS) + " |",
         "| --- | " + " | ".join("---:" for _ in VERDICTS) + " |",
     ]
     for variant, by_verdict in data["counts"].items():
-        lines.append(f"| {variant} | " + " | ".join(str(by_verdict[v]) for v in VERDICTS) + " |")
+        lines.append(f"| {variant} | " + " | ".join(str(by_verdict.get(v, 0)) for v in VERDICTS) + " |")
     lines += [
         "",
         "| model_type | bare | tiny config | seconds (tiny) | worst RMSE ratio (tiny) | why not (first failing phase) |",
@@ -266,7 +304,7 @@ def render_table(data: dict[str, Any]) -> str:
     for model_type, row in types.items():
         bare, tiny = row.get("bare", {}), row.get("tiny", {})
         failing = next((o for o in (tiny, bare) if o and o["verdict"] != "pass"), None)
-        why = f"{failing['phase']}: {failing['reason']}" if failing else ""
+        why = f"{failing['phase']}: {_GENERIC_HINT.sub('', failing['reason'] or '')}" if failing else ""
         rmse = ", ".join(f"{level} {value:.3g}" for level, value in tiny.get("worst_rmse", {}).items())
         lines.append(
             f"| {model_type} | {bare.get('verdict', '-')} | {tiny.get('verdict', '-')} | "
@@ -292,7 +330,8 @@ def write_doc(data: dict[str, Any], doc: Path) -> None:
             "`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` onboarded from its bare `model_type` and from a complete\n"
             "tiny config in a directory. Verdicts: pass; refused (not a decoder-only causal LM);\n"
             "unsupported (a named feature no template covers); fail (a test or a review rule);\n"
-            "internal_error; timeout.\n\n"
+            "internal_error; timeout; skipped (no tiny config could be written). The reasons drop\n"
+            "the analyzer's generic hint; coverage.json has them whole.\n\n"
             f"{block}\n"
         )
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -308,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="redo types already in the results file")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown file with the marked table block")
+    parser.add_argument("--revision", help="the commit the code under test is at (default: git rev-parse)")
     parser.add_argument("--worker", nargs=3, metavar=("TYPE", "VARIANT", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -324,11 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     if not set(variants) <= set(VARIANTS):
         parser.error(f"--variants takes {', '.join(VARIANTS)}")
     sweep = Sweep(args.out, mapping, args.timeout)
+    revision = args.revision or code_revision()
     todo = [t for t in wanted if args.force or t not in sweep.types]
     print(f"{len(todo)} type(s) to onboard, {len(wanted) - len(todo)} already in {args.out}", flush=True)
 
     def one(model_type: str) -> None:
-        row = sweep_one(model_type, mapping[model_type], variants, args.timeout)
+        row = sweep_one(model_type, mapping[model_type], variants, args.timeout, revision)
         sweep.record(model_type, row)
         verdicts = "  ".join(f"{v} {row[v]['verdict']:<14} {row[v]['seconds']:6.1f} s" for v in variants)
         failing = next((row[v] for v in variants if row[v]["verdict"] != "pass"), None)
