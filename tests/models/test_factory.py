@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import CTRLConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from onboardlm.errors import ModelSourceError, WeightsError
 from onboardlm.models.custom.modeling_llama import LlamaForCausalLM as LeanLlama
@@ -88,12 +88,13 @@ def test_llama_config_maps_to_the_lean_llama() -> None:
 
 
 def test_unregistered_config_falls_back_to_transformers_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    factory = AutoModelForCausalLMFactory(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100))
+    # CTRL has no lean model (onboard refuses its attention projections).
+    factory = AutoModelForCausalLMFactory(CTRLConfig(n_embd=32, n_layer=1, n_head=2, dff=64, vocab_size=100))
     with caplog.at_level(logging.INFO, logger="onboardlm.models.factory"):
         model, report = factory.build_and_load()
-    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert type(model).__name__ == "CTRLLMHeadModel"
     assert not report.is_custom and report.weights_source == "random"
-    assert "no custom model registered for GPT2Config" in caplog.text
+    assert "no custom model registered for CTRLConfig" in caplog.text
 
 
 def test_model_kwargs_override_a_copy_of_the_config() -> None:

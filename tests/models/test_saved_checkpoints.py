@@ -14,18 +14,24 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from onboardlm.errors import WeightsError
 from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.testing import tiny_config
+from onboardlm.testing.reference import reference_params
 
 MODEL_TYPES = sorted(
-    path.stem.removeprefix("modeling_")
-    for path in (Path(__file__).parents[2] / "src/onboardlm/models/custom").glob("modeling_*.py")
+    # a module name has "_" where a model type may have "-" (openai-gpt)
+    next((t for t in (stem, stem.replace("_", "-")) if t in CONFIG_MAPPING_NAMES), stem)
+    for stem in (
+        path.stem.removeprefix("modeling_")
+        for path in (Path(__file__).parents[2] / "src/onboardlm/models/custom").glob("modeling_*.py")
+    )
 )
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", reference_params(MODEL_TYPES))
 def test_lean_model_loads_a_transformers_saved_checkpoint(model_type: str, tmp_path: Path) -> None:
     config = tiny_config(AutoConfig.for_model(model_type))
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ def test_json_parses_and_carries_the_verdict(files, edit) -> None:
         (lambda tmp: (tmp / "bad.py", (tmp / "bad.py").write_text("def (:\n"))[0], "does not parse"),
         (
             lambda tmp: (tmp / "m.py", (tmp / "m.py").write_text("class M:\n    pass\n"))[0],
-            "no *ForCausalLM class",
+            "no *ForCausalLM (or *LMHeadModel) class",
         ),
     ],
     ids=["missing", "not-python", "syntax-error", "no-causal-lm"],

@@ -111,7 +111,7 @@ def test_a_passing_report_lists_no_failures(files) -> None:
         ("missing.py", None, "model file does not exist"),
         ("model.txt", "x = 1\n", "not a Python file"),
         ("broken.py", "class A(:\n", "does not parse: line 1"),
-        ("no_model.py", "class LlamaModel:\n    pass\n", "no \\*ForCausalLM class"),
+        ("no_model.py", "class LlamaModel:\n    pass\n", "no \\*ForCausalLM \\(or \\*LMHeadModel\\) class"),
     ],
 )
 def test_bad_model_file_is_refused_with_one_message(tmp_path, name, content, message) -> None:
