@@ -23,6 +23,14 @@ def counts(log: str) -> dict[str, int]:
     return {outcome: found.get(outcome, 0) for outcome in OUTCOMES}
 
 
+def not_passed(log: str) -> dict[str, int]:
+    """Failed or erroring tests per test file, from pytest's short summary (``FAILED path::test - ...``)."""
+    found: dict[str, int] = {}
+    for path in re.findall(r"^(?:FAILED|ERROR) ([^:\s]+)", log, flags=re.MULTILINE):
+        found[path] = found.get(path, 0) + 1
+    return dict(sorted(found.items()))
+
+
 def record(results: Path, version: str, suite: str, seconds: str, log: Path) -> None:
     data = json.loads(results.read_text()) if results.exists() else {}
     import torch  # the venv's own versions, recorded beside the counts
@@ -33,7 +41,8 @@ def record(results: Path, version: str, suite: str, seconds: str, log: Path) -> 
         torch=torch.__version__,
         python=platform.python_version(),
     )
-    entry["suites"][suite] = {**counts(log.read_text()), "seconds": int(seconds)}
+    text = log.read_text()
+    entry["suites"][suite] = {**counts(text), "seconds": int(seconds), "not_passed": not_passed(text)}
     results.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -60,6 +69,17 @@ def render(results: Path, markdown: Path) -> None:
             parts = [f"{c[o]} {o}" for o in OUTCOMES if c[o] or o in ("passed", "failed")]
             cells.append(", ".join(parts) + f" ({c['seconds']} s)")
         lines.append(f"| {version} | {entry['torch']} | {entry['date']} | " + " | ".join(cells) + " |")
+    details = [
+        f"- transformers {version}: " + ", ".join(f"`{path}` ({n})" for path, n in files.items())
+        for version in sorted(data, key=lambda v: tuple(int(p) for p in v.split(".")))
+        if (
+            files := {
+                p: n for s in data[version]["suites"].values() for p, n in s.get("not_passed", {}).items()
+            }
+        )
+    ]
+    if details:
+        lines += ["", "Failed or erroring tests, per file:", "", *details]
     markdown.write_text("\n".join(lines) + "\n")
 
 
