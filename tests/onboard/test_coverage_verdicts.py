@@ -20,6 +20,7 @@ from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.fit import count_parameters, fit
 from onboardlm.onboard.generate import generate_model_file
 from onboardlm.onboard.phases import PhaseLog, PhaseOutcome, PhaseRecord
+from onboardlm.onboard.resolve import resolve
 
 #: Inputs that ended in "internal error" on transformers 5.25 (issue 13).
 INTERNAL_ERRORS_BEFORE = [
@@ -41,8 +42,8 @@ INCOMPLETE_DEFAULTS = ["hunyuan_v1_dense", "dots1", "ministral", "nemotron", "de
 def _phases_to_generate(model: str) -> list[PhaseRecord]:
     """resolve, fit, analyze and generate, recorded as the pipeline records them."""
     log = PhaseLog()
-    source = log.run("resolve", lambda: PhaseOutcome(resolve_model_source(model), "resolved"), reraise=True)
-    config = source.config
+    resolved = log.run("resolve", lambda: PhaseOutcome(resolve(model), "resolved"), reraise=True)
+    config = resolved.source.config
     log.run("fit", lambda: PhaseOutcome(fit(config), "fitted"))
     spec = log.run("analyze", lambda: PhaseOutcome(analyze(config), "analyzed"))
     log.run("generate", lambda: PhaseOutcome(generate_model_file(spec), "generated"), needs=("analyze",))
