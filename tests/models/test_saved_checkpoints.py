@@ -14,16 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from onboardlm.errors import WeightsError
 from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.testing import tiny_config
-from onboardlm.testing.reference import reference_params
+from onboardlm.testing.reference import installed_model_type, reference_params
 
 MODEL_TYPES = sorted(
-    # a module name has "_" where a model type may have "-" (openai-gpt)
-    next((t for t in (stem, stem.replace("_", "-")) if t in CONFIG_MAPPING_NAMES), stem)
+    installed_model_type(stem) or stem
     for stem in (
         path.stem.removeprefix("modeling_")
         for path in (Path(__file__).parents[2] / "src/onboardlm/models/custom").glob("modeling_*.py")

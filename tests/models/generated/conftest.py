@@ -7,19 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import transformers
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-
-class _ModuleWithoutReference(pytest.Module):
-    """A test module collected as one skip instead of an import error."""
-
-    def _getobj(self) -> object:
-        model_type = model_type_of(self.path)
-        pytest.skip(
-            f"transformers {transformers.__version__} has no {model_type} (the reference implementation)",
-            allow_module_level=True,
-        )
+from onboardlm.testing.reference import installed_model_type, missing_reference_reason
 
 
 def model_type_of(path: Path) -> str:
@@ -27,8 +16,14 @@ def model_type_of(path: Path) -> str:
     return path.name.removeprefix("test_").removesuffix("_modeling.py")
 
 
+class _ModuleWithoutReference(pytest.Module):
+    """A test module collected as one skip instead of an import error."""
+
+    def _getobj(self) -> object:
+        pytest.skip(missing_reference_reason(model_type_of(self.path)), allow_module_level=True)
+
+
 def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module | None:
-    model_type = model_type_of(module_path)
-    if model_type in CONFIG_MAPPING_NAMES or model_type.replace("_", "-") in CONFIG_MAPPING_NAMES:
+    if installed_model_type(model_type_of(module_path)) is not None:
         return None
     return _ModuleWithoutReference.from_parent(parent, path=module_path)
