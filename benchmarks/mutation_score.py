@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from onboardlm.registry.atomic import atomic_write_text
 from onboardlm.testing.mutations import KINDS, Kind, kinds_by_name, mutants
 from onboardlm.testing.mutations.runner import MutantOutcome, score_file
 
@@ -52,6 +53,13 @@ def _line(outcome: MutantOutcome) -> str:
     return f"  {outcome.kind:28s} {outcome.status}{where}{metric}{detail}"
 
 
+def _earlier_files(path: Path) -> dict[str, dict]:
+    """Per-file results of an earlier run written to ``path`` (none if it does not exist)."""
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text())["files"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="*", help="model types (default: every shipped generated file)")
@@ -61,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant")
     args = parser.parse_args(argv)
     kinds = kinds_by_name(args.kinds.split(",")) if args.kinds else kinds_by_name()
+    types = [name.replace("-", "_") for name in args.types] or shipped_types()
+    unknown = [name for name in types if not (MODELS / f"modeling_{name}.py").is_file()]
+    if unknown:
+        parser.error(f"no generated file for {', '.join(unknown)} (shipped: {', '.join(shipped_types())})")
     start = time.monotonic()
-    files = {}
-    for model_type in args.types or shipped_types():
+    # a run over some types updates their entries and keeps the others of an earlier run
+    files = _earlier_files(args.out) if args.types else {}
+    for model_type in types:
         print(model_type, flush=True)
         score = score_file(
             MODELS / f"modeling_{model_type}.py",
@@ -89,13 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} {platform.system()}",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "seconds": round(time.monotonic() - start, 1),
+        "seconds": round(time.monotonic() - start, 1),  # of this run
         "kinds": [{"name": kind.name, "bug": kind.bug} for kind in KINDS if kind in kinds],
         "total": {"files": len(files), "applicable": applicable, "caught": caught},
         "files": files,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
     print(f"total {caught}/{applicable} caught in {data['seconds']} s; wrote {args.out}")
     return 0 if controls_ok and caught == applicable else 1
 

@@ -27,7 +27,7 @@ from onboardlm.onboard.testgen import (
     snake_case,
 )
 from onboardlm.review import Status, review_model_file
-from onboardlm.testing import tiny_config
+from onboardlm.testing import tiny_config, unit_embeddings
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_FILE = ROOT / "src/onboardlm/models/custom/modeling_llama.py"
@@ -264,3 +264,22 @@ def test_the_shipped_llama_test_is_the_generator_s_output() -> None:
         lean_source=LLAMA_FILE.read_text(),
     )
     assert text == shipped.read_text()
+
+
+def test_post_ln_attention_on_raw_embeddings_gets_unit_scale_embeddings(generated: dict[str, Path]) -> None:
+    """GPT-1's first attention reads the embeddings unnormalised: at the initializer's scale its
+    softmax is flat, so the generated test redraws them at unit scale; pre-LN llama's does not."""
+    gpt1 = generate_test_file(AutoConfig.for_model("openai-gpt"), "modeling_openai_gpt", "openai-gpt")
+    assert "    unit_embeddings(reference)\n" in gpt1
+    assert "unit_embeddings" not in generated["llama"].read_text()
+
+
+def test_unit_embeddings_draws_every_embedding_at_unit_scale_and_keeps_ties() -> None:
+    config = tiny_config(AutoConfig.for_model("openai-gpt"))
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.transformer.tokens_embed.weight.detach().std() < 0.1
+    changed = unit_embeddings(model)
+    assert changed == ["transformer.tokens_embed.weight", "transformer.positions_embed.weight"]
+    for weight in (model.transformer.tokens_embed.weight, model.transformer.positions_embed.weight):
+        assert 0.9 < float(weight.detach().std()) < 1.1
+    assert model.lm_head.weight is model.transformer.tokens_embed.weight

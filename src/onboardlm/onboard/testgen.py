@@ -45,6 +45,11 @@ from onboardlm.testing.capture import record_calls
 from onboardlm.testing.random_init import randomize_constant_tensors
 from onboardlm.testing.tiny_config import tiny_config
 
+#: An attention input of RMS below this (the embeddings at initializer scale, read unnormalised by a
+#: post-LN layer) gives scores so small that the softmax is flat and a 3 % scale error is invisible
+#: (GPT-1: RMS 0.18, logits RMSE ratio 1.2e-6 for that bug); pre-LN layers read RMS 1.
+QUIET_ATTENTION_RMS = 0.5
+
 __all__ = [
     "BF16_RMSE_TOL",
     "FP32_RMSE_TOL",
@@ -135,6 +140,9 @@ class ReferenceLayout:
     layers: tuple[LayerKind, ...]
     blocks: tuple[BlockGroup, ...]
     positional: bool = True  # lean layers and attention take position_embeddings (False: no RoPE)
+    #: the first attention reads the embeddings unnormalised at their initializer scale (post-LN, GPT-1):
+    #: the test draws them at unit scale so the softmax is not flat
+    unit_embeddings: bool = False
 
     @property
     def layer_classes(self) -> list[str]:
@@ -402,7 +410,15 @@ def keep_called(layout: ReferenceLayout, reference: nn.Module) -> ReferenceLayou
         repeated = any(len(calls[path]) > 1 for path in kept)
         if kept or group.mode == "standalone":
             blocks.append(dataclasses.replace(group, paths=kept, repeated=repeated))
-    return dataclasses.replace(layout, blocks=tuple(blocks))
+    attention_inputs = [
+        calls[path][0].hidden_states for group in blocks if group.role == "attention" for path in group.paths
+    ]
+    quiet = bool(attention_inputs) and _rms(attention_inputs[0]) < QUIET_ATTENTION_RMS
+    return dataclasses.replace(layout, blocks=tuple(blocks), unit_embeddings=quiet)
+
+
+def _rms(tensor: torch.Tensor) -> float:
+    return float(tensor.float().pow(2).mean().sqrt())
 
 
 # --------------------------------------------------------------------------------------------------

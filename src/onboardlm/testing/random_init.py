@@ -28,3 +28,19 @@ def randomize_constant_tensors(module: nn.Module, spread: float = SPREAD) -> lis
                 tensor.add_(torch.randn_like(tensor), alpha=spread)
                 changed.append(name)
     return changed
+
+
+def unit_embeddings(module: nn.Module) -> list[str]:
+    """Draw the weights of every ``nn.Embedding`` of ``module`` from N(0, 1) and return their names.
+
+    For layouts whose first attention reads the embeddings unnormalised (post-LN, GPT-1), where
+    embeddings at the initializer's scale leave the attention scores near zero and the softmax flat.
+    Changed in place, so an output projection tied to the embeddings stays tied.
+    """
+    changed = []
+    with torch.no_grad():
+        for name, child in module.named_modules():
+            if isinstance(child, nn.Embedding):
+                child.weight.normal_(0.0, 1.0)
+                changed.append(f"{name}.weight")
+    return changed

@@ -34,7 +34,7 @@ from transformers.models.openai import modeling_openai as hf
 
 from onboardlm.export import torch_export_to_gm
 from onboardlm.models.custom import modeling_openai_gpt as lean
-from onboardlm.testing import assert_rmse_close, randomize_constant_tensors, transfer_weights
+from onboardlm.testing import assert_rmse_close, randomize_constant_tensors, transfer_weights, unit_embeddings
 from onboardlm.testing.capture import Call, record_calls
 
 SEQ_LEN = 16  # longer than any sliding window of the test config
@@ -68,10 +68,13 @@ def token_ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
 
 
 def make_reference(dtype: torch.dtype = torch.float32, **overrides: Any) -> hf.OpenAIGPTLMHeadModel:
-    """The transformers model; weights that initialise to a constant are drawn at random."""
+    """The transformers model; weights that initialise to a constant are drawn at random, and the
+    embeddings at unit scale: the first attention reads them unnormalised, and at the initializer's
+    scale its softmax would be flat enough to hide a wrong softmax scale."""
     torch.manual_seed(0)
     reference = hf.OpenAIGPTLMHeadModel(make_config(**overrides))
     randomize_constant_tensors(reference)
+    unit_embeddings(reference)
     return reference.eval().requires_grad_(False).to(dtype)
 
 
