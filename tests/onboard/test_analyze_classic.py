@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.pytorch_utils import Conv1D
 
@@ -21,13 +21,29 @@ from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.analyze_classic import alibi_slopes, linear_layout, projections, split_fused_qkv
 from onboardlm.onboard.generate import generate_model_file
+from onboardlm.testing import tiny_config
 
 TYPES = ["gpt2", "gpt_neox", "gptj", "codegen", "gpt_bigcode", "opt", "falcon", "bloom", "openai-gpt", "xglm"]
 
 
+class _Specs(dict):
+    """Each type's spec, analyzed the first time a test asks for it."""
+
+    def __missing__(self, name: str) -> object:
+        self[name] = analyze(AutoConfig.for_model(name))
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def specs() -> dict:
-    return {name: analyze(AutoConfig.for_model(name)) for name in TYPES}
+    return _Specs()
+
+
+def _rotary_module_on_the_model(model_type: str) -> bool:
+    """transformers 5.25's GPT-J and CodeGen models own a rotary module; older releases compute RoPE
+    inside the attention from position_ids."""
+    model = AutoModelForCausalLM.from_config(tiny_config(AutoConfig.for_model(model_type)))
+    return any(name.endswith("rotary_emb") for name, _ in model.named_modules())
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -109,13 +125,20 @@ def test_gpt_neox_per_head_qkv_and_a_norm_per_parallel_block(specs: dict) -> Non
 
 def test_gptj_and_codegen_fixed_base_sin_first_rotary(specs: dict) -> None:
     for name in ("gptj", "codegen"):
+        if not _rotary_module_on_the_model(name):
+            with pytest.raises(UnsupportedFeature, match="RoPE computed inside the attention"):
+                analyze(AutoConfig.for_model(name))
+            continue
         rope = specs[name].rope
         assert (rope.fixed_base, rope.dim, rope.sin_first) == (10000.0, "config.rotary_dim", True)
         assert (rope.style, rope.table_layout, rope.partial) == ("interleaved", "half", True)
-    assert specs["gptj"].decoder.parallel and specs["gptj"].head.lm_head_bias
+    if _rotary_module_on_the_model("gptj"):
+        assert specs["gptj"].decoder.parallel and specs["gptj"].head.lm_head_bias
 
 
 def test_codegen_qkv_in_four_groups_of_q_v_k(specs: dict) -> None:
+    if not _rotary_module_on_the_model("codegen"):
+        pytest.skip("this transformers release computes CodeGen's RoPE inside the attention: refused")
     attn = specs["codegen"].attention
     assert (attn.qkv_groups, attn.qkv_order) == ("4", ("q", "v", "k"))  # mp_num = 4, not the head count
 
@@ -145,7 +168,12 @@ def test_opt_stack_inline_mlp_projections_and_post_ln_switch(specs: dict) -> Non
 
 
 def test_falcon_switch_and_the_flags_it_does_not_reproduce(specs: dict) -> None:
-    spec = specs["falcon"]
+    try:
+        spec = specs["falcon"]
+    except UnsupportedFeature as err:  # before 5.2x Falcon's eager attention needs a mask tensor
+        if "FalconAttention" not in str(err) or "attention_mask" not in str(err):
+            raise
+        pytest.skip(f"this transformers release's Falcon cannot be probed: {err}")
     assert spec.attention.kind == "mqa" and spec.attention.qkv_switches[0][:3] == (
         "multi_query",
         False,

@@ -40,6 +40,7 @@ from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_fused_qkv
 from onboardlm.onboard.analyze_moe import _complex_rotary_table, analyze_mla, analyze_moe
+from onboardlm.onboard.config_derived import derived_expression
 from onboardlm.onboard.spec import (
     ArchitectureSpec,
     AttentionSpec,
@@ -707,7 +708,7 @@ class _Analyzer:
     def _kv_heads_expression(self, path: str, kv_heads: int) -> str:
         config_kv = getattr(self.tiny, "num_key_value_heads", None)
         if isinstance(config_kv, int) and config_kv == kv_heads:
-            return "config.num_key_value_heads"
+            return derived_expression(self.tiny, "num_key_value_heads") or "config.num_key_value_heads"
         if kv_heads == self.tiny.num_attention_heads:
             return "config.num_attention_heads"
         raise UnsupportedFeature(path, f"{kv_heads} KV heads from no config field", _HINT)
@@ -753,7 +754,17 @@ class _Analyzer:
         """Attention without RoPE: the HF output (no mask) against the spec's math."""
         attn = getattr(layer, spec.attr)
         recorded = (self.model, path) if _needs_recording(attn) else None
-        probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, recorded_from=recorded)
+        try:
+            probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, recorded_from=recorded)
+        except (AttributeError, TypeError) as err:
+            if "position_ids" in inspect.signature(attn.forward).parameters:  # GPT-J before 5.2x
+                raise UnsupportedFeature(
+                    path,
+                    "RoPE computed inside the attention from position_ids (no rotary module on the model"
+                    " in this transformers release)",
+                    "onboard with a transformers release whose model has a rotary module (5.25 has)",
+                ) from err
+            raise
         found = probe.match(self._qkv_layouts(spec, kv_heads))
         if found is None and recorded is None:  # it masks causally by itself (OpenAI GPT): as called
             probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, recorded_from=(self.model, path))
@@ -1041,9 +1052,9 @@ class _Analyzer:
                 kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
                 tables = rotary(x, torch.tensor([order]), **kwargs)
                 with torch.no_grad():
-                    outputs.append(
-                        _first(getattr(layer, attr)(x, position_embeddings=tables, attention_mask=None))
-                    )
+                    attention = getattr(layer, attr)
+                    kwargs = {"position_embeddings": tables, "attention_mask": None}
+                    outputs.append(_first(_call_filled(attention, x, kwargs, fill=None)))  # alibi=None
             uses.append(not _close(outputs[0], outputs[1]))
         return uses
 

@@ -11,6 +11,7 @@ ignores is kept too: the lean file reads the flag, so the test shows whether it 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,16 @@ def _config_reads(tree: ast.Module) -> set[str]:
         for node in ast.walk(tree)
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config"
     }
+
+
+def _refused_settings(tree: ast.Module) -> set[tuple[str, bool]]:
+    """(field, value) pairs the file's docstring says it is not for ("not for configs with
+    config.alibi=True, ..."): flags whose other value builds modules this file does not have."""
+    docstring = " ".join((ast.get_docstring(tree) or "").split())
+    sentence = re.search(r"not for configs with (.*?) \(measured", docstring)
+    if sentence is None:
+        return set()
+    return {(name, value == "True") for name, value in re.findall(r"config\.(\w+)=(True|False)", sentence[1])}
 
 
 def _optional_fields(tree: ast.Module) -> set[str]:
@@ -104,9 +115,10 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
     tree = ast.parse(lean_source) if lean_source is not None else None
     found = []
     if tree is not None:
+        refused = _refused_settings(tree)
         for name in sorted(_config_reads(tree)):
             value = getattr(tiny, name, None)
-            if isinstance(value, bool) and name != "tie_word_embeddings":
+            if isinstance(value, bool) and name != "tie_word_embeddings" and (name, not value) not in refused:
                 found.append(Variant(f"{name}={not value}", {name: not value}, group="flag"))
         for name in sorted(_optional_fields(tree)):
             if getattr(tiny, name, None) is not None:

@@ -89,7 +89,9 @@ class FalconAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = (
+            config.num_kv_heads if config.new_decoder_architecture or not config.multi_query else 1
+        )
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
         bias = config.bias

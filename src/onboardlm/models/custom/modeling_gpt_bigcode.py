@@ -50,7 +50,7 @@ class GPTBigCodeAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = 1 if config.multi_query else config.n_head
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         self.c_attn = nn.Linear(

@@ -1,0 +1,44 @@
+"""derived_expression: an attribute a config computes in ``__post_init__`` is written as its
+derivation over stored fields, so lean files also load configs of releases that do not compute it."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoConfig
+
+from onboardlm.onboard.config_derived import derived_expression
+from onboardlm.onboard.config_variants import candidate_variants
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides"),
+    [
+        ("falcon", {"multi_query": True, "new_decoder_architecture": False}),
+        ("falcon", {"multi_query": False, "new_decoder_architecture": False, "num_kv_heads": 2}),
+        ("falcon", {"multi_query": True, "new_decoder_architecture": True, "num_kv_heads": 4}),
+        ("gpt_bigcode", {"multi_query": True}),
+        ("gpt_bigcode", {"multi_query": False}),
+    ],
+)
+def test_derivation_gives_the_config_s_value(model_type: str, overrides: dict) -> None:
+    config = AutoConfig.for_model(model_type, **overrides)
+    expression = derived_expression(config, "num_key_value_heads")
+    assert expression is not None and "num_key_value_heads" not in expression
+    assert eval(expression, {}, {"config": config}) == config.num_key_value_heads  # noqa: S307
+
+
+def test_stored_fields_have_no_derivation() -> None:
+    assert derived_expression(AutoConfig.for_model("llama"), "num_key_value_heads") is None
+    assert derived_expression(AutoConfig.for_model("falcon"), "not_an_attribute") is None
+
+
+def test_flags_the_file_is_not_for_get_no_variant() -> None:
+    source = '''"""Lean Falcon. Also: not for configs with config.alibi=True,
+config.new_decoder_architecture=True (measured: other modules)."""
+def f(config):
+    return config.alibi, config.new_decoder_architecture, config.multi_query
+'''
+    config = AutoConfig.for_model("falcon", alibi=False, new_decoder_architecture=False, multi_query=True)
+    labels = [variant.label for variant in candidate_variants(config, source)]
+    assert "multi_query=False" in labels
+    assert "alibi=True" not in labels and "new_decoder_architecture=True" not in labels
