@@ -15,6 +15,7 @@ from onboardlm.cli.common import (
     app,
     console,
     err_console,
+    print_error,
     reports_user_errors,
 )
 
@@ -140,3 +141,66 @@ def registry_validate_command(registry_dir: RegistryDirOption = None) -> None:
         errors = sum(problem.severity == "error" for problem in problems)
         err_console.print(f"[bold red]error:[/] registry has {errors} error(s)", highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+CheckOption = Annotated[
+    bool, typer.Option("--check", help="Write nothing; exit 1 when the committed files are out of date.")
+]
+RootOption = Annotated[
+    Path | None, typer.Option("--root", help="The onboardlm checkout [default: the one imported].")
+]
+
+
+@registry_app.command("matrix")
+@reports_user_errors
+def registry_matrix_command(check: CheckOption = False, root: RootOption = None) -> None:
+    """Regenerate docs/support-matrix.md from the registry, the lean files, coverage.json and the records."""
+    from onboardlm.registry.checkout import CheckoutLayout
+    from onboardlm.registry.matrix import matrix_is_current, write_matrix
+
+    layout = CheckoutLayout.at(root)
+    if not check:
+        console.print(f"[green]wrote[/] {write_matrix(layout)}", highlight=False, soft_wrap=True)
+    elif matrix_is_current(layout):
+        console.print(f"[green]up to date[/]: {layout.matrix_file}", highlight=False, soft_wrap=True)
+    else:
+        print_error(f"{layout.matrix_file}: out of date (run `onboardlm registry matrix`)")
+        raise typer.Exit(1)
+
+
+@registry_app.command("cookbook")
+@reports_user_errors
+def registry_cookbook_command(check: CheckOption = False, root: RootOption = None) -> None:
+    """Regenerate examples/cookbook/<model>.ipynb for every onboarded registry entry (serve + openai client)."""
+    from onboardlm.registry.checkout import CheckoutLayout
+    from onboardlm.registry.cookbook import stale_notebooks, write_cookbook
+
+    layout = CheckoutLayout.at(root)
+    if not check:
+        for path in write_cookbook(layout):
+            console.print(f"[green]wrote[/] {path}", highlight=False, soft_wrap=True)
+        return
+    stale = stale_notebooks(layout)
+    if stale:
+        names = ", ".join(path.name for path in stale)
+        print_error(f"{layout.cookbook_dir}: {names} out of date (run `onboardlm registry cookbook`)")
+        raise typer.Exit(1)
+    console.print(f"[green]up to date[/]: {layout.cookbook_dir}", highlight=False, soft_wrap=True)
+
+
+@registry_app.command("record")
+@reports_user_errors
+def registry_record_command(
+    report: Annotated[Path, typer.Argument(help="A report.json written by `onboardlm onboard`.")],
+    root: RootOption = None,
+) -> None:
+    """Record an onboarding report in docs/onboarded/, then regenerate the support matrix and the cookbook."""
+    from onboardlm.registry.checkout import CheckoutLayout
+    from onboardlm.registry.docs import record_and_refresh
+    from onboardlm.registry.records import read_report
+
+    update = record_and_refresh(read_report(report), CheckoutLayout.at(root))
+    if update.record is None:
+        console.print("[yellow]no record[/]: the report's model is not in the registry", highlight=False)
+    for path in update.files:
+        console.print(f"[green]wrote[/] {path}", highlight=False, soft_wrap=True)

@@ -24,7 +24,7 @@ from onboardlm.onboard.fit import fit
 from onboardlm.onboard.install import PackageTargets
 from onboardlm.onboard.phases import PhaseListener, PhaseLog, PhaseOutcome
 from onboardlm.onboard.register import RegisterOutcome, register
-from onboardlm.onboard.report import write_report
+from onboardlm.onboard.report import report_data, write_report
 from onboardlm.onboard.resolve import ResolveResult, resolve
 from onboardlm.onboard.result import OnboardResult
 from onboardlm.onboard.staging import DEFAULT_ROOT, claim_output, output_name
@@ -70,6 +70,7 @@ def onboard(
         if targets is not None:
             if result.status == "pass":
                 result.files += targets.install(run.model_text, run.package_test_text)
+                result.files += _refresh_docs(result)
             else:
                 result.not_done.append("--into-package: nothing written into the package, a phase failed")
         result.seconds = time.perf_counter() - start
@@ -201,6 +202,20 @@ class _Run:
         atomic_write_text(path, text)
         self.result.files.append(self.out_dir / name)
         return path
+
+
+def _refresh_docs(result: OnboardResult) -> list[Path]:
+    """Phases 10-11 for ``--into-package``: record the model in ``docs/onboarded/``, regenerate
+    ``docs/support-matrix.md`` and the cookbook; a failure here is noted, the onboarding stands."""
+    from onboardlm.registry.checkout import CheckoutLayout
+    from onboardlm.registry.docs import record_and_refresh
+
+    try:
+        layout = CheckoutLayout.at(PackageTargets.checkout_root())
+        return record_and_refresh(report_data(result), layout).files
+    except OnboardlmError as err:
+        result.not_done.append(f"docs: support matrix and cookbook not refreshed: {err}")
+        return []
 
 
 def _analyze_outcome(config) -> PhaseOutcome:  # noqa: ANN001 - a transformers config
