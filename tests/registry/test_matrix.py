@@ -202,3 +202,39 @@ def test_cli_matrix_check_and_record(checkout: CheckoutLayout, tmp_path: Path) -
     assert runner.invoke(app, ["registry", "cookbook", "--check", *root]).exit_code == 0
     missing = runner.invoke(app, ["registry", "record", str(tmp_path / "nope.json"), *root])
     assert missing.exit_code == 2 and "file not found" in missing.output
+
+
+def _result(tmp_path: Path):
+    from onboardlm.onboard.phases import PhaseRecord
+    from onboardlm.onboard.result import OnboardResult, TestRecord
+
+    phases = [PhaseRecord("review", "pass", 0.1, "REVIEW RESULT: PASS, 31/31 rules passed")]
+    tests = [TestRecord("model", "test_logits", 1e-6, 1e-5, True)]
+    return OnboardResult("SmolLM2-135M-Instruct.Q4_1", "llama", tmp_path / "out", phases, tests=tests)
+
+
+def test_onboard_into_package_records_and_refreshes(
+    checkout: CheckoutLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onboardlm.onboard import pipeline
+
+    monkeypatch.setattr(pipeline.PackageTargets, "checkout_root", staticmethod(lambda: checkout.root))
+    result = _result(tmp_path)
+    files = pipeline._refresh_docs(result)
+    record = checkout.records_dir / "smollm2-135m-instruct.json"
+    notebook = checkout.cookbook_dir / "smollm2-135m-instruct.ipynb"
+    assert files == [record, checkout.matrix_file, notebook] and result.not_done == []
+    assert read_records(checkout.records_dir)[0].worst_metric == {"model": 1e-6}
+    assert main(["--check", "--root", str(checkout.root)]) == 0
+
+
+def test_onboard_into_package_notes_a_failed_refresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from onboardlm.onboard import pipeline
+
+    monkeypatch.setattr(pipeline.PackageTargets, "checkout_root", staticmethod(lambda: tmp_path))
+    result = _result(tmp_path)
+    assert pipeline._refresh_docs(result) == []
+    assert result.not_done == [
+        f"docs: support matrix and cookbook not refreshed: {tmp_path}: not an onboardlm source checkout "
+        "(run it in a clone installed with `pip install -e .`)"
+    ]

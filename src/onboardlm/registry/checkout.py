@@ -25,7 +25,9 @@ class CheckoutLayout:
         path = Path(root).expanduser().resolve() if root is not None else Path(__file__).resolve().parents[3]
         if not (path / "pyproject.toml").is_file() or not (path / "src" / "onboardlm").is_dir():
             raise OnboardlmError(
-                str(path), "not an onboardlm source checkout", "run it from a clone (pip install -e .)"
+                str(path),
+                "not an onboardlm source checkout",
+                "run it in a clone installed with `pip install -e .`",
             )
         return cls(path)
 
