@@ -238,3 +238,12 @@ def test_onboard_into_package_notes_a_failed_refresh(tmp_path: Path, monkeypatch
         f"docs: support matrix and cookbook not refreshed: {tmp_path}: not an onboardlm source checkout "
         "(run it in a clone installed with `pip install -e .`)"
     ]
+
+
+def test_outside_a_checkout_each_command_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for command in (["matrix"], ["cookbook", "--check"], ["record", str(tmp_path / "r.json")]):
+        result = runner.invoke(app, ["registry", *command, "--root", str(tmp_path)], terminal_width=250)
+        assert result.exit_code == 2, command
+        assert result.output.count("\n") == 1 and "not an onboardlm source checkout" in result.output
+    assert main(["--check", "--root", str(tmp_path)]) == 2

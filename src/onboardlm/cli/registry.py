@@ -199,7 +199,8 @@ def registry_record_command(
     from onboardlm.registry.docs import record_and_refresh
     from onboardlm.registry.records import read_report
 
-    update = record_and_refresh(read_report(report), CheckoutLayout.at(root))
+    layout = CheckoutLayout.at(root)  # checked first: outside a checkout nothing is read
+    update = record_and_refresh(read_report(report), layout)
     if update.record is None:
         console.print("[yellow]no record[/]: the report's model is not in the registry", highlight=False)
     for path in update.files:
