@@ -173,7 +173,7 @@ def build_matrix(layout: CheckoutLayout) -> SupportMatrix:
         rows.append(_row(model_type, swept, file.features, True, file.stem in tp, onboarded, file.lean_class))
     shipped = {row.model_type for row in rows}
     for model_type, swept in sorted(types.items()):
-        if model_type not in shipped and swept["tiny"]["verdict"] == "pass":
+        if model_type not in shipped and swept.get("tiny", {}).get("verdict") == "pass":
             rows.append(_row(model_type, swept, (), False, False, onboarded, "?"))
 
     by_name = {record.registered_as: record for record in records if record.registered_as}
