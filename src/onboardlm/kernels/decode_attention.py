@@ -145,7 +145,13 @@ if triton is not None:
         out = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
         tl.store(out_ptr + row * HEAD_V + dv, out.to(out_ptr.dtype.element_ty), mask=dv < HEAD_V)
 
-    @triton.jit
+    # Integer arguments that vary from step to step are not specialised (a value of 1 or a multiple of
+    # 16 would otherwise compile a new kernel in the middle of serving).
+    @triton.jit(
+        do_not_specialize=[
+            "stride_qt", "stride_table", "n_seqs", "n_splits", "split_len", "window",
+        ]
+    )  # fmt: skip
     def _paged_partial_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cached_ptr, acc_ptr, m_ptr, l_ptr,
         stride_qt, stride_qh, stride_table, stride_kslot, stride_kh, stride_vslot, stride_vh,
