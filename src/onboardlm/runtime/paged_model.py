@@ -13,6 +13,7 @@ synchronisation of a step is reading its sampled tokens (by the caller).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,8 @@ from onboardlm.transforms.paged_kv_cache import (
     insert_paged_attention,
     use_packed_logit_gather,
 )
+
+logger = logging.getLogger(__name__)
 
 #: Decode batch sizes captured as CUDA graphs (those up to the engine's running limit, and the limit).
 DECODE_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -186,6 +189,7 @@ class PagedModel:
             fold_weight_computations(graph.gm)
         self.width = blocks_for(max_seq_len, cache.block_size) if max_seq_len else 0
         self._buckets: dict[int, _DecodeBucket] = {}
+        self.skipped: dict[int, str] = {}  # decode batch sizes that could not be captured, and why
         self._pool: Any = None
         if speed is not None and max_batch and self.width:
             sizes = sorted({s for s in speed.batch_sizes if s <= max_batch} | {max_batch})
@@ -194,7 +198,11 @@ class PagedModel:
                 use_graphs = False
             if use_graphs or pad_decode:
                 for size in sizes:
-                    self._buckets[size] = self._bucket(size, capture=use_graphs)
+                    try:
+                        self._buckets[size] = self._bucket(size, capture=use_graphs)
+                    except RuntimeError as error:  # recorded; steps of this size then run eagerly
+                        self.skipped[size] = str(error).splitlines()[0]
+                        logger.warning("decode batch size %d not captured: %s", size, self.skipped[size])
 
     @property
     def captured(self) -> list[int]:
