@@ -5,6 +5,8 @@ block cache whose blocks are handed out in shuffled order; every slot no sequenc
 reading one would show. The reference paged op in float64 on the same inputs is the expected result
 (its own equivalence to the dense cached op is tested in tests/transforms/test_paged_attention.py).
 On the CPU the kernel runs under Triton's interpreter (fp16) in a child process; on a GPU in bf16 and fp16.
+Under the interpreter, the serving engine's fast path (the kernel inside the rewritten graph, decode steps
+padded as on CUDA) must also give a tiny fp16 Llama's requests the reference engine's tokens.
 """
 
 from __future__ import annotations
@@ -122,6 +124,19 @@ def test_interpreted_paged_kernel_matches_the_reference_op(tmp_path: Path) -> No
     for name, (tensors, options) in cases.items():
         caches = outputs[f"{name}.k_cache"], outputs[f"{name}.v_cache"]
         _check(name, outputs[name], caches, tensors, options)
+
+
+def test_interpreted_fast_path_engine_gives_the_reference_tokens(tmp_path: Path) -> None:
+    """The serving engine on a tiny fp16 Llama: fast path (paged kernel, padded decode steps) = reference."""
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("_run_paged_engine_interpreted.py")), str(tmp_path / "o")],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    answers = json.loads((tmp_path / "o").read_text())
+    assert answers["kernel_calls"] > 0
+    assert answers["fast"] == answers["reference"] and len(answers["fast"]) == 6
+    assert all(len(tokens) == 6 for tokens in answers["fast"].values())
 
 
 @pytest.mark.gpu
