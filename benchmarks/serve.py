@@ -248,6 +248,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--systems", nargs="+", default=["serve", "transformers", "static"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--cpu-results", type=Path, default=Path(__file__).with_name("results") / "serve_cpu.json",
+        help="the CPU run whose figures a GPU run's summary quotes",
+    )  # fmt: skip
     for name in ("client", "client-model", "client-workload"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     parser.add_argument("--client-concurrency", type=int, help=argparse.SUPPRESS)
@@ -354,8 +358,46 @@ def run_benchmark(args: argparse.Namespace) -> None:
     print(_table(results))
 
 
+def _row(results: list[dict], concurrency: int, system: str) -> dict | None:
+    return next((r for r in results if r["concurrency"] == concurrency and r["system"] == system), None)
+
+
+def figures(results: list[dict]) -> dict:
+    """The headline figures of one run's rows (None where a level or system was not run)."""
+    serve, hf, static = (_row(results, 64, SYSTEMS[k]) for k in ("serve", "transformers", "static"))
+    serve1, static1 = _row(results, 1, SYSTEMS["serve"]), _row(results, 1, SYSTEMS["static"])
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    tok_s = serve["output_tok_s"] if serve else None
+    tpot1 = serve1["tpot_ms_p50"] if serve1 else None
+    static_tpot1 = static1["tpot_ms_p50"] if static1 else None
+    return {
+        "throughput_c64_tok_s": tok_s,
+        "throughput_c64_ratio_vs_hf_cb": ratio(tok_s, hf["output_tok_s"] if hf else None),
+        "throughput_c64_ratio_vs_static": ratio(tok_s, static["output_tok_s"] if static else None),
+        "tpot_p50_c1_ms": tpot1,
+        "tpot_p50_c1_static_ms": static_tpot1,
+        "tpot_c1_ratio_vs_static": ratio(tpot1, static_tpot1),
+        "ttft_p99_c64_ms": serve["ttft_ms_p99"] if serve else None,
+    }
+
+
+def summary(gpu: str | None, results: list[dict], cpu_results: list[dict] | None) -> dict:
+    """The ``summary`` object: the GPU run's (8B shape) figures under ``*_8b_*`` keys with ``gpu`` (None
+    for a CPU run) and the CPU run's figures under ``cpu``; ``results`` are this run's rows,
+    ``cpu_results`` the CPU run's (this run's own when it ran on the CPU)."""
+    own = figures(results) if gpu else {}
+    out: dict = {"gpu": gpu}
+    for key in figures([]):
+        out[key.replace("_c64_", "_c64_8b_").replace("_c1_", "_c1_8b_")] = own.get(key)
+    out["cpu"] = figures(cpu_results) if cpu_results else None
+    return out
+
+
 def _write(args: argparse.Namespace, device: torch.device, results: list[dict]) -> None:
-    """Write the results so far (JSON with the run's metadata, and the markdown table)."""
+    """Write the results so far (JSON with the run's metadata and summary, and the markdown table)."""
     import transformers
 
     from onboardlm.registry.atomic import atomic_write_text
@@ -368,7 +410,12 @@ def _write(args: argparse.Namespace, device: torch.device, results: list[dict]) 
         "dtype": args.dtype, "rate": args.rate, "prompt_len": args.prompt_len, "output_len": args.output_len,
         "seed": args.seed,
     }  # fmt: skip
-    atomic_write_text(args.out, json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else None
+    cpu_results = results if gpu is None else None
+    if gpu is not None and args.cpu_results.exists():
+        cpu_results = json.loads(args.cpu_results.read_text())["results"]
+    body = {"meta": meta, "summary": summary(gpu, results, cpu_results), "results": results}
+    atomic_write_text(args.out, json.dumps(body, indent=1) + "\n")
     atomic_write_text(args.out.with_suffix(".md"), _table(results) + "\n")
 
 

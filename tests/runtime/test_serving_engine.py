@@ -15,8 +15,9 @@ from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.registry.settings import RunSettings
 from onboardlm.runtime.cache import KVCache
 from onboardlm.runtime.engine import CachedModel, build_cached_graph
+from onboardlm.runtime.paged_model import _host_inputs, _split_inputs
 from onboardlm.runtime.requests import FinishReason, GenerationRequest, RequestEvent, RequestSampling
-from onboardlm.runtime.scheduler import QueueFull
+from onboardlm.runtime.scheduler import Chunk, QueueFull, Sequence
 from onboardlm.runtime.serve_setup import ServeOptions, engine_for_model
 from onboardlm.runtime.serving import ContextLengthExceeded, ServingEngine, ShuttingDown
 from onboardlm.testing.checkpoints import word_tokenizer
@@ -45,9 +46,11 @@ def dense(model) -> CachedModel:
     return CachedModel(graph, KVCache.allocate(graph.caches, 1, 64, "cpu"))
 
 
-def _engine(model, max_waiting: int = 16) -> ServingEngine:
+def _engine(model, max_waiting: int = 16, fast_path: bool | None = None) -> ServingEngine:
     settings = RunSettings(max_batch_size=4, max_seq_len=32, max_new_tokens=8)
-    options = ServeOptions(block_size=4, kv_cache_tokens=64, max_step_tokens=8, max_waiting=max_waiting)
+    options = ServeOptions(
+        block_size=4, kv_cache_tokens=64, max_step_tokens=8, max_waiting=max_waiting, fast_path=fast_path
+    )
     return engine_for_model(model, word_tokenizer(VOCAB), [], settings, options)
 
 
@@ -82,8 +85,14 @@ def _drain(engine: ServingEngine, limit: int = 200) -> None:
     raise AssertionError("the engine did not finish its requests")
 
 
-def test_requests_joining_mid_run_get_their_solo_tokens_and_free_every_block(model, dense) -> None:
-    engine, out = _engine(model), Collector()
+@pytest.mark.parametrize("fast_path", [False, True], ids=["reference", "fast_path"])
+def test_requests_joining_mid_run_get_their_solo_tokens_and_free_every_block(model, dense, fast_path) -> None:
+    """``fast_path``: the CUDA path's graph rewrites (the reference paged op where Triton does not run),
+    every decode step padded to a decode batch size on the cache's spare block as its CUDA graphs are."""
+    engine, out = _engine(model, fast_path=fast_path), Collector()
+    if fast_path:
+        assert engine.model.speed is not None and engine.model._buckets, "decode steps must be padded"
+        assert engine.model.spare_block == engine.scheduler.allocator.num_blocks
     prompts = _prompts()
     for i, (prompt, (_, max_tokens)) in enumerate(zip(prompts, PROMPTS, strict=True)):
         engine.submit(_request(str(i), prompt, max_tokens), out)
@@ -174,3 +183,18 @@ def test_a_failing_model_step_ends_its_requests_with_an_error_and_frees_their_bl
     engine.run_once()
     assert out.finish("a") is FinishReason.ERROR and out.events["a"][-1].error == "boom"
     assert engine.scheduler.allocator.num_used == 0 and engine.num_unfinished == 0
+
+
+def test_padded_decode_rows_point_at_the_spare_block() -> None:
+    seqs = [Sequence(_request(f"r{i}", [5] * (3 + i), 4), [i * 2, i * 2 + 1]) for i in range(2)]
+    for seq in seqs:
+        seq.num_cached = len(seq.tokens) - 1
+    chunks = [Chunk(seq, seq.num_cached, 1) for seq in seqs]
+    inputs = _split_inputs(_host_inputs(chunks, 4, 3, rows=4, spare=9), 4, 4, 3)
+    assert inputs["input_ids"].tolist() == [[5, 5, 0, 0]]
+    assert inputs["position_ids"].tolist() == [[2, 3, 0, 0]]
+    assert inputs["slot_mapping"].tolist() == [2, 11, 36, 36]
+    assert inputs["block_tables"].tolist() == [[0, 1, 0], [2, 3, 0], [9, 9, 9], [9, 9, 9]]
+    assert inputs["query_start"].tolist() == [0, 1, 2, 3, 4]
+    assert inputs["cached_lens"].tolist() == [2, 3, 0, 0]
+    assert inputs["logit_index"].tolist() == [0, 1, 2, 3]

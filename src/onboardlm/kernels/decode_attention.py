@@ -145,6 +145,86 @@ if triton is not None:
         out = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
         tl.store(out_ptr + row * HEAD_V + dv, out.to(out_ptr.dtype.element_ty), mask=dv < HEAD_V)
 
+    # Integer arguments that vary from step to step are not specialised (a value of 1 or a multiple of
+    # 16 would otherwise compile a new kernel in the middle of serving).
+    @triton.jit(
+        do_not_specialize=[
+            "stride_qt", "stride_table", "n_seqs", "n_splits", "split_len", "window",
+        ]
+    )  # fmt: skip
+    def _paged_partial_kernel(
+        q_ptr, k_ptr, v_ptr, tables_ptr, starts_ptr, cached_ptr, acc_ptr, m_ptr, l_ptr,
+        stride_qt, stride_qh, stride_table, stride_kslot, stride_kh, stride_vslot, stride_vh,
+        n_seqs, n_heads, n_splits, split_len, qk_scale, window,
+        BLOCK_SIZE: tl.constexpr,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_K: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):  # fmt: skip
+        """Like ``_partial_kernel`` for packed token ``program_id(0)``, its keys read through its
+        sequence's block table (sequence and position found from ``query_start`` and ``cached_lens``)."""
+        token = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        lo = n_seqs * 0  # the sequence owning the token: the last lo with query_start[lo] <= token
+        hi = n_seqs
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if tl.load(starts_ptr + mid) <= token:
+                lo = mid
+            else:
+                hi = mid
+        seq = lo
+        pos = tl.load(cached_ptr + seq) + token - tl.load(starts_ptr + seq)
+        start = tl.maximum(split * split_len, pos + 1 - window)
+        end = tl.minimum((split + 1) * split_len, pos + 1)
+
+        rows = tl.arange(0, BLOCK_G)
+        heads = kv_head * GROUP + rows
+        row_ok = rows < GROUP
+        dk = tl.arange(0, BLOCK_K)
+        dv = tl.arange(0, BLOCK_V)
+        q = tl.load(
+            q_ptr + token * stride_qt + heads[:, None] * stride_qh + dk[None, :],
+            mask=row_ok[:, None] & (dk[None, :] < HEAD_K),
+            other=0.0,
+        )
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_V], tl.float32)
+        table = tables_ptr + seq * stride_table
+        for first in range(start, end, BLOCK_N):
+            keys = first + tl.arange(0, BLOCK_N)
+            key_ok = keys < end
+            block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0)
+            slot = (block * BLOCK_SIZE + keys % BLOCK_SIZE).to(tl.int64)
+            k = tl.load(
+                k_ptr + slot[:, None] * stride_kslot + kv_head * stride_kh + dk[None, :],
+                mask=key_ok[:, None] & (dk[None, :] < HEAD_K),
+                other=0.0,
+            )
+            scores = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain: qk_scale includes log2(e)
+            scores = tl.where(key_ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            alpha = tl.math.exp2(m - m_new)
+            p = tl.math.exp2(scores - m_new[:, None])
+            total = total * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_ptr + slot[:, None] * stride_vslot + kv_head * stride_vh + dv[None, :],
+                mask=key_ok[:, None] & (dv[None, :] < HEAD_V),
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+
+        row = (token * n_heads + heads) * n_splits + split
+        tl.store(m_ptr + row, m, mask=row_ok)
+        tl.store(l_ptr + row, total, mask=row_ok)
+        tl.store(
+            acc_ptr + row[:, None] * HEAD_V + dv[None, :],
+            acc,
+            mask=row_ok[:, None] & (dv[None, :] < HEAD_V),
+        )
+
 
 def _n_splits(device: torch.device, programs: int, kv_len: int) -> int:
     """Splits per (sequence, KV head): about two programs per SM, at least one tile per split."""
@@ -227,3 +307,56 @@ def _decode_attention_fake(
     sliding_window: int = 0,
 ) -> torch.Tensor:
     return query.new_empty(*query.shape[:-1], v_cache.shape[-1])
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    cached_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """Causal attention of a packed batch over a paged cache that already holds the step's keys/values.
+
+    ``query`` is ``[T, n_heads, d]`` (last dim contiguous): token ``t`` belongs to the sequence ``i``
+    with ``query_start[i] <= t < query_start[i + 1]`` and sits at position ``cached_lens[i] + t -
+    query_start[i]``; it attends to that sequence's keys ``max(0, pos + 1 - sliding_window) .. pos``
+    (no window when ``sliding_window`` <= 0), read through ``block_tables[i]`` from the caches
+    ``[num_blocks, block_size, n_kv, d]`` (contiguous). Every token is computed like a decode query
+    (split-K over its keys, see the module docstring), so the launch shapes depend only on ``T``, the
+    number of sequences and the block tables' width, never on the values: a step can be captured in a
+    CUDA graph. Returns ``[T, n_heads, d_v]`` in the query's dtype.
+    """
+    tokens, n_heads, head_k = query.shape
+    block_size, n_kv, head_v = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    if query.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(
+            "paged_decode_attention needs a query with a contiguous last dim and contiguous caches"
+        )
+    kv_len = block_tables.shape[1] * block_size
+    n_splits = _n_splits(query.device, tokens * n_kv, kv_len)
+    split_len = triton.cdiv(triton.cdiv(kv_len, n_splits), BLOCK_N) * BLOCK_N
+    n_splits = triton.cdiv(kv_len, split_len)
+    partial = torch.empty(tokens, n_heads, n_splits, head_v, dtype=torch.float32, device=query.device)
+    m = torch.empty(tokens, n_heads, n_splits, dtype=torch.float32, device=query.device)
+    total = torch.empty_like(m)
+    _paged_partial_kernel[(tokens, n_kv, n_splits)](
+        query, k_cache, v_cache, block_tables, query_start, cached_lens, partial, m, total,
+        query.stride(0), query.stride(1), block_tables.stride(0),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        block_tables.shape[0], n_heads, n_splits, split_len, scale * 1.4426950408889634,
+        sliding_window if sliding_window > 0 else kv_len + 1,
+        BLOCK_SIZE=block_size, GROUP=n_heads // n_kv, BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)),
+        BLOCK_N=BLOCK_N, HEAD_K=head_k, BLOCK_K=max(16, triton.next_power_of_2(head_k)),
+        HEAD_V=head_v, BLOCK_V=max(16, triton.next_power_of_2(head_v)),
+    )  # fmt: skip
+    out = query.new_empty(tokens, n_heads, head_v)
+    _combine_kernel[(tokens * n_heads,)](
+        partial, m, total, out, n_splits,
+        HEAD_V=head_v, BLOCK_V=max(16, triton.next_power_of_2(head_v)),
+        BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+    )  # fmt: skip
+    return out

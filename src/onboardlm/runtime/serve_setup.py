@@ -13,10 +13,11 @@ from onboardlm.models.factory import AutoModelForCausalLMFactory, LoadReport
 from onboardlm.registry.settings import RunSettings
 from onboardlm.runtime.chat import stop_token_ids
 from onboardlm.runtime.paged_cache import BlockAllocator, PagedKVCache, blocks_for
-from onboardlm.runtime.paged_model import PagedModel, build_paged_graph
+from onboardlm.runtime.paged_model import DECODE_BATCH_SIZES, PagedModel, build_paged_graph, default_speed
 from onboardlm.runtime.runner import model_location, resolve_device, resolve_dtype
 from onboardlm.runtime.scheduler import Scheduler, SchedulerLimits
 from onboardlm.runtime.serving import EngineConfig, ServingEngine
+from onboardlm.transforms.compile import SpeedOptions
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,15 @@ class ServeOptions:
     """Serving limits beyond the run settings (``max_batch_size`` = sequences running at once).
 
     ``kv_cache_tokens`` defaults to ``max_batch_size * max_seq_len``, the cache ``onboardlm run`` holds.
+    ``fast_path`` forced on off CUDA runs the fast graph rewrites and pads decode steps as the CUDA graphs
+    would (how the CPU tests check them).
     """
 
     block_size: int = 16
     kv_cache_tokens: int | None = None
     max_step_tokens: int = 256
     max_waiting: int = 256
+    fast_path: bool | None = None  # None: on CUDA only (see onboardlm.runtime.paged_model)
 
 
 def engine_for_model(
@@ -46,14 +50,21 @@ def engine_for_model(
     num_blocks = max(
         blocks_for(cache_tokens, options.block_size), blocks_for(settings.max_seq_len, options.block_size)
     )
-    cache = PagedKVCache.allocate(graph.caches, num_blocks, options.block_size, device)
+    fast = device.type == "cuda" if options.fast_path is None else options.fast_path
+    speed = (default_speed(device) or SpeedOptions(batch_sizes=DECODE_BATCH_SIZES)) if fast else None
+    spare = 1 if speed is not None else 0  # the fast path's padded decode rows write to a spare block
+    cache = PagedKVCache.allocate(graph.caches, num_blocks + spare, options.block_size, device)
     limits = SchedulerLimits(
         settings.max_batch_size, max(options.max_step_tokens, settings.max_batch_size), options.max_waiting
     )
     scheduler = Scheduler(BlockAllocator(num_blocks, options.block_size), limits)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     config = EngineConfig(settings.max_seq_len, limits, vocab)
-    return ServingEngine(PagedModel(graph, cache), scheduler, tokenizer, stop_ids, config)
+    paged = PagedModel(
+        graph, cache, max_batch=settings.max_batch_size, max_seq_len=settings.max_seq_len, speed=speed,
+        pad_decode=fast and device.type != "cuda",
+    )  # fmt: skip
+    return ServingEngine(paged, scheduler, tokenizer, stop_ids, config)
 
 
 @dataclass

@@ -110,6 +110,9 @@ class ServingEngine:
         self._accepting = True
         self._thread: threading.Thread | None = None
         self._samples: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, generated_tokens) per step
+        # Tokens of the last step whose text and events are still to go out (see ``step``):
+        # (request, token or None for a stop token, finish reason or None)
+        self._pending: list[tuple[_Active, int | None, FinishReason | None]] = []
 
     # -- any thread --------------------------------------------------------------------------------
 
@@ -197,9 +200,14 @@ class ServingEngine:
                     break
             except Exception as error:  # a bug must not leave requests waiting for ever
                 logger.exception("engine turn failed")
+                pending, self._pending = self._pending, []
+                for active, token, reason in pending:  # requests already closed: report their end
+                    if token is None or reason is not None:
+                        self._report_end(active, FinishReason.ERROR, error=str(error))
                 for request_id, active in list(self._active.items()):
                     self.scheduler.cancel(request_id)
                     self._finish(active, FinishReason.ERROR, error=str(error))
+        self._flush()
         for request_id in list(self._active):
             self._cancel(request_id)
 
@@ -233,13 +241,20 @@ class ServingEngine:
             self._finish(active, FinishReason.ERROR, error=str(error))
 
     def _cancel(self, request_id: str) -> None:
+        self._flush()  # its last tokens go out before its end
         active = self._active.get(request_id)
         if active is not None:
             self.scheduler.cancel(request_id)
             self._finish(active, FinishReason.CANCELLED)
 
     def step(self) -> None:
-        """One model step over the scheduled chunks; reports the new tokens."""
+        """One model step over the scheduled chunks; reports the new tokens.
+
+        The text and events of a step's tokens (for requests without stop strings, whose end does not
+        depend on the text) go out while the device computes the next step: the model step is queued
+        on the device first, then the previous step's tokens are detokenized and sent, then this step's
+        tokens are read (the step's only host synchronisation).
+        """
         chunks = self.scheduler.schedule()
         self._note_admitted()
         if chunks:
@@ -247,11 +262,15 @@ class ServingEngine:
                 logits = self.model.step(chunks)
             except Exception as error:  # a failed step ends its requests, not the server
                 logger.exception("model step failed")
+                self._flush()
                 for chunk in chunks:
                     self.scheduler.cancel(chunk.seq.request_id)
                     self._finish(self._active[chunk.seq.request_id], FinishReason.ERROR, error=str(error))
             else:
+                self._flush()
                 self._advance(chunks, logits)
+        if not chunks or not self.scheduler.has_work():
+            self._flush()
         self._update_stats()
 
     def _note_admitted(self) -> None:
@@ -280,12 +299,23 @@ class ServingEngine:
 
     def _on_token(self, active: _Active, seq: Sequence, token: int) -> None:
         sampling = active.request.sampling
+        deferred = not active.stream.stop  # the end does not depend on the text: send it later
         if token in self.stop_ids and not sampling.ignore_eos:
-            self._finish(active, FinishReason.STOP, text=active.stream.flush())
+            if deferred:
+                self._close(active)
+                self._pending.append((active, None, FinishReason.STOP))
+            else:
+                self._finish(active, FinishReason.STOP, text=active.stream.flush())
             return
         self.stats.generated_tokens += 1
         seq.tokens.append(token)
         active.token_ids.append(token)
+        if deferred:
+            done = seq.num_output >= sampling.max_tokens
+            if done:
+                self._close(active)
+            self._pending.append((active, token, FinishReason.LENGTH if done else None))
+            return
         text, stopped = active.stream.push(token)
         if stopped:
             self._finish(active, FinishReason.STOP, text, [token])
@@ -293,6 +323,26 @@ class ServingEngine:
             self._finish(active, FinishReason.LENGTH, text + active.stream.flush(), [token])
         else:
             self._send(active, RequestEvent(seq.request_id, text, [token]))
+
+    def _flush(self) -> None:
+        """Detokenize and send the tokens of the last step that are still pending."""
+        pending, self._pending = self._pending, []
+        for active, token, reason in pending:
+            if token is None:  # a stop token
+                self._report_end(active, FinishReason.STOP, active.stream.flush())
+                continue
+            text, _ = active.stream.push(token)
+            if reason is None:
+                self._send(active, RequestEvent(active.request.request_id, text, [token]))
+            else:
+                self._report_end(active, reason, text + active.stream.flush(), [token])
+
+    def _close(self, active: _Active) -> None:
+        """Free a finished request's blocks and forget it (its end is reported by ``_report_end``)."""
+        request_id = active.request.request_id
+        if active.seq is not None and request_id in self.scheduler.running:
+            self.scheduler.finish(active.seq)
+        self._active.pop(request_id, None)
 
     def _finish(
         self,
@@ -302,10 +352,18 @@ class ServingEngine:
         token_ids: list[int] | None = None,
         error: str | None = None,
     ) -> None:
+        self._close(active)
+        self._report_end(active, reason, text, token_ids, error)
+
+    def _report_end(
+        self,
+        active: _Active,
+        reason: FinishReason,
+        text: str = "",
+        token_ids: list[int] | None = None,
+        error: str | None = None,
+    ) -> None:
         request_id = active.request.request_id
-        if active.seq is not None and request_id in self.scheduler.running:
-            self.scheduler.finish(active.seq)
-        del self._active[request_id]
         with self._lock:
             self._queued.discard(request_id)
             self._unfinished.discard(request_id)

@@ -1,0 +1,92 @@
+"""Fast paged attention: the Triton paged kernel in place of the reference paged op where it can run.
+
+:func:`fast_paged_attention` takes the arguments of ``onboardlm_paged_attention``
+(:mod:`onboardlm.transforms.paged_ops`) and computes the same result. Where the kernel of
+:func:`onboardlm.kernels.decode_attention.paged_decode_attention` can run (CUDA with Triton, or
+``TRITON_INTERPRET=1``; fp16/bf16; causal; no sinks and no logit cap) it writes the step's keys and
+values to their slots (one indexed copy per cache) and attends every packed token, prompt chunk or
+decode alike, straight through its sequence's block table: no gathered copy of the cache, no padding of
+the queries, no host synchronisation, and launch shapes fixed by the tensors' shapes alone, so a decode
+step can be captured in a CUDA graph. Elsewhere it calls the reference op.
+:func:`use_fast_paged_attention` points a paged graph's attention nodes at it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.fx import GraphModule
+
+from onboardlm.kernels import decode_attention as kernels
+from onboardlm.ops._library import op_targets
+from onboardlm.ops.attention import check_layout, to_bnsd
+from onboardlm.transforms import paged_ops
+
+
+def _reference(*args: object, **kwargs: object) -> torch.Tensor:
+    return paged_ops.paged_attention._init_fn(*args, **kwargs)
+
+
+def kernel_runs(
+    query: torch.Tensor, is_causal: bool, sinks: torch.Tensor | None, logit_cap: float | None
+) -> bool:
+    """Whether the Triton paged kernel computes this call (else the reference op does)."""
+    no_cap = logit_cap is None or logit_cap <= 0
+    return is_causal and sinks is None and no_cap and kernels.is_available(query)
+
+
+def fast_paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    cached_lens: torch.Tensor,
+    is_causal: bool = True,
+    scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    logit_cap: float | None = None,
+    layout: str = "bnsd",
+) -> torch.Tensor:
+    """``onboardlm_paged_attention`` on the Triton paged kernel where it runs (see the module docstring)."""
+    if not kernel_runs(query, is_causal, sinks, logit_cap) or not k_cache.is_contiguous():
+        return _reference(
+            query, key, value, k_cache, v_cache, slot_mapping, block_tables, query_start, cached_lens,
+            is_causal, scale, sinks, sliding_window, logit_cap, layout,
+        )  # fmt: skip
+    check_layout(layout)
+    q, k, v = (to_bnsd(x, layout)[0].transpose(0, 1) for x in (query, key, value))  # [T, n, d]
+    flat = (-1, *k_cache.shape[2:])
+    k_cache.view(flat).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(flat).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    window = sliding_window if sliding_window is not None and sliding_window > 0 else 0
+    out = kernels.paged_decode_attention(
+        q, k_cache, v_cache, block_tables, query_start, cached_lens, scale, window
+    )  # [T, n, d_v]
+    return out[None].contiguous() if layout == "bsnd" else out.transpose(0, 1)[None].contiguous()
+
+
+def use_fast_paged_attention(gm: GraphModule) -> int:
+    """Make every paged-attention node of ``gm`` call :func:`fast_paged_attention` (in place).
+
+    Works before or after :func:`onboardlm.transforms.backends.use_direct_kernels`; returns the number
+    of nodes changed.
+    """
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and (
+            node.target in op_targets(paged_ops.PAGED_ATTENTION) or node.target is fast_paged_attention
+        ):
+            node.target = fast_paged_attention
+            changed += 1
+    gm.graph.lint()
+    gm.recompile()
+    return changed
