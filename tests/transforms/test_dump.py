@@ -45,7 +45,12 @@ def test_the_graph_build_dumps_every_transform_in_order(model, tmp_path, monkeyp
 
     dumps = _dumps(tmp_path / "dumps")
     names = [name for _, name, _, _ in dumps]
-    assert names == ["insert_cached_attention", "insert_logit_gather", "use_direct_kernels", "fold_weight_computations"]
+    assert names == [
+        "insert_cached_attention",
+        "insert_logit_gather",
+        "use_direct_kernels",
+        "fold_weight_computations",
+    ]
     numbers = [number for number, *_ in dumps]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # one counter for the process
     code = {name: (before, after) for _, name, before, after in dumps}
