@@ -186,6 +186,7 @@ class _Run:
         self.result.files += [self.out_dir / p.relative_to(self.staging) for p in outcome.staged_files]
         self.result.files += outcome.package_files
         self.result.not_done += outcome.not_done
+        self.result.registered_as = outcome.registered_as
         return PhaseOutcome(outcome, outcome.summary)
 
     def _e2e(self, model_file: Path, registered: RegisterOutcome) -> PhaseOutcome:

@@ -26,6 +26,7 @@ def report_data(result: OnboardResult) -> dict[str, Any]:
         "tests": [{**dataclasses.asdict(test), "margin": margin(test)} for test in result.tests],
         "files": [str(path) for path in result.files],
         "text_decoder_of": result.text_decoder_of,  # the multimodal model_type, or None
+        "registered_as": result.registered_as,  # the registry entry (hub id), or None
         "spec": _plain(result.spec),
         "fit": _plain(result.fit),
         "coverage": _plain(result.coverage),

@@ -49,6 +49,7 @@ class OnboardResult:
     review: Any = None  # onboardlm.review.findings.ReviewReport
     seconds: float = 0.0
     text_decoder_of: str | None = None  # the multimodal model_type whose text decoder this is
+    registered_as: str | None = None  # the registry entry's name (hub id), None when not registered
 
     @property
     def scope(self) -> str | None:
