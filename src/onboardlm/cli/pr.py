@@ -33,9 +33,9 @@ def pr_command(
     from onboardlm.pr import make_pr
 
     result = make_pr(onboarded_dir, into, branch=branch, message_file=message_file)
-    console.print(f"[bold]{escape(result.title)}[/]", highlight=False)
+    console.print(f"[bold]{escape(result.title)}[/]", highlight=False, soft_wrap=True)
     for path, how in result.files:
-        console.print(f"  {how:8}  {escape(path)}", highlight=False)
+        console.print(f"  {how:8}  {escape(path)}", highlight=False, soft_wrap=True)
     for old, new in result.imports:
         console.print(f"  import    {escape(old)}  ->  {escape(new)}", highlight=False, soft_wrap=True)
     console.print(f"registry: {escape(result.registry_note)}", highlight=False, soft_wrap=True)
@@ -43,5 +43,6 @@ def pr_command(
     console.print(
         f"commit {result.commit[:12]} on new branch {escape(result.branch)} (from {result.base[:12]}), {where}",
         highlight=False,
+        soft_wrap=True,
     )
     console.print(f"PR message: {escape(str(result.message_file))}", highlight=False, soft_wrap=True)
