@@ -67,6 +67,7 @@ def onboard(
     with claim_output(out_dir, options.force) as staging:  # checks the destination first
         run = _Run(resolved, options, log, staging.path, out_dir)
         result = run.phases()
+        result.source = model
         if targets is not None:
             if result.status == "pass":
                 result.files += targets.install(run.model_text, run.package_test_text)

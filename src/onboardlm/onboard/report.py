@@ -17,6 +17,7 @@ def report_data(result: OnboardResult) -> dict[str, Any]:
     """The report as JSON-ready data; keys model, model_type, status, phases, tests, files first."""
     return {
         "model": result.model,
+        "source": result.source,  # what was onboarded, as given on the command line
         "model_type": result.model_type,
         "status": result.status,
         "phases": [

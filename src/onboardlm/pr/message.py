@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,8 +22,10 @@ def render_pr(
     """The PR message; ``written`` is (checkout-relative path, "added" | "modified") per file."""
     report = onboarded.report
     lines = [f"# {pr_title(onboarded)}", "", "## Summary", ""]
+    name = onboarded.registered_as or onboarded.model
+    origin = f" (from `{onboarded.model}`)" if name != onboarded.model else ""
     lines.append(
-        f"Adds a lean AutoDeploy model for `{onboarded.model}` (`{onboarded.model_type}`): "
+        f"Adds a lean AutoDeploy model for `{name}`{origin} (`{onboarded.model_type}`): "
         f"`{onboarded.causal_lm_class}` on the canonical `torch.ops.auto_deploy.*` ops, with its "
         f"hierarchical equivalence tests against transformers. Generated, verified and reviewed by "
         f"onboardlm {__version__} (onboarding {str(report['status']).upper()} in {report.get('seconds', 0):.1f} s)."
@@ -36,7 +40,8 @@ def render_pr(
             f"python examples/auto_deploy/build_and_run_ad.py --model {registry.name} "
             f"--args.yaml-extra examples/auto_deploy/model_registry/configs/{registry.config}"
         )
-    lines += [f"onboardlm onboard {onboarded.model}  # regenerates the files and the report", "```"]
+    source = report.get("source") or onboarded.model
+    lines += [f"onboardlm onboard {shlex.quote(source)}  # regenerates the files and the report", "```"]
     lines += ["", *_e2e(report.get("prompts") or [])]
     not_done = report.get("not_done") or []
     if not_done:
@@ -89,9 +94,9 @@ def _e2e(prompts: Sequence[dict[str, Any]]) -> list[str]:
         return ["## End-to-end run", "", "No end-to-end run recorded (see Not done)."]
     last = prompts[-1].get("run", "")
     runs = [p for p in prompts if p.get("run", "") == last]
-    lines = [f"## End-to-end run ({last or 'last run'}), verbatim", "", "```"]
-    lines += [f"[PROMPT {p.get('index')}] {p.get('prompt')}: {p.get('output')}" for p in runs]
-    return [*lines, "```"]
+    log = [f"[PROMPT {p.get('index')}] {p.get('prompt')}: {p.get('output')}" for p in runs]
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", "\n".join(log))), default=0))
+    return [f"## End-to-end run ({last or 'last run'}), verbatim", "", fence, *log, fence]
 
 
 def _number(value: Any) -> str:

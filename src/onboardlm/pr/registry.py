@@ -9,16 +9,19 @@ other byte, comment and the order stay; ``config_id`` only when the file's entri
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ruamel.yaml import YAML
 
 from onboardlm.pr.layout import PrError, TrtllmCheckout
 from onboardlm.pr.onboarded import OnboardedModel
 from onboardlm.registry.editor import append_entry_text
 from onboardlm.registry.errors import RegistryError
 from onboardlm.registry.layout import DASHBOARD_DEFAULT, model_config_file, world_size_file
-from onboardlm.registry.loader import deep_merge, dump_yaml_text, load_yaml_file, parse_yaml_text
+from onboardlm.registry.loader import deep_merge, load_yaml_file, parse_yaml_text
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def plan_registry(checkout: TrtllmCheckout, onboarded: OnboardedModel) -> Regist
         f"# {DASHBOARD_DEFAULT} + {ws_file} merged; run with:\n"
         f"#   python examples/auto_deploy/build_and_run_ad.py --model {name} "
         f"--args.yaml-extra {checkout.relative(config_path)}\n"
-    ) + dump_yaml_text(merged)
+    ) + _block_yaml(merged)
 
     yaml_extra = (DASHBOARD_DEFAULT, ws_file, config)
     fields: dict[str, Any] = {"name": name}
@@ -106,3 +109,13 @@ def _models(text: str, source: str) -> list[dict[str, Any]]:
     if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
         raise PrError(source, "expected a 'models' list of mappings at the top level")
     return [dict(m) for m in models]
+
+
+def _block_yaml(data: dict[str, Any]) -> str:
+    """``data`` as block-style YAML in its key order (the merged files' order), as TensorRT-LLM writes configs."""
+    yaml = YAML(typ="rt")
+    yaml.default_flow_style = False
+    yaml.width = 4096
+    stream = io.StringIO()
+    yaml.dump(data, stream)
+    return stream.getvalue()
