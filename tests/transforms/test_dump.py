@@ -75,3 +75,11 @@ def test_nothing_is_written_without_the_variable(model, tmp_path, monkeypatch) -
 def test_the_wrapper_keeps_the_transform_s_name_and_doc() -> None:
     assert insert_cached_attention.__name__ == "insert_cached_attention"
     assert "cached attention" in (insert_cached_attention.__doc__ or "")
+
+
+def test_each_torchrun_rank_dumps_into_its_own_folder(model, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    build_cached_graph(model)
+    assert [p.name for p in tmp_path.iterdir()] == ["rank1"]
+    assert [name for _, name, _, _ in _dumps(tmp_path / "rank1")][0] == "insert_cached_attention"

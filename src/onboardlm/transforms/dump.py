@@ -2,8 +2,8 @@
 
 Each transform function carries :func:`dumps_graph`. With the variable unset a call costs one
 environment lookup; with it set, a call writes ``DIR/NN_<transform>.txt`` (``NN`` counts the dumps
-of this process, in call order): the readable Python code of the graph before the transform, then
-after it. The graph is the first argument that is a GraphModule or carries one as ``.gm`` (a
+of this process, in call order; under torchrun in ``DIR/rank<R>/``): the readable Python code of
+the graph before the transform, then after it. The graph is the first argument that is a GraphModule or carries one as ``.gm`` (a
 ``CachedGraph``); a transform that returns a new one is dumped from its result.
 """
 
@@ -56,6 +56,9 @@ def write_dump(folder: Path, transform: str, before: str, after: str) -> Path:
     """Write one numbered dump file into ``folder`` (created if missing) and return its path."""
     with _lock:
         number = next(_counter)
+    rank = os.environ.get("RANK")  # torchrun: one folder per rank, their graphs differ
+    if rank is not None:
+        folder = folder / f"rank{rank}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{number:02d}_{transform}.txt"
     verdict = "unchanged" if before == after else "changed"
