@@ -141,7 +141,7 @@ class _Rewriter(cst.CSTTransformer):
         for name, asname in names:
             alias = f" as {asname}" if asname else ""
             if name in self.local_modules:
-                out.append(_parse(f"from {CUSTOM_PACKAGE} import {name}{alias or f' as {name}'}"))
+                out.append(_parse(f"from {CUSTOM_PACKAGE} import {name}{alias}"))
             elif name in MODULE_IMPORTS:
                 out.append(_parse(f"import {MODULE_IMPORTS[name]}{alias}"))
             elif name.split(".")[0] == "onboardlm":

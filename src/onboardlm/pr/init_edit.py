@@ -94,21 +94,28 @@ def _with_all_entry(statement: cst.CSTNode, class_name: str) -> cst.CSTNode:
         ),
         len(elements),
     )
-    default_comma = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
+    comma = cst.Comma(whitespace_after=_separator(assign.value))
     if not elements:
         elements = [cst.Element(value)]
     elif position < len(elements):
-        # the whitespace before an element lives in the comma after the one before it
-        comma = elements[max(position - 1, 0)].comma
-        if isinstance(comma, cst.MaybeSentinel):
-            comma = default_comma
         elements.insert(position, elements[position].with_changes(value=value, comma=comma))
-    else:
+    else:  # the old last element gets a separating comma, the new one its trailing comma (or none)
         last = elements[-1]
-        if isinstance(last.comma, cst.MaybeSentinel):
-            comma = elements[-2].comma if len(elements) > 1 else default_comma
-            elements[-1] = last.with_changes(comma=comma)
+        elements[-1] = last.with_changes(comma=comma)
         elements.append(last.with_changes(value=value))
     return statement.with_changes(
         body=[assign.with_changes(value=assign.value.with_changes(elements=elements))]
     )
+
+
+def _separator(container: cst.List | cst.Tuple) -> cst.BaseParenthesizableWhitespace:
+    """The whitespace between two elements: as between the first two, else as before the first when
+    it starts a new line, else one space."""
+    elements = container.elements
+    if len(elements) >= 2 and isinstance(elements[0].comma, cst.Comma):
+        return elements[0].comma.whitespace_after
+    if isinstance(container, cst.List):
+        opening = container.lbracket.whitespace_after
+    else:
+        opening = container.lpar[0].whitespace_after if container.lpar else cst.SimpleWhitespace("")
+    return opening if isinstance(opening, cst.ParenthesizedWhitespace) else cst.SimpleWhitespace(" ")
