@@ -20,6 +20,7 @@ HELPERS = f"{TEST_UTILS}/_lean_model_test_utils.py"
 INIT = f"{CUSTOM_MODELS}/__init__.py"
 MODELS = f"{REGISTRY}/models.yaml"
 CONFIG = f"{REGISTRY}/configs/llama-3.2-1b-instruct.yaml"
+MATRIX = "docs/source/models/supported-models.md"
 
 
 def _onboardlm_imports(text: str) -> list[str]:
@@ -60,7 +61,15 @@ def test_one_commit_on_a_new_branch_with_every_file(made) -> None:
     assert git(checkout, "rev-parse", "main") == base  # the base branch is untouched
     changed = git(checkout, "diff", "--name-status", "HEAD~1", "HEAD").splitlines()
     assert sorted(changed) == sorted(
-        [f"A\t{MODEL}", f"M\t{INIT}", f"A\t{TEST}", f"A\t{HELPERS}", f"M\t{MODELS}", f"A\t{CONFIG}"]
+        [
+            f"A\t{MODEL}",
+            f"M\t{INIT}",
+            f"A\t{TEST}",
+            f"A\t{HELPERS}",
+            f"M\t{MODELS}",
+            f"A\t{CONFIG}",
+            f"M\t{MATRIX}",
+        ]
     )
     assert git(checkout, "status", "--porcelain") == ""  # the working tree is the commit
     for path in (MODEL, TEST, HELPERS, CONFIG):
@@ -119,6 +128,33 @@ def test_the_registry_is_edited_round_trip(made) -> None:
     config = (checkout / CONFIG).read_text()
     assert config.startswith(f"# Standalone AutoDeploy config for {HUB_ID}")
     assert "runtime: trtllm" in config and "world_size: 1" in config and "max_batch_size: 8" in config
+
+
+def test_the_support_matrix_gets_a_sorted_aligned_row_with_the_autodeploy_footnote(made) -> None:
+    _, checkout, _ = made
+    lines = (checkout / MATRIX).read_text().splitlines()
+    table = [line for line in lines if line.startswith("| `")]
+    assert [line.split("`")[1] for line in table] == [
+        "Cohere2ForCausalLM",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+    ]
+    row = table[1]
+    assert row == (
+        f"| {'`LlamaForCausalLM` [^5]':<36} | {'Llama-3.2-1B-Instruct':<34} | {'`' + HUB_ID + '`':<44} |"
+    )
+    assert len(row) == len(table[0])
+
+
+def test_a_class_already_in_the_matrix_keeps_its_row(onboarded: Path, checkout: Path) -> None:
+    matrix = checkout / MATRIX
+    matrix.write_text(matrix.read_text().replace("`MistralForCausalLM`", "`LlamaForCausalLM`  "))
+    git(checkout, "commit", "-qam", "llama listed")
+    before = matrix.read_text()
+    code, output = run_pr(str(onboarded), "--into", str(checkout))
+    assert code == 0, output
+    assert "support matrix: LlamaForCausalLM is in the support matrix already (row kept)" in output
+    assert matrix.read_text() == before
 
 
 def test_pr_md_has_title_review_tests_commands_and_the_verbatim_run(made) -> None:

@@ -19,6 +19,7 @@ from onboardlm.pr.layout import PrError, TrtllmCheckout
 from onboardlm.pr.message import pr_title, render_pr
 from onboardlm.pr.onboarded import read_onboarded
 from onboardlm.pr.registry import plan_registry
+from onboardlm.pr.support_matrix import plan_support_matrix
 from onboardlm.registry.atomic import atomic_write_text
 
 MESSAGE_NAME = "PR.md"
@@ -34,6 +35,7 @@ class PrResult:
     files: list[tuple[str, str]]  # (checkout-relative path, "added" | "modified")
     imports: list[tuple[str, str]]  # (old, new) import lines of the model and test files
     registry_note: str
+    matrix_note: str
     message_file: Path
 
 
@@ -63,6 +65,7 @@ def make_pr(
         init_text, onboarded.module, onboarded.causal_lm_class, str(checkout.custom_init)
     )
     registry = plan_registry(checkout, onboarded)
+    matrix = plan_support_matrix(checkout, onboarded)
 
     files: dict[Path, str] = {model_path: model.text, checkout.custom_init: new_init, test_path: test.text}
     helper = helper_module_source()
@@ -70,9 +73,10 @@ def make_pr(
     if not lean_utils.exists() or lean_utils.read_text(encoding="utf-8") != helper:
         files[lean_utils] = helper
     files.update(registry.files)
+    files.update(matrix.files)
     written = [(checkout.relative(p), "modified" if p.exists() else "added") for p in files]
 
-    message = render_pr(onboarded, registry, written, checkout.relative(test_path))
+    message = render_pr(onboarded, registry, written, checkout.relative(test_path), notes=[matrix.note])
     title = pr_title(onboarded)
     body = (
         f"{title}\n\nOnboarded by onboardlm from {onboarded.model}: the lean model file, its equivalence "
@@ -91,6 +95,7 @@ def make_pr(
         files=written,
         imports=model.changes + test.changes,
         registry_note=registry.note,
+        matrix_note=matrix.note,
         message_file=message_path,
     )
 

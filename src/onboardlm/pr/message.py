@@ -17,7 +17,11 @@ def pr_title(onboarded: OnboardedModel) -> str:
 
 
 def render_pr(
-    onboarded: OnboardedModel, registry: RegistryPlan, written: Sequence[tuple[str, str]], test_path: str
+    onboarded: OnboardedModel,
+    registry: RegistryPlan,
+    written: Sequence[tuple[str, str]],
+    test_path: str,
+    notes: Sequence[str] = (),
 ) -> str:
     """The PR message; ``written`` is (checkout-relative path, "added" | "modified") per file."""
     report = onboarded.report
@@ -30,7 +34,7 @@ def render_pr(
         f"hierarchical equivalence tests against transformers. Generated, verified and reviewed by "
         f"onboardlm {__version__} (onboarding {str(report['status']).upper()} in {report.get('seconds', 0):.1f} s)."
     )
-    lines += ["", *_facts(report, registry), "", "Files:", ""]
+    lines += ["", *_facts(report, registry), *(f"- {note}" for note in notes), "", "Files:", ""]
     lines += [f"- `{path}` ({how})" for path, how in written]
     lines += ["", "## Review", "", *_review(report.get("review"))]
     lines += ["", "## Tests", "", *_tests(report.get("tests") or [])]

@@ -54,7 +54,22 @@ def assert_rmse_close(actual, expected, rmse_ratio_tol, msg=""):
     assert ratio < rmse_ratio_tol, f"{msg}RMSE ratio {ratio:.6f} exceeds tolerance {rmse_ratio_tol}"
 """
 
+SUPPORTED_MODELS = """\
+(support-matrix)=
+# Supported Models
+
+The following is a table of supported models for the PyTorch backend:
+
+| Architecture                         | Model                              | HuggingFace Example                          |
+| ------------------------------------ | ---------------------------------- | -------------------------------------------- |
+| `Cohere2ForCausalLM`                 | Command A                          | `CohereLabs/c4ai-command-a-03-2025`          |
+| `MistralForCausalLM`                 | Mistral                            | `mistralai/Mistral-7B-v0.1`                  |
+
+[^5]: Supported via the [AutoDeploy](../features/auto_deploy/auto-deploy.md) backend. See [AD Configs](../../../examples/auto_deploy/model_registry/configs).
+"""
+
 FILES = {
+    "docs/source/models/supported-models.md": SUPPORTED_MODELS,
     "tensorrt_llm/_torch/auto_deploy/models/custom/__init__.py": CUSTOM_INIT,
     "tensorrt_llm/_torch/auto_deploy/models/custom/modeling_cohere.py": "class CohereForCausalLM: ...\n",
     "tensorrt_llm/_torch/auto_deploy/models/custom/modeling_mistral.py": "class MistralForCausalLM: ...\n",
