@@ -22,11 +22,11 @@ def pr_command(
     ],
     into: Annotated[Path, typer.Option("--into", help="A clean TensorRT-LLM source checkout (git).")],
     branch: Annotated[
-        str | None, typer.Option("--branch", help="New branch name [default: onboardlm/<model_type>].")
+        str | None, typer.Option("--branch", help="New branch name (default: onboardlm/<model_type>).")
     ] = None,
     message_file: Annotated[
         Path | None,
-        typer.Option("--message-file", help="Where to write the PR message [default: ONBOARDED_DIR/PR.md]."),
+        typer.Option("--message-file", help="Where to write the PR message (default: ONBOARDED_DIR/PR.md)."),
     ] = None,
 ) -> None:
     """Commit the model file, its tests, their helpers and the registry entry on a new branch; write PR.md."""
