@@ -157,6 +157,30 @@ def test_a_class_already_in_the_matrix_keeps_its_row(onboarded: Path, checkout: 
     assert matrix.read_text() == before
 
 
+TRAILING = """\
+- name: DeepInfra/GLM-4.7-Flash-NVFP4
+  yaml_extra: ['glm-4.7-flash.yaml']
+# OOM during AutoDeploy run.
+# - name: nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16
+#   yaml_extra: ['dashboard_default.yaml', 'world_size_8.yaml',
+#     ]
+"""
+
+
+def test_an_entry_without_config_id_before_trailing_comments(onboarded: Path, checkout: Path) -> None:
+    models = checkout / MODELS
+    models.write_text(MODELS_YAML + TRAILING)
+    git(checkout, "commit", "-qam", "more entries")
+    code, output = run_pr(str(onboarded), "--into", str(checkout))
+    assert code == 0, output
+    new = (
+        f"- name: {HUB_ID}\n"
+        "  yaml_extra: ['dashboard_default.yaml', 'world_size_1.yaml', 'llama-3.2-1b-instruct.yaml']\n"
+    )
+    head, comments = TRAILING.split("# OOM", 1)
+    assert models.read_text() == MODELS_YAML + head + new + "# OOM" + comments
+
+
 def test_pr_md_has_title_review_tests_commands_and_the_verbatim_run(made) -> None:
     onboarded, _, _ = made
     text = (onboarded / "PR.md").read_text()
