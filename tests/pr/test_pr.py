@@ -21,6 +21,7 @@ INIT = f"{CUSTOM_MODELS}/__init__.py"
 MODELS = f"{REGISTRY}/models.yaml"
 CONFIG = f"{REGISTRY}/configs/llama-3.2-1b-instruct.yaml"
 MATRIX = "docs/source/models/supported-models.md"
+COOKBOOK = "examples/auto_deploy/cookbooks/llama_3.2_1b_instruct_trtllm_cookbook.ipynb"
 
 
 def _onboardlm_imports(text: str) -> list[str]:
@@ -69,6 +70,7 @@ def test_one_commit_on_a_new_branch_with_every_file(made) -> None:
             f"M\t{MODELS}",
             f"A\t{CONFIG}",
             f"M\t{MATRIX}",
+            f"A\t{COOKBOOK}",
         ]
     )
     assert git(checkout, "status", "--porcelain") == ""  # the working tree is the commit
@@ -179,6 +181,19 @@ def test_an_entry_without_config_id_before_trailing_comments(onboarded: Path, ch
     )
     head, comments = TRAILING.split("# OOM", 1)
     assert models.read_text() == MODELS_YAML + head + new + "# OOM" + comments
+
+
+def test_the_cookbook_serves_the_registry_config_and_has_no_outputs(made) -> None:
+    _, checkout, _ = made
+    notebook = json.loads((checkout / COOKBOOK).read_text())
+    assert notebook["nbformat"] == 4
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert code and all(cell["outputs"] == [] and cell["execution_count"] is None for cell in code)
+    text = "".join("".join(cell["source"]) for cell in notebook["cells"])
+    assert f"--extra_llm_api_options {REGISTRY}/configs/llama-3.2-1b-instruct.yaml" in text
+    assert f'MODEL_ID = "{HUB_ID}"' in text and f'trtllm-serve "{HUB_ID}"' in text
+    for cell in code:
+        ast.parse("".join(line for line in cell["source"] if not line.startswith("%")))
 
 
 def test_pr_md_has_title_review_tests_commands_and_the_verbatim_run(made) -> None:
@@ -339,5 +354,6 @@ def test_without_a_registry_name_no_entry_is_added(onboarded: Path, checkout: Pa
     code, output = run_pr(str(onboarded), "--into", str(checkout))
     assert code == 0, output
     assert "not registered: the onboarding names no hub checkpoint" in output
+    assert "cookbook: no cookbook: it serves the model's registry config, and this PR adds none" in output
     assert (checkout / MODELS).read_text() == MODELS_YAML
     assert "build_and_run_ad.py" not in (onboarded / "PR.md").read_text()

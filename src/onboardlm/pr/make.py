@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from onboardlm.pr.cookbook import plan_cookbook
 from onboardlm.pr.git import check_checkout, commit_files, git
 from onboardlm.pr.helpers import helper_module_source
 from onboardlm.pr.imports import rewrite_imports
@@ -36,6 +37,7 @@ class PrResult:
     imports: list[tuple[str, str]]  # (old, new) import lines of the model and test files
     registry_note: str
     matrix_note: str
+    cookbook_note: str
     message_file: Path
 
 
@@ -66,6 +68,7 @@ def make_pr(
     )
     registry = plan_registry(checkout, onboarded)
     matrix = plan_support_matrix(checkout, onboarded)
+    cookbook = plan_cookbook(checkout, onboarded, registry)
 
     files: dict[Path, str] = {model_path: model.text, checkout.custom_init: new_init, test_path: test.text}
     helper = helper_module_source()
@@ -74,9 +77,12 @@ def make_pr(
         files[lean_utils] = helper
     files.update(registry.files)
     files.update(matrix.files)
+    files.update(cookbook.files)
     written = [(checkout.relative(p), "modified" if p.exists() else "added") for p in files]
 
-    message = render_pr(onboarded, registry, written, checkout.relative(test_path), notes=[matrix.note])
+    message = render_pr(
+        onboarded, registry, written, checkout.relative(test_path), notes=[matrix.note, cookbook.note]
+    )
     title = pr_title(onboarded)
     body = (
         f"{title}\n\nOnboarded by onboardlm from {onboarded.model}: the lean model file, its equivalence "
@@ -96,6 +102,7 @@ def make_pr(
         imports=model.changes + test.changes,
         registry_note=registry.note,
         matrix_note=matrix.note,
+        cookbook_note=cookbook.note,
         message_file=message_path,
     )
 

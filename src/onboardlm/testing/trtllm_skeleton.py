@@ -69,6 +69,7 @@ The following is a table of supported models for the PyTorch backend:
 """
 
 FILES = {
+    "examples/auto_deploy/cookbooks/README.md": "# AutoDeploy cookbooks\n",
     "docs/source/models/supported-models.md": SUPPORTED_MODELS,
     "tensorrt_llm/_torch/auto_deploy/models/custom/__init__.py": CUSTOM_INIT,
     "tensorrt_llm/_torch/auto_deploy/models/custom/modeling_cohere.py": "class CohereForCausalLM: ...\n",
