@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pr_support import run_pr
 
 from onboardlm.pr.layout import MODEL_TESTS, TEST_UTILS
@@ -31,6 +32,7 @@ SHIMS = {
 }
 
 
+@pytest.mark.slow
 def test_the_written_test_passes_in_the_checkout(onboarded: Path, checkout: Path) -> None:
     code, output = run_pr(str(onboarded), "--into", str(checkout))
     assert code == 0, output
