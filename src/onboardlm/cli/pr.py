@@ -38,9 +38,8 @@ def pr_command(
         console.print(f"  {how:8}  {escape(path)}", highlight=False, soft_wrap=True)
     for old, new in result.imports:
         console.print(f"  import    {escape(old)}  ->  {escape(new)}", highlight=False, soft_wrap=True)
-    console.print(f"registry: {escape(result.registry_note)}", highlight=False, soft_wrap=True)
-    console.print(f"support matrix: {escape(result.matrix_note)}", highlight=False, soft_wrap=True)
-    console.print(f"cookbook: {escape(result.cookbook_note)}", highlight=False, soft_wrap=True)
+    for what, note in result.notes.items():
+        console.print(f"{what}: {escape(note)}", highlight=False, soft_wrap=True)
     where = "checked out" if result.switched else "not checked out (git switch failed)"
     console.print(
         f"commit {result.commit[:12]} on new branch {escape(result.branch)} (from {result.base[:12]}), {where}",

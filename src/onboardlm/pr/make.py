@@ -35,17 +35,32 @@ class PrResult:
     switched: bool  # the checkout is on the new branch
     files: list[tuple[str, str]]  # (checkout-relative path, "added" | "modified")
     imports: list[tuple[str, str]]  # (old, new) import lines of the model and test files
-    registry_note: str
-    matrix_note: str
-    cookbook_note: str
+    notes: dict[str, str]  # registry, support matrix, cookbook: what was done and why
     message_file: Path
 
 
-def make_pr(
+@dataclass(frozen=True)
+class PrPlan:
+    """Everything the PR writes, rendered and checked, before anything is written."""
+
+    checkout: TrtllmCheckout
+    head: str
+    branch: str
+    files: dict[Path, str]
+    written: list[tuple[str, str]]  # (checkout-relative path, "added" | "modified")
+    imports: list[tuple[str, str]]
+    notes: dict[str, str]  # registry, support matrix, cookbook: what was done and why
+    title: str
+    commit_message: str
+    message: str  # PR.md
+    message_file: Path
+
+
+def plan_pr(
     onboarded_dir: Path, into: Path, branch: str | None = None, message_file: Path | None = None
-) -> PrResult:
-    """Write the onboarding in ``onboarded_dir`` into the checkout ``into`` as a commit on ``branch``
-    (default ``onboardlm/<model_type>``) and PR.md into ``message_file`` (default: in ``onboarded_dir``)."""
+) -> PrPlan:
+    """Read and check the onboarding, the checkout and its git state, and render every file; raises
+    :class:`PrError` on a bad input, having written nothing."""
     onboarded = read_onboarded(onboarded_dir)
     checkout = TrtllmCheckout.at(into)
     branch = branch or f"onboardlm/{onboarded.model_type}"
@@ -62,48 +77,70 @@ def make_pr(
     test = rewrite_imports(
         onboarded.test_text, str(onboarded.folder / onboarded.test_name), local_modules=[onboarded.module]
     )
-    init_text = checkout.custom_init.read_text(encoding="utf-8")
+    init = checkout.custom_init
     new_init = add_model_import(
-        init_text, onboarded.module, onboarded.causal_lm_class, str(checkout.custom_init)
+        init.read_text(encoding="utf-8"), onboarded.module, onboarded.causal_lm_class, str(init)
     )
     registry = plan_registry(checkout, onboarded)
     matrix = plan_support_matrix(checkout, onboarded)
     cookbook = plan_cookbook(checkout, onboarded, registry)
 
-    files: dict[Path, str] = {model_path: model.text, checkout.custom_init: new_init, test_path: test.text}
+    files: dict[Path, str] = {model_path: model.text, init: new_init, test_path: test.text}
     helper = helper_module_source()
-    lean_utils = checkout.lean_test_utils
-    if not lean_utils.exists() or lean_utils.read_text(encoding="utf-8") != helper:
-        files[lean_utils] = helper
+    if (
+        not checkout.lean_test_utils.exists()
+        or checkout.lean_test_utils.read_text(encoding="utf-8") != helper
+    ):
+        files[checkout.lean_test_utils] = helper
     files.update(registry.files)
     files.update(matrix.files)
     files.update(cookbook.files)
     written = [(checkout.relative(p), "modified" if p.exists() else "added") for p in files]
 
-    message = render_pr(
-        onboarded, registry, written, checkout.relative(test_path), notes=[matrix.note, cookbook.note]
-    )
     title = pr_title(onboarded)
-    body = (
+    commit_message = (
         f"{title}\n\nOnboarded by onboardlm from {onboarded.model}: the lean model file, its equivalence "
         f"tests, the test helpers they use and the registry entry. PR.md has the review verdict, the "
         f"test table and the end-to-end run log.\n\n{_sign_off(checkout.root)}\n"
     )
-    encoded = {checkout.relative(path): text.encode("utf-8") for path, text in files.items()}
-    commit = commit_files(checkout.root, head, branch, encoded, body)
-    atomic_write_text(message_path, message)
-    return PrResult(
+    message = render_pr(
+        onboarded, registry, written, checkout.relative(test_path), notes=[matrix.note, cookbook.note]
+    )
+    return PrPlan(
+        checkout=checkout,
+        head=head,
+        branch=branch,
+        files=files,
+        written=written,
+        imports=model.changes + test.changes,
+        notes={"registry": registry.note, "support matrix": matrix.note, "cookbook": cookbook.note},
         title=title,
+        commit_message=commit_message,
+        message=message,
+        message_file=message_path,
+    )
+
+
+def make_pr(
+    onboarded_dir: Path, into: Path, branch: str | None = None, message_file: Path | None = None
+) -> PrResult:
+    """Write the onboarding in ``onboarded_dir`` into the checkout ``into`` as a commit on ``branch``
+    (default ``onboardlm/<model_type>``) and PR.md into ``message_file`` (default: in ``onboarded_dir``)."""
+    plan = plan_pr(onboarded_dir, into, branch, message_file)
+    root = plan.checkout.root
+    encoded = {plan.checkout.relative(path): text.encode("utf-8") for path, text in plan.files.items()}
+    commit = commit_files(root, plan.head, plan.branch, encoded, plan.commit_message)
+    atomic_write_text(plan.message_file, plan.message)
+    return PrResult(
+        title=plan.title,
         branch=commit.branch,
         commit=commit.commit,
         base=commit.base,
         switched=commit.switched,
-        files=written,
-        imports=model.changes + test.changes,
-        registry_note=registry.note,
-        matrix_note=matrix.note,
-        cookbook_note=cookbook.note,
-        message_file=message_path,
+        files=plan.written,
+        imports=plan.imports,
+        notes=plan.notes,
+        message_file=plan.message_file,
     )
 
 
