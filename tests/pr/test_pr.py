@@ -357,3 +357,42 @@ def test_without_a_registry_name_no_entry_is_added(onboarded: Path, checkout: Pa
     assert "cookbook: no cookbook: it serves the model's registry config, and this PR adds none" in output
     assert (checkout / MODELS).read_text() == MODELS_YAML
     assert "build_and_run_ad.py" not in (onboarded / "PR.md").read_text()
+
+
+def _visible(checkout: Path) -> dict[str, bytes]:
+    """Work tree, index and refs (.git's object store may gain unreachable objects)."""
+    return {k: v for k, v in _snapshot(checkout).items() if "/.git/objects/" not in k}
+
+
+def test_a_git_failure_while_committing_leaves_the_checkout_as_it_was(
+    onboarded: Path, checkout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onboardlm.pr.git as pr_git
+
+    real_git = pr_git.git
+
+    def failing(root: Path, *args: str, **kwargs: object) -> str:
+        if args[0] == "update-ref":
+            raise pr_git.PrError("git update-ref", "cannot lock ref (simulated)")
+        return real_git(root, *args, **kwargs)
+
+    monkeypatch.setattr(pr_git, "git", failing)
+    before = _visible(checkout)
+    code, output = run_pr(str(onboarded), "--into", str(checkout))
+    assert code == 2 and "error: git update-ref: cannot lock ref (simulated)" in output
+    assert _visible(checkout) == before
+    assert not (onboarded / "PR.md").exists()
+
+
+def test_no_git_identity_is_refused_before_anything_is_written(
+    onboarded: Path, checkout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", "user.useConfigOnly")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", "true")
+    before = _visible(checkout)
+    code, output = run_pr(str(onboarded), "--into", str(checkout))
+    assert code == 2 and output.startswith("error: git var:"), output
+    assert _visible(checkout) == before
