@@ -83,3 +83,36 @@ def test_each_torchrun_rank_dumps_into_its_own_folder(model, tmp_path, monkeypat
     build_cached_graph(model)
     assert [p.name for p in tmp_path.iterdir()] == ["rank1"]
     assert [name for _, name, _, _ in _dumps(tmp_path / "rank1")][0] == "insert_cached_attention"
+
+
+def test_serve_s_paged_build_and_the_fast_path_dump_their_steps(model, tmp_path, monkeypatch) -> None:
+    from onboardlm.runtime.paged_model import build_paged_graph
+    from onboardlm.transforms.compile import SpeedOptions, accelerate
+
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "paged"))
+    build_paged_graph(model)
+    assert [name for _, name, _, _ in _dumps(tmp_path / "paged")] == [
+        "insert_cached_attention",
+        "to_paged_attention",
+        "insert_logit_gather",
+        "use_packed_logit_gather",
+        "use_direct_kernels",
+        "fold_weight_computations",
+    ]
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "fast"))
+    graph = build_cached_graph(model)
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "fast" / "accelerate"))
+    cache = KVCache.allocate(graph.caches, 2, 16, "cpu")
+    accelerate(graph.gm, cache.tensors, SpeedOptions(cuda_graphs=False))
+    dumps = _dumps(tmp_path / "fast" / "accelerate")
+    assert [name for _, name, _, _ in dumps] == [
+        "use_fast_attention",
+        "use_fast_mla",
+        "use_grouped_moe",
+        "fuse_shared_input_linears",
+        "fold_weight_computations",
+        "fuse_elementwise",
+    ]
+    changed = {name for _, name, before, after in dumps if before != after}
+    assert {"use_fast_attention", "fuse_shared_input_linears"} <= changed  # SDPA attention, one q/k/v GEMM
+    assert "use_fast_mla" not in changed and "use_grouped_moe" not in changed  # no MLA, no MoE in a llama
