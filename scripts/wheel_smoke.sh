@@ -19,7 +19,7 @@ listing > "$work/before.txt"
 
 cd "$work"  # not the checkout: nothing may be found through the source tree
 "$bin/onboardlm" --help > /dev/null
-for command in onboard run review ops registry "registry list" "registry show" "registry add" "registry validate" \
+for command in onboard run review ops pr registry "registry list" "registry show" "registry add" "registry validate" \
   "registry matrix" "registry cookbook" "registry record"; do
   # shellcheck disable=SC2086
   "$bin/onboardlm" $command --help > /dev/null || { echo "FAIL: onboardlm $command --help" >&2; exit 1; }

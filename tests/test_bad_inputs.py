@@ -36,12 +36,14 @@ from onboardlm.cli import app
 from onboardlm.models.source import default_model_path
 from onboardlm.onboard.staging import claim_output
 from onboardlm.registry import shipped_registry_dir
+from onboardlm.testing import trtllm_skeleton
 from onboardlm.testing.checkpoints import save_tiny_llama, word_tokenizer
 
 DOC = Path(__file__).parents[1] / "docs" / "bad-inputs.md"
 TABLE_START, TABLE_END = "<!-- cases: start -->", "<!-- cases: end -->"
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LEAN_LLAMA = Path(onboardlm.models.custom.__file__).parent / "modeling_llama.py"
+LLAMA_TEST = Path(__file__).parent / "models" / "generated" / "test_llama_modeling.py"
 
 #: Prepares a case's files in the work folder; gets the work folder and the tiny model to copy.
 Setup = Callable[[Path, Path], None]
@@ -174,6 +176,25 @@ def _previous_output(ws: Path, tiny: Path) -> None:
     (ws / "out" / "report.md").write_text("# Onboarding report: the previous run\n")
 
 
+def _pr(edit: Callable[[Path], None] | None = None, status: str = "pass") -> Setup:
+    """An onboarding output ``{ws}/onboarded`` (the shipped Llama) and a skeleton TensorRT-LLM checkout
+    ``{ws}/trt``, then ``edit(ws)``."""
+
+    def setup(ws: Path, tiny: Path) -> None:
+        trtllm_skeleton.write_onboarding(ws / "onboarded", LLAMA_TEST.read_text(), status)
+        (ws / "trt").mkdir()
+        trtllm_skeleton.make_checkout(ws / "trt")
+        if edit is not None:
+            edit(ws)
+
+    return setup
+
+
+def _dirty(ws: Path) -> None:
+    init = ws / "trt" / "tensorrt_llm/_torch/auto_deploy/models/custom/__init__.py"
+    init.write_text(init.read_text() + "# a local edit\n")
+
+
 def _both(*setups: Setup) -> Setup:
     def setup(ws: Path, tiny: Path) -> None:
         for each in setups:
@@ -185,6 +206,7 @@ def _both(*setups: Setup) -> Setup:
 # --------------------------------------------------------------------------- the catalogue
 OUT = "output folder absent, no staging folder or lock file"
 REGISTRY = "registry files byte-identical"
+PR = "checkout (files, index, branches) and onboarding folder byte-identical, no PR.md"
 RUN_TINY = "run --model {ws}/model -p hi --max-new-tokens 2"
 MISSING_CONFIG = _registry(lambda registry: (registry / "configs" / "smollm2-135m-instruct.yaml").unlink())
 
@@ -430,6 +452,21 @@ CASES: tuple[Case, ...] = (
          "registry add new/model --world-size 1 --extra {ws}/extra.yaml --registry-dir {ws}/registry",
          "{ws}/extra.yaml: key 'max_batch': unknown key, did you mean 'max_batch_size'?",
          setup=_both(_registry(), _file("extra.yaml", "max_batch: 4\n")), unchanged=REGISTRY),
+    # ------------------------------------------------------------------ pr
+    Case("pr-not-onboarded", "folder that is not an onboarding output", "pr {ws}/trt --into {ws}/trt",
+         "{ws}/trt: not an onboarding output: no report.json in it", setup=_pr(), unchanged=PR),
+    Case("pr-failed-onboarding", "onboarding output of a failed onboarding", "pr {ws}/onboarded --into {ws}/trt",
+         "{ws}/onboarded: the onboarding did not pass (failed: verify) (fix it first)", setup=_pr(status="fail"),
+         unchanged=PR),
+    Case("pr-not-a-checkout", "`--into` a folder without TensorRT-LLM's layout",
+         "pr {ws}/onboarded --into {ws}/onboarded",
+         "{ws}/onboarded: not a TensorRT-LLM checkout: tensorrt_llm/_torch/auto_deploy/models/custom/__init__.py "
+         "is missing", setup=_pr(), unchanged=PR),
+    Case("pr-dirty-checkout", "checkout with uncommitted changes", "pr {ws}/onboarded --into {ws}/trt",
+         "{ws}/trt: the checkout is dirty (1 change(s), first: M tensorrt_llm/_torch/auto_deploy/models/custom/"
+         "__init__.py) (commit or stash them)", setup=_pr(_dirty), unchanged=PR),
+    Case("pr-existing-branch", "`--branch` that exists already", "pr {ws}/onboarded --into {ws}/trt --branch main",
+         "main: branch exists already in {ws}/trt (choose another with --branch)", setup=_pr(), unchanged=PR),
 )  # fmt: skip
 CASE_BY_ID = {case.id: case for case in CASES}
 IN_PROCESS = [case for case in CASES if not case.subprocess]
@@ -661,5 +698,5 @@ def test_the_doc_lists_every_case() -> None:
 
 def test_case_ids_are_unique_and_cover_every_command() -> None:
     assert len(CASE_BY_ID) == len(CASES) >= 30
-    assert {case.command.split()[0] for case in CASES} == {"onboard", "run", "review", "registry"}
+    assert {case.command.split()[0] for case in CASES} == {"onboard", "run", "review", "registry", "pr"}
     assert all(case.exit_code != 0 for case in CASES)

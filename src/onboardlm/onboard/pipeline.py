@@ -67,6 +67,7 @@ def onboard(
     with claim_output(out_dir, options.force) as staging:  # checks the destination first
         run = _Run(resolved, options, log, staging.path, out_dir)
         result = run.phases()
+        result.source = model
         if targets is not None:
             if result.status == "pass":
                 result.files += targets.install(run.model_text, run.package_test_text)
@@ -187,6 +188,7 @@ class _Run:
         self.result.files += [self.out_dir / p.relative_to(self.staging) for p in outcome.staged_files]
         self.result.files += outcome.package_files
         self.result.not_done += outcome.not_done
+        self.result.registered_as = outcome.registered_as
         return PhaseOutcome(outcome, outcome.summary)
 
     def _e2e(self, model_file: Path, registered: RegisterOutcome) -> PhaseOutcome:

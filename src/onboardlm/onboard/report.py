@@ -17,6 +17,7 @@ def report_data(result: OnboardResult) -> dict[str, Any]:
     """The report as JSON-ready data; keys model, model_type, status, phases, tests, files first."""
     return {
         "model": result.model,
+        "source": result.source,  # what was onboarded, as given on the command line
         "model_type": result.model_type,
         "status": result.status,
         "phases": [
@@ -26,6 +27,7 @@ def report_data(result: OnboardResult) -> dict[str, Any]:
         "tests": [{**dataclasses.asdict(test), "margin": margin(test)} for test in result.tests],
         "files": [str(path) for path in result.files],
         "text_decoder_of": result.text_decoder_of,  # the multimodal model_type, or None
+        "registered_as": result.registered_as,  # the registry entry (hub id), or None
         "spec": _plain(result.spec),
         "fit": _plain(result.fit),
         "coverage": _plain(result.coverage),

@@ -49,6 +49,8 @@ class OnboardResult:
     review: Any = None  # onboardlm.review.findings.ReviewReport
     seconds: float = 0.0
     text_decoder_of: str | None = None  # the multimodal model_type whose text decoder this is
+    registered_as: str | None = None  # the registry entry's name (hub id), None when not registered
+    source: str = ""  # the MODEL argument as given: hub id, folder, .gguf file or model_type
 
     @property
     def scope(self) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError as RuamelYAMLError
+from ruamel.yaml.scalarstring import SingleQuotedScalarString
 
 from onboardlm.registry.atomic import atomic_write_bytes, atomic_write_text
 from onboardlm.registry.errors import RegistryError
@@ -217,6 +218,12 @@ def _dump(yaml: YAML, document: Any) -> str:
 
 def _appended(text: str, name: str, yaml_extra: Sequence[str], source: str) -> str:
     """``text`` with the entry appended to ``models``; every other byte kept (checked)."""
+    return append_entry_text(text, {"name": name, "yaml_extra": list(yaml_extra)}, source)
+
+
+def append_entry_text(text: str, fields: Mapping[str, Any], source: str) -> str:
+    """``text`` (a ``models.yaml``) with an entry of ``fields`` appended to ``models``; every other byte
+    kept (checked). A ``yaml_extra`` list takes the flow style and quoting of the last entry's."""
     crlf = "\r\n" in text
     base = text.replace("\r\n", "\n")
     base = base if base.endswith("\n") else base + "\n"
@@ -227,12 +234,14 @@ def _appended(text: str, name: str, yaml_extra: Sequence[str], source: str) -> s
             source, "'models' must be a non-empty block list to add to", "add the entry by hand"
         )
     entry = CommentedMap()
-    entry["name"] = name
-    files = CommentedSeq(yaml_extra)
     last_files = models[-1].get("yaml_extra") if isinstance(models[-1], dict) else None
-    if not isinstance(last_files, CommentedSeq) or last_files.fa.flow_style():
-        files.fa.set_flow_style()
-    entry["yaml_extra"] = files
+    for key, value in fields.items():
+        if key == "yaml_extra":
+            quoted = bool(last_files) and isinstance(last_files[0], SingleQuotedScalarString)
+            value = CommentedSeq(SingleQuotedScalarString(v) if quoted else v for v in value)
+            if not isinstance(last_files, CommentedSeq) or last_files.fa.flow_style():
+                value.fa.set_flow_style()
+        entry[key] = value
     models.append(entry)
     new = _dump(yaml, document)
     if not _only_inserted(base, new):

@@ -22,6 +22,7 @@ from torch.fx.operator_schemas import normalize_function
 from onboardlm.ops import DECLARED_OPS
 from onboardlm.ops._library import FOREIGN_OPS, NAMESPACE
 from onboardlm.transforms import cached_ops, paged_ops
+from onboardlm.transforms.dump import dumps_graph
 
 _OWN_OPS = (*DECLARED_OPS, cached_ops.CACHED_ATTENTION, cached_ops.CACHED_MLA, paged_ops.PAGED_ATTENTION)
 
@@ -52,6 +53,7 @@ def _own_op_name(node: Node) -> str | None:
     return name
 
 
+@dumps_graph
 def use_direct_kernels(gm: GraphModule) -> int:
     """Rewrite the op nodes of ``gm`` in place as described above; returns the number of nodes changed."""
     changed = 0

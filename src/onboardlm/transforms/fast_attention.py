@@ -31,6 +31,7 @@ from onboardlm.kernels import decode_attention as decode_kernel
 from onboardlm.ops._library import op_targets
 from onboardlm.ops.attention import check_layout, from_bnsd, to_bnsd
 from onboardlm.transforms import cached_ops
+from onboardlm.transforms.dump import dumps_graph
 
 
 def _reference(*args: object, **kwargs: object) -> torch.Tensor:
@@ -157,6 +158,7 @@ def fast_cached_attention(
     return from_bnsd(out, layout)
 
 
+@dumps_graph
 def use_fast_attention(gm: GraphModule, decode_kernel_allowed: bool = True) -> int:
     """Make every cached-attention node of ``gm`` call :func:`fast_cached_attention` (in place).
 

@@ -26,6 +26,7 @@ from torch.fx import GraphModule
 from onboardlm.ops._library import op_targets
 from onboardlm.ops.attention import check_layout, from_bnsd, to_bnsd
 from onboardlm.transforms import cached_ops
+from onboardlm.transforms.dump import dumps_graph
 
 
 def _reference(*args: object, **kwargs: object) -> torch.Tensor:
@@ -73,6 +74,7 @@ def fast_cached_mla(
     return from_bnsd(out[:, :, None], layout)
 
 
+@dumps_graph
 def use_fast_mla(gm: GraphModule) -> int:
     """Make every cached MLA node of ``gm`` call :func:`fast_cached_mla` (in place); returns the count."""
     changed = 0

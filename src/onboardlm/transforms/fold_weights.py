@@ -18,6 +18,7 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
+from onboardlm.transforms.dump import dumps_graph
 from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
 
 _METADATA_CHECKS = (torch.ops.aten._assert_tensor_metadata.default,)
@@ -95,6 +96,7 @@ def _folded_name(gm: GraphModule, node: Node) -> tuple[str, str]:
     return ".".join(owner), name
 
 
+@dumps_graph
 def fold_weight_computations(gm: GraphModule) -> int:
     """Fold ``gm``'s weight-only computations in place (module doc); returns the number of nodes folded."""
     values, checks = _evaluate(gm)

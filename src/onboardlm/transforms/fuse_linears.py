@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from onboardlm.transforms.dump import dumps_graph
 from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
 
 #: The linear calls this pass fuses: ``(input, weight[, bias])``.
@@ -139,6 +140,7 @@ def _fuse(gm: GraphModule, group: list[_Linear]) -> None:
     _delete_unread(gm, list(dict.fromkeys(originals)))
 
 
+@dumps_graph
 def fuse_shared_input_linears(gm: GraphModule) -> int:
     """Fuse ``gm``'s linears that share an input, in place (module doc); returns the number of groups."""
     groups = _groups(gm)

@@ -25,6 +25,7 @@ from torch.fx import GraphModule, Node
 
 from onboardlm.ops._library import NAMESPACE, op_targets
 from onboardlm.ops.norm import torch_rmsnorm
+from onboardlm.transforms.dump import dumps_graph
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def _fuse_add_rmsnorm(gm: GraphModule, wrap: Callable[..., Any]) -> int:
     return len(pairs)
 
 
+@dumps_graph
 def fuse_elementwise(gm: GraphModule, compile: bool = True) -> int:
     """Rewrite ``gm`` in place as described above; returns the number of fused calls made."""
     wrap = _compiled if compile else (lambda fn: fn)

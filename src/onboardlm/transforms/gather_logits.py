@@ -12,6 +12,7 @@ import torch
 from torch.fx import GraphModule
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.transforms.dump import dumps_graph
 
 LOGIT_INDEX = "logit_index"
 
@@ -27,6 +28,7 @@ def _is_linear(target: object) -> bool:
     return target in (torch.ops.auto_deploy.torch_linear_simple.default, torch.ops.aten.linear.default)
 
 
+@dumps_graph
 def insert_logit_gather(gm: GraphModule) -> GraphModule:
     """Add the ``logit_index`` input and gather the LM head's input with it (in place; returns ``gm``)."""
     graph = gm.graph

@@ -20,6 +20,7 @@ from torch.fx.operator_schemas import normalize_function
 import onboardlm.ops  # noqa: F401  (registers the canonical ops)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.transforms import cached_ops
+from onboardlm.transforms.dump import dumps_graph
 
 INPUT_POS = "input_pos"
 KV_LEN = "kv_len"
@@ -80,6 +81,7 @@ def _as_plain_graph(gm: GraphModule) -> Graph:
     return graph
 
 
+@dumps_graph
 def insert_cached_attention(gm: GraphModule) -> CachedGraph:
     """Replace the attention nodes of an exported causal-LM graph by cached attention (in place).
 

@@ -28,6 +28,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from onboardlm.ops._library import op_targets
 from onboardlm.ops.moe import ActivationType, torch_moe
+from onboardlm.transforms.dump import dumps_graph
 from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
 
 #: Above this many tokens the all-experts path computes too much; grouped GEMMs run instead.
@@ -151,6 +152,7 @@ def _attribute(gm: GraphModule, node: Node) -> torch.Tensor:
     return graph_tensor(gm, str(node.target))
 
 
+@dumps_graph
 def use_grouped_moe(gm: GraphModule) -> int:
     """Point every ``torch_moe`` node of ``gm`` at :func:`grouped_moe` (in place); returns how many."""
     changed = 0

@@ -17,6 +17,7 @@ from torch.fx import GraphModule, Node
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.transforms import cached_ops, paged_ops
+from onboardlm.transforms.dump import dumps_graph
 from onboardlm.transforms.gather_logits import gather_positions
 from onboardlm.transforms.kv_cache import INPUT_POS, KV_LEN, CachedGraph, insert_cached_attention
 
@@ -36,6 +37,7 @@ def insert_paged_attention(gm: GraphModule) -> CachedGraph:
     return to_paged_attention(insert_cached_attention(gm))
 
 
+@dumps_graph
 def to_paged_attention(cached: CachedGraph) -> CachedGraph:
     """Turn a dense cached graph into a paged one (in place; returns ``cached``).
 
@@ -77,6 +79,7 @@ def gather_packed(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return hidden[0].index_select(0, index).unsqueeze(0)
 
 
+@dumps_graph
 def use_packed_logit_gather(gm: GraphModule) -> GraphModule:
     """Point the logit gather of ``gm`` at :func:`gather_packed` (in place; returns ``gm``)."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is gather_positions]

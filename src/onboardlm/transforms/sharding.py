@@ -42,6 +42,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import OnboardlmError, UnsupportedFeature
+from onboardlm.transforms.dump import dumps_graph
 from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
 
 log = logging.getLogger(__name__)
@@ -389,6 +390,7 @@ def check_devices(world_size: int, device: torch.device) -> None:
         )
 
 
+@dumps_graph
 def apply_sharding_hints(
     gm: GraphModule,
     rank: int,
