@@ -215,3 +215,34 @@ def test_analysis_leaves_the_callers_random_state_alone() -> None:
     torch.manual_seed(7)
     analyze(AutoConfig.for_model("llama"))
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_a_failing_probe_names_the_module_the_probe_and_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error no transformers frame explains names the module being measured, the analyzer probe and
+    the failing call, never just "analysis failed (KeyError: ...)"."""
+
+    class Tables(nn.Module):
+        def forward(self, layer_type: str) -> None:
+            return {"sliding_attention": None}[layer_type]
+
+    monkeypatch.setattr(
+        analyze_module._Analyzer, "_attention_softcap", lambda self: Tables()("full_attention")
+    )
+    with pytest.raises(UnsupportedFeature) as caught:
+        analyze(AutoConfig.for_model("llama"))
+    message = str(caught.value)
+    assert caught.value.module_path == "model.layers.0.self_attn"
+    assert "probe _attention (analyze.py:" in message and "in Tables, test_analyze.py:" in message
+    assert "KeyError: 'full_attention'" in message and "analysis failed" not in message
+
+
+def test_per_layer_widths_are_refused_in_one_line() -> None:
+    with pytest.raises(UnsupportedFeature, match="per_layer_config overrides head_dim on some layers"):
+        analyze(AutoConfig.for_model("gemma4_text"))
+
+
+def test_a_second_module_list_names_both() -> None:
+    with pytest.raises(
+        UnsupportedFeature, match=r"altup_projections.*ModuleList of \d+ Linear.* beside model\.layers"
+    ):
+        analyze(AutoConfig.for_model("gemma3n_text"))

@@ -26,7 +26,9 @@ import copy
 import dataclasses
 import inspect
 import itertools
+import linecache
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +89,14 @@ def analyze(config: PretrainedConfig) -> ArchitectureSpec:
         reason = " ".join(str(err.__cause__ if isinstance(err, StrictDataclassError) else err).split())
         # per-layer overrides, or the shrunken fields break one of the config class's own checks
         raise UnsupportedFeature(type(config).__name__, f"no tiny copy of it: {reason}", _TINY_HINT) from err
+    if tiny.is_heterogeneous:
+        overridden = sorted({k for fields in tiny.to_dict()["per_layer_config"].values() for k in fields})
+        raise UnsupportedFeature(
+            type(config).__name__,
+            f"decoder layers of different widths: per_layer_config overrides {', '.join(overridden)} on some "
+            "layers",
+            "a template per layer width; analyze.py measures one layer shape for all layers",
+        )
     for name, value in _TELLING_MULTIPLIERS.items():
         if isinstance(getattr(tiny, name, None), float):
             with contextlib.suppress(AttributeError):  # a read-only property derived from other fields
@@ -117,9 +127,53 @@ def _measure(config: PretrainedConfig, tiny: PretrainedConfig) -> ArchitectureSp
     except (AttributeError, TypeError, IndexError, KeyError, ValueError, RuntimeError) as err:
         # raised inside a transformers module on a probe input: name that module and its line
         located = transformers_failure(tiny, err, "fails on the analyzer's probe input")
-        raise located or UnsupportedFeature(
-            type(config).__name__, f"analysis failed ({type(err).__name__}: {err})", _HINT
-        ) from err
+        raise located or _probe_failure(type(config).__name__, err) from err
+
+
+#: Frames that only pass a call on (torch's module call, decorators, kernel hubs): not the failing line.
+_WRAPPERS = ("/torch/", "/transformers/utils/", "/kernels/", "/transformers/integrations/")
+
+
+def _probe_failure(config_name: str, err: BaseException) -> UnsupportedFeature:
+    """Name the module an analyzer probe was measuring (its ``path`` local), the probe (the innermost
+    analyzer function) and the call that failed (the innermost frame: file, line, source)."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    ours = [(f, n) for f, n in frames if "/onboardlm/onboard/" in f.f_code.co_filename]
+    where = config_name
+    for frame, _ in reversed(ours):
+        found = next(
+            (
+                frame.f_locals[k]
+                for k in ("path", "layer_path", "prefix")
+                if isinstance(frame.f_locals.get(k), str)
+            ),
+            None,
+        )
+        if found:
+            where = found
+            break
+    probe = ""
+    if ours:
+        frame, lineno = ours[-1]
+        probe = f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{lineno}) "
+    after = frames[frames.index(ours[-1]) + 1 :] if ours else frames
+    modules = [f.f_locals.get("self") for f, _ in after if isinstance(f.f_locals.get("self"), nn.Module)]
+    called = f" in {type(modules[-1]).__name__}" if modules else ""
+    located = [(f, n) for f, n in after if not any(w in f.f_code.co_filename for w in _WRAPPERS)]
+    if located:
+        frame, lineno = located[-1]
+        line = linecache.getline(frame.f_code.co_filename, lineno).strip()
+        called += f"{',' if called else ' in'} {Path(frame.f_code.co_filename).name}:{lineno} `{line}`"
+    message = " ".join(str(err).split())[:300]
+    return UnsupportedFeature(
+        where,
+        f"the analyzer's probe {probe}failed{called}: {type(err).__name__}: {message}",
+        _HINT,
+    )
 
 
 def _complex_rotary(model: nn.Module) -> bool:
@@ -297,7 +351,14 @@ class _Analyzer:
                     f"{prefix}.{name}", f"unrecognised module {type(child).__name__}", _HINT
                 )
             if role in parts:
-                raise UnsupportedFeature(f"{prefix}.{name}", f"a second {role} module", _HINT)
+                kind = type(child).__name__
+                if isinstance(child, nn.ModuleList) and len(child):
+                    kind = f"{kind} of {len(child)} {type(child[0]).__name__}"
+                raise UnsupportedFeature(
+                    f"{prefix}.{name}",
+                    f"a second {role} module ({kind}) beside {prefix}.{parts[role][0]}",
+                    _HINT,
+                )
             parts[role] = (name, child)
         if len(norms) == 1:
             parts["norm"] = norms[0]

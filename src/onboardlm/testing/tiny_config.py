@@ -470,7 +470,7 @@ _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
     (("qk_nope_head_dim",), _const(_QK_NOPE_HEAD_DIM)),
     (("qk_rope_head_dim",), _const(_QK_ROPE_HEAD_DIM)),
     (("qk_head_dim",), lambda old, o, n: n["qk_nope_head_dim"] + n["qk_rope_head_dim"]),
-    (("head_dim", "kv_channels"), _head_dim),
+    (("head_dim", "kv_channels", "d_head"), _head_dim),  # d_head: XLNet
     (("v_head_dim",), _v_head_dim),
     (("query_pre_attn_scalar", "rotary_dim"), _scale_with_head_dim),
     # feed-forward widths
