@@ -246,3 +246,9 @@ def test_a_second_module_list_names_both() -> None:
         UnsupportedFeature, match=r"altup_projections.*ModuleList of \d+ Linear.* beside model\.layers"
     ):
         analyze(AutoConfig.for_model("gemma3n_text"))
+
+
+def test_hard_coded_activation_is_the_closest_match() -> None:
+    """MPT's MLP hard-codes exact GELU; on small random weights the tanh form is within 1e-5 too."""
+    spec = analyze(AutoConfig.for_model("mpt"))  # attention settings in the attn_config part sub-config
+    assert spec.feed_forward.act == '"gelu"' and spec.attention.alibi

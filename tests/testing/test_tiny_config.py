@@ -146,6 +146,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3n_text": ("gemma3n_text", {}),  # per-layer intermediate_size, KV-sharing last layers
     "gemma4_text": ("gemma4_text", {}),  # per_layer_config overrides head_dim on full layers
     "kolibri1_1": ("kolibri1_1", {}),  # index_layers, kv_source_layers
+    "mpt": ("mpt", {}),  # attention settings in a part sub-config (attn_config)
 }
 
 # The defaults of these model types cannot be built by transformers 5.23 itself (fields real checkpoints
@@ -157,6 +158,7 @@ TRANSFORMERS_DEFAULT_BROKEN = {
     "ministral": (TypeError, "head_dim defaults to None; the attention computes None ** -0.5"),
     "nemotron": (TypeError, "num_key_value_heads defaults to None; the attention divides by it"),
     "lfm2_moe": (TypeError, "layer_types defaults to None; the decoder layer indexes it"),
+    "dbrx": (AttributeError, "DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig lacks"),
     "cohere_compass_text": (
         KeyError,
         "rope_parameters defaults to {}; the rotary embedding reads ['full_attention']",
@@ -166,7 +168,6 @@ TRANSFORMERS_DEFAULT_BROKEN = {
 # Configs tiny_config refuses with a clear message.
 REFUSED = {
     "gemma3": "sub-configs",  # composite (text + vision): pass config.get_text_config()
-    "dbrx": "sub-configs",  # attn_config / ffn_config sub-configs
 }
 
 # Model types tiny_config does not handle yet; each fails loudly (never silently), at the stage noted.
@@ -408,3 +409,11 @@ def test_per_layer_config_overrides_shrink_and_still_differ() -> None:
     assert overrides[list(overrides)[0]]["head_dim"] > tiny._getattr_without_heterogeneous_validation(
         "head_dim"
     )
+
+
+def test_part_sub_configs_shrink_with_their_parent() -> None:
+    dbrx = tiny_config(AutoConfig.for_model("dbrx"))  # attn_config and ffn_config are parts, not modalities
+    assert (dbrx.d_model, dbrx.ffn_config.hidden_size, dbrx.ffn_config.ffn_hidden_size) == (64, 64, 128)
+    assert (dbrx.attn_config.kv_n_heads, dbrx.ffn_config.moe_num_experts) == (1, 4)
+    with pytest.raises(ValueError, match="sub-configs"):
+        tiny_config(AutoConfig.for_model("gemma3"))  # text + vision: pass the text config

@@ -462,7 +462,7 @@ def _rope_parameters(old: dict[str, Any], o: Mapping[str, Any], n: Mapping[str, 
 # Applied in order; a rule may read the new values of fields above it. None values stay None.
 _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
     (("num_attention_heads",), _const(_HEADS)),
-    (("num_key_value_heads", "num_kv_heads"), _kv_heads),  # num_kv_heads: Falcon
+    (("num_key_value_heads", "num_kv_heads", "kv_n_heads"), _kv_heads),  # Falcon, DBRX
     (("num_attention_heads_per_layer",), _heads_per_layer),
     # MLA: ranks and head dims shrink, q_lora_rank None (no q compression) stays None
     (("q_lora_rank",), _const(_Q_LORA_RANK)),
@@ -526,6 +526,9 @@ _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
 )
 
 
+_WIDTH_NAMES = {name for names, _ in _WIDTH_RULES for name in names}
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------------
@@ -578,10 +581,37 @@ def _shrink_overrides(old: Mapping[str, Any], new: _Values, num_layers: int) -> 
     new["per_layer_config"] = shrunk
 
 
+def _parts(config: PretrainedConfig) -> list[str]:
+    """Sub-configs that are parts of this model's config (MPT's ``attn_config``, DBRX's ``ffn_config``):
+    no ``model_type`` of their own, unlike a text or vision model's config."""
+    return [name for name, cls in type(config).sub_configs.items() if not getattr(cls, "model_type", "")]
+
+
+def _shrink_part(
+    part: PretrainedConfig, old: Mapping[str, Any], new: Mapping[str, Any], num_layers: int
+) -> PretrainedConfig:
+    """A part sub-config shrunk with the same rules, read against its parent's old and new values; a
+    field the parent also has (``hidden_size``) takes the parent's new value."""
+    fields = _init_values(part)
+    part_old = {**old, **fields}
+    part_new = {**new, **fields}
+    for name in fields:
+        if (
+            name in new
+            and name not in _WIDTH_NAMES
+            and fields[name] == old.get(name)
+            and fields[name] != new[name]
+        ):
+            part_new[name] = new[name]
+    _shrink_widths(part_old, part_new, num_layers)
+    return type(part)(**{name: part_new[name] for name in fields})
+
+
 def _check_supported(config: PretrainedConfig) -> None:
     name = type(config).__name__
-    if type(config).sub_configs:
-        names = ", ".join(type(config).sub_configs)
+    modalities = [sub for sub in type(config).sub_configs if sub not in _parts(config)]
+    if modalities:
+        names = ", ".join(modalities)
         raise ValueError(
             f"{name} has sub-configs ({names}); pass a text-only config such as config.get_text_config()"
         )
@@ -598,6 +628,9 @@ def tiny_config(
     """
     _check_supported(config)
     fields = _init_values(config)
+    parts = {
+        name: fields.pop(name) for name in _parts(config) if isinstance(fields.get(name), PretrainedConfig)
+    }
     overrides = fields.pop("per_layer_config", None)
     aliases = dict(type(config).attribute_map)  # standard name -> this config's field (n_embd, ...)
     old = copy.deepcopy(
@@ -621,6 +654,8 @@ def tiny_config(
         arguments["num_hidden_layers"] = len(picked)  # a property over another field (num_layers)
     if overrides:
         arguments["per_layer_config"] = new["per_layer_config"]
+    for name, part in parts.items():
+        arguments[name] = _shrink_part(part, old, new, config.num_hidden_layers)
     tiny = type(config)(**arguments)
     for key, value in new.items():
         if not _has(tiny, key):
@@ -631,7 +666,7 @@ def tiny_config(
 
 def _check_layers(config: PretrainedConfig, tiny: PretrainedConfig, picked: Sequence[int]) -> None:
     """Every per-layer field of ``tiny`` describes exactly the ``picked`` layers of ``config``."""
-    resized = {name for names, _ in _WIDTH_RULES for name in names} | {"per_layer_config"}
+    resized = _WIDTH_NAMES | {"per_layer_config"}
     expected = _columns(_init_values(config), config.num_hidden_layers)
     actual = _columns(_init_values(tiny), tiny.num_hidden_layers)
     for rule, column in expected.items():

@@ -27,6 +27,7 @@ MODEL_MODULES = [
     "modeling_llama",
     "modeling_mistral",
     "modeling_mixtral",
+    "modeling_mpt",
     "modeling_olmo2",
     "modeling_openai_gpt",
     "modeling_opt",
