@@ -252,3 +252,19 @@ def test_hard_coded_activation_is_the_closest_match() -> None:
     """MPT's MLP hard-codes exact GELU; on small random weights the tanh form is within 1e-5 too."""
     spec = analyze(AutoConfig.for_model("mpt"))  # attention settings in the attn_config part sub-config
     assert spec.feed_forward.act == '"gelu"' and spec.attention.alibi
+
+
+def test_gpt_neo_wrapped_unscaled_attention_with_a_measured_window() -> None:
+    """GPT-Neo: attn wraps attn.attention, scores are not scaled, and 'local' layers apply a window
+    inside the module (no sliding_window field): each found by measurement."""
+    attention = analyze(AutoConfig.for_model("gpt_neo")).attention
+    assert (attention.attr, attention.inner_attr, attention.wrapper_class) == (
+        "attn",
+        "attention",
+        "GPTNeoAttention",
+    )
+    assert attention.class_name == "GPTNeoSelfAttention" and attention.scaling == "1.0"
+    assert (
+        attention.sliding_expr
+        == "config.window_size if config.attention_layers[layer_idx] == 'local' else None"
+    )

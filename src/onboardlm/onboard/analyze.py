@@ -176,6 +176,23 @@ def _probe_failure(config_name: str, err: BaseException) -> UnsupportedFeature:
     )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _wrapped_attention(attn: nn.Module) -> str | None:
+    """The child an attention module only wraps (GPT-Neo's ``attn.attention``): its one child with
+    weights, itself holding linear maps, and no weights of the wrapper's own."""
+    if any(True for _ in attn.parameters(recurse=False)):
+        return None
+    weighted = [
+        (name, child) for name, child in attn.named_children() if any(True for _ in child.parameters())
+    ]
+    if len(weighted) == 1 and projections(weighted[0][1]):
+        return weighted[0][0]
+    return None
+
+
 def _complex_rotary(model: nn.Module) -> bool:
     """Whether the rotary module returns one complex table (DeepSeek-V2) instead of cos and sin."""
     try:
@@ -676,6 +693,10 @@ class _Analyzer:
         heads, head_dim = self.tiny.num_attention_heads, self._head_dim()
         q_size = heads * head_dim
         linears = projections(attn)
+        inner_attr = _wrapped_attention(attn) if not linears else None
+        if inner_attr is not None:  # GPT-Neo: the layer's attention only wraps the attention module
+            wrapper, attn, path = attn, getattr(attn, inner_attr), f"{path}.{inner_attr}"
+            linears = projections(attn)
         norms = {n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
         separate = ["q_proj", "k_proj", "v_proj"]
         if set(separate) <= set(linears):
@@ -700,7 +721,11 @@ class _Analyzer:
             raise UnsupportedFeature(
                 f"{path}.{outs[0]}", "output projection is not heads x head_dim -> hidden", _HINT
             )
-        biases = self._bias_expressions(layer, [f"{attr}.{n}" for n in linears])
+        inside = f"{attr}.{inner_attr}" if inner_attr else attr
+        biases = {
+            key.replace(inside, attr, 1): value
+            for key, value in self._bias_expressions(layer, [f"{inside}.{n}" for n in linears]).items()
+        }
         projections_spec = tuple(LinearSpec(n, biases[f"{attr}.{n}"], linears[n].transposed) for n in ins)
         qk_norm, qk_names, per_head = self._qk_norm(path, norms, head_dim, q_size)
         real = self._real_heads()
@@ -720,6 +745,8 @@ class _Analyzer:
         spec = AttentionSpec(
             class_name=type(attn).__name__,
             attr=attr,
+            inner_attr=inner_attr,
+            wrapper_class=type(wrapper).__name__ if inner_attr else None,
             kind=kind,
             projections=projections_spec,
             out=LinearSpec(outs[0], biases[f"{attr}.{outs[0]}"], linears[outs[0]].transposed),
@@ -730,6 +757,7 @@ class _Analyzer:
             qk_norm_per_head=per_head,
             qk_norm_flag=self._module_flag(layer, f"{attr}.{qk_names[0]}") if qk_norm else None,
             sliding=self._sliding(path),
+            sliding_expr=self._measured_window(layer_path, layers, attr, inner_attr),
             softcap=self._attention_softcap(),
             rope_flag=self._rope_flag(path, uses_rope) if rope is not None else None,
             sinks=isinstance(getattr(attn, "sinks", None), torch.Tensor),
@@ -746,6 +774,12 @@ class _Analyzer:
         if spec.fused_qkv and spec.qkv_order != ("q", "k", "v") or spec.qkv_groups != "1":
             self.notes.append(f"fused qkv in {spec.qkv_groups} group(s) of {'/'.join(spec.qkv_order)}")
         return spec, rope
+
+    @staticmethod
+    def _attn_module(layer: nn.Module, spec: AttentionSpec) -> nn.Module:
+        """The module that holds the projections: the layer's attention, or the one it wraps."""
+        attn = getattr(layer, spec.attr)
+        return getattr(attn, spec.inner_attr) if spec.inner_attr else attn
 
     def _attention_attr(self, layer_path: str, layer: nn.Module) -> str:
         """The layer's attention child: the one that takes ``position_embeddings`` (RoPE models), else
@@ -794,7 +828,7 @@ class _Analyzer:
     ) -> tuple[AttentionSpec, RopeSpec]:
         """Match the HF attention output (no mask) with the spec's math; the match fixes the RoPE style
         (and a fused projection's layout)."""
-        attn = getattr(layer, spec.attr)
+        attn = self._attn_module(layer, spec)
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
         rotary = getattr(self.stack, rope.attr)
         for style in ("neox", "interleaved"):
@@ -811,14 +845,25 @@ class _Analyzer:
     def _probe_plain_attention(
         self, path: str, layer: nn.Module, spec: AttentionSpec, scale: float, kv_heads: int
     ) -> AttentionSpec:
-        """Attention without RoPE: the HF output (no mask) against the spec's math."""
-        attn = getattr(layer, spec.attr)
+        """Attention without RoPE: the HF output (no mask) against the spec's math. A module without a
+        ``scaling`` attribute may not scale its scores at all (GPT-Neo): 1.0 is tried too."""
+        attn = self._attn_module(layer, spec)
         recorded = (self.model, path) if _needs_recording(attn) else None
-        probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, recorded_from=recorded)
-        found = probe.match(self._qkv_layouts(spec, kv_heads))
-        if found is None and recorded is None:  # it masks causally by itself (OpenAI GPT): as called
-            probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, recorded_from=(self.model, path))
+        scales = [(spec.scaling, scale)] + ([("1.0", 1.0)] if not hasattr(attn, "scaling") else [])
+        found = None
+        for expression, value in scales:
+            probe = _AttentionProbe(attn, spec, self.tiny, value, kv_heads, recorded_from=recorded)
             found = probe.match(self._qkv_layouts(spec, kv_heads))
+            if found is None and recorded is None:  # it masks causally by itself (OpenAI GPT): as called
+                probe = _AttentionProbe(
+                    attn, spec, self.tiny, value, kv_heads, recorded_from=(self.model, path)
+                )
+                found = probe.match(self._qkv_layouts(spec, kv_heads))
+            if found is not None:
+                if expression != spec.scaling:
+                    self.notes.append("attention scores not scaled")
+                spec = dataclasses.replace(spec, scaling=expression)
+                break
         if found is None:
             raise UnsupportedFeature(path, "attention output matches no template (scale or wiring)", _HINT)
         if probe.matched_alibi:
@@ -1066,6 +1111,73 @@ class _Analyzer:
             raise UnsupportedFeature(path, "config.sliding_window that the model does not apply", _HINT)
         self.notes.append("sliding-window attention")
         return "all"
+
+    def _measured_window(
+        self, layer_path: str, layers: nn.ModuleList, attr: str, inner: str | None
+    ) -> str | None:
+        """Without a ``sliding_window`` field: the window each layer's attention applies by itself,
+        measured (a token changed ``d`` positions back changes the last output, or not), and the
+        config expression that gives it per layer (an int field equal to the window, and a per-layer
+        list whose value marks the windowed layers: GPT-Neo's ``window_size`` and ``attention_layers``)."""
+        if isinstance(self.fields.get("sliding_window"), int):
+            return None
+        stack = layer_path.rsplit(".", 1)[0]
+        path = f"{layer_path}.{attr}" + (f".{inner}" if inner else "")
+        windows = [
+            self._layer_window(path.replace(f"{layer_path}.", f"{stack}.{i}.", 1)) for i in range(len(layers))
+        ]
+        if not any(windows):
+            return None
+        sizes = {w for w in windows if w}
+        window_fields = [n for n, v in self.fields.items() if _is_int(v) and v in sizes and "window" in n]
+        if len(sizes) != 1 or not window_fields:
+            raise UnsupportedFeature(
+                path, f"attention windows {windows} per layer from no config field", _HINT
+            )
+        window = f"config.{window_fields[0]}"
+        if all(windows):
+            self.notes.append(f"sliding-window attention ({window})")
+            return window
+        for name, value in self.fields.items():
+            if not isinstance(value, list) or len(value) != len(layers):
+                continue
+            for marker in [
+                item for i, item in enumerate(value) if isinstance(item, str) and item not in value[:i]
+            ]:
+                if [item == marker for item in value] == [bool(w) for w in windows]:
+                    self.notes.append(
+                        f"sliding-window attention ({window}) where config.{name} is {marker!r}"
+                    )
+                    return f"{window} if config.{name}[layer_idx] == {marker!r} else None"
+        raise UnsupportedFeature(path, f"attention windows {windows} per layer from no config field", _HINT)
+
+    def _layer_window(self, path: str) -> int | None:
+        """The window the attention at ``path`` applies within its call (None: it sees every earlier
+        token), from its call recorded inside a forward on a sequence longer than any tiny window."""
+        seq = 4 * 8 + 1
+        input_ids = torch.arange(seq)[None] % (self.tiny.vocab_size - 1) + 1
+        try:
+            call = record_calls(
+                self.model, [path], input_ids=input_ids, position_ids=torch.arange(seq)[None], use_cache=False
+            )[path][0]
+        except Exception:  # a model that does not run this way: no window measured, the probes decide
+            return None
+        module = self.model.get_submodule(path)
+        x = call.hidden_states
+        args = call.args[1:] if call.args else ()
+        kwargs = {k: v for k, v in call.kwargs.items() if k != "hidden_states"}
+
+        def last(hidden: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return _first(module(hidden, *args, **kwargs))[0, -1]
+
+        base = last(x)
+        for distance in range(1, seq):
+            changed = x.clone()
+            changed[0, seq - 1 - distance] += 1.0
+            if _close(last(changed), base):
+                return distance
+        return None
 
     def _window_hides_first_token(self, window: int) -> bool:
         """With a window on every layer, the last token of a long sequence cannot see the first one."""

@@ -519,7 +519,14 @@ _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
     (("mamba_dt_rank", "time_step_rank"), _const(_SSM_DT_RANK)),
     # windows and chunks smaller than a test sequence (block_size: MiniMax lightning attention)
     (
-        ("sliding_window", "attention_chunk_size", "mamba_chunk_size", "chunk_size", "block_size"),
+        (
+            "sliding_window",
+            "window_size",
+            "attention_chunk_size",
+            "mamba_chunk_size",
+            "chunk_size",
+            "block_size",
+        ),
         _at_most(_WINDOW),
     ),
     (("rope_parameters",), _rope_parameters),
@@ -604,7 +611,11 @@ def _shrink_part(
         ):
             part_new[name] = new[name]
     _shrink_widths(part_old, part_new, num_layers)
-    return type(part)(**{name: part_new[name] for name in fields})
+    tiny = type(part)(**{name: part_new[name] for name in fields})
+    for key, value in part.to_dict().items():  # attributes beyond its fields (DBRX's rope_theta)
+        if not _has(tiny, key):
+            setattr(tiny, key, copy.deepcopy(value))
+    return tiny
 
 
 def _check_supported(config: PretrainedConfig) -> None:

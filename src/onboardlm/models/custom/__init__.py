@@ -19,6 +19,7 @@ MODEL_MODULES = [
     "modeling_glm4_moe",
     "modeling_gpt2",
     "modeling_gpt_bigcode",
+    "modeling_gpt_neo",
     "modeling_gpt_neox",
     "modeling_gpt_oss",
     "modeling_gptj",
