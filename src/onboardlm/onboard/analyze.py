@@ -176,6 +176,15 @@ def _probe_failure(config_name: str, err: BaseException) -> UnsupportedFeature:
     )
 
 
+def _describe(module: nn.Module) -> str:
+    """``Class (child: Class, ...)``: what an unrecognised module is made of."""
+    children = [f"{name}: {type(child).__name__}" for name, child in module.named_children()]
+    if not isinstance(module, nn.ModuleList) and children:
+        more = f", +{len(children) - 5}" if len(children) > 5 else ""
+        return f"{type(module).__name__} ({', '.join(children[:5])}{more})"
+    return type(module).__name__
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -285,7 +294,7 @@ class _Analyzer:
         for name, child in module.named_children():
             if name not in known and not isinstance(child, nn.Dropout):
                 where = f"{path}.{name}" if path else name
-                raise UnsupportedFeature(where, f"unrecognised module {type(child).__name__}", _HINT)
+                raise UnsupportedFeature(where, f"unrecognised module {_describe(child)}", _HINT)
 
     def _final_norm_attr(
         self, path: str, parts: dict[str, tuple[str, Any]], decoder: DecoderLayerSpec
@@ -337,6 +346,7 @@ class _Analyzer:
         tokens = inner.get_input_embeddings()
         linears = projections(inner)
         norms: list[tuple[str, nn.Module]] = []
+        problems: list[tuple[str, str]] = []  # (module path, feature): all of them, in one message
         for name, child in inner.named_children():
             if isinstance(child, nn.Dropout):
                 continue
@@ -364,19 +374,22 @@ class _Analyzer:
                 norms.append((name, child))
                 continue
             else:
-                raise UnsupportedFeature(
-                    f"{prefix}.{name}", f"unrecognised module {type(child).__name__}", _HINT
-                )
+                problems.append((f"{prefix}.{name}", f"unrecognised module {_describe(child)}"))
+                continue
             if role in parts:
                 kind = type(child).__name__
                 if isinstance(child, nn.ModuleList) and len(child):
                     kind = f"{kind} of {len(child)} {type(child[0]).__name__}"
-                raise UnsupportedFeature(
-                    f"{prefix}.{name}",
-                    f"a second {role} module ({kind}) beside {prefix}.{parts[role][0]}",
-                    _HINT,
+                problems.append(
+                    (f"{prefix}.{name}", f"a second {role} module ({kind}) beside {prefix}.{parts[role][0]}")
                 )
+                continue
             parts[role] = (name, child)
+        if problems:
+            others = "; ".join(f"{path}: {feature}" for path, feature in problems[1:])
+            raise UnsupportedFeature(
+                problems[0][0], problems[0][1] + (f" (also {others})" if others else ""), _HINT
+            )
         if len(norms) == 1:
             parts["norm"] = norms[0]
         elif len(norms) == 2 and "layers" in parts:
