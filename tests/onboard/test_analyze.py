@@ -254,6 +254,22 @@ def test_hard_coded_activation_is_the_closest_match() -> None:
     assert spec.feed_forward.act == '"gelu"' and spec.attention.alibi
 
 
+def test_part_settings_that_change_the_layer_are_refused_by_the_file() -> None:
+    """MPT's attn_config.clip_qkv and softmax_scale change the attention (measured: set on a rebuilt
+    layer); its qk_ln and alibi do not in transformers. The shipped file refuses the first two."""
+    from onboardlm.models.custom.modeling_mpt import MptForCausalLM
+
+    spec = analyze(AutoConfig.for_model("mpt"))
+    assert spec.decoder.refused == (
+        ("config.attn_config.clip_qkv is not None", "config.attn_config.clip_qkv=set"),
+        ("config.attn_config.softmax_scale is not None", "config.attn_config.softmax_scale=set"),
+    )
+    tiny = {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 256}
+    with pytest.raises(NotImplementedError, match="clip_qkv"):
+        MptForCausalLM(AutoConfig.for_model("mpt", **tiny, attn_config={"clip_qkv": 8.0}))
+    MptForCausalLM(AutoConfig.for_model("mpt", **tiny))  # the defaults build
+
+
 def test_gpt_neo_wrapped_unscaled_attention_with_a_measured_window() -> None:
     """GPT-Neo: attn wraps attn.attention, scores are not scaled, and 'local' layers apply a window
     inside the module (no sliding_window field): each found by measurement."""

@@ -415,5 +415,8 @@ def test_part_sub_configs_shrink_with_their_parent() -> None:
     dbrx = tiny_config(AutoConfig.for_model("dbrx"))  # attn_config and ffn_config are parts, not modalities
     assert (dbrx.d_model, dbrx.ffn_config.hidden_size, dbrx.ffn_config.ffn_hidden_size) == (64, 64, 128)
     assert (dbrx.attn_config.kv_n_heads, dbrx.ffn_config.moe_num_experts) == (1, 4)
+    checkpoint = AutoConfig.for_model("dbrx", attn_config={"rope_theta": 500000.0, "kv_n_heads": 8})
+    tiny = tiny_config(checkpoint)  # a checkpoint's attribute beyond the part's fields is kept
+    assert (tiny.attn_config.rope_theta, tiny.attn_config.kv_n_heads) == (500000.0, 2)
     with pytest.raises(ValueError, match="sub-configs"):
         tiny_config(AutoConfig.for_model("gemma3"))  # text + vision: pass the text config

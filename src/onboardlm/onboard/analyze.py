@@ -176,6 +176,10 @@ def _probe_failure(config_name: str, err: BaseException) -> UnsupportedFeature:
     )
 
 
+#: Fields every config has (PretrainedConfig's own), not settings of a model part.
+_BASE_CONFIG_FIELDS = frozenset(PretrainedConfig().to_dict())
+
+
 def _describe(module: nn.Module) -> str:
     """``Class (child: Class, ...)``: what an unrecognised module is made of."""
     children = [f"{name}: {type(child).__name__}" for name, child in module.named_children()]
@@ -258,6 +262,7 @@ class _Analyzer:
             block.note for block in (attention, feed_forward) if isinstance(block, (MLASpec, MoESpec))
         ]
         decoder = self._decoder(layer_path, layer, attention.attr, feed_forward)
+        decoder = dataclasses.replace(decoder, refused=self._part_settings(layer_path, layer))
         final_attr = self._final_norm_attr(path, parts, decoder)
         self._layer_norm_spec = decoder.norm
         embedding = self._embedding(self.stack, path, parts, layer)
@@ -1435,6 +1440,48 @@ class _Analyzer:
         return dataclasses.replace(
             spec, switches=self._layout_switches(layer, attn_attr, ff, spec, norm_names)
         )
+
+    def _part_settings(self, layer_path: str, layer: nn.Module) -> tuple[tuple[str, str], ...]:
+        """Unset or bool fields of part sub-configs (MPT's ``attn_config.clip_qkv``) that change the
+        layer: each set (None -> 0.01) or flipped on a rebuilt layer given the first layer's recorded
+        inputs. The tiny config measured the file with the current values, so a config that sets one
+        is refused by the file, not computed wrongly."""
+        parts = [
+            name for name, cls in type(self.tiny).sub_configs.items() if not getattr(cls, "model_type", "")
+        ]
+        if not parts:
+            return ()
+        seq = 6
+        input_ids = torch.arange(2 * seq).reshape(2, seq) % (self.tiny.vocab_size - 1) + 1
+        call = record_calls(
+            self.model, [layer_path], input_ids=input_ids, position_ids=torch.arange(seq)[None].expand(2, seq),
+            use_cache=False,
+        )[layer_path][0]  # fmt: skip
+        refused = []
+        for part in parts:
+            for field, value in getattr(self.tiny, part).to_dict().items():
+                if value is not None and not isinstance(value, bool) or field in _BASE_CONFIG_FIELDS:
+                    continue
+                flipped = copy.deepcopy(self.tiny)
+                setattr(
+                    getattr(flipped, part), field, 0.01 if value is None else not value
+                )  # small: it bites
+                try:
+                    rebuilt = type(layer)(flipped, 0).float().eval()
+                    rebuilt.load_state_dict(layer.state_dict())
+                    with torch.no_grad():
+                        changed = not _close(_first(rebuilt(*call.args, **call.kwargs)), call.result)
+                except Exception:  # other modules, or a value the layer cannot take: it changes it too
+                    changed = True
+                if changed:
+                    condition = f"config.{part}.{field} is not None" if value is None else (
+                        f"{'not ' if value else ''}config.{part}.{field}"
+                    )  # fmt: skip
+                    refused.append(
+                        (condition, f"config.{part}.{field}={'set' if value is None else not value}")
+                    )
+                    self.notes.append(f"config.{part}.{field} other than {value}: refused by this file")
+        return tuple(refused)
 
     @staticmethod
     def _block_names(ff: MLPSpec | MoESpec, attn_attr: str) -> set[str]:

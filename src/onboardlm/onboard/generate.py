@@ -321,9 +321,15 @@ def _block_call(attr: str, argument: str, pre: str | None, post: str | None, ext
 
 def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
     attn, ff = spec.attention, spec.feed_forward
-    init = [
+    init = []
+    for condition, field in layer.refused:  # part sub-config settings measured to change the layer
+        init += [
+            f"if {condition}:",
+            f'    raise NotImplementedError("{field} is not reproduced by this file")',
+        ]
+    init.append(
         f"self.{attn.attr} = {getattr(attn, 'wrapper_class', None) or attn.class_name}(config, layer_idx)"
-    ]
+    )
     methods = ""
     if isinstance(ff, MLPSpec) and ff.inline:
         up, down = ff.inputs[0], ff.down

@@ -134,6 +134,9 @@ class DecoderLayerSpec:
     #: (config field, value, layout) of the other layouts a bool config field selects, checked in order
     #: before this one (OPT's do_layer_norm_before=False: post-LN)
     switches: tuple[tuple[str, bool, DecoderLayerSpec], ...] = ()
+    #: (condition over config, field) of part sub-config settings that change the layer and that this
+    #: file does not reproduce (MPT's attn_config.clip_qkv): the layer refuses a config that sets them
+    refused: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Lean, export-friendly Mpt on canonical ``auto_deploy`` ops.
 
 Mirrors ``transformers.models.mpt.modeling_mpt`` (MptForCausalLM): pre-norm decoder layers with
-LayerNorm, grouped-query attention with ALiBi biases and a plain MLP. Module names equal the
-checkpoint keys, so HuggingFace state dicts load with ``strict=True``.
+LayerNorm, grouped-query attention with ALiBi biases and a plain MLP. Also: not for configs with
+config.attn_config.clip_qkv other than None, config.attn_config.softmax_scale other than None
+(measured: other modules). Module names equal the checkpoint keys, so HuggingFace state dicts load
+with ``strict=True``.
 
 Left out on purpose: KV cache, attention masks (attention is causal), dropout, gradient
 checkpointing, attention-implementation switches, ``repeat_kv`` (the attention op handles GQA),
@@ -111,6 +113,10 @@ class MptAttention(nn.Module):
 class MptBlock(nn.Module):
     def __init__(self, config: MptConfig, layer_idx: int) -> None:
         super().__init__()
+        if config.attn_config.clip_qkv is not None:
+            raise NotImplementedError("config.attn_config.clip_qkv=set is not reproduced by this file")
+        if config.attn_config.softmax_scale is not None:
+            raise NotImplementedError("config.attn_config.softmax_scale=set is not reproduced by this file")
         self.attn = MptAttention(config, layer_idx)
         self.ffn = MptMLP(config)
         self.norm_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, bias=False)
