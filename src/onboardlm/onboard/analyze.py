@@ -707,7 +707,12 @@ class _Analyzer:
             if names != weights[0]:
                 extra = sorted(names ^ weights[0])[0]
                 where = path if extra in weights[0] else path.replace(".0.", f".{index}.", 1)
-                raise UnsupportedFeature(f"{where}.{extra}", "attention weights only some layers have", _HINT)
+                having = [i for i, other in enumerate(weights) if extra in other]
+                raise UnsupportedFeature(
+                    f"{where}.{extra}",
+                    f"attention weights only some layers have: layers {having} of {len(weights)} in the tiny config",
+                    _HINT,
+                )
         heads, head_dim = self.tiny.num_attention_heads, self._head_dim()
         q_size = heads * head_dim
         linears = projections(attn)
