@@ -215,3 +215,72 @@ def test_analysis_leaves_the_callers_random_state_alone() -> None:
     torch.manual_seed(7)
     analyze(AutoConfig.for_model("llama"))
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_a_failing_probe_names_the_module_the_probe_and_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error no transformers frame explains names the module being measured, the analyzer probe and
+    the failing call, never just "analysis failed (KeyError: ...)"."""
+
+    class Tables(nn.Module):
+        def forward(self, layer_type: str) -> None:
+            return {"sliding_attention": None}[layer_type]
+
+    monkeypatch.setattr(
+        analyze_module._Analyzer, "_attention_softcap", lambda self: Tables()("full_attention")
+    )
+    with pytest.raises(UnsupportedFeature) as caught:
+        analyze(AutoConfig.for_model("llama"))
+    message = str(caught.value)
+    assert caught.value.module_path == "model.layers.0.self_attn"
+    assert "probe _attention (analyze.py:" in message and "in Tables, test_analyze.py:" in message
+    assert "KeyError: 'full_attention'" in message and "analysis failed" not in message
+
+
+def test_per_layer_widths_are_refused_in_one_line() -> None:
+    with pytest.raises(UnsupportedFeature, match="per_layer_config overrides head_dim on some layers"):
+        analyze(AutoConfig.for_model("gemma4_text"))
+
+
+def test_a_second_module_list_names_both() -> None:
+    with pytest.raises(
+        UnsupportedFeature, match=r"altup_projections.*ModuleList of \d+ Linear.* beside model\.layers"
+    ):
+        analyze(AutoConfig.for_model("gemma3n_text"))
+
+
+def test_hard_coded_activation_is_the_closest_match() -> None:
+    """MPT's MLP hard-codes exact GELU; on small random weights the tanh form is within 1e-5 too."""
+    spec = analyze(AutoConfig.for_model("mpt"))  # attention settings in the attn_config part sub-config
+    assert spec.feed_forward.act == '"gelu"' and spec.attention.alibi
+
+
+def test_part_settings_that_change_the_layer_are_refused_by_the_file() -> None:
+    """MPT's attn_config.clip_qkv and softmax_scale change the attention (measured: set on a rebuilt
+    layer); its qk_ln and alibi do not in transformers. The shipped file refuses the first two."""
+    from onboardlm.models.custom.modeling_mpt import MptForCausalLM
+
+    spec = analyze(AutoConfig.for_model("mpt"))
+    assert spec.decoder.refused == (
+        ("config.attn_config.clip_qkv is not None", "config.attn_config.clip_qkv=set"),
+        ("config.attn_config.softmax_scale is not None", "config.attn_config.softmax_scale=set"),
+    )
+    tiny = {"d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 256}
+    with pytest.raises(NotImplementedError, match="clip_qkv"):
+        MptForCausalLM(AutoConfig.for_model("mpt", **tiny, attn_config={"clip_qkv": 8.0}))
+    MptForCausalLM(AutoConfig.for_model("mpt", **tiny))  # the defaults build
+
+
+def test_gpt_neo_wrapped_unscaled_attention_with_a_measured_window() -> None:
+    """GPT-Neo: attn wraps attn.attention, scores are not scaled, and 'local' layers apply a window
+    inside the module (no sliding_window field): each found by measurement."""
+    attention = analyze(AutoConfig.for_model("gpt_neo")).attention
+    assert (attention.attr, attention.inner_attr, attention.wrapper_class) == (
+        "attn",
+        "attention",
+        "GPTNeoAttention",
+    )
+    assert attention.class_name == "GPTNeoSelfAttention" and attention.scaling == "1.0"
+    assert (
+        attention.sliding_expr
+        == "config.window_size if config.attention_layers[layer_idx] == 'local' else None"
+    )

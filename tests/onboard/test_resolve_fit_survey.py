@@ -37,6 +37,14 @@ def test_bare_model_type_resolves_to_its_default_config() -> None:
         ("t5", "encoder-decoder"),
         ("bart", "encoder-decoder"),
         ("vit", "no causal-LM class"),
+        # measured on a tiny config: transformers lists them as causal LMs
+        ("bert-generation", "not causal: its logits for a prompt change when tokens follow"),
+        ("xlnet", "not causal"),
+        ("cpmant", "not causal"),
+        (
+            "trocr",
+            r"decoder of an encoder-decoder: model\.decoder\.layers\.0\.encoder_attn attends to an encoder",
+        ),
     ],
 )
 def test_models_that_are_not_decoder_only_are_refused(model: str, problem: str) -> None:

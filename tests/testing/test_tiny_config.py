@@ -142,6 +142,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "recurrent_gemma": ("recurrent_gemma", {}),
     "mamba2": ("mamba2", {}),
     "gpt2": ("gpt2", {}),
+    "gpt_neo": ("gpt_neo", {}),  # attention_types: [[["global", "local"], 12]]
+    "gemma3n_text": ("gemma3n_text", {}),  # per-layer intermediate_size, KV-sharing last layers
+    "gemma4_text": ("gemma4_text", {}),  # per_layer_config overrides head_dim on full layers
+    "kolibri1_1": ("kolibri1_1", {}),  # index_layers, kv_source_layers
+    "mpt": ("mpt", {}),  # attention settings in a part sub-config (attn_config)
 }
 
 # The defaults of these model types cannot be built by transformers 5.23 itself (fields real checkpoints
@@ -153,6 +158,7 @@ TRANSFORMERS_DEFAULT_BROKEN = {
     "ministral": (TypeError, "head_dim defaults to None; the attention computes None ** -0.5"),
     "nemotron": (TypeError, "num_key_value_heads defaults to None; the attention divides by it"),
     "lfm2_moe": (TypeError, "layer_types defaults to None; the decoder layer indexes it"),
+    "dbrx": (AttributeError, "DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig lacks"),
     "cohere_compass_text": (
         KeyError,
         "rope_parameters defaults to {}; the rotary embedding reads ['full_attention']",
@@ -162,14 +168,10 @@ TRANSFORMERS_DEFAULT_BROKEN = {
 # Configs tiny_config refuses with a clear message.
 REFUSED = {
     "gemma3": "sub-configs",  # composite (text + vision): pass config.get_text_config()
-    "dbrx": "sub-configs",  # attn_config / ffn_config sub-configs
-    "gemma4_text": "per-layer overrides",  # heterogeneous per_layer_config
 }
 
 # Model types tiny_config does not handle yet; each fails loudly (never silently), at the stage noted.
 NOT_HANDLED = {
-    "gpt_neo": "config validation: attention_layers is re-derived from the nested attention_types format",
-    "gemma3n_text": "config validation: per-layer intermediate_size lists, KV-sharing layers and AltUp",
     "xlstm": "forward: embedding_dim and num_blocks duplicate hidden_size and num_hidden_layers",
     "zamba": "model build: one shared attention block needs at least two hybrid layers to tie",
 }
@@ -374,3 +376,47 @@ def test_tiny_config_is_fast() -> None:
     for config in configs:
         tiny_config(config)
     assert (time.perf_counter() - start) / len(configs) < 0.1
+
+
+def test_per_layer_lists_and_kv_sharing() -> None:
+    gemma3n = tiny_config(AutoConfig.for_model("gemma3n_text"))  # 35 layers, the last 15 reuse KV
+    # a sliding and a full layer that store KV, one of them sparse; a full layer that reads the stored KV
+    assert gemma3n.layer_types == ["sliding_attention", "full_attention", "full_attention"]
+    assert gemma3n.activation_sparsity_pattern == [0.95, 0.0, 0.0]
+    assert (gemma3n.intermediate_size, gemma3n.num_kv_shared_layers) == ([128] * 3, 1)
+    assert gemma3n.vocab_size_per_layer_input < VOCAB and gemma3n.hidden_size_per_layer_input == 16
+
+
+def test_layer_sources_and_indices() -> None:
+    kolibri = tiny_config(AutoConfig.for_model("kolibri1_1"))
+    assert kolibri.layer_types == ["sliding_attention", "indexed_attention", "indexed_attention"]
+    assert (kolibri.index_layers, kolibri.kv_source_layers) == ([1], [0, 1, 1])  # layer 2 reads layer 1's KV
+    assert kolibri.mlp_only_layers == [0]
+
+
+def test_attention_type_runs() -> None:
+    neo = tiny_config(AutoConfig.for_model("gpt_neo"))
+    assert neo.attention_types == [[["global"], 1], [["local"], 1]]
+    assert neo.attention_layers == ["global", "local"]
+
+
+def test_per_layer_config_overrides_shrink_and_still_differ() -> None:
+    config = AutoConfig.for_model("gemma4_text")  # head_dim 256, 512 on every full-attention layer
+    tiny = tiny_config(config)
+    assert tiny.layer_types == ["sliding_attention", "full_attention"]
+    overrides = tiny.to_dict()["per_layer_config"]
+    assert list(overrides) in (["1"], ["01"]) and set(overrides[list(overrides)[0]]) == {"head_dim"}
+    assert overrides[list(overrides)[0]]["head_dim"] > tiny._getattr_without_heterogeneous_validation(
+        "head_dim"
+    )
+
+
+def test_part_sub_configs_shrink_with_their_parent() -> None:
+    dbrx = tiny_config(AutoConfig.for_model("dbrx"))  # attn_config and ffn_config are parts, not modalities
+    assert (dbrx.d_model, dbrx.ffn_config.hidden_size, dbrx.ffn_config.ffn_hidden_size) == (64, 64, 128)
+    assert (dbrx.attn_config.kv_n_heads, dbrx.ffn_config.moe_num_experts) == (1, 4)
+    checkpoint = AutoConfig.for_model("dbrx", attn_config={"rope_theta": 500000.0, "kv_n_heads": 8})
+    tiny = tiny_config(checkpoint)  # a checkpoint's attribute beyond the part's fields is kept
+    assert (tiny.attn_config.rope_theta, tiny.attn_config.kv_n_heads) == (500000.0, 2)
+    with pytest.raises(ValueError, match="sub-configs"):
+        tiny_config(AutoConfig.for_model("gemma3"))  # text + vision: pass the text config

@@ -26,7 +26,9 @@ import copy
 import dataclasses
 import inspect
 import itertools
+import linecache
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,6 +90,14 @@ def analyze(config: PretrainedConfig) -> ArchitectureSpec:
         reason = " ".join(str(err.__cause__ if isinstance(err, StrictDataclassError) else err).split())
         # per-layer overrides, or the shrunken fields break one of the config class's own checks
         raise UnsupportedFeature(type(config).__name__, f"no tiny copy of it: {reason}", _TINY_HINT) from err
+    if tiny.is_heterogeneous:
+        overridden = sorted({k for fields in tiny.to_dict()["per_layer_config"].values() for k in fields})
+        raise UnsupportedFeature(
+            type(config).__name__,
+            f"decoder layers of different widths: per_layer_config overrides {', '.join(overridden)} on some "
+            "layers",
+            "a template per layer width; analyze.py measures one layer shape for all layers",
+        )
     for name, value in _TELLING_MULTIPLIERS.items():
         if isinstance(getattr(tiny, name, None), float):
             with contextlib.suppress(AttributeError):  # a read-only property derived from other fields
@@ -118,9 +128,83 @@ def _measure(config: PretrainedConfig, tiny: PretrainedConfig) -> ArchitectureSp
     except (AttributeError, TypeError, IndexError, KeyError, ValueError, RuntimeError) as err:
         # raised inside a transformers module on a probe input: name that module and its line
         located = transformers_failure(tiny, err, "fails on the analyzer's probe input")
-        raise located or UnsupportedFeature(
-            type(config).__name__, f"analysis failed ({type(err).__name__}: {err})", _HINT
-        ) from err
+        raise located or _probe_failure(type(config).__name__, err) from err
+
+
+#: Frames that only pass a call on (torch's module call, decorators, kernel hubs): not the failing line.
+_WRAPPERS = ("/torch/", "/transformers/utils/", "/kernels/", "/transformers/integrations/")
+
+
+def _probe_failure(config_name: str, err: BaseException) -> UnsupportedFeature:
+    """Name the module an analyzer probe was measuring (its ``path`` local), the probe (the innermost
+    analyzer function) and the call that failed (the innermost frame: file, line, source)."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    ours = [(f, n) for f, n in frames if "/onboardlm/onboard/" in f.f_code.co_filename]
+    where = config_name
+    for frame, _ in reversed(ours):
+        found = next(
+            (
+                frame.f_locals[k]
+                for k in ("path", "layer_path", "prefix")
+                if isinstance(frame.f_locals.get(k), str)
+            ),
+            None,
+        )
+        if found:
+            where = found
+            break
+    probe = ""
+    if ours:
+        frame, lineno = ours[-1]
+        probe = f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{lineno}) "
+    after = frames[frames.index(ours[-1]) + 1 :] if ours else frames
+    modules = [f.f_locals.get("self") for f, _ in after if isinstance(f.f_locals.get("self"), nn.Module)]
+    called = f" in {type(modules[-1]).__name__}" if modules else ""
+    located = [(f, n) for f, n in after if not any(w in f.f_code.co_filename for w in _WRAPPERS)]
+    if located:
+        frame, lineno = located[-1]
+        line = linecache.getline(frame.f_code.co_filename, lineno).strip()
+        called += f"{',' if called else ' in'} {Path(frame.f_code.co_filename).name}:{lineno} `{line}`"
+    message = " ".join(str(err).split())[:300]
+    return UnsupportedFeature(
+        where,
+        f"the analyzer's probe {probe}failed{called}: {type(err).__name__}: {message}",
+        _HINT,
+    )
+
+
+#: Fields every config has (PretrainedConfig's own), not settings of a model part.
+_BASE_CONFIG_FIELDS = frozenset(PretrainedConfig().to_dict())
+
+
+def _describe(module: nn.Module) -> str:
+    """``Class (child: Class, ...)``: what an unrecognised module is made of."""
+    children = [f"{name}: {type(child).__name__}" for name, child in module.named_children()]
+    if not isinstance(module, nn.ModuleList) and children:
+        more = f", +{len(children) - 5}" if len(children) > 5 else ""
+        return f"{type(module).__name__} ({', '.join(children[:5])}{more})"
+    return type(module).__name__
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _wrapped_attention(attn: nn.Module) -> str | None:
+    """The child an attention module only wraps (GPT-Neo's ``attn.attention``): its one child with
+    weights, itself holding linear maps, and no weights of the wrapper's own."""
+    if any(True for _ in attn.parameters(recurse=False)):
+        return None
+    weighted = [
+        (name, child) for name, child in attn.named_children() if any(True for _ in child.parameters())
+    ]
+    if len(weighted) == 1 and projections(weighted[0][1]):
+        return weighted[0][0]
+    return None
 
 
 def _complex_rotary(model: nn.Module) -> bool:
@@ -179,6 +263,7 @@ class _Analyzer:
             block.note for block in (attention, feed_forward) if isinstance(block, (MLASpec, MoESpec))
         ]
         decoder = self._decoder(layer_path, layer, attention.attr, feed_forward)
+        decoder = dataclasses.replace(decoder, refused=self._part_settings(layer_path, layer))
         final_attr = self._final_norm_attr(path, parts, decoder)
         self._layer_norm_spec = decoder.norm
         embedding = self._embedding(self.stack, path, parts, layer)
@@ -215,7 +300,7 @@ class _Analyzer:
         for name, child in module.named_children():
             if name not in known and not isinstance(child, nn.Dropout):
                 where = f"{path}.{name}" if path else name
-                raise UnsupportedFeature(where, f"unrecognised module {type(child).__name__}", _HINT)
+                raise UnsupportedFeature(where, f"unrecognised module {_describe(child)}", _HINT)
 
     def _final_norm_attr(
         self, path: str, parts: dict[str, tuple[str, Any]], decoder: DecoderLayerSpec
@@ -267,6 +352,7 @@ class _Analyzer:
         tokens = inner.get_input_embeddings()
         linears = projections(inner)
         norms: list[tuple[str, nn.Module]] = []
+        problems: list[tuple[str, str]] = []  # (module path, feature): all of them, in one message
         for name, child in inner.named_children():
             if isinstance(child, nn.Dropout):
                 continue
@@ -294,12 +380,22 @@ class _Analyzer:
                 norms.append((name, child))
                 continue
             else:
-                raise UnsupportedFeature(
-                    f"{prefix}.{name}", f"unrecognised module {type(child).__name__}", _HINT
-                )
+                problems.append((f"{prefix}.{name}", f"unrecognised module {_describe(child)}"))
+                continue
             if role in parts:
-                raise UnsupportedFeature(f"{prefix}.{name}", f"a second {role} module", _HINT)
+                kind = type(child).__name__
+                if isinstance(child, nn.ModuleList) and len(child):
+                    kind = f"{kind} of {len(child)} {type(child[0]).__name__}"
+                problems.append(
+                    (f"{prefix}.{name}", f"a second {role} module ({kind}) beside {prefix}.{parts[role][0]}")
+                )
+                continue
             parts[role] = (name, child)
+        if problems:
+            others = "; ".join(f"{path}: {feature}" for path, feature in problems[1:])
+            raise UnsupportedFeature(
+                problems[0][0], problems[0][1] + (f" (also {others})" if others else ""), _HINT
+            )
         if len(norms) == 1:
             parts["norm"] = norms[0]
         elif len(norms) == 2 and "layers" in parts:
@@ -612,10 +708,19 @@ class _Analyzer:
             if names != weights[0]:
                 extra = sorted(names ^ weights[0])[0]
                 where = path if extra in weights[0] else path.replace(".0.", f".{index}.", 1)
-                raise UnsupportedFeature(f"{where}.{extra}", "attention weights only some layers have", _HINT)
+                having = [i for i, other in enumerate(weights) if extra in other]
+                raise UnsupportedFeature(
+                    f"{where}.{extra}",
+                    f"attention weights only some layers have: layers {having} of {len(weights)} in the tiny config",
+                    _HINT,
+                )
         heads, head_dim = self.tiny.num_attention_heads, self._head_dim()
         q_size = heads * head_dim
         linears = projections(attn)
+        inner_attr = _wrapped_attention(attn) if not linears else None
+        if inner_attr is not None:  # GPT-Neo: the layer's attention only wraps the attention module
+            wrapper, attn, path = attn, getattr(attn, inner_attr), f"{path}.{inner_attr}"
+            linears = projections(attn)
         norms = {n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
         separate = ["q_proj", "k_proj", "v_proj"]
         if set(separate) <= set(linears):
@@ -640,7 +745,11 @@ class _Analyzer:
             raise UnsupportedFeature(
                 f"{path}.{outs[0]}", "output projection is not heads x head_dim -> hidden", _HINT
             )
-        biases = self._bias_expressions(layer, [f"{attr}.{n}" for n in linears])
+        inside = f"{attr}.{inner_attr}" if inner_attr else attr
+        biases = {
+            key.replace(inside, attr, 1): value
+            for key, value in self._bias_expressions(layer, [f"{inside}.{n}" for n in linears]).items()
+        }
         projections_spec = tuple(LinearSpec(n, biases[f"{attr}.{n}"], linears[n].transposed) for n in ins)
         qk_norm, qk_names, per_head = self._qk_norm(path, norms, head_dim, q_size)
         real = self._real_heads()
@@ -660,6 +769,8 @@ class _Analyzer:
         spec = AttentionSpec(
             class_name=type(attn).__name__,
             attr=attr,
+            inner_attr=inner_attr,
+            wrapper_class=type(wrapper).__name__ if inner_attr else None,
             kind=kind,
             projections=projections_spec,
             out=LinearSpec(outs[0], biases[f"{attr}.{outs[0]}"], linears[outs[0]].transposed),
@@ -670,6 +781,7 @@ class _Analyzer:
             qk_norm_per_head=per_head,
             qk_norm_flag=self._module_flag(layer, f"{attr}.{qk_names[0]}") if qk_norm else None,
             sliding=self._sliding(path),
+            sliding_expr=self._measured_window(layer_path, layers, attr, inner_attr),
             softcap=self._attention_softcap(),
             rope_flag=self._rope_flag(path, uses_rope) if rope is not None else None,
             sinks=isinstance(getattr(attn, "sinks", None), torch.Tensor),
@@ -686,6 +798,12 @@ class _Analyzer:
         if spec.fused_qkv and spec.qkv_order != ("q", "k", "v") or spec.qkv_groups != "1":
             self.notes.append(f"fused qkv in {spec.qkv_groups} group(s) of {'/'.join(spec.qkv_order)}")
         return spec, rope
+
+    @staticmethod
+    def _attn_module(layer: nn.Module, spec: AttentionSpec) -> nn.Module:
+        """The module that holds the projections: the layer's attention, or the one it wraps."""
+        attn = getattr(layer, spec.attr)
+        return getattr(attn, spec.inner_attr) if spec.inner_attr else attn
 
     def _attention_attr(self, layer_path: str, layer: nn.Module) -> str:
         """The layer's attention child: the one that takes ``position_embeddings`` (RoPE models), else
@@ -734,7 +852,7 @@ class _Analyzer:
     ) -> tuple[AttentionSpec, RopeSpec]:
         """Match the HF attention output (no mask) with the spec's math; the match fixes the RoPE style
         (and a fused projection's layout)."""
-        attn = getattr(layer, spec.attr)
+        attn = self._attn_module(layer, spec)
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
         rotary = getattr(self.stack, rope.attr)
         for style in ("neox", "interleaved"):
@@ -751,24 +869,35 @@ class _Analyzer:
     def _probe_plain_attention(
         self, path: str, layer: nn.Module, spec: AttentionSpec, scale: float, kv_heads: int
     ) -> AttentionSpec:
-        """Attention without RoPE: the HF output (no mask) against the spec's math."""
-        attn = getattr(layer, spec.attr)
+        """Attention without RoPE: the HF output (no mask) against the spec's math. A module without a
+        ``scaling`` attribute may not scale its scores at all (GPT-Neo): 1.0 is tried too."""
+        attn = self._attn_module(layer, spec)
         recorded = (self.model, path) if _needs_recording(attn) else None
-        try:
-            probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, recorded_from=recorded)
-        except (AttributeError, TypeError) as err:
-            if "position_ids" in inspect.signature(attn.forward).parameters:  # GPT-J before 5.2x
-                raise UnsupportedFeature(
-                    path,
-                    "RoPE computed inside the attention from position_ids (no rotary module on the model"
-                    " in this transformers release)",
-                    "onboard with a transformers release whose model has a rotary module (5.25 has)",
-                ) from err
-            raise
-        found = probe.match(self._qkv_layouts(spec, kv_heads))
-        if found is None and recorded is None:  # it masks causally by itself (OpenAI GPT): as called
-            probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, recorded_from=(self.model, path))
+        scales = [(spec.scaling, scale)] + ([("1.0", 1.0)] if not hasattr(attn, "scaling") else [])
+        found = None
+        for expression, value in scales:
+            try:
+                probe = _AttentionProbe(attn, spec, self.tiny, value, kv_heads, recorded_from=recorded)
+            except (AttributeError, TypeError) as err:
+                if "position_ids" in inspect.signature(attn.forward).parameters:  # GPT-J before 5.2x
+                    raise UnsupportedFeature(
+                        path,
+                        "RoPE computed inside the attention from position_ids (no rotary module on the"
+                        " model in this transformers release)",
+                        "onboard with a transformers release whose model has a rotary module (5.25 has)",
+                    ) from err
+                raise
             found = probe.match(self._qkv_layouts(spec, kv_heads))
+            if found is None and recorded is None:  # it masks causally by itself (OpenAI GPT): as called
+                probe = _AttentionProbe(
+                    attn, spec, self.tiny, value, kv_heads, recorded_from=(self.model, path)
+                )
+                found = probe.match(self._qkv_layouts(spec, kv_heads))
+            if found is not None:
+                if expression != spec.scaling:
+                    self.notes.append("attention scores not scaled")
+                spec = dataclasses.replace(spec, scaling=expression)
+                break
         if found is None:
             raise UnsupportedFeature(path, "attention output matches no template (scale or wiring)", _HINT)
         if probe.matched_alibi:
@@ -1017,6 +1146,73 @@ class _Analyzer:
         self.notes.append("sliding-window attention")
         return "all"
 
+    def _measured_window(
+        self, layer_path: str, layers: nn.ModuleList, attr: str, inner: str | None
+    ) -> str | None:
+        """Without a ``sliding_window`` field: the window each layer's attention applies by itself,
+        measured (a token changed ``d`` positions back changes the last output, or not), and the
+        config expression that gives it per layer (an int field equal to the window, and a per-layer
+        list whose value marks the windowed layers: GPT-Neo's ``window_size`` and ``attention_layers``)."""
+        if isinstance(self.fields.get("sliding_window"), int):
+            return None
+        stack = layer_path.rsplit(".", 1)[0]
+        path = f"{layer_path}.{attr}" + (f".{inner}" if inner else "")
+        windows = [
+            self._layer_window(path.replace(f"{layer_path}.", f"{stack}.{i}.", 1)) for i in range(len(layers))
+        ]
+        if not any(windows):
+            return None
+        sizes = {w for w in windows if w}
+        window_fields = [n for n, v in self.fields.items() if _is_int(v) and v in sizes and "window" in n]
+        if len(sizes) != 1 or not window_fields:
+            raise UnsupportedFeature(
+                path, f"attention windows {windows} per layer from no config field", _HINT
+            )
+        window = f"config.{window_fields[0]}"
+        if all(windows):
+            self.notes.append(f"sliding-window attention ({window})")
+            return window
+        for name, value in self.fields.items():
+            if not isinstance(value, list) or len(value) != len(layers):
+                continue
+            for marker in [
+                item for i, item in enumerate(value) if isinstance(item, str) and item not in value[:i]
+            ]:
+                if [item == marker for item in value] == [bool(w) for w in windows]:
+                    self.notes.append(
+                        f"sliding-window attention ({window}) where config.{name} is {marker!r}"
+                    )
+                    return f"{window} if config.{name}[layer_idx] == {marker!r} else None"
+        raise UnsupportedFeature(path, f"attention windows {windows} per layer from no config field", _HINT)
+
+    def _layer_window(self, path: str) -> int | None:
+        """The window the attention at ``path`` applies within its call (None: it sees every earlier
+        token), from its call recorded inside a forward on a sequence longer than any tiny window."""
+        seq = 4 * 8 + 1
+        input_ids = torch.arange(seq)[None] % (self.tiny.vocab_size - 1) + 1
+        try:
+            call = record_calls(
+                self.model, [path], input_ids=input_ids, position_ids=torch.arange(seq)[None], use_cache=False
+            )[path][0]
+        except Exception:  # a model that does not run this way: no window measured, the probes decide
+            return None
+        module = self.model.get_submodule(path)
+        x = call.hidden_states
+        args = call.args[1:] if call.args else ()
+        kwargs = {k: v for k, v in call.kwargs.items() if k != "hidden_states"}
+
+        def last(hidden: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return _first(module(hidden, *args, **kwargs))[0, -1]
+
+        base = last(x)
+        for distance in range(1, seq):
+            changed = x.clone()
+            changed[0, seq - 1 - distance] += 1.0
+            if _close(last(changed), base):
+                return distance
+        return None
+
     def _window_hides_first_token(self, window: int) -> bool:
         """With a window on every layer, the last token of a long sequence cannot see the first one."""
         seq = window * (self.tiny.num_hidden_layers + 1) + 1
@@ -1218,12 +1414,19 @@ class _Analyzer:
                 with torch.no_grad():
                     if _close(down(combine(act)), expected):
                         return kind, order, field_name
-        for act_name in _LITERAL_ACTIVATIONS:  # no config field names it: the module hard-codes one
+        # no config field names it: the module hard-codes one. Small random weights keep the
+        # pre-activations small, where GELU and its tanh form agree to 1e-5: the closest match wins.
+        matches = []
+        for act_name in _LITERAL_ACTIVATIONS:
             for kind, order, combine in variants:
                 with torch.no_grad():
-                    if _close(down(combine(ACT2FN[act_name])), expected):
-                        self.notes.append(f"activation {act_name} fixed by the architecture")
-                        return kind, order, f'"{act_name}"'
+                    actual = down(combine(ACT2FN[act_name]))
+                if _close(actual, expected):
+                    matches.append((float((actual - expected).abs().max()), act_name, kind, order))
+        if matches:
+            _, act_name, kind, order = min(matches, key=lambda match: match[0])
+            self.notes.append(f"activation {act_name} fixed by the architecture")
+            return kind, order, f'"{act_name}"'
         raise UnsupportedFeature(path, "feed-forward wiring matches no gated or plain MLP template", _HINT)
 
     # ---------------------------------------------------------------------------------------- layer
@@ -1253,6 +1456,48 @@ class _Analyzer:
         return dataclasses.replace(
             spec, switches=self._layout_switches(layer, attn_attr, ff, spec, norm_names)
         )
+
+    def _part_settings(self, layer_path: str, layer: nn.Module) -> tuple[tuple[str, str], ...]:
+        """Unset or bool fields of part sub-configs (MPT's ``attn_config.clip_qkv``) that change the
+        layer: each set (None -> 0.01) or flipped on a rebuilt layer given the first layer's recorded
+        inputs. The tiny config measured the file with the current values, so a config that sets one
+        is refused by the file, not computed wrongly."""
+        parts = [
+            name for name, cls in type(self.tiny).sub_configs.items() if not getattr(cls, "model_type", "")
+        ]
+        if not parts:
+            return ()
+        seq = 6
+        input_ids = torch.arange(2 * seq).reshape(2, seq) % (self.tiny.vocab_size - 1) + 1
+        call = record_calls(
+            self.model, [layer_path], input_ids=input_ids, position_ids=torch.arange(seq)[None].expand(2, seq),
+            use_cache=False,
+        )[layer_path][0]  # fmt: skip
+        refused = []
+        for part in parts:
+            for field, value in getattr(self.tiny, part).to_dict().items():
+                if value is not None and not isinstance(value, bool) or field in _BASE_CONFIG_FIELDS:
+                    continue
+                flipped = copy.deepcopy(self.tiny)
+                setattr(
+                    getattr(flipped, part), field, 0.01 if value is None else not value
+                )  # small: it bites
+                try:
+                    rebuilt = type(layer)(flipped, 0).float().eval()
+                    rebuilt.load_state_dict(layer.state_dict())
+                    with torch.no_grad():
+                        changed = not _close(_first(rebuilt(*call.args, **call.kwargs)), call.result)
+                except Exception:  # other modules, or a value the layer cannot take: it changes it too
+                    changed = True
+                if changed:
+                    condition = f"config.{part}.{field} is not None" if value is None else (
+                        f"{'not ' if value else ''}config.{part}.{field}"
+                    )  # fmt: skip
+                    refused.append(
+                        (condition, f"config.{part}.{field}={'set' if value is None else not value}")
+                    )
+                    self.notes.append(f"config.{part}.{field} other than {value}: refused by this file")
+        return tuple(refused)
 
     @staticmethod
     def _block_names(ff: MLPSpec | MoESpec, attn_attr: str) -> set[str]:

@@ -131,6 +131,8 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         init.append(
             'self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None'
         )
+    if attn.sliding_expr:
+        init.append(f"self.sliding_window = {attn.sliding_expr}")
     if attn.softcap:
         init.append(f"self.logit_cap = {attn.softcap}")
     if attn.sinks:
@@ -167,7 +169,15 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         rope_lines = render("rope_apply.py.j2", rope=spec.rope).rstrip("\n").split("\n")
         if attn.rope_flag:
             rope_lines = ["if self.use_rope:", *(f"    {line}" for line in rope_lines)]
-    return render(
+    wrapper = ""
+    if attn.inner_attr:
+        wrapper = render(
+            "attention_wrapper.py.j2",
+            attn=attn,
+            config_class=spec.config_class,
+            positional=spec.rope is not None,
+        )
+    return wrapper + render(
         "attention.py.j2",
         attn=attn,
         config_class=spec.config_class,
@@ -311,7 +321,15 @@ def _block_call(attr: str, argument: str, pre: str | None, post: str | None, ext
 
 def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
     attn, ff = spec.attention, spec.feed_forward
-    init = [f"self.{attn.attr} = {attn.class_name}(config, layer_idx)"]
+    init = []
+    for condition, field in layer.refused:  # part sub-config settings measured to change the layer
+        init += [
+            f"if {condition}:",
+            f'    raise NotImplementedError("{field} is not reproduced by this file")',
+        ]
+    init.append(
+        f"self.{attn.attr} = {getattr(attn, 'wrapper_class', None) or attn.class_name}(config, layer_idx)"
+    )
     methods = ""
     if isinstance(ff, MLPSpec) and ff.inline:
         up, down = ff.inputs[0], ff.down

@@ -3,7 +3,9 @@
 MODEL is a hub id (local HuggingFace cache first; the network only when allowed), a local directory
 with config.json, a ``.gguf`` file, or a bare transformers ``model_type`` (default config, random
 weights). Only decoder-only causal LMs are accepted: encoder-only models with an LM head and
-encoder-decoder models are refused here, before any work is done, and so is a checkpoint whose files
+encoder-decoder models are refused here, before any work is done, and so are causal-LM classes
+measured on a tiny config to attend to the whole input or to an encoder's output (bert-generation,
+XLNet, CPM-Ant, TrOCR: :mod:`onboardlm.onboard.decoder_check`), and a checkpoint whose files
 do not open (a truncated safetensors file, a ``.bin`` pickle that is not a plain state dict). A
 multimodal model resolves to its text decoder, once measured to run text alone as that decoder does.
 """
@@ -22,6 +24,7 @@ from transformers.models.auto.modeling_auto import (
 from onboardlm.errors import ModelSourceError, UnsupportedFeature
 from onboardlm.models.checkpoint import check_readable
 from onboardlm.models.source import ModelSource, resolve_model_source
+from onboardlm.onboard.decoder_check import check_decoder
 from onboardlm.onboard.text_path import check_text_path
 
 
@@ -49,6 +52,10 @@ def resolve(model: str, *, offline: bool = True, allow_remote_code: bool = False
     check_decoder_only(model, model_type, bool(getattr(config, "is_encoder_decoder", False)))
     if source.multimodal is not None:
         source.notes.append(_text_path_note(source.multimodal, config))
+    else:  # measured: a causal-LM class that attends to the whole input or to an encoder is refused
+        refused = check_decoder(config).reason
+        if refused is not None:
+            raise ModelSourceError(model, refused, "onboardlm handles decoder-only causal LMs")
     if source.weights is not None:  # a damaged checkpoint is bad input: refuse it before any work
         check_readable(source.weights)
     return ResolveResult(

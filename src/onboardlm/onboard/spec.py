@@ -76,6 +76,13 @@ class AttentionSpec:
     qk_norm_per_head: bool = True  # False: over the whole q / k projection (OLMo2)
     qk_norm_flag: str | None = None  # config expression without which there are no q/k norms
     sliding: SlidingMode = "none"
+    #: without a sliding_window field: the measured window's config expression per layer (GPT-Neo:
+    #: 'config.window_size if config.attention_layers[layer_idx] == "local" else None')
+    sliding_expr: str | None = None
+    #: the layer's attention only wraps the module with the projections (GPT-Neo's attn.attention):
+    #: its attribute there and the wrapper's class name; ``class_name`` is the inner module's
+    inner_attr: str | None = None
+    wrapper_class: str | None = None
     softcap: str | None = None  # expression for the attention logit soft-cap
     rope_flag: str | None = None  # config expression saying whether layer ``layer_idx`` uses RoPE
     num_heads: int = 0  # of the analyzed (full-size) config, for reports
@@ -127,6 +134,9 @@ class DecoderLayerSpec:
     #: (config field, value, layout) of the other layouts a bool config field selects, checked in order
     #: before this one (OPT's do_layer_norm_before=False: post-LN)
     switches: tuple[tuple[str, bool, DecoderLayerSpec], ...] = ()
+    #: (condition over config, field) of part sub-config settings that change the layer and that this
+    #: file does not reproduce (MPT's attn_config.clip_qkv): the layer refuses a config that sets them
+    refused: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

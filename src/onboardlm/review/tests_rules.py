@@ -18,7 +18,7 @@ from onboardlm.review.testfile_index import Comparison, TestCase, TestIndex
 #: Small-config bands: field names, lowest and highest accepted value.
 SIZE_BANDS = {
     "hidden size": (frozenset({"hidden_size", "n_embd", "d_model"}), 16, 128),
-    "layers": (frozenset({"num_hidden_layers", "n_layer", "num_layers"}), 2, 4),
+    "layers": (frozenset({"num_hidden_layers", "n_layer", "num_layers", "n_layers"}), 2, 4),  # n_layers: MPT
     "vocab": (frozenset({"vocab_size"}), 256, 2048),
 }
 #: Config fields that say which kind each layer is: a test config must set them (or use tiny_config).

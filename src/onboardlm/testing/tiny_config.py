@@ -20,7 +20,12 @@ Legacy field names (``n_embd``, ``n_head``, ...) are reached through the config'
 Two rules look at how fields relate rather than at one field: a ``head_dim`` equal to
 ``qk_rope_head_dim`` in an MLA config stays equal to it (DeepSeek-V2/V3, Kimi-Linear, MiniCPM3,
 LongCat), and ``head_dim`` in a config without attention heads (Mamba2) is the SSM head dim.
-Composite configs (text + vision) and heterogeneous ``per_layer_config`` configs are refused.
+Fields no rule names whose value has one entry per layer (Gemma-3n's ``intermediate_size``) are
+per-layer lists too, and shrink entry by entry. Layers that read another layer's keys and values
+(``kv_source_layers``, ``num_kv_shared_layers``) come with the layer they read. transformers'
+sparse ``per_layer_config`` overrides are picked with their layers and shrunk as each layer's config
+would be; an overridden width stays different from the global one. Composite configs (text + vision)
+are refused.
 """
 
 from __future__ import annotations
@@ -69,9 +74,11 @@ _Values = dict[str, Any]
 class _LayerRule:
     """One field that says something about layer ``i``.
 
-    form: ``list`` (value per layer), ``cycle`` (a list repeated over the layers), ``indices``
-    (layer i is listed), ``below`` (i < value), ``up_to`` (i <= value) or ``every``
-    (i % value == offset, offset default value - 1).
+    form: ``list`` (value per layer), ``cycle`` (a list repeated over the layers), ``runs`` (a list
+    of ``[pattern, repeats]``, GPT-Neo's ``attention_types``), ``indices`` (layer i is listed),
+    ``sources`` (per layer, the index of the layer whose keys and values it reads), ``overrides``
+    (transformers' sparse ``per_layer_config``: layer index -> overridden fields), ``below``
+    (i < value), ``up_to`` (i <= value), ``last`` (one of the last ``value`` layers) or ``every`` (i % value == offset, offset default value - 1).
     dense_when: the per-layer value that makes the layer's MLP dense (MoE configs only).
     """
 
@@ -85,6 +92,10 @@ _LAYER_RULES: tuple[_LayerRule, ...] = (
     _LayerRule("layer_types", "list"),
     _LayerRule("layers_block_type", "list"),
     _LayerRule("block_types", "cycle"),
+    _LayerRule("attention_types", "runs"),
+    _LayerRule("per_layer_config", "overrides"),
+    _LayerRule("kv_source_layers", "sources"),
+    _LayerRule("index_layers", "indices"),
     _LayerRule("mlp_layer_types", "list", dense_when="dense"),
     _LayerRule("no_rope_layers", "list"),
     _LayerRule("num_attention_heads_per_layer", "list"),
@@ -92,6 +103,7 @@ _LAYER_RULES: tuple[_LayerRule, ...] = (
     _LayerRule("attn_layer_indices", "indices"),
     _LayerRule("full_attn_idxs", "indices"),
     _LayerRule("max_window_layers", "below"),
+    _LayerRule("num_kv_shared_layers", "last"),
     _LayerRule("sliding_window_pattern", "every"),
     _LayerRule("global_attn_every_n_layers", "every"),
     _LayerRule("no_rope_layer_interval", "every"),
@@ -123,22 +135,57 @@ def _column(rule: _LayerRule, values: Mapping[str, Any], num_layers: int) -> lis
         return list(value) if isinstance(value, list) and len(value) == num_layers else None
     if rule.form == "cycle":
         return [value[i % len(value)] for i in layers] if isinstance(value, list) and value else None
+    if rule.form == "runs":
+        expanded = [kind for pattern, repeats in value or () for _ in range(repeats) for kind in pattern]
+        return expanded if len(expanded) == num_layers else None
     if rule.form == "indices":
         return [i in value for i in layers] if isinstance(value, list) else None
+    if rule.form == "sources":
+        if not isinstance(value, list) or len(value) != num_layers:
+            return None
+        read = {source for i, source in enumerate(value) if source != i}
+        return ["reads" if value[i] != i else "stores" if i in read else "own" for i in layers]
+    if rule.form == "overrides":
+        overrides = _overrides(value)
+        return [repr(sorted(overrides.get(i, {}).items())) for i in layers] if overrides else None
     if not _is_int(value):
         return None
     if rule.form == "below":
         return [i < value for i in layers]
     if rule.form == "up_to":
         return [i <= value for i in layers]
+    if rule.form == "last":
+        return [i >= num_layers - value for i in layers]
     if value < 1:
         return None
     offset = values.get(rule.offset_field, value - 1) if rule.offset_field else value - 1
     return [i % value == offset for i in layers]
 
 
+def _overrides(value: Any) -> dict[int, dict[str, Any]]:
+    """transformers' ``per_layer_config`` (keys ``"05"`` or ``5``) as {layer index: overrides}."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {int(key): dict(fields) for key, fields in value.items() if isinstance(fields, Mapping)}
+
+
+def _per_layer_lists(values: Mapping[str, Any], num_layers: int) -> tuple[_LayerRule, ...]:
+    """Fields no rule names whose value has one number or name per layer (Gemma-3n's
+    ``intermediate_size`` and ``activation_sparsity_pattern``)."""
+    named = {rule.field for rule in _LAYER_RULES}
+    return tuple(
+        _LayerRule(name, "list")
+        for name, value in values.items()
+        if name not in named
+        and isinstance(value, list)
+        and len(value) == num_layers
+        and all(isinstance(item, (int, float, str)) for item in value)
+    )
+
+
 def _columns(values: Mapping[str, Any], num_layers: int) -> dict[_LayerRule, list[Any]]:
-    columns = {rule: _column(rule, values, num_layers) for rule in _LAYER_RULES}
+    rules = _LAYER_RULES + _per_layer_lists(values, num_layers)
+    columns = {rule: _column(rule, values, num_layers) for rule in rules}
     return {rule: column for rule, column in columns.items() if column is not None}
 
 
@@ -164,12 +211,21 @@ def _rewrite_layer_fields(
         old = values[rule.field]
         if rule.form in ("list", "cycle"):
             new[rule.field] = [column[i] for i in picked]
+        elif rule.form == "runs":
+            new[rule.field] = [[[column[i]], 1] for i in picked]
+        elif rule.form == "sources":
+            new[rule.field] = [picked.index(old[i]) for i in picked]
+        elif rule.form == "overrides":
+            overrides = _overrides(old)
+            new[rule.field] = {j: overrides[i] for j, i in enumerate(picked) if i in overrides}
         elif rule.form == "indices":
             new[rule.field] = [j for j, i in enumerate(picked) if i in old]
         elif rule.form == "below":
             new[rule.field] = sum(i < old for i in picked)
         elif rule.form == "up_to":
             new[rule.field] = sum(i <= old for i in picked) - 1
+        elif rule.form == "last":
+            new[rule.field] = sum(column[i] for i in picked)
         else:
             offset = values[rule.offset_field] if rule.offset_field else None
             found = _period_for([column[i] for i in picked], (old, offset))
@@ -193,7 +249,7 @@ def _pick_layers(values: Mapping[str, Any], num_layers: int) -> tuple[list[int],
         for combo in itertools.combinations(representatives, size):
             if {(rule, column[i]) for rule, column in columns.items() for i in combo} != needed:
                 continue
-            picked = list(combo)
+            picked = _with_sources(list(combo), columns, values)
             if len(picked) < min(2, num_layers):
                 picked = sorted({*picked, min(set(range(num_layers)) - set(picked))})
             rewritten = _rewrite_layer_fields(columns, values, picked)
@@ -201,6 +257,24 @@ def _pick_layers(values: Mapping[str, Any], num_layers: int) -> tuple[list[int],
                 return picked, rewritten
     names = ", ".join(rule.field for rule in columns)
     raise ValueError(f"no subset of layers can be described by the per-layer fields ({names})")
+
+
+def _with_sources(
+    picked: list[int], columns: Mapping[_LayerRule, list[Any]], values: Mapping[str, Any]
+) -> list[int]:
+    """``picked`` and the layers whose keys and values a picked layer reads: its listed source, or for
+    one of the last ``num_kv_shared_layers`` layers the last unshared layer of its layer type."""
+    for rule, column in columns.items():
+        if rule.form == "sources":
+            picked = sorted({*picked, *(values[rule.field][i] for i in picked)})
+        elif rule.form == "last":
+            kinds = values.get("layer_types") or [None] * len(column)
+            unshared = [j for j, shared in enumerate(column) if not shared]
+            producers = {kinds[j]: j for j in unshared}  # the last one of each kind
+            picked = sorted(
+                {*picked, *(producers[kinds[i]] for i in picked if column[i] and kinds[i] in producers)}
+            )
+    return picked
 
 
 def _mixer_kinds(config: PretrainedConfig, num_layers: int) -> list[str]:
@@ -334,6 +408,11 @@ def _heads_per_layer(old: list[int], o: Mapping[str, Any], n: Mapping[str, Any])
     return [max(kv, round(h * n["num_attention_heads"] / o["num_attention_heads"] / kv) * kv) for h in old]
 
 
+def _index_heads_per_kv_head(old: int, o: Mapping[str, Any], n: Mapping[str, Any]) -> int:
+    kv = n.get("num_key_value_heads") or n["num_attention_heads"]
+    return max(1, min(old, n["num_attention_heads"] // kv))
+
+
 def _linear_value_heads(old: int, o: Mapping[str, Any], n: Mapping[str, Any]) -> int:
     return max(1, round(old * n["linear_num_key_heads"] / o["linear_num_key_heads"]))
 
@@ -383,7 +462,7 @@ def _rope_parameters(old: dict[str, Any], o: Mapping[str, Any], n: Mapping[str, 
 # Applied in order; a rule may read the new values of fields above it. None values stay None.
 _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
     (("num_attention_heads",), _const(_HEADS)),
-    (("num_key_value_heads", "num_kv_heads"), _kv_heads),  # num_kv_heads: Falcon
+    (("num_key_value_heads", "num_kv_heads", "kv_n_heads"), _kv_heads),  # Falcon, DBRX
     (("num_attention_heads_per_layer",), _heads_per_layer),
     # MLA: ranks and head dims shrink, q_lora_rank None (no q compression) stays None
     (("q_lora_rank",), _const(_Q_LORA_RANK)),
@@ -391,7 +470,7 @@ _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
     (("qk_nope_head_dim",), _const(_QK_NOPE_HEAD_DIM)),
     (("qk_rope_head_dim",), _const(_QK_ROPE_HEAD_DIM)),
     (("qk_head_dim",), lambda old, o, n: n["qk_nope_head_dim"] + n["qk_rope_head_dim"]),
-    (("head_dim", "kv_channels"), _head_dim),
+    (("head_dim", "kv_channels", "d_head"), _head_dim),  # d_head: XLNet
     (("v_head_dim",), _v_head_dim),
     (("query_pre_attn_scalar", "rotary_dim"), _scale_with_head_dim),
     # feed-forward widths
@@ -419,6 +498,12 @@ _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
     (("index_n_heads",), _const(_HEADS)),
     (("index_head_dim",), _const(_SMALL_HEAD_DIM)),
     (("index_topk",), _at_most(_WINDOW)),
+    (("index_num_heads",), _index_heads_per_kv_head),  # indexer heads within one KV head's queries
+    (("index_pool_size",), _at_most(2 * _WINDOW)),
+    (("index_num_local_tokens", "index_num_sink_tokens"), _at_most(_WINDOW // 2)),
+    # per-layer token embeddings (Gemma-3n, Gemma 4): the text vocabulary, a small width
+    (("vocab_size_per_layer_input",), lambda old, o, n: max(1, old * n["vocab_size"] // o["vocab_size"])),
+    (("hidden_size_per_layer_input",), _const(_SMALL_HEAD_DIM)),
     # linear attention (gated delta net, KDA), RG-LRU and SSM mixers
     (("linear_num_key_heads",), _const(_LINEAR_KEY_HEADS)),
     (("linear_num_value_heads",), _linear_value_heads),
@@ -434,11 +519,21 @@ _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
     (("mamba_dt_rank", "time_step_rank"), _const(_SSM_DT_RANK)),
     # windows and chunks smaller than a test sequence (block_size: MiniMax lightning attention)
     (
-        ("sliding_window", "attention_chunk_size", "mamba_chunk_size", "chunk_size", "block_size"),
+        (
+            "sliding_window",
+            "window_size",
+            "attention_chunk_size",
+            "mamba_chunk_size",
+            "chunk_size",
+            "block_size",
+        ),
         _at_most(_WINDOW),
     ),
     (("rope_parameters",), _rope_parameters),
 )
+
+
+_WIDTH_NAMES = {name for names, _ in _WIDTH_RULES for name in names}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,20 +542,89 @@ _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
 
 
 def _init_values(config: PretrainedConfig) -> _Values:
-    """The config's constructor arguments (dataclass init fields) with their current values."""
-    return {field.name: getattr(config, field.name) for field in dataclasses.fields(config) if field.init}
+    """The config's constructor arguments (dataclass init fields) with their current values, the global
+    ones where ``per_layer_config`` overrides a field, and the overrides themselves."""
+    get = getattr(config, "_getattr_without_heterogeneous_validation", lambda name: getattr(config, name))
+    values = {field.name: get(field.name) for field in dataclasses.fields(config) if field.init}
+    if config.is_heterogeneous:
+        values["per_layer_config"] = config.to_dict()["per_layer_config"]
+    return values
+
+
+def _has(config: PretrainedConfig, name: str) -> bool:
+    has = getattr(config, "_hasattr_without_heterogeneous_validation", None)
+    return has(name) if has is not None else hasattr(config, name)
+
+
+def _shrink_widths(old: Mapping[str, Any], new: _Values, num_layers: int) -> None:
+    """Apply the width rules to ``new`` in order; a per-layer list (``num_layers`` long in ``old``)
+    shrinks entry by entry."""
+    per_layer = {rule.field for rule in _per_layer_lists(old, num_layers)}
+    for names, rule in _WIDTH_RULES:
+        for name in names:
+            value = new.get(name)
+            if value is None:
+                continue
+            if name in per_layer and isinstance(value, list):
+                new[name] = [rule(item, old, new) for item in value]
+            else:
+                new[name] = rule(value, old, new)
+
+
+def _shrink_overrides(old: Mapping[str, Any], new: _Values, num_layers: int) -> None:
+    """Shrink each layer's ``per_layer_config`` overrides as its whole config would shrink; a field that
+    differed from the global value still differs (twice or half the tiny global value)."""
+    shrunk = {}
+    for layer, fields in _overrides(new.get("per_layer_config")).items():
+        layer_old = {**old, **fields}
+        layer_new = {**layer_old, "hidden_size": new["hidden_size"], "vocab_size": new["vocab_size"]}
+        _shrink_widths(layer_old, layer_new, num_layers)
+        shrunk[layer] = {}
+        for name, value in fields.items():
+            tiny = layer_new[name]
+            if tiny == new.get(name) and value != old.get(name) and _is_int(value) and _is_int(old.get(name)):
+                tiny = _like(value, old[name], new[name])
+            shrunk[layer][name] = tiny
+    new["per_layer_config"] = shrunk
+
+
+def _parts(config: PretrainedConfig) -> list[str]:
+    """Sub-configs that are parts of this model's config (MPT's ``attn_config``, DBRX's ``ffn_config``):
+    no ``model_type`` of their own, unlike a text or vision model's config."""
+    return [name for name, cls in type(config).sub_configs.items() if not getattr(cls, "model_type", "")]
+
+
+def _shrink_part(
+    part: PretrainedConfig, old: Mapping[str, Any], new: Mapping[str, Any], num_layers: int
+) -> PretrainedConfig:
+    """A part sub-config shrunk with the same rules, read against its parent's old and new values; a
+    field the parent also has (``hidden_size``) takes the parent's new value."""
+    fields = _init_values(part)
+    part_old = {**old, **fields}
+    part_new = {**new, **fields}
+    for name in fields:
+        if (
+            name in new
+            and name not in _WIDTH_NAMES
+            and fields[name] == old.get(name)
+            and fields[name] != new[name]
+        ):
+            part_new[name] = new[name]
+    _shrink_widths(part_old, part_new, num_layers)
+    tiny = type(part)(**{name: part_new[name] for name in fields})
+    for key, value in part.to_dict().items():  # attributes beyond its fields (DBRX's rope_theta)
+        if not _has(tiny, key):
+            setattr(tiny, key, copy.deepcopy(value))
+    return tiny
 
 
 def _check_supported(config: PretrainedConfig) -> None:
     name = type(config).__name__
-    if type(config).sub_configs:
-        names = ", ".join(type(config).sub_configs)
+    modalities = [sub for sub in type(config).sub_configs if sub not in _parts(config)]
+    if modalities:
+        names = ", ".join(modalities)
         raise ValueError(
             f"{name} has sub-configs ({names}); pass a text-only config such as config.get_text_config()"
-        )
-    if config.is_heterogeneous:
-        raise ValueError(
-            f"{name} has per-layer overrides (per_layer_config); tiny_config does not shrink them"
         )
 
 
@@ -475,16 +639,21 @@ def tiny_config(
     """
     _check_supported(config)
     fields = _init_values(config)
+    parts = {
+        name: fields.pop(name) for name in _parts(config) if isinstance(fields.get(name), PretrainedConfig)
+    }
+    overrides = fields.pop("per_layer_config", None)
     aliases = dict(type(config).attribute_map)  # standard name -> this config's field (n_embd, ...)
-    old = copy.deepcopy({**config.to_dict(), **fields})  # derived attributes too, for the rules to read
+    old = copy.deepcopy(
+        {**config.to_dict(), **fields, "per_layer_config": overrides}
+    )  # derived attributes too, for the rules to read
     old.update({standard: old[field] for standard, field in aliases.items() if field in old})
     picked, layer_fields = _pick_layers(old, config.num_hidden_layers)
     new = {**old, **layer_fields, "hidden_size": hidden_size, "vocab_size": vocab_size}
     new["num_hidden_layers"] = len(picked)
-    for names, rule in _WIDTH_RULES:
-        for name in names:
-            if new.get(name) is not None:
-                new[name] = rule(new[name], old, new)
+    _shrink_widths(old, new, config.num_hidden_layers)
+    if overrides:
+        _shrink_overrides(old, new, config.num_hidden_layers)
     for name in [name for name in new if name.endswith("_token_id")]:
         new[name] = _token_id(new[name], vocab_size)
     new.update(
@@ -494,9 +663,13 @@ def tiny_config(
     arguments = {key: new[key] for key in fields}
     if "num_hidden_layers" not in fields and "num_hidden_layers" not in aliases:
         arguments["num_hidden_layers"] = len(picked)  # a property over another field (num_layers)
+    if overrides:
+        arguments["per_layer_config"] = new["per_layer_config"]
+    for name, part in parts.items():
+        arguments[name] = _shrink_part(part, old, new, config.num_hidden_layers)
     tiny = type(config)(**arguments)
     for key, value in new.items():
-        if not hasattr(tiny, key):
+        if not _has(tiny, key):
             setattr(tiny, key, value)
     _check_layers(config, tiny, picked)
     return tiny
@@ -504,7 +677,7 @@ def tiny_config(
 
 def _check_layers(config: PretrainedConfig, tiny: PretrainedConfig, picked: Sequence[int]) -> None:
     """Every per-layer field of ``tiny`` describes exactly the ``picked`` layers of ``config``."""
-    resized = {name for names, _ in _WIDTH_RULES for name in names}
+    resized = _WIDTH_NAMES | {"per_layer_config"}
     expected = _columns(_init_values(config), config.num_hidden_layers)
     actual = _columns(_init_values(tiny), tiny.num_hidden_layers)
     for rule, column in expected.items():
