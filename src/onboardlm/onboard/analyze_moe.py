@@ -409,11 +409,40 @@ def _layer_condition(
         )
     else:
         condition, predicted = "True", tuple(range(num_layers))
+        if predicted != moe_layers:
+            condition, predicted = _measured_layer_condition(config, moe_layers, num_layers) or (
+                condition,
+                predicted,
+            )
     if predicted != moe_layers:
         raise UnsupportedFeature(
             path, f"MoE layers {list(moe_layers)} do not follow `{condition}` (gives {list(predicted)})"
         )
     return condition
+
+
+def _measured_layer_condition(
+    config: PretrainedConfig, moe_layers: tuple[int, ...], num_layers: int
+) -> tuple[str, tuple[int, ...]] | None:
+    """A config field that names the MoE layers: a per-layer list whose value on exactly those
+    layers is one kind (MiniCPM5-MoE's ``mlp_layer_types == "sparse"``), or a count of leading dense
+    layers (AFMoE's ``num_dense_layers``)."""
+    fields = {**config.to_dict(), **{k: v for k, v in vars(config).items() if not k.startswith("_")}}
+    for name, value in fields.items():
+        if not isinstance(value, list) or len(value) != num_layers:
+            continue
+        for kind in dict.fromkeys(value):
+            if (
+                isinstance(kind, (str, bool))
+                and tuple(i for i, v in enumerate(value) if v == kind) == moe_layers
+            ):
+                return f"config.{name}[layer_idx] == {kind!r}", moe_layers
+    for name, value in fields.items():
+        if "dense" in name and isinstance(value, int) and not isinstance(value, bool):
+            predicted = tuple(i for i in range(num_layers) if i >= value)
+            if predicted == moe_layers:
+                return f"layer_idx >= config.{name}", predicted
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -144,8 +144,13 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         )
     else:
         q, k, v = attn.projections
+        q_width = (
+            "2 * self.num_heads * self.head_dim"
+            if attn.output_gate == "per_head"
+            else "self.num_heads * self.head_dim"
+        )
         init += [
-            f"self.{q.name} = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias={q.bias})",
+            f"self.{q.name} = nn.Linear(config.hidden_size, {q_width}, bias={q.bias})",
             f"self.{k.name} = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias={k.bias})",
             f"self.{v.name} = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias={v.bias})",
         ]
@@ -155,6 +160,17 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
     linears = [*attn.projections, attn.out]
     start = len(init) - len(linears)
     init[start:] = _hoist_bias(init[start:], [linear.bias for linear in linears])
+    if attn.gate is not None:
+        init.append(
+            f"self.{attn.gate.name} = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias={attn.gate.bias})"
+        )
+        linears.append(attn.gate)
+    if attn.out_norm is not None:
+        init.append(
+            f"self.{attn.out_norm_name} = {norm_constructor(attn.out_norm, 'self.num_heads * self.head_dim')}"
+        )
+    if attn.output_gate != "none" and attn.fused_qkv:
+        raise UnsupportedFeature(attn.class_name, "output gate beside a fused q/k/v projection", _HINT)
     init += [f"self.{field} = config.{field}" for field in dict.fromkeys(f for f, *_ in attn.qkv_switches)]
     init += _qk_norm_lines(attn)
     init += _conv1d_hook_lines(linears)
@@ -165,6 +181,8 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
     rope_lines: list[str] = []
     if spec.rope is not None:
         rope_lines = render("rope_apply.py.j2", rope=spec.rope).rstrip("\n").split("\n")
+        if attn.rope_inverse:  # rotate by minus the angle: sin(-a) = -sin(a)
+            rope_lines.insert(1, "sin = -sin  # q and k rotate by minus the angle")
         if attn.rope_flag:
             rope_lines = ["if self.use_rope:", *(f"    {line}" for line in rope_lines)]
     return render(
@@ -283,6 +301,9 @@ def emit_mlp(mlp: MLPSpec, spec: ArchitectureSpec) -> str:
             f"self.{mlp.down.name} = nn.Linear({mlp.intermediate}, config.hidden_size, bias={mlp.down.bias})"
         )
     init = _hoist_bias(init, [linear.bias for linear in (*mlp.inputs, mlp.down)])
+    if mlp.inner_norm is not None:
+        width = "self.intermediate_size" if mlp.kind == "fused_gated" else mlp.intermediate
+        init.append(f"self.{mlp.inner_norm_name} = {norm_constructor(mlp.inner_norm, width)}")
     linears = [*mlp.inputs, mlp.down]
     init += _conv1d_hook_lines(linears)
     template = "mlp_plain.py.j2" if mlp.kind == "plain" else "mlp_gated.py.j2"
@@ -401,7 +422,7 @@ def emit_model(spec: ArchitectureSpec) -> str:
     elif positions is not None:
         rows = "config.max_position_embeddings" + (f" + {positions.offset}" if positions.offset else "")
         init.append(f"self.{positions.attr} = nn.Embedding({rows}, config.hidden_size)")
-    if embedding.norm:
+    if embedding.norm and embedding.norm != spec.head.final_norm_attr:  # else the final norm, called twice
         init.append(f"self.{embedding.norm} = {norm_constructor(spec.decoder.norm, 'config.hidden_size')}")
     final_norm = norm_constructor(spec.decoder.norm, "config.hidden_size")
     if spec.head.final_norm_flag:
