@@ -7,7 +7,9 @@ import importlib
 import logging
 
 MODEL_MODULES = [
+    "modeling_apertus",
     "modeling_biogpt",
+    "modeling_bitnet",
     "modeling_bloom",
     "modeling_codegen",
     "modeling_cohere",
@@ -27,6 +29,7 @@ MODEL_MODULES = [
     "modeling_llama",
     "modeling_mistral",
     "modeling_mixtral",
+    "modeling_nanochat",
     "modeling_olmo2",
     "modeling_openai_gpt",
     "modeling_opt",
