@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.generate import generate_model_file
 from onboardlm.testing import assert_rmse_close, tiny_config, transfer_weights
@@ -99,3 +100,22 @@ def test_generated_model_matches_transformers(model_type: str, tmp_path: Path) -
         expected = reference(input_ids=input_ids, position_ids=position_ids).logits
         actual = model(input_ids=input_ids, position_ids=position_ids).logits
     assert_rmse_close(actual, expected, rmse_ratio_tol=1e-5, msg=f"{model_type} logits")
+
+
+#: model type -> (module path, words of the reason) for attention constructs no template covers.
+REFUSED = {
+    "jetmoe": ("model.layers.0.self_attention.experts", "module JetMoeMoA with submodules"),
+    "inkling_text": ("model.layers.0.self_attn.k_sconv", "short convolution InklingShortConvolution"),
+    "doge": ("model.layers.0.self_attn.dt_proj", "one value per head and token with parameters ['A']"),
+    "diffllama": ("model.layers.0.self_attn", "attention parameters ['lambda_k1'"),
+    "deepseek_v32": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
+    "glm_moe_dsa": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
+}
+
+
+@pytest.mark.parametrize("model_type", list(REFUSED))
+def test_attention_no_template_covers_is_named(model_type: str) -> None:
+    path, words = REFUSED[model_type]
+    with pytest.raises(UnsupportedFeature) as raised:
+        analyze(AutoConfig.for_model(model_type))
+    assert raised.value.module_path == path and words in raised.value.feature

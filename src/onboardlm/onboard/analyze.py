@@ -602,6 +602,61 @@ class _Analyzer:
     def _attention(
         self, layer_path: str, layers: nn.ModuleList, rope: RopeSpec | None
     ) -> tuple[AttentionSpec, RopeSpec | None]:
+        """The measured attention; where no template covers it, the construct that stops it named
+        by what it is (a convolution, a composite module, per-head projections, own parameters)."""
+        try:
+            return self._attention_measured(layer_path, layers, rope)
+        except UnsupportedFeature as err:
+            layer = layers[0]
+            attr = self._attention_attr(layer_path, layer)
+            named = self._attention_extras(f"{layer_path}.{attr}", getattr(layer, attr))
+            if named is None:
+                raise
+            raise named from err
+
+    def _attention_extras(self, path: str, attn: nn.Module) -> UnsupportedFeature | None:
+        linears = projections(attn)
+        children = {
+            n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)
+        }
+        for name, child in children.items():
+            if any(isinstance(m, nn.Conv1d) for m in child.modules()):
+                return UnsupportedFeature(
+                    f"{path}.{name}",
+                    f"short convolution {type(child).__name__} inside the attention (over the sequence,"
+                    " on the q/k/v projections); no attention template covers it",
+                    _HINT,
+                )
+            if list(child.children()):
+                return UnsupportedFeature(
+                    f"{path}.{name}",
+                    f"module {type(child).__name__} with submodules {sorted(dict(child.named_children()))}"
+                    " inside the attention (projections of its own, e.g. routed attention experts);"
+                    " no attention template covers it",
+                    _HINT,
+                )
+        own = sorted(n for n, _ in attn.named_parameters(recurse=False) if n != "sinks")
+        heads = self.tiny.num_attention_heads
+        per_head = [n for n, c in linears.items() if c.in_features == self.hidden and c.out_features == heads]
+        if per_head:
+            return UnsupportedFeature(
+                f"{path}.{per_head[0]}",
+                f"projection to one value per head and token{f' with parameters {own}' if own else ''}"
+                " (a dynamic mask or bias on the attention scores); no attention template covers it",
+                _HINT,
+            )
+        if own:
+            return UnsupportedFeature(
+                path,
+                f"attention parameters {own} beside its projections (a learned change of the scores,"
+                " e.g. differential attention's lambdas); no attention template covers it",
+                _HINT,
+            )
+        return None
+
+    def _attention_measured(
+        self, layer_path: str, layers: nn.ModuleList, rope: RopeSpec | None
+    ) -> tuple[AttentionSpec, RopeSpec | None]:
         layer = layers[0]
         attr = self._attention_attr(layer_path, layer)
         path = f"{layer_path}.{attr}"

@@ -466,6 +466,7 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
     missing = [name for name in _MLA_MODULES if not isinstance(getattr(attn, name, None), nn.Module)]
     if missing:
         raise UnsupportedFeature(path, f"MLA without {', '.join(missing)}")
+    _refuse_extra_mla_modules(attn, path)
     q_lora = isinstance(getattr(attn, "q_a_proj", None), nn.Module)
     nope, rope, v_dim = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
     heads = attn.kv_b_proj.out_features // (nope + v_dim)
@@ -494,6 +495,28 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
         yarn_mscale=_folds_yarn_mscale(config, attn, path),
         scaling=float(attn.scaling),
     )
+
+
+#: Children an MLA attention may have: the latent projections and norms, and the q projection.
+_MLA_KNOWN = frozenset({*_MLA_MODULES, "q_a_proj", "q_a_layernorm", "q_b_proj", "q_proj"})
+
+
+def _refuse_extra_mla_modules(attn: nn.Module, path: str) -> None:
+    """An MLA attention with a module besides its projections and latent norms (DeepSeek-V3.2's and
+    GLM-MoE-DSA's lightning indexer, which picks the top-k keys each query attends to) is refused."""
+    for name, child in attn.named_children():
+        if name in _MLA_KNOWN or isinstance(child, nn.Dropout):
+            continue
+        source = inspect.getsource(type(child))
+        feature = (
+            "a sparse-attention indexer (each query attends only to the top-k keys it scores)"
+            if "topk" in source
+            else "a module besides the latent projections and norms"
+        )
+        raise UnsupportedFeature(
+            f"{path}.{name}",
+            f"MLA with {type(child).__name__}: {feature}; no attention template covers it",
+        )
 
 
 def _complex_rotary_table(model: nn.Module) -> bool:
