@@ -29,7 +29,11 @@ CASES = {
     "bitnet": {},
     "apertus": {},
     "nanochat": {},
+    "ministral3": {},
 }
+#: Fields set on the tiny config of the generated-model comparison: Ministral3's q scale by position
+#: is 1 below ``original_max_position_embeddings``; a period of 2 makes the test's positions use it.
+TINY_ROPE = {"ministral3": {"original_max_position_embeddings": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,15 @@ def test_learned_activation(specs: dict) -> None:
     assert specs["bitnet"].feed_forward.act_module is None  # a parameter-free activation
 
 
+def test_q_scale_by_position(specs: dict) -> None:
+    attention = specs["ministral3"].attention
+    assert attention.position_scale == (
+        'config.rope_parameters["llama_4_scaling_beta"]',
+        'config.rope_parameters["original_max_position_embeddings"]',
+    )
+    assert all(spec.attention.position_scale is None for name, spec in specs.items() if name != "ministral3")
+
+
 def test_inverse_rope_and_shared_final_norm(specs: dict) -> None:
     spec = specs["nanochat"]
     assert spec.attention.rope_inverse and spec.attention.qk_norm is not None
@@ -83,6 +96,7 @@ def test_generated_model_matches_transformers(model_type: str, tmp_path: Path) -
     module_spec.loader.exec_module(lean_module)
 
     tiny = tiny_config(config)
+    tiny.rope_parameters = {**tiny.rope_parameters, **TINY_ROPE.get(model_type, {})}
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(
         tiny, attn_implementation="eager", dtype=torch.float32
@@ -92,6 +106,7 @@ def test_generated_model_matches_transformers(model_type: str, tmp_path: Path) -
             if any(part in name for part in ("norm", "alpha", "gate_proj", "q_gate")):
                 param.add_(torch.randn_like(param) * 0.2)
     lean_config = tiny_config(config)  # the reference's build set transformers-only fields on ``tiny``
+    lean_config.rope_parameters = dict(tiny.rope_parameters)
     model = getattr(lean_module, type(reference).__name__)(lean_config).float().eval()
     transfer_weights(reference, model)
     input_ids = torch.randint(0, tiny.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -100,6 +100,7 @@ EDITS = {
     "attention_output_gate_dropped": ("minicpm5_moe", "attn = attn * torch.sigmoid(gate)", "attn = attn\n"),
     "inner_norm_dropped": ("bitnet", "attn = self.attn_sub_norm(attn)", "attn = attn\n"),
     "rope_direction": ("nanochat", "sin = -sin", "sin = sin\n"),
+    "attention_temperature_dropped": ("ministral3", "q = q * temperature[:, :, None, None]", "q = q\n"),
 }
 
 

@@ -747,6 +747,7 @@ class _Analyzer:
         if rope is not None:
             index = uses_rope.index(True) if True in uses_rope else 0
             spec, rope = self._probe_attention(path, index, layers[index], spec, scale, rope, kv_heads)
+            spec = self._position_scale(path, index, layers[index], spec, scale, rope, kv_heads)
         else:
             spec = self._probe_plain_attention(path, layer, spec, scale, kv_heads)
         if spec.fused_qkv:
@@ -826,7 +827,8 @@ class _Analyzer:
                 else:
                     kwargs = {"layer_type": self.tiny.layer_types[0]} if rope.per_layer_type else {}
                     tables = getattr(self.stack, rope.attr)(x, torch.arange(5)[None], **kwargs)
-                    seen[""] = _first(attn(x, position_embeddings=tables, attention_mask=None))
+                    extra = _position_ids(attn, torch.arange(5)[None])
+                    seen[""] = _first(attn(x, position_embeddings=tables, attention_mask=None, **extra))
         except Exception:  # an attention that needs other inputs: the probe will tell
             return {}
         finally:
@@ -899,6 +901,51 @@ class _Analyzer:
                 return spec, dataclasses.replace(rope, style=style)
         raise UnsupportedFeature(
             path, "attention output matches no template (RoPE application, scale or wiring)", _HINT
+        )
+
+    def _position_scale(
+        self,
+        path: str,
+        index: int,
+        layer: nn.Module,
+        spec: AttentionSpec,
+        scale: float,
+        rope: RopeSpec,
+        kv_heads: int,
+    ) -> AttentionSpec:
+        """An attention that reads ``position_ids`` besides its RoPE tables: the same tables with far
+        positions change its output where q is scaled by ``1 + beta * log(1 + floor(position /
+        period))`` (Llama 4's attention temperature, Ministral3); beta and period are matched to
+        config fields (``rope_parameters`` entries first)."""
+        attn = getattr(layer, spec.attr)
+        if "position_ids" not in inspect.signature(attn.forward).parameters:
+            return spec
+        kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
+        rotary = getattr(self.stack, rope.attr)
+        near = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, rotary, rope, rope.style, kwargs)
+        far_positions = near.positions * 7919 + torch.tensor([[1, 2, 3, 4, 5, 6]])
+        far = _AttentionProbe(
+            attn, spec, self.tiny, scale, kv_heads, rotary, rope, rope.style, kwargs, positions=far_positions
+        )
+        if _close(near.expected, far.expected):
+            return spec
+        parameters = getattr(self.tiny, "rope_parameters", None) or {}
+        found: dict[str, list[tuple[str, float]]] = {"float": [], "int": []}
+        for prefix, fields in (("config.rope_parameters", parameters), ("config", self.fields)):
+            for name, value in fields.items():
+                expression = f'{prefix}["{name}"]' if prefix != "config" else f"config.{name}"
+                if isinstance(value, float):
+                    found["float"].append((expression, value))
+                elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    found["int"].append((expression, value))
+        layouts = self._qkv_layouts(spec, kv_heads)[:1]
+        for (beta, beta_value), (period, period_value) in itertools.product(found["float"], found["int"]):
+            far.q_scale = 1 + beta_value * torch.log(1 + torch.floor(far_positions / period_value))
+            if far.match(layouts) is not None:
+                self.notes.append(f"q scaled by position: 1 + {beta} * log(1 + floor(position / {period}))")
+                return dataclasses.replace(spec, position_scale=(beta, period))
+        raise UnsupportedFeature(
+            path, "attention scaled by position_ids beside RoPE by no known formula", _HINT
         )
 
     def _probe_plain_attention(
@@ -1196,7 +1243,14 @@ class _Analyzer:
                 tables = rotary(x, torch.tensor([order]), **kwargs)
                 with torch.no_grad():
                     outputs.append(
-                        _first(getattr(layer, attr)(x, position_embeddings=tables, attention_mask=None))
+                        _first(
+                            getattr(layer, attr)(
+                                x,
+                                position_embeddings=tables,
+                                attention_mask=None,
+                                **_position_ids(getattr(layer, attr), torch.tensor([order])),
+                            )
+                        )
                     )
             uses.append(not _close(outputs[0], outputs[1]))
         return uses
@@ -1838,6 +1892,12 @@ def _sinusoidal_positions(module: nn.Module, hidden: int) -> bool:
     return isinstance(rows, torch.Tensor) and tuple(rows.shape) == (1, 4, hidden)
 
 
+def _position_ids(attn: nn.Module, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"position_ids": positions}`` for an attention whose forward takes them (Ministral3's reads
+    them for a q scale), else nothing."""
+    return {"position_ids": positions} if "position_ids" in inspect.signature(attn.forward).parameters else {}
+
+
 def _needs_recording(attn: nn.Module) -> bool:
     """An attention that cannot run on hidden states alone: a forward parameter without a default
     besides them (BLOOM's residual and alibi)."""
@@ -1845,7 +1905,7 @@ def _needs_recording(attn: nn.Module) -> bool:
     return any(
         p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         for p in parameters
-        if p.name not in ("position_embeddings", "attention_mask")
+        if p.name not in ("position_embeddings", "attention_mask", "position_ids")
     )
 
 
@@ -1956,6 +2016,7 @@ def _reference_attention(
     kv_heads: int | None = None,
     causal: bool = False,
     alibi: bool = False,
+    q_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What the spec says the attention computes (no mask), in plain torch, on the HF module's weights.
 
@@ -1986,6 +2047,8 @@ def _reference_attention(
         q, k = (_rotate(t, cos, -sin if spec.rope_inverse else sin, style, table_layout) for t in (q, k))
     if spec.qk_norm is not None and spec.qk_norm_per_head and spec.qk_norm_after_rope:
         q, k = q_norm(q), k_norm(k)
+    if q_scale is not None:  # [B, S]: one factor per query position
+        q = q * q_scale[:, :, None, None]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) * scale
@@ -2029,8 +2092,13 @@ class _AttentionProbe:
         style: str = "neox",
         kwargs: dict[str, Any] | None = None,
         recorded_from: tuple[nn.Module, str] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> None:
         self.attn, self.spec, self.config, self.scale, self.kv_heads = attn, spec, config, scale, kv_heads
+        #: the rotary tables' positions; ``positions`` (same shape) only reach an attention that reads
+        #: ``position_ids`` itself, ``q_scale`` ([B, S]) is what the candidate math scales q by
+        self.positions = torch.tensor([[0, 3, 1, 7, 2, 5]] * 2)
+        self.q_scale: torch.Tensor | None = None
         self.style = style
         self.table_layout = rope.table_layout if rope is not None else "neox"
         self.x = torch.randn(2, 6, config.hidden_size, generator=torch.Generator().manual_seed(5))
@@ -2044,11 +2112,12 @@ class _AttentionProbe:
             if rotary is None or rope is None:
                 self.expected = _first(attn(self.x, attention_mask=None))
             else:
-                tables = rotary(self.x, torch.tensor([[0, 3, 1, 7, 2, 5]] * 2), **(kwargs or {}))
+                tables = rotary(self.x, self.positions, **(kwargs or {}))
                 if spec.qk_norm is not None:  # scaled as YaRN's attention factor does: tells a q/k
                     tables = tuple(t * 1.25 for t in tables)  # norm before RoPE from one after it
                 self.tables = tables[::-1] if rope.sin_first else tables
-                self.expected = _first(attn(self.x, position_embeddings=tables, attention_mask=None))
+                extra = _position_ids(attn, self.positions if positions is None else positions)
+                self.expected = _first(attn(self.x, position_embeddings=tables, attention_mask=None, **extra))
 
     def _record(self, model: nn.Module, path: str) -> None:
         input_ids = torch.arange(12).reshape(2, 6) % (self.config.vocab_size - 1) + 1
@@ -2077,7 +2146,7 @@ class _AttentionProbe:
                         actual = _reference_attention(
                             self.attn, self.spec, self.config, self.x, self.tables, self.style,
                             self.table_layout, self.scale, self.cap, layout=(count, order),
-                            kv_heads=self.kv_heads, causal=self.causal, alibi=alibi,
+                            kv_heads=self.kv_heads, causal=self.causal, alibi=alibi, q_scale=self.q_scale,
                         )  # fmt: skip
                     except RuntimeError:  # the groups do not divide the heads
                         continue

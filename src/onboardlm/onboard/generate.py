@@ -137,6 +137,7 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         init.append("self.sinks = nn.Parameter(torch.empty(self.num_heads))")
     if attn.rope_flag:
         init.append(f"self.use_rope = bool({attn.rope_flag})")
+
     if attn.fused_qkv:
         qkv = attn.projections[0]
         init.append(
@@ -192,9 +193,22 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         init_lines=init,
         rope_lines=rope_lines,
         positional=spec.rope is not None,
+        temperature=_takes_temperature(spec),
         qkv_lines=_fused_qkv_lines(attn) if attn.fused_qkv else [],
         methods=_conv1d_hook_method(linears),
     )
+
+
+def _takes_temperature(spec: ArchitectureSpec) -> bool:
+    """Whether decoder layers and attention take the q scale per position (``attention_temperature``
+    of the model, computed once per forward like the RoPE tables)."""
+    if not getattr(spec.attention, "position_scale", None) or spec.rope is None:
+        return False
+    if spec.stack_attr:
+        raise UnsupportedFeature(
+            spec.attention.class_name, "q scale by position in a wrapped decoder stack", _HINT
+        )
+    return True
 
 
 def _fused_qkv_lines(attn: AttentionSpec) -> list[str]:
@@ -364,6 +378,7 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
         init_lines=init,
         forward_lines=forward,
         positional=spec.rope is not None,
+        temperature=_takes_temperature(spec),
         methods=methods,
     )
 
@@ -373,6 +388,8 @@ def _layout_lines(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> list[str]:
     attn, ff = spec.attention, spec.feed_forward
     scale = " * self.residual_multiplier" if layer.residual_multiplier else ""
     positions = ", position_embeddings" if spec.rope is not None else ""
+    if _takes_temperature(spec):
+        positions += ", temperature"
     if layer.parallel and layer.mlp_pre:  # a norm for each block
         attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions)
         mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, layer.mlp_post)
@@ -460,17 +477,22 @@ def emit_model(spec: ArchitectureSpec) -> str:
         hidden = f"self.{embedding.norm}({hidden})"
     forward.append(f"hidden_states = {hidden}")
     layers = f"self.{spec.layers_attr}"
+    layer_positions = ", temperature" if _takes_temperature(spec) else ""
+    if layer_positions:
+        beta, period = spec.attention.position_scale
+        init += [f"self.position_scale_beta = {beta}", f"self.position_scale_period = {period}"]
+        forward.append("temperature = self.attention_temperature(position_ids)")
     if rope is None:
         forward += [f"for layer in {layers}:", "    hidden_states = layer(hidden_states)"]
     elif rope.per_layer_type:
         forward += [
             f"for layer, layer_type in zip({layers}, self.config.layer_types, strict=True):",
-            "    hidden_states = layer(hidden_states, position_embeddings[layer_type])",
+            f"    hidden_states = layer(hidden_states, position_embeddings[layer_type]{layer_positions})",
         ]
     else:
         forward += [
             f"for layer in {layers}:",
-            "    hidden_states = layer(hidden_states, position_embeddings)",
+            f"    hidden_states = layer(hidden_states, position_embeddings{layer_positions})",
         ]
     final = spec.head.final_norm_attr
     if final and spec.head.final_norm_flag:
@@ -495,7 +517,12 @@ def emit_model(spec: ArchitectureSpec) -> str:
         )
         return stack.rstrip("\n") + "\n\n\n" + wrapper
     return render(
-        "model.py.j2", spec=spec, class_name=spec.model_class, init_lines=init, forward_lines=forward
+        "model.py.j2",
+        spec=spec,
+        class_name=spec.model_class,
+        init_lines=init,
+        forward_lines=forward,
+        temperature=bool(layer_positions),
     )
 
 

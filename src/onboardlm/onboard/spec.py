@@ -98,6 +98,9 @@ class AttentionSpec:
     out_norm_name: str = ""
     qk_norm_after_rope: bool = False  # q/k norms applied to the rotated q/k (NanoChat)
     rope_inverse: bool = False  # q/k rotate by minus the angle (NanoChat's rotate_half is (x2, -x1))
+    #: (beta, period) expressions: after RoPE, q *= 1 + beta * log(1 + floor(position / period)), the
+    #: Llama 4 attention temperature (Ministral3); the attention then takes ``position_ids``
+    position_scale: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ MODEL_MODULES = [
     "modeling_granite",
     "modeling_internlm3",
     "modeling_llama",
+    "modeling_ministral3",
     "modeling_mistral",
     "modeling_mixtral",
     "modeling_nanochat",

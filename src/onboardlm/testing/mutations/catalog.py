@@ -507,6 +507,24 @@ def _rope_direction(tree: ast.Module) -> list[int]:
     return lines
 
 
+def _temperature(tree: ast.Module) -> list[int]:
+    """The attention temperature per position not applied (``q = q * temperature[...]`` -> ``q = q``)."""
+    lines = []
+    for cls in classes(tree, "Attention"):
+        forward = method(cls, "forward")
+        for node in ast.walk(forward) if forward is not None else ():
+            if (
+                isinstance(node, ast.Assign)
+                and [ast.unparse(t) for t in node.targets] == ["q"]
+                and isinstance(node.value, ast.BinOp)
+                and isinstance(node.value.op, ast.Mult)
+                and any(isinstance(n, ast.Name) and n.id == "temperature" for n in ast.walk(node.value.right))
+            ):
+                node.value = node.value.left
+                lines.append(node.lineno)
+    return lines
+
+
 # -------------------------------------------------------------------------------- embeddings
 
 
@@ -574,6 +592,9 @@ KINDS: tuple[Kind, ...] = (
     Kind("attention_output_gate_dropped", "attention output sigmoid gate left out", _output_gate),
     Kind("inner_norm_dropped", "norm inside the attention or MLP not applied", _inner_norm),
     Kind("rope_direction", "q/k rotated by the angle, not minus it", _rope_direction),
+    Kind(
+        "attention_temperature_dropped", "q scale by position (attention temperature) left out", _temperature
+    ),
     Kind("untied_embeddings", "tied embeddings not declared tied", _untied),
 )
 
