@@ -284,6 +284,17 @@ def _router_module(block: nn.Module, path: str) -> tuple[str, nn.Module]:
         module = getattr(block, attr, None)
         if isinstance(module, nn.Module) and isinstance(getattr(module, "weight", None), torch.Tensor):
             return attr, module
+    for attr in _ROUTER_ATTRS:  # a router module that keeps its linear inside (AFMoE's router.gate)
+        module = getattr(block, attr, None)
+        if isinstance(module, nn.Module) and list(module.children()):
+            inner = sorted(dict(module.named_children()))
+            state = sorted(n for n, _ in block.named_parameters(recurse=False))
+            beside = f", with {state} on the block" if state else ""
+            raise UnsupportedFeature(
+                f"{path}.{attr}",
+                f"router {type(module).__name__} holding its linear as a submodule {inner}{beside};"
+                " the router templates take a `gate`/`router` module with its own weight",
+            )
     raise UnsupportedFeature(path, "no router (`gate` or `router` with a weight)")
 
 
