@@ -125,6 +125,7 @@ REFUSED = {
     "diffllama": ("model.layers.0.self_attn", "attention parameters ['lambda_k1'"),
     "deepseek_v32": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "glm_moe_dsa": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
+    "qwen3_next": ("model.layers.1", "mixes tokens with ['self_attn'] instead of linear_attn"),
     # AFMoE: its gated attention is measured; its router is not
     "afmoe": ("model.layers.1.mlp.router", "router AfmoeTokenChoiceRouter holding its linear"),
 }

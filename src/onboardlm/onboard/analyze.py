@@ -609,6 +609,8 @@ class _Analyzer:
         except UnsupportedFeature as err:
             layer = layers[0]
             attr = self._attention_attr(layer_path, layer)
+            if not err.module_path.startswith(f"{layer_path}.{attr}"):  # not about this attention
+                raise
             named = self._attention_extras(f"{layer_path}.{attr}", getattr(layer, attr))
             if named is None:
                 raise
@@ -661,6 +663,15 @@ class _Analyzer:
         attr = self._attention_attr(layer_path, layer)
         path = f"{layer_path}.{attr}"
         attn = getattr(layer, attr)
+        for index, other in enumerate(layers):  # a hybrid stack: another token mixer on some layers
+            if not isinstance(getattr(other, attr, None), nn.Module):
+                mixers = sorted(set(dict(other.named_children())) - set(dict(layer.named_children())))
+                raise UnsupportedFeature(
+                    path.replace(".0.", f".{index}.", 1).rsplit(".", 1)[0],
+                    f"layer {index} mixes tokens with {mixers} instead of {attr} (layers of one class"
+                    " with different token mixers: a hybrid stack no template covers)",
+                    _HINT,
+                )
         weights = [{name for name, _ in getattr(other, attr).named_parameters()} for other in layers]
         for index, names in enumerate(weights):
             if names != weights[0]:
