@@ -137,7 +137,6 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         init.append("self.sinks = nn.Parameter(torch.empty(self.num_heads))")
     if attn.rope_flag:
         init.append(f"self.use_rope = bool({attn.rope_flag})")
-
     if attn.fused_qkv:
         qkv = attn.projections[0]
         init.append(
