@@ -202,10 +202,19 @@ def test_checkpoint_dtype_does_not_change_the_spec() -> None:
     assert analyze(AutoConfig.for_model("qwen3", dtype="bfloat16")) == analyze(AutoConfig.for_model("qwen3"))
 
 
-def test_attention_wiring_no_template_covers_is_refused() -> None:
-    """NanoChat rotates with flipped signs and norms q/k after RoPE: the attention probe refuses it."""
+def test_attention_wiring_no_template_covers_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attention that rotates q/k by twice the angle of its tables: the attention probe refuses it
+    (NanoChat's rotation by minus the angle, with q/k norms after RoPE, is now a template)."""
+    from transformers.models.llama import modeling_llama
+
+    rotate = modeling_llama.apply_rotary_pos_emb
+
+    def double_angle(q, k, cos, sin, unsqueeze_dim=1):
+        return rotate(q, k, cos * cos - sin * sin, 2 * sin * cos, unsqueeze_dim)
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", double_angle)
     with pytest.raises(UnsupportedFeature, match="attention output matches no template") as raised:
-        analyze(AutoConfig.for_model("nanochat"))
+        analyze(AutoConfig.for_model("llama"))
     assert raised.value.module_path == "model.layers.0.self_attn"
 
 

@@ -97,11 +97,25 @@ EDITS = {
         "shared = shared\n",
     ),
     "untied_embeddings": ("llama", "_tied_weights_keys = {", None),
+    "attention_output_gate_dropped": ("minicpm5_moe", "attn = attn * torch.sigmoid(gate)", "attn = attn\n"),
+    "inner_norm_dropped": ("bitnet", "attn = self.attn_sub_norm(attn)", "attn = attn\n"),
+    "rope_direction": ("nanochat", "sin = -sin", "sin = sin\n"),
+    "attention_temperature_dropped": ("ministral3", "q = q * temperature[:, :, None, None]", "q = q\n"),
 }
 
 
 def source(model_type: str) -> str:
-    return (MODELS / f"modeling_{model_type}.py").read_text()
+    """The shipped generated file, else one generated now (MiniCPM5-MoE: not shipped, its bf16
+    logits test misses the seed's tolerance by routing flips)."""
+    path = MODELS / f"modeling_{model_type}.py"
+    if path.exists():
+        return path.read_text()
+    from transformers import AutoConfig
+
+    from onboardlm.onboard.analyze import analyze
+    from onboardlm.onboard.generate import generate_model_file
+
+    return generate_model_file(analyze(AutoConfig.for_model(model_type)))
 
 
 def test_the_catalogue_has_the_issue_s_kinds() -> None:

@@ -370,6 +370,12 @@ def test_legacy_field_names_through_attribute_map() -> None:
     assert (gpt2.n_embd, gpt2.n_head, gpt2.n_layer, gpt2.vocab_size) == (64, 4, 2, VOCAB)
 
 
+def test_attribute_map_towards_the_real_field() -> None:
+    """Exaone maps the alias ``num_layers`` onto the real field ``num_hidden_layers``: both shrink."""
+    exaone = tiny_config(AutoConfig.for_model("exaone"))
+    assert (exaone.num_hidden_layers, exaone.num_layers, exaone.to_dict()["num_hidden_layers"]) == (2, 2, 2)
+
+
 def test_tiny_config_is_fast() -> None:
     configs = [_config(*case) for case in CASES.values()]
     start = time.perf_counter()

@@ -699,10 +699,76 @@ class _Analyzer:
     def _attention(
         self, layer_path: str, layers: nn.ModuleList, rope: RopeSpec | None
     ) -> tuple[AttentionSpec, RopeSpec | None]:
+        """The measured attention; where no template covers it, the construct that stops it named
+        by what it is (a convolution, a composite module, per-head projections, own parameters)."""
+        try:
+            return self._attention_measured(layer_path, layers, rope)
+        except UnsupportedFeature as err:
+            layer = layers[0]
+            attr = self._attention_attr(layer_path, layer)
+            if not err.module_path.startswith(f"{layer_path}.{attr}"):  # not about this attention
+                raise
+            named = self._attention_extras(f"{layer_path}.{attr}", getattr(layer, attr))
+            if named is None:
+                raise
+            raise named from err
+
+    def _attention_extras(self, path: str, attn: nn.Module) -> UnsupportedFeature | None:
+        linears = projections(attn)
+        children = {
+            n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)
+        }
+        for name, child in children.items():
+            if any(isinstance(m, nn.Conv1d) for m in child.modules()):
+                return UnsupportedFeature(
+                    f"{path}.{name}",
+                    f"short convolution {type(child).__name__} inside the attention (over the sequence,"
+                    " on the q/k/v projections); no attention template covers it",
+                    _HINT,
+                )
+            if list(child.children()):
+                return UnsupportedFeature(
+                    f"{path}.{name}",
+                    f"module {type(child).__name__} with submodules {sorted(dict(child.named_children()))}"
+                    " inside the attention (projections of its own, e.g. routed attention experts);"
+                    " no attention template covers it",
+                    _HINT,
+                )
+        own = sorted(n for n, _ in attn.named_parameters(recurse=False) if n != "sinks")
+        heads = self.tiny.num_attention_heads
+        per_head = [n for n, c in linears.items() if c.in_features == self.hidden and c.out_features == heads]
+        if per_head:
+            return UnsupportedFeature(
+                f"{path}.{per_head[0]}",
+                f"projection to one value per head and token{f' with parameters {own}' if own else ''}"
+                " (a dynamic mask or bias on the attention scores); no attention template covers it",
+                _HINT,
+            )
+        if own:
+            return UnsupportedFeature(
+                path,
+                f"attention parameters {own} beside its projections (a learned change of the scores,"
+                " e.g. differential attention's lambdas); no attention template covers it",
+                _HINT,
+            )
+        return None
+
+    def _attention_measured(
+        self, layer_path: str, layers: nn.ModuleList, rope: RopeSpec | None
+    ) -> tuple[AttentionSpec, RopeSpec | None]:
         layer = layers[0]
         attr = self._attention_attr(layer_path, layer)
         path = f"{layer_path}.{attr}"
         attn = getattr(layer, attr)
+        for index, other in enumerate(layers):  # a hybrid stack: another token mixer on some layers
+            if not isinstance(getattr(other, attr, None), nn.Module):
+                mixers = sorted(set(dict(other.named_children())) - set(dict(layer.named_children())))
+                raise UnsupportedFeature(
+                    path.replace(".0.", f".{index}.", 1).rsplit(".", 1)[0],
+                    f"layer {index} mixes tokens with {mixers} instead of {attr} (layers of one class"
+                    " with different token mixers: a hybrid stack no template covers)",
+                    _HINT,
+                )
         weights = [{name for name, _ in getattr(other, attr).named_parameters()} for other in layers]
         for index, names in enumerate(weights):
             if names != weights[0]:
@@ -723,8 +789,11 @@ class _Analyzer:
             linears = projections(attn)
         norms = {n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
         separate = ["q_proj", "k_proj", "v_proj"]
-        if set(separate) <= set(linears):
-            ins = separate
+        gate_kind, gate_name = "none", None
+        if {"k_proj", "v_proj"} <= set(linears):
+            query, gate_kind, gate_name = self._query_and_gate(path, attn, linears, q_size, rope)
+            ins = [query, "k_proj", "v_proj"]
+            separate = ins
             kv_heads = linears["k_proj"].out_features // head_dim
         else:
             ins = [
@@ -733,13 +802,14 @@ class _Analyzer:
                 if c.in_features == self.hidden and c.out_features > q_size and c.out_features % head_dim == 0
             ]
             kv_heads = (linears[ins[0]].out_features // head_dim - heads) // 2 if len(ins) == 1 else 0
-        outs = [n for n in linears if n not in ins]
+        outs = [n for n in linears if n not in ins and n != gate_name]
         fused = ins != separate
         if len(ins) != 1 + 2 * (not fused) or len(outs) != 1 or kv_heads < 1 or heads % kv_heads:
             raise UnsupportedFeature(path, f"attention projections {sorted(linears)}", _HINT)
         kv_size = kv_heads * head_dim
         widths = [linears[n].out_features for n in ins]
-        if widths != ([q_size, kv_size, kv_size] if not fused else [q_size + 2 * kv_size]):
+        q_width = 2 * q_size if gate_kind == "per_head" else q_size
+        if widths != ([q_width, kv_size, kv_size] if not fused else [q_size + 2 * kv_size]):
             raise UnsupportedFeature(path, f"projection widths {widths} != heads x head_dim", _HINT)
         if (linears[outs[0]].in_features, linears[outs[0]].out_features) != (q_size, self.hidden):
             raise UnsupportedFeature(
@@ -751,6 +821,8 @@ class _Analyzer:
             for key, value in self._bias_expressions(layer, [f"{inside}.{n}" for n in linears]).items()
         }
         projections_spec = tuple(LinearSpec(n, biases[f"{attr}.{n}"], linears[n].transposed) for n in ins)
+        out_norm_name = self._attention_out_norm(path, attn, norms, outs[0], rope)
+        out_norm = self._norm(f"{path}.{out_norm_name}", norms.pop(out_norm_name)) if out_norm_name else None
         qk_norm, qk_names, per_head = self._qk_norm(path, norms, head_dim, q_size)
         real = self._real_heads()
         kind = (
@@ -786,11 +858,20 @@ class _Analyzer:
             rope_flag=self._rope_flag(path, uses_rope) if rope is not None else None,
             sinks=isinstance(getattr(attn, "sinks", None), torch.Tensor),
             kv_heads=self._kv_heads_expression(path, kv_heads),
+            output_gate=gate_kind,  # type: ignore[arg-type]
+            gate=LinearSpec(gate_name, biases[f"{attr}.{gate_name}"]) if gate_name else None,
+            out_norm=out_norm,
+            out_norm_name=out_norm_name or "",
             **real,
         )
+        if gate_kind != "none":
+            self.notes.append(f"attention output gated by sigmoid ({gate_kind.replace('_', ' ')})")
+        if out_norm is not None:
+            self.notes.append(f"attention output normalised ({out_norm_name}) before {outs[0]}")
         if rope is not None:
             index = uses_rope.index(True) if True in uses_rope else 0
             spec, rope = self._probe_attention(path, index, layers[index], spec, scale, rope, kv_heads)
+            spec = self._position_scale(path, index, layers[index], spec, scale, rope, kv_heads)
         else:
             spec = self._probe_plain_attention(path, layer, spec, scale, kv_heads)
         if spec.fused_qkv:
@@ -804,6 +885,86 @@ class _Analyzer:
         """The module that holds the projections: the layer's attention, or the one it wraps."""
         attn = getattr(layer, spec.attr)
         return getattr(attn, spec.inner_attr) if spec.inner_attr else attn
+
+    def _query_and_gate(
+        self, path: str, attn: nn.Module, linears: dict[str, Any], q_size: int, rope: RopeSpec | None
+    ) -> tuple[str, str, str | None]:
+        """(q projection, output-gate kind, gate projection) beside ``k_proj`` and ``v_proj``: the
+        q projection is ``q_proj``, else the one other input projection; twice the q width holds a
+        gate per head, a second input projection of the q width is a separate gate (the attention
+        probe then confirms the wiring). The output projection, the one whose output the attention
+        returns, is no candidate."""
+        seen = self._attention_call(attn, rope, {n: c.module for n, c in linears.items()})
+        result = seen.get("")
+        outputs = [n for n in linears if result is not None and seen.get(n) is result]
+        inputs = [
+            n
+            for n, c in linears.items()
+            if c.in_features == self.hidden and n not in ("k_proj", "v_proj", *outputs)
+        ]
+        inputs = [n for n in inputs if linears[n].out_features in (q_size, 2 * q_size)]
+        query = "q_proj" if "q_proj" in inputs else inputs[0] if len(inputs) == 1 else None
+        if query is None:
+            raise UnsupportedFeature(path, f"attention projections {sorted(linears)}", _HINT)
+        others = [n for n in inputs if n != query]
+        if linears[query].out_features == 2 * q_size and not others:
+            return query, "per_head", None
+        if (
+            linears[query].out_features == q_size
+            and len(others) == 1
+            and linears[others[0]].out_features == q_size
+        ):
+            return query, "separate", others[0]
+        if not others:
+            return query, "none", None
+        raise UnsupportedFeature(path, f"attention projections {sorted(linears)}", _HINT)
+
+    def _attention_out_norm(
+        self, path: str, attn: nn.Module, norms: dict[str, nn.Module], out: str, rope: RopeSpec | None
+    ) -> str | None:
+        """The attention child whose output is the output projection's input (BitNet's
+        ``attn_sub_norm``), seen with forward hooks on one call; None when there is none."""
+        if not norms:
+            return None
+        seen = self._attention_call(attn, rope, norms, getattr(attn, out))
+        found = [n for n in norms if n in seen and "input" in seen and seen[n] is seen["input"]]
+        return found[0] if len(found) == 1 else None
+
+    def _attention_call(
+        self,
+        attn: nn.Module,
+        rope: RopeSpec | None,
+        modules: dict[str, nn.Module],
+        before: nn.Module | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """One call of ``attn`` on random hidden states (with its RoPE tables): the output of each of
+        ``modules`` by name, the input of ``before`` as "input" and the attention's output as "";
+        empty for an attention that needs more inputs than these."""
+        if _needs_recording(attn):
+            return {}
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [
+            module.register_forward_hook(lambda _m, _a, output, n=name: seen.setdefault(n, _first(output)))
+            for name, module in modules.items()
+        ]
+        if before is not None:
+            hooks.append(before.register_forward_pre_hook(lambda _m, args: seen.setdefault("input", args[0])))
+        x = torch.randn(1, 5, self.hidden, generator=torch.Generator().manual_seed(6))
+        try:
+            with torch.no_grad():
+                if rope is None:
+                    seen[""] = _first(attn(x, attention_mask=None))
+                else:
+                    kwargs = {"layer_type": self.tiny.layer_types[0]} if rope.per_layer_type else {}
+                    tables = getattr(self.stack, rope.attr)(x, torch.arange(5)[None], **kwargs)
+                    extra = _position_ids(attn, torch.arange(5)[None])
+                    seen[""] = _first(attn(x, position_embeddings=tables, attention_mask=None, **extra))
+        except Exception:  # an attention that needs other inputs: the probe will tell
+            return {}
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen
 
     def _attention_attr(self, layer_path: str, layer: nn.Module) -> str:
         """The layer's attention child: the one that takes ``position_embeddings`` (RoPE models), else
@@ -855,15 +1016,66 @@ class _Analyzer:
         attn = self._attn_module(layer, spec)
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
         rotary = getattr(self.stack, rope.attr)
-        for style in ("neox", "interleaved"):
-            probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, rotary, rope, style, kwargs)
-            found = probe.match(self._qkv_layouts(spec, kv_heads))
+        orders = (False, True) if spec.qk_norm is not None and spec.qk_norm_per_head else (False,)
+        for style, inverse, after in itertools.product(("neox", "interleaved"), (False, True), orders):
+            variant = dataclasses.replace(spec, rope_inverse=inverse, qk_norm_after_rope=after)
+            probe = _AttentionProbe(attn, variant, self.tiny, scale, kv_heads, rotary, rope, style, kwargs)
+            found = probe.match(self._qkv_layouts(variant, kv_heads))
             if found is not None:
-                self.notes.append(f"RoPE rotates {style} channels")
-                spec = self._confirm_groups(path, layer, spec, found, rope, style, kwargs)
+                self.notes.append(
+                    f"RoPE rotates {style} channels" + (" by minus the angle" if inverse else "")
+                )
+                if after:
+                    self.notes.append("q/k norms after RoPE")
+                spec = self._confirm_groups(path, layer, variant, found, rope, style, kwargs)
                 return spec, dataclasses.replace(rope, style=style)
         raise UnsupportedFeature(
             path, "attention output matches no template (RoPE application, scale or wiring)", _HINT
+        )
+
+    def _position_scale(
+        self,
+        path: str,
+        index: int,
+        layer: nn.Module,
+        spec: AttentionSpec,
+        scale: float,
+        rope: RopeSpec,
+        kv_heads: int,
+    ) -> AttentionSpec:
+        """An attention that reads ``position_ids`` besides its RoPE tables: the same tables with far
+        positions change its output where q is scaled by ``1 + beta * log(1 + floor(position /
+        period))`` (Llama 4's attention temperature, Ministral3); beta and period are matched to
+        config fields (``rope_parameters`` entries first)."""
+        attn = getattr(layer, spec.attr)
+        if "position_ids" not in inspect.signature(attn.forward).parameters:
+            return spec
+        kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
+        rotary = getattr(self.stack, rope.attr)
+        near = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, rotary, rope, rope.style, kwargs)
+        far_positions = near.positions * 7919 + torch.tensor([[1, 2, 3, 4, 5, 6]])
+        far = _AttentionProbe(
+            attn, spec, self.tiny, scale, kv_heads, rotary, rope, rope.style, kwargs, positions=far_positions
+        )
+        if _close(near.expected, far.expected):
+            return spec
+        parameters = getattr(self.tiny, "rope_parameters", None) or {}
+        found: dict[str, list[tuple[str, float]]] = {"float": [], "int": []}
+        for prefix, fields in (("config.rope_parameters", parameters), ("config", self.fields)):
+            for name, value in fields.items():
+                expression = f'{prefix}["{name}"]' if prefix != "config" else f"config.{name}"
+                if isinstance(value, float):
+                    found["float"].append((expression, value))
+                elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    found["int"].append((expression, value))
+        layouts = self._qkv_layouts(spec, kv_heads)[:1]
+        for (beta, beta_value), (period, period_value) in itertools.product(found["float"], found["int"]):
+            far.q_scale = 1 + beta_value * torch.log(1 + torch.floor(far_positions / period_value))
+            if far.match(layouts) is not None:
+                self.notes.append(f"q scaled by position: 1 + {beta} * log(1 + floor(position / {period}))")
+                return dataclasses.replace(spec, position_scale=(beta, period))
+        raise UnsupportedFeature(
+            path, "attention scaled by position_ids beside RoPE by no known formula", _HINT
         )
 
     def _probe_plain_attention(
@@ -1249,8 +1461,12 @@ class _Analyzer:
                 tables = rotary(x, torch.tensor([order]), **kwargs)
                 with torch.no_grad():
                     attention = getattr(layer, attr)
-                    kwargs = {"position_embeddings": tables, "attention_mask": None}
-                    outputs.append(_first(_call_filled(attention, x, kwargs, fill=None)))  # alibi=None
+                    inputs = {
+                        "position_embeddings": tables,
+                        "attention_mask": None,
+                        **_position_ids(attention, torch.tensor([order])),
+                    }
+                    outputs.append(_first(_call_filled(attention, x, inputs, fill=None)))  # alibi=None
             uses.append(not _close(outputs[0], outputs[1]))
         return uses
 
@@ -1287,15 +1503,20 @@ class _Analyzer:
         mlp = getattr(layer, attr)
         linears = projections(mlp)
         others = {n: c for n, c in mlp.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
-        if len(others) != 1:
-            raise UnsupportedFeature(path, f"feed-forward submodules {sorted(others)}", _HINT)
-        act_attr = next(iter(others))
         downs = [n for n, c in linears.items() if c.out_features == self.hidden]
         ins = [n for n in linears if n not in downs]
         if len(downs) != 1 or not 1 <= len(ins) <= 2:
             raise UnsupportedFeature(path, f"feed-forward projections {sorted(linears)}", _HINT)
-        kind, inputs, act = self._mlp_wiring(path, mlp, [linears[n] for n in ins], ins, linears[downs[0]])
         width = linears[downs[0]].in_features
+        inner_name = self._mlp_inner_norm(others, width)
+        inner_norm = self._norm(f"{path}.{inner_name}", others.pop(inner_name)) if inner_name else None
+        if len(others) != 1:
+            raise UnsupportedFeature(path, f"feed-forward submodules {sorted(others)}", _HINT)
+        act_attr = next(iter(others))
+        kind, inputs, act = self._mlp_wiring(
+            path, mlp, [linears[n] for n in ins], ins, linears[downs[0]], getattr(mlp, inner_name or act_attr)
+        )
+        act_module = self._learned_activation(path, others[act_attr], act)
         biases = self._bias_expressions(layer, [f"{attr}.{n}" for n in linears])
         self.notes.append(f"{kind} MLP, {act}")
         if any(linear.transposed for linear in linears.values()):
@@ -1310,7 +1531,33 @@ class _Analyzer:
             act=act if act.startswith('"') else f"config.{act}",
             intermediate=self._intermediate(path, layer, f"{attr}.{downs[0]}", width),
             activation=act.strip('"') if act.startswith('"') else str(getattr(self.config, act)),
+            inner_norm=inner_norm,
+            inner_norm_name=inner_name or "",
+            act_module=act_module,
         )
+
+    def _mlp_inner_norm(self, others: dict[str, nn.Module], width: int) -> str | None:
+        """Of an MLP's non-linear children, the one norm over the intermediate width (BitNet's
+        ``ffn_sub_norm``): a 1-D weight of that width and no element-wise behaviour."""
+        found = [
+            name
+            for name, child in others.items()
+            if isinstance(getattr(child, "weight", None), torch.Tensor)
+            and tuple(child.weight.shape) == (width,)
+            and not _elementwise(child, width)
+        ]
+        return found[0] if len(found) == 1 and len(others) == 2 else None
+
+    def _learned_activation(self, path: str, module: nn.Module, act: str) -> str | None:
+        """Constructor expression of an activation that holds weights (Apertus' xIELU, built by
+        transformers as ``ACT2CLS[name](dtype=config.dtype)``), None for a parameter-free one."""
+        if not list(module.parameters()) and not list(module.buffers()):
+            return None
+        expression = act if act.startswith('"') else f"config.{act}"
+        if "dtype" in inspect.signature(type(module).__init__).parameters:
+            self.notes.append(f"activation {type(module).__name__} with learned parameters")
+            return f"ACT2CLS[{expression}](dtype=config.dtype)"
+        return f"ACT2CLS[{expression}]()"
 
     def _intermediate(self, path: str, layer: nn.Module, down_path: str, width: int) -> str:
         """Config expression of the feed-forward width: a field holding it (``intermediate_size``
@@ -1388,10 +1635,26 @@ class _Analyzer:
         )
 
     def _mlp_wiring(
-        self, path: str, mlp: nn.Module, ins: list[nn.Linear], names: list[str], down: nn.Linear
+        self,
+        path: str,
+        mlp: nn.Module,
+        ins: list[nn.Linear],
+        names: list[str],
+        down: nn.Linear,
+        inner: nn.Module | None = None,
     ) -> tuple[str, list[str], str]:
-        """Which input is the gate, whether a fused projection is (gate, up), which activation field."""
+        """Which input is the gate, whether a fused projection is (gate, up), which activation field.
+
+        ``inner``: the MLP's norm before the down projection (applied to every candidate), else its
+        activation: one with weights (xIELU) stands in for a fresh activation of its own class."""
         x = torch.randn(2, 3, self.hidden, generator=torch.Generator().manual_seed(3))
+        inner_norm = inner if inner is not None and not _elementwise(inner, down.in_features) else None
+        learned = inner if inner is not None and inner_norm is None and list(inner.parameters()) else None
+        norm = inner_norm if inner_norm is not None else nn.Identity()
+
+        def project(hidden: torch.Tensor) -> torch.Tensor:
+            return down(norm(hidden))
+
         with torch.no_grad():
             expected = _call_filled(mlp, x)
             outs = [linear(x) for linear in ins]
@@ -1410,9 +1673,11 @@ class _Analyzer:
             if not isinstance(act_name, str) or act_name not in ACT2FN:
                 continue
             act = ACT2FN[act_name]
+            if learned is not None and type(learned) is type(act):  # its own learned parameters
+                act = learned
             for kind, order, combine in variants:
                 with torch.no_grad():
-                    if _close(down(combine(act)), expected):
+                    if _close(project(combine(act)), expected):
                         return kind, order, field_name
         # no config field names it: the module hard-codes one. Small random weights keep the
         # pre-activations small, where GELU and its tanh form agree to 1e-5: the closest match wins.
@@ -1420,7 +1685,7 @@ class _Analyzer:
         for act_name in _LITERAL_ACTIVATIONS:
             for kind, order, combine in variants:
                 with torch.no_grad():
-                    actual = down(combine(ACT2FN[act_name]))
+                    actual = project(combine(ACT2FN[act_name]))
                 if _close(actual, expected):
                     matches.append((float((actual - expected).abs().max()), act_name, kind, order))
         if matches:
@@ -1635,37 +1900,40 @@ class _Analyzer:
             ("config.embedding_multiplier", self.fields.get("embedding_multiplier")),
         ]
         offsets: list[int | None] = [None] if positions is None else list(range(4))
-        for expression, value in candidates:
+        # the final norm may also normalise the embeddings (NanoChat calls one norm module twice)
+        norm_options = [embed_norm] if embed_norm is not None else [None, parts.get("norm")]
+        for (expression, value), offset, norm in itertools.product(candidates, offsets, norm_options):
             if not isinstance(value, float):
                 continue
-            for offset in offsets:
-                expected = raw * value
-                if project_in is not None:
-                    with torch.no_grad():
-                        expected = project_in[1](expected)
-                if offset is not None and isinstance(positions[1], nn.Embedding):
-                    expected = expected + positions[1].weight[position_ids + offset]
-                elif offset is not None:  # a sinusoidal table: offset and base measured after the match
-                    with torch.no_grad():
-                        expected = expected + positions[1](position_ids)
+            expected = raw * value
+            if project_in is not None:
                 with torch.no_grad():
-                    if embed_norm is not None:
-                        expected = embed_norm[1](expected)
-                if not _close(captured[0], expected):
-                    continue
-                if expression and scaled_class:
-                    expression = self._embedding_scale_flags(attr, expression, value)
-                if expression:
-                    self.notes.append(f"embeddings scaled by {expression}")
-                spec = EmbeddingSpec(
-                    attr,
-                    expression,
-                    scaled_class if expression else None,
-                    padding_idx=hasattr(self.tiny, "pad_token_id"),
-                    positions=self._positions(prefix, positions, offset) if offset is not None else None,
-                    norm=self._embedding_norm(prefix, embed_norm, layer),
-                )
-                return self._projected(prefix, spec, embed, project_in, project_out)
+                    expected = project_in[1](expected)
+            if offset is not None and isinstance(positions[1], nn.Embedding):
+                expected = expected + positions[1].weight[position_ids + offset]
+            elif offset is not None:  # a sinusoidal table: offset and base measured after the match
+                with torch.no_grad():
+                    expected = expected + positions[1](position_ids)
+            with torch.no_grad():
+                if norm is not None:
+                    expected = norm[1](expected)
+            if not _close(captured[0], expected):
+                continue
+            if expression and scaled_class:
+                expression = self._embedding_scale_flags(attr, expression, value)
+            if expression:
+                self.notes.append(f"embeddings scaled by {expression}")
+            if norm is not None and embed_norm is None:
+                self.notes.append(f"the final norm ({norm[0]}) also normalises the embeddings")
+            spec = EmbeddingSpec(
+                attr,
+                expression,
+                scaled_class if expression else None,
+                padding_idx=hasattr(self.tiny, "pad_token_id"),
+                positions=self._positions(prefix, positions, offset) if offset is not None else None,
+                norm=self._embedding_norm(prefix, norm, layer),
+            )
+            return self._projected(prefix, spec, embed, project_in, project_out)
         raise UnsupportedFeature(f"{prefix}.{attr}", "embedding scale from no known config field", _HINT)
 
     def _embedding_scale_flags(self, attr: str, expression: str, value: float) -> str:
@@ -1888,6 +2156,12 @@ def _sinusoidal_positions(module: nn.Module, hidden: int) -> bool:
     return isinstance(rows, torch.Tensor) and tuple(rows.shape) == (1, 4, hidden)
 
 
+def _position_ids(attn: nn.Module, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"position_ids": positions}`` for an attention whose forward takes them (Ministral3's reads
+    them for a q scale), else nothing."""
+    return {"position_ids": positions} if "position_ids" in inspect.signature(attn.forward).parameters else {}
+
+
 def _needs_recording(attn: nn.Module) -> bool:
     """An attention that cannot run on hidden states alone: a forward parameter without a default
     besides them (BLOOM's residual and alibi)."""
@@ -1895,7 +2169,7 @@ def _needs_recording(attn: nn.Module) -> bool:
     return any(
         p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         for p in parameters
-        if p.name not in ("position_embeddings", "attention_mask")
+        if p.name not in ("position_embeddings", "attention_mask", "position_ids")
     )
 
 
@@ -2006,6 +2280,7 @@ def _reference_attention(
     kv_heads: int | None = None,
     causal: bool = False,
     alibi: bool = False,
+    q_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What the spec says the attention computes (no mask), in plain torch, on the HF module's weights.
 
@@ -2016,19 +2291,28 @@ def _reference_attention(
     kv_heads = kv_heads or config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     projections = [getattr(attn, p.name)(x) for p in spec.projections]
+    gate = getattr(attn, spec.gate.name)(x) if spec.output_gate == "separate" else None
+    if spec.output_gate == "per_head":  # per head [q | gate]
+        q_gate = projections[0].view(batch, seq, heads, 2 * head_dim)
+        projections[0], gate = q_gate[..., :head_dim], q_gate[..., head_dim:].reshape(batch, seq, -1)
     if spec.fused_qkv:
         q, k, v = split_fused_qkv(projections[0], *layout, heads, kv_heads, head_dim)
     else:
-        q, k, v = (t.view(batch, seq, -1, head_dim) for t in projections)
+        q, k, v = (t.reshape(batch, seq, -1, head_dim) for t in projections)
     q_norm, k_norm = (getattr(attn, name, None) for name in spec.qk_norm_names)
     if q_norm is None:  # switched off by the config (``qk_norm_flag``)
         spec = dataclasses.replace(spec, qk_norm=None)
     if spec.qk_norm is not None and not spec.qk_norm_per_head:
         q, k = (norm(t.flatten(-2)).view(t.shape) for norm, t in ((q_norm, q), (k_norm, k)))
-    if spec.qk_norm is not None and spec.qk_norm_per_head:
+    if spec.qk_norm is not None and spec.qk_norm_per_head and not spec.qk_norm_after_rope:
         q, k = q_norm(q), k_norm(k)
     if tables is not None:
-        q, k = (_rotate(t, *tables, style, table_layout) for t in (q, k))
+        cos, sin = tables
+        q, k = (_rotate(t, cos, -sin if spec.rope_inverse else sin, style, table_layout) for t in (q, k))
+    if spec.qk_norm is not None and spec.qk_norm_per_head and spec.qk_norm_after_rope:
+        q, k = q_norm(q), k_norm(k)
+    if q_scale is not None:  # [B, S]: one factor per query position
+        q = q * q_scale[:, :, None, None]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) * scale
@@ -2042,7 +2326,12 @@ def _reference_attention(
         sinks = attn.sinks.reshape(1, -1, 1, 1).expand(batch, heads, seq, 1)
         scores = torch.cat((scores, sinks), dim=-1)
     out = torch.softmax(scores.float(), dim=-1)[..., :seq] @ v
-    return getattr(attn, spec.out.name)(out.transpose(1, 2).reshape(batch, seq, heads * head_dim))
+    out = out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+    if gate is not None:
+        out = out * torch.sigmoid(gate)
+    if spec.out_norm is not None:
+        out = getattr(attn, spec.out_norm_name)(out)
+    return getattr(attn, spec.out.name)(out)
 
 
 class _AttentionProbe:
@@ -2067,8 +2356,13 @@ class _AttentionProbe:
         style: str = "neox",
         kwargs: dict[str, Any] | None = None,
         recorded_from: tuple[nn.Module, str] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> None:
         self.attn, self.spec, self.config, self.scale, self.kv_heads = attn, spec, config, scale, kv_heads
+        #: the rotary tables' positions; ``positions`` (same shape) only reach an attention that reads
+        #: ``position_ids`` itself, ``q_scale`` ([B, S]) is what the candidate math scales q by
+        self.positions = torch.tensor([[0, 3, 1, 7, 2, 5]] * 2)
+        self.q_scale: torch.Tensor | None = None
         self.style = style
         self.table_layout = rope.table_layout if rope is not None else "neox"
         self.x = torch.randn(2, 6, config.hidden_size, generator=torch.Generator().manual_seed(5))
@@ -2082,9 +2376,12 @@ class _AttentionProbe:
             if rotary is None or rope is None:
                 self.expected = _first(attn(self.x, attention_mask=None))
             else:
-                tables = rotary(self.x, torch.tensor([[0, 3, 1, 7, 2, 5]] * 2), **(kwargs or {}))
+                tables = rotary(self.x, self.positions, **(kwargs or {}))
+                if spec.qk_norm is not None:  # scaled as YaRN's attention factor does: tells a q/k
+                    tables = tuple(t * 1.25 for t in tables)  # norm before RoPE from one after it
                 self.tables = tables[::-1] if rope.sin_first else tables
-                self.expected = _first(attn(self.x, position_embeddings=tables, attention_mask=None))
+                extra = _position_ids(attn, self.positions if positions is None else positions)
+                self.expected = _first(attn(self.x, position_embeddings=tables, attention_mask=None, **extra))
 
     def _record(self, model: nn.Module, path: str) -> None:
         input_ids = torch.arange(12).reshape(2, 6) % (self.config.vocab_size - 1) + 1
@@ -2113,7 +2410,7 @@ class _AttentionProbe:
                         actual = _reference_attention(
                             self.attn, self.spec, self.config, self.x, self.tables, self.style,
                             self.table_layout, self.scale, self.cap, layout=(count, order),
-                            kv_heads=self.kv_heads, causal=self.causal, alibi=alibi,
+                            kv_heads=self.kv_heads, causal=self.causal, alibi=alibi, q_scale=self.q_scale,
                         )  # fmt: skip
                     except RuntimeError:  # the groups do not divide the heads
                         continue

@@ -284,6 +284,17 @@ def _router_module(block: nn.Module, path: str) -> tuple[str, nn.Module]:
         module = getattr(block, attr, None)
         if isinstance(module, nn.Module) and isinstance(getattr(module, "weight", None), torch.Tensor):
             return attr, module
+    for attr in _ROUTER_ATTRS:  # a router module that keeps its linear inside (AFMoE's router.gate)
+        module = getattr(block, attr, None)
+        if isinstance(module, nn.Module) and list(module.children()):
+            inner = sorted(dict(module.named_children()))
+            state = sorted(n for n, _ in block.named_parameters(recurse=False))
+            beside = f", with {state} on the block" if state else ""
+            raise UnsupportedFeature(
+                f"{path}.{attr}",
+                f"router {type(module).__name__} holding its linear as a submodule {inner}{beside};"
+                " the router templates take a `gate`/`router` module with its own weight",
+            )
     raise UnsupportedFeature(path, "no router (`gate` or `router` with a weight)")
 
 
@@ -409,11 +420,40 @@ def _layer_condition(
         )
     else:
         condition, predicted = "True", tuple(range(num_layers))
+        if predicted != moe_layers:
+            condition, predicted = _measured_layer_condition(config, moe_layers, num_layers) or (
+                condition,
+                predicted,
+            )
     if predicted != moe_layers:
         raise UnsupportedFeature(
             path, f"MoE layers {list(moe_layers)} do not follow `{condition}` (gives {list(predicted)})"
         )
     return condition
+
+
+def _measured_layer_condition(
+    config: PretrainedConfig, moe_layers: tuple[int, ...], num_layers: int
+) -> tuple[str, tuple[int, ...]] | None:
+    """A config field that names the MoE layers: a per-layer list whose value on exactly those
+    layers is one kind (MiniCPM5-MoE's ``mlp_layer_types == "sparse"``), or a count of leading dense
+    layers (AFMoE's ``num_dense_layers``)."""
+    fields = {**config.to_dict(), **{k: v for k, v in vars(config).items() if not k.startswith("_")}}
+    for name, value in fields.items():
+        if not isinstance(value, list) or len(value) != num_layers:
+            continue
+        for kind in dict.fromkeys(value):
+            if (
+                isinstance(kind, (str, bool))
+                and tuple(i for i, v in enumerate(value) if v == kind) == moe_layers
+            ):
+                return f"config.{name}[layer_idx] == {kind!r}", moe_layers
+    for name, value in fields.items():
+        if "dense" in name and isinstance(value, int) and not isinstance(value, bool):
+            predicted = tuple(i for i in range(num_layers) if i >= value)
+            if predicted == moe_layers:
+                return f"layer_idx >= config.{name}", predicted
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,6 +477,7 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
     missing = [name for name in _MLA_MODULES if not isinstance(getattr(attn, name, None), nn.Module)]
     if missing:
         raise UnsupportedFeature(path, f"MLA without {', '.join(missing)}")
+    _refuse_extra_mla_modules(attn, path)
     q_lora = isinstance(getattr(attn, "q_a_proj", None), nn.Module)
     nope, rope, v_dim = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
     heads = attn.kv_b_proj.out_features // (nope + v_dim)
@@ -465,6 +506,28 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
         yarn_mscale=_folds_yarn_mscale(config, attn, path),
         scaling=float(attn.scaling),
     )
+
+
+#: Children an MLA attention may have: the latent projections and norms, and the q projection.
+_MLA_KNOWN = frozenset({*_MLA_MODULES, "q_a_proj", "q_a_layernorm", "q_b_proj", "q_proj"})
+
+
+def _refuse_extra_mla_modules(attn: nn.Module, path: str) -> None:
+    """An MLA attention with a module besides its projections and latent norms (DeepSeek-V3.2's and
+    GLM-MoE-DSA's lightning indexer, which picks the top-k keys each query attends to) is refused."""
+    for name, child in attn.named_children():
+        if name in _MLA_KNOWN or isinstance(child, nn.Dropout):
+            continue
+        source = inspect.getsource(type(child))
+        feature = (
+            "a sparse-attention indexer (each query attends only to the top-k keys it scores)"
+            if "topk" in source
+            else "a module besides the latent projections and norms"
+        )
+        raise UnsupportedFeature(
+            f"{path}.{name}",
+            f"MLA with {type(child).__name__}: {feature}; no attention template covers it",
+        )
 
 
 def _complex_rotary_table(model: nn.Module) -> bool:

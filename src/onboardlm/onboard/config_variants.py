@@ -123,6 +123,7 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
         for name in sorted(_optional_fields(tree)):
             if getattr(tiny, name, None) is not None:
                 found.append(Variant(f"{name}=None", {name: None}))
+        found += _position_scale_variants(tiny, tree)
     tied = bool(getattr(tiny, "tie_word_embeddings", False))
     found.append(Variant(f"tie_word_embeddings={not tied}", {"tie_word_embeddings": not tied}))
     parameters = getattr(tiny, "rope_parameters", None)
@@ -134,6 +135,38 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
             tables = [other] if "rope_theta" in other else list(other.values())
             kinds = "/".join(sorted({table.get("rope_type", "default") for table in tables}))
             found.append(Variant(f"rope={kinds}", {"rope_parameters": other}, group="rope"))
+    return found
+
+
+#: Period of the q scale by position in its variant: the test's positions cross several periods.
+SHORT_PERIOD = 2
+
+
+def _position_scale_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[Variant]:
+    """A short period for a q scale by position (``self.position_scale_period = config...``: Ministral3
+    divides positions by ``rope_parameters["original_max_position_embeddings"]``), so that the test's
+    few positions take the scale's branch (at the tiny config's period it is 1 on all of them)."""
+    found = []
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.Assign)
+            and [ast.unparse(t) for t in node.targets] == ["self.position_scale_period"]
+        ):
+            continue
+        value = node.value
+        parameters = getattr(tiny, "rope_parameters", None)
+        if (
+            isinstance(value, ast.Subscript)
+            and ast.unparse(value.value) == "config.rope_parameters"
+            and isinstance(value.slice, ast.Constant)
+            and isinstance(parameters, dict)
+        ):
+            overrides = {"rope_parameters": {**parameters, value.slice.value: SHORT_PERIOD}}
+        elif isinstance(value, ast.Attribute) and ast.unparse(value.value) == "config":
+            overrides = {value.attr: SHORT_PERIOD}
+        else:
+            continue
+        found.append(Variant(f"position_scale_period={SHORT_PERIOD}", overrides))
     return found
 
 

@@ -146,8 +146,13 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         )
     else:
         q, k, v = attn.projections
+        q_width = (
+            "2 * self.num_heads * self.head_dim"
+            if attn.output_gate == "per_head"
+            else "self.num_heads * self.head_dim"
+        )
         init += [
-            f"self.{q.name} = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias={q.bias})",
+            f"self.{q.name} = nn.Linear(config.hidden_size, {q_width}, bias={q.bias})",
             f"self.{k.name} = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias={k.bias})",
             f"self.{v.name} = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias={v.bias})",
         ]
@@ -157,6 +162,17 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
     linears = [*attn.projections, attn.out]
     start = len(init) - len(linears)
     init[start:] = _hoist_bias(init[start:], [linear.bias for linear in linears])
+    if attn.gate is not None:
+        init.append(
+            f"self.{attn.gate.name} = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias={attn.gate.bias})"
+        )
+        linears.append(attn.gate)
+    if attn.out_norm is not None:
+        init.append(
+            f"self.{attn.out_norm_name} = {norm_constructor(attn.out_norm, 'self.num_heads * self.head_dim')}"
+        )
+    if attn.output_gate != "none" and attn.fused_qkv:
+        raise UnsupportedFeature(attn.class_name, "output gate beside a fused q/k/v projection", _HINT)
     init += [f"self.{field} = config.{field}" for field in dict.fromkeys(f for f, *_ in attn.qkv_switches)]
     init += _qk_norm_lines(attn)
     init += _conv1d_hook_lines(linears)
@@ -167,6 +183,8 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
     rope_lines: list[str] = []
     if spec.rope is not None:
         rope_lines = render("rope_apply.py.j2", rope=spec.rope).rstrip("\n").split("\n")
+        if attn.rope_inverse:  # rotate by minus the angle: sin(-a) = -sin(a)
+            rope_lines.insert(1, "sin = -sin  # q and k rotate by minus the angle")
         if attn.rope_flag:
             rope_lines = ["if self.use_rope:", *(f"    {line}" for line in rope_lines)]
     wrapper = ""
@@ -184,9 +202,22 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         init_lines=init,
         rope_lines=rope_lines,
         positional=spec.rope is not None,
+        temperature=_takes_temperature(spec),
         qkv_lines=_fused_qkv_lines(attn) if attn.fused_qkv else [],
         methods=_conv1d_hook_method(linears),
     )
+
+
+def _takes_temperature(spec: ArchitectureSpec) -> bool:
+    """Whether decoder layers and attention take the q scale per position (``attention_temperature``
+    of the model, computed once per forward like the RoPE tables)."""
+    if not getattr(spec.attention, "position_scale", None) or spec.rope is None:
+        return False
+    if spec.stack_attr:
+        raise UnsupportedFeature(
+            spec.attention.class_name, "q scale by position in a wrapped decoder stack", _HINT
+        )
+    return True
 
 
 def _fused_qkv_lines(attn: AttentionSpec) -> list[str]:
@@ -293,6 +324,9 @@ def emit_mlp(mlp: MLPSpec, spec: ArchitectureSpec) -> str:
             f"self.{mlp.down.name} = nn.Linear({mlp.intermediate}, config.hidden_size, bias={mlp.down.bias})"
         )
     init = _hoist_bias(init, [linear.bias for linear in (*mlp.inputs, mlp.down)])
+    if mlp.inner_norm is not None:
+        width = "self.intermediate_size" if mlp.kind == "fused_gated" else mlp.intermediate
+        init.append(f"self.{mlp.inner_norm_name} = {norm_constructor(mlp.inner_norm, width)}")
     linears = [*mlp.inputs, mlp.down]
     init += _conv1d_hook_lines(linears)
     template = "mlp_plain.py.j2" if mlp.kind == "plain" else "mlp_gated.py.j2"
@@ -361,6 +395,7 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
         init_lines=init,
         forward_lines=forward,
         positional=spec.rope is not None,
+        temperature=_takes_temperature(spec),
         methods=methods,
     )
 
@@ -370,6 +405,8 @@ def _layout_lines(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> list[str]:
     attn, ff = spec.attention, spec.feed_forward
     scale = " * self.residual_multiplier" if layer.residual_multiplier else ""
     positions = ", position_embeddings" if spec.rope is not None else ""
+    if _takes_temperature(spec):
+        positions += ", temperature"
     if layer.parallel and layer.mlp_pre:  # a norm for each block
         attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions)
         mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, layer.mlp_post)
@@ -419,7 +456,7 @@ def emit_model(spec: ArchitectureSpec) -> str:
     elif positions is not None:
         rows = "config.max_position_embeddings" + (f" + {positions.offset}" if positions.offset else "")
         init.append(f"self.{positions.attr} = nn.Embedding({rows}, config.hidden_size)")
-    if embedding.norm:
+    if embedding.norm and embedding.norm != spec.head.final_norm_attr:  # else the final norm, called twice
         init.append(f"self.{embedding.norm} = {norm_constructor(spec.decoder.norm, 'config.hidden_size')}")
     final_norm = norm_constructor(spec.decoder.norm, "config.hidden_size")
     if spec.head.final_norm_flag:
@@ -457,17 +494,22 @@ def emit_model(spec: ArchitectureSpec) -> str:
         hidden = f"self.{embedding.norm}({hidden})"
     forward.append(f"hidden_states = {hidden}")
     layers = f"self.{spec.layers_attr}"
+    layer_positions = ", temperature" if _takes_temperature(spec) else ""
+    if layer_positions:
+        beta, period = spec.attention.position_scale
+        init += [f"self.position_scale_beta = {beta}", f"self.position_scale_period = {period}"]
+        forward.append("temperature = self.attention_temperature(position_ids)")
     if rope is None:
         forward += [f"for layer in {layers}:", "    hidden_states = layer(hidden_states)"]
     elif rope.per_layer_type:
         forward += [
             f"for layer, layer_type in zip({layers}, self.config.layer_types, strict=True):",
-            "    hidden_states = layer(hidden_states, position_embeddings[layer_type])",
+            f"    hidden_states = layer(hidden_states, position_embeddings[layer_type]{layer_positions})",
         ]
     else:
         forward += [
             f"for layer in {layers}:",
-            "    hidden_states = layer(hidden_states, position_embeddings)",
+            f"    hidden_states = layer(hidden_states, position_embeddings{layer_positions})",
         ]
     final = spec.head.final_norm_attr
     if final and spec.head.final_norm_flag:
@@ -492,7 +534,12 @@ def emit_model(spec: ArchitectureSpec) -> str:
         )
         return stack.rstrip("\n") + "\n\n\n" + wrapper
     return render(
-        "model.py.j2", spec=spec, class_name=spec.model_class, init_lines=init, forward_lines=forward
+        "model.py.j2",
+        spec=spec,
+        class_name=spec.model_class,
+        init_lines=init,
+        forward_lines=forward,
+        temperature=bool(layer_positions),
     )
 
 

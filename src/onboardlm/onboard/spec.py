@@ -96,6 +96,18 @@ class AttentionSpec:
     #: fused qkv: (config field, value, groups, order) of the other layouts bool config fields select,
     #: checked in order before the measured one (GPT-BigCode's multi_query=False: per head)
     qkv_switches: tuple[tuple[str, bool, str, tuple[str, ...]], ...] = ()
+    #: the attention output (before the output projection) times sigmoid(gate): "separate" from its
+    #: own projection ``gate`` (AFMoE), "per_head" from the q projection's second half of each head
+    #: (Qwen3-Next, MiniCPM5-MoE: per head [q | gate])
+    output_gate: Literal["none", "separate", "per_head"] = "none"
+    gate: LinearSpec | None = None
+    out_norm: NormSpec | None = None  # a norm of the attention output before the output projection (BitNet)
+    out_norm_name: str = ""
+    qk_norm_after_rope: bool = False  # q/k norms applied to the rotated q/k (NanoChat)
+    rope_inverse: bool = False  # q/k rotate by minus the angle (NanoChat's rotate_half is (x2, -x1))
+    #: (beta, period) expressions: after RoPE, q *= 1 + beta * log(1 + floor(position / period)), the
+    #: Llama 4 attention temperature (Ministral3); the attention then takes ``position_ids``
+    position_scale: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,11 @@ class MLPSpec:
     intermediate: str  # config expression, e.g. "config.intermediate_size"
     activation: str = ""  # the activation's name in the analyzed config, e.g. "silu"
     inline: bool = False  # the linears sit on the decoder layer itself (OPT's fc1/fc2), not in a block
+    inner_norm: NormSpec | None = None  # a norm of the activated hidden before the down projection (BitNet)
+    inner_norm_name: str = ""
+    #: expression building an activation module with learned parameters (Apertus' xIELU), else None:
+    #: ``ACT2FN[act]``
+    act_module: str | None = None
 
 
 @dataclass(frozen=True)
@@ -217,4 +234,10 @@ class ArchitectureSpec:
             known = found.setdefault(qk_norm.class_name, qk_norm)
             if qk_norm.head_weights and not known.head_weights:
                 found[qk_norm.class_name] = dataclasses.replace(known, head_weights=True)
+        for inner in (
+            getattr(self.attention, "out_norm", None),
+            getattr(self.feed_forward, "inner_norm", None),
+        ):
+            if inner is not None:
+                found.setdefault(inner.class_name, inner)
         return list(found.values())

@@ -143,6 +143,7 @@ class ReferenceLayout:
     #: the first attention reads the embeddings unnormalised at their initializer scale (post-LN, GPT-1):
     #: the test draws them at unit scale so the softmax is not flat
     unit_embeddings: bool = False
+    temperature: bool = False  # ... and the model's q scale per position too (Ministral3)
 
     @property
     def layer_classes(self) -> list[str]:
@@ -379,13 +380,16 @@ def cover_lean_blocks(
     return dataclasses.replace(layout, blocks=layout.blocks + tuple(extra))
 
 
-def _takes_positions(lean_source: str, layout: ReferenceLayout) -> bool:
-    """Whether the lean decoder layers take ``position_embeddings`` (models without RoPE do not)."""
+def _takes_positions(lean_source: str, layout: ReferenceLayout, name: str = "position_embeddings") -> bool:
+    """Whether the lean decoder layers take ``position_embeddings`` (models without RoPE do not), or
+    ``name`` (``temperature``: only where attention scales q by position)."""
     index = _lean_index(lean_source)
     found = [
         _lean_parameters(index, cls, "forward") for cls in layout.layer_classes if cls in index.src.classes
     ]
-    return not found or any(params is not None and "position_embeddings" in params[0] for params in found)
+    if not found:
+        return name == "position_embeddings"
+    return any(params is not None and name in params[0] for params in found)
 
 
 def keep_called(layout: ReferenceLayout, reference: nn.Module) -> ReferenceLayout:
@@ -626,7 +630,11 @@ def generate_test_file(
         layout = cover_lean_blocks(layout, reference, tiny, hf_module, lean_source)
     layout = keep_called(layout, reference)
     if lean_source is not None:
-        layout = dataclasses.replace(layout, positional=_takes_positions(lean_source, layout))
+        layout = dataclasses.replace(
+            layout,
+            positional=_takes_positions(lean_source, layout),
+            temperature=_takes_positions(lean_source, layout, "temperature"),
+        )
     variants = [
         v
         for v in config_variants(tiny, lean_source, _hf_logits(hf_cls, type(tiny), fields))

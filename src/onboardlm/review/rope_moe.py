@@ -163,6 +163,11 @@ def _is_allowed_callee(
     parts = dotted_parts(call.func)
     if parts and len(parts) == 1 and parts[0] in model.src.functions:
         return model.src.functions[parts[0]] in allowed
+    cls = model.src.enclosing_class(call)
+    if parts and len(parts) == 2 and parts[0] == "self" and cls is not None:  # an allowed method of its own
+        return any(
+            isinstance(fn, FUNCTION_TYPES) and fn.name == parts[1] and fn in allowed for fn in cls.body
+        )
     qualified = model.src.qualify(call.func) or ""
     return qualified.startswith(("torch.", "math.")) and not qualified.startswith(AD)
 

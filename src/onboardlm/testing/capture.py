@@ -42,6 +42,11 @@ class Call:
         return self.kwargs.get("position_embeddings")
 
     @property
+    def position_ids(self) -> Any:
+        """The ``position_ids`` keyword as passed, None if absent."""
+        return self.kwargs.get("position_ids")
+
+    @property
     def result(self) -> torch.Tensor:
         """The output tensor; for tuple outputs (attention weights, router logits) the first element."""
         return first_tensor(self.output)

@@ -656,9 +656,15 @@ def tiny_config(
         _shrink_overrides(old, new, config.num_hidden_layers)
     for name in [name for name in new if name.endswith("_token_id")]:
         new[name] = _token_id(new[name], vocab_size)
+    # the shrunken name wins: the alias where a rule shrank it, else the field itself where the
+    # attribute map points the other way (Exaone's num_layers -> num_hidden_layers, the real field)
     new.update(
-        {field: new[standard] for standard, field in aliases.items() if standard in new}
-    )  # standard wins
+        {
+            field: new[standard]
+            for standard, field in aliases.items()
+            if standard in new and (new[standard] != old[standard] or new.get(field) == old.get(field))
+        }
+    )
     # The constructor re-derives every attribute that is not one of its fields.
     arguments = {key: new[key] for key in fields}
     if "num_hidden_layers" not in fields and "num_hidden_layers" not in aliases:

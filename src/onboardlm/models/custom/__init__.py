@@ -7,7 +7,9 @@ import importlib
 import logging
 
 MODEL_MODULES = [
+    "modeling_apertus",
     "modeling_biogpt",
+    "modeling_bitnet",
     "modeling_bloom",
     "modeling_codegen",
     "modeling_cohere",
@@ -26,9 +28,11 @@ MODEL_MODULES = [
     "modeling_granite",
     "modeling_internlm3",
     "modeling_llama",
+    "modeling_ministral3",
     "modeling_mistral",
     "modeling_mixtral",
     "modeling_mpt",
+    "modeling_nanochat",
     "modeling_olmo2",
     "modeling_openai_gpt",
     "modeling_opt",

@@ -454,6 +454,77 @@ def _shared_expert_gate(tree: ast.Module) -> list[int]:
     return lines
 
 
+def _output_gate(tree: ast.Module) -> list[int]:
+    """The attention output gate left out (``attn * sigmoid(gate)`` -> ``attn``)."""
+    lines = []
+    for cls in classes(tree, "Attention"):
+        for node in list(ast.walk(cls)):
+            if (
+                isinstance(node, ast.BinOp)
+                and isinstance(node.op, ast.Mult)
+                and call_attr(node.right) == "sigmoid"
+                and replace_in_parent(cls, node, node.left)
+            ):
+                lines.append(node.lineno)
+    return lines
+
+
+def _inner_norm(tree: ast.Module) -> list[int]:
+    """A norm inside the attention or the MLP (BitNet's sub-norms before the output/down
+    projection) not applied: ``x = self.<...norm>(y)`` -> ``x = y``; q/k norms are another kind."""
+    lines = []
+    for cls in [*classes(tree, "Attention"), *classes(tree, "MLP")]:
+        forward = method(cls, "forward")
+        for node in ast.walk(forward) if forward is not None else ():
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Call)
+                and is_self_attr(node.value.func)
+                and "norm" in node.value.func.attr
+                and node.value.func.attr not in ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+                and len(node.value.args) == 1
+            ):
+                node.value = node.value.args[0]
+                lines.append(node.lineno)
+    return lines
+
+
+def _rope_direction(tree: ast.Module) -> list[int]:
+    """q/k rotated by the angle instead of minus the angle: ``sin = -sin`` left out."""
+    lines = []
+    for cls in classes(tree, "Attention"):
+        forward = method(cls, "forward")
+        if forward is None:
+            continue
+        for node in list(ast.walk(forward)):
+            if (
+                isinstance(node, ast.Assign)
+                and [ast.unparse(t) for t in node.targets] == ["sin"]
+                and ast.unparse(node.value) == "-sin"
+            ):
+                node.value = ast.Name("sin", ast.Load())
+                lines.append(node.lineno)
+    return lines
+
+
+def _temperature(tree: ast.Module) -> list[int]:
+    """The attention temperature per position not applied (``q = q * temperature[...]`` -> ``q = q``)."""
+    lines = []
+    for cls in classes(tree, "Attention"):
+        forward = method(cls, "forward")
+        for node in ast.walk(forward) if forward is not None else ():
+            if (
+                isinstance(node, ast.Assign)
+                and [ast.unparse(t) for t in node.targets] == ["q"]
+                and isinstance(node.value, ast.BinOp)
+                and isinstance(node.value.op, ast.Mult)
+                and any(isinstance(n, ast.Name) and n.id == "temperature" for n in ast.walk(node.value.right))
+            ):
+                node.value = node.value.left
+                lines.append(node.lineno)
+    return lines
+
+
 # -------------------------------------------------------------------------------- embeddings
 
 
@@ -518,6 +589,12 @@ KINDS: tuple[Kind, ...] = (
         _scale_assignments(("routed_scaling_factor",), 1.05),
     ),
     Kind("shared_expert_gate_dropped", "shared-expert sigmoid gate left out", _shared_expert_gate),
+    Kind("attention_output_gate_dropped", "attention output sigmoid gate left out", _output_gate),
+    Kind("inner_norm_dropped", "norm inside the attention or MLP not applied", _inner_norm),
+    Kind("rope_direction", "q/k rotated by the angle, not minus it", _rope_direction),
+    Kind(
+        "attention_temperature_dropped", "q scale by position (attention temperature) left out", _temperature
+    ),
     Kind("untied_embeddings", "tied embeddings not declared tied", _untied),
 )
 

@@ -1,0 +1,226 @@
+"""Lean, export-friendly NanoChat on canonical ``auto_deploy`` ops.
+
+Mirrors ``transformers.models.nanochat.modeling_nanochat`` (NanoChatForCausalLM): pre-norm decoder
+layers with RMSNorm, rotary position embeddings (default, linear, llama3, yarn, proportional),
+grouped-query attention with q/k norm and a plain MLP. Also: logits softcap by
+config.final_logit_softcapping. Module names equal the checkpoint keys, so HuggingFace state dicts
+load with ``strict=True``.
+
+Left out on purpose: KV cache, attention masks (attention is causal), dropout, gradient
+checkpointing, attention-implementation switches, ``repeat_kv`` (the attention op handles GQA),
+position-id generation (callers pass them), hidden-state/attention outputs and the loss.
+Linear and reshape calls carry tensor-parallel sharding hints; they do not change the numbers.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import NanoChatConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
+from onboardlm.models.factory import AutoModelForCausalLMFactory
+
+
+def _rope_inverse_frequencies(config: NanoChatConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and cos/sin scaling for the config's rope_type (static types only)."""
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise NotImplementedError(f"rope_type {rope_type!r} depends on the sequence length at run time")
+    if rope_type != "default":
+        return ROPE_INIT_FUNCTIONS[rope_type](config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base = config.rope_parameters["rope_theta"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    return inv_freq, 1.0
+
+
+@dataclass
+class NanoChatCausalLMOutput(ModelOutput):
+    logits: torch.FloatTensor | None = None
+
+
+class NanoChatRMSNorm(nn.Module):
+    """RMSNorm without a learned weight (a unit buffer stands in for it)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.register_buffer("_ad_unit_weight", torch.ones(hidden_size), persistent=False)
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.ops.auto_deploy.torch_rmsnorm(hidden_states, self._ad_unit_weight, self.variance_epsilon)
+
+
+class NanoChatRotaryEmbedding(nn.Module):
+    """cos/sin of ``position_ids * inv_freq``, computed in fp32 once per forward for all layers."""
+
+    def __init__(self, config: NanoChatConfig) -> None:
+        super().__init__()
+        inv_freq, self.attention_scaling = _rope_inverse_frequencies(config)
+        self.register_buffer("_ad_inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self._ad_inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+class NanoChatMLP(nn.Module):
+    def __init__(self, config: NanoChatConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.activation_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        linear = torch.ops.auto_deploy.torch_linear_simple
+        hidden = linear(x, self.fc1.weight, self.fc1.bias, tp_mode="colwise", layer_type="mlp")
+        down = linear(
+            self.activation_fn(hidden), self.fc2.weight, self.fc2.bias, tp_mode="rowwise", layer_type="mlp"
+        )
+        return torch.ops.auto_deploy.all_reduce(down, layer_type="mlp")
+
+
+class NanoChatAttention(nn.Module):
+    def __init__(self, config: NanoChatConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = NanoChatRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = NanoChatRMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        ops = torch.ops.auto_deploy
+        batch, seq_len = hidden_states.shape[:2]
+        q = ops.torch_linear_simple(
+            hidden_states, self.q_proj.weight, self.q_proj.bias, tp_mode="colwise", layer_type="mha"
+        )
+        k = ops.torch_linear_simple(
+            hidden_states,
+            self.k_proj.weight,
+            self.k_proj.bias,
+            tp_mode="colwise",
+            tp_min_local_shape=self.head_dim,
+            layer_type="mha",
+        )
+        v = ops.torch_linear_simple(
+            hidden_states,
+            self.v_proj.weight,
+            self.v_proj.bias,
+            tp_mode="colwise",
+            tp_min_local_shape=self.head_dim,
+            layer_type="mha",
+        )
+        q = ops.view(q, [batch, seq_len, self.num_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha")
+        k = ops.view(k, [batch, seq_len, self.num_kv_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha")
+        v = ops.view(v, [batch, seq_len, self.num_kv_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha")
+
+        cos, sin = position_embeddings
+        sin = -sin  # q and k rotate by minus the angle
+        q, k = ops.torch_rope_with_explicit_cos_sin(q, k, cos, sin, 2)
+        # q/k norms after RoPE
+        q = self.q_norm(q)
+        k = self.k_norm(k)
+
+        attn = ops.torch_attention(q, k, v, is_causal=True, scale=self.scaling, layout="bsnd")
+
+        attn = ops.view(
+            attn, [batch, seq_len, self.num_heads * self.head_dim], tp_scaled_dim=2, layer_type="mha"
+        )
+        out = ops.torch_linear_simple(
+            attn, self.o_proj.weight, self.o_proj.bias, tp_mode="rowwise", layer_type="mha"
+        )
+        return ops.all_reduce(out, layer_type="mha")
+
+
+class NanoChatDecoderLayer(nn.Module):
+    def __init__(self, config: NanoChatConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = NanoChatAttention(config, layer_idx)
+        self.mlp = NanoChatMLP(config)
+        self.input_layernorm = NanoChatRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = NanoChatRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class NanoChatPreTrainedModel(PreTrainedModel):
+    config_class = NanoChatConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["NanoChatDecoderLayer"]
+
+
+class NanoChatModel(NanoChatPreTrainedModel):
+    def __init__(self, config: NanoChatConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(NanoChatDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = NanoChatRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = NanoChatRotaryEmbedding(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        position_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        assert position_ids is not None, "position_ids is required"
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = self.norm(inputs_embeds)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_embeddings)
+        return self.norm(hidden_states)
+
+
+class NanoChatForCausalLM(NanoChatPreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: NanoChatConfig) -> None:
+        super().__init__(config)
+        self.model = NanoChatModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.final_logit_softcapping = config.final_logit_softcapping
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        position_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> NanoChatCausalLMOutput:
+        assert position_ids is not None, "position_ids is required"
+        hidden_states = self.model(input_ids, position_ids, inputs_embeds)
+        logits = torch.ops.auto_deploy.torch_linear_simple(hidden_states, self.lm_head.weight, None)
+        logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
+        return NanoChatCausalLMOutput(logits=logits.float())
+
+
+AutoModelForCausalLMFactory.register_custom_model_cls("NanoChatConfig", NanoChatForCausalLM)

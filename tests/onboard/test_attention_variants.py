@@ -1,0 +1,139 @@
+"""Attention and MLP variants measured from transformers models: output gates (AFMoE, MiniCPM5-MoE),
+norms inside the attention and the MLP (BitNet), learned activations (Apertus' xIELU), q/k norms after
+an inverse RoPE with the final norm also on the embeddings (NanoChat), and MoE layers named by a
+per-layer config list or a dense-layer count.
+
+Expected values are facts of the transformers implementations; each generated file is also run
+against its transformers model (the independent reference) on the tiny config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.analyze import analyze
+from onboardlm.onboard.generate import generate_model_file
+from onboardlm.testing import assert_rmse_close, tiny_config, transfer_weights
+
+#: (model_type, config overrides): AFMoE with every layer dense keeps its gated attention without
+#: its MoE router (not measured yet).
+CASES = {
+    "afmoe": {"num_dense_layers": 100},
+    "minicpm5_moe": {},
+    "bitnet": {},
+    "apertus": {},
+    "nanochat": {},
+    "ministral3": {},
+}
+#: Fields set on the tiny config of the generated-model comparison: Ministral3's q scale by position
+#: is 1 below ``original_max_position_embeddings``; a period of 2 makes the test's positions use it.
+TINY_ROPE = {"ministral3": {"original_max_position_embeddings": 2}}
+
+
+@pytest.fixture(scope="module")
+def specs() -> dict:
+    return {name: analyze(AutoConfig.for_model(name, **fields)) for name, fields in CASES.items()}
+
+
+def test_separate_output_gate(specs: dict) -> None:
+    attention = specs["afmoe"].attention
+    assert attention.output_gate == "separate" and attention.gate is not None
+    assert attention.gate.name == "gate_proj"
+    assert [p.name for p in attention.projections] == ["q_proj", "k_proj", "v_proj"]
+    assert attention.out.name == "o_proj"
+
+
+def test_output_gate_per_head_in_the_q_projection(specs: dict) -> None:
+    spec = specs["minicpm5_moe"]
+    assert spec.attention.output_gate == "per_head" and spec.attention.gate is None
+    assert [p.name for p in spec.attention.projections] == ["q_gate_proj", "k_proj", "v_proj"]
+    assert spec.feed_forward.layer_condition == "config.mlp_layer_types[layer_idx] == 'sparse'"
+
+
+def test_norms_inside_attention_and_mlp(specs: dict) -> None:
+    spec = specs["bitnet"]
+    assert spec.attention.out_norm is not None and spec.attention.out_norm_name == "attn_sub_norm"
+    assert spec.feed_forward.inner_norm is not None and spec.feed_forward.inner_norm_name == "ffn_sub_norm"
+    assert spec.attention.out_norm.kind == spec.feed_forward.inner_norm.kind == "rms"
+    assert spec.attention.output_gate == "none"
+
+
+def test_learned_activation(specs: dict) -> None:
+    mlp = specs["apertus"].feed_forward
+    assert mlp.kind == "plain" and mlp.act_module == "ACT2CLS[config.hidden_act](dtype=config.dtype)"
+    assert specs["bitnet"].feed_forward.act_module is None  # a parameter-free activation
+
+
+def test_q_scale_by_position(specs: dict) -> None:
+    attention = specs["ministral3"].attention
+    assert attention.position_scale == (
+        'config.rope_parameters["llama_4_scaling_beta"]',
+        'config.rope_parameters["original_max_position_embeddings"]',
+    )
+    assert all(spec.attention.position_scale is None for name, spec in specs.items() if name != "ministral3")
+
+
+def test_inverse_rope_and_shared_final_norm(specs: dict) -> None:
+    spec = specs["nanochat"]
+    assert spec.attention.rope_inverse and spec.attention.qk_norm is not None
+    assert spec.embedding.norm == spec.head.final_norm_attr == "norm"
+
+
+@pytest.mark.parametrize("model_type", list(CASES))
+def test_generated_model_matches_transformers(model_type: str, tmp_path: Path) -> None:
+    config = AutoConfig.for_model(model_type, **CASES[model_type])
+    path = tmp_path / f"modeling_{model_type}.py"
+    path.write_text(generate_model_file(analyze(config)))
+    module_spec = importlib.util.spec_from_file_location(f"generated_{model_type}", path)
+    assert module_spec is not None and module_spec.loader is not None
+    lean_module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(lean_module)
+
+    tiny = tiny_config(config)
+    tiny.rope_parameters = {**tiny.rope_parameters, **TINY_ROPE.get(model_type, {})}
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(
+        tiny, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():  # random gates, sub-norms and activation weights: none left at a neutral value
+        for name, param in reference.named_parameters():
+            if any(part in name for part in ("norm", "alpha", "gate_proj", "q_gate")):
+                param.add_(torch.randn_like(param) * 0.2)
+    lean_config = tiny_config(config)  # the reference's build set transformers-only fields on ``tiny``
+    lean_config.rope_parameters = dict(tiny.rope_parameters)
+    model = getattr(lean_module, type(reference).__name__)(lean_config).float().eval()
+    transfer_weights(reference, model)
+    input_ids = torch.randint(0, tiny.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    position_ids = torch.arange(12)[None].expand(2, 12)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, position_ids=position_ids).logits
+        actual = model(input_ids=input_ids, position_ids=position_ids).logits
+    assert_rmse_close(actual, expected, rmse_ratio_tol=1e-5, msg=f"{model_type} logits")
+
+
+#: model type -> (module path, words of the reason) for attention constructs no template covers.
+REFUSED = {
+    "jetmoe": ("model.layers.0.self_attention.experts", "module JetMoeMoA with submodules"),
+    "inkling_text": ("model.layers.0.self_attn.k_sconv", "short convolution InklingShortConvolution"),
+    "doge": ("model.layers.0.self_attn.dt_proj", "one value per head and token with parameters ['A']"),
+    "diffllama": ("model.layers.0.self_attn", "attention parameters ['lambda_k1'"),
+    "deepseek_v32": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
+    "glm_moe_dsa": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
+    "qwen3_next": ("model.layers.1", "mixes tokens with ['self_attn'] instead of linear_attn"),
+    # AFMoE: its gated attention is measured; its router is not
+    "afmoe": ("model.layers.1.mlp.router", "router AfmoeTokenChoiceRouter holding its linear"),
+}
+
+
+@pytest.mark.parametrize("model_type", list(REFUSED))
+def test_attention_no_template_covers_is_named(model_type: str) -> None:
+    path, words = REFUSED[model_type]
+    with pytest.raises(UnsupportedFeature) as raised:
+        analyze(AutoConfig.for_model(model_type))
+    assert raised.value.module_path == path and words in raised.value.feature
