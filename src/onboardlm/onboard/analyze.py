@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
@@ -63,6 +64,12 @@ _ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function", "activa
 #: Activations tried when no config field names the one an MLP applies (BLOOM's tanh GELU).
 _LITERAL_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "relu", "silu", "gelu_new")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic")
+#: Keys of transformers' own RoPE types; another key is one a model's rotary module reads itself.
+_ROPE_KEYS = {
+    "rope_type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
+    "attention_factor", "beta_fast", "beta_slow", "short_factor", "long_factor", "low_freq_factor",
+    "high_freq_factor", "mscale", "mscale_all_dim", "truncate",
+}  # fmt: skip
 _LOGIT_SCALES = ("logits_scaling", "logit_scale")
 #: Scalar multipliers whose default 1.0 would hide them from the probes: set to telling values.
 _TELLING_MULTIPLIERS = {
@@ -487,6 +494,8 @@ class _Analyzer:
         attr, module = rotary
         params = getattr(self.tiny, "rope_parameters", None) or {}
         per_layer_type = "layer_type" in inspect.signature(module.forward).parameters
+        if per_layer_type:
+            self._check_layer_type_tables(f"{prefix}.{attr}", params)
         tables = params.values() if per_layer_type else [params]
         rope_types = tuple(sorted({table.get("rope_type", "default") for table in tables if table}))
         for rope_type in rope_types:
@@ -515,10 +524,10 @@ class _Analyzer:
                     f"{prefix}.{attr}", "rotary tables in an unknown channel layout", _HINT
                 )
             dims.add(cos.shape[-1])
-        if len(styles) != 1 or len(dims) != 1:
+        if len(styles) != 1 or (len(dims) != 1 and not per_layer_type):
             raise UnsupportedFeature(f"{prefix}.{attr}", "rotary layout differs between layer types", _HINT)
-        rotary_dim = dims.pop()
-        partial = rotary_dim != head_dim
+        rotary_dim = max(dims)
+        partial = dims != {head_dim}
         layout = styles.pop()
         if not params:  # no rope_parameters: a base and a rotary dim the architecture fixes
             base, dim = self._fixed_rope(f"{prefix}.{attr}", module, rotary_dim, sin_first, layout)
@@ -535,13 +544,19 @@ class _Analyzer:
                 base,
                 dim,  # type: ignore[arg-type]
             )
-        expected_dim = (
-            int(head_dim * params.get("partial_rotary_factor", 1.0)) if not per_layer_type else head_dim
-        )
-        if rotary_dim != expected_dim:
+        # the rotary width of each table: head_dim * its partial_rotary_factor
+        expected = {
+            int(head_dim * table.get("partial_rotary_factor", 1.0))
+            for table in ([params[layer_type] for layer_type in layer_types] if per_layer_type else [params])
+        }
+        if dims != expected:
             raise UnsupportedFeature(
-                f"{prefix}.{attr}", f"rotary dim {rotary_dim} is not derived from head_dim", _HINT
+                f"{prefix}.{attr}",
+                f"rotary dim {sorted(dims)} is not head_dim ({head_dim}) * partial_rotary_factor",
+                _HINT,
             )
+        for layer_type in layer_types:
+            self._check_tables(f"{prefix}.{attr}", module, layer_type, sin_first, layout)
         self.notes.append(f"RoPE types {', '.join(rope_types)}" + (", partial" if partial else ""))
         return RopeSpec(
             type(module).__name__,
@@ -553,6 +568,61 @@ class _Analyzer:
             per_layer_type,
             sin_first,  # type: ignore[arg-type]
         )
+
+    def _check_layer_type_tables(self, path: str, params: dict[str, Any]) -> None:
+        """Every layer type has its own RoPE parameters; a layer type with none (``None``: NoPE layers
+        that scale their queries by position instead, as Beam's and Ergo's full-attention layers do)
+        is refused by name."""
+        layer_types = sorted(set(getattr(self.tiny, "layer_types", None) or []))
+        missing = [layer_type for layer_type in layer_types if not params.get(layer_type)]
+        if missing:
+            raise UnsupportedFeature(
+                path,
+                f"layer types without RoPE parameters (rope_parameters[{missing[0]!r}] is None: NoPE layers)",
+                _HINT,
+            )
+
+    def _check_tables(
+        self, path: str, module: nn.Module, layer_type: str | None, sin_first: bool, layout: str
+    ) -> None:
+        """The module's cos table equals ``cos(position * inv_freq) * scaling`` with the inverse
+        frequencies the lean file computes: transformers' function for the rope_type, else the
+        default ``rope_theta^(-2i/dim)``. A module that computes its own variant is refused by name."""
+        table = self.tiny.rope_parameters[layer_type] if layer_type else self.tiny.rope_parameters
+        rope_type = table.get("rope_type", "default")
+        if rope_type == "default":
+            dim = int(self._head_dim() * table.get("partial_rotary_factor", 1.0))
+            inv_freq = 1.0 / (
+                table["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+            )
+            scaling = 1.0
+        else:
+            kwargs = {"layer_type": layer_type} if layer_type else {}
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](self.tiny, **kwargs)
+        positions = torch.arange(6)[None] + 3
+        with torch.no_grad():
+            tables = module(
+                torch.zeros(1, 6, self.hidden),
+                positions,
+                **({"layer_type": layer_type} if layer_type else {}),
+            )
+        cos = tables[1 if sin_first else 0].float()
+        cos = (
+            cos
+            if layout == "half"
+            else cos[..., ::2]
+            if layout == "interleaved"
+            else cos[..., : cos.shape[-1] // 2]
+        )
+        expected = (positions[..., None].float() * inv_freq.float()).cos() * scaling
+        if not _close(cos, expected):
+            extra = sorted(set(table) - _ROPE_KEYS)
+            raise UnsupportedFeature(
+                path,
+                f"rotary tables differ from transformers' rope_type {rope_type!r}"
+                + (f" (the module also reads {', '.join(extra)})" if extra else ""),
+                _HINT,
+            )
 
     @staticmethod
     def _sin_first(module: nn.Module, x: torch.Tensor, per_layer_type: bool, layer_types: list[Any]) -> bool:
@@ -736,13 +806,22 @@ class _Analyzer:
         attn = getattr(layer, spec.attr)
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
         rotary = getattr(self.stack, rope.attr)
-        for style in ("neox", "interleaved"):
-            probe = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, rotary, rope, style, kwargs)
-            found = probe.match(self._qkv_layouts(spec, kv_heads))
-            if found is not None:
-                self.notes.append(f"RoPE rotates {style} channels")
-                spec = self._confirm_groups(path, layer, spec, found, rope, style, kwargs)
-                return spec, dataclasses.replace(rope, style=style)
+        # per-head q/k norms before or after RoPE: the same with unit weights (a rotation keeps the
+        # RMS), so the probe runs on telling weights
+        orders = (False, True) if spec.qk_norm is not None and spec.qk_norm_per_head else (False,)
+        with _telling_norm_weights([getattr(attn, name, None) for name in spec.qk_norm_names]):
+            for after, style in itertools.product(orders, ("neox", "interleaved")):
+                candidate = dataclasses.replace(spec, qk_norm_after_rope=after)
+                probe = _AttentionProbe(
+                    attn, candidate, self.tiny, scale, kv_heads, rotary, rope, style, kwargs
+                )
+                found = probe.match(self._qkv_layouts(spec, kv_heads))
+                if found is not None:
+                    self.notes.append(
+                        f"RoPE rotates {style} channels" + (", q/k norms after RoPE" if after else "")
+                    )
+                    spec = self._confirm_groups(path, layer, candidate, found, rope, style, kwargs)
+                    return spec, dataclasses.replace(rope, style=style)
         raise UnsupportedFeature(
             path, "attention output matches no template (RoPE application, scale or wiring)", _HINT
         )
@@ -1735,6 +1814,24 @@ def _rotate(
     return torch.cat((out, rest), dim=-1)
 
 
+@contextlib.contextmanager
+def _telling_norm_weights(norms: list[nn.Module | None]) -> Any:
+    """Norm weights set to ``1 + 0.5 * N(0, 1)`` for the duration (unit weights hide where a norm
+    sits), then restored."""
+    weights = [n.weight for n in norms if isinstance(getattr(n, "weight", None), torch.Tensor)]
+    saved = [w.detach().clone() for w in weights]
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for weight in weights:
+            weight.copy_(1 + 0.5 * torch.randn(weight.shape, generator=generator))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, old in zip(weights, saved, strict=True):
+                weight.copy_(old)
+
+
 def _reference_attention(
     attn: nn.Module,
     spec: AttentionSpec,
@@ -1769,10 +1866,12 @@ def _reference_attention(
         spec = dataclasses.replace(spec, qk_norm=None)
     if spec.qk_norm is not None and not spec.qk_norm_per_head:
         q, k = (norm(t.flatten(-2)).view(t.shape) for norm, t in ((q_norm, q), (k_norm, k)))
-    if spec.qk_norm is not None and spec.qk_norm_per_head:
+    if spec.qk_norm is not None and spec.qk_norm_per_head and not spec.qk_norm_after_rope:
         q, k = q_norm(q), k_norm(k)
     if tables is not None:
         q, k = (_rotate(t, *tables, style, table_layout) for t in (q, k))
+    if spec.qk_norm is not None and spec.qk_norm_per_head and spec.qk_norm_after_rope:
+        q, k = q_norm(q), k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) * scale

@@ -75,6 +75,7 @@ class AttentionSpec:
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
     qk_norm_per_head: bool = True  # False: over the whole q / k projection (OLMo2)
     qk_norm_flag: str | None = None  # config expression without which there are no q/k norms
+    qk_norm_after_rope: bool = False  # per-head q/k norms on the rotated q/k (HunYuan), else before RoPE
     sliding: SlidingMode = "none"
     softcap: str | None = None  # expression for the attention logit soft-cap
     rope_flag: str | None = None  # config expression saying whether layer ``layer_idx`` uses RoPE

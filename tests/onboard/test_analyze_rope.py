@@ -1,0 +1,84 @@
+"""RoPE measurements of the analyzer against transformers' own modules: q/k norms before or after the
+rotation, rotary tables checked against the lean file's frequencies, rotary widths per layer type."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard import analyze as analyze_module
+from onboardlm.onboard.analyze import analyze
+from onboardlm.onboard.generate import emit_rope_frequencies, emit_rotary
+from onboardlm.onboard.spec import RopeSpec
+from onboardlm.testing import tiny_config
+
+
+def test_qk_norm_after_rope_is_measured() -> None:
+    """HunYuan normalises the rotated q/k heads; Qwen3 normalises before rotating."""
+    assert analyze(AutoConfig.for_model("hunyuan_v1_dense", head_dim=128)).attention.qk_norm_after_rope
+    assert not analyze(AutoConfig.for_model("qwen3")).attention.qk_norm_after_rope
+
+
+def test_rotary_module_with_its_own_variant_is_refused() -> None:
+    """HunYuan's "dynamic" with a fixed ``alpha`` stretches the base itself: refused, naming the key."""
+    config = AutoConfig.for_model(
+        "hunyuan_v1_dense",
+        head_dim=128,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "alpha": 1000.0, "factor": 1.0},
+    )
+    with pytest.raises(UnsupportedFeature, match="reads alpha") as raised:
+        analyze(config)
+    assert raised.value.module_path == "model.rotary_emb"
+
+
+@pytest.mark.parametrize("model_type", ["beam", "ergo"])
+def test_layer_types_without_rope_parameters_are_refused_by_name(model_type: str) -> None:
+    with pytest.raises(UnsupportedFeature, match=r"rope_parameters\['full_attention'\] is None") as raised:
+        analyze(AutoConfig.for_model(model_type))
+    assert raised.value.module_path == "model.rotary_emb"
+
+
+def _lean_rotary(spec: RopeSpec, config_class: str) -> type:
+    """The lean file's frequency function and rotary class, on their own."""
+    arch = SimpleNamespace(rope=spec, model_attr="model", config_class=config_class)
+    source = "\n".join(
+        [
+            "import torch",
+            "from torch import nn",
+            "from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS",
+            f"from transformers import {config_class}",
+            emit_rope_frequencies(arch),  # type: ignore[arg-type]
+            emit_rotary(arch),  # type: ignore[arg-type]
+        ]
+    )
+    namespace: dict = {}
+    exec(compile(source, "<lean rotary>", "exec"), namespace)  # noqa: S102
+    return namespace[spec.class_name]
+
+
+def test_rotary_widths_per_layer_type_follow_transformers() -> None:
+    """Laguna: a partial rotary factor per layer type (half the head on full layers, all of it on
+    sliding ones); the lean rotary module returns tables of each width, equal to transformers'."""
+    layers = AutoConfig.for_model("laguna").num_hidden_layers
+    config = AutoConfig.for_model(
+        "laguna", layer_types=["full_attention", "sliding_attention"] * (layers // 2)
+    )
+    tiny = tiny_config(config)
+    model = AutoModelForCausalLM.from_config(tiny)
+    analyzer = analyze_module._Analyzer(config, tiny, model)
+    analyzer.stack = model.model
+    rope = analyzer._rope(model.model, "model", ("rotary_emb", model.model.rotary_emb))
+    assert rope is not None and rope.per_layer_type and rope.partial
+    lean = _lean_rotary(rope, type(config).__name__)(tiny)
+    x, positions = torch.randn(1, 7, tiny.hidden_size), torch.arange(7)[None] + 2
+    widths = set()
+    for layer_type in ("full_attention", "sliding_attention"):
+        expected = model.model.rotary_emb(x, positions, layer_type)
+        for got, want in zip(lean(x, positions, layer_type), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        widths.add(expected[0].shape[-1])
+    assert len(widths) == 2
