@@ -1,8 +1,11 @@
 """RoPE measurements of the analyzer against transformers' own modules: q/k norms before or after the
-rotation, rotary tables checked against the lean file's frequencies, rotary widths per layer type."""
+rotation, rotary tables checked against the lean file's frequencies, rotary widths per layer type,
+a RoPE base per layer (Granite-SWA)."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,9 +15,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard import analyze as analyze_module
 from onboardlm.onboard.analyze import analyze
-from onboardlm.onboard.generate import emit_rope_frequencies, emit_rotary
+from onboardlm.onboard.generate import emit_rope_frequencies, emit_rotary, generate_model_file
 from onboardlm.onboard.spec import RopeSpec
-from onboardlm.testing import tiny_config
+from onboardlm.testing import assert_rmse_close, tiny_config, transfer_weights
 
 
 def test_qk_norm_after_rope_is_measured() -> None:
@@ -82,3 +85,48 @@ def test_rotary_widths_per_layer_type_follow_transformers() -> None:
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         widths.add(expected[0].shape[-1])
     assert len(widths) == 2
+
+
+def test_rope_base_per_layer_is_measured() -> None:
+    """Granite-SWA: one rotary module per base in a ModuleList; the config list that gives each
+    layer its base (0: no RoPE) is found on a rebuilt model with telling values."""
+    spec = analyze(AutoConfig.for_model("granite_swa"))
+    assert spec.rope is not None and spec.rope.base_field == "layer_rope_theta"
+    assert spec.attention.rope_flag == "config.layer_rope_theta[layer_idx]"
+
+
+def test_rope_base_per_layer_logits_follow_transformers(tmp_path: Path) -> None:
+    """The lean file on a config with a NoPE layer and two bases, against transformers."""
+    base = AutoConfig.for_model("granite_swa")
+    thetas = [[0.0, 1e4, 5e5, 1e4][i % 4] for i in range(base.num_hidden_layers)]
+    path = tmp_path / "modeling_granite_swa_bases.py"
+    path.write_text(generate_model_file(analyze(base)))
+    config = AutoConfig.for_model("granite_swa", layer_rope_theta=thetas)
+    tiny = tiny_config(config)
+    assert sorted(set(tiny.layer_rope_theta)) == [0.0, 1e4, 5e5]
+    reference = AutoModelForCausalLM.from_config(tiny, attn_implementation="eager").eval()
+    spec = importlib.util.spec_from_file_location("granite_swa_bases", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.GraniteSWAForCausalLM(tiny).eval()
+    transfer_weights(reference, model)
+    input_ids, position_ids = torch.randint(0, tiny.vocab_size, (2, 12)), torch.arange(12)[None].expand(2, 12)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, position_ids=position_ids).logits
+        actual = model(input_ids=input_ids, position_ids=position_ids).logits
+    assert_rmse_close(actual, expected, rmse_ratio_tol=1e-5, msg="per-layer RoPE bases")
+
+
+def test_per_layer_float_list_gets_variants() -> None:
+    """A float per layer read by the lean file, alike on every test layer: a 0 on the first layer,
+    then a distinct value on each; int lists and lists that already differ get none."""
+    from onboardlm.onboard.config_variants import _per_layer_float_variants
+
+    found = _per_layer_float_variants("layer_rope_theta", [1e4, 1e4, 1e4], 3)
+    assert [(v.label, v.overrides["layer_rope_theta"]) for v in found] == [
+        ("layer_rope_theta[0]=0", [0.0, 2e4, 3e4]),
+        ("layer_rope_theta=distinct", [1e4, 2e4, 3e4]),
+    ]
+    assert _per_layer_float_variants("heads", [4, 4, 4], 3) == []
+    assert _per_layer_float_variants("layer_rope_theta", [0.0, 1e4, 1e4], 3) == []

@@ -176,7 +176,12 @@ class _Analyzer:
         if len({type(m).__name__ for m in layers}) != 1:
             raise UnsupportedFeature(f"{path}.{parts['layers'][0]}", "decoder layers of different classes")
         layer_path = f"{path}.{parts['layers'][0]}.0"
-        rope = self._rope(self.stack, path, parts.get("rotary"))
+        self._rotary_module: nn.Module | None = None
+        self._base_field: str | None = None
+        if "rotary_bases" in parts:
+            rope = self._rope_bases(path, parts["rotary_bases"], f"{path}.{parts['layers'][0]}")
+        else:
+            rope = self._rope(self.stack, path, parts.get("rotary"))
         attention = analyze_mla(self.tiny, model)  # multi-head latent attention, else MHA/GQA
         if attention is None:
             attention, rope = self._attention(layer_path, layers, rope)
@@ -281,11 +286,13 @@ class _Analyzer:
                 role = "embed"
             elif isinstance(child, nn.Embedding):
                 role = "positions"
+            elif isinstance(child, nn.ModuleList) and len(child) and all(map(_holds_inv_freq, child)):
+                role = "rotary_bases"  # one rotary module per RoPE base (Granite-SWA's per-layer theta)
             elif isinstance(child, nn.ModuleList):
                 role = "layers"
             elif leaf and _sinusoidal_positions(child, self.hidden):  # fixed sin/cos rows (XGLM)
                 role = "positions"
-            elif any("inv_freq" in buffer for buffer, _ in child.named_buffers()) or (
+            elif _holds_inv_freq(child) or (
                 leaf
                 and not list(child.parameters())
                 and list(child.buffers())
@@ -488,11 +495,20 @@ class _Analyzer:
 
     # ---------------------------------------------------------------------------------------- rope
 
-    def _rope(self, inner: nn.Module, prefix: str, rotary: tuple[str, nn.Module] | None) -> RopeSpec | None:
+    def _rope(
+        self,
+        inner: nn.Module,
+        prefix: str,
+        rotary: tuple[str, nn.Module] | None,
+        params: dict[str, Any] | None = None,
+    ) -> RopeSpec | None:
+        """The rotary module's layout, widths and RoPE types; ``params``: the RoPE parameters it
+        was built from where they are not the config's own (one base of a per-layer list)."""
         if rotary is None:
             return None
         attr, module = rotary
-        params = getattr(self.tiny, "rope_parameters", None) or {}
+        self._rotary_module = module
+        params = params if params is not None else getattr(self.tiny, "rope_parameters", None) or {}
         per_layer_type = "layer_type" in inspect.signature(module.forward).parameters
         if per_layer_type:
             self._check_layer_type_tables(f"{prefix}.{attr}", params)
@@ -556,7 +572,8 @@ class _Analyzer:
                 _HINT,
             )
         for layer_type in layer_types:
-            self._check_tables(f"{prefix}.{attr}", module, layer_type, sin_first, layout)
+            table = params[layer_type] if layer_type else params
+            self._check_tables(f"{prefix}.{attr}", module, layer_type, table, sin_first, layout)
         self.notes.append(f"RoPE types {', '.join(rope_types)}" + (", partial" if partial else ""))
         return RopeSpec(
             type(module).__name__,
@@ -582,13 +599,12 @@ class _Analyzer:
                 _HINT,
             )
 
-    def _check_tables(
-        self, path: str, module: nn.Module, layer_type: str | None, sin_first: bool, layout: str
-    ) -> None:
-        """The module's cos table equals ``cos(position * inv_freq) * scaling`` with the inverse
-        frequencies the lean file computes: transformers' function for the rope_type, else the
-        default ``rope_theta^(-2i/dim)``. A module that computes its own variant is refused by name."""
-        table = self.tiny.rope_parameters[layer_type] if layer_type else self.tiny.rope_parameters
+    def _expected_cos(
+        self, table: dict[str, Any], layer_type: str | None, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``cos(position * inv_freq) * scaling`` (one column per frequency) with the inverse
+        frequencies the lean file computes from ``table``: transformers' function for its
+        rope_type, else the default ``rope_theta^(-2i/dim)``."""
         rope_type = table.get("rope_type", "default")
         if rope_type == "default":
             dim = int(self._head_dim() * table.get("partial_rotary_factor", 1.0))
@@ -597,8 +613,35 @@ class _Analyzer:
             )
             scaling = 1.0
         else:
+            config = copy.deepcopy(self.tiny)
+            if layer_type:
+                config.rope_parameters = {**config.rope_parameters, layer_type: table}
+            else:
+                config.rope_parameters = table
             kwargs = {"layer_type": layer_type} if layer_type else {}
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](self.tiny, **kwargs)
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, **kwargs)
+        return (positions[..., None].float() * inv_freq.float()).cos() * scaling
+
+    @staticmethod
+    def _cos_columns(tables: Any, sin_first: bool, layout: str) -> torch.Tensor:
+        """One column per frequency of a rotary module's cos table."""
+        cos = tables[1 if sin_first else 0].float()
+        if layout == "half":
+            return cos
+        return cos[..., ::2] if layout == "interleaved" else cos[..., : cos.shape[-1] // 2]
+
+    def _check_tables(
+        self,
+        path: str,
+        module: nn.Module,
+        layer_type: str | None,
+        table: dict[str, Any],
+        sin_first: bool,
+        layout: str,
+    ) -> None:
+        """The module's cos table is the one the lean file computes from ``table``
+        (``_expected_cos``); a module that computes its own variant is refused by name."""
+        rope_type = table.get("rope_type", "default")
         positions = torch.arange(6)[None] + 3
         with torch.no_grad():
             tables = module(
@@ -606,16 +649,9 @@ class _Analyzer:
                 positions,
                 **({"layer_type": layer_type} if layer_type else {}),
             )
-        cos = tables[1 if sin_first else 0].float()
-        cos = (
-            cos
-            if layout == "half"
-            else cos[..., ::2]
-            if layout == "interleaved"
-            else cos[..., : cos.shape[-1] // 2]
-        )
-        expected = (positions[..., None].float() * inv_freq.float()).cos() * scaling
-        if not _close(cos, expected):
+        if not _close(
+            self._cos_columns(tables, sin_first, layout), self._expected_cos(table, layer_type, positions)
+        ):
             extra = sorted(set(table) - _ROPE_KEYS)
             raise UnsupportedFeature(
                 path,
@@ -623,6 +659,80 @@ class _Analyzer:
                 + (f" (the module also reads {', '.join(extra)})" if extra else ""),
                 _HINT,
             )
+
+    def _rope_bases(self, prefix: str, rotary: tuple[str, nn.Module], layers_path: str) -> RopeSpec:
+        """One rotary module per RoPE base (a ModuleList, Granite-SWA's): the first module's layout
+        and tables, and the per-layer config list that gives each layer its base (0: no RoPE)."""
+        attr, modules = rotary
+        path = f"{prefix}.{attr}"
+        params = getattr(self.tiny, "rope_parameters", None) or {}
+        if "rope_theta" not in params:
+            raise UnsupportedFeature(path, "one rotary module per RoPE base without one rope_theta", _HINT)
+        num_layers = self.tiny.num_hidden_layers
+        lists = [
+            name
+            for name, value in self.fields.items()
+            if isinstance(value, list)
+            and len(value) == num_layers
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ]
+        bases = dict.fromkeys([params["rope_theta"], *(v for name in lists for v in self.fields[name] if v)])
+        rope = None
+        for base in bases:  # the base the first module was built with
+            with contextlib.suppress(UnsupportedFeature):
+                rope = self._rope(self.stack, prefix, (attr, modules[0]), {**params, "rope_theta": base})
+                break
+        if rope is None:
+            raise UnsupportedFeature(path, "rotary tables of no base in the config", _HINT)
+        field = next((name for name in lists if self._gives_bases(name, layers_path, rope)), None)
+        if field is None:
+            raise UnsupportedFeature(
+                path, "one rotary module per RoPE base, from no per-layer config list", _HINT
+            )
+        self._base_field = field
+        self.notes.append(f"RoPE base per layer from config.{field} (0: no RoPE)")
+        return dataclasses.replace(rope, base_field=field)
+
+    def _gives_bases(self, name: str, layers_path: str, rope: RopeSpec) -> bool:
+        """Whether config list ``name`` gives each layer its RoPE base: the model rebuilt with telling
+        values there (no RoPE on the first layer, distinct bases elsewhere, then distinct bases on all
+        layers) hands each layer no tables where the value is 0 and the tables of its base elsewhere."""
+        params = self.tiny.rope_parameters
+        base, count = float(params["rope_theta"]), self.tiny.num_hidden_layers
+        positions = torch.arange(6)[None]
+        for values in (
+            [0.0] + [base * (i + 2) for i in range(count - 1)],
+            [base * (i + 2) / 2 for i in range(count)],
+        ):
+            variant = copy.deepcopy(self.tiny)
+            setattr(variant, name, values)
+            try:
+                model = AutoModelForCausalLM.from_config(
+                    variant, attn_implementation="eager", dtype=torch.float32
+                )
+                paths = [f"{layers_path}.{i}" for i in range(count)]
+                calls = record_calls(
+                    model.eval(),
+                    paths,
+                    input_ids=torch.ones(1, 6, dtype=torch.long),
+                    position_ids=positions,
+                    use_cache=False,
+                )
+            except Exception:  # transformers does not take these values: not the list of bases
+                return False
+            for value, layer_path in zip(values, paths, strict=True):
+                call = calls[layer_path][0] if calls[layer_path] else None
+                tables = None if call is None else call.kwargs.get("position_embeddings")
+                if value == 0:
+                    if tables is not None:
+                        return False
+                    continue
+                if tables is None:
+                    return False
+                expected = self._expected_cos({**params, "rope_theta": value}, None, positions)
+                if not _close(self._cos_columns(tables, rope.sin_first, rope.table_layout), expected):
+                    return False
+        return True
 
     @staticmethod
     def _sin_first(module: nn.Module, x: torch.Tensor, per_layer_type: bool, layer_types: list[Any]) -> bool:
@@ -805,7 +915,7 @@ class _Analyzer:
         (and a fused projection's layout)."""
         attn = getattr(layer, spec.attr)
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
-        rotary = getattr(self.stack, rope.attr)
+        rotary = self._rotary_module
         # per-head q/k norms before or after RoPE: the same with unit weights (a rotation keeps the
         # RMS), so the probe runs on telling weights
         orders = (False, True) if spec.qk_norm is not None and spec.qk_norm_per_head else (False,)
@@ -919,7 +1029,7 @@ class _Analyzer:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
             rotary = None
             if rope is not None:
-                rotary = type(getattr(self.stack, rope.attr))(config)
+                rotary = type(self._rotary_module)(config)
         except Exception:  # a flip the config or the layer refuses tells nothing
             return None
         kv_heads = (fused.weight.numel() // config.hidden_size // head_dim - heads) // 2
@@ -981,7 +1091,7 @@ class _Analyzer:
             attn = getattr(rebuilt, spec.attr)
             rotary = None
             if rope is not None:
-                rotary = type(getattr(self.stack, rope.attr))(variant)
+                rotary = type(self._rotary_module)(variant)
         except Exception as err:  # the layer refuses the variant: the group count stays unexplained
             raise UnsupportedFeature(path, f"fused q/k/v in {count} groups: {err}", _HINT) from err
         heads = variant.num_attention_heads
@@ -1112,7 +1222,7 @@ class _Analyzer:
             return [False] * len(layers)
         generator = torch.Generator().manual_seed(2)
         x = torch.randn(1, 5, self.hidden, generator=generator)
-        rotary = getattr(self.stack, rope.attr)
+        rotary = self._rotary_module
         uses = []
         for index, layer in enumerate(layers):
             outputs = []
@@ -1128,6 +1238,8 @@ class _Analyzer:
 
     def _rope_flag(self, path: str, uses: list[bool]) -> str | None:
         """None when every layer uses RoPE, else the config expression saying which layers do."""
+        if self._base_field:  # a RoPE base per layer, 0 for none
+            return f"config.{self._base_field}[layer_idx]"
         if all(uses):
             return None
         for name, value in self.fields.items():
@@ -1695,6 +1807,10 @@ class _Layout:
             return norm(self.mlp_post, x + mlp.map(norm(self.mlp_pre, x)) * scale)
         x = x + norm(self.attn_post, attn.map(norm(self.attn_pre, x))) * scale
         return x + norm(self.mlp_post, mlp.map(norm(self.mlp_pre, x))) * scale
+
+
+def _holds_inv_freq(module: nn.Module) -> bool:
+    return any("inv_freq" in buffer for buffer, _ in module.named_buffers())
 
 
 def _sinusoidal_positions(module: nn.Module, hidden: int) -> bool:

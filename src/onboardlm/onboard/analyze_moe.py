@@ -76,7 +76,12 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     children = [child for child in base.children() if not isinstance(child, nn.Dropout)]
     if len(children) == 1 and not isinstance(children[0], nn.ModuleList):
         base = children[0]
-    lists = [child for child in base.children() if isinstance(child, nn.ModuleList)]
+    lists = [
+        child
+        for child in base.children()
+        if isinstance(child, nn.ModuleList)  # not a list of rotary modules (one per RoPE base)
+        and not all(any("inv_freq" in name for name, _ in item.named_buffers()) for item in child)
+    ]
     if len(lists) != 1:
         raise UnsupportedFeature(type(model).__name__, "no single ModuleList of layers in the base model")
     return lists[0]

@@ -99,6 +99,24 @@ def _scaled_ropes(max_positions: int, mscale: bool) -> list[dict[str, Any]]:
     return [yarn, {"rope_type": "linear", "factor": YARN_FACTOR}]
 
 
+def _per_layer_float_variants(name: str, value: Any, num_layers: int) -> list[Variant]:
+    """A float per layer (Granite-SWA's RoPE base per layer, 0 for none) that the test config sets
+    alike on every layer: a 0 on the first layer, and a distinct value on each layer."""
+    if (
+        not isinstance(value, list)
+        or len(value) != num_layers
+        or num_layers < 2
+        or not all(isinstance(v, float) for v in value)
+        or len(set(value)) > 1
+    ):
+        return []
+    unit = max(abs(v) for v in value) or 1.0
+    return [
+        Variant(f"{name}[0]=0", {name: [0.0] + [unit * (i + 1) for i in range(1, num_layers)]}),
+        Variant(f"{name}=distinct", {name: [unit * (i + 1) for i in range(num_layers)]}),
+    ]
+
+
 def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[Variant]:
     """One flip per branch the lean file may have, before checking that transformers runs it."""
     tree = ast.parse(lean_source) if lean_source is not None else None
@@ -111,6 +129,8 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
         for name in sorted(_optional_fields(tree)):
             if getattr(tiny, name, None) is not None:
                 found.append(Variant(f"{name}=None", {name: None}))
+        for name in sorted(_config_reads(tree)):
+            found += _per_layer_float_variants(name, getattr(tiny, name, None), tiny.num_hidden_layers)
     tied = bool(getattr(tiny, "tie_word_embeddings", False))
     found.append(Variant(f"tie_word_embeddings={not tied}", {"tie_word_embeddings": not tied}))
     parameters = getattr(tiny, "rope_parameters", None)

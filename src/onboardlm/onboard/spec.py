@@ -58,6 +58,7 @@ class RopeSpec:
     sin_first: bool = False  # the module returns (sin, cos), as GPT-J's does
     fixed_base: float | None = None  # no rope_parameters: a base the architecture hard-codes
     dim: str | None = None  # with fixed_base: expression of the rotary dim, e.g. "config.rotary_dim"
+    base_field: str | None = None  # a RoPE base per layer from this config list, 0 for none (Granite-SWA)
 
 
 @dataclass(frozen=True)

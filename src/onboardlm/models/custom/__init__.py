@@ -23,6 +23,7 @@ MODEL_MODULES = [
     "modeling_gpt_oss",
     "modeling_gptj",
     "modeling_granite",
+    "modeling_granite_swa",
     "modeling_hunyuan_v1_dense",
     "modeling_internlm3",
     "modeling_llama",
