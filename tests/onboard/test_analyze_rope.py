@@ -130,3 +130,34 @@ def test_per_layer_float_list_gets_variants() -> None:
     ]
     assert _per_layer_float_variants("heads", [4, 4, 4], 3) == []
     assert _per_layer_float_variants("layer_rope_theta", [0.0, 1e4, 1e4], 3) == []
+
+
+def test_complex_table_is_measured_as_cos_sin() -> None:
+    """DeepSeek-V2's rotary module returns one complex freqs_cis table: measured as the NeoX (cos, sin)
+    tables it stands for; its MLA rotates channel pairs, generated with the interleaving cos/sin op."""
+    config = AutoConfig.for_model("deepseek_v2", num_experts_per_tok=2, n_group=1, topk_group=1)
+    spec = analyze(config)
+    assert spec.rope is not None and spec.rope.complex_table and spec.rope.table_layout == "neox"
+    assert spec.rope.class_name == "DeepseekV2RotaryEmbedding"
+    assert spec.attention.rope_pairs and not spec.attention.rope_interleave
+    source = generate_model_file(spec)
+    assert "torch_rope_with_qk_interleaving(q_pe, k_pe" in source and "complex" not in source
+
+
+def test_cos_sin_tables_of_a_complex_table() -> None:
+    """A complex table rotates channel pair i by its angle; its cos/sin tables do the same through the
+    canonical interleaving op (output de-interleaved, as the op documents)."""
+    from onboardlm.ops.rope import torch_rope_with_complex_freqs, torch_rope_with_qk_interleaving
+    from onboardlm.testing.capture import cos_sin_tables
+
+    angles = torch.randn(2, 5, 4)
+    freqs = torch.polar(torch.full_like(angles, 0.7), angles)
+    q, k = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 1, 8)
+    want_q, want_k = torch_rope_with_complex_freqs(q, k, freqs, 2)
+    cos, sin = cos_sin_tables(freqs)
+    got_q, got_k = torch_rope_with_qk_interleaving(q, k, cos, sin, 2)
+    order = torch.cat((torch.arange(0, 8, 2), torch.arange(1, 8, 2)))
+    torch.testing.assert_close(got_q, want_q[..., order])
+    torch.testing.assert_close(got_k, want_k[..., order])
+    table = (torch.ones(1), torch.zeros(1))
+    assert cos_sin_tables(table) is table

@@ -40,7 +40,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_fused_qkv
-from onboardlm.onboard.analyze_moe import _complex_rotary_table, analyze_mla, analyze_moe
+from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.spec import (
     ArchitectureSpec,
     AttentionSpec,
@@ -56,7 +56,7 @@ from onboardlm.onboard.spec import (
 )
 from onboardlm.onboard.spec_moe import MLASpec, MoESpec
 from onboardlm.testing import tiny_config
-from onboardlm.testing.capture import record_calls
+from onboardlm.testing.capture import cos_sin_tables, record_calls
 
 _TOL = 1e-5
 _EPS_NAMES = ("variance_epsilon", "eps", "variance_eps", "epsilon")
@@ -113,12 +113,6 @@ def _measure(config: PretrainedConfig, tiny: PretrainedConfig) -> ArchitectureSp
             f"transformers cannot build a causal LM from its tiny copy: {err}",
             "check that the config is complete (head_dim, rope parameters) for transformers",
         ) from err
-    if _complex_rotary(model):
-        raise UnsupportedFeature(
-            f"{model.base_model_prefix}.rotary_emb",
-            "complex-frequency RoPE (one complex table, no cos/sin)",
-            _HINT,
-        )
     try:
         return _Analyzer(config, tiny, model).spec()
     except (AttributeError, TypeError, IndexError, KeyError, ValueError, RuntimeError) as err:
@@ -127,14 +121,6 @@ def _measure(config: PretrainedConfig, tiny: PretrainedConfig) -> ArchitectureSp
         raise located or UnsupportedFeature(
             type(config).__name__, f"analysis failed ({type(err).__name__}: {err})", _HINT
         ) from err
-
-
-def _complex_rotary(model: nn.Module) -> bool:
-    """Whether the rotary module returns one complex table (DeepSeek-V2) instead of cos and sin."""
-    try:
-        return _complex_rotary_table(model)
-    except Exception:  # a rotary module with another signature: the RoPE probe looks at it
-        return False
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -507,6 +493,9 @@ class _Analyzer:
         if rotary is None:
             return None
         attr, module = rotary
+        complex_table = _returns_complex(module, self.hidden)
+        if complex_table:  # one complex table (freqs_cis): measured as the (cos, sin) it stands for
+            module = _CosSinTables(module)
         self._rotary_module = module
         params = params if params is not None else getattr(self.tiny, "rope_parameters", None) or {}
         per_layer_type = "layer_type" in inspect.signature(module.forward).parameters
@@ -549,7 +538,7 @@ class _Analyzer:
             base, dim = self._fixed_rope(f"{prefix}.{attr}", module, rotary_dim, sin_first, layout)
             self.notes.append(f"RoPE base {base:g} on {dim}" + (", partial" if partial else ""))
             return RopeSpec(
-                type(module).__name__,
+                type(_raw(module)).__name__,
                 attr,
                 layout,
                 layout,
@@ -576,7 +565,7 @@ class _Analyzer:
             self._check_tables(f"{prefix}.{attr}", module, layer_type, table, sin_first, layout)
         self.notes.append(f"RoPE types {', '.join(rope_types)}" + (", partial" if partial else ""))
         return RopeSpec(
-            type(module).__name__,
+            type(_raw(module)).__name__,
             attr,
             layout,
             layout,
@@ -584,6 +573,7 @@ class _Analyzer:
             partial,
             per_layer_type,
             sin_first,  # type: ignore[arg-type]
+            complex_table=complex_table,
         )
 
     def _check_layer_type_tables(self, path: str, params: dict[str, Any]) -> None:
@@ -1228,7 +1218,7 @@ class _Analyzer:
             outputs = []
             for order in ([0, 1, 2, 3, 4], [4, 0, 3, 1, 2]):  # RoPE is relative: reorder, not shift
                 kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
-                tables = rotary(x, torch.tensor([order]), **kwargs)
+                tables = _raw(rotary)(x, torch.tensor([order]), **kwargs)
                 with torch.no_grad():
                     outputs.append(
                         _first(getattr(layer, attr)(x, position_embeddings=tables, attention_mask=None))
@@ -1809,6 +1799,32 @@ class _Layout:
         return x + norm(self.mlp_post, mlp.map(norm(self.mlp_pre, x))) * scale
 
 
+class _CosSinTables(nn.Module):
+    """A rotary module that returns one complex table (``freqs_cis``, DeepSeek-V2's), read as the
+    NeoX (cos, sin) tables it stands for; ``module`` is the transformers module itself."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **kwargs: Any) -> Any:
+        return cos_sin_tables(self.module(x, position_ids, **kwargs))
+
+
+def _raw(rotary: nn.Module) -> nn.Module:
+    """The transformers rotary module (what its attention takes) behind a ``_CosSinTables``."""
+    return rotary.module if isinstance(rotary, _CosSinTables) else rotary
+
+
+def _returns_complex(module: nn.Module, hidden: int) -> bool:
+    try:
+        with torch.no_grad():
+            table = module(torch.zeros(1, 2, hidden), torch.arange(2)[None])
+    except Exception:  # another signature (a layer_type argument): not the one-table kind
+        return False
+    return isinstance(table, torch.Tensor) and table.is_complex()
+
+
 def _holds_inv_freq(module: nn.Module) -> bool:
     return any("inv_freq" in buffer for buffer, _ in module.named_buffers())
 
@@ -2041,8 +2057,8 @@ class _AttentionProbe:
             if rotary is None or rope is None:
                 self.expected = _first(attn(self.x, attention_mask=None))
             else:
-                tables = rotary(self.x, torch.tensor([[0, 3, 1, 7, 2, 5]] * 2), **(kwargs or {}))
-                self.tables = tables[::-1] if rope.sin_first else tables
+                tables = _raw(rotary)(self.x, torch.tensor([[0, 3, 1, 7, 2, 5]] * 2), **(kwargs or {}))
+                self.tables = tables[::-1] if rope.sin_first else cos_sin_tables(tables)
                 self.expected = _first(attn(self.x, position_embeddings=tables, attention_mask=None))
 
     def _record(self, model: nn.Module, path: str) -> None:

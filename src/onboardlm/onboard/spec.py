@@ -58,6 +58,9 @@ class RopeSpec:
     sin_first: bool = False  # the module returns (sin, cos), as GPT-J's does
     fixed_base: float | None = None  # no rope_parameters: a base the architecture hard-codes
     dim: str | None = None  # with fixed_base: expression of the rotary dim, e.g. "config.rotary_dim"
+    complex_table: bool = (
+        False  # transformers' module returns one complex freqs_cis table; the lean one cos/sin
+    )
     base_field: str | None = None  # a RoPE base per layer from this config list, 0 for none (Granite-SWA)
 
 

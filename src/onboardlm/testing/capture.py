@@ -16,7 +16,16 @@ from torch import nn
 
 from onboardlm.errors import OnboardlmError
 
-__all__ = ["Call", "first_tensor", "record_calls"]
+__all__ = ["Call", "cos_sin_tables", "first_tensor", "record_calls"]
+
+
+def cos_sin_tables(tables: Any) -> Any:
+    """RoPE tables as lean files take them: a complex ``freqs_cis`` table (DeepSeek-V2's, Llama 4's: one
+    complex number per channel pair) becomes the (cos, sin) NeoX-halves tables it stands for; any other
+    value is returned unchanged."""
+    if isinstance(tables, torch.Tensor) and tables.is_complex():
+        return torch.cat((tables.real, tables.real), dim=-1), torch.cat((tables.imag, tables.imag), dim=-1)
+    return tables
 
 
 @dataclass(frozen=True)
@@ -38,8 +47,9 @@ class Call:
 
     @property
     def position_embeddings(self) -> Any:
-        """The ``position_embeddings`` keyword as passed (usually a (cos, sin) tuple), None if absent."""
-        return self.kwargs.get("position_embeddings")
+        """The ``position_embeddings`` keyword as passed (usually a (cos, sin) tuple; a complex table as
+        its cos/sin tables), None if absent."""
+        return cos_sin_tables(self.kwargs.get("position_embeddings"))
 
     @property
     def result(self) -> torch.Tensor:
