@@ -161,3 +161,11 @@ def test_cos_sin_tables_of_a_complex_table() -> None:
     torch.testing.assert_close(got_k, want_k[..., order])
     table = (torch.ones(1), torch.zeros(1))
     assert cos_sin_tables(table) is table
+
+
+def test_llama4_complex_rope_is_measured_past_the_rotary_module() -> None:
+    """Llama 4: a base_model_prefix that names no child, one complex RoPE table; both are measured,
+    and the refusal names the next feature no template covers (its weightless shared q/k L2 norm)."""
+    with pytest.raises(UnsupportedFeature) as raised:
+        analyze(AutoConfig.for_model("llama4_text"))
+    assert raised.value.module_path == "model.layers.0.self_attn"

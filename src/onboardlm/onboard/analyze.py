@@ -150,6 +150,14 @@ class _Analyzer:
         model = self.model
         prefix = model.base_model_prefix
         inner = getattr(model, prefix, None)
+        if inner is None:  # a prefix that names no child (Llama 4's "language_model" over ``.model``)
+            embeddings = model.get_input_embeddings()
+            owners = [
+                (name, child)
+                for name, child in model.named_children()
+                if any(module is embeddings for module in child.modules())
+            ]
+            prefix, inner = owners[0] if len(owners) == 1 else (prefix, None)
         if inner is None:
             raise UnsupportedFeature(type(model).__name__, f"no base model at '{prefix}'", _HINT)
         head_attr = self._head_attr(model)

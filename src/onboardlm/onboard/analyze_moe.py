@@ -72,7 +72,11 @@ def _field_or_literal(config: PretrainedConfig, field: str, value: float, where:
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The base model's one ModuleList child (``layers``, GPT-2's ``h``), inside its only child where
     the base model wraps a decoder stack (OPT's ``model.decoder``)."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None:  # a prefix that names no child (Llama 4's "language_model" over ``.model``)
+        embeddings = model.get_input_embeddings()
+        owners = [c for c in model.children() if any(m is embeddings for m in c.modules())]
+        base = owners[0] if len(owners) == 1 else model
     children = [child for child in base.children() if not isinstance(child, nn.Dropout)]
     if len(children) == 1 and not isinstance(children[0], nn.ModuleList):
         base = children[0]
