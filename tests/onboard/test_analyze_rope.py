@@ -169,3 +169,29 @@ def test_llama4_complex_rope_is_measured_past_the_rotary_module() -> None:
     with pytest.raises(UnsupportedFeature) as raised:
         analyze(AutoConfig.for_model("llama4_text"))
     assert raised.value.module_path == "model.layers.0.self_attn"
+
+
+def test_empty_per_layer_type_rope_parameters_are_completed() -> None:
+    """Cohere-Compass's default config has ``rope_parameters == {}`` while its rotary module reads one
+    table per layer type: completed with default RoPE per layer type, as transformers' own tests set it."""
+    from onboardlm.models.config_completion import complete_default_config
+
+    config = AutoConfig.for_model("cohere_compass_text")
+    notes = complete_default_config(config)
+    assert config.rope_parameters == {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    assert any("rope_parameters['full_attention']" in note for note in notes)
+    llama = AutoConfig.for_model("llama")
+    assert not any("rope_parameters" in note for note in complete_default_config(llama))
+
+
+def test_text_positions_of_multi_axis_position_ids() -> None:
+    """M-RoPE position ids of text (every axis alike) replay into a lean rotary module as one row."""
+    from onboardlm.testing.capture import Call, text_positions
+
+    positions = torch.arange(5)[None].expand(3, 2, 5)
+    args, kwargs = text_positions(Call((torch.zeros(2, 5, 4), positions), {}, None))
+    assert torch.equal(args[1], torch.arange(5)[None].expand(2, 5))
+    image = positions.clone()
+    image[1] += 1
+    args, _ = text_positions(Call((torch.zeros(2, 5, 4), image), {}, None))
+    assert args[1] is image

@@ -16,7 +16,21 @@ from torch import nn
 
 from onboardlm.errors import OnboardlmError
 
-__all__ = ["Call", "cos_sin_tables", "first_tensor", "record_calls"]
+__all__ = ["Call", "cos_sin_tables", "first_tensor", "record_calls", "text_positions"]
+
+
+def text_positions(call: Call) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A rotary module's recorded (args, kwargs) with multi-axis (M-RoPE) ``position_ids``
+    ``[axes, B, S]`` that agree on every axis, as text positions are, given as the ``[B, S]`` ids
+    lean files take; any other call unchanged."""
+
+    def text(value: Any) -> Any:
+        multi_axis = isinstance(value, torch.Tensor) and value.dim() == 3 and not value.is_floating_point()
+        return value[0] if multi_axis and bool((value == value[:1]).all()) else value
+
+    args = tuple(text(a) if i == 1 else a for i, a in enumerate(call.args))
+    kwargs = {k: text(v) if k == "position_ids" else v for k, v in call.kwargs.items()}
+    return args, kwargs
 
 
 def cos_sin_tables(tables: Any) -> Any:

@@ -11,6 +11,7 @@ MODEL_MODULES = [
     "modeling_bloom",
     "modeling_codegen",
     "modeling_cohere",
+    "modeling_cohere_compass_text",
     "modeling_deepseek_v2",
     "modeling_deepseek_v3",
     "modeling_falcon",
