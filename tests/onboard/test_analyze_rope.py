@@ -38,11 +38,44 @@ def test_rotary_module_with_its_own_variant_is_refused() -> None:
     assert raised.value.module_path == "model.rotary_emb"
 
 
-@pytest.mark.parametrize("model_type", ["beam", "ergo"])
-def test_layer_types_without_rope_parameters_are_refused_by_name(model_type: str) -> None:
-    with pytest.raises(UnsupportedFeature, match=r"rope_parameters\['full_attention'\] is None") as raised:
-        analyze(AutoConfig.for_model(model_type))
-    assert raised.value.module_path == "model.rotary_emb"
+def test_layer_types_without_rope_parameters_have_no_rope() -> None:
+    """Beam's full-attention layers have no RoPE (rope_parameters[...] is None): measured, and the
+    refusal names the next feature no template covers (its gated attention), not the RoPE."""
+    with pytest.raises(UnsupportedFeature) as raised:
+        analyze(AutoConfig.for_model("beam"))
+    assert not raised.value.module_path.startswith("model.rotary_emb")
+
+
+def test_nope_layer_types_logits_follow_transformers(tmp_path: Path) -> None:
+    """Cohere-Compass with no RoPE on its full-attention layers (as transformers' own test sets it):
+    the lean file skips their table and matches transformers."""
+    config = AutoConfig.for_model(
+        "cohere_compass_text",
+        num_hidden_layers=4,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        rope_parameters={
+            "full_attention": None,
+            "sliding_attention": {"rope_type": "default", "rope_theta": 5e4},
+        },
+    )
+    spec = analyze(config)
+    assert spec.rope is not None and spec.rope.nope_layer_types == ("full_attention",)
+    assert spec.attention.rope_flag == 'config.layer_types[layer_idx] == "sliding_attention"'
+    path = tmp_path / "modeling_cohere_compass_nope.py"
+    path.write_text(generate_model_file(spec))
+    tiny = tiny_config(config)
+    reference = AutoModelForCausalLM.from_config(tiny, attn_implementation="eager").eval()
+    module_spec = importlib.util.spec_from_file_location("cohere_compass_nope", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    model = module.CohereCompassForCausalLM(tiny).eval()
+    transfer_weights(reference, model)
+    input_ids, position_ids = torch.randint(0, tiny.vocab_size, (2, 12)), torch.arange(12)[None].expand(2, 12)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, position_ids=position_ids).logits
+        actual = model(input_ids=input_ids, position_ids=position_ids).logits
+    assert_rmse_close(actual, expected, rmse_ratio_tol=1e-5, msg="NoPE layer types")
 
 
 def _lean_rotary(spec: RopeSpec, config_class: str) -> type:

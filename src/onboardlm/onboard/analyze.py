@@ -507,8 +507,13 @@ class _Analyzer:
         self._rotary_module = module
         params = params if params is not None else getattr(self.tiny, "rope_parameters", None) or {}
         per_layer_type = "layer_type" in inspect.signature(module.forward).parameters
-        if per_layer_type:
-            self._check_layer_type_tables(f"{prefix}.{attr}", params)
+        kinds = sorted(set(getattr(self.tiny, "layer_types", None) or [])) if per_layer_type else []
+        # a layer type whose table is None has no RoPE (Cohere-Compass's, Beam's full-attention layers)
+        self._nope_layer_types = tuple(kind for kind in kinds if params.get(kind) is None)
+        if per_layer_type and len(self._nope_layer_types) == len(kinds):
+            raise UnsupportedFeature(
+                f"{prefix}.{attr}", "RoPE per layer type with no layer type using it", _HINT
+            )
         tables = params.values() if per_layer_type else [params]
         rope_types = tuple(sorted({table.get("rope_type", "default") for table in tables if table}))
         for rope_type in rope_types:
@@ -516,7 +521,9 @@ class _Analyzer:
                 raise UnsupportedFeature(f"{prefix}.{attr}", f"rope_type {rope_type!r}", _HINT)
         x = torch.zeros(1, 6, self.hidden)
         positions = torch.arange(6)[None] + 3
-        layer_types = sorted(set(getattr(self.tiny, "layer_types", None) or [])) if per_layer_type else [None]
+        layer_types = (
+            [kind for kind in kinds if kind not in self._nope_layer_types] if per_layer_type else [None]
+        )
         head_dim = self._head_dim()
         styles, dims = set(), set()
         sin_first = self._sin_first(module, x, per_layer_type, layer_types)
@@ -582,20 +589,8 @@ class _Analyzer:
             per_layer_type,
             sin_first,  # type: ignore[arg-type]
             complex_table=complex_table,
+            nope_layer_types=self._nope_layer_types,
         )
-
-    def _check_layer_type_tables(self, path: str, params: dict[str, Any]) -> None:
-        """Every layer type has its own RoPE parameters; a layer type with none (``None``: NoPE layers
-        that scale their queries by position instead, as Beam's and Ergo's full-attention layers do)
-        is refused by name."""
-        layer_types = sorted(set(getattr(self.tiny, "layer_types", None) or []))
-        missing = [layer_type for layer_type in layer_types if not params.get(layer_type)]
-        if missing:
-            raise UnsupportedFeature(
-                path,
-                f"layer types without RoPE parameters (rope_parameters[{missing[0]!r}] is None: NoPE layers)",
-                _HINT,
-            )
 
     def _expected_cos(
         self, table: dict[str, Any], layer_type: str | None, positions: torch.Tensor
@@ -1223,6 +1218,9 @@ class _Analyzer:
         rotary = self._rotary_module
         uses = []
         for index, layer in enumerate(layers):
+            if rope.per_layer_type and self.tiny.layer_types[index] in rope.nope_layer_types:
+                uses.append(False)  # its model passes it no tables
+                continue
             outputs = []
             for order in ([0, 1, 2, 3, 4], [4, 0, 3, 1, 2]):  # RoPE is relative: reorder, not shift
                 kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}

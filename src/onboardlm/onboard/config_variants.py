@@ -78,8 +78,8 @@ def _has_rope_branch(tree: ast.Module) -> bool:
 def _other_rope(parameters: dict[str, Any], scaled: dict[str, Any]) -> dict[str, Any]:
     """The default table for any scaled one, else ``scaled`` (``rope_theta`` and a partial rotary
     factor kept); per layer type, each table likewise."""
-    if "rope_theta" not in parameters:  # per layer type: one table per key
-        return {key: _other_rope(value, scaled) for key, value in parameters.items()}
+    if "rope_theta" not in parameters:  # per layer type: one table per key (None: no RoPE)
+        return {key: value and _other_rope(value, scaled) for key, value in parameters.items()}
     kept = {k: v for k, v in parameters.items() if k in ("rope_theta", "partial_rotary_factor")}
     if parameters.get("rope_type", "default") != "default":
         return {**kept, "rope_type": "default"}
@@ -139,7 +139,7 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
         max_positions = int(getattr(tiny, "max_position_embeddings", 4096) or 4096)
         for scaled in _scaled_ropes(max_positions, mscale):
             other = _other_rope(parameters, scaled)
-            tables = [other] if "rope_theta" in other else list(other.values())
+            tables = [other] if "rope_theta" in other else [table for table in other.values() if table]
             kinds = "/".join(sorted({table.get("rope_type", "default") for table in tables}))
             found.append(Variant(f"rope={kinds}", {"rope_parameters": other}, group="rope"))
     return found

@@ -453,9 +453,14 @@ def emit_model(spec: ArchitectureSpec) -> str:
     if rope is None:
         forward += [f"for layer in {layers}:", "    hidden_states = layer(hidden_states)"]
     elif rope.per_layer_type:
+        tables = (
+            "position_embeddings.get(layer_type)"
+            if rope.nope_layer_types
+            else "position_embeddings[layer_type]"
+        )
         forward += [
             f"for layer, layer_type in zip({layers}, self.config.layer_types, strict=True):",
-            "    hidden_states = layer(hidden_states, position_embeddings[layer_type])",
+            f"    hidden_states = layer(hidden_states, {tables})",
         ]
     elif rope.base_field:  # no tables (None) for a layer whose base is 0
         forward += [

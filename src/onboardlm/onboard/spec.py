@@ -61,7 +61,10 @@ class RopeSpec:
     complex_table: bool = (
         False  # transformers' module returns one complex freqs_cis table; the lean one cos/sin
     )
-    base_field: str | None = None  # a RoPE base per layer from this config list, 0 for none (Granite-SWA)
+    base_field: str | None = None
+    nope_layer_types: tuple[
+        str, ...
+    ] = ()  # per layer type: the types whose table is None (no RoPE)  # a RoPE base per layer from this config list, 0 for none (Granite-SWA)
 
 
 @dataclass(frozen=True)
