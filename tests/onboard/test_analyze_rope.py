@@ -26,15 +26,16 @@ def test_qk_norm_after_rope_is_measured() -> None:
     assert not analyze(AutoConfig.for_model("qwen3")).attention.qk_norm_after_rope
 
 
-def test_rotary_module_with_its_own_variant_is_refused() -> None:
-    """HunYuan's "dynamic" with a fixed ``alpha`` stretches the base itself: refused, naming the key."""
-    config = AutoConfig.for_model(
-        "hunyuan_v1_dense",
-        head_dim=128,
-        rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "alpha": 1000.0, "factor": 1.0},
-    )
+def test_dynamic_rope_with_a_fixed_alpha_is_measured() -> None:
+    """HunYuan's checkpoints label a static base stretched by ``alpha`` "dynamic": measured as
+    "ntk_alpha" against transformers' tables; a module that treats the same parameters as plain
+    dynamic NTK (Llama's) is refused, naming the key."""
+    tables = {"rope_type": "dynamic", "rope_theta": 1e4, "alpha": 1000.0, "factor": 1.0}
+    spec = analyze(AutoConfig.for_model("hunyuan_v1_dense", head_dim=128, rope_parameters=tables))
+    assert spec.rope is not None and spec.rope.rope_types == ("ntk_alpha",)
+    assert 'config.rope_parameters.get("alpha")' in generate_model_file(spec)
     with pytest.raises(UnsupportedFeature, match="reads alpha") as raised:
-        analyze(config)
+        analyze(AutoConfig.for_model("llama", rope_parameters=tables))
     assert raised.value.module_path == "model.rotary_emb"
 
 

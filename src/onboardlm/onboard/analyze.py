@@ -63,7 +63,7 @@ _EPS_NAMES = ("variance_epsilon", "eps", "variance_eps", "epsilon")
 _ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function", "activation")
 #: Activations tried when no config field names the one an MLP applies (BLOOM's tanh GELU).
 _LITERAL_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "relu", "silu", "gelu_new")
-_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic", "ntk_alpha")
 #: Keys of transformers' own RoPE types; another key is one a model's rotary module reads itself.
 _ROPE_KEYS = {
     "rope_type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
@@ -515,7 +515,7 @@ class _Analyzer:
                 f"{prefix}.{attr}", "RoPE per layer type with no layer type using it", _HINT
             )
         tables = params.values() if per_layer_type else [params]
-        rope_types = tuple(sorted({table.get("rope_type", "default") for table in tables if table}))
+        rope_types = tuple(sorted({_rope_kind(table) for table in tables if table}))
         for rope_type in rope_types:
             if rope_type not in _ROPE_TYPES:
                 raise UnsupportedFeature(f"{prefix}.{attr}", f"rope_type {rope_type!r}", _HINT)
@@ -598,12 +598,13 @@ class _Analyzer:
         """``cos(position * inv_freq) * scaling`` (one column per frequency) with the inverse
         frequencies the lean file computes from ``table``: transformers' function for its
         rope_type, else the default ``rope_theta^(-2i/dim)``."""
-        rope_type = table.get("rope_type", "default")
-        if rope_type == "default":
+        rope_type = _rope_kind(table)
+        if rope_type in ("default", "ntk_alpha"):
             dim = int(self._head_dim() * table.get("partial_rotary_factor", 1.0))
-            inv_freq = 1.0 / (
-                table["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-            )
+            base = table["rope_theta"]
+            if rope_type == "ntk_alpha":  # a fixed alpha stretches the base: theta * alpha^(d / (d - 2))
+                base = base * table["alpha"] ** (self._head_dim() / (self._head_dim() - 2))
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
             scaling = 1.0
         else:
             config = copy.deepcopy(self.tiny)
@@ -1829,6 +1830,13 @@ def _returns_complex(module: nn.Module, hidden: int) -> bool:
     except Exception:  # another signature (a layer_type argument): not the one-table kind
         return False
     return isinstance(table, torch.Tensor) and table.is_complex()
+
+
+def _rope_kind(table: dict[str, Any]) -> str:
+    """A table's rope_type; "dynamic" with a fixed ``alpha`` is "ntk_alpha" (HunYuan's checkpoints
+    label a static, alpha-stretched base "dynamic"), which the table check confirms."""
+    rope_type = table.get("rope_type", "default")
+    return "ntk_alpha" if rope_type == "dynamic" and table.get("alpha") else rope_type
 
 
 def _holds_inv_freq(module: nn.Module) -> bool:

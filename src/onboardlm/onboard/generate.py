@@ -100,6 +100,7 @@ def emit_rope_frequencies(spec: ArchitectureSpec) -> str:
         fixed_base=rope.fixed_base,
         dim=rope.dim,
         base_field=rope.base_field,
+        ntk_alpha="ntk_alpha" in rope.rope_types,
     )
 
 
