@@ -16,6 +16,8 @@ from transformers import PretrainedConfig
 
 __all__ = ["complete_default_config"]
 
+#: RoPE base of a layer type whose default config names none (transformers' default-rope convention).
+DEFAULT_ROPE_THETA = 10000.0
 #: Routed experts and top-k of an MoE default config that leaves them unset (a small Mixtral-like MoE).
 DEFAULT_EXPERTS = 8
 DEFAULT_TOP_K = 2
@@ -82,6 +84,22 @@ def _declared(config: PretrainedConfig) -> set[str]:
     return names
 
 
+def _complete_rope_per_layer_type(config: PretrainedConfig) -> list[str]:
+    """An empty ``rope_parameters`` beside ``layer_types`` (Cohere-Compass's default): the rotary module
+    reads one table per layer type, which every checkpoint sets; each gets default RoPE."""
+    tables, layer_types = getattr(config, "rope_parameters", None), getattr(config, "layer_types", None)
+    if tables != {} or not isinstance(layer_types, list) or not layer_types:
+        return []
+    kinds = list(dict.fromkeys(layer_types))
+    config.rope_parameters = {
+        kind: {"rope_type": "default", "rope_theta": DEFAULT_ROPE_THETA} for kind in kinds
+    }
+    return [
+        f"rope_parameters[{kind!r}]=default RoPE, theta {DEFAULT_ROPE_THETA:g} (one table per layer type)"
+        for kind in kinds
+    ]
+
+
 def complete_default_config(config: PretrainedConfig) -> list[str]:
     """Fill, in place, the fields a default ``config`` leaves None that a checkpoint always sets.
 
@@ -100,4 +118,4 @@ def complete_default_config(config: PretrainedConfig) -> list[str]:
                 continue
             setattr(config, name, value)
             notes.append(f"{name}={value} ({completion.how})")
-    return notes
+    return notes + _complete_rope_per_layer_type(config)

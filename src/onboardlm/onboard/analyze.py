@@ -37,11 +37,12 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_fused_qkv
-from onboardlm.onboard.analyze_moe import _complex_rotary_table, analyze_mla, analyze_moe
+from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.config_derived import derived_expression
 from onboardlm.onboard.spec import (
     ArchitectureSpec,
@@ -58,14 +59,20 @@ from onboardlm.onboard.spec import (
 )
 from onboardlm.onboard.spec_moe import MLASpec, MoESpec
 from onboardlm.testing import tiny_config
-from onboardlm.testing.capture import record_calls
+from onboardlm.testing.capture import cos_sin_tables, record_calls
 
 _TOL = 1e-5
 _EPS_NAMES = ("variance_epsilon", "eps", "variance_eps", "epsilon")
 _ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function", "activation")
 #: Activations tried when no config field names the one an MLP applies (BLOOM's tanh GELU).
 _LITERAL_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "relu", "silu", "gelu_new")
-_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic", "ntk_alpha")
+#: Keys of transformers' own RoPE types; another key is one a model's rotary module reads itself.
+_ROPE_KEYS = {
+    "rope_type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
+    "attention_factor", "beta_fast", "beta_slow", "short_factor", "long_factor", "low_freq_factor",
+    "high_freq_factor", "mscale", "mscale_all_dim", "truncate",
+}  # fmt: skip
 _LOGIT_SCALES = ("logits_scaling", "logit_scale")
 #: Scalar multipliers whose default 1.0 would hide them from the probes: set to telling values.
 _TELLING_MULTIPLIERS = {
@@ -117,12 +124,6 @@ def _measure(config: PretrainedConfig, tiny: PretrainedConfig) -> ArchitectureSp
             f"transformers cannot build a causal LM from its tiny copy: {err}",
             "check that the config is complete (head_dim, rope parameters) for transformers",
         ) from err
-    if _complex_rotary(model):
-        raise UnsupportedFeature(
-            f"{model.base_model_prefix}.rotary_emb",
-            "complex-frequency RoPE (one complex table, no cos/sin)",
-            _HINT,
-        )
     try:
         return _Analyzer(config, tiny, model).spec()
     except (AttributeError, TypeError, IndexError, KeyError, ValueError, RuntimeError) as err:
@@ -207,14 +208,6 @@ def _wrapped_attention(attn: nn.Module) -> str | None:
     return None
 
 
-def _complex_rotary(model: nn.Module) -> bool:
-    """Whether the rotary module returns one complex table (DeepSeek-V2) instead of cos and sin."""
-    try:
-        return _complex_rotary_table(model)
-    except Exception:  # a rotary module with another signature: the RoPE probe looks at it
-        return False
-
-
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=_TOL, atol=_TOL)
 
@@ -242,6 +235,14 @@ class _Analyzer:
         model = self.model
         prefix = model.base_model_prefix
         inner = getattr(model, prefix, None)
+        if inner is None:  # a prefix that names no child (Llama 4's "language_model" over ``.model``)
+            embeddings = model.get_input_embeddings()
+            owners = [
+                (name, child)
+                for name, child in model.named_children()
+                if any(module is embeddings for module in child.modules())
+            ]
+            prefix, inner = owners[0] if len(owners) == 1 else (prefix, None)
         if inner is None:
             raise UnsupportedFeature(type(model).__name__, f"no base model at '{prefix}'", _HINT)
         head_attr = self._head_attr(model)
@@ -254,7 +255,12 @@ class _Analyzer:
         if len({type(m).__name__ for m in layers}) != 1:
             raise UnsupportedFeature(f"{path}.{parts['layers'][0]}", "decoder layers of different classes")
         layer_path = f"{path}.{parts['layers'][0]}.0"
-        rope = self._rope(self.stack, path, parts.get("rotary"))
+        self._rotary_module: nn.Module | None = None
+        self._base_field: str | None = None
+        if "rotary_bases" in parts:
+            rope = self._rope_bases(path, parts["rotary_bases"], f"{path}.{parts['layers'][0]}")
+        else:
+            rope = self._rope(self.stack, path, parts.get("rotary"))
         attention = analyze_mla(self.tiny, model)  # multi-head latent attention, else MHA/GQA
         if attention is None:
             attention, rope = self._attention(layer_path, layers, rope)
@@ -361,11 +367,13 @@ class _Analyzer:
                 role = "embed"
             elif isinstance(child, nn.Embedding):
                 role = "positions"
+            elif isinstance(child, nn.ModuleList) and len(child) and all(map(_holds_inv_freq, child)):
+                role = "rotary_bases"  # one rotary module per RoPE base (Granite-SWA's per-layer theta)
             elif isinstance(child, nn.ModuleList):
                 role = "layers"
             elif leaf and _sinusoidal_positions(child, self.hidden):  # fixed sin/cos rows (XGLM)
                 role = "positions"
-            elif any("inv_freq" in buffer for buffer, _ in child.named_buffers()) or (
+            elif _holds_inv_freq(child) or (
                 leaf
                 and not list(child.parameters())
                 and list(child.buffers())
@@ -578,20 +586,41 @@ class _Analyzer:
 
     # ---------------------------------------------------------------------------------------- rope
 
-    def _rope(self, inner: nn.Module, prefix: str, rotary: tuple[str, nn.Module] | None) -> RopeSpec | None:
+    def _rope(
+        self,
+        inner: nn.Module,
+        prefix: str,
+        rotary: tuple[str, nn.Module] | None,
+        params: dict[str, Any] | None = None,
+    ) -> RopeSpec | None:
+        """The rotary module's layout, widths and RoPE types; ``params``: the RoPE parameters it
+        was built from where they are not the config's own (one base of a per-layer list)."""
         if rotary is None:
             return None
         attr, module = rotary
-        params = getattr(self.tiny, "rope_parameters", None) or {}
+        complex_table = _returns_complex(module, self.hidden)
+        if complex_table:  # one complex table (freqs_cis): measured as the (cos, sin) it stands for
+            module = _CosSinTables(module)
+        self._rotary_module = module
+        params = params if params is not None else getattr(self.tiny, "rope_parameters", None) or {}
         per_layer_type = "layer_type" in inspect.signature(module.forward).parameters
+        kinds = sorted(set(getattr(self.tiny, "layer_types", None) or [])) if per_layer_type else []
+        # a layer type whose table is None has no RoPE (Cohere-Compass's, Beam's full-attention layers)
+        self._nope_layer_types = tuple(kind for kind in kinds if params.get(kind) is None)
+        if per_layer_type and len(self._nope_layer_types) == len(kinds):
+            raise UnsupportedFeature(
+                f"{prefix}.{attr}", "RoPE per layer type with no layer type using it", _HINT
+            )
         tables = params.values() if per_layer_type else [params]
-        rope_types = tuple(sorted({table.get("rope_type", "default") for table in tables if table}))
+        rope_types = tuple(sorted({_rope_kind(table) for table in tables if table}))
         for rope_type in rope_types:
             if rope_type not in _ROPE_TYPES:
                 raise UnsupportedFeature(f"{prefix}.{attr}", f"rope_type {rope_type!r}", _HINT)
         x = torch.zeros(1, 6, self.hidden)
         positions = torch.arange(6)[None] + 3
-        layer_types = sorted(set(getattr(self.tiny, "layer_types", None) or [])) if per_layer_type else [None]
+        layer_types = (
+            [kind for kind in kinds if kind not in self._nope_layer_types] if per_layer_type else [None]
+        )
         head_dim = self._head_dim()
         styles, dims = set(), set()
         sin_first = self._sin_first(module, x, per_layer_type, layer_types)
@@ -612,16 +641,16 @@ class _Analyzer:
                     f"{prefix}.{attr}", "rotary tables in an unknown channel layout", _HINT
                 )
             dims.add(cos.shape[-1])
-        if len(styles) != 1 or len(dims) != 1:
+        if len(styles) != 1 or (len(dims) != 1 and not per_layer_type):
             raise UnsupportedFeature(f"{prefix}.{attr}", "rotary layout differs between layer types", _HINT)
-        rotary_dim = dims.pop()
-        partial = rotary_dim != head_dim
+        rotary_dim = max(dims)
+        partial = dims != {head_dim}
         layout = styles.pop()
         if not params:  # no rope_parameters: a base and a rotary dim the architecture fixes
             base, dim = self._fixed_rope(f"{prefix}.{attr}", module, rotary_dim, sin_first, layout)
             self.notes.append(f"RoPE base {base:g} on {dim}" + (", partial" if partial else ""))
             return RopeSpec(
-                type(module).__name__,
+                type(_raw(module)).__name__,
                 attr,
                 layout,
                 layout,
@@ -632,16 +661,23 @@ class _Analyzer:
                 base,
                 dim,  # type: ignore[arg-type]
             )
-        expected_dim = (
-            int(head_dim * params.get("partial_rotary_factor", 1.0)) if not per_layer_type else head_dim
-        )
-        if rotary_dim != expected_dim:
+        # the rotary width of each table: head_dim * its partial_rotary_factor
+        expected = {
+            int(head_dim * table.get("partial_rotary_factor", 1.0))
+            for table in ([params[layer_type] for layer_type in layer_types] if per_layer_type else [params])
+        }
+        if dims != expected:
             raise UnsupportedFeature(
-                f"{prefix}.{attr}", f"rotary dim {rotary_dim} is not derived from head_dim", _HINT
+                f"{prefix}.{attr}",
+                f"rotary dim {sorted(dims)} is not head_dim ({head_dim}) * partial_rotary_factor",
+                _HINT,
             )
+        for layer_type in layer_types:
+            table = params[layer_type] if layer_type else params
+            self._check_tables(f"{prefix}.{attr}", module, layer_type, table, sin_first, layout)
         self.notes.append(f"RoPE types {', '.join(rope_types)}" + (", partial" if partial else ""))
         return RopeSpec(
-            type(module).__name__,
+            type(_raw(module)).__name__,
             attr,
             layout,
             layout,
@@ -649,7 +685,145 @@ class _Analyzer:
             partial,
             per_layer_type,
             sin_first,  # type: ignore[arg-type]
+            complex_table=complex_table,
+            nope_layer_types=self._nope_layer_types,
         )
+
+    def _expected_cos(
+        self, table: dict[str, Any], layer_type: str | None, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """``cos(position * inv_freq) * scaling`` (one column per frequency) with the inverse
+        frequencies the lean file computes from ``table``: transformers' function for its
+        rope_type, else the default ``rope_theta^(-2i/dim)``."""
+        rope_type = _rope_kind(table)
+        if rope_type in ("default", "ntk_alpha"):
+            dim = int(self._head_dim() * table.get("partial_rotary_factor", 1.0))
+            base = table["rope_theta"]
+            if rope_type == "ntk_alpha":  # a fixed alpha stretches the base: theta * alpha^(d / (d - 2))
+                base = base * table["alpha"] ** (self._head_dim() / (self._head_dim() - 2))
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            scaling = 1.0
+        else:
+            config = copy.deepcopy(self.tiny)
+            if layer_type:
+                config.rope_parameters = {**config.rope_parameters, layer_type: table}
+            else:
+                config.rope_parameters = table
+            kwargs = {"layer_type": layer_type} if layer_type else {}
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, **kwargs)
+        return (positions[..., None].float() * inv_freq.float()).cos() * scaling
+
+    @staticmethod
+    def _cos_columns(tables: Any, sin_first: bool, layout: str) -> torch.Tensor:
+        """One column per frequency of a rotary module's cos table."""
+        cos = tables[1 if sin_first else 0].float()
+        if layout == "half":
+            return cos
+        return cos[..., ::2] if layout == "interleaved" else cos[..., : cos.shape[-1] // 2]
+
+    def _check_tables(
+        self,
+        path: str,
+        module: nn.Module,
+        layer_type: str | None,
+        table: dict[str, Any],
+        sin_first: bool,
+        layout: str,
+    ) -> None:
+        """The module's cos table is the one the lean file computes from ``table``
+        (``_expected_cos``); a module that computes its own variant is refused by name."""
+        rope_type = table.get("rope_type", "default")
+        positions = torch.arange(6)[None] + 3
+        with torch.no_grad():
+            tables = module(
+                torch.zeros(1, 6, self.hidden),
+                positions,
+                **({"layer_type": layer_type} if layer_type else {}),
+            )
+        if not _close(
+            self._cos_columns(tables, sin_first, layout), self._expected_cos(table, layer_type, positions)
+        ):
+            extra = sorted(set(table) - _ROPE_KEYS)
+            raise UnsupportedFeature(
+                path,
+                f"rotary tables differ from transformers' rope_type {rope_type!r}"
+                + (f" (the module also reads {', '.join(extra)})" if extra else ""),
+                _HINT,
+            )
+
+    def _rope_bases(self, prefix: str, rotary: tuple[str, nn.Module], layers_path: str) -> RopeSpec:
+        """One rotary module per RoPE base (a ModuleList, Granite-SWA's): the first module's layout
+        and tables, and the per-layer config list that gives each layer its base (0: no RoPE)."""
+        attr, modules = rotary
+        path = f"{prefix}.{attr}"
+        params = getattr(self.tiny, "rope_parameters", None) or {}
+        if "rope_theta" not in params:
+            raise UnsupportedFeature(path, "one rotary module per RoPE base without one rope_theta", _HINT)
+        num_layers = self.tiny.num_hidden_layers
+        lists = [
+            name
+            for name, value in self.fields.items()
+            if isinstance(value, list)
+            and len(value) == num_layers
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ]
+        bases = dict.fromkeys([params["rope_theta"], *(v for name in lists for v in self.fields[name] if v)])
+        rope = None
+        for base in bases:  # the base the first module was built with
+            with contextlib.suppress(UnsupportedFeature):
+                rope = self._rope(self.stack, prefix, (attr, modules[0]), {**params, "rope_theta": base})
+                break
+        if rope is None:
+            raise UnsupportedFeature(path, "rotary tables of no base in the config", _HINT)
+        field = next((name for name in lists if self._gives_bases(name, layers_path, rope)), None)
+        if field is None:
+            raise UnsupportedFeature(
+                path, "one rotary module per RoPE base, from no per-layer config list", _HINT
+            )
+        self._base_field = field
+        self.notes.append(f"RoPE base per layer from config.{field} (0: no RoPE)")
+        return dataclasses.replace(rope, base_field=field)
+
+    def _gives_bases(self, name: str, layers_path: str, rope: RopeSpec) -> bool:
+        """Whether config list ``name`` gives each layer its RoPE base: the model rebuilt with telling
+        values there (no RoPE on the first layer, distinct bases elsewhere, then distinct bases on all
+        layers) hands each layer no tables where the value is 0 and the tables of its base elsewhere."""
+        params = self.tiny.rope_parameters
+        base, count = float(params["rope_theta"]), self.tiny.num_hidden_layers
+        positions = torch.arange(6)[None]
+        for values in (
+            [0.0] + [base * (i + 2) for i in range(count - 1)],
+            [base * (i + 2) / 2 for i in range(count)],
+        ):
+            variant = copy.deepcopy(self.tiny)
+            setattr(variant, name, values)
+            try:
+                model = AutoModelForCausalLM.from_config(
+                    variant, attn_implementation="eager", dtype=torch.float32
+                )
+                paths = [f"{layers_path}.{i}" for i in range(count)]
+                calls = record_calls(
+                    model.eval(),
+                    paths,
+                    input_ids=torch.ones(1, 6, dtype=torch.long),
+                    position_ids=positions,
+                    use_cache=False,
+                )
+            except Exception:  # transformers does not take these values: not the list of bases
+                return False
+            for value, layer_path in zip(values, paths, strict=True):
+                call = calls[layer_path][0] if calls[layer_path] else None
+                tables = None if call is None else call.kwargs.get("position_embeddings")
+                if value == 0:
+                    if tables is not None:
+                        return False
+                    continue
+                if tables is None:
+                    return False
+                expected = self._expected_cos({**params, "rope_theta": value}, None, positions)
+                if not _close(self._cos_columns(tables, rope.sin_first, rope.table_layout), expected):
+                    return False
+        return True
 
     @staticmethod
     def _sin_first(module: nn.Module, x: torch.Tensor, per_layer_type: bool, layer_types: list[Any]) -> bool:
@@ -956,7 +1130,7 @@ class _Analyzer:
                     seen[""] = _first(attn(x, attention_mask=None))
                 else:
                     kwargs = {"layer_type": self.tiny.layer_types[0]} if rope.per_layer_type else {}
-                    tables = getattr(self.stack, rope.attr)(x, torch.arange(5)[None], **kwargs)
+                    tables = _raw(self._rotary_module)(x, torch.arange(5)[None], **kwargs)
                     extra = _position_ids(attn, torch.arange(5)[None])
                     seen[""] = _first(attn(x, position_embeddings=tables, attention_mask=None, **extra))
         except Exception:  # an attention that needs other inputs: the probe will tell
@@ -1015,20 +1189,25 @@ class _Analyzer:
         (and a fused projection's layout)."""
         attn = self._attn_module(layer, spec)
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
-        rotary = getattr(self.stack, rope.attr)
+        rotary = self._rotary_module
+        # per-head q/k norms before or after RoPE: the same with unit weights (a rotation keeps the
+        # RMS), so the probe runs on telling weights
         orders = (False, True) if spec.qk_norm is not None and spec.qk_norm_per_head else (False,)
-        for style, inverse, after in itertools.product(("neox", "interleaved"), (False, True), orders):
-            variant = dataclasses.replace(spec, rope_inverse=inverse, qk_norm_after_rope=after)
-            probe = _AttentionProbe(attn, variant, self.tiny, scale, kv_heads, rotary, rope, style, kwargs)
-            found = probe.match(self._qkv_layouts(variant, kv_heads))
-            if found is not None:
-                self.notes.append(
-                    f"RoPE rotates {style} channels" + (" by minus the angle" if inverse else "")
+        with _telling_norm_weights([getattr(attn, name, None) for name in spec.qk_norm_names]):
+            for style, inverse, after in itertools.product(("neox", "interleaved"), (False, True), orders):
+                variant = dataclasses.replace(spec, rope_inverse=inverse, qk_norm_after_rope=after)
+                probe = _AttentionProbe(
+                    attn, variant, self.tiny, scale, kv_heads, rotary, rope, style, kwargs
                 )
-                if after:
-                    self.notes.append("q/k norms after RoPE")
-                spec = self._confirm_groups(path, layer, variant, found, rope, style, kwargs)
-                return spec, dataclasses.replace(rope, style=style)
+                found = probe.match(self._qkv_layouts(variant, kv_heads))
+                if found is not None:
+                    self.notes.append(
+                        f"RoPE rotates {style} channels" + (" by minus the angle" if inverse else "")
+                    )
+                    if after:
+                        self.notes.append("q/k norms after RoPE")
+                    spec = self._confirm_groups(path, layer, variant, found, rope, style, kwargs)
+                    return spec, dataclasses.replace(rope, style=style)
         raise UnsupportedFeature(
             path, "attention output matches no template (RoPE application, scale or wiring)", _HINT
         )
@@ -1051,7 +1230,7 @@ class _Analyzer:
         if "position_ids" not in inspect.signature(attn.forward).parameters:
             return spec
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
-        rotary = getattr(self.stack, rope.attr)
+        rotary = self._rotary_module
         near = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, rotary, rope, rope.style, kwargs)
         far_positions = near.positions * 7919 + torch.tensor([[1, 2, 3, 4, 5, 6]])
         far = _AttentionProbe(
@@ -1192,7 +1371,7 @@ class _Analyzer:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
             rotary = None
             if rope is not None:
-                rotary = type(getattr(self.stack, rope.attr))(config)
+                rotary = type(self._rotary_module)(config)
         except Exception:  # a flip the config or the layer refuses tells nothing
             return None
         kv_heads = (fused.weight.numel() // config.hidden_size // head_dim - heads) // 2
@@ -1254,7 +1433,7 @@ class _Analyzer:
             attn = getattr(rebuilt, spec.attr)
             rotary = None
             if rope is not None:
-                rotary = type(getattr(self.stack, rope.attr))(variant)
+                rotary = type(self._rotary_module)(variant)
         except Exception as err:  # the layer refuses the variant: the group count stays unexplained
             raise UnsupportedFeature(path, f"fused q/k/v in {count} groups: {err}", _HINT) from err
         heads = variant.num_attention_heads
@@ -1452,13 +1631,16 @@ class _Analyzer:
             return [False] * len(layers)
         generator = torch.Generator().manual_seed(2)
         x = torch.randn(1, 5, self.hidden, generator=generator)
-        rotary = getattr(self.stack, rope.attr)
+        rotary = self._rotary_module
         uses = []
         for index, layer in enumerate(layers):
+            if rope.per_layer_type and self.tiny.layer_types[index] in rope.nope_layer_types:
+                uses.append(False)  # its model passes it no tables
+                continue
             outputs = []
             for order in ([0, 1, 2, 3, 4], [4, 0, 3, 1, 2]):  # RoPE is relative: reorder, not shift
                 kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
-                tables = rotary(x, torch.tensor([order]), **kwargs)
+                tables = _raw(rotary)(x, torch.tensor([order]), **kwargs)
                 with torch.no_grad():
                     attention = getattr(layer, attr)
                     inputs = {
@@ -1472,6 +1654,8 @@ class _Analyzer:
 
     def _rope_flag(self, path: str, uses: list[bool]) -> str | None:
         """None when every layer uses RoPE, else the config expression saying which layers do."""
+        if self._base_field:  # a RoPE base per layer, 0 for none
+            return f"config.{self._base_field}[layer_idx]"
         if all(uses):
             return None
         for name, value in self.fields.items():
@@ -2142,6 +2326,43 @@ class _Layout:
         return x + norm(self.mlp_post, mlp.map(norm(self.mlp_pre, x))) * scale
 
 
+class _CosSinTables(nn.Module):
+    """A rotary module that returns one complex table (``freqs_cis``, DeepSeek-V2's), read as the
+    NeoX (cos, sin) tables it stands for; ``module`` is the transformers module itself."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, **kwargs: Any) -> Any:
+        return cos_sin_tables(self.module(x, position_ids, **kwargs))
+
+
+def _raw(rotary: nn.Module) -> nn.Module:
+    """The transformers rotary module (what its attention takes) behind a ``_CosSinTables``."""
+    return rotary.module if isinstance(rotary, _CosSinTables) else rotary
+
+
+def _returns_complex(module: nn.Module, hidden: int) -> bool:
+    try:
+        with torch.no_grad():
+            table = module(torch.zeros(1, 2, hidden), torch.arange(2)[None])
+    except Exception:  # another signature (a layer_type argument): not the one-table kind
+        return False
+    return isinstance(table, torch.Tensor) and table.is_complex()
+
+
+def _rope_kind(table: dict[str, Any]) -> str:
+    """A table's rope_type; "dynamic" with a fixed ``alpha`` is "ntk_alpha" (HunYuan's checkpoints
+    label a static, alpha-stretched base "dynamic"), which the table check confirms."""
+    rope_type = table.get("rope_type", "default")
+    return "ntk_alpha" if rope_type == "dynamic" and table.get("alpha") else rope_type
+
+
+def _holds_inv_freq(module: nn.Module) -> bool:
+    return any("inv_freq" in buffer for buffer, _ in module.named_buffers())
+
+
 def _sinusoidal_positions(module: nn.Module, hidden: int) -> bool:
     """A parameter-free module that maps position ids to rows of the hidden width (XGLM's fixed
     sinusoidal table), told from a rotary module by what it returns."""
@@ -2265,6 +2486,24 @@ def _rotate(
     return torch.cat((out, rest), dim=-1)
 
 
+@contextlib.contextmanager
+def _telling_norm_weights(norms: list[nn.Module | None]) -> Any:
+    """Norm weights set to ``1 + 0.5 * N(0, 1)`` for the duration (unit weights hide where a norm
+    sits), then restored."""
+    weights = [n.weight for n in norms if isinstance(getattr(n, "weight", None), torch.Tensor)]
+    saved = [w.detach().clone() for w in weights]
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for weight in weights:
+            weight.copy_(1 + 0.5 * torch.randn(weight.shape, generator=generator))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, old in zip(weights, saved, strict=True):
+                weight.copy_(old)
+
+
 def _reference_attention(
     attn: nn.Module,
     spec: AttentionSpec,
@@ -2376,10 +2615,10 @@ class _AttentionProbe:
             if rotary is None or rope is None:
                 self.expected = _first(attn(self.x, attention_mask=None))
             else:
-                tables = rotary(self.x, self.positions, **(kwargs or {}))
-                if spec.qk_norm is not None:  # scaled as YaRN's attention factor does: tells a q/k
-                    tables = tuple(t * 1.25 for t in tables)  # norm before RoPE from one after it
-                self.tables = tables[::-1] if rope.sin_first else tables
+                tables = _raw(rotary)(self.x, self.positions, **(kwargs or {}))
+                if spec.qk_norm is not None and isinstance(tables, tuple):  # scaled as YaRN's attention
+                    tables = tuple(t * 1.25 for t in tables)  # factor does: tells a q/k norm before RoPE
+                self.tables = tables[::-1] if rope.sin_first else cos_sin_tables(tables)  # from one after
                 extra = _position_ids(attn, self.positions if positions is None else positions)
                 self.expected = _first(attn(self.x, position_embeddings=tables, attention_mask=None, **extra))
 

@@ -72,11 +72,20 @@ def _field_or_literal(config: PretrainedConfig, field: str, value: float, where:
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The base model's one ModuleList child (``layers``, GPT-2's ``h``), inside its only child where
     the base model wraps a decoder stack (OPT's ``model.decoder``)."""
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None:  # a prefix that names no child (Llama 4's "language_model" over ``.model``)
+        embeddings = model.get_input_embeddings()
+        owners = [c for c in model.children() if any(m is embeddings for m in c.modules())]
+        base = owners[0] if len(owners) == 1 else model
     children = [child for child in base.children() if not isinstance(child, nn.Dropout)]
     if len(children) == 1 and not isinstance(children[0], nn.ModuleList):
         base = children[0]
-    lists = [child for child in base.children() if isinstance(child, nn.ModuleList)]
+    lists = [
+        child
+        for child in base.children()
+        if isinstance(child, nn.ModuleList)  # not a list of rotary modules (one per RoPE base)
+        and not all(any("inv_freq" in name for name, _ in item.named_buffers()) for item in child)
+    ]
     if len(lists) != 1:
         raise UnsupportedFeature(type(model).__name__, "no single ModuleList of layers in the base model")
     return lists[0]
@@ -312,6 +321,8 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
     top_k_field = _field_with_value(config, _TOP_K_FIELDS, router.top_k, where, "router top-k")
     scoring, norm = _probe_router(router, where)
     norm_field = "norm_topk_prob" if getattr(config, "norm_topk_prob", None) is not None else None
+    if norm_field is not None and not _router_reads(router, config, "norm_topk_prob", where):
+        norm_field = None  # the field exists but this router ignores it (DeepSeek-V2's)
     if norm_field is not None and bool(config.norm_topk_prob) != norm:
         raise UnsupportedFeature(where, "router normalisation does not follow config.norm_topk_prob")
     scale = getattr(router, "routed_scaling_factor", None)
@@ -322,6 +333,10 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
     if grouped:
         _field_with_value(config, ("n_group",), router.num_group, where, "expert groups")
         _field_with_value(config, ("topk_group",), router.topk_group, where, "selected groups")
+    if scoring == "softmax" and grouped and _picks_other_experts(router):
+        raise UnsupportedFeature(
+            where, "softmax router with group-limited top-k (experts outside the selected groups dropped)"
+        )
     if scoring == "sigmoid" and not (grouped and scaling_field):
         raise UnsupportedFeature(where, "sigmoid router without grouped top-k and routed scaling")
     return RouterSpec(
@@ -336,6 +351,28 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
         grouped=grouped,
         scaling_field=scaling_field,
     )
+
+
+@torch.no_grad()
+def _router_reads(router: nn.Module, config: PretrainedConfig, field: str, where: str) -> bool:
+    """Whether a copy of ``router`` built with bool ``field`` flipped weights its experts otherwise."""
+    flipped = copy.deepcopy(config)
+    setattr(flipped, field, not getattr(config, field))
+    try:
+        other = type(router)(flipped)
+        other.load_state_dict(router.state_dict())
+    except Exception:  # the router cannot be rebuilt alone: assume it reads the field
+        return True
+    return _probe_router(other, where)[1] != _probe_router(router, where)[1]
+
+
+@torch.no_grad()
+def _picks_other_experts(router: nn.Module) -> bool:
+    """Whether the router's top-k ids differ from the plain top-k of its logits (group limits)."""
+    tokens = torch.randn(_PROBE_TOKENS, router.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    logits, _, ids = router(tokens.to(router.weight.dtype))
+    plain = logits.float().topk(ids.shape[-1], dim=-1).indices
+    return not torch.equal(plain.sort(dim=-1).values, ids.sort(dim=-1).values)
 
 
 @torch.no_grad()
@@ -485,8 +522,6 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
         raise UnsupportedFeature(
             f"{path}.kv_a_proj_with_mqa", "latent KV layout other than [kv_lora_rank + rope]"
         )
-    if _complex_rotary_table(model):
-        raise UnsupportedFeature(path, "complex-frequency MLA RoPE (DeepSeek-V2 style)")
     uses_interleave = _class_reads_attribute(type(attn), "rope_interleave")
     if uses_interleave and not hasattr(config, "rope_interleave"):
         raise UnsupportedFeature(path, "interleaved RoPE switch without config.rope_interleave")
@@ -505,6 +540,8 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
         rope_interleave=uses_interleave,
         yarn_mscale=_folds_yarn_mscale(config, attn, path),
         scaling=float(attn.scaling),
+        # one complex table (DeepSeek-V2's freqs_cis) multiplies channel pairs (2i, 2i+1): always interleaved
+        rope_pairs=_complex_rotary_table(model),
     )
 
 

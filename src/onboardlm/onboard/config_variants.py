@@ -89,8 +89,8 @@ def _has_rope_branch(tree: ast.Module) -> bool:
 def _other_rope(parameters: dict[str, Any], scaled: dict[str, Any]) -> dict[str, Any]:
     """The default table for any scaled one, else ``scaled`` (``rope_theta`` and a partial rotary
     factor kept); per layer type, each table likewise."""
-    if "rope_theta" not in parameters:  # per layer type: one table per key
-        return {key: _other_rope(value, scaled) for key, value in parameters.items()}
+    if "rope_theta" not in parameters:  # per layer type: one table per key (None: no RoPE)
+        return {key: value and _other_rope(value, scaled) for key, value in parameters.items()}
     kept = {k: v for k, v in parameters.items() if k in ("rope_theta", "partial_rotary_factor")}
     if parameters.get("rope_type", "default") != "default":
         return {**kept, "rope_type": "default"}
@@ -110,6 +110,24 @@ def _scaled_ropes(max_positions: int, mscale: bool) -> list[dict[str, Any]]:
     return [yarn, {"rope_type": "linear", "factor": YARN_FACTOR}]
 
 
+def _per_layer_float_variants(name: str, value: Any, num_layers: int) -> list[Variant]:
+    """A float per layer (Granite-SWA's RoPE base per layer, 0 for none) that the test config sets
+    alike on every layer: a 0 on the first layer, and a distinct value on each layer."""
+    if (
+        not isinstance(value, list)
+        or len(value) != num_layers
+        or num_layers < 2
+        or not all(isinstance(v, float) for v in value)
+        or len(set(value)) > 1
+    ):
+        return []
+    unit = max(abs(v) for v in value) or 1.0
+    return [
+        Variant(f"{name}[0]=0", {name: [0.0] + [unit * (i + 1) for i in range(1, num_layers)]}),
+        Variant(f"{name}=distinct", {name: [unit * (i + 1) for i in range(num_layers)]}),
+    ]
+
+
 def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[Variant]:
     """One flip per branch the lean file may have, before checking that transformers runs it."""
     tree = ast.parse(lean_source) if lean_source is not None else None
@@ -124,6 +142,8 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
             if getattr(tiny, name, None) is not None:
                 found.append(Variant(f"{name}=None", {name: None}))
         found += _position_scale_variants(tiny, tree)
+        for name in sorted(_config_reads(tree)):
+            found += _per_layer_float_variants(name, getattr(tiny, name, None), tiny.num_hidden_layers)
     tied = bool(getattr(tiny, "tie_word_embeddings", False))
     found.append(Variant(f"tie_word_embeddings={not tied}", {"tie_word_embeddings": not tied}))
     parameters = getattr(tiny, "rope_parameters", None)
@@ -132,7 +152,7 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
         max_positions = int(getattr(tiny, "max_position_embeddings", 4096) or 4096)
         for scaled in _scaled_ropes(max_positions, mscale):
             other = _other_rope(parameters, scaled)
-            tables = [other] if "rope_theta" in other else list(other.values())
+            tables = [other] if "rope_theta" in other else [table for table in other.values() if table]
             kinds = "/".join(sorted({table.get("rope_type", "default") for table in tables}))
             found.append(Variant(f"rope={kinds}", {"rope_parameters": other}, group="rope"))
     return found

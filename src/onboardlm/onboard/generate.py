@@ -99,6 +99,8 @@ def emit_rope_frequencies(spec: ArchitectureSpec) -> str:
         refused=[kind for kind in ("dynamic", "longrope") if kind not in rope.rope_types],
         fixed_base=rope.fixed_base,
         dim=rope.dim,
+        base_field=rope.base_field,
+        ntk_alpha="ntk_alpha" in rope.rope_types,
     )
 
 
@@ -106,8 +108,9 @@ def emit_rotary(spec: ArchitectureSpec) -> str:
     if spec.rope is None:
         return ""
     longrope, dynamic = ("longrope" in spec.rope.rope_types), ("dynamic" in spec.rope.rope_types)
-    if (longrope or dynamic) and spec.rope.per_layer_type:
-        raise UnsupportedFeature(f"{spec.model_attr}.{spec.rope.attr}", "dynamic RoPE per layer type", _HINT)
+    if (longrope or dynamic) and (spec.rope.per_layer_type or spec.rope.base_field):
+        kind = "per layer type" if spec.rope.per_layer_type else "with a base per layer"
+        raise UnsupportedFeature(f"{spec.model_attr}.{spec.rope.attr}", f"dynamic RoPE {kind}", _HINT)
     return render(
         "rotary.py.j2", config_class=spec.config_class, rope=spec.rope, longrope=longrope, dynamic=dynamic
     )
@@ -468,10 +471,19 @@ def emit_model(spec: ArchitectureSpec) -> str:
         init.append(f"self.{spec.head.final_norm_attr} = {final_norm}")
     forward = []
     if rope is not None:
-        init.append(f"self.{rope.attr} = {rope.class_name}(config)")
+        if rope.base_field:  # one rotary module per distinct non-zero base, as transformers builds them
+            init.append(
+                f"self.{rope.attr} = nn.ModuleList({rope.class_name}(config, base) for base in sorted({{b for b in config.{rope.base_field} if b}}))"
+            )
+        else:
+            init.append(f"self.{rope.attr} = {rope.class_name}(config)")
         if rope.per_layer_type:
             forward = [
                 f"position_embeddings = {{layer_type: self.{rope.attr}(inputs_embeds, position_ids, layer_type) for layer_type in self.{rope.attr}.layer_types}}"
+            ]
+        elif rope.base_field:
+            forward = [
+                f"position_embeddings = {{rotary.base: rotary(inputs_embeds, position_ids) for rotary in self.{rope.attr}}}"
             ]
         else:
             forward = [f"position_embeddings = self.{rope.attr}(inputs_embeds, position_ids)"]
@@ -502,9 +514,19 @@ def emit_model(spec: ArchitectureSpec) -> str:
     if rope is None:
         forward += [f"for layer in {layers}:", "    hidden_states = layer(hidden_states)"]
     elif rope.per_layer_type:
+        tables = (
+            "position_embeddings.get(layer_type)"
+            if rope.nope_layer_types
+            else "position_embeddings[layer_type]"
+        )
         forward += [
             f"for layer, layer_type in zip({layers}, self.config.layer_types, strict=True):",
-            f"    hidden_states = layer(hidden_states, position_embeddings[layer_type]{layer_positions})",
+            f"    hidden_states = layer(hidden_states, {tables}{layer_positions})",
+        ]
+    elif rope.base_field:  # no tables (None) for a layer whose base is 0
+        forward += [
+            f"for index, layer in enumerate({layers}):",
+            f"    hidden_states = layer(hidden_states, position_embeddings.get(self.config.{rope.base_field}[index]){layer_positions})",
         ]
     else:
         forward += [

@@ -58,6 +58,13 @@ class RopeSpec:
     sin_first: bool = False  # the module returns (sin, cos), as GPT-J's does
     fixed_base: float | None = None  # no rope_parameters: a base the architecture hard-codes
     dim: str | None = None  # with fixed_base: expression of the rotary dim, e.g. "config.rotary_dim"
+    complex_table: bool = (
+        False  # transformers' module returns one complex freqs_cis table; the lean one cos/sin
+    )
+    base_field: str | None = None
+    nope_layer_types: tuple[
+        str, ...
+    ] = ()  # per layer type: the types whose table is None (no RoPE)  # a RoPE base per layer from this config list, 0 for none (Granite-SWA)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,7 @@ class AttentionSpec:
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
     qk_norm_per_head: bool = True  # False: over the whole q / k projection (OLMo2)
     qk_norm_flag: str | None = None  # config expression without which there are no q/k norms
+    qk_norm_after_rope: bool = False  # per-head q/k norms on the rotated q/k (HunYuan), else before RoPE
     sliding: SlidingMode = "none"
     #: without a sliding_window field: the measured window's config expression per layer (GPT-Neo:
     #: 'config.window_size if config.attention_layers[layer_idx] == "local" else None')

@@ -135,6 +135,7 @@ class MLASpec:
     q_lora: queries go through ``q_a_proj -> q_a_layernorm -> q_b_proj`` (else one ``q_proj``); the
     generated code still branches on ``config.q_lora_rank`` so every checkpoint of the type loads.
     rope_interleave: the config has a ``rope_interleave`` field the HF attention branches on.
+    rope_pairs: the HF attention always rotates channel pairs (2i, 2i+1) (DeepSeek-V2's complex table).
     yarn_mscale: the HF attention multiplies the softmax scale by YaRN's ``mscale(factor,
     mscale_all_dim)²``. norm_eps: expression of the latent norms' epsilon (DeepSeek: its norm's
     default, a literal).
@@ -154,11 +155,18 @@ class MLASpec:
     rope_interleave: bool
     yarn_mscale: bool
     scaling: float
+    rope_pairs: bool = False
 
     @property
     def note(self) -> str:
         """One line for reports: query path, RoPE layout, softmax-scale correction."""
         q = "low-rank q" if self.q_lora else "full-rank q"
-        rope = "interleaved (config.rope_interleave)" if self.rope_interleave else "NeoX"
+        rope = (
+            "interleaved (config.rope_interleave)"
+            if self.rope_interleave
+            else "interleaved channel-pair"
+            if self.rope_pairs
+            else "NeoX"
+        )
         mscale = ", YaRN mscale" if self.yarn_mscale else ""
         return f"MLA ({q}, {rope} RoPE on the shared key part{mscale})"

@@ -171,10 +171,16 @@ class ModelIndex:
 
     @cached_property
     def decoder_layers(self) -> list[ast.ClassDef]:
-        """Element classes of ModuleLists built by top-level models."""
+        """Element classes of ModuleLists built by top-level models, but rotary modules (a list of
+        them holds one per RoPE base, as Granite-SWA's does)."""
         owners = {cls.name for cls in self.top_level}
         names = {c.cls for c in self.constructions if c.owner in owners and c.in_list}
-        return [self.src.classes[n] for n in names if n in self.src.classes]
+        return [
+            self.src.classes[n]
+            for n in names
+            if n in self.src.classes
+            and not any("inv_freq" in buffer for buffer in self.buffer_names(self.src.classes[n]))
+        ]
 
     @cached_property
     def moe_blocks(self) -> list[ast.ClassDef]:

@@ -150,8 +150,21 @@ def _callee_class(model: ModelIndex, call: ast.Call) -> ast.ClassDef | None:
     if parts and len(parts) == 2 and parts[0] == "self" and cls is not None:
         built = model.attribute_classes(cls.name, parts[1])
         return next((model.src.classes[n] for n in built if n in model.src.classes), None)
-    if parts and len(parts) == 1:
-        return model.src.classes.get(parts[0])
+    if parts and len(parts) == 1 and parts[0] in model.src.classes:
+        return model.src.classes[parts[0]]
+    if parts and len(parts) == 1 and cls is not None:  # ``x(...)`` for ``x`` in ``self.items`` (a ModuleList)
+        for node in model.src.ancestors(call):
+            for generator in getattr(node, "generators", []):
+                items = dotted_parts(generator.iter)
+                if (
+                    isinstance(generator.target, ast.Name)
+                    and generator.target.id == parts[0]
+                    and items
+                    and len(items) == 2
+                    and items[0] == "self"
+                ):
+                    built = model.attribute_classes(cls.name, items[1])
+                    return next((model.src.classes[n] for n in built if n in model.src.classes), None)
     return None
 
 

@@ -16,7 +16,30 @@ from torch import nn
 
 from onboardlm.errors import OnboardlmError
 
-__all__ = ["Call", "first_tensor", "record_calls"]
+__all__ = ["Call", "cos_sin_tables", "first_tensor", "record_calls", "text_positions"]
+
+
+def text_positions(call: Call) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A rotary module's recorded (args, kwargs) with multi-axis (M-RoPE) ``position_ids``
+    ``[axes, B, S]`` that agree on every axis, as text positions are, given as the ``[B, S]`` ids
+    lean files take; any other call unchanged."""
+
+    def text(value: Any) -> Any:
+        multi_axis = isinstance(value, torch.Tensor) and value.dim() == 3 and not value.is_floating_point()
+        return value[0] if multi_axis and bool((value == value[:1]).all()) else value
+
+    args = tuple(text(a) if i == 1 else a for i, a in enumerate(call.args))
+    kwargs = {k: text(v) if k == "position_ids" else v for k, v in call.kwargs.items()}
+    return args, kwargs
+
+
+def cos_sin_tables(tables: Any) -> Any:
+    """RoPE tables as lean files take them: a complex ``freqs_cis`` table (DeepSeek-V2's, Llama 4's: one
+    complex number per channel pair) becomes the (cos, sin) NeoX-halves tables it stands for; any other
+    value is returned unchanged."""
+    if isinstance(tables, torch.Tensor) and tables.is_complex():
+        return torch.cat((tables.real, tables.real), dim=-1), torch.cat((tables.imag, tables.imag), dim=-1)
+    return tables
 
 
 @dataclass(frozen=True)
@@ -38,8 +61,9 @@ class Call:
 
     @property
     def position_embeddings(self) -> Any:
-        """The ``position_embeddings`` keyword as passed (usually a (cos, sin) tuple), None if absent."""
-        return self.kwargs.get("position_embeddings")
+        """The ``position_embeddings`` keyword as passed (usually a (cos, sin) tuple; a complex table as
+        its cos/sin tables), None if absent."""
+        return cos_sin_tables(self.kwargs.get("position_embeddings"))
 
     @property
     def position_ids(self) -> Any:

@@ -98,6 +98,7 @@ _LAYER_RULES: tuple[_LayerRule, ...] = (
     _LayerRule("index_layers", "indices"),
     _LayerRule("mlp_layer_types", "list", dense_when="dense"),
     _LayerRule("no_rope_layers", "list"),
+    _LayerRule("layer_rope_theta", "list"),  # a RoPE base per layer, 0 for none (Granite-SWA)
     _LayerRule("num_attention_heads_per_layer", "list"),
     _LayerRule("attn_layer_period", "every", offset_field="attn_layer_offset"),
     _LayerRule("attn_layer_indices", "indices"),
