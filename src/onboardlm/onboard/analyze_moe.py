@@ -38,6 +38,7 @@ _EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 _TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k_experts")
 _EXPERT_WIDTH_FIELDS = ("moe_intermediate_size", "intermediate_size")
 _SHARED_WIDTH_FIELDS = ("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size")
+_SHARED_COUNT_FIELDS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts")
 _ROUTER_ATTRS = ("gate", "router")
 _SHARED_ATTRS = ("shared_expert", "shared_experts")
 _PROBE_TOKENS = 64
@@ -67,6 +68,51 @@ def _field_or_literal(config: PretrainedConfig, field: str, value: float, where:
         return repr(value)
     _field_with_value(config, (field,), value, where, field.replace("_", " "))
     return f"getattr(config, {field!r}, {value!r})"
+
+
+def _int_fields(config: PretrainedConfig, preferred: tuple[str, ...]) -> list[str]:
+    """The config's integer fields (and aliases among ``preferred``), ``preferred`` first (in their
+    order), then the others by name."""
+    fields = {
+        name: value
+        for name, value in vars(config).items()
+        if isinstance(value, int) and not isinstance(value, bool) and not name.startswith("_")
+    }
+    mapped = [n for n in preferred if isinstance(getattr(config, n, None), int) and n not in fields]
+    for name in mapped:  # an attribute_map alias (DeepSeek's num_local_experts) is no instance attribute
+        fields[name] = getattr(config, name)
+    return [n for n in preferred if n in fields] + sorted(n for n in fields if n not in preferred)
+
+
+def _measured_expression(
+    config: PretrainedConfig,
+    block: nn.Module,
+    candidates: list[tuple[str, str]],
+    known: tuple[str, ...],
+    measure: Callable[[nn.Module], int],
+    where: str,
+    what: str,
+    value: int,
+) -> str:
+    """The first of ``candidates`` ((expression over ``config``, the field it varies)) that the block
+    follows: the block rebuilt from a config with that field doubled must measure the expression's new
+    value. A field of ``known`` names is taken on its value alone when the block cannot be rebuilt
+    from the probe config; any other field only when the rebuilt block confirms it.
+    """
+    for expr, field in candidates:
+        probe = copy.deepcopy(config)
+        setattr(probe, field, 2 * getattr(config, field))
+        try:
+            rebuilt = measure(type(block)(probe))
+        except Exception:  # noqa: BLE001 - a config the block cannot be built from confirms nothing
+            rebuilt = None
+        if rebuilt is None:
+            if field in known:
+                return expr
+            continue
+        if rebuilt == eval(expr, {"__builtins__": {}}, {"config": probe}):  # noqa: S307 - our expression
+            return expr
+    raise UnsupportedFeature(where, f"{what} = {value!r} follows no config field (rebuilt with each doubled)")
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -105,20 +151,48 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     if len(classes) > 1:
         raise UnsupportedFeature(path, f"several MoE block classes ({', '.join(sorted(classes))})")
     moe_layers = tuple(i for i, _ in moe)
-    experts = _analyze_experts(config, block.experts, f"{path}.experts")
-    condition = _layer_condition(config, moe_layers, len(layers), path)
+    experts = _analyze_experts(config, block, f"{path}.experts")
+    condition = _layer_condition(
+        config, moe_layers, len(layers), path, layers[first_idx], attr, type(block).__name__
+    )
+    router = _analyze_router(config, block, path)
+    shared = _analyze_shared(config, block, path, experts)
+    _check_block_state(block, path, router, shared)
     return MoESpec(
         class_name=type(block).__name__,
         attr=attr,
         config_class=type(config).__name__,
         prefix=model_prefix(config),
-        router=_analyze_router(config, block, path),
+        router=router,
         experts=experts,
-        shared=_analyze_shared(config, block, path, experts),
+        shared=shared,
         layer_condition=condition,
         moe_layers=moe_layers,
         dense_class=_dense_class(config, layers, attr, moe_layers, condition),
     )
+
+
+def _check_block_state(
+    block: nn.Module, path: str, router: RouterSpec, shared: SharedExpertSpec | None
+) -> None:
+    """The MoE block holds nothing the generated block lacks: router, experts, shared expert (and its
+    gate), and the block-level correction bias its router reads; any other submodule, parameter or
+    buffer (A.X-K1's ``post_mlp_layernorm``) is refused by name."""
+    known = {router.attr, "experts"}
+    if shared is not None:
+        known |= {shared.attr, shared.gate_attr}
+    for name, child in block.named_children():
+        if name not in known:
+            raise UnsupportedFeature(
+                f"{path}.{name}", f"MoE block submodule {type(child).__name__} that the generated block lacks"
+            )
+    own = [n for n, _ in block.named_parameters(recurse=False)] + [
+        n for n, _ in block.named_buffers(recurse=False)
+    ]
+    allowed = {"e_score_correction_bias"} if router.correction_bias == "block" else set()
+    for name in own:
+        if name not in allowed:
+            raise UnsupportedFeature(f"{path}.{name}", "MoE block tensor that the generated block lacks")
 
 
 def _dense_class(
@@ -168,7 +242,8 @@ def _check_gated_mlp(config: PretrainedConfig, mlp: nn.Module, where: str, width
         raise UnsupportedFeature(where, f"{type(mlp).__name__} is not a plain gated MLP of width {width}")
 
 
-def _analyze_experts(config: PretrainedConfig, experts: nn.Module, path: str) -> ExpertsSpec:
+def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str) -> ExpertsSpec:
+    experts = block.experts
     if isinstance(experts, nn.ModuleList):
         raise UnsupportedFeature(
             path, "per-expert modules in the HF model", "expected transformers 5 fused experts"
@@ -205,9 +280,20 @@ def _analyze_experts(config: PretrainedConfig, experts: nn.Module, path: str) ->
     )
     return ExpertsSpec(
         num_experts=num_experts,
-        num_experts_field=_field_with_value(
-            config, _EXPERT_COUNT_FIELDS, num_experts, path, "number of experts"
-        ),
+        num_experts_field=_measured_expression(
+            config,
+            block,
+            [
+                (f"config.{name}", name)
+                for name in _int_fields(config, _EXPERT_COUNT_FIELDS)
+                if getattr(config, name) == num_experts
+            ],
+            _EXPERT_COUNT_FIELDS,
+            lambda rebuilt: rebuilt.experts.gate_up_proj.shape[0],
+            path,
+            "number of experts",
+            num_experts,
+        ).removeprefix("config."),
         intermediate_size=inner,
         intermediate_field=_field_with_value(config, _EXPERT_WIDTH_FIELDS, inner, path, "expert width"),
         activation=activation,
@@ -287,32 +373,64 @@ def _router_module(block: nn.Module, path: str) -> tuple[str, nn.Module]:
     raise UnsupportedFeature(path, "no router (`gate` or `router` with a weight)")
 
 
+_SCALING_FIELDS = ("routed_scaling_factor", "router_scaling_factor")
+_CORRECTION = "e_score_correction_bias"
+
+
+def _correction_owner(block: nn.Module, router: nn.Module, where: str) -> str | None:
+    """Where the score-correction bias lives: on the router (DeepSeek), on the block and handed to the
+    router's forward (MiniMax-M2), or nowhere."""
+    on_router = isinstance(getattr(router, _CORRECTION, None), torch.Tensor)
+    on_block = isinstance(getattr(block, _CORRECTION, None), torch.Tensor)
+    params = [
+        p
+        for p in inspect.signature(router.forward).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    if on_block and not on_router and len(params) == 2:
+        return "block"
+    if len(params) != 1:
+        raise UnsupportedFeature(
+            where, f"router forward takes {[p.name for p in params]}, not (hidden_states)"
+        )
+    return "router" if on_router else None
+
+
 def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> RouterSpec:
     attr, router = _router_module(block, path)
     where = f"{path}.{attr}"
     extras = {name for name, _ in router.named_parameters(recurse=False)} | {
         name for name, _ in router.named_buffers(recurse=False)
     }
-    unknown = extras - {"weight", "bias", "e_score_correction_bias"}
+    unknown = extras - {"weight", "bias", _CORRECTION}
     if unknown or list(router.children()):
         raise UnsupportedFeature(where, f"router state {sorted(unknown) or 'with submodules'}")
     if not isinstance(getattr(router, "top_k", None), int):
         raise UnsupportedFeature(where, f"router {type(router).__name__} without an integer top_k")
     top_k_field = _field_with_value(config, _TOP_K_FIELDS, router.top_k, where, "router top-k")
-    scoring, norm = _probe_router(router, where)
+    owner = _correction_owner(block, router, where)
+    grouped = hasattr(router, "num_group") and hasattr(router, "topk_group")
+    scoring, norm, scale, choice_on = _probe_router(
+        router, where, block if owner == "block" else None, grouped
+    )
     norm_field = "norm_topk_prob" if getattr(config, "norm_topk_prob", None) is not None else None
     if norm_field is not None and bool(config.norm_topk_prob) != norm:
         raise UnsupportedFeature(where, "router normalisation does not follow config.norm_topk_prob")
-    scale = getattr(router, "routed_scaling_factor", None)
     scaling_field = None
-    if scale is not None:
-        scaling_field = _field_with_value(config, ("routed_scaling_factor",), scale, where, "routed scaling")
-    grouped = hasattr(router, "num_group") and hasattr(router, "topk_group")
+    named = next((f for f in _SCALING_FIELDS if isinstance(getattr(router, f, None), (int, float))), None)
+    if named is not None:
+        scaling_field = _field_with_value(config, (named,), getattr(router, named), where, "routed scaling")
+        if not math.isclose(float(getattr(router, named)), scale, rel_tol=1e-4):
+            raise UnsupportedFeature(where, f"routing weights scaled by {scale:.6g}, not by config.{named}")
+    elif not math.isclose(scale, 1.0, rel_tol=1e-4):
+        raise UnsupportedFeature(where, f"routing weights scaled by {scale:.6g}, no config field")
     if grouped:
         _field_with_value(config, ("n_group",), router.num_group, where, "expert groups")
         _field_with_value(config, ("topk_group",), router.topk_group, where, "selected groups")
-    if scoring == "sigmoid" and not (grouped and scaling_field):
-        raise UnsupportedFeature(where, "sigmoid router without grouped top-k and routed scaling")
+        if not (scoring == "sigmoid" and owner == "router"):
+            raise UnsupportedFeature(where, "grouped top-k other than over bias-corrected sigmoid scores")
+    if scoring == "softmax" and owner is not None:
+        raise UnsupportedFeature(where, "softmax router with a score-correction bias")
     return RouterSpec(
         attr=attr,
         class_name=type(router).__name__,
@@ -321,39 +439,67 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
         norm_topk_prob=norm,
         norm_field=norm_field,
         has_bias="bias" in extras,
-        has_correction_bias="e_score_correction_bias" in extras,
+        has_correction_bias=owner is not None,
         grouped=grouped,
         scaling_field=scaling_field,
+        correction_bias=owner,
+        choice_on=choice_on,
     )
 
 
+def _same_sets(ids: torch.Tensor, choice: torch.Tensor) -> bool:
+    expected = torch.topk(choice, ids.shape[1], dim=-1)[1]
+    return bool((ids.sort(dim=-1)[0] == expected.sort(dim=-1)[0]).all())
+
+
 @torch.no_grad()
-def _probe_router(router: nn.Module, where: str) -> tuple[str, bool]:
-    """Run the HF router on random tokens; return (scoring, normalised) that reproduce its weights.
+def _probe_router(
+    router: nn.Module, where: str, block: nn.Module | None, grouped: bool
+) -> tuple[str, bool, float, str]:
+    """Run the HF router on random tokens; return (scoring, normalised, scale, choice_on) that
+    reproduce it.
 
     transformers 5 routers return ``(logits, top-k weights, top-k ids)``; the weights are matched
-    against softmax / sigmoid of the logits at the chosen ids, with and without renormalisation
-    (times the router's own ``routed_scaling_factor``). A softmax over only the top-k logits
-    (GPT-OSS) is the renormalised softmax.
+    against softmax / sigmoid of the logits at the chosen ids, with and without renormalisation, times
+    one constant (the routed scaling). A softmax over only the top-k logits (GPT-OSS) is the
+    renormalised softmax. With a score-correction bias (set at random for the probe) the ids must be
+    the top-k of scores + bias (DeepSeek, MiniMax-M2) or of logits + bias (choice_on ``logits``);
+    without, the top-k of the scores. Grouped top-k is not re-derived here.
     """
     weight = router.weight
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=generator, dtype=torch.float32)
-    out = router(tokens.to(weight.dtype))
+    holder = block if block is not None else router
+    correction = getattr(holder, _CORRECTION, None)
+    saved, bias = None, torch.zeros(())
+    if isinstance(correction, torch.Tensor):
+        saved, bias = correction.detach().clone(), torch.randn(correction.shape, generator=generator)
+        correction.copy_(bias)
+    try:
+        args = (tokens.to(weight.dtype),) + ((correction,) if block is not None else ())
+        out = router(*args)
+    finally:
+        if saved is not None:
+            correction.copy_(saved)
     if not (isinstance(out, tuple) and len(out) == 3):
         raise UnsupportedFeature(where, "router does not return (logits, weights, indices)")
     logits, weights, ids = (t.float() if t.is_floating_point() else t for t in out)
-    scale = float(getattr(router, "routed_scaling_factor", 1.0))
-    candidates = {
-        "softmax": torch.softmax(logits, dim=-1).gather(1, ids),
-        "sigmoid": torch.sigmoid(logits).gather(1, ids),
-    }
-    for scoring, picked in candidates.items():
-        factor = scale if scoring == "sigmoid" else 1.0
+    scores = {"softmax": torch.softmax(logits, dim=-1), "sigmoid": torch.sigmoid(logits)}
+    for scoring, score in scores.items():
+        picked = score.gather(1, ids)
         for normalised in (False, True):
             expected = picked / picked.sum(dim=-1, keepdim=True) if normalised else picked
-            if torch.allclose(weights, expected * factor, rtol=1e-4, atol=1e-6):
-                return scoring, normalised
+            scale = float((weights * expected).sum() / (expected * expected).sum())
+            if not torch.allclose(weights, expected * scale, rtol=1e-4, atol=1e-6):
+                continue
+            if grouped:
+                return scoring, normalised, scale, "scores"
+            for choice_on, base in (("scores", score), ("logits", logits)):
+                if _same_sets(ids, base + bias):
+                    return scoring, normalised, scale, choice_on
+            raise UnsupportedFeature(
+                where, "router picks experts on neither scores nor logits (+ correction bias)"
+            )
     raise UnsupportedFeature(
         where, "router weights match no known scoring (softmax or sigmoid over the logits)"
     )
@@ -369,13 +515,25 @@ def _analyze_shared(
     where = f"{path}.{attr}"
     width = getattr(getattr(shared, "gate_proj", None), "out_features", 0)
     _check_gated_mlp(config, shared, where, width)
-    count = getattr(config, "n_shared_experts", None)
-    if isinstance(count, int) and count * getattr(config, experts.intermediate_field) == width:
-        expr = f"config.{experts.intermediate_field} * config.n_shared_experts"
-    else:
-        expr = (
-            f"config.{_field_with_value(config, _SHARED_WIDTH_FIELDS, width, where, 'shared expert width')}"
-        )
+    inner = experts.intermediate_field
+    candidates = [
+        (f"config.{inner} * config.{name}", name)
+        for name in _int_fields(config, _SHARED_COUNT_FIELDS)
+        if getattr(config, name) * getattr(config, inner) == width
+    ]
+    candidates += [
+        (f"config.{name}", name)
+        for name in _int_fields(config, _SHARED_WIDTH_FIELDS)
+        if getattr(config, name) == width
+    ]
+    known = _SHARED_COUNT_FIELDS + _SHARED_WIDTH_FIELDS
+
+    def shared_width(probe: PretrainedConfig) -> int:
+        return getattr(probe, attr).gate_proj.out_features
+
+    expr = _measured_expression(
+        config, block, candidates, known, shared_width, where, "shared expert width", width
+    )
     gate_attr = None
     gate = getattr(block, f"{attr}_gate", None)
     if gate is not None:
@@ -388,32 +546,108 @@ def _analyze_shared(
 
 
 def _layer_condition(
-    config: PretrainedConfig, moe_layers: tuple[int, ...], num_layers: int, path: str
+    config: PretrainedConfig,
+    moe_layers: tuple[int, ...],
+    num_layers: int,
+    path: str,
+    layer: nn.Module | None = None,
+    attr: str = "mlp",
+    block_class: str = "",
 ) -> str:
-    """A config expression true exactly on the MoE layers; checked on the measured layers."""
+    """A config expression true exactly on the MoE layers; checked on the measured layers.
+
+    Tried in order: DeepSeek's ``first_k_dense_replace``, Qwen-MoE's ``decoder_sparse_step`` rule,
+    then the test the HF decoder layer's ``__init__`` itself branches on to build the MoE block
+    (``self.mlp = Block(config) if <test> else MLP(config)`` or an ``if <test>:`` statement) when it
+    reads only ``config`` and ``layer_idx`` (ERNIE's start/end/interval, ``mlp_layer_types``); else
+    ``True`` (every layer). The first whose prediction equals the measured layers is kept.
+    """
+    candidates: list[str] = []
     if getattr(config, "first_k_dense_replace", None) is not None:
-        condition = "layer_idx >= config.first_k_dense_replace"
-        predicted = tuple(i for i in range(num_layers) if i >= config.first_k_dense_replace)
-    elif getattr(config, "decoder_sparse_step", None) is not None:
-        count = next(f for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None) is not None)
-        condition = (
-            f"layer_idx not in config.mlp_only_layers and config.{count} > 0 "
-            "and (layer_idx + 1) % config.decoder_sparse_step == 0"
-        )
-        predicted = tuple(
+        candidates.append("layer_idx >= config.first_k_dense_replace")
+    if getattr(config, "decoder_sparse_step", None) is not None:
+        count = next((f for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None) is not None), None)
+        if count is not None:
+            candidates.append(
+                f"layer_idx not in config.mlp_only_layers and config.{count} > 0 "
+                "and (layer_idx + 1) % config.decoder_sparse_step == 0"
+            )
+    if layer is not None:
+        source_test = _source_layer_condition(type(layer), attr, block_class)
+        if source_test is not None:
+            candidates.append(source_test)
+    candidates.append("True")
+    tried = []
+    for condition in candidates:
+        predicted = _predict_layers(config, condition, num_layers)
+        if predicted == moe_layers:
+            return condition
+        tried.append(f"`{condition}` (gives {list(predicted) if predicted is not None else 'an error'})")
+    raise UnsupportedFeature(path, f"MoE layers {list(moe_layers)} follow none of {', '.join(tried)}")
+
+
+def _predict_layers(config: PretrainedConfig, condition: str, num_layers: int) -> tuple[int, ...] | None:
+    """The layers for which ``condition`` (over ``config`` and ``layer_idx``) holds; None if it fails."""
+    code = compile(condition, "<layer condition>", "eval")
+    try:
+        return tuple(
             i
             for i in range(num_layers)
-            if i not in config.mlp_only_layers
-            and getattr(config, count) > 0
-            and (i + 1) % config.decoder_sparse_step == 0
+            if eval(code, {"__builtins__": {}}, {"config": config, "layer_idx": i})
         )
-    else:
-        condition, predicted = "True", tuple(range(num_layers))
-    if predicted != moe_layers:
-        raise UnsupportedFeature(
-            path, f"MoE layers {list(moe_layers)} do not follow `{condition}` (gives {list(predicted)})"
-        )
-    return condition
+    except Exception:  # noqa: BLE001 - a candidate that does not evaluate on this config is not the rule
+        return None
+
+
+def _source_layer_condition(layer_class: type, attr: str, block_class: str) -> str | None:
+    """The test under which ``layer_class.__init__`` assigns ``self.<attr> = <block_class>(...)``.
+
+    ``self.mlp = Block(config) if test else MLP(config)`` gives ``test``; ``if test: self.mlp = Block(...)
+    else: ...`` gives ``test`` (``not (test)`` when the block is built in the else branch). Only a test
+    whose free names are ``config`` and ``layer_idx`` (the generated layer's own parameters) is kept.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(layer_class.__init__)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+    def builds_block(node: ast.AST) -> bool:
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == block_class
+
+    def assigns(node: ast.stmt) -> ast.expr | None:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Attribute)
+            and isinstance(node.targets[0].value, ast.Name)
+            and node.targets[0].value.id == "self"
+            and node.targets[0].attr == attr
+        ):
+            return node.value
+        return None
+
+    test: ast.expr | None = None
+    for node in ast.walk(tree):
+        value = assigns(node) if isinstance(node, ast.stmt) else None
+        if isinstance(value, ast.IfExp):
+            if builds_block(value.body):
+                test = value.test
+            elif builds_block(value.orelse):
+                test = ast.UnaryOp(op=ast.Not(), operand=value.test)
+        elif isinstance(node, ast.If):
+            if any(builds_block(assigns(stmt)) for stmt in node.body if assigns(stmt) is not None):
+                test = node.test
+            elif any(builds_block(assigns(stmt)) for stmt in node.orelse if assigns(stmt) is not None):
+                test = ast.UnaryOp(op=ast.Not(), operand=node.test)
+        if test is not None:
+            break
+    if test is None:
+        return None
+    names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
+    if not names <= {"config", "layer_idx"} or any(isinstance(n, ast.Call) for n in ast.walk(test)):
+        return None
+    text = ast.unparse(test)
+    return f"({text})" if isinstance(test, (ast.IfExp, ast.Lambda, ast.NamedExpr)) else text
 
 
 # --------------------------------------------------------------------------------------------------

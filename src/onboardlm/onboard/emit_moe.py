@@ -56,8 +56,12 @@ def _render(template: str, **context: object) -> str:
 def _summary(spec: MoESpec, dense_dispatch: bool) -> str:
     """Docstring of the MoE block: routing, shared experts, where the experts run."""
     router = spec.router
-    if router.scoring == "sigmoid":
+    if router.scoring == "sigmoid" and router.grouped:
         routing = "a sigmoid router with bias-corrected grouped top-k"
+    elif router.scoring == "sigmoid":
+        routing = "a sigmoid top-k router" + (
+            " with a score-correction bias" if router.correction_bias else ""
+        )
     else:
         routing = "a softmax top-k router" + (" with a bias" if router.has_bias else "")
     shared = f",\n    plus the always-on `{spec.shared.attr}`" if spec.shared else ""

@@ -31,7 +31,11 @@ class RouterSpec:
     chosen on score + ``e_score_correction_bias`` within the best ``topk_group`` of ``n_group``
     groups, scaled by ``routed_scaling_factor``). has_bias: the router linear has a bias (GPT-OSS).
     norm_topk_prob: measured; ``norm_field`` is the config field the HF router reads it from (None:
-    a constant of the architecture).
+    a constant of the architecture). A sigmoid router may also be ungrouped (``grouped`` False), have
+    no correction bias, and no scaling (``scaling_field`` None: the weights are not scaled).
+    correction_bias: where ``e_score_correction_bias`` lives: ``router`` (a router buffer), ``block``
+    (a buffer of the MoE block, handed to the router's forward: MiniMax-M2), None (no such bias).
+    choice_on: the top-k is chosen on ``scores`` (+ bias) or on the raw ``logits`` (+ bias).
     """
 
     attr: str
@@ -44,6 +48,8 @@ class RouterSpec:
     has_correction_bias: bool
     grouped: bool
     scaling_field: str | None
+    correction_bias: str | None = "router"
+    choice_on: str = "scores"
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,10 @@ class MoESpec:
     @property
     def note(self) -> str:
         """One line for reports: routing, expert activation, shared experts, dense layers."""
-        scoring = "sigmoid grouped top-k" if self.router.scoring == "sigmoid" else "softmax top-k"
+        if self.router.scoring == "sigmoid":
+            scoring = "sigmoid grouped top-k" if self.router.grouped else "sigmoid top-k"
+        else:
+            scoring = "softmax top-k"
         parts = [f"MoE ({scoring} router, {self.experts.activation} experts"]
         if self.shared is not None:
             parts.append("gated shared expert" if self.shared.gate_attr else "shared experts")
