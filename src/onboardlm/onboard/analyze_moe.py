@@ -155,6 +155,7 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     condition = _layer_condition(
         config, moe_layers, len(layers), path, layers[first_idx], attr, type(block).__name__
     )
+    dense_class, dense_width = _dense_class(config, layers, attr, moe_layers, condition)
     router = _analyze_router(config, block, path)
     shared = _analyze_shared(config, block, path, experts)
     _check_block_state(block, path, router, shared)
@@ -168,7 +169,8 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
         shared=shared,
         layer_condition=condition,
         moe_layers=moe_layers,
-        dense_class=_dense_class(config, layers, attr, moe_layers, condition),
+        dense_class=dense_class,
+        dense_width_expr=dense_width,
     )
 
 
@@ -197,29 +199,78 @@ def _check_block_state(
 
 def _dense_class(
     config: PretrainedConfig, layers: nn.ModuleList, attr: str, moe_layers: tuple[int, ...], condition: str
-) -> str | None:
-    """Class of the dense layers' MLP, verified to be a plain gated MLP; None when every layer is MoE.
+) -> tuple[str | None, str | None]:
+    """(class, width expression) of the dense layers' MLP, verified to be a plain gated MLP; (None,
+    None) when every layer is MoE. The width expression is None for ``config.intermediate_size``.
 
     Taken from a dense layer of the tiny model, else from one decoder layer built alone from a copy
-    of the config that makes layer 0 dense (``first_k_dense_replace=1`` / ``mlp_only_layers=[0]``),
-    so the dense MLP is measured even when the default config has none (Qwen-MoE).
+    of the config that makes layer 0 dense (``first_k_dense_replace=1`` / ``mlp_only_layers=[0]`` /
+    a per-layer list field set to a value the condition names), so the dense MLP is measured even
+    when the default config has none (Qwen-MoE, Cohere2-MoE).
     """
     if condition == "True":
-        return None
+        return None, None
+    index = next((i for i in range(len(layers)) if i not in moe_layers), 0)
     dense = next((layer for i, layer in enumerate(layers) if i not in moe_layers), None)
+    probe = config
     if dense is None:
-        probe = copy.deepcopy(config)
-        if "first_k_dense_replace" in condition:
-            probe.first_k_dense_replace = 1
-        else:
-            probe.mlp_only_layers = [0]
-        torch.manual_seed(0)
-        dense = type(layers[0])(probe, 0)
-        for param in dense.parameters():
-            nn.init.normal_(param, std=0.1)
+        probe = _dense_probe_config(config, condition, len(layers))
+        if probe is None:
+            raise UnsupportedFeature(
+                f"model.layers.0.{attr}", f"no config makes layer 0 dense under `{condition}`"
+            )
+        dense = _build_layer(type(layers[0]), probe)
     mlp = getattr(dense, attr)
-    _check_gated_mlp(config, mlp, f"dense {attr}", config.intermediate_size)
-    return type(mlp).__name__
+    width = getattr(getattr(mlp, "gate_proj", None), "out_features", 0)
+    _check_gated_mlp(config, mlp, f"model.layers.{index}.{attr} (dense layer)", width)
+    rebuilt_any = False
+    for name in _int_fields(probe, ("intermediate_size",)):
+        if getattr(probe, name) != width:
+            continue
+        doubled = copy.deepcopy(probe)
+        setattr(doubled, name, 2 * width)
+        try:
+            rebuilt = getattr(_build_layer(type(layers[0]), doubled), attr).gate_proj.out_features
+        except Exception:  # noqa: BLE001 - a field the layer cannot be built with is not the width
+            continue
+        rebuilt_any = True
+        if rebuilt == 2 * width:
+            return type(mlp).__name__, None if name == "intermediate_size" else f"config.{name}"
+    if not rebuilt_any and width == config.intermediate_size:
+        return type(mlp).__name__, None
+    raise UnsupportedFeature(
+        f"model.layers.{index}.{attr} (dense layer)", f"dense MLP width {width} follows no config field"
+    )
+
+
+def _build_layer(layer_class: type, config: PretrainedConfig) -> nn.Module:
+    torch.manual_seed(0)
+    layer = layer_class(config, 0)
+    for param in layer.parameters():
+        nn.init.normal_(param, std=0.1)
+    return layer
+
+
+def _dense_probe_config(config: PretrainedConfig, condition: str, num_layers: int) -> PretrainedConfig | None:
+    """A copy of ``config`` under which ``condition`` is false for layer 0, or None."""
+    probe = copy.deepcopy(config)
+    if "first_k_dense_replace" in condition:
+        probe.first_k_dense_replace = 1
+        return probe
+    if "mlp_only_layers" in condition:
+        probe.mlp_only_layers = [0]
+        return probe
+    constants = [n.value for n in ast.walk(ast.parse(condition, mode="eval")) if isinstance(n, ast.Constant)]
+    constants.append("not-a-layer-kind")  # `kinds[i] == "sparse"`: any other value is the dense branch
+    for name, value in vars(config).items():
+        if not (isinstance(value, list) and len(value) == num_layers):
+            continue
+        for constant in constants:
+            probe = copy.deepcopy(config)
+            setattr(probe, name, [constant, *value[1:]])
+            if _predict_layers(probe, condition, 1) == ():
+                return probe
+    return None
 
 
 @torch.no_grad()
@@ -257,9 +308,10 @@ def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str) -> E
     if has_bias != ("down_proj_bias" in params):
         raise UnsupportedFeature(path, "a bias on only one of gate_up_proj and down_proj")
     alpha_expr = limit_expr = None
-    if hasattr(experts, "limit") and hasattr(experts, "alpha"):
+    alpha = getattr(experts, "alpha", getattr(experts, "swiglu_alpha", None))
+    if hasattr(experts, "limit") and alpha is not None:
         activation = "clamped_swiglu"
-        alpha_expr = _field_or_literal(config, "swiglu_alpha", float(experts.alpha), path)
+        alpha_expr = _field_or_literal(config, "swiglu_alpha", float(alpha), path)
         limit_expr = _field_or_literal(config, "swiglu_limit", float(experts.limit), path)
     else:
         activation = _activation_name(config, experts, path)
@@ -311,7 +363,7 @@ def _glu(
     if activation != "clamped_swiglu":
         act = ACT2FN[config.hidden_act]
         return lambda gate, up: act(gate) * up
-    alpha, limit = experts.alpha, experts.limit
+    alpha, limit = getattr(experts, "alpha", getattr(experts, "swiglu_alpha", None)), experts.limit
 
     def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
@@ -329,7 +381,8 @@ def _probe_packing(
     gate_up is ``[E, 2I, H]`` or transposed ``[E, H, 2I]``, gate and up its halves (concatenated) or
     alternate rows; down is ``[E, H, I]`` or ``[E, I, H]``. Expert 1 (not 0) with weight 1 is probed.
     """
-    gate_up, down = experts.gate_up_proj[1].float(), experts.down_proj[1].float()
+    probed = min(1, experts.gate_up_proj.shape[0] - 1)
+    gate_up, down = experts.gate_up_proj[probed].float(), experts.down_proj[probed].float()
     gate_up_bias = getattr(experts, "gate_up_proj_bias", None)
     down_bias = getattr(experts, "down_proj_bias", None)
     for transposed in (False, True):
@@ -340,13 +393,13 @@ def _probe_packing(
         tokens = torch.randn(5, hidden, generator=torch.Generator().manual_seed(0))
         expected = experts(
             tokens.to(gate_up.dtype),
-            torch.ones(5, 1, dtype=torch.long),
+            torch.full((5, 1), probed, dtype=torch.long),
             torch.ones(5, 1, dtype=experts.gate_up_proj.dtype),
         ).float()
-        projected = tokens @ weight.T + (0 if gate_up_bias is None else gate_up_bias[1].float())
+        projected = tokens @ weight.T + (0 if gate_up_bias is None else gate_up_bias[probed].float())
         for concatenated in (True, False):
             gate, up = projected.chunk(2, dim=-1) if concatenated else (projected[:, ::2], projected[:, 1::2])
-            out = glu(gate, up) @ down_weight.T + (0 if down_bias is None else down_bias[1].float())
+            out = glu(gate, up) @ down_weight.T + (0 if down_bias is None else down_bias[probed].float())
             if torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
                 return concatenated, transposed
     raise UnsupportedFeature(path, "packed expert tensors in no known layout (gate/up halves or interleaved)")
@@ -370,6 +423,13 @@ def _router_module(block: nn.Module, path: str) -> tuple[str, nn.Module]:
         module = getattr(block, attr, None)
         if isinstance(module, nn.Module) and isinstance(getattr(module, "weight", None), torch.Tensor):
             return attr, module
+    found = next((a for a in _ROUTER_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
+    if found is not None:
+        inner = [name for name, _ in getattr(block, found).named_parameters()]
+        raise UnsupportedFeature(
+            f"{path}.{found}",
+            f"router {type(getattr(block, found)).__name__} keeps its weight as {inner}, not `{found}.weight`",
+        )
     raise UnsupportedFeature(path, "no router (`gate` or `router` with a weight)")
 
 
@@ -414,6 +474,10 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
         router, where, block if owner == "block" else None, grouped
     )
     norm_field = "norm_topk_prob" if getattr(config, "norm_topk_prob", None) is not None else None
+    if norm_field is not None and not _follows_flag(
+        config, router, norm_field, norm, where, block, owner, grouped
+    ):
+        norm_field = None  # the flag does not change this router (Cohere2-MoE's softmax over the top-k)
     if norm_field is not None and bool(config.norm_topk_prob) != norm:
         raise UnsupportedFeature(where, "router normalisation does not follow config.norm_topk_prob")
     scaling_field = None
@@ -445,6 +509,29 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
         correction_bias=owner,
         choice_on=choice_on,
     )
+
+
+def _follows_flag(
+    config: PretrainedConfig,
+    router: nn.Module,
+    flag: str,
+    normalised: bool,
+    where: str,
+    block: nn.Module,
+    owner: str | None,
+    grouped: bool,
+) -> bool:
+    """Whether the router's renormalisation changes with ``config.<flag>``: the router rebuilt from a
+    config with the flag flipped (same weights) is probed again. True when it cannot be rebuilt."""
+    probe = copy.deepcopy(config)
+    setattr(probe, flag, not getattr(config, flag))
+    try:
+        flipped = type(router)(probe)
+        flipped.load_state_dict(router.state_dict())
+        flipped.to(router.weight.dtype)
+    except Exception:  # noqa: BLE001 - a router that cannot be rebuilt alone keeps the config's flag
+        return True
+    return _probe_router(flipped, where, block if owner == "block" else None, grouped)[1] != normalised
 
 
 def _same_sets(ids: torch.Tensor, choice: torch.Tensor) -> bool:
@@ -501,7 +588,9 @@ def _probe_router(
                 where, "router picks experts on neither scores nor logits (+ correction bias)"
             )
     raise UnsupportedFeature(
-        where, "router weights match no known scoring (softmax or sigmoid over the logits)"
+        where,
+        f"router {type(router).__name__}: weights match no known scoring (softmax or sigmoid top-k "
+        "over the logits, times one constant)",
     )
 
 

@@ -111,7 +111,8 @@ def moe_constructor(spec: MoESpec) -> str:
     block = f"{spec.class_name}(config)"
     if spec.dense_class is None:
         return block
-    return f"{block} if {spec.layer_condition} else {spec.dense_class}(config)"
+    width = f", intermediate_size={spec.dense_width_expr}" if spec.dense_width_expr else ""
+    return f"{block} if {spec.layer_condition} else {spec.dense_class}(config{width})"
 
 
 def emit_moe(spec: MoESpec) -> str:

@@ -108,7 +108,8 @@ class MoESpec:
     layer_condition: a Python expression over ``config`` and ``layer_idx`` that is true exactly for
     the MoE layers (checked against the measured ``moe_layers`` of the tiny model). dense_class: the
     plain gated MLP class of the other layers (``(config, intermediate_size=None)``), None when every
-    layer is MoE; it may be the shared expert's class.
+    layer is MoE; it may be the shared expert's class. dense_width_expr: the dense MLP's width when it
+    is not ``config.intermediate_size`` (Cohere2-MoE's ``config.prefix_dense_intermediate_size``).
     """
 
     class_name: str
@@ -121,6 +122,7 @@ class MoESpec:
     layer_condition: str
     moe_layers: tuple[int, ...]
     dense_class: str | None
+    dense_width_expr: str | None = None
 
     @property
     def note(self) -> str:
