@@ -367,3 +367,36 @@ def test_unknown_moe_parts_are_refused_by_path(model_type: str, message: str) ->
     model = _hf_model(model_type)
     with pytest.raises(UnsupportedFeature, match=message):
         analyze_moe(model.config, model)
+
+
+def test_softmax_router_with_a_correction_bias_in_a_statics_submodule() -> None:
+    """ERNIE-4.5-MoE: softmax scores, top-k on scores + ``gate.moe_statics.e_score_correction_bias``."""
+    model = _hf_model("ernie4_5_moe")
+    spec = analyze_moe(model.config, model)
+    router = spec.router
+    assert (router.scoring, router.correction_bias, router.statics_attr) == (
+        "softmax",
+        "router",
+        "moe_statics",
+    )
+    assert router.statics_shape == (1,)
+    assert spec.shared.intermediate_expr == "config.moe_intermediate_size * config.moe_num_shared_experts"
+    assert spec.mlp_bias == "config.use_bias"
+    _emitted_block_matches(model, spec)
+
+
+@torch.no_grad()
+def test_gated_mlp_bias_follows_the_measured_flag() -> None:
+    """With ``use_bias=True`` the emitted dense MLP has biases and matches transformers' MLP."""
+    model = _hf_model("ernie4_5_moe")
+    spec = analyze_moe(model.config, model)
+    config = copy.deepcopy(model.config)
+    config.use_bias = True
+    hf_mlp = type(model.model.layers[0].mlp)(config)
+    for param in hf_mlp.parameters():
+        param.normal_(0.0, 0.2)
+    lean = _exec_blocks(spec)[spec.dense_class](config)
+    assert lean.gate_proj.bias is not None
+    transfer_weights(hf_mlp, lean)
+    x = torch.randn(2, 5, config.hidden_size, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(lean(x), hf_mlp(x), rtol=1e-5, atol=1e-5)

@@ -155,10 +155,17 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     condition = _layer_condition(
         config, moe_layers, len(layers), path, layers[first_idx], attr, type(block).__name__
     )
-    dense_class, dense_width = _dense_class(config, layers, attr, moe_layers, condition)
+    dense_class, dense_width, mlp_bias = _dense_class(config, layers, attr, moe_layers, condition)
     router = _analyze_router(config, block, path)
     shared = _analyze_shared(config, block, path, experts)
     _check_block_state(block, path, router, shared)
+    if shared is not None:
+        shared_bias = _mlp_bias_expression(config, getattr(block, shared.attr))
+        if dense_class is not None and shared_bias != mlp_bias:
+            raise UnsupportedFeature(
+                f"{path}.{shared.attr}", f"shared expert bias {shared_bias}, dense MLP bias {mlp_bias}"
+            )
+        mlp_bias = shared_bias
     return MoESpec(
         class_name=type(block).__name__,
         attr=attr,
@@ -171,6 +178,7 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
         moe_layers=moe_layers,
         dense_class=dense_class,
         dense_width_expr=dense_width,
+        mlp_bias=mlp_bias,
     )
 
 
@@ -199,9 +207,10 @@ def _check_block_state(
 
 def _dense_class(
     config: PretrainedConfig, layers: nn.ModuleList, attr: str, moe_layers: tuple[int, ...], condition: str
-) -> tuple[str | None, str | None]:
-    """(class, width expression) of the dense layers' MLP, verified to be a plain gated MLP; (None,
-    None) when every layer is MoE. The width expression is None for ``config.intermediate_size``.
+) -> tuple[str | None, str | None, str]:
+    """(class, width expression, bias expression) of the dense layers' MLP, verified to be a plain
+    gated MLP; (None, None, "False") when every layer is MoE. The width expression is None for
+    ``config.intermediate_size``.
 
     Taken from a dense layer of the tiny model, else from one decoder layer built alone from a copy
     of the config that makes layer 0 dense (``first_k_dense_replace=1`` / ``mlp_only_layers=[0]`` /
@@ -209,7 +218,7 @@ def _dense_class(
     when the default config has none (Qwen-MoE, Cohere2-MoE).
     """
     if condition == "True":
-        return None, None
+        return None, None, "False"
     index = next((i for i in range(len(layers)) if i not in moe_layers), 0)
     dense = next((layer for i, layer in enumerate(layers) if i not in moe_layers), None)
     probe = config
@@ -235,9 +244,10 @@ def _dense_class(
             continue
         rebuilt_any = True
         if rebuilt == 2 * width:
-            return type(mlp).__name__, None if name == "intermediate_size" else f"config.{name}"
+            bias = _mlp_bias_expression(config, mlp)
+            return type(mlp).__name__, None if name == "intermediate_size" else f"config.{name}", bias
     if not rebuilt_any and width == config.intermediate_size:
-        return type(mlp).__name__, None
+        return type(mlp).__name__, None, _mlp_bias_expression(config, mlp)
     raise UnsupportedFeature(
         f"model.layers.{index}.{attr} (dense layer)", f"dense MLP width {width} follows no config field"
     )
@@ -271,6 +281,23 @@ def _dense_probe_config(config: PretrainedConfig, condition: str, num_layers: in
             if _predict_layers(probe, condition, 1) == ():
                 return probe
     return None
+
+
+def _mlp_bias_expression(config: PretrainedConfig, mlp: nn.Module) -> str:
+    """``False``, or ``config.<flag>`` where flipping a bool ``*bias*`` config field gives the rebuilt
+    MLP class biases (ERNIE-4.5's ``use_bias``); the tiny config's MLP has none (checked before)."""
+    for name, value in sorted(vars(config).items()):
+        if not isinstance(value, bool) or "bias" not in name:
+            continue
+        flipped = copy.deepcopy(config)
+        setattr(flipped, name, not value)
+        try:
+            rebuilt = type(mlp)(flipped)
+        except Exception:  # noqa: BLE001 - a flip the MLP class cannot be built with tells nothing
+            continue
+        if getattr(rebuilt.gate_proj, "bias", None) is not None:
+            return f"not config.{name}" if value else f"config.{name}"
+    return "False"
 
 
 @torch.no_grad()
@@ -437,10 +464,23 @@ _SCALING_FIELDS = ("routed_scaling_factor", "router_scaling_factor")
 _CORRECTION = "e_score_correction_bias"
 
 
+def _router_correction(router: nn.Module) -> tuple[str | None, torch.Tensor] | None:
+    """(statics submodule name or None, tensor) of the router's score-correction bias: its own
+    ``e_score_correction_bias``, or that of a submodule holding nothing else (ERNIE's ``moe_statics``)."""
+    own = getattr(router, _CORRECTION, None)
+    if isinstance(own, torch.Tensor):
+        return None, own
+    for name, child in router.named_children():
+        tensors = dict(child.named_parameters()) | dict(child.named_buffers())
+        if set(tensors) == {_CORRECTION} and not list(child.children()):
+            return name, tensors[_CORRECTION]
+    return None
+
+
 def _correction_owner(block: nn.Module, router: nn.Module, where: str) -> str | None:
     """Where the score-correction bias lives: on the router (DeepSeek), on the block and handed to the
     router's forward (MiniMax-M2), or nowhere."""
-    on_router = isinstance(getattr(router, _CORRECTION, None), torch.Tensor)
+    on_router = _router_correction(router) is not None
     on_block = isinstance(getattr(block, _CORRECTION, None), torch.Tensor)
     params = [
         p
@@ -463,8 +503,11 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
         name for name, _ in router.named_buffers(recurse=False)
     }
     unknown = extras - {"weight", "bias", _CORRECTION}
-    if unknown or list(router.children()):
-        raise UnsupportedFeature(where, f"router state {sorted(unknown) or 'with submodules'}")
+    statics = _router_correction(router)
+    statics_attr = statics[0] if statics is not None else None
+    children = [name for name, _ in router.named_children() if name != statics_attr]
+    if unknown or children:
+        raise UnsupportedFeature(where, f"router state {sorted(unknown) or children}")
     if not isinstance(getattr(router, "top_k", None), int):
         raise UnsupportedFeature(where, f"router {type(router).__name__} without an integer top_k")
     top_k_field = _field_with_value(config, _TOP_K_FIELDS, router.top_k, where, "router top-k")
@@ -493,8 +536,13 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
         _field_with_value(config, ("topk_group",), router.topk_group, where, "selected groups")
         if not (scoring == "sigmoid" and owner == "router"):
             raise UnsupportedFeature(where, "grouped top-k other than over bias-corrected sigmoid scores")
-    if scoring == "softmax" and owner is not None:
-        raise UnsupportedFeature(where, "softmax router with a score-correction bias")
+    statics_class = None
+    if statics_attr is not None:
+        statics_class = type(getattr(router, statics_attr)).__name__
+        if statics[1].shape not in ((len(router.weight),), (1, len(router.weight))):
+            raise UnsupportedFeature(
+                f"{where}.{statics_attr}", f"correction bias of shape {list(statics[1].shape)}"
+            )
     return RouterSpec(
         attr=attr,
         class_name=type(router).__name__,
@@ -508,6 +556,9 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
         scaling_field=scaling_field,
         correction_bias=owner,
         choice_on=choice_on,
+        statics_attr=statics_attr,
+        statics_class=statics_class,
+        statics_shape=tuple(statics[1].shape[:-1]) if statics_attr is not None else (),
     )
 
 
@@ -556,8 +607,8 @@ def _probe_router(
     weight = router.weight
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=generator, dtype=torch.float32)
-    holder = block if block is not None else router
-    correction = getattr(holder, _CORRECTION, None)
+    found = _router_correction(router)
+    correction = getattr(block, _CORRECTION, None) if block is not None else (found and found[1])
     saved, bias = None, torch.zeros(())
     if isinstance(correction, torch.Tensor):
         saved, bias = correction.detach().clone(), torch.randn(correction.shape, generator=generator)

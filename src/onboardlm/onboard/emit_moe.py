@@ -92,7 +92,8 @@ def _dispatch_is_dense(spec: MoESpec) -> bool:
 def _router_template(spec: MoESpec, dense_dispatch: bool) -> str:
     if dense_dispatch:
         return "moe_router_dense.py.j2"
-    return "moe_router_sigmoid.py.j2" if spec.router.scoring == "sigmoid" else "moe_router_softmax.py.j2"
+    scored = spec.router.scoring == "sigmoid" or spec.router.correction_bias is not None
+    return "moe_router_sigmoid.py.j2" if scored else "moe_router_softmax.py.j2"
 
 
 def _half(first: bool, concatenated: bool) -> Callable[[str], str]:
@@ -132,6 +133,7 @@ def emit_moe(spec: MoESpec) -> str:
         "shared": spec.shared,
         "packed": packed,
         "dense_dispatch": dense_dispatch,
+        "mlp_bias": spec.mlp_bias,
         "dispatch_op": "torch_moe_dense_mlp" if dense_dispatch else "torch_moe",
         "bias": spec.experts.has_bias,
         "act_member": "" if dense_dispatch else MOE_ACTIVATIONS[spec.experts.activation],

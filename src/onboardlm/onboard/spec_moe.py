@@ -36,6 +36,8 @@ class RouterSpec:
     correction_bias: where ``e_score_correction_bias`` lives: ``router`` (a router buffer), ``block``
     (a buffer of the MoE block, handed to the router's forward: MiniMax-M2), None (no such bias).
     choice_on: the top-k is chosen on ``scores`` (+ bias) or on the raw ``logits`` (+ bias).
+    statics_attr / statics_class: the router keeps its correction bias in a submodule of that name and
+    class (ERNIE-4.5's ``moe_statics``), with leading dims ``statics_shape`` (``(1,)``: ``[1, E]``).
     """
 
     attr: str
@@ -50,6 +52,9 @@ class RouterSpec:
     scaling_field: str | None
     correction_bias: str | None = "router"
     choice_on: str = "scores"
+    statics_attr: str | None = None
+    statics_class: str | None = None
+    statics_shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class MoESpec:
     plain gated MLP class of the other layers (``(config, intermediate_size=None)``), None when every
     layer is MoE; it may be the shared expert's class. dense_width_expr: the dense MLP's width when it
     is not ``config.intermediate_size`` (Cohere2-MoE's ``config.prefix_dense_intermediate_size``).
+    mlp_bias: the gated MLPs' (shared expert, dense layers) ``bias=`` expression (``config.use_bias``).
     """
 
     class_name: str
@@ -123,6 +129,7 @@ class MoESpec:
     moe_layers: tuple[int, ...]
     dense_class: str | None
     dense_width_expr: str | None = None
+    mlp_bias: str = "False"
 
     @property
     def note(self) -> str:
