@@ -12,6 +12,7 @@ MODEL_MODULES = [
     "modeling_codegen",
     "modeling_cohere",
     "modeling_deepseek_v3",
+    "modeling_ernie4_5_moe",
     "modeling_falcon",
     "modeling_gemma",
     "modeling_gemma2",
