@@ -359,7 +359,6 @@ def test_norm_flag_the_router_ignores_is_not_read() -> None:
 @pytest.mark.parametrize(
     ("model_type", "message"),
     [
-        ("axk1", r"model\.layers\.1\.mlp\.post_mlp_layernorm: .*MoE block submodule AXK1RMSNorm"),
         ("phimoe", r"model\.layers\.0\.mlp\.router: .*PhimoeTopKRouter: weights match no known scoring"),
     ],
 )
@@ -400,3 +399,47 @@ def test_gated_mlp_bias_follows_the_measured_flag() -> None:
     transfer_weights(hf_mlp, lean)
     x = torch.randn(2, 5, config.hidden_size, generator=torch.Generator().manual_seed(8))
     torch.testing.assert_close(lean(x), hf_mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_block_output_norm_is_measured_and_applied() -> None:
+    """A.X-K1 normalises the MoE block's output with ``post_mlp_layernorm`` (an RMSNorm of the file)."""
+    model = _hf_model("axk1")
+    spec = analyze_moe(model.config, model)
+    assert spec.post_norm == ("post_mlp_layernorm", "AXK1RMSNorm")
+    hf_block = model.model.layers[spec.moe_layers[0]].mlp
+    namespace = _exec_blocks_with_norm(spec, type(hf_block.post_mlp_layernorm))
+    lean = namespace[spec.class_name](model.config).eval()
+    with torch.no_grad():
+        hf_block.post_mlp_layernorm.weight.normal_(1.0, 0.5)
+    transfer_weights(hf_block, lean)
+    x = torch.randn(2, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(9))
+    assert_rmse_close(lean(x), _hf_output(hf_block, x), 1e-5, msg=spec.class_name)
+
+
+def _exec_blocks_with_norm(spec: MoESpec, norm_class: type) -> dict[str, object]:
+    """The emitted blocks, with transformers' norm class standing in for the file's."""
+    source = "\n".join(
+        [
+            "import torch",
+            "from torch import nn",
+            f"from transformers import {spec.config_class}",
+            "from transformers.activations import ACT2FN",
+            "import onboardlm.ops",
+            *block_imports(spec),
+            "",
+            emit_moe(spec),
+        ]
+    )
+    namespace: dict[str, object] = {norm_class.__name__: norm_class}
+    exec(compile(source, f"<emitted {spec.class_name}>", "exec"), namespace)
+    return namespace
+
+
+def test_unknown_block_submodule_is_refused_by_path() -> None:
+    model = _hf_model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.extra = nn.Linear(4, 4)
+    with pytest.raises(
+        UnsupportedFeature, match=r"model\.layers\.0\.mlp\.extra: .*MoE block submodule Linear"
+    ):
+        analyze_moe(model.config, model)

@@ -158,7 +158,8 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     dense_class, dense_width, mlp_bias = _dense_class(config, layers, attr, moe_layers, condition)
     router = _analyze_router(config, block, path)
     shared = _analyze_shared(config, block, path, experts)
-    _check_block_state(block, path, router, shared)
+    post_norm = _post_norm(config, block, path, router, shared)
+    _check_block_state(block, path, router, shared, post_norm)
     if shared is not None:
         shared_bias = _mlp_bias_expression(config, getattr(block, shared.attr))
         if dense_class is not None and shared_bias != mlp_bias:
@@ -179,18 +180,69 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
         dense_class=dense_class,
         dense_width_expr=dense_width,
         mlp_bias=mlp_bias,
+        post_norm=post_norm,
     )
 
 
+def _known_children(router: RouterSpec, shared: SharedExpertSpec | None) -> set[str | None]:
+    known = {router.attr, "experts"}
+    if shared is not None:
+        known |= {shared.attr, shared.gate_attr}
+    return known
+
+
+@torch.no_grad()
+def _post_norm(
+    config: PretrainedConfig, block: nn.Module, path: str, router: RouterSpec, shared: SharedExpertSpec | None
+) -> tuple[str, str] | None:
+    """(attribute, norm class) of a norm the block applies to its output (A.X-K1's
+    ``post_mlp_layernorm``): the one other child with a ``[hidden]`` weight and epsilon
+    ``config.rms_norm_eps``, such that the block's output is that norm of the block's output with the
+    norm replaced by an identity."""
+    others = [(n, c) for n, c in block.named_children() if n not in _known_children(router, shared)]
+    if len(others) != 1:
+        return None
+    name, norm = others[0]
+    weight = getattr(norm, "weight", None)
+    eps = next(
+        (getattr(norm, a) for a in ("variance_epsilon", "eps") if isinstance(getattr(norm, a, None), float)),
+        None,
+    )
+    if not (
+        isinstance(weight, torch.Tensor)
+        and weight.shape == (config.hidden_size,)
+        and eps is not None
+        and eps == getattr(config, "rms_norm_eps", None)
+        and not list(norm.children())
+    ):
+        return None
+    x = torch.randn(2, 5, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    saved_weight = weight.detach().clone()
+    weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    try:
+        out = block(x)
+        setattr(block, name, nn.Identity())
+        try:
+            raw = block(x)
+        finally:
+            setattr(block, name, norm)
+        follows = torch.allclose(out, norm(raw), rtol=1e-5, atol=1e-6)
+    finally:
+        weight.copy_(saved_weight)
+    return (name, type(norm).__name__) if follows else None
+
+
 def _check_block_state(
-    block: nn.Module, path: str, router: RouterSpec, shared: SharedExpertSpec | None
+    block: nn.Module,
+    path: str,
+    router: RouterSpec,
+    shared: SharedExpertSpec | None,
+    post_norm: tuple[str, str] | None = None,
 ) -> None:
     """The MoE block holds nothing the generated block lacks: router, experts, shared expert (and its
     gate), and the block-level correction bias its router reads; any other submodule, parameter or
     buffer (A.X-K1's ``post_mlp_layernorm``) is refused by name."""
-    known = {router.attr, "experts"}
-    if shared is not None:
-        known |= {shared.attr, shared.gate_attr}
+    known = _known_children(router, shared) | ({post_norm[0]} if post_norm else set())
     for name, child in block.named_children():
         if name not in known:
             raise UnsupportedFeature(

@@ -134,6 +134,7 @@ def emit_moe(spec: MoESpec) -> str:
         "packed": packed,
         "dense_dispatch": dense_dispatch,
         "mlp_bias": spec.mlp_bias,
+        "post_norm": spec.post_norm,
         "dispatch_op": "torch_moe_dense_mlp" if dense_dispatch else "torch_moe",
         "bias": spec.experts.has_bias,
         "act_member": "" if dense_dispatch else MOE_ACTIVATIONS[spec.experts.activation],
@@ -187,7 +188,14 @@ def feed_forward_constructor(block: MoESpec | MLPSpec) -> str:
 
 
 def emit_moe_slot(block: MoESpec, arch: ArchitectureSpec) -> str:
-    """``generate.EMITTERS`` entry of the feed-forward slot."""
+    """``generate.EMITTERS`` entry of the feed-forward slot; a block's output norm must be a norm
+    class of the file."""
+    if block.post_norm is not None and block.post_norm[1] not in {n.class_name for n in arch.norm_specs}:
+        raise UnsupportedFeature(
+            f"{block.class_name}.{block.post_norm[0]}",
+            f"output norm {block.post_norm[1]} is not a norm class of the file",
+            _HINT,
+        )
     return emit_moe(block)
 
 

@@ -116,6 +116,7 @@ class MoESpec:
     layer is MoE; it may be the shared expert's class. dense_width_expr: the dense MLP's width when it
     is not ``config.intermediate_size`` (Cohere2-MoE's ``config.prefix_dense_intermediate_size``).
     mlp_bias: the gated MLPs' (shared expert, dense layers) ``bias=`` expression (``config.use_bias``).
+    post_norm: (attribute, RMSNorm class of the file) the block applies to its output (A.X-K1).
     """
 
     class_name: str
@@ -130,6 +131,7 @@ class MoESpec:
     dense_class: str | None
     dense_width_expr: str | None = None
     mlp_bias: str = "False"
+    post_norm: tuple[str, str] | None = None
 
     @property
     def note(self) -> str:
