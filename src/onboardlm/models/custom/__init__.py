@@ -7,6 +7,7 @@ import importlib
 import logging
 
 MODEL_MODULES = [
+    "modeling_axk1",
     "modeling_biogpt",
     "modeling_bloom",
     "modeling_codegen",
