@@ -369,7 +369,11 @@ def _check_gated_mlp(config: PretrainedConfig, mlp: nn.Module, where: str, width
         x = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(0))
         plain = torch.allclose(mlp(x), down(act(gate(x)) * up(x)), rtol=1e-5, atol=1e-6)
     if not plain:
-        raise UnsupportedFeature(where, f"{type(mlp).__name__} is not a plain gated MLP of width {width}")
+        raise UnsupportedFeature(
+            where,
+            f"{type(mlp).__name__} (children {', '.join(children) or 'none'}) is not a plain gated MLP "
+            f"(gate_proj, up_proj, down_proj without biases, act_fn = config.hidden_act) of width {width}",
+        )
 
 
 def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str) -> ExpertsSpec:
