@@ -215,3 +215,9 @@ def test_analysis_leaves_the_callers_random_state_alone() -> None:
     torch.manual_seed(7)
     analyze(AutoConfig.for_model("llama"))
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_lm_head_bias_follows_the_flag_that_switches_it() -> None:
+    """ERNIE-4.5's ``use_bias`` adds the head's bias: the spec keeps the flag, not the tiny config's False."""
+    spec = analyze(AutoConfig.for_model("ernie4_5_moe"))
+    assert spec.head.lm_head_bias == "config.use_bias"

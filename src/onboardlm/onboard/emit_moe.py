@@ -64,6 +64,7 @@ def _summary(spec: MoESpec, dense_dispatch: bool) -> str:
         )
     else:
         routing = "a softmax top-k router" + (" with a bias" if router.has_bias else "")
+        routing += " with a score-correction bias" if router.correction_bias else ""
     shared = f",\n    plus the always-on `{spec.shared.attr}`" if spec.shared else ""
     runner = "torch_moe_dense_mlp (clamped SwiGLU with biases)" if dense_dispatch else "torch_moe"
     return (
