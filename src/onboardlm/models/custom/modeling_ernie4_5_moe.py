@@ -143,7 +143,7 @@ class Ernie4_5_MoeTopKRouter(nn.Module):
 
 
 class Ernie4_5_MoeSparseMoeBlock(nn.Module):
-    """Mixture of experts behind a softmax top-k router,
+    """Mixture of experts behind a softmax top-k router with a score-correction bias,
     plus the always-on `shared_experts`.
 
     The routed experts run in torch_moe;
