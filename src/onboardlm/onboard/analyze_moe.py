@@ -795,6 +795,29 @@ def _predict_layers(config: PretrainedConfig, condition: str, num_layers: int) -
         return None
 
 
+_INVERSE_OPS: dict[type, type] = {
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+    ast.Lt: ast.GtE,
+    ast.GtE: ast.Lt,
+    ast.Gt: ast.LtE,
+    ast.LtE: ast.Gt,
+}
+
+
+def _negated(test: ast.expr) -> ast.expr:
+    """``test`` negated: a single comparison with its inverse operator (``!=`` for ``==``), else ``not``."""
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in _INVERSE_OPS:
+        return ast.Compare(
+            left=test.left, ops=[_INVERSE_OPS[type(test.ops[0])]()], comparators=test.comparators
+        )
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        return test.operand
+    return ast.UnaryOp(op=ast.Not(), operand=test)
+
+
 def _source_layer_condition(layer_class: type, attr: str, block_class: str) -> str | None:
     """The test under which ``layer_class.__init__`` assigns ``self.<attr> = <block_class>(...)``.
 
@@ -829,12 +852,12 @@ def _source_layer_condition(layer_class: type, attr: str, block_class: str) -> s
             if builds_block(value.body):
                 test = value.test
             elif builds_block(value.orelse):
-                test = ast.UnaryOp(op=ast.Not(), operand=value.test)
+                test = _negated(value.test)
         elif isinstance(node, ast.If):
             if any(builds_block(assigns(stmt)) for stmt in node.body if assigns(stmt) is not None):
                 test = node.test
             elif any(builds_block(assigns(stmt)) for stmt in node.orelse if assigns(stmt) is not None):
-                test = ast.UnaryOp(op=ast.Not(), operand=node.test)
+                test = _negated(node.test)
         if test is not None:
             break
     if test is None:

@@ -7,11 +7,13 @@ import importlib
 import logging
 
 MODEL_MODULES = [
+    "modeling_aria_text",
     "modeling_axk1",
     "modeling_biogpt",
     "modeling_bloom",
     "modeling_codegen",
     "modeling_cohere",
+    "modeling_cohere2_moe",
     "modeling_deepseek_v3",
     "modeling_ernie4_5_moe",
     "modeling_falcon",
