@@ -296,3 +296,9 @@ def test_gpt_neo_wrapped_unscaled_attention_with_a_measured_window() -> None:
         attention.sliding_expr
         == "config.window_size if config.attention_layers[layer_idx] == 'local' else None"
     )
+
+
+def test_lm_head_bias_follows_the_flag_that_switches_it() -> None:
+    """ERNIE-4.5's ``use_bias`` adds the head's bias: the spec keeps the flag, not the tiny config's False."""
+    spec = analyze(AutoConfig.for_model("ernie4_5_moe"))
+    assert spec.head.lm_head_bias == "config.use_bias"

@@ -259,3 +259,187 @@ def test_experts_with_unknown_math_are_refused_with_their_path() -> None:
         experts.forward = lambda *args, _forward=experts.forward: 2 * _forward(*args)
     with pytest.raises(UnsupportedFeature, match=r"model\.layers\.0\.mlp\.experts.*no known layout"):
         analyze_moe(model.config, model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Placement, field lookup and router variants measured on further transformers families
+# --------------------------------------------------------------------------------------------------
+
+
+def _emitted_block_matches(model: nn.Module, spec: MoESpec) -> None:
+    """The emitted block, loaded from the HF block's state dict, matches it (fp32, RMSE ratio)."""
+    hf_block = model.model.layers[spec.moe_layers[0]].mlp
+    lean = _exec_blocks(spec)[spec.class_name](model.config).eval()
+    transfer_weights(hf_block, lean)
+    x = torch.randn(2, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    assert_rmse_close(lean(x), _hf_output(hf_block, x), 1e-5, msg=spec.class_name)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "condition"),
+    [
+        ("glm4_moe_lite", "config.mlp_layer_types[layer_idx] == 'sparse'"),
+        (
+            "ernie4_5_moe",
+            "(layer_idx + 1) % config.moe_layer_interval == 0 and layer_idx >= config.moe_layer_start_index "
+            "and (layer_idx <= config.moe_layer_end_index)",
+        ),
+    ],
+)
+def test_layer_condition_is_the_hf_layers_own_branch(model_type: str, condition: str) -> None:
+    """Placement read from the decoder layer's ``__init__`` and checked against the built layers."""
+    from onboardlm.onboard.analyze_moe import _decoder_layers, _layer_condition
+
+    model = _hf_model(model_type)
+    layers = _decoder_layers(model)
+    moe = tuple(i for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts"))
+    block = layers[moe[0]].mlp
+    found = _layer_condition(model.config, moe, len(layers), "p", layers[moe[0]], "mlp", type(block).__name__)
+    assert found == condition
+    # the expression agrees with transformers on a config that moves the MoE layers
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = 4
+    if hasattr(config, "mlp_layer_types"):
+        config.mlp_layer_types = ["sparse", "dense", "dense", "sparse"]
+    else:
+        config.moe_layer_start_index, config.moe_layer_end_index, config.moe_layer_interval = 1, 3, 2
+    built = type(model)(config)
+    expected = [i for i, layer in enumerate(built.model.layers) if hasattr(layer.mlp, "experts")]
+    assert [i for i in range(4) if eval(found, {}, {"config": config, "layer_idx": i})] == expected
+
+
+def test_mlp_layer_types_block_is_emitted_and_matches() -> None:
+    model = _hf_model("glm4_moe_lite")
+    spec = analyze_moe(model.config, model)
+    assert spec.moe_layers == (1,) and spec.dense_class == "Glm4MoeLiteMLP"
+    assert moe_constructor(spec).startswith("Glm4MoeLiteMoE(config) if config.mlp_layer_types[layer_idx]")
+    _emitted_block_matches(model, spec)
+
+
+def test_expert_count_and_shared_width_fields_are_found_by_rebuilding() -> None:
+    """Aria names its expert count ``moe_num_experts``; its shared width is intermediate_size x count."""
+    model = _hf_model("aria_text")
+    spec = analyze_moe(model.config, model)
+    assert spec.experts.num_experts_field == "moe_num_experts"
+    assert spec.shared.intermediate_expr == "config.intermediate_size * config.moe_num_shared_experts"
+    exaone = _hf_model("exaone_moe")
+    assert analyze_moe(exaone.config, exaone).shared.intermediate_expr == (
+        "config.moe_intermediate_size * config.num_shared_experts"
+    )
+
+
+@pytest.mark.parametrize(
+    ("model_type", "owner", "choice_on", "scaling"),
+    [
+        ("minimax_m2", "block", "scores", None),  # bias on the block, handed to the router
+        ("hy_v3", "block", "scores", "router_scaling_factor"),
+        ("flint", None, "scores", None),  # plain sigmoid top-k
+        ("kolibri1", "router", "logits", None),  # chosen on logits + bias
+    ],
+)
+def test_ungrouped_sigmoid_routers_are_measured_and_emitted(
+    model_type: str, owner: str | None, choice_on: str, scaling: str | None
+) -> None:
+    model = _hf_model(model_type)
+    spec = analyze_moe(model.config, model)
+    router = spec.router
+    assert (router.scoring, router.grouped) == ("sigmoid", False)
+    assert (router.correction_bias, router.choice_on, router.scaling_field) == (owner, choice_on, scaling)
+    _emitted_block_matches(model, spec)
+
+
+def test_norm_flag_the_router_ignores_is_not_read() -> None:
+    """Cohere2-MoE's softmax over the top-k logits is normalised whatever ``norm_topk_prob`` says."""
+    model = _hf_model("cohere2_moe")
+    spec = analyze_moe(model.config, model)
+    assert (spec.router.norm_topk_prob, spec.router.norm_field) == (True, None)
+    assert spec.dense_class == "Cohere2MoeMLP"  # measured on a probe layer made dense
+
+
+@pytest.mark.parametrize(
+    ("model_type", "message"),
+    [
+        ("phimoe", r"model\.layers\.0\.mlp\.router: .*PhimoeTopKRouter: weights match no known scoring"),
+    ],
+)
+def test_unknown_moe_parts_are_refused_by_path(model_type: str, message: str) -> None:
+    model = _hf_model(model_type)
+    with pytest.raises(UnsupportedFeature, match=message):
+        analyze_moe(model.config, model)
+
+
+def test_softmax_router_with_a_correction_bias_in_a_statics_submodule() -> None:
+    """ERNIE-4.5-MoE: softmax scores, top-k on scores + ``gate.moe_statics.e_score_correction_bias``."""
+    model = _hf_model("ernie4_5_moe")
+    spec = analyze_moe(model.config, model)
+    router = spec.router
+    assert (router.scoring, router.correction_bias, router.statics_attr) == (
+        "softmax",
+        "router",
+        "moe_statics",
+    )
+    assert router.statics_shape == (1,)
+    assert spec.shared.intermediate_expr == "config.moe_intermediate_size * config.moe_num_shared_experts"
+    assert spec.mlp_bias == "config.use_bias"
+    _emitted_block_matches(model, spec)
+
+
+@torch.no_grad()
+def test_gated_mlp_bias_follows_the_measured_flag() -> None:
+    """With ``use_bias=True`` the emitted dense MLP has biases and matches transformers' MLP."""
+    model = _hf_model("ernie4_5_moe")
+    spec = analyze_moe(model.config, model)
+    config = copy.deepcopy(model.config)
+    config.use_bias = True
+    hf_mlp = type(model.model.layers[0].mlp)(config)
+    for param in hf_mlp.parameters():
+        param.normal_(0.0, 0.2)
+    lean = _exec_blocks(spec)[spec.dense_class](config)
+    assert lean.gate_proj.bias is not None
+    transfer_weights(hf_mlp, lean)
+    x = torch.randn(2, 5, config.hidden_size, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(lean(x), hf_mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_block_output_norm_is_measured_and_applied() -> None:
+    """A.X-K1 normalises the MoE block's output with ``post_mlp_layernorm`` (an RMSNorm of the file)."""
+    model = _hf_model("axk1")
+    spec = analyze_moe(model.config, model)
+    assert spec.post_norm == ("post_mlp_layernorm", "AXK1RMSNorm")
+    hf_block = model.model.layers[spec.moe_layers[0]].mlp
+    namespace = _exec_blocks_with_norm(spec, type(hf_block.post_mlp_layernorm))
+    lean = namespace[spec.class_name](model.config).eval()
+    with torch.no_grad():
+        hf_block.post_mlp_layernorm.weight.normal_(1.0, 0.5)
+    transfer_weights(hf_block, lean)
+    x = torch.randn(2, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(9))
+    assert_rmse_close(lean(x), _hf_output(hf_block, x), 1e-5, msg=spec.class_name)
+
+
+def _exec_blocks_with_norm(spec: MoESpec, norm_class: type) -> dict[str, object]:
+    """The emitted blocks, with transformers' norm class standing in for the file's."""
+    source = "\n".join(
+        [
+            "import torch",
+            "from torch import nn",
+            f"from transformers import {spec.config_class}",
+            "from transformers.activations import ACT2FN",
+            "import onboardlm.ops",
+            *block_imports(spec),
+            "",
+            emit_moe(spec),
+        ]
+    )
+    namespace: dict[str, object] = {norm_class.__name__: norm_class}
+    exec(compile(source, f"<emitted {spec.class_name}>", "exec"), namespace)
+    return namespace
+
+
+def test_unknown_block_submodule_is_refused_by_path() -> None:
+    model = _hf_model("mixtral")
+    for layer in model.model.layers:
+        layer.mlp.extra = nn.Linear(4, 4)
+    with pytest.raises(
+        UnsupportedFeature, match=r"model\.layers\.0\.mlp\.extra: .*MoE block submodule Linear"
+    ):
+        analyze_moe(model.config, model)

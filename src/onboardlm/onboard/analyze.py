@@ -2231,6 +2231,23 @@ class _Analyzer:
         self.notes.append("normalised embeddings")
         return attr
 
+    def _head_bias_expression(self, model: nn.Module, attr: str, present: bool) -> bool | str:
+        """``present``, or ``config.<flag>`` where flipping a bool ``*bias*`` field the lean file reads
+        elsewhere too (ERNIE-4.5's ``use_bias``) adds or drops the head's bias in the rebuilt model."""
+        for name, value in self.fields.items():
+            if not isinstance(value, bool) or "bias" not in name:
+                continue
+            flipped = copy.deepcopy(self.tiny)
+            try:
+                setattr(flipped, name, not value)
+                with torch.device("meta"):
+                    rebuilt = getattr(type(model)(flipped), attr)
+            except Exception:  # noqa: BLE001 - a flip the config or the model refuses tells nothing
+                continue
+            if (rebuilt.bias is not None) != present:
+                return f"config.{name}" if present == value else f"not config.{name}"
+        return present
+
     def _head(self, model: nn.Module, inner: nn.Module, final_attr: str, attr: str) -> HeadSpec:
         """Compare the logits with lm_head(final hidden state) under the known post-processings."""
         lm_head = getattr(model, attr)
@@ -2253,7 +2270,8 @@ class _Analyzer:
                 if name:
                     self.notes.append(f"logits {op} by config.{name}")
                 value_expression = f"config.{name}" if name else None
-                return HeadSpec(final_attr, lm_head.bias is not None, op, value_expression, attr)  # type: ignore[arg-type]
+                bias = self._head_bias_expression(model, attr, lm_head.bias is not None)
+                return HeadSpec(final_attr, bias, op, value_expression, attr)  # type: ignore[arg-type]
         raise UnsupportedFeature(attr, "logit post-processing matches no template", _HINT)
 
 

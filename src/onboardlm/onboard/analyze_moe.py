@@ -38,6 +38,7 @@ _EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 _TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k_experts")
 _EXPERT_WIDTH_FIELDS = ("moe_intermediate_size", "intermediate_size")
 _SHARED_WIDTH_FIELDS = ("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size")
+_SHARED_COUNT_FIELDS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts")
 _ROUTER_ATTRS = ("gate", "router")
 _SHARED_ATTRS = ("shared_expert", "shared_experts")
 _PROBE_TOKENS = 64
@@ -67,6 +68,51 @@ def _field_or_literal(config: PretrainedConfig, field: str, value: float, where:
         return repr(value)
     _field_with_value(config, (field,), value, where, field.replace("_", " "))
     return f"getattr(config, {field!r}, {value!r})"
+
+
+def _int_fields(config: PretrainedConfig, preferred: tuple[str, ...]) -> list[str]:
+    """The config's integer fields (and aliases among ``preferred``), ``preferred`` first (in their
+    order), then the others by name."""
+    fields = {
+        name: value
+        for name, value in vars(config).items()
+        if isinstance(value, int) and not isinstance(value, bool) and not name.startswith("_")
+    }
+    mapped = [n for n in preferred if isinstance(getattr(config, n, None), int) and n not in fields]
+    for name in mapped:  # an attribute_map alias (DeepSeek's num_local_experts) is no instance attribute
+        fields[name] = getattr(config, name)
+    return [n for n in preferred if n in fields] + sorted(n for n in fields if n not in preferred)
+
+
+def _measured_expression(
+    config: PretrainedConfig,
+    block: nn.Module,
+    candidates: list[tuple[str, str]],
+    known: tuple[str, ...],
+    measure: Callable[[nn.Module], int],
+    where: str,
+    what: str,
+    value: int,
+) -> str:
+    """The first of ``candidates`` ((expression over ``config``, the field it varies)) that the block
+    follows: the block rebuilt from a config with that field doubled must measure the expression's new
+    value. A field of ``known`` names is taken on its value alone when the block cannot be rebuilt
+    from the probe config; any other field only when the rebuilt block confirms it.
+    """
+    for expr, field in candidates:
+        probe = copy.deepcopy(config)
+        setattr(probe, field, 2 * getattr(config, field))
+        try:
+            rebuilt = measure(type(block)(probe))
+        except Exception:  # noqa: BLE001 - a config the block cannot be built from confirms nothing
+            rebuilt = None
+        if rebuilt is None:
+            if field in known:
+                return expr
+            continue
+        if rebuilt == eval(expr, {"__builtins__": {}}, {"config": probe}):  # noqa: S307 - our expression
+            return expr
+    raise UnsupportedFeature(where, f"{what} = {value!r} follows no config field (rebuilt with each doubled)")
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -114,47 +160,205 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     if len(classes) > 1:
         raise UnsupportedFeature(path, f"several MoE block classes ({', '.join(sorted(classes))})")
     moe_layers = tuple(i for i, _ in moe)
-    experts = _analyze_experts(config, block.experts, f"{path}.experts")
-    condition = _layer_condition(config, moe_layers, len(layers), path)
+    experts = _analyze_experts(config, block, f"{path}.experts")
+    condition = _layer_condition(
+        config, moe_layers, len(layers), path, layers[first_idx], attr, type(block).__name__
+    )
+    dense_class, dense_width, mlp_bias = _dense_class(config, layers, attr, moe_layers, condition)
+    router = _analyze_router(config, block, path)
+    shared = _analyze_shared(config, block, path, experts)
+    post_norm = _post_norm(config, block, path, router, shared)
+    _check_block_state(block, path, router, shared, post_norm)
+    if shared is not None:
+        shared_bias = _mlp_bias_expression(config, getattr(block, shared.attr))
+        if dense_class is not None and shared_bias != mlp_bias:
+            raise UnsupportedFeature(
+                f"{path}.{shared.attr}", f"shared expert bias {shared_bias}, dense MLP bias {mlp_bias}"
+            )
+        mlp_bias = shared_bias
     return MoESpec(
         class_name=type(block).__name__,
         attr=attr,
         config_class=type(config).__name__,
         prefix=model_prefix(config),
-        router=_analyze_router(config, block, path),
+        router=router,
         experts=experts,
-        shared=_analyze_shared(config, block, path, experts),
+        shared=shared,
         layer_condition=condition,
         moe_layers=moe_layers,
-        dense_class=_dense_class(config, layers, attr, moe_layers, condition),
+        dense_class=dense_class,
+        dense_width_expr=dense_width,
+        mlp_bias=mlp_bias,
+        post_norm=post_norm,
     )
+
+
+def _known_children(router: RouterSpec, shared: SharedExpertSpec | None) -> set[str | None]:
+    known = {router.attr, "experts"}
+    if shared is not None:
+        known |= {shared.attr, shared.gate_attr}
+    return known
+
+
+@torch.no_grad()
+def _post_norm(
+    config: PretrainedConfig, block: nn.Module, path: str, router: RouterSpec, shared: SharedExpertSpec | None
+) -> tuple[str, str] | None:
+    """(attribute, norm class) of a norm the block applies to its output (A.X-K1's
+    ``post_mlp_layernorm``): the one other child with a ``[hidden]`` weight and epsilon
+    ``config.rms_norm_eps``, such that the block's output is that norm of the block's output with the
+    norm replaced by an identity."""
+    others = [(n, c) for n, c in block.named_children() if n not in _known_children(router, shared)]
+    if len(others) != 1:
+        return None
+    name, norm = others[0]
+    weight = getattr(norm, "weight", None)
+    eps = next(
+        (getattr(norm, a) for a in ("variance_epsilon", "eps") if isinstance(getattr(norm, a, None), float)),
+        None,
+    )
+    if not (
+        isinstance(weight, torch.Tensor)
+        and weight.shape == (config.hidden_size,)
+        and eps is not None
+        and eps == getattr(config, "rms_norm_eps", None)
+        and not list(norm.children())
+    ):
+        return None
+    x = torch.randn(2, 5, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    saved_weight = weight.detach().clone()
+    weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    try:
+        out = block(x)
+        setattr(block, name, nn.Identity())
+        try:
+            raw = block(x)
+        finally:
+            setattr(block, name, norm)
+        follows = torch.allclose(out, norm(raw), rtol=1e-5, atol=1e-6)
+    finally:
+        weight.copy_(saved_weight)
+    return (name, type(norm).__name__) if follows else None
+
+
+def _check_block_state(
+    block: nn.Module,
+    path: str,
+    router: RouterSpec,
+    shared: SharedExpertSpec | None,
+    post_norm: tuple[str, str] | None = None,
+) -> None:
+    """The MoE block holds nothing the generated block lacks: router, experts, shared expert (and its
+    gate), and the block-level correction bias its router reads; any other submodule, parameter or
+    buffer (A.X-K1's ``post_mlp_layernorm``) is refused by name."""
+    known = _known_children(router, shared) | ({post_norm[0]} if post_norm else set())
+    for name, child in block.named_children():
+        if name not in known:
+            raise UnsupportedFeature(
+                f"{path}.{name}", f"MoE block submodule {type(child).__name__} that the generated block lacks"
+            )
+    own = [n for n, _ in block.named_parameters(recurse=False)] + [
+        n for n, _ in block.named_buffers(recurse=False)
+    ]
+    allowed = {"e_score_correction_bias"} if router.correction_bias == "block" else set()
+    for name in own:
+        if name not in allowed:
+            raise UnsupportedFeature(f"{path}.{name}", "MoE block tensor that the generated block lacks")
 
 
 def _dense_class(
     config: PretrainedConfig, layers: nn.ModuleList, attr: str, moe_layers: tuple[int, ...], condition: str
-) -> str | None:
-    """Class of the dense layers' MLP, verified to be a plain gated MLP; None when every layer is MoE.
+) -> tuple[str | None, str | None, str]:
+    """(class, width expression, bias expression) of the dense layers' MLP, verified to be a plain
+    gated MLP; (None, None, "False") when every layer is MoE. The width expression is None for
+    ``config.intermediate_size``.
 
     Taken from a dense layer of the tiny model, else from one decoder layer built alone from a copy
-    of the config that makes layer 0 dense (``first_k_dense_replace=1`` / ``mlp_only_layers=[0]``),
-    so the dense MLP is measured even when the default config has none (Qwen-MoE).
+    of the config that makes layer 0 dense (``first_k_dense_replace=1`` / ``mlp_only_layers=[0]`` /
+    a per-layer list field set to a value the condition names), so the dense MLP is measured even
+    when the default config has none (Qwen-MoE, Cohere2-MoE).
     """
     if condition == "True":
-        return None
+        return None, None, "False"
+    index = next((i for i in range(len(layers)) if i not in moe_layers), 0)
     dense = next((layer for i, layer in enumerate(layers) if i not in moe_layers), None)
+    probe = config
     if dense is None:
-        probe = copy.deepcopy(config)
-        if "first_k_dense_replace" in condition:
-            probe.first_k_dense_replace = 1
-        else:
-            probe.mlp_only_layers = [0]
-        torch.manual_seed(0)
-        dense = type(layers[0])(probe, 0)
-        for param in dense.parameters():
-            nn.init.normal_(param, std=0.1)
+        probe = _dense_probe_config(config, condition, len(layers))
+        if probe is None:
+            raise UnsupportedFeature(
+                f"model.layers.0.{attr}", f"no config makes layer 0 dense under `{condition}`"
+            )
+        dense = _build_layer(type(layers[0]), probe)
     mlp = getattr(dense, attr)
-    _check_gated_mlp(config, mlp, f"dense {attr}", config.intermediate_size)
-    return type(mlp).__name__
+    width = getattr(getattr(mlp, "gate_proj", None), "out_features", 0)
+    _check_gated_mlp(config, mlp, f"model.layers.{index}.{attr} (dense layer)", width)
+    rebuilt_any = False
+    for name in _int_fields(probe, ("intermediate_size",)):
+        if getattr(probe, name) != width:
+            continue
+        doubled = copy.deepcopy(probe)
+        setattr(doubled, name, 2 * width)
+        try:
+            rebuilt = getattr(_build_layer(type(layers[0]), doubled), attr).gate_proj.out_features
+        except Exception:  # noqa: BLE001 - a field the layer cannot be built with is not the width
+            continue
+        rebuilt_any = True
+        if rebuilt == 2 * width:
+            bias = _mlp_bias_expression(config, mlp)
+            return type(mlp).__name__, None if name == "intermediate_size" else f"config.{name}", bias
+    if not rebuilt_any and width == config.intermediate_size:
+        return type(mlp).__name__, None, _mlp_bias_expression(config, mlp)
+    raise UnsupportedFeature(
+        f"model.layers.{index}.{attr} (dense layer)", f"dense MLP width {width} follows no config field"
+    )
+
+
+def _build_layer(layer_class: type, config: PretrainedConfig) -> nn.Module:
+    torch.manual_seed(0)
+    layer = layer_class(config, 0)
+    for param in layer.parameters():
+        nn.init.normal_(param, std=0.1)
+    return layer
+
+
+def _dense_probe_config(config: PretrainedConfig, condition: str, num_layers: int) -> PretrainedConfig | None:
+    """A copy of ``config`` under which ``condition`` is false for layer 0, or None."""
+    probe = copy.deepcopy(config)
+    if "first_k_dense_replace" in condition:
+        probe.first_k_dense_replace = 1
+        return probe
+    if "mlp_only_layers" in condition:
+        probe.mlp_only_layers = [0]
+        return probe
+    constants = [n.value for n in ast.walk(ast.parse(condition, mode="eval")) if isinstance(n, ast.Constant)]
+    constants.append("not-a-layer-kind")  # `kinds[i] == "sparse"`: any other value is the dense branch
+    for name, value in vars(config).items():
+        if not (isinstance(value, list) and len(value) == num_layers):
+            continue
+        for constant in constants:
+            probe = copy.deepcopy(config)
+            setattr(probe, name, [constant, *value[1:]])
+            if _predict_layers(probe, condition, 1) == ():
+                return probe
+    return None
+
+
+def _mlp_bias_expression(config: PretrainedConfig, mlp: nn.Module) -> str:
+    """``False``, or ``config.<flag>`` where flipping a bool ``*bias*`` config field gives the rebuilt
+    MLP class biases (ERNIE-4.5's ``use_bias``); the tiny config's MLP has none (checked before)."""
+    for name, value in sorted(vars(config).items()):
+        if not isinstance(value, bool) or "bias" not in name:
+            continue
+        flipped = copy.deepcopy(config)
+        setattr(flipped, name, not value)
+        try:
+            rebuilt = type(mlp)(flipped)
+        except Exception:  # noqa: BLE001 - a flip the MLP class cannot be built with tells nothing
+            continue
+        if getattr(rebuilt.gate_proj, "bias", None) is not None:
+            return f"not config.{name}" if value else f"config.{name}"
+    return "False"
 
 
 @torch.no_grad()
@@ -174,10 +378,15 @@ def _check_gated_mlp(config: PretrainedConfig, mlp: nn.Module, where: str, width
         x = torch.randn(3, config.hidden_size, generator=torch.Generator().manual_seed(0))
         plain = torch.allclose(mlp(x), down(act(gate(x)) * up(x)), rtol=1e-5, atol=1e-6)
     if not plain:
-        raise UnsupportedFeature(where, f"{type(mlp).__name__} is not a plain gated MLP of width {width}")
+        raise UnsupportedFeature(
+            where,
+            f"{type(mlp).__name__} (children {', '.join(children) or 'none'}) is not a plain gated MLP "
+            f"(gate_proj, up_proj, down_proj without biases, act_fn = config.hidden_act) of width {width}",
+        )
 
 
-def _analyze_experts(config: PretrainedConfig, experts: nn.Module, path: str) -> ExpertsSpec:
+def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str) -> ExpertsSpec:
+    experts = block.experts
     if isinstance(experts, nn.ModuleList):
         raise UnsupportedFeature(
             path, "per-expert modules in the HF model", "expected transformers 5 fused experts"
@@ -191,9 +400,10 @@ def _analyze_experts(config: PretrainedConfig, experts: nn.Module, path: str) ->
     if has_bias != ("down_proj_bias" in params):
         raise UnsupportedFeature(path, "a bias on only one of gate_up_proj and down_proj")
     alpha_expr = limit_expr = None
-    if hasattr(experts, "limit") and hasattr(experts, "alpha"):
+    alpha = getattr(experts, "alpha", getattr(experts, "swiglu_alpha", None))
+    if hasattr(experts, "limit") and alpha is not None:
         activation = "clamped_swiglu"
-        alpha_expr = _field_or_literal(config, "swiglu_alpha", float(experts.alpha), path)
+        alpha_expr = _field_or_literal(config, "swiglu_alpha", float(alpha), path)
         limit_expr = _field_or_literal(config, "swiglu_limit", float(experts.limit), path)
     else:
         activation = _activation_name(config, experts, path)
@@ -214,9 +424,20 @@ def _analyze_experts(config: PretrainedConfig, experts: nn.Module, path: str) ->
     )
     return ExpertsSpec(
         num_experts=num_experts,
-        num_experts_field=_field_with_value(
-            config, _EXPERT_COUNT_FIELDS, num_experts, path, "number of experts"
-        ),
+        num_experts_field=_measured_expression(
+            config,
+            block,
+            [
+                (f"config.{name}", name)
+                for name in _int_fields(config, _EXPERT_COUNT_FIELDS)
+                if getattr(config, name) == num_experts
+            ],
+            _EXPERT_COUNT_FIELDS,
+            lambda rebuilt: rebuilt.experts.gate_up_proj.shape[0],
+            path,
+            "number of experts",
+            num_experts,
+        ).removeprefix("config."),
         intermediate_size=inner,
         intermediate_field=_field_with_value(config, _EXPERT_WIDTH_FIELDS, inner, path, "expert width"),
         activation=activation,
@@ -234,7 +455,7 @@ def _glu(
     if activation != "clamped_swiglu":
         act = ACT2FN[config.hidden_act]
         return lambda gate, up: act(gate) * up
-    alpha, limit = experts.alpha, experts.limit
+    alpha, limit = getattr(experts, "alpha", getattr(experts, "swiglu_alpha", None)), experts.limit
 
     def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
@@ -252,7 +473,8 @@ def _probe_packing(
     gate_up is ``[E, 2I, H]`` or transposed ``[E, H, 2I]``, gate and up its halves (concatenated) or
     alternate rows; down is ``[E, H, I]`` or ``[E, I, H]``. Expert 1 (not 0) with weight 1 is probed.
     """
-    gate_up, down = experts.gate_up_proj[1].float(), experts.down_proj[1].float()
+    probed = min(1, experts.gate_up_proj.shape[0] - 1)
+    gate_up, down = experts.gate_up_proj[probed].float(), experts.down_proj[probed].float()
     gate_up_bias = getattr(experts, "gate_up_proj_bias", None)
     down_bias = getattr(experts, "down_proj_bias", None)
     for transposed in (False, True):
@@ -263,13 +485,13 @@ def _probe_packing(
         tokens = torch.randn(5, hidden, generator=torch.Generator().manual_seed(0))
         expected = experts(
             tokens.to(gate_up.dtype),
-            torch.ones(5, 1, dtype=torch.long),
+            torch.full((5, 1), probed, dtype=torch.long),
             torch.ones(5, 1, dtype=experts.gate_up_proj.dtype),
         ).float()
-        projected = tokens @ weight.T + (0 if gate_up_bias is None else gate_up_bias[1].float())
+        projected = tokens @ weight.T + (0 if gate_up_bias is None else gate_up_bias[probed].float())
         for concatenated in (True, False):
             gate, up = projected.chunk(2, dim=-1) if concatenated else (projected[:, ::2], projected[:, 1::2])
-            out = glu(gate, up) @ down_weight.T + (0 if down_bias is None else down_bias[1].float())
+            out = glu(gate, up) @ down_weight.T + (0 if down_bias is None else down_bias[probed].float())
             if torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
                 return concatenated, transposed
     raise UnsupportedFeature(path, "packed expert tensors in no known layout (gate/up halves or interleaved)")
@@ -304,7 +526,50 @@ def _router_module(block: nn.Module, path: str) -> tuple[str, nn.Module]:
                 f"router {type(module).__name__} holding its linear as a submodule {inner}{beside};"
                 " the router templates take a `gate`/`router` module with its own weight",
             )
+    found = next((a for a in _ROUTER_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
+    if found is not None:
+        inner = [name for name, _ in getattr(block, found).named_parameters()]
+        raise UnsupportedFeature(
+            f"{path}.{found}",
+            f"router {type(getattr(block, found)).__name__} keeps its weight as {inner}, not `{found}.weight`",
+        )
     raise UnsupportedFeature(path, "no router (`gate` or `router` with a weight)")
+
+
+_SCALING_FIELDS = ("routed_scaling_factor", "router_scaling_factor")
+_CORRECTION = "e_score_correction_bias"
+
+
+def _router_correction(router: nn.Module) -> tuple[str | None, torch.Tensor] | None:
+    """(statics submodule name or None, tensor) of the router's score-correction bias: its own
+    ``e_score_correction_bias``, or that of a submodule holding nothing else (ERNIE's ``moe_statics``)."""
+    own = getattr(router, _CORRECTION, None)
+    if isinstance(own, torch.Tensor):
+        return None, own
+    for name, child in router.named_children():
+        tensors = dict(child.named_parameters()) | dict(child.named_buffers())
+        if set(tensors) == {_CORRECTION} and not list(child.children()):
+            return name, tensors[_CORRECTION]
+    return None
+
+
+def _correction_owner(block: nn.Module, router: nn.Module, where: str) -> str | None:
+    """Where the score-correction bias lives: on the router (DeepSeek), on the block and handed to the
+    router's forward (MiniMax-M2), or nowhere."""
+    on_router = _router_correction(router) is not None
+    on_block = isinstance(getattr(block, _CORRECTION, None), torch.Tensor)
+    params = [
+        p
+        for p in inspect.signature(router.forward).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    if on_block and not on_router and len(params) == 2:
+        return "block"
+    if len(params) != 1:
+        raise UnsupportedFeature(
+            where, f"router forward takes {[p.name for p in params]}, not (hidden_states)"
+        )
+    return "router" if on_router else None
 
 
 def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> RouterSpec:
@@ -313,32 +578,53 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
     extras = {name for name, _ in router.named_parameters(recurse=False)} | {
         name for name, _ in router.named_buffers(recurse=False)
     }
-    unknown = extras - {"weight", "bias", "e_score_correction_bias"}
-    if unknown or list(router.children()):
-        raise UnsupportedFeature(where, f"router state {sorted(unknown) or 'with submodules'}")
+    unknown = extras - {"weight", "bias", _CORRECTION}
+    statics = _router_correction(router)
+    statics_attr = statics[0] if statics is not None else None
+    children = [name for name, _ in router.named_children() if name != statics_attr]
+    if unknown or children:
+        raise UnsupportedFeature(where, f"router state {sorted(unknown) or children}")
     if not isinstance(getattr(router, "top_k", None), int):
         raise UnsupportedFeature(where, f"router {type(router).__name__} without an integer top_k")
     top_k_field = _field_with_value(config, _TOP_K_FIELDS, router.top_k, where, "router top-k")
-    scoring, norm = _probe_router(router, where)
+    owner = _correction_owner(block, router, where)
+    grouped = hasattr(router, "num_group") and hasattr(router, "topk_group")
+    scoring, norm, scale, choice_on = _probe_router(
+        router, where, block if owner == "block" else None, grouped
+    )
     norm_field = "norm_topk_prob" if getattr(config, "norm_topk_prob", None) is not None else None
-    if norm_field is not None and not _router_reads(router, config, "norm_topk_prob", where):
-        norm_field = None  # the field exists but this router ignores it (DeepSeek-V2's)
+    if norm_field is not None and not _follows_flag(
+        config, router, norm_field, norm, where, block, owner, grouped
+    ):
+        norm_field = None  # the flag does not change this router (Cohere2-MoE's softmax over the top-k)
     if norm_field is not None and bool(config.norm_topk_prob) != norm:
         raise UnsupportedFeature(where, "router normalisation does not follow config.norm_topk_prob")
-    scale = getattr(router, "routed_scaling_factor", None)
     scaling_field = None
-    if scale is not None:
-        scaling_field = _field_with_value(config, ("routed_scaling_factor",), scale, where, "routed scaling")
-    grouped = hasattr(router, "num_group") and hasattr(router, "topk_group")
+    named = next((f for f in _SCALING_FIELDS if isinstance(getattr(router, f, None), (int, float))), None)
+    if named is not None:
+        scaling_field = _field_with_value(config, (named,), getattr(router, named), where, "routed scaling")
+        if not math.isclose(float(getattr(router, named)), scale, rel_tol=1e-4):
+            raise UnsupportedFeature(where, f"routing weights scaled by {scale:.6g}, not by config.{named}")
+    elif not math.isclose(scale, 1.0, rel_tol=1e-4):
+        raise UnsupportedFeature(where, f"routing weights scaled by {scale:.6g}, no config field")
     if grouped:
         _field_with_value(config, ("n_group",), router.num_group, where, "expert groups")
         _field_with_value(config, ("topk_group",), router.topk_group, where, "selected groups")
-    if scoring == "softmax" and grouped and _picks_other_experts(router):
-        raise UnsupportedFeature(
-            where, "softmax router with group-limited top-k (experts outside the selected groups dropped)"
-        )
-    if scoring == "sigmoid" and not (grouped and scaling_field):
-        raise UnsupportedFeature(where, "sigmoid router without grouped top-k and routed scaling")
+        if not (scoring == "sigmoid" and owner == "router") and not (
+            scoring == "softmax" and not _picks_other_experts(router)
+        ):
+            raise UnsupportedFeature(
+                where,
+                "grouped top-k other than over bias-corrected sigmoid scores (a softmax router whose"
+                " group limit drops experts)",
+            )
+    statics_class = None
+    if statics_attr is not None:
+        statics_class = type(getattr(router, statics_attr)).__name__
+        if statics[1].shape not in ((len(router.weight),), (1, len(router.weight))):
+            raise UnsupportedFeature(
+                f"{where}.{statics_attr}", f"correction bias of shape {list(statics[1].shape)}"
+            )
     return RouterSpec(
         attr=attr,
         class_name=type(router).__name__,
@@ -347,25 +633,46 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
         norm_topk_prob=norm,
         norm_field=norm_field,
         has_bias="bias" in extras,
-        has_correction_bias="e_score_correction_bias" in extras,
+        has_correction_bias=owner is not None,
         grouped=grouped,
         scaling_field=scaling_field,
+        correction_bias=owner,
+        choice_on=choice_on,
+        statics_attr=statics_attr,
+        statics_class=statics_class,
+        statics_shape=tuple(statics[1].shape[:-1]) if statics_attr is not None else (),
     )
 
 
-@torch.no_grad()
-def _router_reads(router: nn.Module, config: PretrainedConfig, field: str, where: str) -> bool:
-    """Whether a copy of ``router`` built with bool ``field`` flipped weights its experts otherwise."""
-    flipped = copy.deepcopy(config)
-    setattr(flipped, field, not getattr(config, field))
+def _follows_flag(
+    config: PretrainedConfig,
+    router: nn.Module,
+    flag: str,
+    normalised: bool,
+    where: str,
+    block: nn.Module,
+    owner: str | None,
+    grouped: bool,
+) -> bool:
+    """Whether the router's renormalisation changes with ``config.<flag>``: the router rebuilt from a
+    config with the flag flipped (same weights) is probed again. True when it cannot be rebuilt."""
+    probe = copy.deepcopy(config)
+    setattr(probe, flag, not getattr(config, flag))
     try:
-        other = type(router)(flipped)
-        other.load_state_dict(router.state_dict())
-    except Exception:  # the router cannot be rebuilt alone: assume it reads the field
+        flipped = type(router)(probe)
+        flipped.load_state_dict(router.state_dict())
+        flipped.to(router.weight.dtype)
+    except Exception:  # noqa: BLE001 - a router that cannot be rebuilt alone keeps the config's flag
         return True
-    return _probe_router(other, where)[1] != _probe_router(router, where)[1]
+    return _probe_router(flipped, where, block if owner == "block" else None, grouped)[1] != normalised
 
 
+def _same_sets(ids: torch.Tensor, choice: torch.Tensor) -> bool:
+    expected = torch.topk(choice, ids.shape[1], dim=-1)[1]
+    return bool((ids.sort(dim=-1)[0] == expected.sort(dim=-1)[0]).all())
+
+
+@torch.no_grad()
 @torch.no_grad()
 def _picks_other_experts(router: nn.Module) -> bool:
     """Whether the router's top-k ids differ from the plain top-k of its logits (group limits)."""
@@ -376,34 +683,57 @@ def _picks_other_experts(router: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _probe_router(router: nn.Module, where: str) -> tuple[str, bool]:
-    """Run the HF router on random tokens; return (scoring, normalised) that reproduce its weights.
+def _probe_router(
+    router: nn.Module, where: str, block: nn.Module | None, grouped: bool
+) -> tuple[str, bool, float, str]:
+    """Run the HF router on random tokens; return (scoring, normalised, scale, choice_on) that
+    reproduce it.
 
     transformers 5 routers return ``(logits, top-k weights, top-k ids)``; the weights are matched
-    against softmax / sigmoid of the logits at the chosen ids, with and without renormalisation
-    (times the router's own ``routed_scaling_factor``). A softmax over only the top-k logits
-    (GPT-OSS) is the renormalised softmax.
+    against softmax / sigmoid of the logits at the chosen ids, with and without renormalisation, times
+    one constant (the routed scaling). A softmax over only the top-k logits (GPT-OSS) is the
+    renormalised softmax. With a score-correction bias (set at random for the probe) the ids must be
+    the top-k of scores + bias (DeepSeek, MiniMax-M2) or of logits + bias (choice_on ``logits``);
+    without, the top-k of the scores. Grouped top-k is not re-derived here.
     """
     weight = router.weight
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=generator, dtype=torch.float32)
-    out = router(tokens.to(weight.dtype))
+    found = _router_correction(router)
+    correction = getattr(block, _CORRECTION, None) if block is not None else (found and found[1])
+    saved, bias = None, torch.zeros(())
+    if isinstance(correction, torch.Tensor):
+        saved, bias = correction.detach().clone(), torch.randn(correction.shape, generator=generator)
+        correction.copy_(bias)
+    try:
+        args = (tokens.to(weight.dtype),) + ((correction,) if block is not None else ())
+        out = router(*args)
+    finally:
+        if saved is not None:
+            correction.copy_(saved)
     if not (isinstance(out, tuple) and len(out) == 3):
         raise UnsupportedFeature(where, "router does not return (logits, weights, indices)")
     logits, weights, ids = (t.float() if t.is_floating_point() else t for t in out)
-    scale = float(getattr(router, "routed_scaling_factor", 1.0))
-    candidates = {
-        "softmax": torch.softmax(logits, dim=-1).gather(1, ids),
-        "sigmoid": torch.sigmoid(logits).gather(1, ids),
-    }
-    for scoring, picked in candidates.items():
-        factor = scale if scoring == "sigmoid" else 1.0
+    scores = {"softmax": torch.softmax(logits, dim=-1), "sigmoid": torch.sigmoid(logits)}
+    for scoring, score in scores.items():
+        picked = score.gather(1, ids)
         for normalised in (False, True):
             expected = picked / picked.sum(dim=-1, keepdim=True) if normalised else picked
-            if torch.allclose(weights, expected * factor, rtol=1e-4, atol=1e-6):
-                return scoring, normalised
+            scale = float((weights * expected).sum() / (expected * expected).sum())
+            if not torch.allclose(weights, expected * scale, rtol=1e-4, atol=1e-6):
+                continue
+            if grouped:
+                return scoring, normalised, scale, "scores"
+            for choice_on, base in (("scores", score), ("logits", logits)):
+                if _same_sets(ids, base + bias):
+                    return scoring, normalised, scale, choice_on
+            raise UnsupportedFeature(
+                where, "router picks experts on neither scores nor logits (+ correction bias)"
+            )
     raise UnsupportedFeature(
-        where, "router weights match no known scoring (softmax or sigmoid over the logits)"
+        where,
+        f"router {type(router).__name__}: weights match no known scoring (softmax or sigmoid top-k "
+        "over the logits, times one constant)",
     )
 
 
@@ -417,13 +747,25 @@ def _analyze_shared(
     where = f"{path}.{attr}"
     width = getattr(getattr(shared, "gate_proj", None), "out_features", 0)
     _check_gated_mlp(config, shared, where, width)
-    count = getattr(config, "n_shared_experts", None)
-    if isinstance(count, int) and count * getattr(config, experts.intermediate_field) == width:
-        expr = f"config.{experts.intermediate_field} * config.n_shared_experts"
-    else:
-        expr = (
-            f"config.{_field_with_value(config, _SHARED_WIDTH_FIELDS, width, where, 'shared expert width')}"
-        )
+    inner = experts.intermediate_field
+    candidates = [
+        (f"config.{inner} * config.{name}", name)
+        for name in _int_fields(config, _SHARED_COUNT_FIELDS)
+        if getattr(config, name) * getattr(config, inner) == width
+    ]
+    candidates += [
+        (f"config.{name}", name)
+        for name in _int_fields(config, _SHARED_WIDTH_FIELDS)
+        if getattr(config, name) == width
+    ]
+    known = _SHARED_COUNT_FIELDS + _SHARED_WIDTH_FIELDS
+
+    def shared_width(probe: PretrainedConfig) -> int:
+        return getattr(probe, attr).gate_proj.out_features
+
+    expr = _measured_expression(
+        config, block, candidates, known, shared_width, where, "shared expert width", width
+    )
     gate_attr = None
     gate = getattr(block, f"{attr}_gate", None)
     if gate is not None:
@@ -436,37 +778,134 @@ def _analyze_shared(
 
 
 def _layer_condition(
-    config: PretrainedConfig, moe_layers: tuple[int, ...], num_layers: int, path: str
+    config: PretrainedConfig,
+    moe_layers: tuple[int, ...],
+    num_layers: int,
+    path: str,
+    layer: nn.Module | None = None,
+    attr: str = "mlp",
+    block_class: str = "",
 ) -> str:
-    """A config expression true exactly on the MoE layers; checked on the measured layers."""
+    """A config expression true exactly on the MoE layers; checked on the measured layers.
+
+    Tried in order: DeepSeek's ``first_k_dense_replace``, Qwen-MoE's ``decoder_sparse_step`` rule,
+    then the test the HF decoder layer's ``__init__`` itself branches on to build the MoE block
+    (``self.mlp = Block(config) if <test> else MLP(config)`` or an ``if <test>:`` statement) when it
+    reads only ``config`` and ``layer_idx`` (ERNIE's start/end/interval, ``mlp_layer_types``); else
+    ``True`` (every layer). The first whose prediction equals the measured layers is kept.
+    """
+    candidates: list[str] = []
     if getattr(config, "first_k_dense_replace", None) is not None:
-        condition = "layer_idx >= config.first_k_dense_replace"
-        predicted = tuple(i for i in range(num_layers) if i >= config.first_k_dense_replace)
-    elif getattr(config, "decoder_sparse_step", None) is not None:
-        count = next(f for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None) is not None)
-        condition = (
-            f"layer_idx not in config.mlp_only_layers and config.{count} > 0 "
-            "and (layer_idx + 1) % config.decoder_sparse_step == 0"
-        )
-        predicted = tuple(
+        candidates.append("layer_idx >= config.first_k_dense_replace")
+    if getattr(config, "decoder_sparse_step", None) is not None:
+        count = next((f for f in _EXPERT_COUNT_FIELDS if getattr(config, f, None) is not None), None)
+        if count is not None:
+            candidates.append(
+                f"layer_idx not in config.mlp_only_layers and config.{count} > 0 "
+                "and (layer_idx + 1) % config.decoder_sparse_step == 0"
+            )
+    if layer is not None:
+        source_test = _source_layer_condition(type(layer), attr, block_class)
+        if source_test is not None:
+            candidates.append(source_test)
+    measured = _measured_layer_condition(config, moe_layers, num_layers)
+    if measured is not None:
+        candidates.append(measured[0])
+    candidates.append("True")
+    tried = []
+    for condition in candidates:
+        predicted = _predict_layers(config, condition, num_layers)
+        if predicted == moe_layers:
+            return condition
+        tried.append(f"`{condition}` (gives {list(predicted) if predicted is not None else 'an error'})")
+    raise UnsupportedFeature(path, f"MoE layers {list(moe_layers)} follow none of {', '.join(tried)}")
+
+
+def _predict_layers(config: PretrainedConfig, condition: str, num_layers: int) -> tuple[int, ...] | None:
+    """The layers for which ``condition`` (over ``config`` and ``layer_idx``) holds; None if it fails."""
+    code = compile(condition, "<layer condition>", "eval")
+    try:
+        return tuple(
             i
             for i in range(num_layers)
-            if i not in config.mlp_only_layers
-            and getattr(config, count) > 0
-            and (i + 1) % config.decoder_sparse_step == 0
+            if eval(code, {"__builtins__": {}}, {"config": config, "layer_idx": i})
         )
-    else:
-        condition, predicted = "True", tuple(range(num_layers))
-        if predicted != moe_layers:
-            condition, predicted = _measured_layer_condition(config, moe_layers, num_layers) or (
-                condition,
-                predicted,
-            )
-    if predicted != moe_layers:
-        raise UnsupportedFeature(
-            path, f"MoE layers {list(moe_layers)} do not follow `{condition}` (gives {list(predicted)})"
+    except Exception:  # noqa: BLE001 - a candidate that does not evaluate on this config is not the rule
+        return None
+
+
+_INVERSE_OPS: dict[type, type] = {
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+    ast.Lt: ast.GtE,
+    ast.GtE: ast.Lt,
+    ast.Gt: ast.LtE,
+    ast.LtE: ast.Gt,
+}
+
+
+def _negated(test: ast.expr) -> ast.expr:
+    """``test`` negated: a single comparison with its inverse operator (``!=`` for ``==``), else ``not``."""
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in _INVERSE_OPS:
+        return ast.Compare(
+            left=test.left, ops=[_INVERSE_OPS[type(test.ops[0])]()], comparators=test.comparators
         )
-    return condition
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        return test.operand
+    return ast.UnaryOp(op=ast.Not(), operand=test)
+
+
+def _source_layer_condition(layer_class: type, attr: str, block_class: str) -> str | None:
+    """The test under which ``layer_class.__init__`` assigns ``self.<attr> = <block_class>(...)``.
+
+    ``self.mlp = Block(config) if test else MLP(config)`` gives ``test``; ``if test: self.mlp = Block(...)
+    else: ...`` gives ``test`` (``not (test)`` when the block is built in the else branch). Only a test
+    whose free names are ``config`` and ``layer_idx`` (the generated layer's own parameters) is kept.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(layer_class.__init__)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+
+    def builds_block(node: ast.AST) -> bool:
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == block_class
+
+    def assigns(node: ast.stmt) -> ast.expr | None:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Attribute)
+            and isinstance(node.targets[0].value, ast.Name)
+            and node.targets[0].value.id == "self"
+            and node.targets[0].attr == attr
+        ):
+            return node.value
+        return None
+
+    test: ast.expr | None = None
+    for node in ast.walk(tree):
+        value = assigns(node) if isinstance(node, ast.stmt) else None
+        if isinstance(value, ast.IfExp):
+            if builds_block(value.body):
+                test = value.test
+            elif builds_block(value.orelse):
+                test = _negated(value.test)
+        elif isinstance(node, ast.If):
+            if any(builds_block(assigns(stmt)) for stmt in node.body if assigns(stmt) is not None):
+                test = node.test
+            elif any(builds_block(assigns(stmt)) for stmt in node.orelse if assigns(stmt) is not None):
+                test = _negated(node.test)
+        if test is not None:
+            break
+    if test is None:
+        return None
+    names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
+    if not names <= {"config", "layer_idx"} or any(isinstance(n, ast.Call) for n in ast.walk(test)):
+        return None
+    text = ast.unparse(test)
+    return f"({text})" if isinstance(test, (ast.IfExp, ast.Lambda, ast.NamedExpr)) else text
 
 
 def _measured_layer_condition(

@@ -56,10 +56,15 @@ def _render(template: str, **context: object) -> str:
 def _summary(spec: MoESpec, dense_dispatch: bool) -> str:
     """Docstring of the MoE block: routing, shared experts, where the experts run."""
     router = spec.router
-    if router.scoring == "sigmoid":
+    if router.scoring == "sigmoid" and router.grouped:
         routing = "a sigmoid router with bias-corrected grouped top-k"
+    elif router.scoring == "sigmoid":
+        routing = "a sigmoid top-k router" + (
+            " with a score-correction bias" if router.correction_bias else ""
+        )
     else:
         routing = "a softmax top-k router" + (" with a bias" if router.has_bias else "")
+        routing += " with a score-correction bias" if router.correction_bias else ""
     shared = f",\n    plus the always-on `{spec.shared.attr}`" if spec.shared else ""
     runner = "torch_moe_dense_mlp (clamped SwiGLU with biases)" if dense_dispatch else "torch_moe"
     return (
@@ -88,7 +93,8 @@ def _dispatch_is_dense(spec: MoESpec) -> bool:
 def _router_template(spec: MoESpec, dense_dispatch: bool) -> str:
     if dense_dispatch:
         return "moe_router_dense.py.j2"
-    return "moe_router_sigmoid.py.j2" if spec.router.scoring == "sigmoid" else "moe_router_softmax.py.j2"
+    scored = spec.router.scoring == "sigmoid" or spec.router.correction_bias is not None
+    return "moe_router_sigmoid.py.j2" if scored else "moe_router_softmax.py.j2"
 
 
 def _half(first: bool, concatenated: bool) -> Callable[[str], str]:
@@ -107,7 +113,8 @@ def moe_constructor(spec: MoESpec) -> str:
     block = f"{spec.class_name}(config)"
     if spec.dense_class is None:
         return block
-    return f"{block} if {spec.layer_condition} else {spec.dense_class}(config)"
+    width = f", intermediate_size={spec.dense_width_expr}" if spec.dense_width_expr else ""
+    return f"{block} if {spec.layer_condition} else {spec.dense_class}(config{width})"
 
 
 def emit_moe(spec: MoESpec) -> str:
@@ -127,6 +134,8 @@ def emit_moe(spec: MoESpec) -> str:
         "shared": spec.shared,
         "packed": packed,
         "dense_dispatch": dense_dispatch,
+        "mlp_bias": spec.mlp_bias,
+        "post_norm": spec.post_norm,
         "dispatch_op": "torch_moe_dense_mlp" if dense_dispatch else "torch_moe",
         "bias": spec.experts.has_bias,
         "act_member": "" if dense_dispatch else MOE_ACTIVATIONS[spec.experts.activation],
@@ -180,7 +189,14 @@ def feed_forward_constructor(block: MoESpec | MLPSpec) -> str:
 
 
 def emit_moe_slot(block: MoESpec, arch: ArchitectureSpec) -> str:
-    """``generate.EMITTERS`` entry of the feed-forward slot."""
+    """``generate.EMITTERS`` entry of the feed-forward slot; a block's output norm must be a norm
+    class of the file."""
+    if block.post_norm is not None and block.post_norm[1] not in {n.class_name for n in arch.norm_specs}:
+        raise UnsupportedFeature(
+            f"{block.class_name}.{block.post_norm[0]}",
+            f"output norm {block.post_norm[1]} is not a norm class of the file",
+            _HINT,
+        )
     return emit_moe(block)
 
 

@@ -192,7 +192,7 @@ class HeadSpec:
     """The causal-LM head: final norm attribute, lm_head bias and logit post-processing."""
 
     final_norm_attr: str | None  # None: no final norm (post-LN layers end in one)
-    lm_head_bias: bool
+    lm_head_bias: bool | str  # a config expression where a flag switches it (ERNIE-4.5's use_bias)
     logits_op: Literal["none", "divide", "multiply", "softcap"] = "none"
     logits_value: str | None = None  # expression used by logits_op
     attr: str = "lm_head"  # the output projection's name on the causal LM

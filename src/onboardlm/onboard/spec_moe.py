@@ -31,7 +31,13 @@ class RouterSpec:
     chosen on score + ``e_score_correction_bias`` within the best ``topk_group`` of ``n_group``
     groups, scaled by ``routed_scaling_factor``). has_bias: the router linear has a bias (GPT-OSS).
     norm_topk_prob: measured; ``norm_field`` is the config field the HF router reads it from (None:
-    a constant of the architecture).
+    a constant of the architecture). A sigmoid router may also be ungrouped (``grouped`` False), have
+    no correction bias, and no scaling (``scaling_field`` None: the weights are not scaled).
+    correction_bias: where ``e_score_correction_bias`` lives: ``router`` (a router buffer), ``block``
+    (a buffer of the MoE block, handed to the router's forward: MiniMax-M2), None (no such bias).
+    choice_on: the top-k is chosen on ``scores`` (+ bias) or on the raw ``logits`` (+ bias).
+    statics_attr / statics_class: the router keeps its correction bias in a submodule of that name and
+    class (ERNIE-4.5's ``moe_statics``), with leading dims ``statics_shape`` (``(1,)``: ``[1, E]``).
     """
 
     attr: str
@@ -44,6 +50,11 @@ class RouterSpec:
     has_correction_bias: bool
     grouped: bool
     scaling_field: str | None
+    correction_bias: str | None = "router"
+    choice_on: str = "scores"
+    statics_attr: str | None = None
+    statics_class: str | None = None
+    statics_shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,10 @@ class MoESpec:
     layer_condition: a Python expression over ``config`` and ``layer_idx`` that is true exactly for
     the MoE layers (checked against the measured ``moe_layers`` of the tiny model). dense_class: the
     plain gated MLP class of the other layers (``(config, intermediate_size=None)``), None when every
-    layer is MoE; it may be the shared expert's class.
+    layer is MoE; it may be the shared expert's class. dense_width_expr: the dense MLP's width when it
+    is not ``config.intermediate_size`` (Cohere2-MoE's ``config.prefix_dense_intermediate_size``).
+    mlp_bias: the gated MLPs' (shared expert, dense layers) ``bias=`` expression (``config.use_bias``).
+    post_norm: (attribute, RMSNorm class of the file) the block applies to its output (A.X-K1).
     """
 
     class_name: str
@@ -115,11 +129,17 @@ class MoESpec:
     layer_condition: str
     moe_layers: tuple[int, ...]
     dense_class: str | None
+    dense_width_expr: str | None = None
+    mlp_bias: str = "False"
+    post_norm: tuple[str, str] | None = None
 
     @property
     def note(self) -> str:
         """One line for reports: routing, expert activation, shared experts, dense layers."""
-        scoring = "sigmoid grouped top-k" if self.router.scoring == "sigmoid" else "softmax top-k"
+        if self.router.scoring == "sigmoid":
+            scoring = "sigmoid grouped top-k" if self.router.grouped else "sigmoid top-k"
+        else:
+            scoring = "softmax top-k"
         parts = [f"MoE ({scoring} router, {self.experts.activation} experts"]
         if self.shared is not None:
             parts.append("gated shared expert" if self.shared.gate_attr else "shared experts")

@@ -146,6 +146,11 @@ class ReferenceLayout:
     temperature: bool = False  # ... and the model's q scale per position too (Ministral3)
 
     @property
+    def routed(self) -> bool:
+        """A mixture of experts is under test: bf16 rounding flips some tokens' expert choice."""
+        return any(group.role == "moe" for group in self.blocks)
+
+    @property
     def layer_classes(self) -> list[str]:
         return list(dict.fromkeys(kind.cls for kind in self.layers))
 
