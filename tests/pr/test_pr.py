@@ -235,9 +235,13 @@ def test_the_helper_module_is_onboardlm_s_own_source(made) -> None:
     assert sorted(namespace["__all__"]) == sorted(
         [
             "Call",
+            "cos_sin_tables",
             "first_tensor",
+            "missing_paths",
             "randomize_constant_tensors",
             "record_calls",
+            "rmse_ratio",
+            "text_positions",
             "transfer_weights",
             "unit_embeddings",
         ]

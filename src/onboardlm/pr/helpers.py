@@ -27,6 +27,10 @@ HELPER_SOURCES: dict[str, str] = {
     "record_calls": "onboardlm.testing.capture",
     "Call": "onboardlm.testing.capture",
     "first_tensor": "onboardlm.testing.capture",
+    "missing_paths": "onboardlm.testing.capture",
+    "cos_sin_tables": "onboardlm.testing.capture",
+    "text_positions": "onboardlm.testing.capture",
+    "rmse_ratio": "onboardlm.testing.metrics",
 }
 assert set(HELPER_SOURCES) == HELPER_NAMES
 

@@ -41,6 +41,10 @@ HELPER_NAMES = frozenset(
         "record_calls",
         "Call",
         "first_tensor",
+        "missing_paths",
+        "cos_sin_tables",
+        "text_positions",
+        "rmse_ratio",
     }
 )
 

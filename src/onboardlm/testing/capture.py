@@ -100,6 +100,18 @@ def _detached(value: Any) -> Any:
     return value
 
 
+def missing_paths(model: nn.Module, paths: Iterable[str]) -> list[str]:
+    """The submodule paths of ``paths`` that ``model`` does not have (an older transformers release
+    lays the model out otherwise: GPT-J's rotary module lived inside its attention before 5.2x)."""
+    missing = []
+    for path in paths:
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            missing.append(path)
+    return missing
+
+
 def record_calls(model: nn.Module, paths: Iterable[str], **inputs: Any) -> dict[str, list[Call]]:
     """Run ``model(**inputs)`` once without gradients and return every call of each submodule path.
 
