@@ -22,6 +22,8 @@ from onboardlm.onboard.config_variants import candidate_variants
 )
 def test_derivation_gives_the_config_s_value(model_type: str, overrides: dict) -> None:
     config = AutoConfig.for_model(model_type, **overrides)
+    if not hasattr(config, "num_key_value_heads"):
+        pytest.skip("this transformers release does not derive num_key_value_heads")
     expression = derived_expression(config, "num_key_value_heads")
     assert expression is not None and "num_key_value_heads" not in expression
     assert eval(expression, {}, {"config": config}) == config.num_key_value_heads  # noqa: S307

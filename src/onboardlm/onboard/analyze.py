@@ -1070,6 +1070,8 @@ class _Analyzer:
         returns, is no candidate."""
         seen = self._attention_call(attn, rope, {n: c.module for n, c in linears.items()})
         result = seen.get("")
+        if result is None and "q_proj" in linears:  # not callable on its own (RoPE from position_ids
+            return "q_proj", "none", None  # inside it, GPT-J before 5.2x): the probe says what it needs
         outputs = [n for n in linears if result is not None and seen.get(n) is result]
         inputs = [
             n
