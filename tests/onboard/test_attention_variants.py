@@ -20,6 +20,7 @@ from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.generate import generate_model_file
 from onboardlm.testing import assert_rmse_close, tiny_config, transfer_weights
+from onboardlm.testing.reference import installed_model_type, missing_reference_reason, reference_params
 
 #: (model_type, config overrides): AFMoE with every layer dense keeps its gated attention without
 #: its MoE router (not measured yet).
@@ -36,9 +37,20 @@ CASES = {
 TINY_ROPE = {"ministral3": {"original_max_position_embeddings": 2}}
 
 
+class _Specs(dict):
+    """Each case's spec, analyzed when a test first asks for it; skipped where the installed
+    transformers has no such model type."""
+
+    def __missing__(self, name: str) -> object:
+        if installed_model_type(name) is None:
+            pytest.skip(missing_reference_reason(name))
+        self[name] = analyze(AutoConfig.for_model(name, **CASES[name]))
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def specs() -> dict:
-    return {name: analyze(AutoConfig.for_model(name, **fields)) for name, fields in CASES.items()}
+    return _Specs()
 
 
 def test_separate_output_gate(specs: dict) -> None:
@@ -85,7 +97,7 @@ def test_inverse_rope_and_shared_final_norm(specs: dict) -> None:
     assert spec.embedding.norm == spec.head.final_norm_attr == "norm"
 
 
-@pytest.mark.parametrize("model_type", list(CASES))
+@pytest.mark.parametrize("model_type", reference_params(list(CASES)))
 def test_generated_model_matches_transformers(model_type: str, tmp_path: Path) -> None:
     config = AutoConfig.for_model(model_type, **CASES[model_type])
     path = tmp_path / f"modeling_{model_type}.py"
@@ -131,7 +143,7 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("model_type", list(REFUSED))
+@pytest.mark.parametrize("model_type", reference_params(list(REFUSED)))
 def test_attention_no_template_covers_is_named(model_type: str) -> None:
     path, words = REFUSED[model_type]
     with pytest.raises(UnsupportedFeature) as raised:
