@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from onboardlm.errors import WeightsError
+from onboardlm.models.config_completion import complete_default_config
 from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.testing import tiny_config
 from onboardlm.testing.reference import installed_model_type, reference_params
@@ -31,7 +32,9 @@ MODEL_TYPES = sorted(
 
 @pytest.mark.parametrize("model_type", reference_params(MODEL_TYPES))
 def test_lean_model_loads_a_transformers_saved_checkpoint(model_type: str, tmp_path: Path) -> None:
-    config = tiny_config(AutoConfig.for_model(model_type))
+    default = AutoConfig.for_model(model_type)
+    complete_default_config(default)  # as a real checkpoint's config would be (HunYuan's head_dim)
+    config = tiny_config(default)
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     reference.save_pretrained(tmp_path)

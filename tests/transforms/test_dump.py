@@ -97,7 +97,6 @@ def test_serve_s_paged_build_and_the_fast_path_dump_their_steps(model, tmp_path,
         "insert_logit_gather",
         "use_packed_logit_gather",
         "use_direct_kernels",
-        "fold_weight_computations",
     ]
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "fast"))
     graph = build_cached_graph(model)

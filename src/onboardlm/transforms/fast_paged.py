@@ -22,6 +22,7 @@ from onboardlm.kernels import decode_attention as kernels
 from onboardlm.ops._library import op_targets
 from onboardlm.ops.attention import check_layout, to_bnsd
 from onboardlm.transforms import paged_ops
+from onboardlm.transforms.dump import dumps_graph
 
 
 def _reference(*args: object, **kwargs: object) -> torch.Tensor:
@@ -74,6 +75,7 @@ def fast_paged_attention(
     return out[None].contiguous() if layout == "bsnd" else out.transpose(0, 1)[None].contiguous()
 
 
+@dumps_graph
 def use_fast_paged_attention(gm: GraphModule) -> int:
     """Make every paged-attention node of ``gm`` call :func:`fast_paged_attention` (in place).
 
