@@ -134,7 +134,8 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
     found = []
     if tree is not None:
         refused = _refused_settings(tree)
-        for name in sorted(_config_reads(tree)):
+        reads = sorted(_config_reads(tree))
+        for name in reads:
             value = getattr(tiny, name, None)
             if isinstance(value, bool) and name != "tie_word_embeddings" and (name, not value) not in refused:
                 found.append(Variant(f"{name}={not value}", {name: not value}, group="flag"))
@@ -142,7 +143,7 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
             if getattr(tiny, name, None) is not None:
                 found.append(Variant(f"{name}=None", {name: None}))
         found += _position_scale_variants(tiny, tree)
-        for name in sorted(_config_reads(tree)):
+        for name in reads:
             found += _per_layer_float_variants(name, getattr(tiny, name, None), tiny.num_hidden_layers)
     tied = bool(getattr(tiny, "tie_word_embeddings", False))
     found.append(Variant(f"tie_word_embeddings={not tied}", {"tie_word_embeddings": not tied}))
