@@ -18,6 +18,7 @@ from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.generate import emit_rope_frequencies, emit_rotary, generate_model_file
 from onboardlm.onboard.spec import RopeSpec
 from onboardlm.testing import assert_rmse_close, tiny_config, transfer_weights
+from onboardlm.testing.reference import built_by_transformers, requires_reference
 
 
 def test_qk_norm_after_rope_is_measured() -> None:
@@ -39,6 +40,7 @@ def test_dynamic_rope_with_a_fixed_alpha_is_measured() -> None:
     assert raised.value.module_path == "model.rotary_emb"
 
 
+@requires_reference("beam")
 def test_layer_types_without_rope_parameters_have_no_rope() -> None:
     """Beam's full-attention layers have no RoPE (rope_parameters[...] is None): measured, and the
     refusal names the next feature no template covers (its gated attention), not the RoPE."""
@@ -59,7 +61,7 @@ def test_nope_layer_types_logits_follow_transformers(tmp_path: Path) -> None:
             "sliding_attention": {"rope_type": "default", "rope_theta": 5e4},
         },
     )
-    spec = analyze(config)
+    spec = built_by_transformers(lambda: analyze(config))
     assert spec.rope is not None and spec.rope.nope_layer_types == ("full_attention",)
     assert spec.attention.rope_flag == 'config.layer_types[layer_idx] == "sliding_attention"'
     path = tmp_path / "modeling_cohere_compass_nope.py"

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from torch.export import Dim
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -320,6 +321,11 @@ def test_mlp_layer_types_block_is_emitted_and_matches() -> None:
 def test_expert_count_and_shared_width_fields_are_found_by_rebuilding() -> None:
     """Aria names its expert count ``moe_num_experts``; its shared width is intermediate_size x count."""
     model = _hf_model("aria_text")
+    if not hasattr(model.model.layers[0].mlp.experts, "gate_up_proj"):
+        pytest.skip(
+            f"transformers {transformers.__version__} keeps Aria's experts in fc1/fc2 submodules "
+            "(onboarding refuses that layout in one line)"
+        )
     spec = analyze_moe(model.config, model)
     assert spec.experts.num_experts_field == "moe_num_experts"
     assert spec.shared.intermediate_expr == "config.intermediate_size * config.moe_num_shared_experts"

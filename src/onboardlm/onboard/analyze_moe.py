@@ -13,6 +13,7 @@ import ast
 import copy
 import inspect
 import math
+import re
 import textwrap
 from collections.abc import Callable
 
@@ -160,7 +161,7 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     if len(classes) > 1:
         raise UnsupportedFeature(path, f"several MoE block classes ({', '.join(sorted(classes))})")
     moe_layers = tuple(i for i, _ in moe)
-    experts = _analyze_experts(config, block, f"{path}.experts")
+    experts = _analyze_experts(config, block, f"{path}.experts", attr)
     condition = _layer_condition(
         config, moe_layers, len(layers), path, layers[first_idx], attr, type(block).__name__
     )
@@ -385,7 +386,31 @@ def _check_gated_mlp(config: PretrainedConfig, mlp: nn.Module, where: str, width
         )
 
 
-def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str) -> ExpertsSpec:
+def _checkpoint_aliases(config: PretrainedConfig, attr: str, key: str) -> tuple[str, ...]:
+    """Names that checkpoints on disk give the packed tensor ``<attr>.<key>``, relative to the block.
+
+    Read from transformers' own load-time renames (``conversion_mapping``): a real Aria checkpoint
+    stores ``mlp.experts.fc1.weight`` where the module holds ``mlp.experts.gate_up_proj``. Only
+    plain renames of that exact key are taken (escaped dots, no other pattern).
+    """
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # a release without load-time renames
+        return ()
+    aliases = []
+    for rename in get_checkpoint_conversion_mapping(config.model_type) or ():
+        if type(rename).__name__ != "WeightRenaming":
+            continue
+        for source, target in zip(rename.source_patterns, rename.target_patterns, strict=False):
+            source = source.replace("\\.", ".")
+            if target.lstrip(".") != f"{attr}.{key}" or re.search(r"[\\^$*+?()\[\]{}|]", source):
+                continue
+            if source.lstrip(".").startswith(f"{attr}."):
+                aliases.append(source.lstrip(".").removeprefix(f"{attr}."))
+    return tuple(aliases)
+
+
+def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str, attr: str) -> ExpertsSpec:
     experts = block.experts
     if isinstance(experts, nn.ModuleList):
         raise UnsupportedFeature(
@@ -421,6 +446,8 @@ def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str) -> E
         transposed=transposed,
         gate_up_bias_key="gate_up_proj_bias" if has_bias else None,
         down_bias_key="down_proj_bias" if has_bias else None,
+        gate_up_aliases=_checkpoint_aliases(config, attr, "experts.gate_up_proj"),
+        down_aliases=_checkpoint_aliases(config, attr, "experts.down_proj"),
     )
     return ExpertsSpec(
         num_experts=num_experts,
@@ -701,6 +728,10 @@ def _probe_router(
     tokens = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=generator, dtype=torch.float32)
     found = _router_correction(router)
     correction = getattr(block, _CORRECTION, None) if block is not None else (found and found[1])
+    saved_weight = weight.detach().clone()
+    if bool((weight == weight.flatten()[0]).all()):  # a constant init (zeros) ties every expert
+        with torch.no_grad():
+            weight.copy_(torch.randn(weight.shape, generator=generator) / weight.shape[1] ** 0.5)
     saved, bias = None, torch.zeros(())
     if isinstance(correction, torch.Tensor):
         saved, bias = correction.detach().clone(), torch.randn(correction.shape, generator=generator)
@@ -709,6 +740,8 @@ def _probe_router(
         args = (tokens.to(weight.dtype),) + ((correction,) if block is not None else ())
         out = router(*args)
     finally:
+        with torch.no_grad():
+            weight.copy_(saved_weight)
         if saved is not None:
             correction.copy_(saved)
     if not (isinstance(out, tuple) and len(out) == 3):

@@ -63,6 +63,8 @@ class PackedExperts:
 
     gate_up is ``[E, 2I, H]`` (``transposed``: ``[E, H, 2I]``) with gate and up ``concatenated`` as
     halves or interleaved row by row; down is ``[E, H, I]`` (``transposed``: ``[E, I, H]``).
+    The aliases are the same tensors' names in checkpoints on disk (transformers renames them on
+    load), relative to the MoE block, e.g. Aria's ``experts.fc1.weight``.
     """
 
     gate_up_key: str
@@ -71,6 +73,8 @@ class PackedExperts:
     transposed: bool
     gate_up_bias_key: str | None
     down_bias_key: str | None
+    gate_up_aliases: tuple[str, ...] = ()
+    down_aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -155,11 +155,15 @@ class AriaTextMoELayer(nn.Module):
         """
         experts = f"{prefix}experts."
         gate_up = state_dict.pop(f"{experts}gate_up_proj", None)
+        if gate_up is None:  # the name checkpoints on disk use
+            gate_up = state_dict.pop(f"{prefix}experts.fc1.weight", None)
         if gate_up is not None:
             gate_up = gate_up.transpose(1, 2)
             _store_expert_tensors(state_dict, experts, "gate_proj.weight", gate_up.chunk(2, dim=1)[0])
             _store_expert_tensors(state_dict, experts, "up_proj.weight", gate_up.chunk(2, dim=1)[1])
         down = state_dict.pop(f"{experts}down_proj", None)
+        if down is None:
+            down = state_dict.pop(f"{prefix}experts.fc2.weight", None)
         if down is not None:
             _store_expert_tensors(state_dict, experts, "down_proj.weight", down.transpose(1, 2))
 
