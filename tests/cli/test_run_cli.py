@@ -81,6 +81,13 @@ def test_use_registry_and_its_standalone_yaml_give_the_same_settings_and_output(
     summary = re.search(r"generated (\d+) tokens for 3 prompts in [\d.]+ s \(([\d.]+) tok/s", out_a)
     assert summary is not None, out_a
     assert 3 <= int(summary.group(1)) <= 3 * 6 and float(summary.group(2)) > 0  # max_new_tokens 6 each
+    phases = re.search(
+        r"timings load ([\d.]+) s, export ([\d.]+) s, warm-up ([\d.]+) s, first token ([\d.]+) s "
+        r"\(mean per batch\)(, decode ([\d.]+) tok/s)?",
+        out_a,
+    )  # two batches (max_batch_size 2); warm-up is 0.0 on the CPU (nothing is compiled or captured)
+    assert phases is not None, out_a
+    assert float(phases.group(2)) > 0 and float(phases.group(3)) == 0.0
 
 
 def test_command_line_options_override_the_settings(tiny_registry: Path, tiny_model: Path) -> None:

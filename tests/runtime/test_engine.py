@@ -12,6 +12,7 @@ from onboardlm.registry.settings import SamplingSettings
 from onboardlm.runtime.cache import KVCache
 from onboardlm.runtime.engine import CachedModel, build_cached_graph
 from onboardlm.runtime.generate import greedy_generate
+from onboardlm.runtime.timings import DecodeTimings
 
 CONFIG = LlamaConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -81,3 +82,16 @@ def test_a_batch_larger_than_the_cache_is_refused(model_and_graph) -> None:
     _, graph = model_and_graph
     with pytest.raises(OnboardlmError, match=r"batch of 5 prompts.*max_batch_size 4"):
         _cached(graph).generate([[1, 2]] * 5, max_new_tokens=NEW)
+
+
+def test_timings_count_the_first_token_apart_from_the_decode_steps(model_and_graph, prompts) -> None:
+    """Two batches of 3 sequences, 8 new tokens each, no stop: 2 first tokens and 2 x 3 x 7 decode rows."""
+    _, graph = model_and_graph
+    model, timings = _cached(graph), DecodeTimings()
+    for _ in range(2):
+        model.generate(prompts, max_new_tokens=NEW, timings=timings)
+    assert timings.first_token_batches == 2 and timings.decode_tokens == 2 * len(prompts) * (NEW - 1)
+    assert timings.first_token_s > 0 and timings.decode_s > 0
+    one_token = DecodeTimings()
+    model.generate(prompts, max_new_tokens=1, timings=one_token)
+    assert one_token.decode_tokens == 0 and one_token.decode_s < one_token.first_token_s

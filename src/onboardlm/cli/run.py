@@ -150,3 +150,4 @@ def _load_and_run(model: str | None, settings: Any, prompt: list[str] | None) ->
         highlight=False,
         soft_wrap=True,
     )
+    console.print(f"[green]timings[/] {runner.timings.summary()}", highlight=False, soft_wrap=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -71,7 +72,7 @@ def serve_command(
     """Serve a model over HTTP: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics."""
     from onboardlm.registry import load_run_settings
     from onboardlm.runtime.runner import DEFAULT_MODEL_ID
-    from onboardlm.runtime.serve_setup import ServeOptions, load_engine
+    from onboardlm.runtime.serve_setup import ServeOptions, engine_for_model, load_model
     from onboardlm.serve.app import ServedModel, create_app
     from onboardlm.serve.server import bind, serve
 
@@ -97,14 +98,19 @@ def serve_command(
         ) from None
     options = ServeOptions(block_size, kv_cache_tokens, max_step_tokens, max_queue)
     with console.status(f"loading and exporting {registry_name} ..."):
-        engine = load_engine(model, settings, options)
+        started = time.perf_counter()
+        loaded = load_model(model, settings)
+        loaded_at = time.perf_counter()
+        engine = engine_for_model(loaded.model, loaded.tokenizer, loaded.stop_ids, settings, options)
+        ready_at = time.perf_counter()
     served = ServedModel.from_settings(served_model_name or registry_name, engine, settings)
     bound_host, bound_port = sock.getsockname()[:2]
     cache = engine.scheduler.allocator
     console.print(
         f"[green]serving[/] {served.name} on http://{bound_host}:{bound_port}/v1 "
         f"(KV cache {cache.num_blocks} blocks of {cache.block_size} tokens, up to {settings.max_batch_size} "
-        f"requests at once, context {settings.max_seq_len})",
+        f"requests at once, context {settings.max_seq_len}); startup: load {loaded_at - started:.1f} s, "
+        f"export and warm-up {ready_at - loaded_at:.1f} s (time to first token and decode rates: /metrics)",
         highlight=False,
         soft_wrap=True,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -13,6 +14,7 @@ from onboardlm.registry.settings import SamplingSettings
 from onboardlm.runtime.cache import KVCache
 from onboardlm.runtime.generate import Generation
 from onboardlm.runtime.sampler import make_generator, sample
+from onboardlm.runtime.timings import DecodeTimings, synchronized_clock
 from onboardlm.transforms import (
     INPUT_POS,
     KV_LEN,
@@ -122,24 +124,36 @@ class CachedModel:
         sampling: SamplingSettings | None = None,
         stop_ids: Iterable[int] = (),
         generator: torch.Generator | None = None,
+        timings: DecodeTimings | None = None,
     ) -> list[Generation]:
         """Decode up to ``max_new_tokens`` per prompt; a sequence ends at its first stop token.
 
         Sampling draws from ``generator``, by default a fresh one seeded from ``sampling.seed``.
+        ``timings`` gets this batch's time to the first token and the decode steps' time and rows.
         """
         sampling = sampling or SamplingSettings()
         generator = generator or make_generator(sampling, self.device)
         stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=self.device)
+        started = synchronized_clock(self.device) if timings is not None else 0.0
         logits = self.prefill(prompts, max_new_tokens)
         steps: list[torch.Tensor] = []
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        first_token_at = started
         for step in range(max_new_tokens):
             token = sample(logits, sampling, generator)
             steps.append(token)
             finished |= torch.isin(token, stops)
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            done = step == max_new_tokens - 1 or bool(finished.all())  # the step's one host sync
+            if step == 0:
+                first_token_at = time.perf_counter()
+            if done:
                 break
             logits = self.decode(token)
+        if timings is not None:
+            ended = time.perf_counter()
+            timings.add_batch(
+                first_token_at - started, ended - first_token_at, (len(steps) - 1) * len(prompts)
+            )
         rows = torch.stack(steps, dim=1).tolist()
         return [_cut_at_stop(prompt, row, set(stop_ids)) for prompt, row in zip(prompts, rows, strict=True)]
 

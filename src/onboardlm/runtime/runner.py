@@ -7,6 +7,7 @@ onboarding E2E phase; :class:`Runner` keeps the loaded graph for several calls.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from onboardlm.runtime.engine import CachedModel, build_cached_graph
 from onboardlm.runtime.prompts import check_prompts, default_prompts
 from onboardlm.runtime.sampler import make_generator
 from onboardlm.runtime.tensor_parallel import graph_sharder, rank_for_run, rank_local_sharder
+from onboardlm.runtime.timings import DecodeTimings, RunTimings, synchronized_clock
 from onboardlm.transforms import CachedGraph
 from onboardlm.transforms.sharding import ShardingReport
 
@@ -86,6 +88,7 @@ class Runner:
     report: LoadReport
     device: torch.device
     stop_ids: frozenset[int]
+    timings: RunTimings = field(default_factory=lambda: RunTimings(load_s=0.0, export_s=0.0))
 
     @classmethod
     def load(cls, model: str | None, settings: RunSettings) -> Runner:
@@ -100,6 +103,8 @@ class Runner:
                     update={"sampling": settings.sampling.model_copy(update={"seed": 0})}
                 )
         location = model_location(model)
+        started = time.perf_counter()
+        export_s = 0.0
         factory = AutoModelForCausalLMFactory(location, settings.model_kwargs)
         tokenizer = factory.tokenizer()
         dtype = resolve_dtype(settings.dtype)
@@ -112,10 +117,22 @@ class Runner:
                 logger.warning("reading this rank's shards failed (%s); loading the whole checkpoint", error)
         if graph is None:
             lean, report = factory.build_and_load(device=device, dtype=dtype)
+            exporting = synchronized_clock(device)
             graph = build_cached_graph(lean, shard)
+            export_s = synchronized_clock(device) - exporting
         stops = frozenset(stop_token_ids(tokenizer, factory.generation_config()))
+        # the rank-local path reads each shard into the exported graph: its time counts as loading
+        timings = RunTimings(load_s=time.perf_counter() - started - export_s, export_s=export_s)
         return cls(
-            model or DEFAULT_MODEL_ID, settings, factory.config, tokenizer, graph, report, device, stops
+            model or DEFAULT_MODEL_ID,
+            settings,
+            factory.config,
+            tokenizer,
+            graph,
+            report,
+            device,
+            stops,
+            timings,
         )
 
     def run(self, prompts: list[str] | None = None) -> list[PromptResult]:
@@ -135,16 +152,27 @@ class Runner:
             max(lengths) + settings.max_new_tokens,
             self.device,
         )
+        warming = synchronized_clock(self.device)
         model = CachedModel(self.graph, cache, pad_id)
+        batches = [
+            encoded[start : start + settings.max_batch_size]
+            for start in range(0, len(encoded), settings.max_batch_size)
+        ]
+        if self.device.type == "cuda":  # compile and capture the steps of each batch size the run uses
+            for size in dict.fromkeys(len(batch) for batch in batches):
+                model.generate([encoded[0][:4]] * size, max_new_tokens=2)
+        self.timings.warm_up_s = synchronized_clock(self.device) - warming
+        self.timings.decode = DecodeTimings()
         results: list[PromptResult] = []
-        for start in range(0, len(encoded), settings.max_batch_size):
-            batch = encoded[start : start + settings.max_batch_size]
+        for number, batch in enumerate(batches):
+            start = number * settings.max_batch_size
             generations = model.generate(
                 batch,
                 max_new_tokens=settings.max_new_tokens,
                 sampling=settings.sampling,
                 stop_ids=self.stop_ids,
                 generator=generator,
+                timings=self.timings.decode,
             )
             for offset, generation in enumerate(generations):
                 index = start + offset
