@@ -353,6 +353,10 @@ def bench_shape(
         prefill = accelerate(gm, prefill_cache, replace(options, cuda_graphs=False))
         for b, s in PREFILLS:
             timed(rec[key], f"prefill_{b}x{s}_ms", lambda b=b, s=s, p=prefill: ours_prefill(p, b, s, vocab))
+        rec[key]["prefill_capture"] = {
+            "captured": prefill.report.prefill_captured,
+            "skipped": prefill.report.prefill_skipped,
+        }
         fast = accelerate(gm, cache, options)
         rec[key]["capture"] = vars(fast.report)
         for b in batches:
@@ -397,6 +401,7 @@ def variants() -> dict[str, SpeedOptions]:
         return {"ours": SpeedOptions(batch_sizes=())}
     return {
         "ours": SpeedOptions(batch_sizes=BATCHES),
+        "ours_no_prefill_graphs": SpeedOptions(prefill_graphs=False, batch_sizes=(1,)),
         "ours_no_decode_kernel": SpeedOptions(decode_kernel=False, batch_sizes=(1,)),
         "ours_no_linear_fusion": SpeedOptions(fuse_linears=False, batch_sizes=(1,)),
         "ours_unfused": SpeedOptions(fuse=False, fuse_linears=False, batch_sizes=(1,)),
@@ -490,11 +495,25 @@ def summarize(result: dict) -> dict:
         summary["decode_bs1_8b_bound_tok_s"] = bound
         summary["decode_bs1_8b_fraction_of_bound"] = ratio(summary["decode_bs1_8b_tok_s"], bound)
         summary["decode_bs1_8b_plain_recipe_fraction_of_bound"] = ratio(recipe, bound)
+    small = result["shapes"].get("small", {})
+    for b, s in ((1, 2048), (8, 512)):
+        key = f"prefill_{b}x{s}_ms"
+        theirs, mine = small.get("hf", {}).get(key), small.get("ours", {}).get(key)
+        summary[f"prefill_{b}x{s}_small_ratio_vs_hf"] = ratio(theirs, mine)
+        summary[f"prefill_{b}x{s}_small_iqr_ms"] = small.get("ours", {}).get(f"prefill_{b}x{s}_iqr_ms")
+        unfused = small.get("ours_no_prefill_graphs", {}).get(key)
+        summary[f"prefill_{b}x{s}_small_ratio_vs_uncaptured"] = ratio(unfused, mine)
+    moe = result["shapes"].get("moe", {})
+    if "copy_gb_s" in roof and "active_weight_gb" in moe:
+        bound = roof["copy_gb_s"] / moe["active_weight_gb"]
+        summary["decode_bs1_moe_bound_tok_s"] = bound
+        summary["decode_bs1_moe_fraction_of_bound"] = ratio(tok_s(moe.get("ours", {}), 1), bound)
     return summary
 
 
 #: Variants with one part of the fast path off, as the table names them.
 ABLATIONS = {
+    "ours_no_prefill_graphs": "without CUDA-graph prefill",
     "ours_no_decode_kernel": "without the Triton decode kernel (SDPA)",
     "ours_no_linear_fusion": "without q/k/v and gate/up GEMM fusion",
     "ours_unfused": "without any fusion (elementwise or GEMM)",

@@ -1,4 +1,4 @@
-"""On a CUDA GPU: the fast path (SDPA attention, fused kernels, CUDA-graph decode) is right.
+"""On a CUDA GPU: the fast path (SDPA attention, fused kernels, CUDA-graph prefill and decode) is right.
 
 A SmolLM2-135M-shaped Llama with random weights runs on the GPU. In bf16 its prefill and decode logits
 are checked against transformers' fp32 model on the CPU; its greedy tokens are checked against
@@ -111,6 +111,23 @@ def test_bf16_prefill_and_padded_decode_logits_match_the_cpu_fp32_reference(calm
         logits = _step(fast, tokens[:, None].cuda(), length, length * 0, width + step + 1)
         length = length + 1
         assert_rmse_close(logits.cpu(), _cpu_logits(calm, rows), 0.02, f"decode step {step}")
+
+
+def test_prefills_replay_from_captured_buckets_and_equal_the_direct_run(calm) -> None:
+    """Batch 3 of widths 20 and then 25 both replay the (4, 32) bucket; stale inputs do not leak."""
+    fast = _fast_graph(calm, torch.bfloat16, (1, 2, 4))
+    zero = torch.zeros(3, dtype=torch.long, device="cuda")
+    for width in (20, 25):
+        ids = torch.randint(0, SMALL.vocab_size, (3, width), device="cuda")
+        last = torch.tensor([width - 1, width - 5, 3], device="cuda")
+        replayed = _step(fast, ids, zero, last, width)
+        positions = torch.arange(width, device="cuda").expand(3, width)
+        direct = fast.gm(
+            input_ids=ids, position_ids=positions, **{INPUT_POS: zero, KV_LEN: width, LOGIT_INDEX: last},
+            **fast.cache,
+        )[:, -1].float()  # fmt: skip
+        assert_rmse_close(replayed, direct, 1e-3, f"captured prefill, width {width}")
+    assert fast.report.prefill_captured == ["4x32"] and not fast.report.prefill_skipped
 
 
 def _greedy(fast: FastGraph, prompt: torch.Tensor) -> list[int]:

@@ -6,9 +6,17 @@
 ``b`` sequences is padded to the smallest captured batch size ``B >= b`` and replayed from a CUDA graph
 captured with ``kv_len = max_seq``: the masks follow ``input_pos``, so reading the whole cache gives
 the same result as reading the valid prefix. Padded rows use cache rows ``b .. B-1`` at the last
-position, which no live sequence reads before writing it itself. Prefill and any uncaptured step run
-the graph directly. :func:`accelerate` builds the whole fast path; :class:`SpeedOptions` turns each
-part (fusion, whole-graph ``torch.compile`` of the decode step, CUDA graphs) on or off.
+position, which no live sequence reads before writing it itself.
+
+A prefill from position 0 of ``b`` prompts right-padded to width ``w`` (``kv_len == w``, as
+:class:`onboardlm.runtime.engine.CachedModel` calls it) is padded further to a captured bucket
+``(B, L)`` (``B >= b`` and ``L >= w`` from the options' prefill buckets) and replayed from a
+CUDA graph captured on first use: without it, each layer's ~26 kernel launches run from Python and a
+small model's prefill waits on the host. Padding is causal-safe: a real token attends only to
+positions up to its own, and padded positions (and rows ``b .. B-1``) write cache slots that a
+sequence overwrites before it reads them. Any other multi-token step runs the graph directly.
+:func:`accelerate` builds the whole fast path; :class:`SpeedOptions` turns each part (fusion,
+whole-graph ``torch.compile`` of the decode step, decode and prefill CUDA graphs) on or off.
 """
 
 from __future__ import annotations
@@ -40,7 +48,9 @@ class SpeedOptions:
     ``torch.compile`` the whole decode graph (slow to compile: a minute or more for a large model);
     ``cuda_graphs``: capture decode steps for ``batch_sizes``; ``fuse_linears``: one GEMM per group of
     linears sharing an input (q/k/v, gate/up; :mod:`onboardlm.transforms.fuse_linears`);
-    ``decode_kernel``: the Triton split-K kernel for one-token attention where it can run (else SDPA).
+    ``decode_kernel``: the Triton split-K kernel for one-token attention where it can run (else SDPA);
+    ``prefill_graphs``: capture prefills per (``prefill_batch_sizes``, ``prefill_lengths``) bucket on
+    first use.
     """
 
     fuse: bool = True
@@ -49,6 +59,9 @@ class SpeedOptions:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     fuse_linears: bool = True
     decode_kernel: bool = True
+    prefill_graphs: bool = True
+    prefill_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    prefill_lengths: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 @dataclass
@@ -64,6 +77,8 @@ class CaptureReport:
 
     captured: list[int] = field(default_factory=list)
     skipped: dict[int, str] = field(default_factory=dict)
+    prefill_captured: list[str] = field(default_factory=list)  # "<batch>x<length>" buckets
+    prefill_skipped: dict[str, str] = field(default_factory=dict)
 
 
 def uncapturable_reason(gm: GraphModule) -> str | None:
@@ -91,13 +106,15 @@ class FastGraph:
         self.step = torch.compile(gm, dynamic=False) if use_compile else gm
         self.report = CaptureReport()
         self._captured: dict[int, _Captured] = {}
+        self._prefills: dict[tuple[int, int], _Captured | None] = {}  # None: capture failed, run directly
         self._pool: Any = None
+        self._uncapturable = uncapturable_reason(gm)
 
     def capture(self) -> CaptureReport:
         """Capture one decode step for every batch size of the options that fits the cache."""
         if not self.options.cuda_graphs or self.device.type != "cuda":
             return self.report
-        reason = uncapturable_reason(self.gm)
+        reason = self._uncapturable
         for size in sorted(set(self.options.batch_sizes)):
             if size > self.max_batch:
                 continue
@@ -120,18 +137,66 @@ class FastGraph:
         return inputs
 
     def _capture(self, size: int) -> _Captured:
-        inputs = self._static_inputs(size)
+        return self._capture_call(self.step, self._static_inputs(size), self.max_seq)
+
+    def _capture_call(self, step: Any, inputs: dict[str, torch.Tensor], kv_len: int) -> _Captured:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):  # compile and warm up outside the capture
-                self.step(**inputs, **{KV_LEN: self.max_seq}, **self.cache)
+                step(**inputs, **{KV_LEN: kv_len}, **self.cache)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
-            logits = self.step(**inputs, **{KV_LEN: self.max_seq}, **self.cache)
+            logits = step(**inputs, **{KV_LEN: kv_len}, **self.cache)
         self._pool = graph.pool()
         return _Captured(graph, inputs, logits)
+
+    def _prefill_bucket(self, batch: int, width: int) -> tuple[int, int] | None:
+        """The captured prefill shape for ``batch`` prompts of width ``width``, or None (run directly)."""
+        options = self.options
+        if not options.prefill_graphs or self.device.type != "cuda" or self._uncapturable is not None:
+            return None
+        size = min((b for b in options.prefill_batch_sizes if batch <= b <= self.max_batch), default=None)
+        length = min((n for n in options.prefill_lengths if width <= n <= self.max_seq), default=None)
+        return None if size is None or length is None else (size, length)
+
+    def _captured_prefill(self, key: tuple[int, int]) -> _Captured | None:
+        if key not in self._prefills:
+            size, length = key
+            zeros = torch.zeros(size, dtype=torch.long, device=self.device)
+            positions = torch.arange(length, device=self.device).expand(size, length).contiguous()
+            inputs = {
+                "input_ids": torch.zeros(size, length, dtype=torch.long, device=self.device),
+                "position_ids": positions,
+                INPUT_POS: zeros,
+                LOGIT_INDEX: zeros.clone(),
+            }
+            try:
+                self._prefills[key] = self._capture_call(self.gm, inputs, length)
+                self.report.prefill_captured.append(f"{size}x{length}")
+            except RuntimeError as error:  # recorded; prefills of this shape then run directly
+                self._prefills[key] = None
+                self.report.prefill_skipped[f"{size}x{length}"] = str(error).splitlines()[0]
+        return self._prefills[key]
+
+    def _prefill(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """A fresh prefill replayed from its bucket's CUDA graph, or None where none applies."""
+        input_ids = inputs["input_ids"]
+        batch, width = input_ids.shape
+        if inputs[KV_LEN] != width:  # not a prefill from position 0 of every sequence
+            return None
+        key = self._prefill_bucket(batch, width)
+        captured = self._captured_prefill(key) if key is not None else None
+        if captured is None:
+            return None
+        static = captured.inputs
+        static["input_ids"].zero_()
+        static["input_ids"][:batch, :width].copy_(input_ids)
+        static[LOGIT_INDEX].zero_()
+        static[LOGIT_INDEX][:batch].copy_(inputs[LOGIT_INDEX])
+        captured.graph.replay()
+        return captured.logits[:batch].clone()
 
     def _bucket(self, batch: int) -> int | None:
         return min((size for size in self._captured if size >= batch), default=None)
@@ -144,7 +209,8 @@ class FastGraph:
         input_ids = inputs["input_ids"]
         batch = input_ids.shape[0]
         if input_ids.shape[1] != 1:
-            return self.gm(**inputs)
+            replayed = self._prefill(inputs)
+            return replayed if replayed is not None else self.gm(**inputs)
         size = self._bucket(batch)
         if size is None:  # one static shape per batch size: the compiled step never sees a new kv_len
             return self.step(**{**inputs, KV_LEN: self.max_seq})
