@@ -8,7 +8,8 @@ decode tokens/s at batch 1/8/64 (prompt 512, 128 new tokens), peak GPU memory, a
 roofline (bf16 matmul ceiling, copy bandwidth) to express each figure as a fraction of its limit.
 Beside transformers: onboardlm with one part of its fast path off at a time (ablations), the plain
 PyTorch static-cache + ``torch.compile`` + CUDA-graph model of ``plain_recipe.py``, and a profile of
-the default path. ``--prefill-only`` measures prefill alone; ``--smoke`` runs tiny shapes on the CPU.
+the default path; on the 8B shape, the same path with its linears in FP8 (``--quantize fp8``: weights per
+channel, activations per token, fused FP8 kernels) against bf16. ``--prefill-only`` measures prefill alone; ``--smoke`` runs tiny shapes on the CPU.
 Timing (``benchmarks/timing.py``): roofline kernels and prefills through ``triton.testing.do_bench`` (on
 the CPU ``torch.utils.benchmark.Timer``), stored as ``<figure>_ms`` (median) and ``<figure>_iqr_ms``;
 decode figures from the median of ``--repeats`` timed whole runs (``total_iqr_ms``/``decode_iqr_ms``).
@@ -39,6 +40,7 @@ from onboardlm.registry.atomic import atomic_write_text
 from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, insert_cached_attention, insert_logit_gather
 from onboardlm.transforms.backends import use_direct_kernels
 from onboardlm.transforms.compile import FastGraph, SpeedOptions, accelerate
+from onboardlm.transforms.quantize_fp8 import quantize_fp8_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plain_recipe  # noqa: E402  (benchmarks/plain_recipe.py: the static-cache + compile baseline)
@@ -366,6 +368,11 @@ def bench_shape(
         del gm, prefill, fast
         DEV.empty_cache()
         save()
+    if name == "8b":
+        guarded(rec, "ours_fp8", lambda p=prefill_cache: bench_fp8(lean, cache, p, vocab))
+        log(f"{name}: fp8 {short(rec['ours_fp8'])}")
+        DEV.empty_cache()
+        save()
     del prefill_cache
     tokens = rec["ours"].get("decode_bs1", {}).get("tokens")
 
@@ -393,6 +400,27 @@ def bench_shape(
         guarded(rec, "profile", lambda: profile(cached.gm, vocab, cached.caches))
 
     return [recipe, profiled, ours_compiled, hf_compiled] if name == "8b" else []
+
+
+def bench_fp8(
+    lean: torch.nn.Module, cache: dict[str, torch.Tensor], prefill_cache: dict[str, torch.Tensor], vocab: int
+) -> dict[str, Any]:
+    """The default path with the decoder linears in FP8, as ``--quantize fp8`` runs them (weights per
+    channel, activations per token; ``fuse_fp8`` swaps in the FP8 kernels): prefill shapes, decode bs1.
+    Its own export of the lean model: quantisation replaces the graph's weight tensors, not the model's."""
+    part: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    fp8 = cached_graph(lean, quantize_fp8_linears)
+    options = SpeedOptions(batch_sizes=(1,))
+    prefill = accelerate(fp8.gm, prefill_cache, replace(options, cuda_graphs=False))
+    for b, s in PREFILLS:
+        timed(part, f"prefill_{b}x{s}_ms", lambda b=b, s=s: ours_prefill(prefill, b, s, vocab))
+    fast = accelerate(fp8.gm, cache, options)
+    part["capture"] = vars(fast.report)
+    guarded(part, "decode_bs1", lambda: ours_decode(fast, 1, vocab))
+    part["weight_gb"] = sum(t.numel() * t.element_size() for t in fp8.gm.state_dict().values()) / 1e9
+    part["wall_s"] = time.perf_counter() - t0
+    return part
 
 
 def variants() -> dict[str, SpeedOptions]:
@@ -490,6 +518,11 @@ def summarize(result: dict) -> dict:
         summary["prefill_1x2048_8b_tflops"] = tflops
         summary["prefill_1x2048_8b_fraction_of_ceiling"] = tflops / roof["matmul_tflops"]
     summary["decode_bs64_8b_ratio_vs_hf"] = ratio(tok_s(ours, 64), tok_s(hf, 64))
+    fp8 = big.get("ours_fp8") or {}
+    summary["decode_bs1_8b_fp8_tok_s"] = tok_s(fp8, 1)
+    summary["decode_bs1_8b_fp8_ratio_vs_bf16"] = ratio(tok_s(fp8, 1), tok_s(ours, 1))
+    summary["prefill_1x2048_8b_fp8_ms"] = fp8.get("prefill_1x2048_ms")
+    summary["prefill_1x2048_8b_fp8_ratio_vs_bf16"] = ratio(ours_pre, fp8.get("prefill_1x2048_ms"))
     if "copy_gb_s" in roof and "active_weight_gb" in big:
         bound = roof["copy_gb_s"] / big["active_weight_gb"]
         summary["decode_bs1_8b_bound_tok_s"] = bound
@@ -565,6 +598,20 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {name} | {label}: prefill {b}x{s} ms / decode bs1 tok/s "
                 f"| {fmt(part.get(f'prefill_{b}x{s}_ms'), 2)} / {fmt(tok_s(part, 1))} | | | |"
+            )
+        fp8 = rec.get("ours_fp8")
+        if isinstance(fp8, dict):
+            for b, s in PREFILLS:
+                key = f"prefill_{b}x{s}_ms"
+                o, bf = fp8.get(key), ours.get(key)
+                lines.append(
+                    f"| {name} | FP8 prefill {b}x{s} ms | {fmt(o, 2)} | {fmt(bf, 2)} (onboardlm bf16) "
+                    f"| {fmt(ratio(bf, o), 2)}x vs bf16 | |"
+                )
+            o, bf = tok_s(fp8, 1), tok_s(ours, 1)
+            lines.append(
+                f"| {name} | FP8 decode bs1 tok/s | {fmt(o)} | {fmt(bf)} (onboardlm bf16) "
+                f"| {fmt(ratio(o, bf), 2)}x vs bf16 | |"
             )
         recipe = rec.get("plain_recipe", {})
         for b in RECIPE_BATCHES:

@@ -18,6 +18,7 @@ OPS_MD_OPS = {
     "torch_moe", "torch_moe_router", "torch_moe_dense_mlp",
     "torch_mla",
     "torch_causal_conv1d", "torch_ssm", "torch_gated_delta_rule",
+    "torch_fake_quant_fp8_linear", "torch_quant_fp8_linear",  # FP8 (issue 16; AutoDeploy's names)
 }  # fmt: skip
 
 runner = CliRunner()
@@ -48,5 +49,5 @@ def test_ops_lists_every_op_of_the_contract_with_its_schema() -> None:
 def test_ops_table_renders() -> None:
     result = runner.invoke(app, ["ops"], terminal_width=250)
     assert result.exit_code == 0
-    assert "20 canonical ops" in result.output
+    assert f"{len(OPS_MD_OPS)} canonical ops" in result.output
     assert "torch_moe_dense_mlp" in result.output

@@ -48,6 +48,11 @@ class DType(str, enum.Enum):
         return getattr(torch, self.value)
 
 
+class Quantize(str, enum.Enum):
+    none = "none"
+    fp8 = "fp8"
+
+
 def print_error(message: str) -> None:
     """``error: <message>`` in red on stderr, always one line (line breaks inside become spaces)."""
     line = " ".join(message.split())

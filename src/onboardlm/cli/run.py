@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from onboardlm.cli.common import DType, app, console, reports_user_errors
+from onboardlm.cli.common import DType, Quantize, app, console, reports_user_errors
 from onboardlm.errors import OnboardlmError
 
 
@@ -61,6 +61,13 @@ def run_command(
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Tokens to generate per prompt.")] = None,
     num_hidden_layers: Annotated[int | None, typer.Option(min=1, help="Run with fewer layers.")] = None,
     dtype: Annotated[DType | None, typer.Option(help="Compute dtype [default: from the settings].")] = None,
+    quantize: Annotated[
+        Quantize | None,
+        typer.Option(
+            help="fp8: run a float checkpoint's linears in FP8 (weights per channel, activations per token) "
+            "[default: from the settings; FP8 checkpoints always load in FP8]."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda [default: from the settings].")] = None,
     max_batch_size: Annotated[
         int | None, typer.Option(min=1, help="Sequences per batch (cache rows).")
@@ -99,6 +106,7 @@ def run_command(
         "max_new_tokens": max_new_tokens,
         "world_size": world_size,
         "dtype": dtype.value if dtype else None,
+        "quantize": quantize.value if quantize else None,
         "device": device,
         "max_batch_size": max_batch_size,
         "max_seq_len": max_seq_len,

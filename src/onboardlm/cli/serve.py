@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from onboardlm.cli.common import DType, app, console, reports_user_errors
+from onboardlm.cli.common import DType, Quantize, app, console, reports_user_errors
 from onboardlm.cli.run import settings_with_overrides
 from onboardlm.errors import OnboardlmError
 
@@ -45,6 +45,13 @@ def serve_command(
     ] = None,
     num_hidden_layers: Annotated[int | None, typer.Option(min=1, help="Serve with fewer layers.")] = None,
     dtype: Annotated[DType | None, typer.Option(help="Compute dtype [default: from the settings].")] = None,
+    quantize: Annotated[
+        Quantize | None,
+        typer.Option(
+            help="fp8: run a float checkpoint's linears in FP8 (weights per channel, activations per token) "
+            "[default: from the settings; FP8 checkpoints always load in FP8]."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda [default: from the settings].")] = None,
     max_batch_size: Annotated[int | None, typer.Option(min=1, help="Requests running at once.")] = None,
     max_seq_len: Annotated[
@@ -83,6 +90,7 @@ def serve_command(
     overrides = {
         "max_new_tokens": max_new_tokens,
         "dtype": dtype.value if dtype else None,
+        "quantize": quantize.value if quantize else None,
         "device": device,
         "max_batch_size": max_batch_size,
         "max_seq_len": max_seq_len,

@@ -47,6 +47,9 @@ class RunSettings(_StrictModel):
     world_size: PositiveInt = 1
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    #: ``fp8``: a float checkpoint's linears run in FP8 (weights per channel, activations per token);
+    #: FP8 checkpoints load in FP8 whatever this says.
+    quantize: Literal["none", "fp8"] = "none"
     device: Literal["cpu", "cuda", "auto"] = "auto"
     max_batch_size: PositiveInt = 8
     max_seq_len: PositiveInt = 2048

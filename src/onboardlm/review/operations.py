@@ -36,6 +36,9 @@ CANONICAL_OPS = frozenset(
         "torch_causal_conv1d",
         "torch_ssm",
         "torch_gated_delta_rule",
+        # FP8 linears (AutoDeploy's names): the reference and the fused op; graph transforms insert them
+        "torch_fake_quant_fp8_linear",
+        "torch_quant_fp8_linear",
     }
 )
 SHARDING_HINT_OPS = frozenset({"view", "split_with_sizes", "all_reduce"})

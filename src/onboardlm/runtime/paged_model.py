@@ -14,6 +14,7 @@ synchronisation of a step is reading its sampled tokens (by the caller).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from onboardlm.transforms.backends import use_direct_kernels
 from onboardlm.transforms.compile import SpeedOptions, uncapturable_reason
 from onboardlm.transforms.fast_paged import use_fast_paged_attention
 from onboardlm.transforms.fold_weights import fold_weight_computations
+from onboardlm.transforms.fuse_fp8 import fuse_fp8_linears
 from onboardlm.transforms.fuse_linears import fuse_shared_input_linears
 from onboardlm.transforms.fusion import fuse_elementwise
 from onboardlm.transforms.moe_backend import use_grouped_moe
@@ -47,8 +49,13 @@ logger = logging.getLogger(__name__)
 DECODE_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
-def build_paged_graph(model: nn.Module) -> CachedGraph:
-    """Export ``model`` (dynamic batch and sequence), insert paged attention and the packed logit gather."""
+def build_paged_graph(
+    model: nn.Module, rewrite: Callable[[GraphModule], object] | None = None
+) -> CachedGraph:
+    """Export ``model`` (dynamic batch and sequence), insert paged attention and the packed logit gather.
+
+    ``rewrite`` (e.g. FP8 quantisation) changes the exported graph in place before the cache goes in.
+    """
     device = next(model.parameters()).device
     input_ids = torch.zeros(2, 8, dtype=torch.long, device=device)
     position_ids = torch.arange(8, device=device).expand(2, 8)
@@ -57,6 +64,8 @@ def build_paged_graph(model: nn.Module) -> CachedGraph:
         kwargs={"input_ids": input_ids, "position_ids": position_ids},
         dynamic_shapes=causal_lm_dynamic_shapes(),
     )
+    if rewrite is not None:
+        rewrite(gm)
     paged = insert_paged_attention(gm)
     insert_logit_gather(paged.gm)
     use_packed_logit_gather(paged.gm)
@@ -76,6 +85,7 @@ def accelerate_paged(gm: GraphModule, options: SpeedOptions, device: torch.devic
     if options.decode_kernel:
         use_fast_paged_attention(gm)
     use_grouped_moe(gm)
+    fuse_fp8_linears(gm, fuse_shared_input=options.fuse_linears)
     if options.fuse_linears:
         fuse_shared_input_linears(gm)
     fold_weight_computations(gm)

@@ -23,6 +23,7 @@ from onboardlm.registry.settings import RunSettings
 from onboardlm.runtime.cache import KVCache, check_fits
 from onboardlm.runtime.chat import encode_chat_prompt, stop_token_ids
 from onboardlm.runtime.engine import CachedModel, build_cached_graph
+from onboardlm.runtime.fp8 import check_quantize, checkpoint_fp8_specs, fp8_checkpoint_graph, quantize_pass
 from onboardlm.runtime.prompts import check_prompts, default_prompts
 from onboardlm.runtime.sampler import make_generator
 from onboardlm.runtime.tensor_parallel import graph_sharder, rank_for_run, rank_local_sharder
@@ -110,7 +111,11 @@ class Runner:
         dtype = resolve_dtype(settings.dtype)
         weights = factory.source.weights
         graph: CachedGraph | None = None
-        if shard is not None and weights is not None and weights.format == "safetensors":
+        specs = checkpoint_fp8_specs(factory)
+        check_quantize("fp8" if specs is not None else settings.quantize, settings.world_size)
+        if specs is not None:
+            graph, report = fp8_checkpoint_graph(factory, specs, device, dtype)
+        elif shard is not None and weights is not None and weights.format == "safetensors":
             try:
                 graph, report = _rank_local_graph(factory, shard, device, dtype)
             except WeightsError as error:  # e.g. an older hub layout: transformers converts it whole
@@ -118,8 +123,12 @@ class Runner:
         if graph is None:
             lean, report = factory.build_and_load(device=device, dtype=dtype)
             exporting = synchronized_clock(device)
-            graph = build_cached_graph(lean, shard)
+            graph = build_cached_graph(lean, shard or quantize_pass(settings.quantize))
             export_s = synchronized_clock(device) - exporting
+            if settings.quantize != "none":
+                report.notes.append(
+                    f"linears quantised to {settings.quantize} (weights per channel, activations per token)"
+                )
         stops = frozenset(stop_token_ids(tokenizer, factory.generation_config()))
         # the rank-local path reads each shard into the exported graph: its time counts as loading
         timings = RunTimings(load_s=time.perf_counter() - started - export_s, export_s=export_s)

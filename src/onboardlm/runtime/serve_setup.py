@@ -12,6 +12,7 @@ from onboardlm.errors import OnboardlmError
 from onboardlm.models.factory import AutoModelForCausalLMFactory, LoadReport
 from onboardlm.registry.settings import RunSettings
 from onboardlm.runtime.chat import stop_token_ids
+from onboardlm.runtime.fp8 import check_quantize, checkpoint_fp8_specs, quantize_pass
 from onboardlm.runtime.paged_cache import BlockAllocator, PagedKVCache, blocks_for
 from onboardlm.runtime.paged_model import DECODE_BATCH_SIZES, PagedModel, build_paged_graph, default_speed
 from onboardlm.runtime.runner import model_location, resolve_device, resolve_dtype
@@ -44,7 +45,7 @@ def engine_for_model(
     options: ServeOptions,
 ) -> ServingEngine:
     """A (not yet started) engine over a loaded lean ``model``."""
-    graph = build_paged_graph(model)
+    graph = build_paged_graph(model, quantize_pass(settings.quantize))
     device = next(model.parameters()).device
     cache_tokens = options.kv_cache_tokens or settings.max_batch_size * settings.max_seq_len
     num_blocks = max(
@@ -84,8 +85,15 @@ def load_model(model: str | None, settings: RunSettings) -> LoadedModel:
         raise OnboardlmError(
             f"world_size {settings.world_size}", "serve runs on one device", "serve with world_size 1"
         )
+    check_quantize(settings.quantize, settings.world_size)
     device = resolve_device(settings.device)
     factory = AutoModelForCausalLMFactory(model_location(model), settings.model_kwargs)
+    if checkpoint_fp8_specs(factory) is not None:
+        raise OnboardlmError(
+            factory.source.name,
+            "serve does not load FP8 checkpoints yet",
+            "use onboardlm run, or serve the float checkpoint with --quantize fp8",
+        )
     tokenizer = factory.tokenizer()
     lean, report = factory.build_and_load(device=device, dtype=resolve_dtype(settings.dtype))
     stops = frozenset(stop_token_ids(tokenizer, factory.generation_config()))

@@ -30,6 +30,7 @@ from torch.fx import GraphModule
 from onboardlm.transforms.fast_attention import use_fast_attention
 from onboardlm.transforms.fast_mla import use_fast_mla
 from onboardlm.transforms.fold_weights import fold_weight_computations
+from onboardlm.transforms.fuse_fp8 import fuse_fp8_linears
 from onboardlm.transforms.fuse_linears import fuse_shared_input_linears
 from onboardlm.transforms.fusion import fuse_elementwise
 from onboardlm.transforms.gather_logits import LOGIT_INDEX
@@ -230,7 +231,8 @@ def accelerate(gm: GraphModule, cache: dict[str, torch.Tensor], options: SpeedOp
     """The fast path for a cached graph (rewritten in place) and its runner.
 
     SDPA attention (the Triton kernel for decode), MLA decode on the latent cache
-    (:mod:`onboardlm.transforms.fast_mla`), grouped MoE, fused shared-input linears, weight-only
+    (:mod:`onboardlm.transforms.fast_mla`), grouped MoE, fused FP8 kernels for FP8 linears
+    (:mod:`onboardlm.transforms.fuse_fp8`), fused shared-input linears, weight-only
     computations done once (:mod:`onboardlm.transforms.fold_weights`), fused elementwise ops (compiled
     on CUDA, eager elsewhere), then a :class:`FastGraph` on ``cache`` with its decode steps captured.
     The rewrites are idempotent, so several caches may share one graph.
@@ -238,6 +240,7 @@ def accelerate(gm: GraphModule, cache: dict[str, torch.Tensor], options: SpeedOp
     use_fast_attention(gm, decode_kernel_allowed=options.decode_kernel)
     use_fast_mla(gm)
     use_grouped_moe(gm)
+    fuse_fp8_linears(gm, fuse_shared_input=options.fuse_linears)
     if options.fuse_linears:
         fuse_shared_input_linears(gm)
     fold_weight_computations(gm)
