@@ -132,10 +132,7 @@ def test_a_custom_model_dir_serves_run_review_and_the_registry(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert "loaded DirToyForCausalLM (lean onboardlm model)" in result.output
     listed = runner.invoke(app, ["registry", "models", "--out-of-tree", "--custom-model-dir", str(folder)])
-    assert (
-        f"custom model dir {folder}" in " ".join(listed.output.split()).replace(" ", "")
-        or "DirToyConfig" in listed.output
-    )
+    assert "custom model dir" in " ".join(listed.output.replace("│", " ").split())
     assert "DirToyConfig" in listed.output
     reviewed = runner.invoke(app, ["review", "dir_toy", "--custom-model-dir", str(folder), "--json"])
     assert reviewed.exit_code in (0, 1), reviewed.output  # a verdict on the folder's file, not bad input
