@@ -54,6 +54,7 @@ def viz_command(
     from onboardlm.debug.profile import attach_profile
     from onboardlm.debug.viz import (
         VizError,
+        check_output,
         model_graph,
         nodes_of_dump,
         nodes_of_graph,
@@ -62,14 +63,13 @@ def viz_command(
         to_dot,
     )
 
-    if not output.parent.is_dir():
-        raise VizError(str(output), "its folder does not exist", "create it or pick another --output")
+    check_output(output)
     if _is_dump_file(source):
         try:
             text = Path(source).read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise VizError(source, "not a text file", "pass a dump .txt file") from None
-        nodes, types = nodes_of_dump(text), {}
+        nodes, types = nodes_of_dump(text, source), {}
         title = f"{Path(source).name}, layer {layer}"
     else:
         load_custom_model_dirs(custom_model_dir)

@@ -146,7 +146,7 @@ def _attr_path(rhs: str) -> str | None:
     return ".".join(part for part in (head, index, tail.strip(".")) if part)
 
 
-def nodes_of_dump(text: str) -> list[VizNode]:
+def nodes_of_dump(text: str, subject: str = "dump file") -> list[VizNode]:
     """The nodes of a dump file's graph (after its transform), weights folded into their readers; each
     node's module is the deepest module of the weights it reads, else taken from its inputs."""
     try:
@@ -156,7 +156,7 @@ def nodes_of_dump(text: str) -> list[VizNode]:
     header = re.search(r"def forward\(self,?\s*(.*?)\):", code, re.DOTALL)
     if header is None:
         raise VizError(
-            "dump file", "no graph code in it (no 'def forward(self, ...)')", "pass a dump .txt file"
+            subject, "no graph code in it (no 'def forward(self, ...)')", "pass a graph dump .txt file"
         )
     nodes: list[VizNode] = []
     attrs: dict[str, str] = {}
@@ -351,15 +351,25 @@ def to_dot(graph: LayerGraph, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+OUTPUT_SUFFIXES = (".dot", ".gv", ".svg", ".png", ".pdf")
+
+
+def check_output(out: Path) -> None:
+    """Refuse an output path ``render`` cannot write, before any work."""
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise VizError(str(out), f"unknown output format {out.suffix!r}", "use .dot, .svg, .png or .pdf")
+    if not out.parent.is_dir():
+        raise VizError(str(out), "its folder does not exist", "create it or pick another --output")
+
+
 def render(dot_text: str, out: Path) -> tuple[list[Path], str | None]:
     """Write ``out`` (DOT when it ends in .dot/.gv, else DOT beside it and the picture through Graphviz's
     ``dot`` for .svg/.png/.pdf). Returns the files written and a note when the picture was not drawn."""
+    check_output(out)
     suffix = out.suffix.lower()
-    if suffix in (".dot", ".gv", ""):
+    if suffix in (".dot", ".gv"):
         out.write_text(dot_text, encoding="utf-8")
         return [out], None
-    if suffix not in (".svg", ".png", ".pdf"):
-        raise VizError(str(out), f"unknown output format {suffix!r}", "use .dot, .svg, .png or .pdf")
     dot_file = out.with_suffix(".dot")
     dot_file.write_text(dot_text, encoding="utf-8")
     executable = shutil.which("dot")

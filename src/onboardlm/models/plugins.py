@@ -163,6 +163,7 @@ def load_custom_model_dir(directory: Path) -> list[str]:
         try:
             execute_model_file(path, _module_name(path))
         except Exception as err:
+            sys.modules.pop(_module_name(path), None)
             raise CustomModelError(
                 str(path), f"importing the model file failed: {type(err).__name__}: {err}", "fix the file"
             ) from None
