@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,3 +189,14 @@ def test_bad_viz_inputs_give_one_line(tiny: Path, tmp_path: Path, args: list[str
     assert result.exit_code == 2
     assert f"error: {message.replace('{tmp}', str(tmp_path))}" in " ".join(result.output.split())
     assert not (tmp_path / "x.dot").exists()
+
+
+def test_a_picture_is_drawn_through_graphviz_or_a_note_says_why_not(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "layer0.svg"
+    printed = " ".join(_viz(str(tiny), "--layer", "0", "-o", str(out)).split())
+    assert (tmp_path / "layer0.dot").is_file()
+    if shutil.which("dot") is None:
+        assert "note: graphviz 'dot' is not installed" in printed and not out.exists()
+    else:
+        assert "<svg" in out.read_text() and "model.layers.0.self_attn" in out.read_text()
+        assert "note:" not in printed
