@@ -123,3 +123,16 @@ def test_a_model_without_a_lean_class_is_refused() -> None:
     result = runner.invoke(app, ["debug", "accuracy", "gpt_neox_japanese"])
     assert result.exit_code == 2
     assert "no lean model is registered for GPTNeoXJapaneseConfig" in result.output
+
+
+def test_a_model_that_two_ranks_cannot_split_skips_the_sharding_stage(tmp_path: Path) -> None:
+    tokenizer = word_tokenizer({"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3, "there": 4})
+    model = save_tiny_llama(tmp_path, tokenizer, hidden_size=48, num_attention_heads=3, num_key_value_heads=3)
+    pair = load_pair(str(model), torch.float32)
+    ids, _ = input_ids_for(pair.factory, PROMPT)
+    results = bisect_transforms(
+        pair.lean, ids, 1e-5, stages=(), shard_job=ShardJob(str(model), None, "float32")
+    )
+    sharding = results[-1]
+    assert sharding.name == "sharding" and sharding.ratio is None and not sharding.past_tolerance
+    assert sharding.note.startswith("skipped: ") and "cannot be split over world size 2" in sharding.note

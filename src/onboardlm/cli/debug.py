@@ -136,9 +136,15 @@ def debug_accuracy_command(
         stage_table.add_column("what", overflow="fold")
         stage_table.add_column("rmse ratio", justify="right")
         stage_table.add_column("top-1", justify="right")
-        stage_table.add_column("", no_wrap=True)
+        stage_table.add_column("", overflow="fold")
         for stage in stages:
-            mark = "[red]PAST[/]" if stage.past_tolerance else "ok" if stage.ratio is not None else stage.note
+            mark = (
+                "[red]PAST[/]"
+                if stage.past_tolerance
+                else "ok"
+                if stage.ratio is not None
+                else escape(stage.note)
+            )
             top1 = "-" if stage.top1_agreement is None else f"{stage.top1_agreement:.0%}"
             stage_table.add_row(stage.name, escape(stage.description), _ratio(stage.ratio), top1, mark)
         console.print(stage_table)

@@ -28,6 +28,7 @@ from onboardlm.debug.stages import STAGES, Stage, cached_logits
 from onboardlm.errors import OnboardlmError
 from onboardlm.export import causal_lm_dynamic_shapes, torch_export_to_gm
 from onboardlm.testing.metrics import rmse_ratio
+from onboardlm.transforms.sharding import ShardingError, plan_sharding
 
 SHARD_WORLD_SIZE = 2
 SHARD_TIMEOUT_S = 600
@@ -105,12 +106,24 @@ def bisect_transforms(
         logits = cached_logits(exported, stages[: index + 1], input_ids, prompt_len)
         results.append(_result(stage.name, stage.description, logits, expected, tolerance))
     description = f"all above, tensor parallel over {SHARD_WORLD_SIZE} ranks (gloo)"
+    unshardable = _unshardable(exported)
     if shard_job is None:
         results.append(StageResult("sharding", description, None, None, False, "skipped"))
+    elif unshardable is not None:
+        results.append(StageResult("sharding", description, None, None, False, f"skipped: {unshardable}"))
     else:
         logits = run_sharded(lean, shard_job, input_ids, prompt_len, [stage.name for stage in stages])
         results.append(_result("sharding", description, logits, expected, tolerance))
     return results
+
+
+def _unshardable(exported: torch.fx.GraphModule) -> str | None:
+    """Why the graph cannot be sharded over :data:`SHARD_WORLD_SIZE` ranks (e.g. 3 KV heads), or None."""
+    try:
+        plan_sharding(exported, 0, SHARD_WORLD_SIZE)
+    except ShardingError as err:
+        return err.problem
+    return None
 
 
 def _free_port() -> int:
