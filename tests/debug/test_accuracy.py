@@ -109,6 +109,7 @@ def test_a_transform_that_drops_a_scale_is_named(tiny: Path) -> None:
     assert results[-1].name == "sharding" and results[-1].note == "skipped"
 
 
+@pytest.mark.slow  # two worker processes over gloo: about 20 s of CPU
 def test_every_transform_and_two_rank_sharding_keep_the_logits(tiny: Path) -> None:
     pair = load_pair(str(tiny), torch.float32)
     ids, _ = input_ids_for(pair.factory, PROMPT)
