@@ -117,7 +117,14 @@ def compare_with_reference(
         with _outputs_in_order(lean, shared) as lean_out:
             lean_logits = _logits(lean(input_ids=input_ids, position_ids=positions))
         with _outputs_in_order(reference, shared) as ref_out:
-            ref_logits = _logits(reference(input_ids=input_ids, position_ids=positions, use_cache=False))
+            try:
+                output = reference(input_ids=input_ids, position_ids=positions, use_cache=False)
+            except Exception as err:
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise OnboardlmError(
+                    type(reference).__name__, f"transformers' forward failed: {type(err).__name__}: {first}"
+                ) from None
+            ref_logits = _logits(output)
     results = []
     for name, actual in lean_out.items():
         expected = ref_out.get(name)

@@ -403,7 +403,15 @@ def model_graph(model: str | None, layer: int, cached: bool = False) -> tuple[Gr
         for tensor in lean.state_dict().values():  # no uninitialised NaNs reach export's checks
             if tensor.is_floating_point():
                 tensor.zero_()
-    gm = export_lean(lean)
+    try:
+        gm = export_lean(lean)
+    except Exception as err:  # a transformers class (no lean model) need not export
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise VizError(
+            model or "the default model",
+            f"{type(lean).__name__} cannot be exported: {type(err).__name__}: {first}",
+            "onboard it first, or pass --custom-model-dir with its lean model file",
+        ) from None
     if cached:
         graph = insert_cached_attention(gm)
         insert_logit_gather(graph.gm)
