@@ -200,3 +200,13 @@ def test_a_picture_is_drawn_through_graphviz_or_a_note_says_why_not(tiny: Path, 
     else:
         assert "<svg" in out.read_text() and "model.layers.0.self_attn" in out.read_text()
         assert "note:" not in printed
+
+
+def test_the_cached_graph_shows_the_cache_inputs_of_the_cached_attention(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cached.dot"
+    _viz(str(tiny), "--layer", "0", "--cached", "-o", str(out))
+    dot = parse_dot(out.read_text())
+    attention = dot.node("auto_deploy.onboardlm_cached_attention.default")
+    assert dot.cluster_of[attention][-1] == "model.layers.0.self_attn"
+    assert {("k_cache_0", attention), ("v_cache_0", attention), ("input_pos", attention)} <= dot.edges
+    assert {"k_cache_0", "v_cache_0", "input_pos", "kv_len"} <= dot.dashed

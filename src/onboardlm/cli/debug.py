@@ -40,12 +40,12 @@ def debug_accuracy_command(
         ),
     ],
     prompt: Annotated[
-        str | None, typer.Option("--prompt", "-p", help="Input text [default: 'The capital of France is'].")
+        str | None, typer.Option("--prompt", "-p", help="Input text (default: 'The capital of France is').")
     ] = None,
     dtype: Annotated[DType, typer.Option(help="Compute dtype of both models.")] = DType.float32,
     tolerance: Annotated[
         float | None,
-        typer.Option(min=0.0, help="RMSE-ratio tolerance [default: 1e-5 in float32, 0.05 in bf16/fp16]."),
+        typer.Option(min=0.0, help="RMSE-ratio tolerance (default: 1e-5 in float32, 0.05 in bf16/fp16)."),
     ] = None,
     num_hidden_layers: Annotated[int | None, typer.Option(min=1, help="Compare with fewer layers.")] = None,
     transforms: Annotated[
