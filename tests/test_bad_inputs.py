@@ -467,6 +467,48 @@ CASES: tuple[Case, ...] = (
          "__init__.py) (commit or stash them)", setup=_pr(_dirty), unchanged=PR),
     Case("pr-existing-branch", "`--branch` that exists already", "pr {ws}/onboarded --into {ws}/trt --branch main",
          "main: branch exists already in {ws}/trt (choose another with --branch)", setup=_pr(), unchanged=PR),
+    # ------------------------------------------------------------------ out-of-tree models
+    Case("run-custom-dir-missing", "`--custom-model-dir` that does not exist",
+         "run --model {ws}/model -p hi --custom-model-dir {ws}/nowhere",
+         "{ws}/nowhere: custom model folder not found (pass a folder of model files)", setup=_model()),
+    Case("run-custom-dir-empty", "`--custom-model-dir` with no `.py` file",
+         "run --model {ws}/model -p hi --custom-model-dir {ws}/models",
+         "{ws}/models: no model files (*.py) in the custom model folder (put modeling_<type>.py in it)",
+         setup=_both(_model(), _file("models/README.md", "notes\n"))),
+    Case("review-custom-dir-registers-nothing", "`--custom-model-dir` whose files register no model",
+         "review llama --custom-model-dir {ws}/models",
+         "{ws}/models: its files registered no model (end each file with "
+         "AutoModelForCausalLMFactory.register_custom_model_cls(...))", setup=_file("models/modeling_x.py", "x = 1\n")),
+    Case("debug-custom-dir-import-fails", "`--custom-model-dir` file that raises on import",
+         "debug accuracy {ws}/model --custom-model-dir {ws}/models",
+         "{ws}/models/modeling_x.py: importing the model file failed: RuntimeError: boom (fix the file)",
+         setup=_both(_model(), _file("models/modeling_x.py", "raise RuntimeError('boom')\n"))),
+    # ------------------------------------------------------------------ debug
+    Case("debug-unknown-model", "name that is no path, model type or cached hub id",
+         "debug accuracy not-a-model-type-or-id",
+         "not-a-model-type-or-id: not in the local HuggingFace cache and not a known model_type "
+         "(download it first, or pass a local directory, a .gguf file or a model_type)"),
+    Case("debug-no-lean-model", "model type with no lean model registered", "debug accuracy gpt_neox_japanese",
+         "gpt_neox_japanese: no lean model is registered for GPTNeoXJapaneseConfig "
+         "(onboard it first, or pass --custom-model-dir with its model file)"),
+    Case("debug-one-token-prompt", "prompt of one token (nothing to compare position by position)",
+         "debug accuracy {ws}/model -p hi", "'hi': gives 1 token(s) (use a prompt of two or more tokens)",
+         setup=_model()),
+    # ------------------------------------------------------------------ viz
+    Case("viz-layer-out-of-range", "`--layer` past the model's last layer", "viz {ws}/model --layer 7 -o {ws}/l.dot",
+         "--layer 7: the model has 2 decoder layers (0 .. 1)", setup=_model()),
+    Case("viz-not-a-dump", "`.txt` file that is not a graph dump", "viz {ws}/notes.txt --layer 0 -o {ws}/l.dot",
+         "{ws}/notes.txt: no graph code in it (no 'def forward(self, ...)') (pass a graph dump .txt file)",
+         setup=_file("notes.txt", "hello\n")),
+    Case("viz-bad-trace", "`--profile` file with no profiler events",
+         "viz {ws}/model --layer 0 --profile {ws}/trace.json -o {ws}/l.dot",
+         "{ws}/trace.json: no CPU op events in it (export it with torch.profiler's prof.export_chrome_trace)",
+         setup=_both(_model(), _file("trace.json", "{}"))),
+    Case("viz-unknown-format", "`-o` with an unknown picture format", "viz {ws}/model --layer 0 -o {ws}/l.jpg",
+         "{ws}/l.jpg: unknown output format '.jpg' (use .dot, .svg, .png or .pdf)", setup=_model()),
+    Case("viz-output-folder-missing", "`-o` into a folder that does not exist",
+         "viz {ws}/model --layer 0 -o {ws}/no/l.dot",
+         "{ws}/no/l.dot: its folder does not exist (create it or pick another --output)", setup=_model()),
 )  # fmt: skip
 CASE_BY_ID = {case.id: case for case in CASES}
 IN_PROCESS = [case for case in CASES if not case.subprocess]
@@ -698,5 +740,6 @@ def test_the_doc_lists_every_case() -> None:
 
 def test_case_ids_are_unique_and_cover_every_command() -> None:
     assert len(CASE_BY_ID) == len(CASES) >= 30
-    assert {case.command.split()[0] for case in CASES} == {"onboard", "run", "review", "registry", "pr"}
+    commands = {"onboard", "run", "review", "registry", "pr", "debug", "viz"}
+    assert {case.command.split()[0] for case in CASES} == commands
     assert all(case.exit_code != 0 for case in CASES)

@@ -3,7 +3,7 @@
 One module per sub-command; importing them attaches their commands to ``app``.
 """
 
-from onboardlm.cli import onboard, ops, pr, registry, review, run, serve  # noqa: F401  (import = command registration)
+from onboardlm.cli import debug, onboard, ops, pr, registry, review, run, serve, viz  # noqa: F401  (import = command registration)
 from onboardlm.cli.common import app
 
 

@@ -71,3 +71,21 @@ def reports_user_errors(command: F) -> F:
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+CUSTOM_MODEL_DIR_HELP = (
+    "Folder of out-of-tree lean model files (modeling_<type>.py ending in register_custom_model_cls) to "
+    "import before anything else; repeatable. This RUNS THE PYTHON CODE IN THAT FOLDER: name only folders "
+    "you trust. Installed packages' 'onboardlm.models' entry points are always imported."
+)
+
+
+def load_custom_model_dirs(directories: list[Any] | None) -> list[str]:
+    """Import the out-of-tree models (entry points, then each folder); one warning line per entry point
+    that failed to import."""
+    from onboardlm.models.plugins import load_custom_models, plugin_problems
+
+    registered = load_custom_models(list(directories or []))
+    for problem in plugin_problems():
+        err_console.print(f"[yellow]warning:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    return registered

@@ -11,10 +11,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from onboardlm.cli.common import (
+    CUSTOM_MODEL_DIR_HELP,
     EXIT_BAD_INPUT,
     app,
     console,
     err_console,
+    load_custom_model_dirs,
     print_error,
     reports_user_errors,
 )
@@ -49,6 +51,31 @@ def registry_list_command(registry_dir: RegistryDirOption = None) -> None:
     for entry in entries:
         sizes = [m.group(1) for f in entry.yaml_extra if (m := WORLD_SIZE_PATTERN.match(f))]
         table.add_row(entry.name, ", ".join(sizes) or "?", " + ".join(entry.yaml_extra))
+    console.print(table)
+
+
+@registry_app.command("models")
+@reports_user_errors
+def registry_models_command(
+    custom_model_dir: Annotated[
+        list[Path] | None, typer.Option("--custom-model-dir", help=CUSTOM_MODEL_DIR_HELP)
+    ] = None,
+    out_of_tree: Annotated[
+        bool, typer.Option("--out-of-tree", help="Only the models from entry points and custom folders.")
+    ] = False,
+) -> None:
+    """List the lean model classes the factory uses, by config class, with where each came from."""
+    from onboardlm.models.plugins import registered_models
+
+    load_custom_model_dirs(custom_model_dir)
+    models = [m for m in registered_models() if not out_of_tree or m.origin != "shipped"]
+    table = Table(title=f"{len(models)} lean models")
+    table.add_column("config class", style="bold", no_wrap=True)
+    table.add_column("lean class", no_wrap=True)
+    table.add_column("from", overflow="fold")
+    for model in models:
+        origin = model.origin if model.origin == "shipped" else f"{model.origin}: {model.source_file}"
+        table.add_row(model.config_class, model.model_class.__name__, origin)
     console.print(table)
 
 

@@ -9,8 +9,10 @@ from typing import Annotated
 import typer
 
 from onboardlm.cli.common import (
+    CUSTOM_MODEL_DIR_HELP,
     app,
     console,
+    load_custom_model_dirs,
     reports_user_errors,
 )
 
@@ -18,7 +20,13 @@ from onboardlm.cli.common import (
 @app.command("review")
 @reports_user_errors
 def review_command(
-    model_file: Annotated[Path, typer.Argument(help="The lean model file (modeling_<type>.py).")],
+    model_file: Annotated[
+        Path,
+        typer.Argument(
+            help="The lean model file (modeling_<type>.py), or the model_type or config class name of a "
+            "registered lean model (an out-of-tree one among them)."
+        ),
+    ],
     test_file: Annotated[
         Path | None,
         typer.Option("--test-file", help="Its test file (the F, G and H2 rules fail without one)."),
@@ -39,9 +47,15 @@ def review_command(
         bool, typer.Option("--run-tests", help="Also run the test file with pytest.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    custom_model_dir: Annotated[
+        list[Path] | None, typer.Option("--custom-model-dir", help=CUSTOM_MODEL_DIR_HELP)
+    ] = None,
 ) -> None:
     """Review a lean model file and its tests against the rule catalogue; exit 1 on FAIL."""
     from onboardlm.review import render_report, review_model_file
+
+    load_custom_model_dirs(custom_model_dir)
+    model_file = registered_model_file(model_file)
 
     report = review_model_file(
         model_file, test_file, reference=reference, checkpoint_keys=checkpoint_keys, run_tests=run_tests
@@ -52,3 +66,16 @@ def review_command(
         console.print(render_report(report), highlight=False, soft_wrap=True)
     if not report.passed:
         raise typer.Exit(1)  # FAIL: a verdict, not bad input
+
+
+def registered_model_file(model_file: Path) -> Path:
+    """``model_file`` itself, or, when no such file exists and it names a registered lean model (by
+    model_type or config class name), that model's source file."""
+    from onboardlm.models.plugins import find_registered
+
+    if model_file.exists() or model_file.suffix == ".py" or len(model_file.parts) > 1:
+        return model_file
+    found = find_registered(str(model_file))
+    if found is None or found.source_file is None:
+        return model_file  # the review reports the missing file
+    return found.source_file

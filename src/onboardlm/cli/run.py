@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 import typer
 
-from onboardlm.cli.common import DType, Quantize, app, console, reports_user_errors
+from onboardlm.cli.common import (
+    CUSTOM_MODEL_DIR_HELP,
+    DType,
+    Quantize,
+    app,
+    console,
+    load_custom_model_dirs,
+    reports_user_errors,
+)
 from onboardlm.errors import OnboardlmError
 
 
@@ -89,6 +97,9 @@ def run_command(
             "torchrun --nproc-per-node N -m onboardlm.cli run ... --world-size N.",
         ),
     ] = None,
+    custom_model_dir: Annotated[
+        list[Path] | None, typer.Option("--custom-model-dir", help=CUSTOM_MODEL_DIR_HELP)
+    ] = None,
 ) -> None:
     """Export a model to a graph with a KV cache and answer prompts; log ``[PROMPT i] <prompt>: <output>``."""
     from onboardlm.registry import load_run_settings
@@ -97,6 +108,7 @@ def run_command(
     from onboardlm.runtime.tensor_parallel import close_process_group
 
     check_prompts(prompt or [])  # before the model loads
+    load_custom_model_dirs(custom_model_dir)
     registry_name = model or DEFAULT_MODEL_ID
     settings = load_run_settings(
         registry_name, use_registry=use_registry, yaml_extra=yaml_extra or [], registry_dir=registry_dir

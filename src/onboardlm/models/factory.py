@@ -258,8 +258,13 @@ class AutoModelForCausalLMFactory:
 
 
 def import_shipped_models() -> None:
-    """Import ``onboardlm.models.custom`` (import = registration); a no-op while it is importing."""
+    """Import ``onboardlm.models.custom`` (import = registration; a no-op while it is importing), then
+    the out-of-tree models of installed packages' ``onboardlm.models`` entry points
+    (:mod:`onboardlm.models.plugins`), which may replace shipped ones."""
     import onboardlm.models.custom  # noqa: F401
+    from onboardlm.models.plugins import load_entry_point_models
+
+    load_entry_point_models()
 
 
 def execute_model_file(path: Path, module_name: str) -> ModuleType:

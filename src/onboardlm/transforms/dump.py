@@ -48,8 +48,12 @@ def dumps_graph(transform: F) -> F:
 
 
 def graph_code(gm: GraphModule) -> str:
-    """The Python code of ``gm``'s graph as it is now (also when the transform did not recompile)."""
-    return gm.graph.python_code(root_module="self").src.strip() + "\n"
+    """The Python code of ``gm``'s graph as it is now (also when the transform did not recompile), each
+    value annotated with its dtype and shape where the node has them (``x: "f32[s0, s1, 64]" = ...``;
+    ``onboardlm viz`` reads them)."""
+    code = gm.graph.python_code(root_module="self", verbose=True).src
+    lines = [line for line in code.splitlines() if line.strip() and not line.lstrip().startswith("# File:")]
+    return "\n".join(lines).strip() + "\n"
 
 
 def write_dump(folder: Path, transform: str, before: str, after: str) -> Path:
