@@ -12,7 +12,7 @@ from onboardlm.errors import OnboardlmError
 from onboardlm.models.factory import AutoModelForCausalLMFactory, LoadReport
 from onboardlm.registry.settings import RunSettings
 from onboardlm.runtime.chat import stop_token_ids
-from onboardlm.runtime.paged_cache import BlockAllocator, PagedKVCache, blocks_for
+from onboardlm.runtime.paged_cache import BlockAllocator, PagedKVCache, StateSlots, blocks_for
 from onboardlm.runtime.paged_model import DECODE_BATCH_SIZES, PagedModel, build_paged_graph, default_speed
 from onboardlm.runtime.runner import model_location, resolve_device, resolve_dtype
 from onboardlm.runtime.scheduler import Scheduler, SchedulerLimits
@@ -53,11 +53,16 @@ def engine_for_model(
     fast = device.type == "cuda" if options.fast_path is None else options.fast_path
     speed = (default_speed(device) or SpeedOptions(batch_sizes=DECODE_BATCH_SIZES)) if fast else None
     spare = 1 if speed is not None else 0  # the fast path's padded decode rows write to a spare block
-    cache = PagedKVCache.allocate(graph.caches, num_blocks + spare, options.block_size, device)
+    # state layers: one state slot per running sequence (and the padded rows' spare slot)
+    slots = settings.max_batch_size if graph.has_state else 0
+    cache = PagedKVCache.allocate(
+        graph.caches, num_blocks + spare, options.block_size, device, slots + spare if slots else 0
+    )
     limits = SchedulerLimits(
         settings.max_batch_size, max(options.max_step_tokens, settings.max_batch_size), options.max_waiting
     )
-    scheduler = Scheduler(BlockAllocator(num_blocks, options.block_size), limits)
+    state_slots = StateSlots(slots) if slots else None
+    scheduler = Scheduler(BlockAllocator(num_blocks, options.block_size), limits, state_slots)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     config = EngineConfig(settings.max_seq_len, limits, vocab)
     paged = PagedModel(
