@@ -7,19 +7,14 @@ metadata, and a ``seq_lens`` input; the paged graph (``onboardlm serve``) reads 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from onboardlm.export import causal_lm_dynamic_shapes, torch_export_to_gm
+from onboardlm.testing.hybrid_models import random_model
 from onboardlm.transforms import insert_cached_attention
 from onboardlm.transforms.paged_kv_cache import to_paged_attention
 from onboardlm.transforms.state_cache import SEQ_LENS, STATE_SLOTS, cached_state_nodes, stateful_nodes
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from _hybrid_models import random_model  # noqa: E402
 
 CANONICAL = ("torch_causal_conv1d", "torch_ssm", "torch_gated_delta_rule")
 

@@ -1,6 +1,7 @@
 """Tiny hand-written hybrid causal LMs on the canonical ops, written the way a generated lean file is.
 
-Until the generated hybrid files exist, these stand in for them in the runtime tests: each layer's
+Until the generated hybrid files exist, these stand in for them in the runtime tests
+(tests/runtime/test_hybrid_runtime.py, tests/transforms/test_state_cache.py): each layer's
 token mixer is attention (``torch_attention`` + RoPE), a Mamba2 mixer (``torch_causal_conv1d`` ->
 ``torch_ssm`` -> ``torch_rmsnorm_gated``) or a Gated DeltaNet mixer (``torch_causal_conv1d`` ->
 ``torch_gated_delta_rule`` -> ``torch_rmsnorm_gated``), with sharding hints, module names as a
