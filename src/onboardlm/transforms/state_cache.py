@@ -27,6 +27,7 @@ from torch.fx.operator_schemas import normalize_function
 import onboardlm.ops  # noqa: F401  (registers the canonical ops)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.transforms import state_ops
+from onboardlm.transforms.graph_tensors import graph_tensor
 
 SEQ_LENS = "seq_lens"
 STATE_SLOTS = "state_slots"
@@ -57,7 +58,7 @@ def _shape(node: Node) -> tuple[int, ...]:
     """The static shape of a tensor node (its export metadata, else the graph's tensor for a weight)."""
     value = node.meta.get("val")
     if value is None and node.op == "get_attr":
-        value = node.graph.owning_module.get_parameter(str(node.target))
+        value = graph_tensor(node.graph.owning_module, str(node.target))
     if value is None:
         raise UnsupportedFeature(node.name, "stateful op input without a known shape")
     return tuple(int(d) for d in value.shape)
