@@ -63,13 +63,22 @@ def engine_for_model(
     )
     state_slots = StateSlots(slots) if slots else None
     scheduler = Scheduler(BlockAllocator(num_blocks, options.block_size), limits, state_slots)
-    vocab = int(model.get_input_embeddings().weight.shape[0])
+    vocab = _vocab_size(model)
     config = EngineConfig(settings.max_seq_len, limits, vocab)
     paged = PagedModel(
         graph, cache, max_batch=settings.max_batch_size, max_seq_len=settings.max_seq_len, speed=speed,
         pad_decode=fast and device.type != "cuda",
     )  # fmt: skip
     return ServingEngine(paged, scheduler, tokenizer, stop_ids, config)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    """Rows of the input embedding (a lean file whose embedding is not ``embed_tokens``, e.g. Mamba2's
+    ``embeddings``, may not say which module it is: then the config's ``vocab_size``)."""
+    try:
+        return int(model.get_input_embeddings().weight.shape[0])
+    except (NotImplementedError, AttributeError):
+        return int(model.config.vocab_size)
 
 
 @dataclass
