@@ -92,3 +92,36 @@ def test_a_graph_without_stateful_ops_keeps_its_inputs() -> None:
     )
     assert SEQ_LENS not in _inputs(graph.gm) and not graph.has_state
     assert STATE_SLOTS not in _inputs(to_paged_attention(graph).gm)
+
+
+@torch.library.custom_op("auto_deploy::onboardlm_test_new_scan", mutates_args=())
+def _new_scan(x: torch.Tensor) -> torch.Tensor:
+    return x.cumsum(1)
+
+
+@_new_scan.register_fake
+def _new_scan_fake(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class _NewScanLM(torch.nn.Module):
+    """A state-space op the transform has no cached version of (one added to ops/ssm.py later)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.ops.auto_deploy.onboardlm_test_new_scan(self.embed(input_ids)))
+
+
+def test_a_state_space_op_without_a_cached_version_is_refused_by_name(monkeypatch) -> None:
+    from onboardlm.errors import UnsupportedFeature
+    from onboardlm.ops import DECLARED_OPS
+
+    monkeypatch.setitem(DECLARED_OPS, "onboardlm_test_new_scan", "ssm")
+    kwargs = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "position_ids": torch.arange(8).expand(2, 8)}
+    gm = torch_export_to_gm(_NewScanLM(), kwargs=kwargs, dynamic_shapes=causal_lm_dynamic_shapes())
+    with pytest.raises(UnsupportedFeature, match="onboardlm_test_new_scan state caching"):
+        insert_cached_attention(gm)

@@ -26,6 +26,7 @@ from torch.fx.operator_schemas import normalize_function
 
 import onboardlm.ops  # noqa: F401  (registers the canonical ops)
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.ops import DECLARED_OPS
 from onboardlm.transforms import state_ops
 from onboardlm.transforms.graph_tensors import graph_tensor
 
@@ -80,12 +81,33 @@ def cached_state_nodes(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target in targets]
 
 
+def _uncached_state_op(node: Node) -> str | None:
+    """The name of the state-space op ``node`` calls when this transform has no cached version of it.
+
+    Every op of :mod:`onboardlm.ops.ssm` carries state from token to token; run uncached, a decode
+    step would restart it from zero and silently differ from a full recompute.
+    """
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    namespace, _, name = node.target.name().partition("::")
+    if namespace != "auto_deploy" or DECLARED_OPS.get(name) != "ssm" or name in state_ops.CACHED_STATE_OPS:
+        return None
+    return name
+
+
 def insert_cached_state(graph: Graph, input_pos: Node, add_cache: AddCache) -> int:
     """Replace the stateful nodes of ``graph`` by cached state ops (in place); returns how many.
 
     ``add_cache(name, features, dtype, per_token)`` adds a cache input and returns its node. The
-    ``seq_lens`` input is added after ``input_pos`` when the graph has a stateful node.
+    ``seq_lens`` input is added after ``input_pos`` when the graph has a stateful node. Raises
+    :class:`UnsupportedFeature` for a state-space op without a cached version.
     """
+    for node in graph.nodes:
+        name = _uncached_state_op(node)
+        if name is not None:
+            raise UnsupportedFeature(
+                node.name, f"{name} state caching", "the runtime has no cached version of this op yet"
+            )
     nodes = stateful_nodes(graph)
     if not nodes:
         return 0
