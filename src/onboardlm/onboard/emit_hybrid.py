@@ -95,7 +95,15 @@ def emit_layer_class(class_name: str, spec: ArchitectureSpec) -> str:
             lines.append(f"self.{step.attr} = {block_constructor(step.kind, hybrid.block(step.kind))}")
         return lines
 
-    if len(kinds) == 1:
+    if len(kinds) == 1 and hybrid.selector is not None and len(hybrid.kinds) == 1:
+        (value,) = kinds[0].selectors  # the analyzed config had layers of this kind only
+        init = [
+            f"if {hybrid.selector}[layer_idx] != {value!r}:",
+            f'    raise NotImplementedError(f"layer {{layer_idx}}: only {value!r} layers are built by this file")',
+            *build(kinds[0]),
+        ]
+        forward = _step_lines(hybrid, kinds[0], positional)
+    elif len(kinds) == 1:
         init, forward = build(kinds[0]), _step_lines(hybrid, kinds[0], positional)
     else:
         if hybrid.selector is None:
@@ -177,6 +185,10 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
     counts = {name: hybrid.order.count(name) for name in dict.fromkeys(hybrid.order)}
     kinds = ", ".join(f"{name} ({count} of {len(hybrid.order)} layers)" for name, count in counts.items())
     selector = f"; a layer's kind is read from {hybrid.selector}[layer_idx]" if hybrid.selector else ""
+    if not hybrid.selector and len(counts) == 1:  # no stored per-layer list to check
+        selector = (
+            f"; every layer is built as a {hybrid.order[0]} layer (re-onboard a config with other kinds)"
+        )
     rope = " and rotary position embeddings" if spec.rope is not None else ""
     return (
         f"Lean, export-friendly {spec.causal_lm_class.removesuffix('ForCausalLM')} on canonical ``auto_deploy`` ops.\n\n"
