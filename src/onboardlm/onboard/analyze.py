@@ -229,6 +229,7 @@ class _Analyzer:
         self.fields = _config_fields(tiny)
         self.hidden = tiny.hidden_size
         self.notes: list[str] = []
+        self._layer_indices: dict[int, int] = {}
 
     # ---------------------------------------------------------------------------------------- top
 
@@ -253,6 +254,7 @@ class _Analyzer:
         parts = self._model_parts(self.stack, path)
         layers = parts["layers"][1]
         layer = layers[0]
+        self._layer_indices = {id(module): index for index, module in enumerate(layers)}
         self._rotary_module: nn.Module | None = None
         self._base_field: str | None = None
         if needs_hybrid(layers):  # SSM or other non-attention token mixers, layers of several kinds
@@ -314,6 +316,16 @@ class _Analyzer:
             layer_types=tuple(layer_types) if isinstance(layer_types, list) else (),
             notes=tuple(self.notes),
         )
+
+    def _rebuilt_layer(self, layer: nn.Module, config: PretrainedConfig) -> nn.Module:
+        """``layer``'s class built anew from ``config`` at ``layer``'s own index (layer 0 of a hybrid
+        stack may be of another kind), with its kind where the constructor takes one (Bamba's)."""
+        index = self._layer_indices.get(id(layer), 0)
+        if "layer_type" in inspect.signature(type(layer).__init__).parameters:
+            kinds = getattr(config, "layers_block_type", None) or getattr(config, "layer_types", None)
+            if isinstance(kinds, (list, tuple)) and index < len(kinds):
+                return type(layer)(config, index, layer_type=kinds[index])
+        return type(layer)(config, index)
 
     def _check_children(self, module: nn.Module, path: str, known: set[str]) -> None:
         for name, child in module.named_children():
@@ -569,7 +581,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, not value)
-                rebuilt = type(layer)(flipped, 0)
+                rebuilt = self._rebuilt_layer(layer, flipped)
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             for path in paths:
@@ -588,7 +600,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, False)
-                rebuilt = type(layer)(flipped, 0)
+                rebuilt = self._rebuilt_layer(layer, flipped)
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             try:
@@ -1376,7 +1388,7 @@ class _Analyzer:
         rebuilt layer has other parameters, "unmatched" when no layout reproduces its attention."""
         try:
             config = self._flip(overrides)
-            rebuilt = type(layer)(config, 0)
+            rebuilt = self._rebuilt_layer(layer, config)
             weights = [{k for k in m.state_dict() if not k.endswith(".bias")} for m in (rebuilt, layer)]
             if weights[0] != weights[1]:
                 return "other modules"  # the flip builds other modules: more than a layout
@@ -1444,7 +1456,7 @@ class _Analyzer:
             variant.num_key_value_heads = variant.num_attention_heads
         try:
             rebuilt = copy.deepcopy(layer)
-            setattr(rebuilt, spec.attr, getattr(type(layer)(variant, 0), spec.attr).float().eval())
+            setattr(rebuilt, spec.attr, getattr(self._rebuilt_layer(layer, variant), spec.attr).float().eval())
             attn = getattr(rebuilt, spec.attr)
             rotary = None
             if rope is not None:
@@ -1781,7 +1793,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, 3 * self.hidden)
-                rebuilt = type(layer)(flipped, 0).get_submodule(down_path)
+                rebuilt = self._rebuilt_layer(layer, flipped).get_submodule(down_path)
             except Exception:  # a field the layer does not take as a width tells nothing
                 continue
             if 3 * self.hidden in tuple(rebuilt.weight.shape):
@@ -1947,7 +1959,7 @@ class _Analyzer:
                     getattr(flipped, part), field, 0.01 if value is None else not value
                 )  # small: it bites
                 try:
-                    rebuilt = type(layer)(flipped, 0).float().eval()
+                    rebuilt = self._rebuilt_layer(layer, flipped).float().eval()
                     rebuilt.load_state_dict(layer.state_dict())
                     with torch.no_grad():
                         changed = not _close(_first(rebuilt(*call.args, **call.kwargs)), call.result)
@@ -1986,7 +1998,7 @@ class _Analyzer:
             if not isinstance(current, bool):
                 continue
             try:
-                rebuilt = type(layer)(self._flip({name: not current}), 0).float().eval()
+                rebuilt = self._rebuilt_layer(layer, self._flip({name: not current})).float().eval()
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             names = [n for n, c in rebuilt.named_children() if n not in self._block_names(ff, attn_attr)]

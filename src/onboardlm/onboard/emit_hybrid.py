@@ -108,12 +108,14 @@ def emit_layer_class(class_name: str, spec: ArchitectureSpec) -> str:
     else:
         if hybrid.selector is None:
             raise UnsupportedFeature(class_name, "several layer kinds in one class without a selector", _HINT)
-        init = [f"self.block_type = {hybrid.selector}[layer_idx]"]
+        built = [build(kind) for kind in kinds]
+        shared = [line for line in built[0] if all(line in other for other in built[1:])]  # every kind's
+        init = [f"self.block_type = {hybrid.selector}[layer_idx]", *shared]
         forward = []
-        for position, kind in enumerate(kinds):
+        for position, (kind, lines) in enumerate(zip(kinds, built, strict=True)):
             keyword = "if" if position == 0 else "elif"
             init.append(f"{keyword} {_condition(hybrid, kind)}:  # {kind.name} layers")
-            init += [f"    {line}" for line in build(kind)]
+            init += [f"    {line}" for line in lines if line not in shared] or ["    pass"]
             forward.append(f"{keyword} {_condition(hybrid, kind)}:")
             forward += [f"    {line}" for line in _step_lines(hybrid, kind, positional)]
         kinds_text = ", ".join(repr(v) for kind in kinds for v in kind.selectors)
