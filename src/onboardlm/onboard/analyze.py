@@ -1456,7 +1456,9 @@ class _Analyzer:
             variant.num_key_value_heads = variant.num_attention_heads
         try:
             rebuilt = copy.deepcopy(layer)
-            setattr(rebuilt, spec.attr, getattr(self._rebuilt_layer(layer, variant), spec.attr).float().eval())
+            setattr(
+                rebuilt, spec.attr, getattr(self._rebuilt_layer(layer, variant), spec.attr).float().eval()
+            )
             attn = getattr(rebuilt, spec.attr)
             rotary = None
             if rope is not None:
