@@ -76,6 +76,20 @@ def test_mamba2_template_math_equals_transformers_mixer() -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_mamba1_spec_with_and_without_dt_b_c_norms() -> None:
+    mixer = analyze(AutoConfig.for_model("mamba")).hybrid.block("mamba1")
+    assert (mixer.intermediate, mixer.state_size, mixer.rank) == (
+        "config.intermediate_size",
+        "config.state_size",
+        "config.time_step_rank",
+    )
+    assert (mixer.x_proj, mixer.dt_proj, mixer.ssm_norms) == ("x_proj", "dt_proj", ())
+    falcon = analyze(AutoConfig.for_model("falcon_mamba")).hybrid.block("mamba1")
+    names = [name for name, _ in falcon.ssm_norms]
+    assert names == ["dt_layernorm", "b_layernorm", "c_layernorm"]
+    assert all(not norm.weight and norm.eps == "config.mixer_rms_eps" for _, norm in falcon.ssm_norms)
+
+
 def test_bamba_attention_layers_selected_by_layer_types() -> None:
     spec = analyze(BambaConfig(attn_layer_indices=[9, 18, 27]))
     hybrid = spec.hybrid
@@ -96,7 +110,7 @@ def test_bamba_attention_layers_selected_by_layer_types() -> None:
 @pytest.mark.parametrize(
     ("model_type", "where", "feature"),
     [
-        ("mamba", "backbone.layers.0.mixer", "Mamba1 selective scan"),
+        ("zamba2", "model.layers.1", "input plus its blocks' outputs"),
         ("falcon_h1", "model.layers.0", "residual layout"),
     ],
 )

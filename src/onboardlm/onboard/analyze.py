@@ -542,6 +542,16 @@ class _Analyzer:
             path, f"norm {type(module).__name__} is neither RMSNorm nor LayerNorm", _HINT
         )
 
+    def _norm_of_width(self, path: str, module: nn.Module, width: int) -> NormSpec:
+        """``_norm`` of a norm over ``width`` channels (not the hidden size); a weightless one is probed
+        at that width."""
+        hidden = self.hidden
+        self.hidden = width
+        try:
+            return self._norm(path, module)
+        finally:
+            self.hidden = hidden
+
     def _eps_candidates(self, module: nn.Module) -> list[float]:
         found = [
             getattr(module, name) for name in _EPS_NAMES if isinstance(getattr(module, name, None), float)

@@ -18,7 +18,7 @@ from typing import Any
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.spec import ArchitectureSpec
-from onboardlm.onboard.spec_hybrid import HybridSpec, LayerKindSpec, Mamba2MixerSpec
+from onboardlm.onboard.spec_hybrid import HybridSpec, LayerKindSpec, Mamba1MixerSpec, Mamba2MixerSpec
 
 _HINT = "add a template for this block kind in onboardlm/onboard/templates and emit_hybrid.py"
 
@@ -38,6 +38,22 @@ def emit_mamba2(mixer: Mamba2MixerSpec, spec: ArchitectureSpec) -> str:
     return norm + "\n\n" + body
 
 
+def emit_mamba1(mixer: Mamba1MixerSpec, spec: ArchitectureSpec) -> str:
+    from onboardlm.onboard.generate import emit_norm, norm_constructor
+
+    sizes = ("self.time_step_rank", "self.ssm_state_size", "self.ssm_state_size")
+    norm_lines = [
+        (name, norm_constructor(norm, size))
+        for (name, norm), size in zip(mixer.ssm_norms, sizes, strict=False)
+    ]
+    defined = {norm.class_name for norm in spec.norm_specs}
+    classes = {norm.class_name: norm for _, norm in mixer.ssm_norms if norm.class_name not in defined}
+    norms = "".join(emit_norm(norm, spec) + "\n\n" for norm in classes.values())
+    return norms + _render(
+        "mamba1_mixer.py.j2", m=mixer, config_class=spec.config_class, norm_lines=norm_lines
+    )
+
+
 def _emit_attention(block: Any, spec: ArchitectureSpec) -> str:
     from onboardlm.onboard.generate import emit
 
@@ -47,6 +63,7 @@ def _emit_attention(block: Any, spec: ArchitectureSpec) -> str:
 #: Source of each block kind's classes.
 BLOCK_EMITTERS: dict[str, Callable[[Any, ArchitectureSpec], str]] = {
     "mamba2": emit_mamba2,
+    "mamba1": emit_mamba1,
     "attention": _emit_attention,
     "mlp": _emit_attention,  # generate.emit dispatches on the spec class (MLPSpec, MoESpec...)
     "moe": _emit_attention,
@@ -179,6 +196,7 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
     assert hybrid is not None
     names = {
         "mamba2": "Mamba2 SSD mixers",
+        "mamba1": "Mamba1 selective-scan mixers",
         "attention": "grouped-query attention",
         "mlp": "dense MLPs",
         "moe": "mixture-of-experts feed-forward",
