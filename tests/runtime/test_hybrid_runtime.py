@@ -133,3 +133,46 @@ def test_admission_waits_for_a_free_state_slot() -> None:
     scheduler.finish(scheduler.running["0"])
     scheduler.schedule()
     assert scheduler.running["2"].state_slot == freed and scheduler.state_slots.num_free == 0
+
+
+#: Shipped generated hybrid files (model_type, config overrides): Mamba2 only; Mamba2 + attention.
+SHIPPED = [("mamba2", {}), ("bamba", {"attn_layer_indices": [1, 5]})]
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), SHIPPED, ids=[t for t, _ in SHIPPED])
+def test_shipped_generated_hybrid_files_decode_like_a_full_recompute(
+    model_type: str, overrides: dict
+) -> None:
+    import importlib.util
+
+    from transformers import AutoConfig
+
+    from onboardlm.models.factory import AutoModelForCausalLMFactory
+    from onboardlm.testing.tiny_config import tiny_config
+
+    if importlib.util.find_spec(f"onboardlm.models.custom.modeling_{model_type}") is None:
+        pytest.skip(f"no generated modeling_{model_type}.py in this tree")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLMFactory(
+        tiny_config(AutoConfig.for_model(model_type, **overrides))
+    ).build_model()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.3)
+    model.eval()
+    graph = build_cached_graph(model)
+    assert graph.has_state and any(spec.per_token for spec in graph.caches) == (
+        "attn_layer_indices" in overrides
+    )
+    vocab = model.config.vocab_size
+    prompts = _prompts((7, 2, 5))
+    sequences = [list(p) for p in prompts]
+    cached = CachedModel(graph, KVCache.allocate(graph.caches, 3, 24, "cpu"))
+    logits = cached.prefill(prompts, 3)
+    for step in range(4):
+        for row, sequence in enumerate(sequences):
+            assert_rmse_close(logits[row], _full_logits(model, sequence), TOL, msg=f"step {step} seq {row}")
+        tokens = torch.randint(0, vocab, (len(sequences),))
+        for sequence, token in zip(sequences, tokens.tolist(), strict=True):
+            sequence.append(token)
+        logits = cached.decode(tokens)
