@@ -240,7 +240,10 @@ class _NoAttention(nn.Module):
 
 @pytest.mark.parametrize(
     ("module", "feature"),
-    [(_MaskedAttention(), "explicit attn_mask"), (_NoAttention(), "no torch_attention or torch_mla")],
+    [
+        (_MaskedAttention(), "explicit attn_mask"),
+        (_NoAttention(), "no attention, MLA, SSM, conv or delta-rule node"),
+    ],
 )
 def test_graphs_the_cache_cannot_serve_are_refused(module: nn.Module, feature: str) -> None:
     gm = torch_export_to_gm(module, (torch.randn(1, 2, 4, 8),))

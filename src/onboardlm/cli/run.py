@@ -148,10 +148,14 @@ def _load_and_run(model: str | None, settings: Any, prompt: list[str] | None) ->
         return
     report = runner.report
     kind = "lean onboardlm model" if report.is_custom else "transformers model (no lean model registered)"
+    caches = runner.graph.caches
+    states = sum(not spec.per_token for spec in caches)  # conv / SSM / delta-rule state of hybrid layers
+    dtype = next((spec.dtype for spec in caches if spec.per_token), caches[0].dtype)
     console.print(
         f"[green]loaded[/] {report.model_class} ({kind}) from {report.weights_source}; "
-        f"{len(runner.graph.caches) // 2} cached attention layers, "
-        f"{str(runner.graph.caches[0].dtype).removeprefix('torch.')} on {runner.device}"
+        f"{(len(caches) - states) // 2} cached attention layers, "
+        + (f"{states} cached states, " if states else "")
+        + f"{str(dtype).removeprefix('torch.')} on {runner.device}"
         + (f", tensor parallel over {settings.world_size} ranks" if settings.world_size > 1 else "")
         + "".join(f"; {note}" for note in report.notes),
         highlight=False,

@@ -42,6 +42,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_fused_qkv
+from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.config_derived import derived_expression
 from onboardlm.onboard.spec import (
@@ -228,6 +229,7 @@ class _Analyzer:
         self.fields = _config_fields(tiny)
         self.hidden = tiny.hidden_size
         self.notes: list[str] = []
+        self._layer_indices: dict[int, int] = {}
 
     # ---------------------------------------------------------------------------------------- top
 
@@ -252,11 +254,24 @@ class _Analyzer:
         parts = self._model_parts(self.stack, path)
         layers = parts["layers"][1]
         layer = layers[0]
+        self._layer_indices = {id(module): index for index, module in enumerate(layers)}
+        self._rotary_module: nn.Module | None = None
+        self._base_field: str | None = None
+        if needs_hybrid(layers):  # SSM or other non-attention token mixers, layers of several kinds
+            rope = self._rope(self.stack, path, parts.get("rotary")) if "rotary" in parts else None
+            return analyze_hybrid(
+                self,
+                path=path,
+                parts=parts,
+                rope=rope,
+                head_attr=head_attr,
+                inner=inner,
+                prefix=prefix,
+                stack_attr=stack_attr,
+            )
         if len({type(m).__name__ for m in layers}) != 1:
             raise UnsupportedFeature(f"{path}.{parts['layers'][0]}", "decoder layers of different classes")
         layer_path = f"{path}.{parts['layers'][0]}.0"
-        self._rotary_module: nn.Module | None = None
-        self._base_field: str | None = None
         if "rotary_bases" in parts:
             rope = self._rope_bases(path, parts["rotary_bases"], f"{path}.{parts['layers'][0]}")
         else:
@@ -301,6 +316,16 @@ class _Analyzer:
             layer_types=tuple(layer_types) if isinstance(layer_types, list) else (),
             notes=tuple(self.notes),
         )
+
+    def _rebuilt_layer(self, layer: nn.Module, config: PretrainedConfig) -> nn.Module:
+        """``layer``'s class built anew from ``config`` at ``layer``'s own index (layer 0 of a hybrid
+        stack may be of another kind), with its kind where the constructor takes one (Bamba's)."""
+        index = self._layer_indices.get(id(layer), 0)
+        if "layer_type" in inspect.signature(type(layer).__init__).parameters:
+            kinds = getattr(config, "layers_block_type", None) or getattr(config, "layer_types", None)
+            if isinstance(kinds, (list, tuple)) and index < len(kinds):
+                return type(layer)(config, index, layer_type=kinds[index])
+        return type(layer)(config, index)
 
     def _check_children(self, module: nn.Module, path: str, known: set[str]) -> None:
         for name, child in module.named_children():
@@ -517,6 +542,16 @@ class _Analyzer:
             path, f"norm {type(module).__name__} is neither RMSNorm nor LayerNorm", _HINT
         )
 
+    def _norm_of_width(self, path: str, module: nn.Module, width: int) -> NormSpec:
+        """``_norm`` of a norm over ``width`` channels (not the hidden size); a weightless one is probed
+        at that width."""
+        hidden = self.hidden
+        self.hidden = width
+        try:
+            return self._norm(path, module)
+        finally:
+            self.hidden = hidden
+
     def _eps_candidates(self, module: nn.Module) -> list[float]:
         found = [
             getattr(module, name) for name in _EPS_NAMES if isinstance(getattr(module, name, None), float)
@@ -556,7 +591,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, not value)
-                rebuilt = type(layer)(flipped, 0)
+                rebuilt = self._rebuilt_layer(layer, flipped)
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             for path in paths:
@@ -575,7 +610,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, False)
-                rebuilt = type(layer)(flipped, 0)
+                rebuilt = self._rebuilt_layer(layer, flipped)
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             try:
@@ -1363,7 +1398,7 @@ class _Analyzer:
         rebuilt layer has other parameters, "unmatched" when no layout reproduces its attention."""
         try:
             config = self._flip(overrides)
-            rebuilt = type(layer)(config, 0)
+            rebuilt = self._rebuilt_layer(layer, config)
             weights = [{k for k in m.state_dict() if not k.endswith(".bias")} for m in (rebuilt, layer)]
             if weights[0] != weights[1]:
                 return "other modules"  # the flip builds other modules: more than a layout
@@ -1431,7 +1466,9 @@ class _Analyzer:
             variant.num_key_value_heads = variant.num_attention_heads
         try:
             rebuilt = copy.deepcopy(layer)
-            setattr(rebuilt, spec.attr, getattr(type(layer)(variant, 0), spec.attr).float().eval())
+            setattr(
+                rebuilt, spec.attr, getattr(self._rebuilt_layer(layer, variant), spec.attr).float().eval()
+            )
             attn = getattr(rebuilt, spec.attr)
             rotary = None
             if rope is not None:
@@ -1768,7 +1805,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, 3 * self.hidden)
-                rebuilt = type(layer)(flipped, 0).get_submodule(down_path)
+                rebuilt = self._rebuilt_layer(layer, flipped).get_submodule(down_path)
             except Exception:  # a field the layer does not take as a width tells nothing
                 continue
             if 3 * self.hidden in tuple(rebuilt.weight.shape):
@@ -1934,7 +1971,7 @@ class _Analyzer:
                     getattr(flipped, part), field, 0.01 if value is None else not value
                 )  # small: it bites
                 try:
-                    rebuilt = type(layer)(flipped, 0).float().eval()
+                    rebuilt = self._rebuilt_layer(layer, flipped).float().eval()
                     rebuilt.load_state_dict(layer.state_dict())
                     with torch.no_grad():
                         changed = not _close(_first(rebuilt(*call.args, **call.kwargs)), call.result)
@@ -1973,7 +2010,7 @@ class _Analyzer:
             if not isinstance(current, bool):
                 continue
             try:
-                rebuilt = type(layer)(self._flip({name: not current}), 0).float().eval()
+                rebuilt = self._rebuilt_layer(layer, self._flip({name: not current})).float().eval()
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             names = [n for n, c in rebuilt.named_children() if n not in self._block_names(ff, attn_attr)]

@@ -1,4 +1,8 @@
-"""KV cache manager: allocates the per-layer caches a cached graph takes and checks requests fit."""
+"""KV cache manager: allocates the per-layer caches a cached graph takes and checks requests fit.
+
+Per-token caches (keys, values) are ``[max_batch, max_seq, *features]``; state caches (conv, SSM and
+delta-rule state, ``CacheSpec.per_token`` False) hold one state per batch row: ``[max_batch, *features]``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from onboardlm.transforms.kv_cache import CacheSpec
 
 @dataclass
 class KVCache:
-    """Zero-initialised caches ``[max_batch, max_seq, *features]``, one per :class:`CacheSpec`."""
+    """Zero-initialised caches, one per :class:`CacheSpec` (see the module docstring for the shapes)."""
 
     max_batch: int
     max_seq: int
@@ -23,7 +27,13 @@ class KVCache:
         cls, specs: list[CacheSpec], max_batch: int, max_seq: int, device: str | torch.device
     ) -> KVCache:
         tensors = {
-            spec.name: torch.zeros(max_batch, max_seq, *spec.features, dtype=spec.dtype, device=device)
+            spec.name: torch.zeros(
+                max_batch,
+                *((max_seq,) if spec.per_token else ()),
+                *spec.features,
+                dtype=spec.dtype,
+                device=device,
+            )
             for spec in specs
         }
         return cls(max_batch, max_seq, tensors)

@@ -26,10 +26,12 @@ from onboardlm.transforms import (
 from onboardlm.transforms.backends import use_direct_kernels
 from onboardlm.transforms.compile import SpeedOptions, accelerate
 from onboardlm.transforms.fold_weights import fold_weight_computations
+from onboardlm.transforms.state_cache import SEQ_LENS
 
 
 def build_cached_graph(model: nn.Module, shard: Callable[[GraphModule], object] | None = None) -> CachedGraph:
-    """Export ``model`` (dynamic batch and sequence) and insert cached attention and the logit gather.
+    """Export ``model`` (dynamic batch and sequence) and insert cached attention (and cached state for
+    SSM, conv and delta-rule layers) and the logit gather.
 
     ``shard`` (tensor parallelism) rewrites the exported graph for this rank before the cache is
     inserted, while the sharding hints are still in it.
@@ -55,7 +57,8 @@ class CachedModel:
 
     Both return the fp32 logits ``[b, vocab]`` of each sequence's last token. Prompts of different
     lengths are right-padded; each sequence keeps its own length (``input_pos``), so padding is never
-    attended to. ``speed`` selects the fast path's parts (default: all on CUDA, none on the CPU).
+    attended to, and (for a graph with state) each row's real length (``seq_lens``), so padding never
+    reaches its state. ``speed`` selects the fast path's parts (default: all on CUDA, none on the CPU).
     """
 
     def __init__(
@@ -70,10 +73,11 @@ class CachedModel:
         if speed is None and self.device.type == "cuda":
             speed = SpeedOptions()
         if speed is not None:
-            self._step = accelerate(graph.gm, cache.tensors, speed)
+            self._step = accelerate(graph.gm, cache.tensors, speed, cache.max_seq)
         else:
             fold_weight_computations(graph.gm)
             self._step = graph.gm
+        self._has_state = graph.has_state
         self.lengths = torch.zeros(0, dtype=torch.long)
         self._max_len = 0
 
@@ -91,7 +95,7 @@ class CachedModel:
         self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.device)
         start = torch.zeros_like(self.lengths)
         positions = torch.arange(width, device=self.device).expand(len(prompts), width)
-        logits = self._run(input_ids.to(self.device), positions, start, width, self.lengths - 1)
+        logits = self._run(input_ids.to(self.device), positions, start, width, self.lengths - 1, self.lengths)
         self._max_len = width
         return logits
 
@@ -99,7 +103,8 @@ class CachedModel:
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token ``[b]`` to every sequence and return the next logits."""
         positions = self.lengths[:, None]
-        logits = self._run(tokens[:, None], positions, self.lengths, self._max_len + 1, self.lengths * 0)
+        ones = torch.ones_like(self.lengths)
+        logits = self._run(tokens[:, None], positions, self.lengths, self._max_len + 1, ones - 1, ones)
         self.lengths = self.lengths + 1
         self._max_len += 1
         return logits
@@ -111,8 +116,11 @@ class CachedModel:
         input_pos: torch.Tensor,
         kv_len: int,
         logit_index: torch.Tensor,
+        seq_lens: torch.Tensor,
     ) -> torch.Tensor:
         inputs = {INPUT_POS: input_pos, KV_LEN: kv_len, LOGIT_INDEX: logit_index}
+        if self._has_state:
+            inputs[SEQ_LENS] = seq_lens
         logits = self._step(input_ids=input_ids, position_ids=position_ids, **inputs, **self.cache.tensors)
         return logits[:, -1].float()
 

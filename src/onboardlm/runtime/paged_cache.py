@@ -1,4 +1,8 @@
-"""Paged KV cache: fixed-size blocks of cache slots, handed out from a free list."""
+"""Paged KV cache: fixed-size blocks of cache slots, handed out from a free list.
+
+A graph with state caches (conv, SSM, delta rule) also gets state slots: one ``[*features]`` state per
+running sequence, handed out by a :class:`StateSlots` free list when the sequence is admitted.
+"""
 
 from __future__ import annotations
 
@@ -55,23 +59,66 @@ class BlockAllocator:
             self._free.append(block)
 
 
+class StateSlots:
+    """The free list of ``num_slots`` state slots; a slot belongs to at most one running sequence."""
+
+    def __init__(self, num_slots: int) -> None:
+        if num_slots < 1:
+            raise ValueError(f"need at least one state slot, got {num_slots}")
+        self.num_slots = num_slots
+        self._free: deque[int] = deque(range(num_slots))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        """Take a slot off the free list; :class:`MemoryError` when none is free."""
+        if not self._free:
+            raise MemoryError(f"no state slot free ({self.num_slots} in use)")
+        slot = self._free.popleft()
+        self._used.add(slot)
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot not in self._used:
+            raise ValueError(f"state slot {slot} is not in use")
+        self._used.remove(slot)
+        self._free.append(slot)
+
+
 @dataclass
 class PagedKVCache:
-    """Zero-initialised caches ``[num_blocks, block_size, *features]``, one per :class:`CacheSpec`."""
+    """Zero-initialised caches, one per :class:`CacheSpec`: ``[num_blocks, block_size, *features]`` per
+    token, ``[num_state_slots, *features]`` per state."""
 
     num_blocks: int
     block_size: int
     tensors: dict[str, torch.Tensor]
+    num_state_slots: int = 0
 
     @classmethod
     def allocate(
-        cls, specs: list[CacheSpec], num_blocks: int, block_size: int, device: str | torch.device
+        cls,
+        specs: list[CacheSpec],
+        num_blocks: int,
+        block_size: int,
+        device: str | torch.device,
+        num_state_slots: int = 0,
     ) -> PagedKVCache:
+        if num_state_slots < 1 and any(not spec.per_token for spec in specs):
+            raise ValueError("a graph with state caches needs at least one state slot")
         tensors = {
-            spec.name: torch.zeros(num_blocks, block_size, *spec.features, dtype=spec.dtype, device=device)
+            spec.name: torch.zeros(
+                *((num_blocks, block_size) if spec.per_token else (num_state_slots,)),
+                *spec.features,
+                dtype=spec.dtype,
+                device=device,
+            )
             for spec in specs
         }
-        return cls(num_blocks, block_size, tensors)
+        return cls(num_blocks, block_size, tensors, num_state_slots)
 
     @property
     def nbytes(self) -> int:

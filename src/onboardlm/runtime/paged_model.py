@@ -7,7 +7,8 @@ run``'s graph does; and every decode step (one token per sequence) of ``b`` sequ
 smallest decode batch size ``B >= b`` and replayed from a CUDA graph captured for ``B`` with block
 tables as wide as the longest sequence. Padded rows compute token 0 at position 0 of the cache's spare
 block (the last block of the cache, which the allocator never hands out), so they never touch a live
-sequence's cache. A step's inputs go to the device as one host tensor in one copy; the only host
+sequence's cache; in a model with state layers they also start from a zero state in the spare state slot
+(the last slot, never handed out either). A step's inputs go to the device as one host tensor in one copy; the only host
 synchronisation of a step is reading its sampled tokens (by the caller).
 """
 
@@ -42,6 +43,7 @@ from onboardlm.transforms.paged_kv_cache import (
     insert_paged_attention,
     use_packed_logit_gather,
 )
+from onboardlm.transforms.state_cache import STATE_SLOTS
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +97,17 @@ def accelerate_paged(gm: GraphModule, options: SpeedOptions, device: torch.devic
 
 
 def _host_inputs(
-    chunks: list[Chunk], block_size: int, width: int, rows: int | None = None, spare: int = 0
+    chunks: list[Chunk],
+    block_size: int,
+    width: int,
+    rows: int | None = None,
+    spare: int = 0,
+    spare_slot: int = 0,
 ) -> torch.Tensor:
     """The step's inputs as one int64 host tensor (see :func:`_split_inputs` for the layout).
 
-    ``rows`` (decode steps only): pad the step to that many one-token rows on block ``spare``.
+    ``rows`` (decode steps only): pad the step to that many one-token rows on block ``spare`` and
+    state slot ``spare_slot``.
     """
     ids: list[int] = []
     positions: list[int] = []
@@ -107,6 +115,7 @@ def _host_inputs(
     cached: list[int] = []
     starts = [0]
     tables: list[int] = []
+    state_slots: list[int] = []
     for chunk in chunks:
         seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.length
         blocks = seq.blocks
@@ -114,6 +123,7 @@ def _host_inputs(
         positions += range(start, end)
         slots += [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
         cached.append(start)
+        state_slots.append(max(seq.state_slot, 0))
         starts.append(starts[-1] + chunk.length)
         table = blocks[:width]
         tables += table
@@ -127,16 +137,18 @@ def _host_inputs(
         cached += [0] * pad
         starts += range(starts[-1] + 1, starts[-1] + 1 + pad)
         tables += [spare] * (pad * width)
+        state_slots += [spare_slot] * pad
     logit_index = [s - 1 for s in starts[1:]]
-    return torch.tensor(ids + positions + slots + logit_index + cached + starts + tables, dtype=torch.long)
+    flat = ids + positions + slots + logit_index + cached + starts + tables + state_slots
+    return torch.tensor(flat, dtype=torch.long)
 
 
 def _split_inputs(flat: torch.Tensor, tokens: int, seqs: int, width: int) -> dict[str, torch.Tensor]:
     """The graph's inputs as views of ``flat``: ``input_ids``, ``position_ids``, ``slot_mapping`` (``T``
     each), ``logit_index``, ``cached_lens`` (``S``), ``query_start`` (``S + 1``), ``block_tables``
-    (``S x width``)."""
-    sizes = (tokens, tokens, tokens, seqs, seqs, seqs + 1, seqs * width)
-    ids, positions, slots, logit_index, cached, starts, tables = flat.split(sizes)
+    (``S x width``), ``state_slots`` (``S``; only a graph with state layers reads it)."""
+    sizes = (tokens, tokens, tokens, seqs, seqs, seqs + 1, seqs * width, seqs)
+    ids, positions, slots, logit_index, cached, starts, tables, state_slots = flat.split(sizes)
     return {
         "input_ids": ids.view(1, tokens),
         "position_ids": positions.view(1, tokens),
@@ -145,6 +157,7 @@ def _split_inputs(flat: torch.Tensor, tokens: int, seqs: int, width: int) -> dic
         QUERY_START: starts,
         CACHED_LENS: cached,
         LOGIT_INDEX: logit_index,
+        STATE_SLOTS: state_slots,
     }
 
 
@@ -193,6 +206,8 @@ class PagedModel:
         self.device = next(iter(cache.tensors.values())).device
         self.speed = speed
         self.spare_block = cache.num_blocks - 1 if speed is not None else None
+        self.spare_slot = max(cache.num_state_slots - 1, 0)
+        self._inputs = {n.name for n in graph.gm.graph.nodes if n.op == "placeholder"}
         if speed is not None:
             accelerate_paged(graph.gm, speed, self.device)
         else:
@@ -221,8 +236,9 @@ class PagedModel:
 
     def _bucket(self, size: int, capture: bool) -> _DecodeBucket:
         assert self.spare_block is not None
-        flat = _host_inputs([], self.cache.block_size, self.width, size, self.spare_block).to(self.device)
-        bucket = _DecodeBucket(size, flat, _split_inputs(flat, size, size, self.width))
+        flat = _host_inputs([], self.cache.block_size, self.width, size, self.spare_block, self.spare_slot)
+        flat = flat.to(self.device)
+        bucket = _DecodeBucket(size, flat, self._graph_inputs(_split_inputs(flat, size, size, self.width)))
         if not capture:
             return bucket
         gm, caches = self.graph.gm, self.cache.tensors
@@ -239,6 +255,9 @@ class PagedModel:
         bucket.graph = graph
         return bucket
 
+    def _graph_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: value for name, value in inputs.items() if name in self._inputs}
+
     def _decode_bucket(self, chunks: list[Chunk]) -> _DecodeBucket | None:
         if not self._buckets or any(c.length != 1 for c in chunks):
             return None
@@ -252,10 +271,12 @@ class PagedModel:
     def step(self, chunks: list[Chunk]) -> torch.Tensor:
         bucket = self._decode_bucket(chunks)
         if bucket is None:
-            inputs = pack_chunks(chunks, self.cache.block_size, self.device)
+            inputs = self._graph_inputs(pack_chunks(chunks, self.cache.block_size, self.device))
             logits = self.graph.gm(**inputs, **self.cache.tensors)
             return logits[0].float()
-        host = _host_inputs(chunks, self.cache.block_size, self.width, bucket.size, self.spare_block)
+        host = _host_inputs(
+            chunks, self.cache.block_size, self.width, bucket.size, self.spare_block, self.spare_slot
+        )
         bucket.flat.copy_(host)
         if bucket.graph is None:
             logits = self.graph.gm(**bucket.inputs, **self.cache.tensors)

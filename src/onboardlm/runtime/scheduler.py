@@ -6,6 +6,9 @@ out of cache and is never preempted); they leave as soon as they finish or are c
 blocks go back to the free list at once. Every step first gives each decoding sequence its one new
 token, then spends what is left of the step's token budget on prompt chunks (chunked prefill), so a
 long prompt never holds up the decoding sequences for more than one budget's worth of work.
+A model with state layers (SSM, conv, delta rule) also needs a free state slot per running sequence
+(:class:`~onboardlm.runtime.paged_cache.StateSlots`): admission takes one, the end of the sequence
+gives it back.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from onboardlm.runtime.paged_cache import BlockAllocator, blocks_for
+from onboardlm.runtime.paged_cache import BlockAllocator, StateSlots, blocks_for
 from onboardlm.runtime.requests import GenerationRequest
 
 
@@ -23,12 +26,14 @@ class QueueFull(Exception):
 
 @dataclass
 class Sequence:
-    """A running request: its tokens (prompt, then output), its blocks and how much is cached."""
+    """A running request: its tokens (prompt, then output), its blocks, its state slot (-1: the model
+    keeps no state) and how much is cached."""
 
     request: GenerationRequest
     blocks: list[int]
     tokens: list[int] = field(default_factory=list)
     num_cached: int = 0
+    state_slot: int = -1
 
     def __post_init__(self) -> None:
         if not self.tokens:
@@ -76,11 +81,15 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    """Waiting queue, running sequences and the block allocator (used by one thread only)."""
+    """Waiting queue, running sequences, the block allocator and the state slots, if the model keeps
+    state (used by one thread only)."""
 
-    def __init__(self, allocator: BlockAllocator, limits: SchedulerLimits) -> None:
+    def __init__(
+        self, allocator: BlockAllocator, limits: SchedulerLimits, state_slots: StateSlots | None = None
+    ) -> None:
         self.allocator = allocator
         self.limits = limits
+        self.state_slots = state_slots
         self.waiting: deque[GenerationRequest] = deque()
         self.running: dict[str, Sequence] = {}
 
@@ -114,6 +123,9 @@ class Scheduler:
         del self.running[seq.request_id]
         self.allocator.free(seq.blocks)
         seq.blocks = []
+        if self.state_slots is not None and seq.state_slot >= 0:
+            self.state_slots.free(seq.state_slot)
+            seq.state_slot = -1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -124,8 +136,13 @@ class Scheduler:
             needed = self.blocks_needed(request)
             if not self.allocator.can_allocate(needed):
                 return  # FIFO: later requests wait behind the head of the queue
+            if self.state_slots is not None and not self.state_slots.num_free:
+                return
             self.waiting.popleft()
-            self.running[request.request_id] = Sequence(request, self.allocator.allocate(needed))
+            slot = -1 if self.state_slots is None else self.state_slots.allocate()
+            self.running[request.request_id] = Sequence(
+                request, self.allocator.allocate(needed), state_slot=slot
+            )
 
     def schedule(self) -> list[Chunk]:
         """Admit what fits, then the chunks of the next step: every decode, then prompt chunks."""

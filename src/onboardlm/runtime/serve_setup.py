@@ -13,7 +13,7 @@ from onboardlm.models.factory import AutoModelForCausalLMFactory, LoadReport
 from onboardlm.registry.settings import RunSettings
 from onboardlm.runtime.chat import stop_token_ids
 from onboardlm.runtime.fp8 import check_quantize, checkpoint_fp8_specs, quantize_pass
-from onboardlm.runtime.paged_cache import BlockAllocator, PagedKVCache, blocks_for
+from onboardlm.runtime.paged_cache import BlockAllocator, PagedKVCache, StateSlots, blocks_for
 from onboardlm.runtime.paged_model import DECODE_BATCH_SIZES, PagedModel, build_paged_graph, default_speed
 from onboardlm.runtime.runner import model_location, resolve_device, resolve_dtype
 from onboardlm.runtime.scheduler import Scheduler, SchedulerLimits
@@ -54,18 +54,32 @@ def engine_for_model(
     fast = device.type == "cuda" if options.fast_path is None else options.fast_path
     speed = (default_speed(device) or SpeedOptions(batch_sizes=DECODE_BATCH_SIZES)) if fast else None
     spare = 1 if speed is not None else 0  # the fast path's padded decode rows write to a spare block
-    cache = PagedKVCache.allocate(graph.caches, num_blocks + spare, options.block_size, device)
+    # state layers: one state slot per running sequence (and the padded rows' spare slot)
+    slots = settings.max_batch_size if graph.has_state else 0
+    cache = PagedKVCache.allocate(
+        graph.caches, num_blocks + spare, options.block_size, device, slots + spare if slots else 0
+    )
     limits = SchedulerLimits(
         settings.max_batch_size, max(options.max_step_tokens, settings.max_batch_size), options.max_waiting
     )
-    scheduler = Scheduler(BlockAllocator(num_blocks, options.block_size), limits)
-    vocab = int(model.get_input_embeddings().weight.shape[0])
+    state_slots = StateSlots(slots) if slots else None
+    scheduler = Scheduler(BlockAllocator(num_blocks, options.block_size), limits, state_slots)
+    vocab = _vocab_size(model)
     config = EngineConfig(settings.max_seq_len, limits, vocab)
     paged = PagedModel(
         graph, cache, max_batch=settings.max_batch_size, max_seq_len=settings.max_seq_len, speed=speed,
         pad_decode=fast and device.type != "cuda",
     )  # fmt: skip
     return ServingEngine(paged, scheduler, tokenizer, stop_ids, config)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    """Rows of the input embedding (a lean file whose embedding is not ``embed_tokens``, e.g. Mamba2's
+    ``embeddings``, may not say which module it is: then the config's ``vocab_size``)."""
+    try:
+        return int(model.get_input_embeddings().weight.shape[0])
+    except (NotImplementedError, AttributeError):
+        return int(model.config.vocab_size)
 
 
 @dataclass

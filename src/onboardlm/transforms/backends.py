@@ -21,10 +21,16 @@ from torch.fx.operator_schemas import normalize_function
 
 from onboardlm.ops import DECLARED_OPS
 from onboardlm.ops._library import FOREIGN_OPS, NAMESPACE
-from onboardlm.transforms import cached_ops, paged_ops
+from onboardlm.transforms import cached_ops, paged_ops, state_ops
 from onboardlm.transforms.dump import dumps_graph
 
-_OWN_OPS = (*DECLARED_OPS, cached_ops.CACHED_ATTENTION, cached_ops.CACHED_MLA, paged_ops.PAGED_ATTENTION)
+_OWN_OPS = (
+    *DECLARED_OPS,
+    cached_ops.CACHED_ATTENTION,
+    cached_ops.CACHED_MLA,
+    paged_ops.PAGED_ATTENTION,
+    *state_ops.CACHED_STATE_OPS.values(),
+)
 
 
 def _reshape(x: torch.Tensor, shape: list[int]) -> torch.Tensor:

@@ -36,6 +36,7 @@ from onboardlm.transforms.fusion import fuse_elementwise
 from onboardlm.transforms.gather_logits import LOGIT_INDEX
 from onboardlm.transforms.kv_cache import INPUT_POS, KV_LEN
 from onboardlm.transforms.moe_backend import use_grouped_moe
+from onboardlm.transforms.state_cache import SEQ_LENS
 
 #: Ops that synchronise with the host (data-dependent shapes): a graph holding one is not captured.
 UNCAPTURABLE_OPS = ("torch_moe",)
@@ -96,12 +97,21 @@ def uncapturable_reason(gm: GraphModule) -> str | None:
 class FastGraph:
     """A cached graph bound to its static KV cache, with compiled and CUDA-graph decode steps."""
 
-    def __init__(self, gm: GraphModule, cache: dict[str, torch.Tensor], options: SpeedOptions) -> None:
+    def __init__(
+        self,
+        gm: GraphModule,
+        cache: dict[str, torch.Tensor],
+        options: SpeedOptions,
+        max_seq: int | None = None,
+    ) -> None:
         self.gm = gm
         self.cache = cache
         first = next(iter(cache.values()))
         self.device = cache_device(cache)
-        self.max_batch, self.max_seq = int(first.shape[0]), int(first.shape[1])
+        self.max_batch = int(first.shape[0])
+        # ``max_seq``: the KV cache's length (a state cache's second dim is not a sequence)
+        self.max_seq = int(first.shape[1] if max_seq is None else max_seq)
+        self._has_state = any(n.op == "placeholder" and n.name == SEQ_LENS for n in gm.graph.nodes)
         self.options = options
         use_compile = options.compile and self.device.type == "cuda"
         self.step = torch.compile(gm, dynamic=False) if use_compile else gm
@@ -135,6 +145,8 @@ class FastGraph:
 
         inputs = {"input_ids": zeros(size, 1), "position_ids": zeros(size, 1), LOGIT_INDEX: zeros(size)}
         inputs[INPUT_POS] = torch.full((size,), self.max_seq - 1, dtype=torch.long, device=self.device)
+        if self._has_state:  # padded rows step their own state rows (b .. B-1), which no live sequence uses
+            inputs[SEQ_LENS] = torch.ones(size, dtype=torch.long, device=self.device)
         return inputs
 
     def _capture(self, size: int) -> _Captured:
@@ -217,8 +229,9 @@ class FastGraph:
             return self.step(**{**inputs, KV_LEN: self.max_seq})
         captured = self._captured[size]
         static = captured.inputs
-        for name in ("input_ids", "position_ids", INPUT_POS, LOGIT_INDEX):
-            static[name][:batch].copy_(inputs[name])
+        for name in ("input_ids", "position_ids", INPUT_POS, LOGIT_INDEX, SEQ_LENS):
+            if name in static:
+                static[name][:batch].copy_(inputs[name])
         if size > batch:
             static["input_ids"][batch:] = 0
             static["position_ids"][batch:] = 0
@@ -227,7 +240,9 @@ class FastGraph:
         return captured.logits[:batch].clone()  # the static buffer is overwritten by the next replay
 
 
-def accelerate(gm: GraphModule, cache: dict[str, torch.Tensor], options: SpeedOptions) -> FastGraph:
+def accelerate(
+    gm: GraphModule, cache: dict[str, torch.Tensor], options: SpeedOptions, max_seq: int | None = None
+) -> FastGraph:
     """The fast path for a cached graph (rewritten in place) and its runner.
 
     SDPA attention (the Triton kernel for decode), MLA decode on the latent cache
@@ -246,7 +261,7 @@ def accelerate(gm: GraphModule, cache: dict[str, torch.Tensor], options: SpeedOp
     fold_weight_computations(gm)
     if options.fuse and not options.compile:  # a whole-graph compile fuses these itself
         fuse_elementwise(gm, compile=cache_device(cache).type == "cuda")
-    fast = FastGraph(gm, cache, options)
+    fast = FastGraph(gm, cache, options, max_seq)
     fast.capture()
     return fast
 

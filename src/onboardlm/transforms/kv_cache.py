@@ -5,6 +5,8 @@
 flag, sliding window, logit cap and sinks. The graph gains inputs: ``input_pos`` (``[b]`` int64, where
 each sequence's new tokens go in the cache), ``kv_len`` (a Python int, how many cache positions to
 read) and one cache tensor per cached input of each layer (named in :attr:`CachedGraph.caches`).
+The stateful ops (conv, SSM, gated delta rule) become cached state ops
+(:mod:`onboardlm.transforms.state_cache`), which add a ``seq_lens`` input and one state cache each.
 The result is a plain ``GraphModule``: call it with keyword arguments; it returns the logits.
 """
 
@@ -21,21 +23,24 @@ import onboardlm.ops  # noqa: F401  (registers the canonical ops)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.transforms import cached_ops
 from onboardlm.transforms.dump import dumps_graph
+from onboardlm.transforms.state_cache import insert_cached_state
 
 INPUT_POS = "input_pos"
 KV_LEN = "kv_len"
 
-#: Canonical ops that carry state across tokens this transform has no cache for.
-_STATEFUL_OPS = ("torch_ssm", "torch_causal_conv1d", "torch_gated_delta_rule")
-
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """One cache tensor the graph takes: its input name, per-token shape and dtype."""
+    """One cache tensor the graph takes: its input name, per-token shape and dtype.
+
+    ``per_token`` False: a state cache, ``features`` is the shape of one sequence's state (allocated
+    ``[slots, *features]`` instead of ``[batch, seq, *features]``).
+    """
 
     name: str
     features: tuple[int, ...]
     dtype: torch.dtype
+    per_token: bool = True
 
 
 @dataclass
@@ -44,6 +49,11 @@ class CachedGraph:
 
     gm: GraphModule
     caches: list[CacheSpec]
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the graph keeps per-sequence state (state caches, the ``seq_lens`` input)."""
+        return any(not spec.per_token for spec in self.caches)
 
 
 def _op(name: str) -> torch._ops.OpOverload:
@@ -85,15 +95,11 @@ def _as_plain_graph(gm: GraphModule) -> Graph:
 def insert_cached_attention(gm: GraphModule) -> CachedGraph:
     """Replace the attention nodes of an exported causal-LM graph by cached attention (in place).
 
-    Raises :class:`UnsupportedFeature` for an attention with an explicit mask, for stateful ops
-    other than attention (SSM, conv, delta rule) and for a graph without attention.
+    The stateful ops become cached state ops (:func:`onboardlm.transforms.state_cache.insert_cached_state`).
+    Raises :class:`UnsupportedFeature` for an attention with an explicit mask and for a graph with
+    nothing to cache.
     """
     graph = _as_plain_graph(gm)
-    for node in graph.nodes:
-        if node.op == "call_function" and any(node.target == _op(n) for n in _STATEFUL_OPS):
-            raise UnsupportedFeature(
-                node.name, f"{node.target.name()} state caching", "only attention is cached"
-            )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_after(placeholders[-1]):
         kv_len = graph.placeholder(KV_LEN)
@@ -102,11 +108,11 @@ def insert_cached_attention(gm: GraphModule) -> CachedGraph:
     last_input = kv_len
     caches: list[CacheSpec] = []
 
-    def add_cache(name: str, features: tuple[int, ...], dtype: torch.dtype) -> Node:
+    def add_cache(name: str, features: tuple[int, ...], dtype: torch.dtype, per_token: bool = True) -> Node:
         nonlocal last_input
         with graph.inserting_after(last_input):
             last_input = graph.placeholder(name)
-        caches.append(CacheSpec(name, features, dtype))
+        caches.append(CacheSpec(name, features, dtype, per_token))
         return last_input
 
     layer = 0
@@ -152,7 +158,8 @@ def insert_cached_attention(gm: GraphModule) -> CachedGraph:
         node.replace_all_uses_with(cached)
         graph.erase_node(node)
         layer += 1
+    insert_cached_state(graph, input_pos, add_cache)
     if not caches:
-        raise UnsupportedFeature("graph", "no torch_attention or torch_mla node to cache")
+        raise UnsupportedFeature("graph", "no attention, MLA, SSM, conv or delta-rule node to cache")
     graph.lint()
     return CachedGraph(GraphModule(gm, graph), caches)

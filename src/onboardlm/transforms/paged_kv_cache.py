@@ -5,7 +5,8 @@ every ``onboardlm_cached_attention`` node into ``onboardlm_paged_attention``
 (:mod:`onboardlm.transforms.paged_ops`). The graph's ``input_pos``/``kv_len`` inputs give way to
 :data:`PAGED_INPUTS` (``slot_mapping``, ``block_tables``, ``query_start``, ``cached_lens``); the cache
 inputs keep their names and per-token features, allocated as ``[num_blocks, block_size, *features]``.
-The graph runs a packed batch ``[1, T]``. :func:`use_packed_logit_gather` makes the logit gather
+Cached state ops (:mod:`onboardlm.transforms.state_cache`) read a further ``state_slots`` ``[S]``
+input: the state slot of each sequence. The graph runs a packed batch ``[1, T]``. :func:`use_packed_logit_gather` makes the logit gather
 (:func:`onboardlm.transforms.insert_logit_gather`) pick ``logit_index`` ``[S]`` positions of that one
 row, so the logits are ``[1, S, vocab]``: one row per sequence.
 """
@@ -20,6 +21,7 @@ from onboardlm.transforms import cached_ops, paged_ops
 from onboardlm.transforms.dump import dumps_graph
 from onboardlm.transforms.gather_logits import gather_positions
 from onboardlm.transforms.kv_cache import INPUT_POS, KV_LEN, CachedGraph, insert_cached_attention
+from onboardlm.transforms.state_cache import to_paged_state
 
 SLOT_MAPPING = "slot_mapping"
 BLOCK_TABLES = "block_tables"
@@ -67,8 +69,9 @@ def to_paged_attention(cached: CachedGraph) -> CachedGraph:
         paged.meta = dict(node.meta)
         node.replace_all_uses_with(paged)
         graph.erase_node(node)
+    to_paged_state(graph, inputs[CACHED_LENS], inputs[QUERY_START], anchor)
     for name in (INPUT_POS, KV_LEN):
-        graph.erase_node(placeholders[name])  # only cached attention read them
+        graph.erase_node(placeholders[name])  # only cached attention and state ops read them
     graph.lint()
     cached.gm.recompile()
     return cached
