@@ -170,6 +170,8 @@ class FastGraph:
         options = self.options
         if not options.prefill_graphs or self.device.type != "cuda" or self._uncapturable is not None:
             return None
+        if self._has_state:  # a hybrid's prefill runs directly (its conv/SSM states read seq_lens)
+            return None
         size = min((b for b in options.prefill_batch_sizes if batch <= b <= self.max_batch), default=None)
         length = min((n for n in options.prefill_lengths if width <= n <= self.max_seq), default=None)
         return None if size is None or length is None else (size, length)
