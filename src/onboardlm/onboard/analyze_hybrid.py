@@ -35,6 +35,7 @@ from transformers.activations import ACT2CLS
 import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze_classic import projections
+from onboardlm.onboard.analyze_moe import analyze_moe
 from onboardlm.onboard.spec import ArchitectureSpec, DecoderLayerSpec, NormSpec, RopeSpec
 from onboardlm.onboard.spec_hybrid import (
     TOKEN_MIXERS,
@@ -817,6 +818,14 @@ def analyze_hybrid(
                 others = [s.attr for s in steps if s.kind != "mlp"]
                 feed_forward = an._mlp(layer_path, layer, others[0] if others else "")
                 blocks["mlp"] = feed_forward
+            elif step.kind == "moe":  # the MoE analysis of the whole model; the layer kinds place it
+                moe = analyze_moe(an.tiny, model)
+                if moe is None:
+                    raise UnsupportedFeature(
+                        block_path, "an experts block the MoE analysis does not find", _HINT
+                    )
+                blocks["moe"] = dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
+                an.notes.append(moe.note)
             elif step.kind in MIXER_NAMES:
                 raise UnsupportedFeature(block_path, f"{MIXER_NAMES[step.kind]}: no template yet", _HINT)
             else:
