@@ -35,6 +35,7 @@ from transformers.activations import ACT2CLS
 import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze_classic import projections
+from onboardlm.onboard.analyze_moe import analyze_moe
 from onboardlm.onboard.spec import ArchitectureSpec, DecoderLayerSpec, NormSpec, RopeSpec
 from onboardlm.onboard.spec_hybrid import (
     TOKEN_MIXERS,
@@ -194,7 +195,7 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
                 raise UnsupportedFeature(
                     path,
                     f"residual layout of blocks {pending} with norms {norms} matches no template"
-                    " (expected h = h + block(norm(h)) per block)",
+                    f" (expected h = h + block(norm(h)) per block){_layout_hint(calls, path, pending)}",
                     _HINT,
                 )
             name, norm, call = match
@@ -207,6 +208,18 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
             )
         found.append(tuple(steps))
     return found
+
+
+def _layout_hint(calls: dict[str, list[Any]], path: str, pending: list[str]) -> str:
+    """What the recorded inputs show instead: blocks fed the same tensor (parallel blocks), or a
+    block input that is another's scaled (a multiplier on the way in)."""
+    inputs = {name: calls[f"{path}.{name}"][0].hidden_states for name in pending}
+    names = list(inputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if _close(inputs[a], inputs[b]):
+                return f": {a} and {b} read the same input (parallel blocks)"
+    return ""
 
 
 def _kind_name(steps: tuple[StepSpec, ...]) -> str:
@@ -817,6 +830,14 @@ def analyze_hybrid(
                 others = [s.attr for s in steps if s.kind != "mlp"]
                 feed_forward = an._mlp(layer_path, layer, others[0] if others else "")
                 blocks["mlp"] = feed_forward
+            elif step.kind == "moe":  # the MoE analysis of the whole model; the layer kinds place it
+                moe = analyze_moe(an.tiny, model)
+                if moe is None:
+                    raise UnsupportedFeature(
+                        block_path, "an experts block the MoE analysis does not find", _HINT
+                    )
+                blocks["moe"] = dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
+                an.notes.append(moe.note)
             elif step.kind in MIXER_NAMES:
                 raise UnsupportedFeature(block_path, f"{MIXER_NAMES[step.kind]}: no template yet", _HINT)
             else:

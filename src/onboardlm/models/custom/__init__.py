@@ -22,6 +22,7 @@ MODEL_MODULES = [
     "modeling_deepseek_v3",
     "modeling_ernie4_5_moe",
     "modeling_falcon",
+    "modeling_falcon_mamba",
     "modeling_gemma",
     "modeling_gemma2",
     "modeling_gemma3_text",
