@@ -108,10 +108,11 @@ def test_serve_s_paged_build_and_the_fast_path_dump_their_steps(model, tmp_path,
         "use_fast_attention",
         "use_fast_mla",
         "use_grouped_moe",
+        "fuse_fp8_linears",
         "fuse_shared_input_linears",
         "fold_weight_computations",
         "fuse_elementwise",
     ]
     changed = {name for _, name, before, after in dumps if before != after}
     assert {"use_fast_attention", "fuse_shared_input_linears"} <= changed  # SDPA attention, one q/k/v GEMM
-    assert "use_fast_mla" not in changed and "use_grouped_moe" not in changed  # no MLA, no MoE in a llama
+    assert not {"use_fast_mla", "use_grouped_moe", "fuse_fp8_linears"} & changed  # no MLA, MoE or FP8 here
