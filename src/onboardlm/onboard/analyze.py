@@ -27,6 +27,7 @@ import dataclasses
 import inspect
 import itertools
 import linecache
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_f
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.config_derived import derived_expression
 from onboardlm.onboard.spec import (
+    DIFFERENTIAL_LAMBDA_INIT,
     ArchitectureSpec,
     AttentionSpec,
     DecoderLayerSpec,
@@ -495,7 +497,8 @@ class _Analyzer:
         with torch.no_grad():
             for param in probe.parameters():
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5 + 0.3)
-        width = tuple(weight.shape) if weight is not None else (self.hidden,)  # 2-D: one row per head
+        shape = getattr(module, "normalized_shape", None)  # a weightless torch norm of its own width
+        width = tuple(weight.shape) if weight is not None else tuple(shape or (self.hidden,))
         x = torch.randn(3, 5, *width, generator=generator) * 2 + 0.7
         x[0] *= 3e-3  # variance near the epsilon
         try:
@@ -995,6 +998,12 @@ class _Analyzer:
             for key, value in self._bias_expressions(layer, [f"{inside}.{n}" for n in linears]).items()
         }
         projections_spec = tuple(LinearSpec(n, biases[f"{attr}.{n}"], linears[n].transposed) for n in ins)
+        differential, differential_norm_name = self._differential_parts(path, attn, norms, head_dim)
+        differential_norm = (
+            self._norm(f"{path}.{differential_norm_name}", norms.pop(differential_norm_name))
+            if differential_norm_name
+            else None
+        )
         out_norm_name = self._attention_out_norm(path, attn, norms, outs[0], rope)
         out_norm = self._norm(f"{path}.{out_norm_name}", norms.pop(out_norm_name)) if out_norm_name else None
         qk_norm, qk_names, per_head = self._qk_norm(path, norms, head_dim, q_size)
@@ -1036,6 +1045,9 @@ class _Analyzer:
             gate=LinearSpec(gate_name, biases[f"{attr}.{gate_name}"]) if gate_name else None,
             out_norm=out_norm,
             out_norm_name=out_norm_name or "",
+            differential=differential,
+            differential_norm=differential_norm,
+            differential_norm_name=differential_norm_name,
             **real,
         )
         if gate_kind != "none":
@@ -1045,6 +1057,7 @@ class _Analyzer:
         if rope is not None:
             index = uses_rope.index(True) if True in uses_rope else 0
             spec, rope = self._probe_attention(path, index, layers[index], spec, scale, rope, kv_heads)
+            self._confirm_differential(path, layers, spec, scale, rope, kv_heads)
             spec = self._position_scale(path, index, layers[index], spec, scale, rope, kv_heads)
         else:
             spec = self._probe_plain_attention(path, layer, spec, scale, kv_heads)
@@ -1053,6 +1066,74 @@ class _Analyzer:
         if spec.fused_qkv and spec.qkv_order != ("q", "k", "v") or spec.qkv_groups != "1":
             self.notes.append(f"fused qkv in {spec.qkv_groups} group(s) of {'/'.join(spec.qkv_order)}")
         return spec, rope
+
+    def _differential_parts(
+        self, path: str, attn: nn.Module, norms: dict[str, nn.Module], head_dim: int
+    ) -> tuple[tuple[str, str, str, str] | None, str]:
+        """Differential attention's parts, by shape: four own vectors of head_dim (the lambdas, in
+        name order; the probe finds how they pair) and a weightless norm over 2 * head_dim (each head
+        pair's output); (None, "") where the attention has not these."""
+        own = {n: p for n, p in attn.named_parameters(recurse=False) if n != "sinks"}
+        if len(own) != 4 or any(tuple(p.shape) != (head_dim,) for p in own.values()):
+            return None, ""
+        pair_norms = [
+            n
+            for n, c in norms.items()
+            if not list(c.parameters()) and tuple(getattr(c, "normalized_shape", ())) == (2 * head_dim,)
+        ]
+        if len(pair_norms) != 1 or self.tiny.num_attention_heads % 2:
+            return None, ""
+        self.notes.append(
+            f"differential attention (lambdas {', '.join(sorted(own))}, {pair_norms[0]} per head pair)"
+        )
+        return tuple(sorted(own)), pair_norms[0]  # type: ignore[return-value]
+
+    @staticmethod
+    def _differential_pairings(spec: AttentionSpec) -> list[AttentionSpec]:
+        """Every way the four lambdas can form ``exp(a.b) - exp(c.d)``: the candidates the probe tries."""
+        if spec.differential is None:
+            return [spec]
+        found = []
+        for a, b, c, d in itertools.permutations(spec.differential):
+            if a < b and c < d and (a, b, c, d) not in found:  # a dot product is symmetric
+                found.append((a, b, c, d))
+        return [dataclasses.replace(spec, differential=order) for order in found]
+
+    def _confirm_differential(
+        self,
+        path: str,
+        layers: nn.ModuleList,
+        spec: AttentionSpec,
+        scale: float,
+        rope: RopeSpec,
+        kv_heads: int,
+    ) -> None:
+        """lambda_init depends on the layer: the matched math must hold on every layer of the tiny model."""
+        if spec.differential is None:
+            return
+        for index, layer in enumerate(layers):
+            kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
+            attn = self._attn_module(layer, spec)
+            with _telling_vectors([getattr(attn, name) for name in spec.differential]):
+                probe = _AttentionProbe(
+                    attn,
+                    spec,
+                    self.tiny,
+                    scale,
+                    kv_heads,
+                    self._rotary_module,
+                    rope,
+                    rope.style,
+                    kwargs,
+                    layer_idx=index,
+                )
+                matched = probe.match(self._qkv_layouts(spec, kv_heads)[:1])
+            if matched is None:
+                raise UnsupportedFeature(
+                    path.replace(".0.", f".{index}.", 1),
+                    f"differential attention whose lambda_init is not {DIFFERENTIAL_LAMBDA_INIT} on layer {index}",
+                    _HINT,
+                )
 
     @staticmethod
     def _attn_module(layer: nn.Module, spec: AttentionSpec) -> nn.Module:
@@ -1195,11 +1276,17 @@ class _Analyzer:
         # per-head q/k norms before or after RoPE: the same with unit weights (a rotation keeps the
         # RMS), so the probe runs on telling weights
         orders = (False, True) if spec.qk_norm is not None and spec.qk_norm_per_head else (False,)
-        with _telling_norm_weights([getattr(attn, name, None) for name in spec.qk_norm_names]):
-            for style, inverse, after in itertools.product(("neox", "interleaved"), (False, True), orders):
-                variant = dataclasses.replace(spec, rope_inverse=inverse, qk_norm_after_rope=after)
+        lambdas = [getattr(attn, name) for name in spec.differential or ()]
+        with (
+            _telling_norm_weights([getattr(attn, n, None) for n in spec.qk_norm_names]),
+            _telling_vectors(lambdas),
+        ):
+            for style, inverse, after, pairing in itertools.product(
+                ("neox", "interleaved"), (False, True), orders, self._differential_pairings(spec)
+            ):
+                variant = dataclasses.replace(pairing, rope_inverse=inverse, qk_norm_after_rope=after)
                 probe = _AttentionProbe(
-                    attn, variant, self.tiny, scale, kv_heads, rotary, rope, style, kwargs
+                    attn, variant, self.tiny, scale, kv_heads, rotary, rope, style, kwargs, layer_idx=index
                 )
                 found = probe.match(self._qkv_layouts(variant, kv_heads))
                 if found is not None:
@@ -2524,6 +2611,23 @@ def _telling_norm_weights(norms: list[nn.Module | None]) -> Any:
                 weight.copy_(old)
 
 
+@contextlib.contextmanager
+def _telling_vectors(vectors: list[torch.Tensor]) -> Any:
+    """Parameters set to ``0.3 * N(0, 1)`` for the duration (the lambdas of differential attention
+    start near zero, where their pairings would look alike), then restored."""
+    saved = [v.detach().clone() for v in vectors]
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for vector in vectors:
+            vector.copy_(0.3 * torch.randn(vector.shape, generator=generator))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for vector, old in zip(vectors, saved, strict=True):
+                vector.copy_(old)
+
+
 def _reference_attention(
     attn: nn.Module,
     spec: AttentionSpec,
@@ -2540,6 +2644,7 @@ def _reference_attention(
     causal: bool = False,
     alibi: bool = False,
     q_scale: torch.Tensor | None = None,
+    layer_idx: int = 0,
 ) -> torch.Tensor:
     """What the spec says the attention computes (no mask), in plain torch, on the HF module's weights.
 
@@ -2584,13 +2689,34 @@ def _reference_attention(
     if spec.sinks:  # one extra logit per head in the denominator, contributing no value
         sinks = attn.sinks.reshape(1, -1, 1, 1).expand(batch, heads, seq, 1)
         scores = torch.cat((scores, sinks), dim=-1)
-    out = torch.softmax(scores.float(), dim=-1)[..., :seq] @ v
+    weights = torch.softmax(scores.float(), dim=-1)[..., :seq]
+    if spec.differential is not None:
+        out = _differential_output(attn, spec, weights, v, heads // kv_heads, layer_idx)
+    else:
+        out = weights @ v
     out = out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
     if gate is not None:
         out = out * torch.sigmoid(gate)
     if spec.out_norm is not None:
         out = getattr(attn, spec.out_norm_name)(out)
     return getattr(attn, spec.out.name)(out)
+
+
+def _differential_output(
+    attn: nn.Module, spec: AttentionSpec, weights: torch.Tensor, v: torch.Tensor, groups: int, layer_idx: int
+) -> torch.Tensor:
+    """Differential attention on softmax ``weights`` [B, H, S, S] and the value heads ``v`` (already
+    repeated ``groups`` times per KV head): every head reads both halves of the KV heads; heads h and
+    h + H/2 pair up as ``a_h - lambda * a_{h + H/2}``, normalised per pair and scaled by 1 - lambda_init."""
+    kv = v[:, ::groups]  # the KV heads themselves
+    halves = [torch.cat([half, half], dim=1).repeat_interleave(groups, dim=1) for half in kv.chunk(2, dim=1)]
+    out = torch.cat([weights @ half for half in halves], dim=-1)  # [B, H, S, 2 * head_dim]
+    first, second = out.chunk(2, dim=1)
+    a, b, c, d = (getattr(attn, name) for name in spec.differential or ())
+    lambda_init = eval(DIFFERENTIAL_LAMBDA_INIT, {"math": math, "layer_idx": layer_idx})  # noqa: S307
+    lam = torch.exp((a * b).sum()) - torch.exp((c * d).sum()) + lambda_init
+    out = getattr(attn, spec.differential_norm_name)(first - lam * second) * (1 - lambda_init)
+    return out  # [B, H/2, S, 2 * head_dim]
 
 
 class _AttentionProbe:
@@ -2616,8 +2742,10 @@ class _AttentionProbe:
         kwargs: dict[str, Any] | None = None,
         recorded_from: tuple[nn.Module, str] | None = None,
         positions: torch.Tensor | None = None,
+        layer_idx: int = 0,
     ) -> None:
         self.attn, self.spec, self.config, self.scale, self.kv_heads = attn, spec, config, scale, kv_heads
+        self.layer_idx = layer_idx
         #: the rotary tables' positions; ``positions`` (same shape) only reach an attention that reads
         #: ``position_ids`` itself, ``q_scale`` ([B, S]) is what the candidate math scales q by
         self.positions = torch.tensor([[0, 3, 1, 7, 2, 5]] * 2)
@@ -2670,6 +2798,7 @@ class _AttentionProbe:
                             self.attn, self.spec, self.config, self.x, self.tables, self.style,
                             self.table_layout, self.scale, self.cap, layout=(count, order),
                             kv_heads=self.kv_heads, causal=self.causal, alibi=alibi, q_scale=self.q_scale,
+                            layer_idx=self.layer_idx,
                         )  # fmt: skip
                     except RuntimeError:  # the groups do not divide the heads
                         continue

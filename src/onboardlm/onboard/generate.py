@@ -26,6 +26,7 @@ import jinja2
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.emit_moe import emit_mla_slot, emit_moe_slot, feed_forward_constructor
 from onboardlm.onboard.spec import (
+    DIFFERENTIAL_LAMBDA_INIT,
     ArchitectureSpec,
     AttentionSpec,
     DecoderLayerSpec,
@@ -170,6 +171,20 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
             f"self.{attn.gate.name} = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias={attn.gate.bias})"
         )
         linears.append(attn.gate)
+    if attn.differential:
+        init.append(f"self.lambda_init = {DIFFERENTIAL_LAMBDA_INIT}")
+        init += [
+            f"self.{name} = nn.Parameter(torch.zeros(self.head_dim))" for name in sorted(attn.differential)
+        ]
+        norm = attn.differential_norm
+        if norm is None or norm.kind != "rms" or norm.weight or norm.offset:
+            raise UnsupportedFeature(
+                attn.class_name, "differential attention without a weightless RMSNorm per head pair", _HINT
+            )
+        init += [  # the weightless RMSNorm of each head pair's 2 * head_dim channels (no checkpoint key)
+            'self.register_buffer("_ad_pair_norm_weight", torch.ones(2 * self.head_dim), persistent=False)',
+            f"self.pair_norm_eps = {norm.eps}",
+        ]
     if attn.out_norm is not None:
         init.append(
             f"self.{attn.out_norm_name} = {norm_constructor(attn.out_norm, 'self.num_heads * self.head_dim')}"
