@@ -1,7 +1,8 @@
 """Attention and MLP variants measured from transformers models: output gates (AFMoE, MiniCPM5-MoE),
 norms inside the attention and the MLP (BitNet), learned activations (Apertus' xIELU), q/k norms after
 an inverse RoPE with the final norm also on the embeddings (NanoChat), differential attention
-(DiffLlama, here with grouped KV heads), and MoE layers named by a per-layer config list or a
+(DiffLlama, here with grouped KV heads), MiniCPM3's depth-scaled residuals, embedding scale field and
+logit divisor the config derives, and MoE layers named by a per-layer config list or a
 dense-layer count.
 
 Expected values are facts of the transformers implementations; each generated file is also run
@@ -33,6 +34,7 @@ CASES = {
     "nanochat": {},
     "ministral3": {},
     "diffllama": {"num_key_value_heads": 16},
+    "minicpm3": {},
 }
 #: Fields set on the tiny config of the generated-model comparison: Ministral3's q scale by position
 #: is 1 below ``original_max_position_embeddings``; a period of 2 makes the test's positions use it.
@@ -104,6 +106,16 @@ def test_differential_attention(specs: dict) -> None:
     assert norm.kind == "rms" and not norm.weight and norm.eps == "config.rms_norm_eps"
     assert attention.kind == "gqa" and attention.output_gate == "none" and attention.out_norm is None
     assert all(spec.attention.differential is None for name, spec in specs.items() if name != "diffllama")
+
+
+def test_depth_scaled_residuals_and_derived_scales(specs: dict) -> None:
+    """MiniCPM3: each block output times scale_depth / sqrt(depth), embeddings times scale_emb, and
+    the final hidden state divided by a property of the config class (hidden_size / dim_model_base)."""
+    spec = specs["minicpm3"]
+    assert spec.decoder.residual_multiplier == "config.scale_depth / math.sqrt(config.num_hidden_layers)"
+    assert spec.embedding.scale == "config.scale_emb"
+    assert (spec.head.logits_op, spec.head.logits_value) == ("divide", "config.logits_scaling")
+    assert all(spec.decoder.residual_multiplier is None for name, spec in specs.items() if name != "minicpm3")
 
 
 def test_inverse_rope_and_shared_final_norm(specs: dict) -> None:

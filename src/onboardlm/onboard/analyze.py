@@ -2134,14 +2134,34 @@ class _Analyzer:
         }
         with torch.no_grad():
             expected = _first(_call_filled(probe, x, inputs, fill=None))
-        multiplier = self.fields.get("residual_multiplier")
-        multipliers = [None] + (["config.residual_multiplier"] if isinstance(multiplier, float) else [])
         for layout in _layouts(norm_names):
-            for scale in multipliers:
+            for scale, value in self._residual_multipliers():
                 candidate = dataclasses.replace(layout, residual_multiplier=scale)
-                if _close(candidate.apply(x, stand_ins, attn, mlp, multiplier or 1.0), expected):
+                if _close(candidate.apply(x, stand_ins, attn, mlp, value), expected):
                     return candidate
         return None
+
+    def _residual_multipliers(self) -> list[tuple[str | None, float]]:
+        """Candidate scales of each block output before the residual add, (expression, value): none,
+        a float config field (Granite's residual_multiplier first), or one over the square root of the
+        depth (MiniCPM3's scale_depth / sqrt(num_hidden_layers))."""
+        found: list[tuple[str | None, float]] = [(None, 1.0)]
+        floats = {
+            name: value
+            for name, value in self.fields.items()
+            if isinstance(value, float)
+            and value not in (0.0, 1.0)
+            and not any(part in name for part in ("eps", "dropout", "range", "theta"))
+        }
+        ordered = sorted(floats, key=lambda name: name != "residual_multiplier")
+        found += [(f"config.{name}", floats[name]) for name in ordered]
+        depth = self.fields.get("num_hidden_layers")
+        if _is_int(depth) and depth > 1:
+            found += [
+                (f"config.{name} / math.sqrt(config.num_hidden_layers)", floats[name] / math.sqrt(depth))
+                for name in ordered
+            ]
+        return found
 
     # ---------------------------------------------------------------------------------------- model
 
@@ -2171,6 +2191,15 @@ class _Analyzer:
             (None, 1.0),
             ("config.hidden_size**0.5", self.hidden**0.5),
             ("config.embedding_multiplier", self.fields.get("embedding_multiplier")),
+            *(  # another numeric scale field (MiniCPM3's scale_emb)
+                (f"config.{name}", float(value))
+                for name, value in self.fields.items()
+                if name != "embedding_multiplier"
+                and any(part in name for part in ("scale", "multiplier"))
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and value not in (0, 1)
+            ),
         ]
         offsets: list[int | None] = [None] if positions is None else list(range(4))
         # the final norm may also normalise the embeddings (NanoChat calls one norm module twice)
@@ -2354,7 +2383,8 @@ class _Analyzer:
             candidates += [("divide", name, lambda v: base / v), ("multiply", name, lambda v: base * v)]
         candidates.append(("softcap", "final_logit_softcapping", lambda v: torch.tanh(base / v) * v))
         for op, name, apply in candidates:
-            value = 1.0 if name is None else self.fields.get(name)
+            # a field, or a property the config class derives (MiniCPM3's hidden_size / dim_model_base)
+            value = 1.0 if name is None else self.fields.get(name, getattr(self.tiny, name, None))
             if isinstance(value, (int, float)) and value and _close(apply(float(value)), logits):
                 if name:
                     self.notes.append(f"logits {op} by config.{name}")

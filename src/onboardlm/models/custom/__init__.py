@@ -38,6 +38,7 @@ MODEL_MODULES = [
     "modeling_hunyuan_v1_dense",
     "modeling_internlm3",
     "modeling_llama",
+    "modeling_minicpm3",
     "modeling_minimax_m2",
     "modeling_ministral3",
     "modeling_mistral",
