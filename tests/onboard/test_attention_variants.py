@@ -2,7 +2,8 @@
 norms inside the attention and the MLP (BitNet), learned activations (Apertus' xIELU), q/k norms after
 an inverse RoPE with the final norm also on the embeddings (NanoChat), differential attention
 (DiffLlama, here with grouped KV heads), MiniCPM3's depth-scaled residuals, embedding scale field and
-logit divisor the config derives, and MoE layers named by a per-layer config list or a
+logit divisor the config derives, an attention output bias on some layers only (GPT-NeoX-Japanese's
+last-layer ``dense_bias``), and MoE layers named by a per-layer config list or a
 dense-layer count.
 
 Expected values are facts of the transformers implementations; each generated file is also run
@@ -35,6 +36,7 @@ CASES = {
     "ministral3": {},
     "diffllama": {"num_key_value_heads": 16},
     "minicpm3": {},
+    "gpt_neox_japanese": {"num_hidden_layers": 3},
 }
 #: Fields set on the tiny config of the generated-model comparison: Ministral3's q scale by position
 #: is 1 below ``original_max_position_embeddings``; a period of 2 makes the test's positions use it.
@@ -118,6 +120,15 @@ def test_depth_scaled_residuals_and_derived_scales(specs: dict) -> None:
     assert all(spec.decoder.residual_multiplier is None for name, spec in specs.items() if name != "minicpm3")
 
 
+def test_output_bias_on_some_layers(specs: dict) -> None:
+    """A vector only the last layer's attention holds, measured as a bias of the attention output (the
+    layer adds it) and placed by an expression confirmed on a deeper rebuild of the layer class."""
+    attention = specs["gpt_neox_japanese"].attention
+    assert attention.out_bias == "dense_bias"
+    assert attention.out_bias_flag == "layer_idx == config.num_hidden_layers - 1"
+    assert all(spec.attention.out_bias == "" for name, spec in specs.items() if name != "gpt_neox_japanese")
+
+
 def test_inverse_rope_and_shared_final_norm(specs: dict) -> None:
     spec = specs["nanochat"]
     assert spec.attention.rope_inverse and spec.attention.qk_norm is not None
@@ -142,7 +153,9 @@ def test_generated_model_matches_transformers(model_type: str, tmp_path: Path) -
     ).eval()
     with torch.no_grad():  # random gates, sub-norms and activation weights: none left at a neutral value
         for name, param in reference.named_parameters():
-            if any(part in name for part in ("norm", "alpha", "gate_proj", "q_gate", "lambda_")):
+            if any(
+                part in name for part in ("norm", "alpha", "gate_proj", "q_gate", "lambda_", "dense_bias")
+            ):
                 param.add_(torch.randn_like(param) * 0.2)
     lean_config = tiny_config(config)  # the reference's build set transformers-only fields on ``tiny``
     lean_config.rope_parameters = dict(tiny.rope_parameters)
@@ -164,6 +177,10 @@ REFUSED = {
     "deepseek_v32": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "glm_moe_dsa": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "qwen3_next": ("model.layers.1", "mixes tokens with ['self_attn'] instead of linear_attn"),
+    "kolibri1_1": (
+        "model.layers.2.self_attn",
+        "reuse another layer's keys and values (cross-layer KV sharing)",
+    ),
     # AFMoE: its gated attention is measured; its router is not
     "afmoe": ("model.layers.1.mlp.router", "router AfmoeTokenChoiceRouter holding its linear"),
 }

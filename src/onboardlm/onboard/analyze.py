@@ -28,6 +28,7 @@ import inspect
 import itertools
 import linecache
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -947,16 +948,9 @@ class _Analyzer:
                     _HINT,
                 )
         weights = [{name for name, _ in getattr(other, attr).named_parameters()} for other in layers]
-        for index, names in enumerate(weights):
-            if names != weights[0]:
-                extra = sorted(names ^ weights[0])[0]
-                where = path if extra in weights[0] else path.replace(".0.", f".{index}.", 1)
-                having = [i for i, other in enumerate(weights) if extra in other]
-                raise UnsupportedFeature(
-                    f"{where}.{extra}",
-                    f"attention weights only some layers have: layers {having} of {len(weights)} in the tiny config",
-                    _HINT,
-                )
+        partial = sorted(set.union(*weights) - set.intersection(*weights))
+        if partial and (len(partial) != 1 or "." in partial[0]):  # one vector of its own: a bias?
+            raise self._partial_weights(path, weights, partial)
         heads, head_dim = self.tiny.num_attention_heads, self._head_dim()
         q_size = heads * head_dim
         linears = projections(attn)
@@ -992,6 +986,12 @@ class _Analyzer:
             raise UnsupportedFeature(
                 f"{path}.{outs[0]}", "output projection is not heads x head_dim -> hidden", _HINT
             )
+        out_bias, out_bias_flag = "", None
+        if partial:  # a vector on some layers only: measured as the attention output's bias or refused
+            out_bias_flag = self._output_bias(layer_path, layers, attr, partial[0], outs[0], weights, rope)
+            if out_bias_flag is None or inner_attr:
+                raise self._partial_weights(path, weights, partial)
+            out_bias = partial[0]
         inside = f"{attr}.{inner_attr}" if inner_attr else attr
         biases = {
             key.replace(inside, attr, 1): value
@@ -1046,6 +1046,8 @@ class _Analyzer:
             out_norm=out_norm,
             out_norm_name=out_norm_name or "",
             differential=differential,
+            out_bias=out_bias,
+            out_bias_flag=out_bias_flag,
             differential_norm=differential_norm,
             differential_norm_name=differential_norm_name,
             **real,
@@ -1066,6 +1068,112 @@ class _Analyzer:
         if spec.fused_qkv and spec.qkv_order != ("q", "k", "v") or spec.qkv_groups != "1":
             self.notes.append(f"fused qkv in {spec.qkv_groups} group(s) of {'/'.join(spec.qkv_order)}")
         return spec, rope
+
+    def _partial_weights(self, path: str, weights: list[set[str]], partial: list[str]) -> UnsupportedFeature:
+        """The refusal of weights only some layers have, naming what the layers without them lack."""
+        extra = partial[0]
+        index = next(i for i, names in enumerate(weights) if (extra in names) != (extra in weights[0]))
+        where = path if extra in weights[0] else path.replace(".0.", f".{index}.", 1)
+        having = [i for i, names in enumerate(weights) if extra in names]
+        lacking = [i for i in range(len(weights)) if i not in having]
+        modules = sorted({name.rsplit(".", 1)[0] for name in partial if "." in name})
+        if {"k_proj", "v_proj"} <= set(modules):  # no own keys and values: read another layer's
+            return UnsupportedFeature(
+                path.replace(".0.", f".{lacking[0]}.", 1),
+                f"layers {lacking} of {len(weights)} have no k_proj / v_proj: they reuse another layer's keys"
+                " and values (cross-layer KV sharing), which no attention template covers",
+                _HINT,
+            )
+        return UnsupportedFeature(
+            f"{where}.{extra}",
+            f"attention weights only some layers have ({', '.join(partial)}): layers {having} of"
+            f" {len(weights)} in the tiny config",
+            _HINT,
+        )
+
+    def _output_bias(
+        self,
+        layer_path: str,
+        layers: nn.ModuleList,
+        attr: str,
+        name: str,
+        out: str,
+        weights: list[set[str]],
+        rope: RopeSpec | None,
+    ) -> str | None:
+        """A vector ``name`` only some layers' attention holds, measured as a bias the layer adds to the
+        attention output (the same layer output as the output projection with that bias), and the config
+        expression over ``layer_idx`` that says which layers hold it; None where it is neither."""
+        having = [i for i, names in enumerate(weights) if name in names]
+        layer = copy.deepcopy(layers[having[0]])
+        attn = getattr(layer, attr)
+        vector, projection = getattr(attn, name, None), getattr(attn, out, None)
+        if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != (self.hidden,):
+            return None
+        generator = torch.Generator().manual_seed(11)
+        x = torch.randn(2, 5, self.hidden, generator=generator)
+        positions = torch.arange(5)[None]
+        inputs: dict[str, Any] = {"attention_mask": None, "position_ids": positions}
+        if rope is not None:
+            kwargs = {"layer_type": self.tiny.layer_types[having[0]]} if rope.per_layer_type else {}
+            inputs["position_embeddings"] = _raw(self._rotary_module)(x, positions, **kwargs)
+        shift = torch.randn(self.hidden, generator=generator)
+        try:
+            with torch.no_grad():
+                vector.copy_(shift)
+                with_vector = _first(_call_filled(layer, x, inputs, fill=None))
+                vector.zero_()
+                base = projection.bias if projection.bias is not None else torch.zeros(())
+                projection.bias = nn.Parameter(base + shift)
+                with_bias = _first(_call_filled(layer, x, inputs, fill=None))
+        except Exception:  # a layer that needs other inputs: refused by the caller
+            return None
+        if not _close(with_vector, with_bias):
+            return None
+        flag = self._layer_condition(layers[0], attr, name, having, len(layers))
+        if flag is not None:
+            self.notes.append(f"{attr}.{name}: a bias of the attention output on the layers where {flag}")
+        return flag
+
+    def _layer_condition(
+        self, layer: nn.Module, attr: str, name: str, having: list[int], count: int
+    ) -> str | None:
+        """The config expression over ``layer_idx`` true on exactly the layers ``having`` of ``count``:
+        the last or first layer (confirmed on a deeper rebuild of the layer class), or a per-layer
+        config list."""
+        candidates = ["layer_idx == config.num_hidden_layers - 1", "layer_idx == 0"]
+        for field, value in self.fields.items():
+            if isinstance(value, list) and len(value) == count:
+                if all(isinstance(v, bool) for v in value):
+                    candidates.append(f"config.{field}[layer_idx]")
+                candidates += [
+                    f'config.{field}[layer_idx] == "{kind}"'
+                    for kind in sorted({v for v in value if isinstance(v, str)})
+                ]
+            elif isinstance(value, list) and value and all(_is_int(v) for v in value):
+                candidates.append(f"layer_idx in config.{field}")
+
+        def holds(expression: str, config: PretrainedConfig, layers: int) -> list[int]:
+            scope = {"config": config}
+            return [i for i in range(layers) if eval(expression, scope, {"layer_idx": i})]  # noqa: S307
+
+        for expression in candidates:
+            if holds(expression, self.tiny, count) != having:
+                continue
+            if "config.num_hidden_layers" not in expression and expression != "layer_idx == 0":
+                return expression  # a per-layer list: the tiny config's list is the evidence
+            deeper = copy.deepcopy(self.tiny)
+            deeper.num_hidden_layers = count + 2
+            try:
+                built = [
+                    name in dict(getattr(type(layer)(deeper, i), attr).named_parameters())
+                    for i in range(count + 2)
+                ]
+            except Exception:  # the layer class needs more than (config, layer_idx): no evidence
+                continue
+            if [i for i, has in enumerate(built) if has] == holds(expression, deeper, count + 2):
+                return expression
+        return None
 
     def _differential_parts(
         self, path: str, attn: nn.Module, norms: dict[str, nn.Module], head_dim: int
@@ -2133,7 +2241,14 @@ class _Analyzer:
             "position_embeddings": tables,
         }
         with torch.no_grad():
-            expected = _first(_call_filled(probe, x, inputs, fill=None))
+            try:
+                expected = _first(_call_filled(probe, x, inputs, fill=None))
+            except ValueError as err:  # the layer unpacks more from its attention (GPT-NeoX-Japanese's bias)
+                wanted = re.search(r"values to unpack \(expected (\d+)", str(err))
+                if wanted is None:
+                    raise
+                attn.arity = int(wanted.group(1))
+                expected = _first(_call_filled(probe, x, inputs, fill=None))
         for layout in _layouts(norm_names):
             for scale, value in self._residual_multipliers():
                 candidate = dataclasses.replace(layout, residual_multiplier=scale)
@@ -2422,6 +2537,7 @@ class _Mixer(nn.Module):
         self.is_attention = is_attention
         self.returns_tuple = returns_tuple
         self.adds_residual = adds_residual  # like BLOOM's blocks, which take the residual and add it
+        self.arity = 2  # of the tuple: (output, None, ...)
 
     def map(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x @ self.matrix) if self.is_attention else torch.sin(x @ self.matrix)
@@ -2432,7 +2548,7 @@ class _Mixer(nn.Module):
             out = out + kwargs.get("residual", args[0] if args else None)
         if self.returns_tuple == "list":  # OpenAI GPT's attention returns [output]
             return [out]
-        return (out, None) if self.returns_tuple else out
+        return (out, *[None] * (self.arity - 1)) if self.returns_tuple else out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,6 +126,11 @@ class AttentionSpec:
     #: channels by ``differential_norm`` (a weightless RMSNorm, HF attribute ``differential_norm_name``,
     #: inlined in the lean file as ``torch_rmsnorm`` on a unit buffer) and scaled by 1 - lambda_init
     differential: tuple[str, str, str, str] | None = None
+    #: a vector the decoder layer adds to the attention output, held by the attention on the layers
+    #: ``out_bias_flag`` (an expression over ``config`` and ``layer_idx``) selects only, None on the
+    #: others (GPT-NeoX-Japanese's ``dense_bias``, on the last layer): its name, "" for none
+    out_bias: str = ""
+    out_bias_flag: str | None = None
     differential_norm: NormSpec | None = None
     differential_norm_name: str = ""
 

@@ -31,6 +31,7 @@ MODEL_MODULES = [
     "modeling_gpt_bigcode",
     "modeling_gpt_neo",
     "modeling_gpt_neox",
+    "modeling_gpt_neox_japanese",
     "modeling_gpt_oss",
     "modeling_gptj",
     "modeling_granite",
