@@ -665,10 +665,13 @@ class _Analyzer:
                 base,
                 dim,  # type: ignore[arg-type]
             )
-        # the rotary width of each table: head_dim * its partial_rotary_factor
+        # the rotary width of each table: head_dim * its partial_rotary_factor, or what transformers'
+        # function for its rope_type builds (proportional RoPE: every channel, zero frequencies last)
         expected = {
-            int(head_dim * table.get("partial_rotary_factor", 1.0))
-            for table in ([params[layer_type] for layer_type in layer_types] if per_layer_type else [params])
+            self._table_width(table, layer_type, head_dim)
+            for layer_type, table in (
+                [(t, params[t]) for t in layer_types] if per_layer_type else [(None, params)]
+            )
         }
         if dims != expected:
             raise UnsupportedFeature(
@@ -692,6 +695,21 @@ class _Analyzer:
             complex_table=complex_table,
             nope_layer_types=self._nope_layer_types,
         )
+
+    def _table_width(self, table: dict[str, Any], layer_type: str | None, head_dim: int) -> int:
+        """Channels a rotary table of ``table``'s parameters covers (twice its inverse frequencies)."""
+        rope_type = _rope_kind(table)
+        if rope_type in ("default", "ntk_alpha") or rope_type not in ROPE_INIT_FUNCTIONS:
+            return int(head_dim * table.get("partial_rotary_factor", 1.0))
+        config = copy.deepcopy(self.tiny)
+        config.rope_parameters = {**config.rope_parameters, layer_type: table} if layer_type else table
+        try:
+            inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](
+                config, **({"layer_type": layer_type} if layer_type else {})
+            )
+        except Exception:  # the function needs fields this config lacks: the usual width
+            return int(head_dim * table.get("partial_rotary_factor", 1.0))
+        return 2 * inv_freq.shape[-1]
 
     def _expected_cos(
         self, table: dict[str, Any], layer_type: str | None, positions: torch.Tensor
