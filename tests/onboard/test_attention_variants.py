@@ -107,7 +107,11 @@ def test_differential_attention(specs: dict) -> None:
     norm = attention.differential_norm
     assert norm.kind == "rms" and not norm.weight and norm.eps == "config.rms_norm_eps"
     assert attention.kind == "gqa" and attention.output_gate == "none" and attention.out_norm is None
-    assert all(spec.attention.differential is None for name, spec in specs.items() if name != "diffllama")
+    assert all(
+        getattr(spec.attention, "differential", None) is None
+        for name, spec in specs.items()
+        if name != "diffllama"
+    )
 
 
 def test_depth_scaled_residuals_and_derived_scales(specs: dict) -> None:
@@ -126,7 +130,11 @@ def test_output_bias_on_some_layers(specs: dict) -> None:
     attention = specs["gpt_neox_japanese"].attention
     assert attention.out_bias == "dense_bias"
     assert attention.out_bias_flag == "layer_idx == config.num_hidden_layers - 1"
-    assert all(spec.attention.out_bias == "" for name, spec in specs.items() if name != "gpt_neox_japanese")
+    assert all(
+        getattr(spec.attention, "out_bias", "") == ""
+        for name, spec in specs.items()
+        if name != "gpt_neox_japanese"
+    )
 
 
 def test_inverse_rope_and_shared_final_norm(specs: dict) -> None:
@@ -177,6 +185,8 @@ REFUSED = {
     "deepseek_v32": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "glm_moe_dsa": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "qwen3_next": ("model.layers.1", "mixes tokens with ['self_attn'] instead of linear_attn"),
+    "laguna": ("model.layers.0.self_attn.g_proj", "output gate per head and token, softplus(g_proj(x))"),
+    "mimo_v2_flash": ("model.layers.0.self_attn.v_proj", "value heads of another head dim than q/k"),
     "kolibri1_1": (
         "model.layers.2.self_attn",
         "reuse another layer's keys and values (cross-layer KV sharing)",

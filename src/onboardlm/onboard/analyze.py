@@ -904,12 +904,14 @@ class _Analyzer:
             attr = self._attention_attr(layer_path, layer)
             if not err.module_path.startswith(f"{layer_path}.{attr}"):  # not about this attention
                 raise
-            named = self._attention_extras(f"{layer_path}.{attr}", getattr(layer, attr))
+            named = self._attention_extras(f"{layer_path}.{attr}", getattr(layer, attr), rope)
             if named is None:
                 raise
             raise named from err
 
-    def _attention_extras(self, path: str, attn: nn.Module) -> UnsupportedFeature | None:
+    def _attention_extras(
+        self, path: str, attn: nn.Module, rope: RopeSpec | None = None
+    ) -> UnsupportedFeature | None:
         linears = projections(attn)
         children = {
             n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)
@@ -933,6 +935,14 @@ class _Analyzer:
         own = sorted(n for n, _ in attn.named_parameters(recurse=False) if n != "sinks")
         heads = self.tiny.num_attention_heads
         per_head = [n for n, c in linears.items() if c.in_features == self.hidden and c.out_features == heads]
+        gate = self._head_gate(attn, linears, per_head[0], rope) if per_head and not own else None
+        if gate is not None:
+            return UnsupportedFeature(
+                f"{path}.{per_head[0]}",
+                f"output gate per head and token, {gate}({per_head[0]}(x)) times each head's output;"
+                " no attention template covers a gate of one value per head",
+                _HINT,
+            )
         if per_head:
             return UnsupportedFeature(
                 f"{path}.{per_head[0]}",
@@ -947,6 +957,43 @@ class _Analyzer:
                 " e.g. differential attention's lambdas); no attention template covers it",
                 _HINT,
             )
+        return None
+
+    def _head_gate(
+        self, attn: nn.Module, linears: dict[str, Any], name: str, rope: RopeSpec | None
+    ) -> str | None:
+        """The activation (sigmoid or softplus) of a projection to one value per head that scales each
+        head's output before the output projection (Laguna, LFM3), measured against the same call with
+        that projection's weight zeroed; None where it is not such a gate."""
+        outs = [
+            n
+            for n in linears
+            if linears[n].out_features == self.hidden and linears[n].in_features != self.hidden
+        ]
+        outs = outs or [n for n in linears if n.startswith(("o_", "out", "dense"))]
+        projection = linears[name].module
+        if len(outs) != 1 or getattr(projection, "bias", None) is not None:
+            return None
+        before = linears[outs[0]].module
+        gated = self._attention_call(attn, rope, {name: projection}, before)
+        saved = projection.weight.detach().clone()
+        try:
+            with torch.no_grad():
+                projection.weight.zero_()
+            plain = self._attention_call(attn, rope, {}, before)
+        finally:
+            with torch.no_grad():
+                projection.weight.copy_(saved)
+        if "input" not in gated or "input" not in plain or name not in gated:
+            return None
+        heads = self.tiny.num_attention_heads
+        scores = gated[name].float()
+        shape = (*gated["input"].shape[:-1], heads, -1)
+        for activation, at_zero in (("sigmoid", torch.sigmoid), ("softplus", F.softplus)):
+            zero = float(at_zero(torch.zeros(())))
+            expected = plain["input"].reshape(shape) / zero * at_zero(scores)[..., None]
+            if _close(expected.reshape(gated["input"].shape), gated["input"]):
+                return activation
         return None
 
     def _attention_measured(
@@ -998,6 +1045,13 @@ class _Analyzer:
         kv_size = kv_heads * head_dim
         widths = [linears[n].out_features for n in ins]
         q_width = 2 * q_size if gate_kind == "per_head" else q_size
+        if not fused and widths[:2] == [q_width, kv_size] and widths[2] != kv_size:
+            raise UnsupportedFeature(
+                f"{path}.{ins[2]}",
+                f"value projection of width {widths[2]}, keys of {kv_size}: value heads of another head dim"
+                " than q/k (a v_head_dim), which no attention template covers",
+                _HINT,
+            )
         if widths != ([q_width, kv_size, kv_size] if not fused else [q_size + 2 * kv_size]):
             raise UnsupportedFeature(path, f"projection widths {widths} != heads x head_dim", _HINT)
         if (linears[outs[0]].in_features, linears[outs[0]].out_features) != (q_size, self.hidden):
