@@ -101,6 +101,16 @@ EDITS = {
     "inner_norm_dropped": ("bitnet", "attn = self.attn_sub_norm(attn)", "attn = attn\n"),
     "rope_direction": ("nanochat", "sin = -sin", "sin = sin\n"),
     "attention_temperature_dropped": ("ministral3", "q = q * temperature[:, :, None, None]", "q = q\n"),
+    "attention_output_bias_dropped": (
+        "gpt_neox_japanese",
+        "return out if self.dense_bias is None else out + self.dense_bias",
+        "def add_output_bias(self, out: torch.Tensor) -> torch.Tensor:\n        return out\n",
+    ),
+    "differential_lambda_init": (
+        "diffllama",
+        "self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_idx)",
+        "v * 1.03",
+    ),
 }
 
 
