@@ -185,6 +185,10 @@ REFUSED = {
     "deepseek_v32": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "glm_moe_dsa": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "qwen3_next": ("model.layers.1", "mixes tokens with ['self_attn'] instead of linear_attn"),
+    "llama4_text": (
+        "model.layers.0.self_attn.qk_norm",
+        "one norm module Llama4TextWeightlessRMSNorm without a weight",
+    ),
     "laguna": ("model.layers.0.self_attn.g_proj", "output gate per head and token, softplus(g_proj(x))"),
     "mimo_v2_flash": ("model.layers.0.self_attn.v_proj", "value heads of another head dim than q/k"),
     "kolibri1_1": (

@@ -1734,6 +1734,15 @@ class _Analyzer:
         if not norms:
             return None, ("q_norm", "k_norm"), True
         names = sorted(norms, key=lambda n: (not n.startswith("q"), n))
+        if len(names) == 1 and "norm" in type(norms[names[0]]).__name__.lower():
+            weightless = not list(norms[names[0]].parameters())
+            raise UnsupportedFeature(
+                f"{path}.{names[0]}",
+                f"one norm module {type(norms[names[0]]).__name__}{' without a weight' if weightless else ''}"
+                " inside the attention, where q/k norms come in pairs (e.g. Llama 4's qk_norm, applied to both q"
+                " and k); no attention template applies one norm module to both",
+                _HINT,
+            )
         if len(names) != 2 or not names[0].startswith("q") or not names[1].startswith("k"):
             raise UnsupportedFeature(path, f"attention submodules {sorted(norms)}", _HINT)
         spec = self._norm(f"{path}.{names[0]}", norms[names[0]])
