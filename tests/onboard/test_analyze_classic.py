@@ -212,7 +212,6 @@ def test_xglm_sinusoidal_positions_and_switched_embedding_scale(specs: dict) -> 
 @pytest.mark.parametrize(
     ("model_type", "module_path", "feature"),
     [
-        ("gpt_neox_japanese", "gpt_neox_japanese.layers.1.attention.dense_bias", "only some layers"),
         ("ctrl", "transformer.h.0.multi_head_attention", "attention projections"),
     ],
 )

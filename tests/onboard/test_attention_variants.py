@@ -1,7 +1,10 @@
 """Attention and MLP variants measured from transformers models: output gates (AFMoE, MiniCPM5-MoE),
 norms inside the attention and the MLP (BitNet), learned activations (Apertus' xIELU), q/k norms after
-an inverse RoPE with the final norm also on the embeddings (NanoChat), and MoE layers named by a
-per-layer config list or a dense-layer count.
+an inverse RoPE with the final norm also on the embeddings (NanoChat), differential attention
+(DiffLlama, here with grouped KV heads), MiniCPM3's depth-scaled residuals, embedding scale field and
+logit divisor the config derives, an attention output bias on some layers only (GPT-NeoX-Japanese's
+last-layer ``dense_bias``), and MoE layers named by a per-layer config list or a
+dense-layer count.
 
 Expected values are facts of the transformers implementations; each generated file is also run
 against its transformers model (the independent reference) on the tiny config.
@@ -31,6 +34,9 @@ CASES = {
     "apertus": {},
     "nanochat": {},
     "ministral3": {},
+    "diffllama": {"num_key_value_heads": 16},
+    "minicpm3": {},
+    "gpt_neox_japanese": {"num_hidden_layers": 3},
 }
 #: Fields set on the tiny config of the generated-model comparison: Ministral3's q scale by position
 #: is 1 below ``original_max_position_embeddings``; a period of 2 makes the test's positions use it.
@@ -91,6 +97,46 @@ def test_q_scale_by_position(specs: dict) -> None:
     assert all(spec.attention.position_scale is None for name, spec in specs.items() if name != "ministral3")
 
 
+def test_differential_attention(specs: dict) -> None:
+    """The four lambda vectors pair as transformers' exp(q1.k1) - exp(q2.k2) (found by the probe, not
+    by their names); the weightless per-pair RMSNorm is measured with the config's epsilon."""
+    attention = specs["diffllama"].attention
+    a, b, c, d = attention.differential
+    assert {a, b} == {"lambda_q1", "lambda_k1"} and {c, d} == {"lambda_q2", "lambda_k2"}
+    assert attention.differential_norm_name == "groupnorm"
+    norm = attention.differential_norm
+    assert norm.kind == "rms" and not norm.weight and norm.eps == "config.rms_norm_eps"
+    assert attention.kind == "gqa" and attention.output_gate == "none" and attention.out_norm is None
+    assert all(
+        getattr(spec.attention, "differential", None) is None
+        for name, spec in specs.items()
+        if name != "diffllama"
+    )
+
+
+def test_depth_scaled_residuals_and_derived_scales(specs: dict) -> None:
+    """MiniCPM3: each block output times scale_depth / sqrt(depth), embeddings times scale_emb, and
+    the final hidden state divided by a property of the config class (hidden_size / dim_model_base)."""
+    spec = specs["minicpm3"]
+    assert spec.decoder.residual_multiplier == "config.scale_depth / math.sqrt(config.num_hidden_layers)"
+    assert spec.embedding.scale == "config.scale_emb"
+    assert (spec.head.logits_op, spec.head.logits_value) == ("divide", "config.logits_scaling")
+    assert all(spec.decoder.residual_multiplier is None for name, spec in specs.items() if name != "minicpm3")
+
+
+def test_output_bias_on_some_layers(specs: dict) -> None:
+    """A vector only the last layer's attention holds, measured as a bias of the attention output (the
+    layer adds it) and placed by an expression confirmed on a deeper rebuild of the layer class."""
+    attention = specs["gpt_neox_japanese"].attention
+    assert attention.out_bias == "dense_bias"
+    assert attention.out_bias_flag == "layer_idx == config.num_hidden_layers - 1"
+    assert all(
+        getattr(spec.attention, "out_bias", "") == ""
+        for name, spec in specs.items()
+        if name != "gpt_neox_japanese"
+    )
+
+
 def test_inverse_rope_and_shared_final_norm(specs: dict) -> None:
     spec = specs["nanochat"]
     assert spec.attention.rope_inverse and spec.attention.qk_norm is not None
@@ -115,7 +161,9 @@ def test_generated_model_matches_transformers(model_type: str, tmp_path: Path) -
     ).eval()
     with torch.no_grad():  # random gates, sub-norms and activation weights: none left at a neutral value
         for name, param in reference.named_parameters():
-            if any(part in name for part in ("norm", "alpha", "gate_proj", "q_gate")):
+            if any(
+                part in name for part in ("norm", "alpha", "gate_proj", "q_gate", "lambda_", "dense_bias")
+            ):
                 param.add_(torch.randn_like(param) * 0.2)
     lean_config = tiny_config(config)  # the reference's build set transformers-only fields on ``tiny``
     lean_config.rope_parameters = dict(tiny.rope_parameters)
@@ -134,10 +182,19 @@ REFUSED = {
     "jetmoe": ("model.layers.0.self_attention.experts", "module JetMoeMoA with submodules"),
     "inkling_text": ("model.layers.0.self_attn.k_sconv", "short convolution InklingShortConvolution"),
     "doge": ("model.layers.0.self_attn.dt_proj", "one value per head and token with parameters ['A']"),
-    "diffllama": ("model.layers.0.self_attn", "attention parameters ['lambda_k1'"),
     "deepseek_v32": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "glm_moe_dsa": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "qwen3_next": ("model.layers.1", "mixes tokens with ['self_attn'] instead of linear_attn"),
+    "llama4_text": (
+        "model.layers.0.self_attn.qk_norm",
+        "one norm module Llama4TextWeightlessRMSNorm without a weight",
+    ),
+    "laguna": ("model.layers.0.self_attn.g_proj", "output gate per head and token, softplus(g_proj(x))"),
+    "mimo_v2_flash": ("model.layers.0.self_attn.v_proj", "value heads of another head dim than q/k"),
+    "kolibri1_1": (
+        "model.layers.2.self_attn",
+        "reuse another layer's keys and values (cross-layer KV sharing)",
+    ),
     # AFMoE: its gated attention is measured; its router is not
     "afmoe": ("model.layers.1.mlp.router", "router AfmoeTokenChoiceRouter holding its linear"),
 }

@@ -105,6 +105,16 @@ EDITS = {
     "ssm_dt_bias_dropped": ("mamba2", "            self.dt_bias,\n", "self.dt_bias * 0"),
     "ssm_decay_off": ("mamba2", "-torch.exp(self.A_log.float()),", "-torch.exp(self.A_log.float()) * 1.05"),
     "ssm_gate_order": ("mamba2", "norm_before_gate=False", "norm_before_gate=True"),
+    "attention_output_bias_dropped": (
+        "gpt_neox_japanese",
+        "return out if self.dense_bias is None else out + self.dense_bias",
+        "def add_output_bias(self, out: torch.Tensor) -> torch.Tensor:\n        return out\n",
+    ),
+    "differential_lambda_init": (
+        "diffllama",
+        "self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_idx)",
+        "v * 1.03",
+    ),
 }
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from onboardlm.testing import tiny_config
+from onboardlm.testing.reference import installed_model_type, missing_reference_reason
 from onboardlm.testing.tiny_config import distinct_layer_kinds
 
 SEQ_LEN = 16
@@ -415,6 +416,22 @@ def test_per_layer_config_overrides_shrink_and_still_differ() -> None:
     assert overrides[list(overrides)[0]]["head_dim"] > tiny._getattr_without_heterogeneous_validation(
         "head_dim"
     )
+
+
+def test_mla_head_dim_stays_the_sum_of_its_parts_per_layer() -> None:
+    """Dots3's SWA layers override the MLA widths; their head_dim (the global one, not overridden)
+    must stay qk_nope_head_dim + qk_rope_head_dim of the layer, which the config class checks."""
+    if installed_model_type("dots3_note_text") is None:
+        pytest.skip(missing_reference_reason("dots3_note_text"))
+    tiny = tiny_config(AutoConfig.for_model("dots3_note_text"))
+    get = tiny._getattr_without_heterogeneous_validation
+    overrides = {int(k): v for k, v in tiny.to_dict()["per_layer_config"].items()}
+    assert overrides, "the SWA layers keep their overrides"
+    for fields in overrides.values():
+        merged = {
+            name: fields.get(name, get(name)) for name in ("head_dim", "qk_nope_head_dim", "qk_rope_head_dim")
+        }
+        assert merged["head_dim"] == merged["qk_nope_head_dim"] + merged["qk_rope_head_dim"]
 
 
 def test_part_sub_configs_shrink_with_their_parent() -> None:

@@ -27,6 +27,8 @@ import dataclasses
 import inspect
 import itertools
 import linecache
+import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.config_derived import derived_expression
 from onboardlm.onboard.spec import (
+    DIFFERENTIAL_LAMBDA_INIT,
     ArchitectureSpec,
     AttentionSpec,
     DecoderLayerSpec,
@@ -520,7 +523,8 @@ class _Analyzer:
         with torch.no_grad():
             for param in probe.parameters():
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5 + 0.3)
-        width = tuple(weight.shape) if weight is not None else (self.hidden,)  # 2-D: one row per head
+        shape = getattr(module, "normalized_shape", None)  # a weightless torch norm of its own width
+        width = tuple(weight.shape) if weight is not None else tuple(shape or (self.hidden,))
         x = torch.randn(3, 5, *width, generator=generator) * 2 + 0.7
         x[0] *= 3e-3  # variance near the epsilon
         try:
@@ -696,10 +700,13 @@ class _Analyzer:
                 base,
                 dim,  # type: ignore[arg-type]
             )
-        # the rotary width of each table: head_dim * its partial_rotary_factor
+        # the rotary width of each table: head_dim * its partial_rotary_factor, or what transformers'
+        # function for its rope_type builds (proportional RoPE: every channel, zero frequencies last)
         expected = {
-            int(head_dim * table.get("partial_rotary_factor", 1.0))
-            for table in ([params[layer_type] for layer_type in layer_types] if per_layer_type else [params])
+            self._table_width(table, layer_type, head_dim)
+            for layer_type, table in (
+                [(t, params[t]) for t in layer_types] if per_layer_type else [(None, params)]
+            )
         }
         if dims != expected:
             raise UnsupportedFeature(
@@ -723,6 +730,21 @@ class _Analyzer:
             complex_table=complex_table,
             nope_layer_types=self._nope_layer_types,
         )
+
+    def _table_width(self, table: dict[str, Any], layer_type: str | None, head_dim: int) -> int:
+        """Channels a rotary table of ``table``'s parameters covers (twice its inverse frequencies)."""
+        rope_type = _rope_kind(table)
+        if rope_type in ("default", "ntk_alpha") or rope_type not in ROPE_INIT_FUNCTIONS:
+            return int(head_dim * table.get("partial_rotary_factor", 1.0))
+        config = copy.deepcopy(self.tiny)
+        config.rope_parameters = {**config.rope_parameters, layer_type: table} if layer_type else table
+        try:
+            inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](
+                config, **({"layer_type": layer_type} if layer_type else {})
+            )
+        except Exception:  # the function needs fields this config lacks: the usual width
+            return int(head_dim * table.get("partial_rotary_factor", 1.0))
+        return 2 * inv_freq.shape[-1]
 
     def _expected_cos(
         self, table: dict[str, Any], layer_type: str | None, positions: torch.Tensor
@@ -917,12 +939,14 @@ class _Analyzer:
             attr = self._attention_attr(layer_path, layer)
             if not err.module_path.startswith(f"{layer_path}.{attr}"):  # not about this attention
                 raise
-            named = self._attention_extras(f"{layer_path}.{attr}", getattr(layer, attr))
+            named = self._attention_extras(f"{layer_path}.{attr}", getattr(layer, attr), rope)
             if named is None:
                 raise
             raise named from err
 
-    def _attention_extras(self, path: str, attn: nn.Module) -> UnsupportedFeature | None:
+    def _attention_extras(
+        self, path: str, attn: nn.Module, rope: RopeSpec | None = None
+    ) -> UnsupportedFeature | None:
         linears = projections(attn)
         children = {
             n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)
@@ -946,6 +970,14 @@ class _Analyzer:
         own = sorted(n for n, _ in attn.named_parameters(recurse=False) if n != "sinks")
         heads = self.tiny.num_attention_heads
         per_head = [n for n, c in linears.items() if c.in_features == self.hidden and c.out_features == heads]
+        gate = self._head_gate(attn, linears, per_head[0], rope) if per_head and not own else None
+        if gate is not None:
+            return UnsupportedFeature(
+                f"{path}.{per_head[0]}",
+                f"output gate per head and token, {gate}({per_head[0]}(x)) times each head's output;"
+                " no attention template covers a gate of one value per head",
+                _HINT,
+            )
         if per_head:
             return UnsupportedFeature(
                 f"{path}.{per_head[0]}",
@@ -960,6 +992,43 @@ class _Analyzer:
                 " e.g. differential attention's lambdas); no attention template covers it",
                 _HINT,
             )
+        return None
+
+    def _head_gate(
+        self, attn: nn.Module, linears: dict[str, Any], name: str, rope: RopeSpec | None
+    ) -> str | None:
+        """The activation (sigmoid or softplus) of a projection to one value per head that scales each
+        head's output before the output projection (Laguna, LFM3), measured against the same call with
+        that projection's weight zeroed; None where it is not such a gate."""
+        outs = [
+            n
+            for n in linears
+            if linears[n].out_features == self.hidden and linears[n].in_features != self.hidden
+        ]
+        outs = outs or [n for n in linears if n.startswith(("o_", "out", "dense"))]
+        projection = linears[name].module
+        if len(outs) != 1 or getattr(projection, "bias", None) is not None:
+            return None
+        before = linears[outs[0]].module
+        gated = self._attention_call(attn, rope, {name: projection}, before)
+        saved = projection.weight.detach().clone()
+        try:
+            with torch.no_grad():
+                projection.weight.zero_()
+            plain = self._attention_call(attn, rope, {}, before)
+        finally:
+            with torch.no_grad():
+                projection.weight.copy_(saved)
+        if "input" not in gated or "input" not in plain or name not in gated:
+            return None
+        heads = self.tiny.num_attention_heads
+        scores = gated[name].float()
+        shape = (*gated["input"].shape[:-1], heads, -1)
+        for activation, at_zero in (("sigmoid", torch.sigmoid), ("softplus", F.softplus)):
+            zero = float(at_zero(torch.zeros(())))
+            expected = plain["input"].reshape(shape) / zero * at_zero(scores)[..., None]
+            if _close(expected.reshape(gated["input"].shape), gated["input"]):
+                return activation
         return None
 
     def _attention_measured(
@@ -979,16 +1048,9 @@ class _Analyzer:
                     _HINT,
                 )
         weights = [{name for name, _ in getattr(other, attr).named_parameters()} for other in layers]
-        for index, names in enumerate(weights):
-            if names != weights[0]:
-                extra = sorted(names ^ weights[0])[0]
-                where = path if extra in weights[0] else path.replace(".0.", f".{index}.", 1)
-                having = [i for i, other in enumerate(weights) if extra in other]
-                raise UnsupportedFeature(
-                    f"{where}.{extra}",
-                    f"attention weights only some layers have: layers {having} of {len(weights)} in the tiny config",
-                    _HINT,
-                )
+        partial = sorted(set.union(*weights) - set.intersection(*weights))
+        if partial and (len(partial) != 1 or "." in partial[0]):  # one vector of its own: a bias?
+            raise self._partial_weights(path, weights, partial)
         heads, head_dim = self.tiny.num_attention_heads, self._head_dim()
         q_size = heads * head_dim
         linears = projections(attn)
@@ -1018,18 +1080,37 @@ class _Analyzer:
         kv_size = kv_heads * head_dim
         widths = [linears[n].out_features for n in ins]
         q_width = 2 * q_size if gate_kind == "per_head" else q_size
+        if not fused and widths[:2] == [q_width, kv_size] and widths[2] != kv_size:
+            raise UnsupportedFeature(
+                f"{path}.{ins[2]}",
+                f"value projection of width {widths[2]}, keys of {kv_size}: value heads of another head dim"
+                " than q/k (a v_head_dim), which no attention template covers",
+                _HINT,
+            )
         if widths != ([q_width, kv_size, kv_size] if not fused else [q_size + 2 * kv_size]):
             raise UnsupportedFeature(path, f"projection widths {widths} != heads x head_dim", _HINT)
         if (linears[outs[0]].in_features, linears[outs[0]].out_features) != (q_size, self.hidden):
             raise UnsupportedFeature(
                 f"{path}.{outs[0]}", "output projection is not heads x head_dim -> hidden", _HINT
             )
+        out_bias, out_bias_flag = "", None
+        if partial:  # a vector on some layers only: measured as the attention output's bias or refused
+            out_bias_flag = self._output_bias(layer_path, layers, attr, partial[0], outs[0], weights, rope)
+            if out_bias_flag is None or inner_attr:
+                raise self._partial_weights(path, weights, partial)
+            out_bias = partial[0]
         inside = f"{attr}.{inner_attr}" if inner_attr else attr
         biases = {
             key.replace(inside, attr, 1): value
             for key, value in self._bias_expressions(layer, [f"{inside}.{n}" for n in linears]).items()
         }
         projections_spec = tuple(LinearSpec(n, biases[f"{attr}.{n}"], linears[n].transposed) for n in ins)
+        differential, differential_norm_name = self._differential_parts(path, attn, norms, head_dim)
+        differential_norm = (
+            self._norm(f"{path}.{differential_norm_name}", norms.pop(differential_norm_name))
+            if differential_norm_name
+            else None
+        )
         out_norm_name = self._attention_out_norm(path, attn, norms, outs[0], rope)
         out_norm = self._norm(f"{path}.{out_norm_name}", norms.pop(out_norm_name)) if out_norm_name else None
         qk_norm, qk_names, per_head = self._qk_norm(path, norms, head_dim, q_size)
@@ -1071,6 +1152,11 @@ class _Analyzer:
             gate=LinearSpec(gate_name, biases[f"{attr}.{gate_name}"]) if gate_name else None,
             out_norm=out_norm,
             out_norm_name=out_norm_name or "",
+            differential=differential,
+            out_bias=out_bias,
+            out_bias_flag=out_bias_flag,
+            differential_norm=differential_norm,
+            differential_norm_name=differential_norm_name,
             **real,
         )
         if gate_kind != "none":
@@ -1080,6 +1166,7 @@ class _Analyzer:
         if rope is not None:
             index = uses_rope.index(True) if True in uses_rope else 0
             spec, rope = self._probe_attention(path, index, layers[index], spec, scale, rope, kv_heads)
+            self._confirm_differential(path, layers, spec, scale, rope, kv_heads)
             spec = self._position_scale(path, index, layers[index], spec, scale, rope, kv_heads)
         else:
             spec = self._probe_plain_attention(path, layer, spec, scale, kv_heads)
@@ -1088,6 +1175,180 @@ class _Analyzer:
         if spec.fused_qkv and spec.qkv_order != ("q", "k", "v") or spec.qkv_groups != "1":
             self.notes.append(f"fused qkv in {spec.qkv_groups} group(s) of {'/'.join(spec.qkv_order)}")
         return spec, rope
+
+    def _partial_weights(self, path: str, weights: list[set[str]], partial: list[str]) -> UnsupportedFeature:
+        """The refusal of weights only some layers have, naming what the layers without them lack."""
+        extra = partial[0]
+        index = next(i for i, names in enumerate(weights) if (extra in names) != (extra in weights[0]))
+        where = path if extra in weights[0] else path.replace(".0.", f".{index}.", 1)
+        having = [i for i, names in enumerate(weights) if extra in names]
+        lacking = [i for i in range(len(weights)) if i not in having]
+        modules = sorted({name.rsplit(".", 1)[0] for name in partial if "." in name})
+        if {"k_proj", "v_proj"} <= set(modules):  # no own keys and values: read another layer's
+            return UnsupportedFeature(
+                path.replace(".0.", f".{lacking[0]}.", 1),
+                f"layers {lacking} of {len(weights)} have no k_proj / v_proj: they reuse another layer's keys"
+                " and values (cross-layer KV sharing), which no attention template covers",
+                _HINT,
+            )
+        return UnsupportedFeature(
+            f"{where}.{extra}",
+            f"attention weights only some layers have ({', '.join(partial)}): layers {having} of"
+            f" {len(weights)} in the tiny config",
+            _HINT,
+        )
+
+    def _output_bias(
+        self,
+        layer_path: str,
+        layers: nn.ModuleList,
+        attr: str,
+        name: str,
+        out: str,
+        weights: list[set[str]],
+        rope: RopeSpec | None,
+    ) -> str | None:
+        """A vector ``name`` only some layers' attention holds, measured as a bias the layer adds to the
+        attention output (the same layer output as the output projection with that bias), and the config
+        expression over ``layer_idx`` that says which layers hold it; None where it is neither."""
+        having = [i for i, names in enumerate(weights) if name in names]
+        layer = copy.deepcopy(layers[having[0]])
+        attn = getattr(layer, attr)
+        vector, projection = getattr(attn, name, None), getattr(attn, out, None)
+        if not isinstance(vector, torch.Tensor) or tuple(vector.shape) != (self.hidden,):
+            return None
+        generator = torch.Generator().manual_seed(11)
+        x = torch.randn(2, 5, self.hidden, generator=generator)
+        positions = torch.arange(5)[None]
+        inputs: dict[str, Any] = {"attention_mask": None, "position_ids": positions}
+        if rope is not None:
+            kwargs = {"layer_type": self.tiny.layer_types[having[0]]} if rope.per_layer_type else {}
+            inputs["position_embeddings"] = _raw(self._rotary_module)(x, positions, **kwargs)
+        shift = torch.randn(self.hidden, generator=generator)
+        try:
+            with torch.no_grad():
+                vector.copy_(shift)
+                with_vector = _first(_call_filled(layer, x, inputs, fill=None))
+                vector.zero_()
+                base = projection.bias if projection.bias is not None else torch.zeros(())
+                projection.bias = nn.Parameter(base + shift)
+                with_bias = _first(_call_filled(layer, x, inputs, fill=None))
+        except Exception:  # a layer that needs other inputs: refused by the caller
+            return None
+        if not _close(with_vector, with_bias):
+            return None
+        flag = self._layer_condition(layers[0], attr, name, having, len(layers))
+        if flag is not None:
+            self.notes.append(f"{attr}.{name}: a bias of the attention output on the layers where {flag}")
+        return flag
+
+    def _layer_condition(
+        self, layer: nn.Module, attr: str, name: str, having: list[int], count: int
+    ) -> str | None:
+        """The config expression over ``layer_idx`` true on exactly the layers ``having`` of ``count``:
+        the last or first layer (confirmed on a deeper rebuild of the layer class), or a per-layer
+        config list."""
+        candidates = ["layer_idx == config.num_hidden_layers - 1", "layer_idx == 0"]
+        for field, value in self.fields.items():
+            if isinstance(value, list) and len(value) == count:
+                if all(isinstance(v, bool) for v in value):
+                    candidates.append(f"config.{field}[layer_idx]")
+                candidates += [
+                    f'config.{field}[layer_idx] == "{kind}"'
+                    for kind in sorted({v for v in value if isinstance(v, str)})
+                ]
+            elif isinstance(value, list) and value and all(_is_int(v) for v in value):
+                candidates.append(f"layer_idx in config.{field}")
+
+        def holds(expression: str, config: PretrainedConfig, layers: int) -> list[int]:
+            scope = {"config": config}
+            return [i for i in range(layers) if eval(expression, scope, {"layer_idx": i})]  # noqa: S307
+
+        for expression in candidates:
+            if holds(expression, self.tiny, count) != having:
+                continue
+            if "config.num_hidden_layers" not in expression and expression != "layer_idx == 0":
+                return expression  # a per-layer list: the tiny config's list is the evidence
+            deeper = copy.deepcopy(self.tiny)
+            deeper.num_hidden_layers = count + 2
+            try:
+                built = [
+                    name in dict(getattr(type(layer)(deeper, i), attr).named_parameters())
+                    for i in range(count + 2)
+                ]
+            except Exception:  # the layer class needs more than (config, layer_idx): no evidence
+                continue
+            if [i for i, has in enumerate(built) if has] == holds(expression, deeper, count + 2):
+                return expression
+        return None
+
+    def _differential_parts(
+        self, path: str, attn: nn.Module, norms: dict[str, nn.Module], head_dim: int
+    ) -> tuple[tuple[str, str, str, str] | None, str]:
+        """Differential attention's parts, by shape: four own vectors of head_dim (the lambdas, in
+        name order; the probe finds how they pair) and a weightless norm over 2 * head_dim (each head
+        pair's output); (None, "") where the attention has not these."""
+        own = {n: p for n, p in attn.named_parameters(recurse=False) if n != "sinks"}
+        if len(own) != 4 or any(tuple(p.shape) != (head_dim,) for p in own.values()):
+            return None, ""
+        pair_norms = [
+            n
+            for n, c in norms.items()
+            if not list(c.parameters()) and tuple(getattr(c, "normalized_shape", ())) == (2 * head_dim,)
+        ]
+        if len(pair_norms) != 1 or self.tiny.num_attention_heads % 2:
+            return None, ""
+        self.notes.append(
+            f"differential attention (lambdas {', '.join(sorted(own))}, {pair_norms[0]} per head pair)"
+        )
+        return tuple(sorted(own)), pair_norms[0]  # type: ignore[return-value]
+
+    @staticmethod
+    def _differential_pairings(spec: AttentionSpec) -> list[AttentionSpec]:
+        """Every way the four lambdas can form ``exp(a.b) - exp(c.d)``: the candidates the probe tries."""
+        if spec.differential is None:
+            return [spec]
+        found = []
+        for a, b, c, d in itertools.permutations(spec.differential):
+            if a < b and c < d and (a, b, c, d) not in found:  # a dot product is symmetric
+                found.append((a, b, c, d))
+        return [dataclasses.replace(spec, differential=order) for order in found]
+
+    def _confirm_differential(
+        self,
+        path: str,
+        layers: nn.ModuleList,
+        spec: AttentionSpec,
+        scale: float,
+        rope: RopeSpec,
+        kv_heads: int,
+    ) -> None:
+        """lambda_init depends on the layer: the matched math must hold on every layer of the tiny model."""
+        if spec.differential is None:
+            return
+        for index, layer in enumerate(layers):
+            kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
+            attn = self._attn_module(layer, spec)
+            with _telling_vectors([getattr(attn, name) for name in spec.differential]):
+                probe = _AttentionProbe(
+                    attn,
+                    spec,
+                    self.tiny,
+                    scale,
+                    kv_heads,
+                    self._rotary_module,
+                    rope,
+                    rope.style,
+                    kwargs,
+                    layer_idx=index,
+                )
+                matched = probe.match(self._qkv_layouts(spec, kv_heads)[:1])
+            if matched is None:
+                raise UnsupportedFeature(
+                    path.replace(".0.", f".{index}.", 1),
+                    f"differential attention whose lambda_init is not {DIFFERENTIAL_LAMBDA_INIT} on layer {index}",
+                    _HINT,
+                )
 
     @staticmethod
     def _attn_module(layer: nn.Module, spec: AttentionSpec) -> nn.Module:
@@ -1230,11 +1491,17 @@ class _Analyzer:
         # per-head q/k norms before or after RoPE: the same with unit weights (a rotation keeps the
         # RMS), so the probe runs on telling weights
         orders = (False, True) if spec.qk_norm is not None and spec.qk_norm_per_head else (False,)
-        with _telling_norm_weights([getattr(attn, name, None) for name in spec.qk_norm_names]):
-            for style, inverse, after in itertools.product(("neox", "interleaved"), (False, True), orders):
-                variant = dataclasses.replace(spec, rope_inverse=inverse, qk_norm_after_rope=after)
+        lambdas = [getattr(attn, name) for name in spec.differential or ()]
+        with (
+            _telling_norm_weights([getattr(attn, n, None) for n in spec.qk_norm_names]),
+            _telling_vectors(lambdas),
+        ):
+            for style, inverse, after, pairing in itertools.product(
+                ("neox", "interleaved"), (False, True), orders, self._differential_pairings(spec)
+            ):
+                variant = dataclasses.replace(pairing, rope_inverse=inverse, qk_norm_after_rope=after)
                 probe = _AttentionProbe(
-                    attn, variant, self.tiny, scale, kv_heads, rotary, rope, style, kwargs
+                    attn, variant, self.tiny, scale, kv_heads, rotary, rope, style, kwargs, layer_idx=index
                 )
                 found = probe.match(self._qkv_layouts(variant, kv_heads))
                 if found is not None:
@@ -1504,6 +1771,15 @@ class _Analyzer:
         if not norms:
             return None, ("q_norm", "k_norm"), True
         names = sorted(norms, key=lambda n: (not n.startswith("q"), n))
+        if len(names) == 1 and "norm" in type(norms[names[0]]).__name__.lower():
+            weightless = not list(norms[names[0]].parameters())
+            raise UnsupportedFeature(
+                f"{path}.{names[0]}",
+                f"one norm module {type(norms[names[0]]).__name__}{' without a weight' if weightless else ''}"
+                " inside the attention, where q/k norms come in pairs (e.g. Llama 4's qk_norm, applied to both q"
+                " and k); no attention template applies one norm module to both",
+                _HINT,
+            )
         if len(names) != 2 or not names[0].startswith("q") or not names[1].startswith("k"):
             raise UnsupportedFeature(path, f"attention submodules {sorted(norms)}", _HINT)
         spec = self._norm(f"{path}.{names[0]}", norms[names[0]])
@@ -2083,15 +2359,42 @@ class _Analyzer:
             "position_embeddings": tables,
         }
         with torch.no_grad():
-            expected = _first(_call_filled(probe, x, inputs, fill=None))
-        multiplier = self.fields.get("residual_multiplier")
-        multipliers = [None] + (["config.residual_multiplier"] if isinstance(multiplier, float) else [])
+            try:
+                expected = _first(_call_filled(probe, x, inputs, fill=None))
+            except ValueError as err:  # the layer unpacks more from its attention (GPT-NeoX-Japanese's bias)
+                wanted = re.search(r"values to unpack \(expected (\d+)", str(err))
+                if wanted is None:
+                    raise
+                attn.arity = int(wanted.group(1))
+                expected = _first(_call_filled(probe, x, inputs, fill=None))
         for layout in _layouts(norm_names):
-            for scale in multipliers:
+            for scale, value in self._residual_multipliers():
                 candidate = dataclasses.replace(layout, residual_multiplier=scale)
-                if _close(candidate.apply(x, stand_ins, attn, mlp, multiplier or 1.0), expected):
+                if _close(candidate.apply(x, stand_ins, attn, mlp, value), expected):
                     return candidate
         return None
+
+    def _residual_multipliers(self) -> list[tuple[str | None, float]]:
+        """Candidate scales of each block output before the residual add, (expression, value): none,
+        a float config field (Granite's residual_multiplier first), or one over the square root of the
+        depth (MiniCPM3's scale_depth / sqrt(num_hidden_layers))."""
+        found: list[tuple[str | None, float]] = [(None, 1.0)]
+        floats = {
+            name: value
+            for name, value in self.fields.items()
+            if isinstance(value, float)
+            and value not in (0.0, 1.0)
+            and not any(part in name for part in ("eps", "dropout", "range", "theta"))
+        }
+        ordered = sorted(floats, key=lambda name: name != "residual_multiplier")
+        found += [(f"config.{name}", floats[name]) for name in ordered]
+        depth = self.fields.get("num_hidden_layers")
+        if _is_int(depth) and depth > 1:
+            found += [
+                (f"config.{name} / math.sqrt(config.num_hidden_layers)", floats[name] / math.sqrt(depth))
+                for name in ordered
+            ]
+        return found
 
     # ---------------------------------------------------------------------------------------- model
 
@@ -2121,6 +2424,15 @@ class _Analyzer:
             (None, 1.0),
             ("config.hidden_size**0.5", self.hidden**0.5),
             ("config.embedding_multiplier", self.fields.get("embedding_multiplier")),
+            *(  # another numeric scale field (MiniCPM3's scale_emb)
+                (f"config.{name}", float(value))
+                for name, value in self.fields.items()
+                if name != "embedding_multiplier"
+                and any(part in name for part in ("scale", "multiplier"))
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and value not in (0, 1)
+            ),
         ]
         offsets: list[int | None] = [None] if positions is None else list(range(4))
         # the final norm may also normalise the embeddings (NanoChat calls one norm module twice)
@@ -2304,7 +2616,8 @@ class _Analyzer:
             candidates += [("divide", name, lambda v: base / v), ("multiply", name, lambda v: base * v)]
         candidates.append(("softcap", "final_logit_softcapping", lambda v: torch.tanh(base / v) * v))
         for op, name, apply in candidates:
-            value = 1.0 if name is None else self.fields.get(name)
+            # a field, or a property the config class derives (MiniCPM3's hidden_size / dim_model_base)
+            value = 1.0 if name is None else self.fields.get(name, getattr(self.tiny, name, None))
             if isinstance(value, (int, float)) and value and _close(apply(float(value)), logits):
                 if name:
                     self.notes.append(f"logits {op} by config.{name}")
@@ -2342,6 +2655,7 @@ class _Mixer(nn.Module):
         self.is_attention = is_attention
         self.returns_tuple = returns_tuple
         self.adds_residual = adds_residual  # like BLOOM's blocks, which take the residual and add it
+        self.arity = 2  # of the tuple: (output, None, ...)
 
     def map(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x @ self.matrix) if self.is_attention else torch.sin(x @ self.matrix)
@@ -2352,7 +2666,7 @@ class _Mixer(nn.Module):
             out = out + kwargs.get("residual", args[0] if args else None)
         if self.returns_tuple == "list":  # OpenAI GPT's attention returns [output]
             return [out]
-        return (out, None) if self.returns_tuple else out
+        return (out, *[None] * (self.arity - 1)) if self.returns_tuple else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2561,6 +2875,23 @@ def _telling_norm_weights(norms: list[nn.Module | None]) -> Any:
                 weight.copy_(old)
 
 
+@contextlib.contextmanager
+def _telling_vectors(vectors: list[torch.Tensor]) -> Any:
+    """Parameters set to ``0.3 * N(0, 1)`` for the duration (the lambdas of differential attention
+    start near zero, where their pairings would look alike), then restored."""
+    saved = [v.detach().clone() for v in vectors]
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for vector in vectors:
+            vector.copy_(0.3 * torch.randn(vector.shape, generator=generator))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for vector, old in zip(vectors, saved, strict=True):
+                vector.copy_(old)
+
+
 def _reference_attention(
     attn: nn.Module,
     spec: AttentionSpec,
@@ -2577,6 +2908,7 @@ def _reference_attention(
     causal: bool = False,
     alibi: bool = False,
     q_scale: torch.Tensor | None = None,
+    layer_idx: int = 0,
 ) -> torch.Tensor:
     """What the spec says the attention computes (no mask), in plain torch, on the HF module's weights.
 
@@ -2621,13 +2953,34 @@ def _reference_attention(
     if spec.sinks:  # one extra logit per head in the denominator, contributing no value
         sinks = attn.sinks.reshape(1, -1, 1, 1).expand(batch, heads, seq, 1)
         scores = torch.cat((scores, sinks), dim=-1)
-    out = torch.softmax(scores.float(), dim=-1)[..., :seq] @ v
+    weights = torch.softmax(scores.float(), dim=-1)[..., :seq]
+    if spec.differential is not None:
+        out = _differential_output(attn, spec, weights, v, heads // kv_heads, layer_idx)
+    else:
+        out = weights @ v
     out = out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
     if gate is not None:
         out = out * torch.sigmoid(gate)
     if spec.out_norm is not None:
         out = getattr(attn, spec.out_norm_name)(out)
     return getattr(attn, spec.out.name)(out)
+
+
+def _differential_output(
+    attn: nn.Module, spec: AttentionSpec, weights: torch.Tensor, v: torch.Tensor, groups: int, layer_idx: int
+) -> torch.Tensor:
+    """Differential attention on softmax ``weights`` [B, H, S, S] and the value heads ``v`` (already
+    repeated ``groups`` times per KV head): every head reads both halves of the KV heads; heads h and
+    h + H/2 pair up as ``a_h - lambda * a_{h + H/2}``, normalised per pair and scaled by 1 - lambda_init."""
+    kv = v[:, ::groups]  # the KV heads themselves
+    halves = [torch.cat([half, half], dim=1).repeat_interleave(groups, dim=1) for half in kv.chunk(2, dim=1)]
+    out = torch.cat([weights @ half for half in halves], dim=-1)  # [B, H, S, 2 * head_dim]
+    first, second = out.chunk(2, dim=1)
+    a, b, c, d = (getattr(attn, name) for name in spec.differential or ())
+    lambda_init = eval(DIFFERENTIAL_LAMBDA_INIT, {"math": math, "layer_idx": layer_idx})  # noqa: S307
+    lam = torch.exp((a * b).sum()) - torch.exp((c * d).sum()) + lambda_init
+    out = getattr(attn, spec.differential_norm_name)(first - lam * second) * (1 - lambda_init)
+    return out  # [B, H/2, S, 2 * head_dim]
 
 
 class _AttentionProbe:
@@ -2653,8 +3006,10 @@ class _AttentionProbe:
         kwargs: dict[str, Any] | None = None,
         recorded_from: tuple[nn.Module, str] | None = None,
         positions: torch.Tensor | None = None,
+        layer_idx: int = 0,
     ) -> None:
         self.attn, self.spec, self.config, self.scale, self.kv_heads = attn, spec, config, scale, kv_heads
+        self.layer_idx = layer_idx
         #: the rotary tables' positions; ``positions`` (same shape) only reach an attention that reads
         #: ``position_ids`` itself, ``q_scale`` ([B, S]) is what the candidate math scales q by
         self.positions = torch.tensor([[0, 3, 1, 7, 2, 5]] * 2)
@@ -2707,6 +3062,7 @@ class _AttentionProbe:
                             self.attn, self.spec, self.config, self.x, self.tables, self.style,
                             self.table_layout, self.scale, self.cap, layout=(count, order),
                             kv_heads=self.kv_heads, causal=self.causal, alibi=alibi, q_scale=self.q_scale,
+                            layer_idx=self.layer_idx,
                         )  # fmt: skip
                     except RuntimeError:  # the groups do not divide the heads
                         continue

@@ -27,6 +27,7 @@ from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.emit_hybrid import describe_hybrid, emit_hybrid_blocks, layer_class_expression
 from onboardlm.onboard.emit_moe import emit_mla_slot, emit_moe_slot, feed_forward_constructor
 from onboardlm.onboard.spec import (
+    DIFFERENTIAL_LAMBDA_INIT,
     ArchitectureSpec,
     AttentionSpec,
     DecoderLayerSpec,
@@ -171,6 +172,26 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
             f"self.{attn.gate.name} = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias={attn.gate.bias})"
         )
         linears.append(attn.gate)
+    if attn.out_bias:  # held on the layers the flag selects only; the decoder layer adds it
+        if attn.inner_attr:
+            raise UnsupportedFeature(attn.class_name, "output bias of a wrapped attention", _HINT)
+        init.append(
+            f"self.{attn.out_bias} = nn.Parameter(torch.zeros(config.hidden_size)) if {attn.out_bias_flag} else None"
+        )
+    if attn.differential:
+        init.append(f"self.lambda_init = {DIFFERENTIAL_LAMBDA_INIT}")
+        init += [
+            f"self.{name} = nn.Parameter(torch.zeros(self.head_dim))" for name in sorted(attn.differential)
+        ]
+        norm = attn.differential_norm
+        if norm is None or norm.kind != "rms" or norm.weight or norm.offset:
+            raise UnsupportedFeature(
+                attn.class_name, "differential attention without a weightless RMSNorm per head pair", _HINT
+            )
+        init += [  # the weightless RMSNorm of each head pair's 2 * head_dim channels (no checkpoint key)
+            'self.register_buffer("_ad_pair_norm_weight", torch.ones(2 * self.head_dim), persistent=False)',
+            f"self.pair_norm_eps = {norm.eps}",
+        ]
     if attn.out_norm is not None:
         init.append(
             f"self.{attn.out_norm_name} = {norm_constructor(attn.out_norm, 'self.num_heads * self.head_dim')}"
@@ -351,9 +372,13 @@ def _hoist_bias(lines: list[str], biases: list[str]) -> list[str]:
     return [f"bias = {biases[0]}", *(line.replace(shared, "bias=bias)") for line in lines)]
 
 
-def _block_call(attr: str, argument: str, pre: str | None, post: str | None, extra: str = "") -> str:
+def _block_call(
+    attr: str, argument: str, pre: str | None, post: str | None, extra: str = "", bias: bool = False
+) -> str:
     inner = f"self.{pre}({argument})" if pre else argument
     call = f"self.{attr}({inner}{extra})"
+    if bias:  # the block's output bias, on some layers only (the block's own method adds it)
+        call = f"self.{attr}.add_output_bias({call})"
     return f"self.{post}({call})" if post else call
 
 
@@ -411,25 +436,26 @@ def _layout_lines(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> list[str]:
     positions = ", position_embeddings" if spec.rope is not None else ""
     if _takes_temperature(spec):
         positions += ", temperature"
+    bias = bool(getattr(attn, "out_bias", ""))
     if layer.parallel and layer.mlp_pre:  # a norm for each block
-        attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions)
+        attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions, bias)
         mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, layer.mlp_post)
         total = f"({attn_call} + {mlp_call}){scale}" if scale else f"{attn_call} + {mlp_call}"
         forward = [f"return hidden_states + {total}"]
     elif layer.parallel:
-        attn_call = _block_call(attn.attr, "normed", None, layer.attn_post, positions)
+        attn_call = _block_call(attn.attr, "normed", None, layer.attn_post, positions, bias)
         mlp_call = _block_call(ff.attr, "normed", None, layer.mlp_post)
         total = f"({attn_call} + {mlp_call}){scale}" if scale else f"{attn_call} + {mlp_call}"
         forward = [f"normed = self.{layer.attn_pre}(hidden_states)", f"return hidden_states + {total}"]
     elif layer.norm_after_residual:  # post-LN: the norms take the residual sums
-        attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, None, positions)
+        attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, None, positions, bias)
         mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, None)
         forward = [
             f"hidden_states = self.{layer.attn_post}(hidden_states + {attn_call}{scale})",
             f"return self.{layer.mlp_post}(hidden_states + {mlp_call}{scale})",
         ]
     else:
-        attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions)
+        attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions, bias)
         mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, layer.mlp_post)
         forward = [
             f"hidden_states = hidden_states + {attn_call}{scale}",

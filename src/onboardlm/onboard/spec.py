@@ -20,6 +20,9 @@ NormKind = Literal["rms", "layer"]
 SlidingMode = Literal["none", "all", "layer_types"]
 RopeStyle = Literal["neox", "interleaved", "half"]  # half: each frequency once (GPT-OSS tables)
 MLPKind = Literal["gated", "fused_gated", "plain"]
+#: differential attention's lambda_init per layer (Differential Transformer, eq. 2), an expression over
+#: ``layer_idx`` the lean file evaluates; the attention probe confirms it on every layer of the tiny model
+DIFFERENTIAL_LAMBDA_INIT = "0.8 - 0.6 * math.exp(-0.3 * layer_idx)"
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,20 @@ class AttentionSpec:
     #: (beta, period) expressions: after RoPE, q *= 1 + beta * log(1 + floor(position / period)), the
     #: Llama 4 attention temperature (Ministral3); the attention then takes ``position_ids``
     position_scale: tuple[str, str] | None = None
+    #: differential attention (DiffLlama): the names of the four lambda vectors (q1, k1, q2, k2);
+    #: every head attends to both halves of the value heads, heads h and h + heads/2 pair up as
+    #: ``a_h - lambda * a_{h + heads/2}`` with ``lambda = exp(q1.k1) - exp(q2.k2) + lambda_init``,
+    #: ``lambda_init = 0.8 - 0.6 * exp(-0.3 * layer_idx)``; the pair is normalised over its 2 * head_dim
+    #: channels by ``differential_norm`` (a weightless RMSNorm, HF attribute ``differential_norm_name``,
+    #: inlined in the lean file as ``torch_rmsnorm`` on a unit buffer) and scaled by 1 - lambda_init
+    differential: tuple[str, str, str, str] | None = None
+    #: a vector the decoder layer adds to the attention output, held by the attention on the layers
+    #: ``out_bias_flag`` (an expression over ``config`` and ``layer_idx``) selects only, None on the
+    #: others (GPT-NeoX-Japanese's ``dense_bias``, on the last layer): its name, "" for none
+    out_bias: str = ""
+    out_bias_flag: str | None = None
+    differential_norm: NormSpec | None = None
+    differential_norm_name: str = ""
 
 
 @dataclass(frozen=True)

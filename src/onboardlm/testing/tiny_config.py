@@ -19,7 +19,7 @@ Every change is made by config field name, from two tables, never by ``model_typ
 Legacy field names (``n_embd``, ``n_head``, ...) are reached through the config's ``attribute_map``.
 Two rules look at how fields relate rather than at one field: a ``head_dim`` equal to
 ``qk_rope_head_dim`` in an MLA config stays equal to it (DeepSeek-V2/V3, Kimi-Linear, MiniCPM3,
-LongCat), and ``head_dim`` in a config without attention heads (Mamba2) is the SSM head dim.
+LongCat), one equal to ``qk_nope_head_dim + qk_rope_head_dim`` stays their sum (Dots3's SWA layers), and ``head_dim`` in a config without attention heads (Mamba2) is the SSM head dim.
 Fields no rule names whose value has one entry per layer (Gemma-3n's ``intermediate_size``) are
 per-layer lists too, and shrink entry by entry. Layers that read another layer's keys and values
 (``kv_source_layers``, ``num_kv_shared_layers``) come with the layer they read. transformers'
@@ -353,6 +353,9 @@ def _head_dim(old: int, o: Mapping[str, Any], n: Mapping[str, Any]) -> int:
         return _SMALL_HEAD_DIM
     if old == o.get("qk_rope_head_dim") and o.get("kv_lora_rank") is not None:
         return n["qk_rope_head_dim"]
+    nope, rope = o.get("qk_nope_head_dim"), o.get("qk_rope_head_dim")
+    if _is_int(nope) and _is_int(rope) and old == nope + rope:  # the full q/k head of an MLA layer (Dots3)
+        return n["qk_nope_head_dim"] + n["qk_rope_head_dim"]
     old_ref = o["hidden_size"] // o["num_attention_heads"]
     return _like(old, old_ref, n["hidden_size"] // n["num_attention_heads"])
 
@@ -586,6 +589,11 @@ def _shrink_overrides(old: Mapping[str, Any], new: _Values, num_layers: int) -> 
             if tiny == new.get(name) and value != old.get(name) and _is_int(value) and _is_int(old.get(name)):
                 tiny = _like(value, old[name], new[name])
             shrunk[layer][name] = tiny
+        nope, rope = layer_old.get("qk_nope_head_dim"), layer_old.get("qk_rope_head_dim")
+        if _is_int(nope) and _is_int(rope) and layer_old.get("head_dim") == nope + rope:
+            merged = {**new, **shrunk[layer]}  # the layer's q/k head stays the sum of its two parts
+            if merged.get("head_dim") != merged["qk_nope_head_dim"] + merged["qk_rope_head_dim"]:
+                shrunk[layer]["head_dim"] = merged["qk_nope_head_dim"] + merged["qk_rope_head_dim"]
     new["per_layer_config"] = shrunk
 
 

@@ -514,6 +514,19 @@ def _output_gate(tree: ast.Module) -> list[int]:
     return lines
 
 
+def _output_bias(tree: ast.Module) -> list[int]:
+    """An attention output bias held on some layers only (GPT-NeoX-Japanese's ``dense_bias``) never
+    added: ``add_output_bias`` returns its input unchanged."""
+    lines = []
+    for cls in classes(tree, "Attention"):
+        found = method(cls, "add_output_bias")
+        if found is None or not found.args.args[1:]:
+            continue
+        found.body = [ast.Return(ast.Name(found.args.args[1].arg, ast.Load()))]
+        lines.append(found.lineno)
+    return lines
+
+
 def _inner_norm(tree: ast.Module) -> list[int]:
     """A norm inside the attention or the MLP (BitNet's sub-norms before the output/down
     projection) not applied: ``x = self.<...norm>(y)`` -> ``x = y``; q/k norms are another kind."""
@@ -639,6 +652,12 @@ KINDS: tuple[Kind, ...] = (
     Kind("rope_direction", "q/k rotated by the angle, not minus it", _rope_direction),
     Kind(
         "attention_temperature_dropped", "q scale by position (attention temperature) left out", _temperature
+    ),
+    Kind("attention_output_bias_dropped", "attention output bias of some layers not added", _output_bias),
+    Kind(
+        "differential_lambda_init",
+        "differential attention lambda_init 3 % off",
+        _scale_assignments(("lambda_init",), 1.03),
     ),
     Kind("untied_embeddings", "tied embeddings not declared tied", _untied),
     Kind("ssm_skip_dropped", "SSM skip term D * x left out", _ssm_skip),
