@@ -56,7 +56,9 @@ def _render(template: str, **context: object) -> str:
 def _summary(spec: MoESpec, dense_dispatch: bool) -> str:
     """Docstring of the MoE block: routing, shared experts, where the experts run."""
     router = spec.router
-    if router.scoring == "sigmoid" and router.grouped:
+    if router.scoring == "sparsemixer":
+        routing = "a sparse-mixer top-2 router"
+    elif router.scoring == "sigmoid" and router.grouped:
         routing = "a sigmoid router with bias-corrected grouped top-k"
     elif router.scoring == "sigmoid":
         routing = "a sigmoid top-k router" + (
@@ -93,7 +95,12 @@ def _dispatch_is_dense(spec: MoESpec) -> bool:
 def _router_template(spec: MoESpec, dense_dispatch: bool) -> str:
     if dense_dispatch:
         return "moe_router_dense.py.j2"
-    scored = spec.router.scoring == "sigmoid" or spec.router.correction_bias is not None
+    if spec.router.scoring == "sparsemixer":
+        return "moe_router_sparsemixer.py.j2"
+    router = spec.router
+    scored = (
+        router.scoring == "sigmoid" or router.correction_bias is not None or router.scaling_field is not None
+    )
     return "moe_router_sigmoid.py.j2" if scored else "moe_router_softmax.py.j2"
 
 

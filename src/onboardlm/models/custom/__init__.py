@@ -7,6 +7,7 @@ import importlib
 import logging
 
 MODEL_MODULES = [
+    "modeling_afmoe",
     "modeling_apertus",
     "modeling_aria_text",
     "modeling_axk1",
@@ -35,6 +36,7 @@ MODEL_MODULES = [
     "modeling_granite",
     "modeling_granite_swa",
     "modeling_hunyuan_v1_dense",
+    "modeling_hunyuan_v1_moe",
     "modeling_internlm3",
     "modeling_llama",
     "modeling_minimax_m2",
@@ -49,6 +51,7 @@ MODEL_MODULES = [
     "modeling_persimmon",
     "modeling_phi",
     "modeling_phi3",
+    "modeling_phimoe",
     "modeling_qwen2",
     "modeling_qwen2_moe",
     "modeling_qwen3",
