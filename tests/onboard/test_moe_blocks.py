@@ -428,6 +428,28 @@ def test_sparse_mixer_router_is_measured_with_its_jitter_field_and_emitted() -> 
     assert torch.allclose(weights[0, 0], torch.softmax(logits[0, :3], dim=-1)[0])  # -2 is out of reach
 
 
+def test_routed_scaling_applied_by_the_block_is_measured_and_emitted() -> None:
+    """Beam's block (not its router) multiplies the experts' output by ``config.routed_scaling_factor``:
+    measured as the ratio of the block's output to its experts' on the router's choice, the field
+    confirmed by rebuilding the block with another value."""
+    model = _hf_model("beam")
+    spec = analyze_moe(model.config, model)
+    assert (spec.scaling_field, spec.router.scaling_field, spec.router.grouped) == (
+        "routed_scaling_factor",
+        None,
+        True,
+    )
+    assert "self.routed_scaling_factor = config.routed_scaling_factor" in emit_moe(spec)
+    _emitted_block_matches(model, spec)
+    assert analyze_moe(*(lambda m: (m.config, m))(_hf_model("deepseek_v3"))).scaling_field is None
+
+
+def test_fused_clamped_swiglu_mlp_is_refused_by_name() -> None:
+    model = _hf_model("minimax_m3_vl_text")
+    with pytest.raises(UnsupportedFeature, match=r"mlp \(dense layer\): .*a fused clamped-SwiGLU MLP"):
+        analyze_moe(model.config, model)
+
+
 def test_norm_flag_the_router_ignores_is_not_read() -> None:
     """Cohere2-MoE's softmax over the top-k logits is normalised whatever ``norm_topk_prob`` says."""
     model = _hf_model("cohere2_moe")

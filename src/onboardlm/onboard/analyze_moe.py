@@ -169,6 +169,7 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     shared = _analyze_shared(config, block, path, experts)
     post_norm = _post_norm(config, block, path, router, shared)
     _check_block_state(block, path, router, shared, post_norm)
+    scaling = None if post_norm else _block_scaling_field(config, block, path, router, shared)
     if shared is not None:
         shared_bias = _mlp_bias_expression(config, getattr(block, shared.attr))
         if dense_class is not None and shared_bias != mlp_bias:
@@ -190,7 +191,57 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
         dense_width_expr=dense_width,
         mlp_bias=mlp_bias,
         post_norm=post_norm,
+        scaling_field=scaling,
     )
+
+
+@torch.no_grad()
+def _routed_scale(block: nn.Module, router: RouterSpec, shared: SharedExpertSpec | None) -> float | None:
+    """c such that the block's output is c x (its experts on its router's choice) + its shared expert,
+    or None when it is not of that form (or the parts cannot be called on their own)."""
+    hidden = router_weight(getattr(block, router.attr)).shape[1]
+    x = torch.randn(2, 5, hidden, generator=torch.Generator().manual_seed(4))
+    tokens = x.reshape(-1, hidden)
+    try:
+        out = block(x)
+        out = (out[0] if isinstance(out, tuple) else out).reshape(tokens.shape)
+        bias = (getattr(block, router.correction_name),) if router.correction_bias == "block" else ()
+        _, weights, ids = _call_router(getattr(block, router.attr), tokens, *bias)
+        routed = block.experts(tokens, ids, weights).reshape(tokens.shape)
+        if shared is not None:
+            extra = getattr(block, shared.attr)(tokens)
+            if shared.gate_attr:
+                extra = torch.sigmoid(getattr(block, shared.gate_attr)(tokens)) * extra
+            out = out - extra
+    except Exception:  # noqa: BLE001 - parts that cannot be called alone: no scale is measured
+        return None
+    scale = float((out * routed).sum() / (routed * routed).sum())
+    return scale if torch.allclose(out, routed * scale, rtol=1e-4, atol=1e-5) else None
+
+
+def _block_scaling_field(
+    config: PretrainedConfig, block: nn.Module, path: str, router: RouterSpec, shared: SharedExpertSpec | None
+) -> str | None:
+    """The float config field the MoE block multiplies its routed experts' output by (Beam's and
+    MiniMax-M3's ``routed_scaling_factor``, applied after the experts, not in the router): measured, then
+    confirmed on the block rebuilt from a config with the field changed; None when unscaled."""
+    scale = _routed_scale(block, router, shared)
+    if scale is None or math.isclose(scale, 1.0, rel_tol=1e-4):
+        return None
+    for name, value in sorted(vars(config).items()):
+        if not isinstance(value, float) or not math.isclose(value, scale, rel_tol=1e-4):
+            continue
+        probe = copy.deepcopy(config)
+        setattr(probe, name, 2.5 * value + 0.5)
+        try:
+            rebuilt = type(block)(probe)
+            rebuilt.load_state_dict(block.state_dict())
+        except Exception:  # noqa: BLE001 - a value the block cannot be built with is not its scale
+            continue
+        rescaled = _routed_scale(rebuilt.to(router_weight(getattr(block, router.attr)).dtype), router, shared)
+        if rescaled is not None and math.isclose(rescaled, 2.5 * value + 0.5, rel_tol=1e-4):
+            return name
+    raise UnsupportedFeature(path, f"routed experts' output scaled by {scale:.6g}, by no config field")
 
 
 def _known_children(router: RouterSpec, shared: SharedExpertSpec | None) -> set[str | None]:
@@ -291,7 +342,7 @@ def _dense_class(
             )
         dense = _build_layer(type(layers[0]), probe)
     mlp = getattr(dense, attr)
-    width = getattr(getattr(mlp, "gate_proj", None), "out_features", 0)
+    width = _mlp_width(mlp)
     _check_gated_mlp(config, mlp, f"model.layers.{index}.{attr} (dense layer)", width)
     rebuilt_any = False
     for name in _int_fields(probe, ("intermediate_size",)):
@@ -300,7 +351,7 @@ def _dense_class(
         doubled = copy.deepcopy(probe)
         setattr(doubled, name, 2 * width)
         try:
-            rebuilt = getattr(_build_layer(type(layers[0]), doubled), attr).gate_proj.out_features
+            rebuilt = _mlp_width(getattr(_build_layer(type(layers[0]), doubled), attr))
         except Exception:  # noqa: BLE001 - a field the layer cannot be built with is not the width
             continue
         rebuilt_any = True
@@ -356,14 +407,64 @@ def _mlp_bias_expression(config: PretrainedConfig, mlp: nn.Module) -> str:
             rebuilt = type(mlp)(flipped)
         except Exception:  # noqa: BLE001 - a flip the MLP class cannot be built with tells nothing
             continue
-        if getattr(rebuilt.gate_proj, "bias", None) is not None:
+        linear = getattr(rebuilt, "gate_proj", getattr(rebuilt, "gate_up_proj", None))
+        if getattr(linear, "bias", None) is not None:
             return f"not config.{name}" if value else f"config.{name}"
     return "False"
 
 
+def _mlp_width(mlp: nn.Module) -> int:
+    """The inner width of a gated MLP: ``gate_proj``'s outputs, or half of a fused ``gate_up_proj``'s."""
+    gate, fused = getattr(mlp, "gate_proj", None), getattr(mlp, "gate_up_proj", None)
+    if isinstance(gate, nn.Linear):
+        return gate.out_features
+    return fused.out_features // 2 if isinstance(fused, nn.Linear) else 0
+
+
+def _clamp_params(module: nn.Module) -> tuple[float, float] | None:
+    """(alpha, limit) of a clamped SwiGLU module (``swiglu_alpha``/``alpha``, ``swiglu_limit``/``limit``)."""
+    alpha = getattr(module, "swiglu_alpha", getattr(module, "alpha", None))
+    limit = getattr(module, "swiglu_limit", getattr(module, "limit", None))
+    if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
+        return float(alpha), float(limit)
+    return None
+
+
+@torch.no_grad()
+def _fused_clamped_swiglu(mlp: nn.Module, hidden: int, width: int) -> tuple[float, float] | None:
+    """(alpha, limit) when ``mlp`` is MiniMax-M3's fused MLP: ``gate_up_proj`` (gate and up halves),
+    ``down_proj``, no biases, ``down((up.clamp(-limit, limit) + 1) * g * sigmoid(alpha * g))`` with
+    ``g = gate.clamp(max=limit)``; else None."""
+    children = dict(mlp.named_children())
+    params = _clamp_params(mlp)
+    fused, down = children.get("gate_up_proj"), children.get("down_proj")
+    if (
+        set(children) != {"gate_up_proj", "down_proj"}
+        or params is None
+        or not all(isinstance(linear, nn.Linear) and linear.bias is None for linear in (fused, down))
+        or fused.out_features != 2 * width
+    ):
+        return None
+    alpha, limit = params
+    x = 4 * torch.randn(5, hidden, generator=torch.Generator().manual_seed(0))  # some values clamped
+    gate, up = fused(x).chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    expected = down((up + 1) * gate * torch.sigmoid(gate * alpha))
+    return params if torch.allclose(mlp(x), expected, rtol=1e-5, atol=1e-6) else None
+
+
 @torch.no_grad()
 def _check_gated_mlp(config: PretrainedConfig, mlp: nn.Module, where: str, width: int) -> None:
-    """``mlp`` is ``down(act(gate(x)) * up(x))`` without biases, act ``config.hidden_act``, of ``width``."""
+    """``mlp`` is ``down(act(gate(x)) * up(x))`` without biases, act ``config.hidden_act``, of ``width``;
+    a fused clamped SwiGLU (MiniMax-M3's) is refused by name."""
+    if _fused_clamped_swiglu(mlp, config.hidden_size, width) is not None:
+        raise UnsupportedFeature(
+            where,
+            f"{type(mlp).__name__}: a fused clamped-SwiGLU MLP (gate_up_proj halves, gate clamped at"
+            " limit, (up + 1) * gate * sigmoid(alpha * gate))",
+            "the gated-MLP template has separate gate_proj/up_proj and config.hidden_act; add a template"
+            " for it (and a clamped-SwiGLU activation for bias-free experts in torch_moe)",
+        )
     children = dict(mlp.named_children())
     linears = [children.get(name) for name in ("gate_proj", "up_proj", "down_proj")]
     act = children.get("act_fn")
@@ -913,7 +1014,7 @@ def _analyze_shared(
         return None
     shared = getattr(block, attr)
     where = f"{path}.{attr}"
-    width = getattr(getattr(shared, "gate_proj", None), "out_features", 0)
+    width = _mlp_width(shared)
     _check_gated_mlp(config, shared, where, width)
     inner = experts.intermediate_field
     candidates = [
@@ -931,7 +1032,7 @@ def _analyze_shared(
     known = _SHARED_COUNT_FIELDS + _SHARED_WIDTH_FIELDS
 
     def shared_width(probe: PretrainedConfig) -> int:
-        return getattr(probe, attr).gate_proj.out_features
+        return _mlp_width(getattr(probe, attr))
 
     expr = _measured_expression(
         config, block, candidates, known, shared_width, where, "shared expert width", width
@@ -954,7 +1055,7 @@ def _unnamed_shared_mlp(config: PretrainedConfig, block: nn.Module) -> str | Non
     for name, child in block.named_children():
         if name in ("experts", *_ROUTER_ATTRS):
             continue
-        width = getattr(getattr(child, "gate_proj", None), "out_features", 0)
+        width = _mlp_width(child)
         try:
             _check_gated_mlp(config, child, name, width)
         except UnsupportedFeature:

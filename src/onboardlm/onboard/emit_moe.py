@@ -68,6 +68,8 @@ def _summary(spec: MoESpec, dense_dispatch: bool) -> str:
         routing = "a softmax top-k router" + (" with a bias" if router.has_bias else "")
         routing += " with a score-correction bias" if router.correction_bias else ""
     shared = f",\n    plus the always-on `{spec.shared.attr}`" if spec.shared else ""
+    if spec.scaling_field:
+        shared = f", the routed output times ``config.{spec.scaling_field}``" + shared
     runner = "torch_moe_dense_mlp (clamped SwiGLU with biases)" if dense_dispatch else "torch_moe"
     return (
         f"Mixture of experts behind {routing}{shared}.\n\n"
@@ -143,6 +145,7 @@ def emit_moe(spec: MoESpec) -> str:
         "dense_dispatch": dense_dispatch,
         "mlp_bias": spec.mlp_bias,
         "post_norm": spec.post_norm,
+        "scaling_field": spec.scaling_field,
         "dispatch_op": "torch_moe_dense_mlp" if dense_dispatch else "torch_moe",
         "bias": spec.experts.has_bias,
         "act_member": "" if dense_dispatch else MOE_ACTIVATIONS[spec.experts.activation],

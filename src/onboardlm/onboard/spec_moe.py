@@ -125,6 +125,8 @@ class MoESpec:
     is not ``config.intermediate_size`` (Cohere2-MoE's ``config.prefix_dense_intermediate_size``).
     mlp_bias: the gated MLPs' (shared expert, dense layers) ``bias=`` expression (``config.use_bias``).
     post_norm: (attribute, RMSNorm class of the file) the block applies to its output (A.X-K1).
+    scaling_field: the float config field the block multiplies the routed experts' output by (Beam's,
+    MiniMax-M3's ``routed_scaling_factor``, applied after the experts rather than in the router).
     """
 
     class_name: str
@@ -140,6 +142,7 @@ class MoESpec:
     dense_width_expr: str | None = None
     mlp_bias: str = "False"
     post_norm: tuple[str, str] | None = None
+    scaling_field: str | None = None
 
     @property
     def note(self) -> str:
