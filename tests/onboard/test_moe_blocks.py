@@ -444,10 +444,33 @@ def test_routed_scaling_applied_by_the_block_is_measured_and_emitted() -> None:
     assert analyze_moe(*(lambda m: (m.config, m))(_hf_model("deepseek_v3"))).scaling_field is None
 
 
-def test_fused_clamped_swiglu_mlp_is_refused_by_name() -> None:
+def test_fused_clamped_swiglu_mlps_and_bias_free_clamped_experts_behind_a_sigmoid_router() -> None:
+    """MiniMax-M3: the shared expert and the dense layers' MLP are fused clamped SwiGLUs
+    (``gate_up_proj`` halves, ``config.swiglu_alpha``/``swiglu_limit``); the bias-free clamped-SwiGLU
+    experts run in torch_moe_dense_mlp on the sigmoid router's top-k weights scattered to ``[T, E]``;
+    the block scales the routed output by ``config.routed_scaling_factor``."""
     model = _hf_model("minimax_m3_vl_text")
-    with pytest.raises(UnsupportedFeature, match=r"mlp \(dense layer\): .*a fused clamped-SwiGLU MLP"):
-        analyze_moe(model.config, model)
+    spec = analyze_moe(model.config, model)
+    assert spec.mlp_swiglu == (
+        "getattr(config, 'swiglu_alpha', 1.702)",
+        "getattr(config, 'swiglu_limit', 7.0)",
+    )
+    assert (spec.experts.activation, spec.experts.has_bias) == ("clamped_swiglu", False)
+    assert (spec.router.scoring, spec.scaling_field) == ("sigmoid", "routed_scaling_factor")
+    assert (
+        spec.dense_class == "MiniMaxM3VLDenseMLP"
+        and spec.dense_width_expr == "config.dense_intermediate_size"
+    )
+    namespace = _exec_blocks(spec)
+    _emitted_block_matches(model, spec)
+    dense_hf = type(model.model.layers[0].mlp.shared_experts)(model.config, intermediate_size=24)
+    dense = namespace["MiniMaxM3VLDenseMLP"](model.config, intermediate_size=24).eval()
+    with torch.no_grad():
+        for param in dense_hf.parameters():
+            param.normal_(0.0, 0.5)
+    transfer_weights(dense_hf, dense)
+    x = 3 * torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    assert_rmse_close(dense(x), dense_hf(x), 1e-5, msg="fused clamped SwiGLU")
 
 
 def test_norm_flag_the_router_ignores_is_not_read() -> None:

@@ -164,7 +164,7 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     condition = _layer_condition(
         config, moe_layers, len(layers), path, layers[first_idx], attr, type(block).__name__
     )
-    dense_class, dense_width, mlp_bias = _dense_class(config, layers, attr, moe_layers, condition)
+    dense_class, dense_width, mlp_bias, clamp = _dense_class(config, layers, attr, moe_layers, condition)
     router = _analyze_router(config, block, path)
     shared = _analyze_shared(config, block, path, experts)
     post_norm = _post_norm(config, block, path, router, shared)
@@ -177,6 +177,13 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
                 f"{path}.{shared.attr}", f"shared expert bias {shared_bias}, dense MLP bias {mlp_bias}"
             )
         mlp_bias = shared_bias
+        shared_mlp = getattr(block, shared.attr)
+        shared_clamp = _check_gated_mlp(config, shared_mlp, path, _mlp_width(shared_mlp))
+        if dense_class is not None and shared_clamp != clamp:
+            raise UnsupportedFeature(
+                f"{path}.{shared.attr}", "shared expert and dense MLP of different kinds"
+            )
+        clamp = shared_clamp
     return MoESpec(
         class_name=type(block).__name__,
         attr=attr,
@@ -192,6 +199,16 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
         mlp_bias=mlp_bias,
         post_norm=post_norm,
         scaling_field=scaling,
+        mlp_swiglu=None if clamp is None else _clamp_expressions(config, clamp, path),
+    )
+
+
+def _clamp_expressions(config: PretrainedConfig, clamp: tuple[float, float], where: str) -> tuple[str, str]:
+    """(alpha, limit) expressions of a clamped SwiGLU: the config's ``swiglu_alpha``/``swiglu_limit``
+    (checked equal) or literals."""
+    return (
+        _field_or_literal(config, "swiglu_alpha", clamp[0], where),
+        _field_or_literal(config, "swiglu_limit", clamp[1], where),
     )
 
 
@@ -319,9 +336,10 @@ def _check_block_state(
 
 def _dense_class(
     config: PretrainedConfig, layers: nn.ModuleList, attr: str, moe_layers: tuple[int, ...], condition: str
-) -> tuple[str | None, str | None, str]:
-    """(class, width expression, bias expression) of the dense layers' MLP, verified to be a plain
-    gated MLP; (None, None, "False") when every layer is MoE. The width expression is None for
+) -> tuple[str | None, str | None, str, tuple[float, float] | None]:
+    """(class, width expression, bias expression, clamped-SwiGLU (alpha, limit) or None) of the dense
+    layers' MLP, verified to be a plain gated MLP or a fused clamped SwiGLU; (None, None, "False", None)
+    when every layer is MoE. The width expression is None for
     ``config.intermediate_size``.
 
     Taken from a dense layer of the tiny model, else from one decoder layer built alone from a copy
@@ -330,7 +348,7 @@ def _dense_class(
     when the default config has none (Qwen-MoE, Cohere2-MoE).
     """
     if condition == "True":
-        return None, None, "False"
+        return None, None, "False", None
     index = next((i for i in range(len(layers)) if i not in moe_layers), 0)
     dense = next((layer for i, layer in enumerate(layers) if i not in moe_layers), None)
     probe = config
@@ -343,7 +361,7 @@ def _dense_class(
         dense = _build_layer(type(layers[0]), probe)
     mlp = getattr(dense, attr)
     width = _mlp_width(mlp)
-    _check_gated_mlp(config, mlp, f"model.layers.{index}.{attr} (dense layer)", width)
+    clamp = _check_gated_mlp(config, mlp, f"model.layers.{index}.{attr} (dense layer)", width)
     rebuilt_any = False
     for name in _int_fields(probe, ("intermediate_size",)):
         if getattr(probe, name) != width:
@@ -357,9 +375,9 @@ def _dense_class(
         rebuilt_any = True
         if rebuilt == 2 * width:
             bias = _mlp_bias_expression(config, mlp)
-            return type(mlp).__name__, None if name == "intermediate_size" else f"config.{name}", bias
+            return type(mlp).__name__, None if name == "intermediate_size" else f"config.{name}", bias, clamp
     if not rebuilt_any and width == config.intermediate_size:
-        return type(mlp).__name__, None, _mlp_bias_expression(config, mlp)
+        return type(mlp).__name__, None, _mlp_bias_expression(config, mlp), clamp
     raise UnsupportedFeature(
         f"model.layers.{index}.{attr} (dense layer)", f"dense MLP width {width} follows no config field"
     )
@@ -454,17 +472,14 @@ def _fused_clamped_swiglu(mlp: nn.Module, hidden: int, width: int) -> tuple[floa
 
 
 @torch.no_grad()
-def _check_gated_mlp(config: PretrainedConfig, mlp: nn.Module, where: str, width: int) -> None:
-    """``mlp`` is ``down(act(gate(x)) * up(x))`` without biases, act ``config.hidden_act``, of ``width``;
-    a fused clamped SwiGLU (MiniMax-M3's) is refused by name."""
-    if _fused_clamped_swiglu(mlp, config.hidden_size, width) is not None:
-        raise UnsupportedFeature(
-            where,
-            f"{type(mlp).__name__}: a fused clamped-SwiGLU MLP (gate_up_proj halves, gate clamped at"
-            " limit, (up + 1) * gate * sigmoid(alpha * gate))",
-            "the gated-MLP template has separate gate_proj/up_proj and config.hidden_act; add a template"
-            " for it (and a clamped-SwiGLU activation for bias-free experts in torch_moe)",
-        )
+def _check_gated_mlp(
+    config: PretrainedConfig, mlp: nn.Module, where: str, width: int
+) -> tuple[float, float] | None:
+    """``mlp`` is ``down(act(gate(x)) * up(x))`` without biases, act ``config.hidden_act``, of ``width``
+    (None), or a fused clamped SwiGLU of that width (MiniMax-M3's: its (alpha, limit))."""
+    fused = _fused_clamped_swiglu(mlp, config.hidden_size, width)
+    if fused is not None:
+        return fused
     children = dict(mlp.named_children())
     linears = [children.get(name) for name in ("gate_proj", "up_proj", "down_proj")]
     act = children.get("act_fn")
@@ -484,6 +499,7 @@ def _check_gated_mlp(config: PretrainedConfig, mlp: nn.Module, where: str, width
             f"{type(mlp).__name__} (children {', '.join(children) or 'none'}) is not a plain gated MLP "
             f"(gate_proj, up_proj, down_proj without biases, act_fn = config.hidden_act) of width {width}",
         )
+    return None
 
 
 def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str) -> ExpertsSpec:

@@ -69,8 +69,9 @@ def _summary(spec: MoESpec, dense_dispatch: bool) -> str:
         routing += " with a score-correction bias" if router.correction_bias else ""
     shared = f",\n    plus the always-on `{spec.shared.attr}`" if spec.shared else ""
     if spec.scaling_field:
-        shared = f", the routed output times ``config.{spec.scaling_field}``" + shared
-    runner = "torch_moe_dense_mlp (clamped SwiGLU with biases)" if dense_dispatch else "torch_moe"
+        shared = f",\n    the routed output times ``config.{spec.scaling_field}``" + shared
+    clamped = "clamped SwiGLU with biases" if spec.experts.has_bias else "clamped SwiGLU"
+    runner = f"torch_moe_dense_mlp ({clamped})" if dense_dispatch else "torch_moe"
     return (
         f"Mixture of experts behind {routing}{shared}.\n\n"
         f"    The routed experts run in {runner};\n"
@@ -79,23 +80,28 @@ def _summary(spec: MoESpec, dense_dispatch: bool) -> str:
 
 
 def _dispatch_is_dense(spec: MoESpec) -> bool:
-    """GPT-OSS experts (clamped SwiGLU with biases) run in torch_moe_dense_mlp, the rest in torch_moe."""
-    if spec.experts.activation != "clamped_swiglu":
-        return False
+    """Clamped-SwiGLU experts (GPT-OSS, MiniMax-M3) run in torch_moe_dense_mlp, the rest in torch_moe."""
+    return spec.experts.activation == "clamped_swiglu"
+
+
+def _router_is_dense(spec: MoESpec) -> bool:
+    """GPT-OSS's router (biased linear, softmax over the top-k logits) is torch_moe_router, which gives
+    the dense ``[T, E]`` weights torch_moe_dense_mlp mixes with; another router's top-k weights are
+    scattered into ``[T, E]`` by the block."""
     router = spec.router
-    if not (router.scoring == "softmax" and router.norm_topk_prob and router.has_bias and not router.grouped):
-        raise UnsupportedFeature(
-            f"{spec.class_name}.{router.attr}",
-            "clamped-SwiGLU experts behind a router other than biased top-k softmax",
-            "torch_moe_dense_mlp is fed by torch_moe_router",
-        )
-    if not spec.experts.has_bias:
-        raise UnsupportedFeature(f"{spec.class_name}.experts", "clamped-SwiGLU experts without biases")
-    return True
+    return (
+        _dispatch_is_dense(spec)
+        and spec.experts.has_bias
+        and router.scoring == "softmax"
+        and router.norm_topk_prob
+        and router.has_bias
+        and not router.grouped
+        and router.correction_bias is None
+    )
 
 
 def _router_template(spec: MoESpec, dense_dispatch: bool) -> str:
-    if dense_dispatch:
+    if dense_dispatch and _router_is_dense(spec):
         return "moe_router_dense.py.j2"
     if spec.router.scoring == "sparsemixer":
         return "moe_router_sparsemixer.py.j2"
@@ -143,6 +149,8 @@ def emit_moe(spec: MoESpec) -> str:
         "shared": spec.shared,
         "packed": packed,
         "dense_dispatch": dense_dispatch,
+        "dense_router": _router_is_dense(spec),
+        "mlp_swiglu": spec.mlp_swiglu,
         "mlp_bias": spec.mlp_bias,
         "post_norm": spec.post_norm,
         "scaling_field": spec.scaling_field,

@@ -127,6 +127,8 @@ class MoESpec:
     post_norm: (attribute, RMSNorm class of the file) the block applies to its output (A.X-K1).
     scaling_field: the float config field the block multiplies the routed experts' output by (Beam's,
     MiniMax-M3's ``routed_scaling_factor``, applied after the experts rather than in the router).
+    mlp_swiglu: (alpha, limit) expressions when the gated MLPs (shared expert, dense layers) are fused
+    clamped SwiGLUs (MiniMax-M3's ``gate_up_proj``, gate and up halves); None: plain gated MLPs.
     """
 
     class_name: str
@@ -143,6 +145,7 @@ class MoESpec:
     mlp_bias: str = "False"
     post_norm: tuple[str, str] | None = None
     scaling_field: str | None = None
+    mlp_swiglu: tuple[str, str] | None = None
 
     @property
     def note(self) -> str:

@@ -40,6 +40,7 @@ MODEL_MODULES = [
     "modeling_internlm3",
     "modeling_llama",
     "modeling_minimax_m2",
+    "modeling_minimax_m3_vl_text",
     "modeling_ministral3",
     "modeling_mistral",
     "modeling_mixtral",
