@@ -89,6 +89,21 @@ def test_completion_derives_values_and_leaves_complete_configs_alone() -> None:
     assert complete_default_config(per_layer) == []
 
 
+def test_attention_sub_config_gets_the_rope_base_of_the_config() -> None:
+    """DBRX's attention reads ``attn_config.rope_theta``, which its default sub-config lacks (the base
+    sits in ``rope_parameters``): completed as a checkpoint's sub-config carries it, so fit builds it."""
+    config = AutoConfig.for_model("dbrx")
+    notes = complete_default_config(config)
+    theta = config.rope_parameters["rope_theta"]
+    assert config.attn_config.rope_theta == theta
+    assert f"attn_config.rope_theta={theta:g} (as rope_parameters['rope_theta'])" in notes
+    assert not hasattr(config.ffn_config, "rope_theta")
+    assert count_parameters(config) > 0  # transformers builds it
+    records = {r.name: r for r in _phases_to_generate("dbrx")}
+    assert records["fit"].status != "fail" and records["analyze"].status == "fail"
+    assert "norm_attn_norm.attn" in records["analyze"].summary  # the fused Wqkv attention, by path
+
+
 def test_unbuildable_names_the_module_and_the_unset_field() -> None:
     config = AutoConfig.for_model("lfm2_moe")  # layer_types None: no default a checkpoint lacks
     with pytest.raises(TypeError) as raised, torch.device("meta"):

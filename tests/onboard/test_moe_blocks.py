@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.export import torch_export_to_gm
+from onboardlm.models.config_completion import complete_default_config
 from onboardlm.onboard.analyze_moe import analyze_moe
 from onboardlm.onboard.emit_moe import block_imports, emit_moe, expert_class_name, moe_constructor
 from onboardlm.onboard.spec_moe import MoESpec
@@ -356,6 +357,128 @@ def test_ungrouped_sigmoid_routers_are_measured_and_emitted(
     _emitted_block_matches(model, spec)
 
 
+def _hf_model_with(model_type: str, **fields: object) -> nn.Module:
+    """``_hf_model`` on a tiny config with ``fields`` set."""
+    torch.manual_seed(0)
+    config = tiny_config(AutoConfig.for_model(model_type))
+    for name, value in fields.items():
+        setattr(config, name, value)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+def test_router_holding_its_linear_with_the_block_bias_and_scale_of_another_name() -> None:
+    """AFMoE: ``router.gate`` (a bias-free linear) holds the weight, the block's ``expert_bias`` is the
+    correction bias handed to the router, ``config.route_scale`` (found by rebuilding the router with
+    each float field changed) scales the weights; measured on a scale other than 1."""
+    model = _hf_model_with("afmoe", route_scale=2.5)
+    spec = analyze_moe(model.config, model)
+    router = spec.router
+    assert (router.linear_attr, router.correction_bias, router.correction_name) == (
+        "gate",
+        "block",
+        "expert_bias",
+    )
+    assert (router.scoring, router.scaling_field, router.norm_topk_prob) == ("sigmoid", "route_scale", True)
+    assert spec.shared.attr == "shared_experts"
+    _emitted_block_matches(model, spec)
+
+
+def test_zero_initialised_router_is_probed_on_random_weights() -> None:
+    """transformers zero-initialises AFMoE's router (every expert ties): the probe fills it at random
+    and puts the zeros back."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(AutoConfig.for_model("afmoe"))).eval()
+    spec = analyze_moe(model.config, model)
+    assert (spec.router.scoring, spec.router.scaling_field) == ("sigmoid", "route_scale")
+    assert not model.model.layers[spec.moe_layers[0]].mlp.router.gate.weight.any()
+
+
+def test_softmax_router_holding_its_linear_and_an_unnamed_shared_mlp() -> None:
+    """HunYuan-MoE: ``gate.wg`` holds the router weight; ``shared_mlp``, the one gated MLP child besides
+    router and experts, is the shared expert, of the experts' width ``config.intermediate_size``."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("hunyuan_v1_moe")
+    complete_default_config(config)  # head_dim, as onboarding completes a bare model_type
+    model = AutoModelForCausalLM.from_config(tiny_config(config), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    spec = analyze_moe(model.config, model)
+    assert (spec.router.linear_attr, spec.router.scoring, spec.router.correction_bias) == (
+        "wg",
+        "softmax",
+        None,
+    )
+    assert (spec.shared.attr, spec.shared.intermediate_expr) == ("shared_mlp", "config.intermediate_size")
+    _emitted_block_matches(model, spec)
+
+
+def test_sparse_mixer_router_is_measured_with_its_jitter_field_and_emitted() -> None:
+    """PhiMoE's sparse mixer (inference path): two experts, each weighted by a softmax over the experts
+    within ``2 * config.router_jitter_noise`` of it; measured again on a wide jitter (more experts kept)."""
+    from onboardlm.onboard.analyze_moe import sparsemixer
+
+    for jitter in (0.01, 0.4):
+        model = _hf_model_with("phimoe", router_jitter_noise=jitter)
+        spec = analyze_moe(model.config, model)
+        assert (spec.router.scoring, spec.router.jitter_field) == ("sparsemixer", "router_jitter_noise")
+        _emitted_block_matches(model, spec)
+    logits = torch.tensor([[4.0, 3.9, 1.0, -2.0]])
+    weights, ids = sparsemixer(logits, 0.4)
+    assert ids.tolist() == [[0, 1]]
+    assert torch.allclose(weights[0, 0], torch.softmax(logits[0, :3], dim=-1)[0])  # -2 is out of reach
+
+
+def test_routed_scaling_applied_by_the_block_is_measured_and_emitted() -> None:
+    """Beam's block (not its router) multiplies the experts' output by ``config.routed_scaling_factor``:
+    measured as the ratio of the block's output to its experts' on the router's choice, the field
+    confirmed by rebuilding the block with another value."""
+    model = _hf_model("beam")
+    spec = analyze_moe(model.config, model)
+    assert (spec.scaling_field, spec.router.scaling_field, spec.router.grouped) == (
+        "routed_scaling_factor",
+        None,
+        True,
+    )
+    assert "self.routed_scaling_factor = config.routed_scaling_factor" in emit_moe(spec)
+    _emitted_block_matches(model, spec)
+    assert analyze_moe(*(lambda m: (m.config, m))(_hf_model("deepseek_v3"))).scaling_field is None
+
+
+def test_fused_clamped_swiglu_mlps_and_bias_free_clamped_experts_behind_a_sigmoid_router() -> None:
+    """MiniMax-M3: the shared expert and the dense layers' MLP are fused clamped SwiGLUs
+    (``gate_up_proj`` halves, ``config.swiglu_alpha``/``swiglu_limit``); the bias-free clamped-SwiGLU
+    experts run in torch_moe_dense_mlp on the sigmoid router's top-k weights scattered to ``[T, E]``;
+    the block scales the routed output by ``config.routed_scaling_factor``."""
+    model = _hf_model("minimax_m3_vl_text")
+    spec = analyze_moe(model.config, model)
+    assert spec.mlp_swiglu == (
+        "getattr(config, 'swiglu_alpha', 1.702)",
+        "getattr(config, 'swiglu_limit', 7.0)",
+    )
+    assert (spec.experts.activation, spec.experts.has_bias) == ("clamped_swiglu", False)
+    assert (spec.router.scoring, spec.scaling_field) == ("sigmoid", "routed_scaling_factor")
+    assert (
+        spec.dense_class == "MiniMaxM3VLDenseMLP"
+        and spec.dense_width_expr == "config.dense_intermediate_size"
+    )
+    namespace = _exec_blocks(spec)
+    _emitted_block_matches(model, spec)
+    dense_hf = type(model.model.layers[0].mlp.shared_experts)(model.config, intermediate_size=24)
+    dense = namespace["MiniMaxM3VLDenseMLP"](model.config, intermediate_size=24).eval()
+    with torch.no_grad():
+        for param in dense_hf.parameters():
+            param.normal_(0.0, 0.5)
+    transfer_weights(dense_hf, dense)
+    x = 3 * torch.randn(40, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    assert_rmse_close(dense(x), dense_hf(x), 1e-5, msg="fused clamped SwiGLU")
+
+
 def test_norm_flag_the_router_ignores_is_not_read() -> None:
     """Cohere2-MoE's softmax over the top-k logits is normalised whatever ``norm_topk_prob`` says."""
     model = _hf_model("cohere2_moe")
@@ -367,7 +490,7 @@ def test_norm_flag_the_router_ignores_is_not_read() -> None:
 @pytest.mark.parametrize(
     ("model_type", "message"),
     [
-        ("phimoe", r"model\.layers\.0\.mlp\.router: .*PhimoeTopKRouter: weights match no known scoring"),
+        ("ergo", r"model\.layers\.1\.mlp\.experts: .*non-gated experts"),
     ],
 )
 def test_unknown_moe_parts_are_refused_by_path(model_type: str, message: str) -> None:

@@ -100,6 +100,28 @@ def _complete_rope_per_layer_type(config: PretrainedConfig) -> list[str]:
     ]
 
 
+def _complete_sub_config_rope_theta(config: PretrainedConfig) -> list[str]:
+    """A sub-config that declares no ``rope_theta`` beside a config whose ``rope_parameters`` name one
+    (DBRX's ``attn_config``, whose attention still reads ``attn_config.rope_theta`` while the default
+    config keeps the base in ``rope_parameters``): every checkpoint's sub-config carries the base, the
+    same one."""
+    theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    if not isinstance(theta, (int, float)):
+        return []
+    notes = []
+    for name in sorted(getattr(type(config), "sub_configs", None) or {}):
+        sub = getattr(config, name, None)
+        if not isinstance(sub, PretrainedConfig) or hasattr(sub, "rope_theta") or "rope" in name:
+            continue
+        if not any(
+            key.startswith("attn") or "attention" in key for key in (name, type(sub).__name__.lower())
+        ):
+            continue
+        sub.rope_theta = theta
+        notes.append(f"{name}.rope_theta={theta:g} (as rope_parameters['rope_theta'])")
+    return notes
+
+
 def complete_default_config(config: PretrainedConfig) -> list[str]:
     """Fill, in place, the fields a default ``config`` leaves None that a checkpoint always sets.
 
@@ -118,4 +140,4 @@ def complete_default_config(config: PretrainedConfig) -> list[str]:
                 continue
             setattr(config, name, value)
             notes.append(f"{name}={value} ({completion.how})")
-    return notes + _complete_rope_per_layer_type(config)
+    return notes + _complete_rope_per_layer_type(config) + _complete_sub_config_rope_theta(config)

@@ -165,11 +165,12 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     condition = _layer_condition(
         config, moe_layers, len(layers), path, layers[first_idx], attr, type(block).__name__
     )
-    dense_class, dense_width, mlp_bias = _dense_class(config, layers, attr, moe_layers, condition)
+    dense_class, dense_width, mlp_bias, clamp = _dense_class(config, layers, attr, moe_layers, condition)
     router = _analyze_router(config, block, path)
     shared = _analyze_shared(config, block, path, experts)
     post_norm = _post_norm(config, block, path, router, shared)
     _check_block_state(block, path, router, shared, post_norm)
+    scaling = None if post_norm else _block_scaling_field(config, block, path, router, shared)
     if shared is not None:
         shared_bias = _mlp_bias_expression(config, getattr(block, shared.attr))
         if dense_class is not None and shared_bias != mlp_bias:
@@ -177,6 +178,13 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
                 f"{path}.{shared.attr}", f"shared expert bias {shared_bias}, dense MLP bias {mlp_bias}"
             )
         mlp_bias = shared_bias
+        shared_mlp = getattr(block, shared.attr)
+        shared_clamp = _check_gated_mlp(config, shared_mlp, path, _mlp_width(shared_mlp))
+        if dense_class is not None and shared_clamp != clamp:
+            raise UnsupportedFeature(
+                f"{path}.{shared.attr}", "shared expert and dense MLP of different kinds"
+            )
+        clamp = shared_clamp
     return MoESpec(
         class_name=type(block).__name__,
         attr=attr,
@@ -191,7 +199,67 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
         dense_width_expr=dense_width,
         mlp_bias=mlp_bias,
         post_norm=post_norm,
+        scaling_field=scaling,
+        mlp_swiglu=None if clamp is None else _clamp_expressions(config, clamp, path),
     )
+
+
+def _clamp_expressions(config: PretrainedConfig, clamp: tuple[float, float], where: str) -> tuple[str, str]:
+    """(alpha, limit) expressions of a clamped SwiGLU: the config's ``swiglu_alpha``/``swiglu_limit``
+    (checked equal) or literals."""
+    return (
+        _field_or_literal(config, "swiglu_alpha", clamp[0], where),
+        _field_or_literal(config, "swiglu_limit", clamp[1], where),
+    )
+
+
+@torch.no_grad()
+def _routed_scale(block: nn.Module, router: RouterSpec, shared: SharedExpertSpec | None) -> float | None:
+    """c such that the block's output is c x (its experts on its router's choice) + its shared expert,
+    or None when it is not of that form (or the parts cannot be called on their own)."""
+    hidden = router_weight(getattr(block, router.attr)).shape[1]
+    x = torch.randn(2, 5, hidden, generator=torch.Generator().manual_seed(4))
+    tokens = x.reshape(-1, hidden)
+    try:
+        out = block(x)
+        out = (out[0] if isinstance(out, tuple) else out).reshape(tokens.shape)
+        bias = (getattr(block, router.correction_name),) if router.correction_bias == "block" else ()
+        _, weights, ids = _call_router(getattr(block, router.attr), tokens, *bias)
+        routed = block.experts(tokens, ids, weights).reshape(tokens.shape)
+        if shared is not None:
+            extra = getattr(block, shared.attr)(tokens)
+            if shared.gate_attr:
+                extra = torch.sigmoid(getattr(block, shared.gate_attr)(tokens)) * extra
+            out = out - extra
+    except Exception:  # noqa: BLE001 - parts that cannot be called alone: no scale is measured
+        return None
+    scale = float((out * routed).sum() / (routed * routed).sum())
+    return scale if torch.allclose(out, routed * scale, rtol=1e-4, atol=1e-5) else None
+
+
+def _block_scaling_field(
+    config: PretrainedConfig, block: nn.Module, path: str, router: RouterSpec, shared: SharedExpertSpec | None
+) -> str | None:
+    """The float config field the MoE block multiplies its routed experts' output by (Beam's and
+    MiniMax-M3's ``routed_scaling_factor``, applied after the experts, not in the router): measured, then
+    confirmed on the block rebuilt from a config with the field changed; None when unscaled."""
+    scale = _routed_scale(block, router, shared)
+    if scale is None or math.isclose(scale, 1.0, rel_tol=1e-4):
+        return None
+    for name, value in sorted(vars(config).items()):
+        if not isinstance(value, float) or not math.isclose(value, scale, rel_tol=1e-4):
+            continue
+        probe = copy.deepcopy(config)
+        setattr(probe, name, 2.5 * value + 0.5)
+        try:
+            rebuilt = type(block)(probe)
+            rebuilt.load_state_dict(block.state_dict())
+        except Exception:  # noqa: BLE001 - a value the block cannot be built with is not its scale
+            continue
+        rescaled = _routed_scale(rebuilt.to(router_weight(getattr(block, router.attr)).dtype), router, shared)
+        if rescaled is not None and math.isclose(rescaled, 2.5 * value + 0.5, rel_tol=1e-4):
+            return name
+    raise UnsupportedFeature(path, f"routed experts' output scaled by {scale:.6g}, by no config field")
 
 
 def _known_children(router: RouterSpec, shared: SharedExpertSpec | None) -> set[str | None]:
@@ -261,7 +329,7 @@ def _check_block_state(
     own = [n for n, _ in block.named_parameters(recurse=False)] + [
         n for n, _ in block.named_buffers(recurse=False)
     ]
-    allowed = {"e_score_correction_bias"} if router.correction_bias == "block" else set()
+    allowed = {router.correction_name} if router.correction_bias == "block" else set()
     for name in own:
         if name not in allowed:
             raise UnsupportedFeature(f"{path}.{name}", "MoE block tensor that the generated block lacks")
@@ -269,9 +337,10 @@ def _check_block_state(
 
 def _dense_class(
     config: PretrainedConfig, layers: nn.ModuleList, attr: str, moe_layers: tuple[int, ...], condition: str
-) -> tuple[str | None, str | None, str]:
-    """(class, width expression, bias expression) of the dense layers' MLP, verified to be a plain
-    gated MLP; (None, None, "False") when every layer is MoE. The width expression is None for
+) -> tuple[str | None, str | None, str, tuple[float, float] | None]:
+    """(class, width expression, bias expression, clamped-SwiGLU (alpha, limit) or None) of the dense
+    layers' MLP, verified to be a plain gated MLP or a fused clamped SwiGLU; (None, None, "False", None)
+    when every layer is MoE. The width expression is None for
     ``config.intermediate_size``.
 
     Taken from a dense layer of the tiny model, else from one decoder layer built alone from a copy
@@ -280,7 +349,7 @@ def _dense_class(
     when the default config has none (Qwen-MoE, Cohere2-MoE).
     """
     if condition == "True":
-        return None, None, "False"
+        return None, None, "False", None
     index = next((i for i in range(len(layers)) if i not in moe_layers), 0)
     dense = next((layer for i, layer in enumerate(layers) if i not in moe_layers), None)
     probe = config
@@ -292,8 +361,8 @@ def _dense_class(
             )
         dense = _build_layer(type(layers[0]), probe)
     mlp = getattr(dense, attr)
-    width = getattr(getattr(mlp, "gate_proj", None), "out_features", 0)
-    _check_gated_mlp(config, mlp, f"model.layers.{index}.{attr} (dense layer)", width)
+    width = _mlp_width(mlp)
+    clamp = _check_gated_mlp(config, mlp, f"model.layers.{index}.{attr} (dense layer)", width)
     rebuilt_any = False
     for name in _int_fields(probe, ("intermediate_size",)):
         if getattr(probe, name) != width:
@@ -301,15 +370,15 @@ def _dense_class(
         doubled = copy.deepcopy(probe)
         setattr(doubled, name, 2 * width)
         try:
-            rebuilt = getattr(_build_layer(type(layers[0]), doubled), attr).gate_proj.out_features
+            rebuilt = _mlp_width(getattr(_build_layer(type(layers[0]), doubled), attr))
         except Exception:  # noqa: BLE001 - a field the layer cannot be built with is not the width
             continue
         rebuilt_any = True
         if rebuilt == 2 * width:
             bias = _mlp_bias_expression(config, mlp)
-            return type(mlp).__name__, None if name == "intermediate_size" else f"config.{name}", bias
+            return type(mlp).__name__, None if name == "intermediate_size" else f"config.{name}", bias, clamp
     if not rebuilt_any and width == config.intermediate_size:
-        return type(mlp).__name__, None, _mlp_bias_expression(config, mlp)
+        return type(mlp).__name__, None, _mlp_bias_expression(config, mlp), clamp
     raise UnsupportedFeature(
         f"model.layers.{index}.{attr} (dense layer)", f"dense MLP width {width} follows no config field"
     )
@@ -357,14 +426,61 @@ def _mlp_bias_expression(config: PretrainedConfig, mlp: nn.Module) -> str:
             rebuilt = type(mlp)(flipped)
         except Exception:  # noqa: BLE001 - a flip the MLP class cannot be built with tells nothing
             continue
-        if getattr(rebuilt.gate_proj, "bias", None) is not None:
+        linear = getattr(rebuilt, "gate_proj", getattr(rebuilt, "gate_up_proj", None))
+        if getattr(linear, "bias", None) is not None:
             return f"not config.{name}" if value else f"config.{name}"
     return "False"
 
 
+def _mlp_width(mlp: nn.Module) -> int:
+    """The inner width of a gated MLP: ``gate_proj``'s outputs, or half of a fused ``gate_up_proj``'s."""
+    gate, fused = getattr(mlp, "gate_proj", None), getattr(mlp, "gate_up_proj", None)
+    if isinstance(gate, nn.Linear):
+        return gate.out_features
+    return fused.out_features // 2 if isinstance(fused, nn.Linear) else 0
+
+
+def _clamp_params(module: nn.Module) -> tuple[float, float] | None:
+    """(alpha, limit) of a clamped SwiGLU module (``swiglu_alpha``/``alpha``, ``swiglu_limit``/``limit``)."""
+    alpha = getattr(module, "swiglu_alpha", getattr(module, "alpha", None))
+    limit = getattr(module, "swiglu_limit", getattr(module, "limit", None))
+    if isinstance(alpha, (int, float)) and isinstance(limit, (int, float)):
+        return float(alpha), float(limit)
+    return None
+
+
 @torch.no_grad()
-def _check_gated_mlp(config: PretrainedConfig, mlp: nn.Module, where: str, width: int) -> None:
-    """``mlp`` is ``down(act(gate(x)) * up(x))`` without biases, act ``config.hidden_act``, of ``width``."""
+def _fused_clamped_swiglu(mlp: nn.Module, hidden: int, width: int) -> tuple[float, float] | None:
+    """(alpha, limit) when ``mlp`` is MiniMax-M3's fused MLP: ``gate_up_proj`` (gate and up halves),
+    ``down_proj``, no biases, ``down((up.clamp(-limit, limit) + 1) * g * sigmoid(alpha * g))`` with
+    ``g = gate.clamp(max=limit)``; else None."""
+    children = dict(mlp.named_children())
+    params = _clamp_params(mlp)
+    fused, down = children.get("gate_up_proj"), children.get("down_proj")
+    if (
+        set(children) != {"gate_up_proj", "down_proj"}
+        or params is None
+        or not all(isinstance(linear, nn.Linear) and linear.bias is None for linear in (fused, down))
+        or fused.out_features != 2 * width
+    ):
+        return None
+    alpha, limit = params
+    x = 4 * torch.randn(5, hidden, generator=torch.Generator().manual_seed(0))  # some values clamped
+    gate, up = fused(x).chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    expected = down((up + 1) * gate * torch.sigmoid(gate * alpha))
+    return params if torch.allclose(mlp(x), expected, rtol=1e-5, atol=1e-6) else None
+
+
+@torch.no_grad()
+def _check_gated_mlp(
+    config: PretrainedConfig, mlp: nn.Module, where: str, width: int
+) -> tuple[float, float] | None:
+    """``mlp`` is ``down(act(gate(x)) * up(x))`` without biases, act ``config.hidden_act``, of ``width``
+    (None), or a fused clamped SwiGLU of that width (MiniMax-M3's: its (alpha, limit))."""
+    fused = _fused_clamped_swiglu(mlp, config.hidden_size, width)
+    if fused is not None:
+        return fused
     children = dict(mlp.named_children())
     linears = [children.get(name) for name in ("gate_proj", "up_proj", "down_proj")]
     act = children.get("act_fn")
@@ -384,6 +500,7 @@ def _check_gated_mlp(config: PretrainedConfig, mlp: nn.Module, where: str, width
             f"{type(mlp).__name__} (children {', '.join(children) or 'none'}) is not a plain gated MLP "
             f"(gate_proj, up_proj, down_proj without biases, act_fn = config.hidden_act) of width {width}",
         )
+    return None
 
 
 def _checkpoint_aliases(config: PretrainedConfig, attr: str, key: str) -> tuple[str, ...]:
@@ -417,6 +534,18 @@ def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str, attr
             path, "per-expert modules in the HF model", "expected transformers 5 fused experts"
         )
     params = dict(experts.named_parameters(recurse=False))
+    if "gate_up_proj" not in params and {"up_proj", "down_proj"} <= set(params):
+        inner = [
+            f"{name} ({type(child).__name__})"
+            for name, child in experts.named_children()
+            if any(True for _ in child.parameters())  # a per-expert norm, not the activation
+        ]
+        raise UnsupportedFeature(
+            path,
+            f"non-gated experts (packed {', '.join(sorted(params))}: down(act(up(x))))"
+            + (f" with {', '.join(inner)} inside" if inner else ""),
+            "the MoE templates run gated experts (gate_up_proj, down_proj) through torch_moe",
+        )
     if not {"gate_up_proj", "down_proj"} <= set(params) or set(params) - set(_PACKED_KEYS):
         raise UnsupportedFeature(
             path, f"expert tensors {sorted(params)}", "expected gated experts: gate_up_proj and down_proj"
@@ -537,6 +666,26 @@ def _activation_name(config: PretrainedConfig, experts: nn.Module, path: str) ->
     return name
 
 
+def _inner_linear(router: nn.Module) -> str | None:
+    """The name of the one ``nn.Linear`` child without bias a router keeps its weight in (AFMoE's
+    ``router.gate``, HunYuan-MoE's ``gate.wg``), when that child is all the router holds besides a
+    correction-bias holder; else None."""
+    own = [n for n, _ in router.named_parameters(recurse=False)] + [
+        n for n, _ in router.named_buffers(recurse=False)
+    ]
+    linears = [n for n, c in router.named_children() if isinstance(c, nn.Linear)]
+    if "weight" in own or len(linears) != 1:
+        return None
+    linear = getattr(router, linears[0])
+    return linears[0] if linear.bias is None else None
+
+
+def router_weight(router: nn.Module) -> torch.Tensor:
+    """The router's ``[E, H]`` weight: its own, or that of the linear it holds (:func:`_inner_linear`)."""
+    inner = _inner_linear(router)
+    return getattr(router, inner).weight if inner is not None else router.weight
+
+
 def _router_module(block: nn.Module, path: str) -> tuple[str, nn.Module]:
     for attr in _ROUTER_ATTRS:
         module = getattr(block, attr, None)
@@ -544,14 +693,16 @@ def _router_module(block: nn.Module, path: str) -> tuple[str, nn.Module]:
             return attr, module
     for attr in _ROUTER_ATTRS:  # a router module that keeps its linear inside (AFMoE's router.gate)
         module = getattr(block, attr, None)
+        if isinstance(module, nn.Module) and _inner_linear(module) is not None:
+            return attr, module
+    for attr in _ROUTER_ATTRS:
+        module = getattr(block, attr, None)
         if isinstance(module, nn.Module) and list(module.children()):
             inner = sorted(dict(module.named_children()))
-            state = sorted(n for n, _ in block.named_parameters(recurse=False))
-            beside = f", with {state} on the block" if state else ""
             raise UnsupportedFeature(
                 f"{path}.{attr}",
-                f"router {type(module).__name__} holding its linear as a submodule {inner}{beside};"
-                " the router templates take a `gate`/`router` module with its own weight",
+                f"router {type(module).__name__} holding submodules {inner}; the router templates take"
+                " a `gate`/`router` module with its own weight or one bias-free linear",
             )
     found = next((a for a in _ROUTER_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
     if found is not None:
@@ -580,27 +731,53 @@ def _router_correction(router: nn.Module) -> tuple[str | None, torch.Tensor] | N
     return None
 
 
-def _correction_owner(block: nn.Module, router: nn.Module, where: str) -> str | None:
+def block_correction(block: nn.Module, num_experts: int) -> tuple[str, torch.Tensor] | None:
+    """(name, tensor) of a score-correction bias the MoE block holds for its router: its
+    ``e_score_correction_bias``, else its one own ``[E]`` tensor (AFMoE's ``expert_bias``)."""
+    own = dict(block.named_parameters(recurse=False)) | dict(block.named_buffers(recurse=False))
+    if isinstance(own.get(_CORRECTION), torch.Tensor):
+        return _CORRECTION, own[_CORRECTION]
+    vectors = [(n, t) for n, t in own.items() if t.shape == (num_experts,) and t.is_floating_point()]
+    return vectors[0] if len(vectors) == 1 else None
+
+
+def _correction_owner(block: nn.Module, router: nn.Module, where: str) -> tuple[str | None, str]:
     """Where the score-correction bias lives: on the router (DeepSeek), on the block and handed to the
-    router's forward (MiniMax-M2), or nowhere."""
+    router's forward (MiniMax-M2's ``e_score_correction_bias``, AFMoE's ``expert_bias``), or nowhere;
+    and its name."""
     on_router = _router_correction(router) is not None
-    on_block = isinstance(getattr(block, _CORRECTION, None), torch.Tensor)
+    on_block = block_correction(block, router_weight(router).shape[0])
     params = [
         p
         for p in inspect.signature(router.forward).parameters.values()
         if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
     ]
-    if on_block and not on_router and len(params) == 2:
-        return "block"
+    if on_block is not None and not on_router and len(params) == 2:
+        return "block", on_block[0]
     if len(params) != 1:
         raise UnsupportedFeature(
             where, f"router forward takes {[p.name for p in params]}, not (hidden_states)"
         )
-    return "router" if on_router else None
+    return ("router" if on_router else None), _CORRECTION
 
 
 def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> RouterSpec:
     attr, router = _router_module(block, path)
+    weight = router_weight(router)
+    saved = weight.detach().clone()
+    if bool((saved == saved.flatten()[0]).all()):  # zero-initialised (AFMoE): every expert would tie
+        with torch.no_grad():
+            weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(2)))
+    try:
+        return _measure_router(config, block, path, attr, router)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def _measure_router(
+    config: PretrainedConfig, block: nn.Module, path: str, attr: str, router: nn.Module
+) -> RouterSpec:
     where = f"{path}.{attr}"
     extras = {name for name, _ in router.named_parameters(recurse=False)} | {
         name for name, _ in router.named_buffers(recurse=False)
@@ -608,20 +785,40 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
     unknown = extras - {"weight", "bias", _CORRECTION}
     statics = _router_correction(router)
     statics_attr = statics[0] if statics is not None else None
-    children = [name for name, _ in router.named_children() if name != statics_attr]
+    linear_attr = _inner_linear(router)
+    children = [name for name, _ in router.named_children() if name not in (statics_attr, linear_attr)]
     if unknown or children:
         raise UnsupportedFeature(where, f"router state {sorted(unknown) or children}")
     if not isinstance(getattr(router, "top_k", None), int):
         raise UnsupportedFeature(where, f"router {type(router).__name__} without an integer top_k")
     top_k_field = _field_with_value(config, _TOP_K_FIELDS, router.top_k, where, "router top-k")
-    owner = _correction_owner(block, router, where)
+    owner, correction_name = _correction_owner(block, router, where)
+    block_bias = getattr(block, correction_name) if owner == "block" else None
     grouped = hasattr(router, "num_group") and hasattr(router, "topk_group")
-    scoring, norm, scale, choice_on = _probe_router(
-        router, where, block if owner == "block" else None, grouped
-    )
+    try:
+        scoring, norm, scale, choice_on = _probe_router(router, where, block_bias, grouped)
+    except UnsupportedFeature:
+        jitter_field = None if owner or grouped else _sparsemixer_field(config, router, where)
+        if jitter_field is None:
+            raise
+        return RouterSpec(
+            attr=attr,
+            class_name=type(router).__name__,
+            scoring="sparsemixer",
+            top_k_field=top_k_field,
+            norm_topk_prob=False,
+            norm_field=None,
+            has_bias="bias" in extras,
+            has_correction_bias=False,
+            grouped=False,
+            scaling_field=None,
+            correction_bias=None,
+            linear_attr=linear_attr,
+            jitter_field=jitter_field,
+        )
     norm_field = "norm_topk_prob" if getattr(config, "norm_topk_prob", None) is not None else None
     if norm_field is not None and not _follows_flag(
-        config, router, norm_field, norm, where, block, owner, grouped
+        config, router, norm_field, norm, where, block_bias, grouped
     ):
         norm_field = None  # the flag does not change this router (Cohere2-MoE's softmax over the top-k)
     if norm_field is not None and bool(config.norm_topk_prob) != norm:
@@ -632,8 +829,8 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
         scaling_field = _field_with_value(config, (named,), getattr(router, named), where, "routed scaling")
         if not math.isclose(float(getattr(router, named)), scale, rel_tol=1e-4):
             raise UnsupportedFeature(where, f"routing weights scaled by {scale:.6g}, not by config.{named}")
-    elif not math.isclose(scale, 1.0, rel_tol=1e-4):
-        raise UnsupportedFeature(where, f"routing weights scaled by {scale:.6g}, no config field")
+    else:
+        scaling_field = _scaling_field(config, router, scale, where, block_bias, grouped)
     if grouped:
         _field_with_value(config, ("n_group",), router.num_group, where, "expert groups")
         _field_with_value(config, ("topk_group",), router.topk_group, where, "selected groups")
@@ -648,7 +845,7 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
     statics_class = None
     if statics_attr is not None:
         statics_class = type(getattr(router, statics_attr)).__name__
-        if statics[1].shape not in ((len(router.weight),), (1, len(router.weight))):
+        if statics[1].shape not in ((len(router_weight(router)),), (1, len(router_weight(router)))):
             raise UnsupportedFeature(
                 f"{where}.{statics_attr}", f"correction bias of shape {list(statics[1].shape)}"
             )
@@ -664,6 +861,8 @@ def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> Ro
         grouped=grouped,
         scaling_field=scaling_field,
         correction_bias=owner,
+        correction_name=correction_name,
+        linear_attr=linear_attr,
         choice_on=choice_on,
         statics_attr=statics_attr,
         statics_class=statics_class,
@@ -677,8 +876,7 @@ def _follows_flag(
     flag: str,
     normalised: bool,
     where: str,
-    block: nn.Module,
-    owner: str | None,
+    block_bias: torch.Tensor | None,
     grouped: bool,
 ) -> bool:
     """Whether the router's renormalisation changes with ``config.<flag>``: the router rebuilt from a
@@ -686,12 +884,88 @@ def _follows_flag(
     probe = copy.deepcopy(config)
     setattr(probe, flag, not getattr(config, flag))
     try:
-        flipped = type(router)(probe)
-        flipped.load_state_dict(router.state_dict())
-        flipped.to(router.weight.dtype)
+        flipped = _rebuilt_router(router, probe)
     except Exception:  # noqa: BLE001 - a router that cannot be rebuilt alone keeps the config's flag
         return True
-    return _probe_router(flipped, where, block if owner == "block" else None, grouped)[1] != normalised
+    return _probe_router(flipped, where, block_bias, grouped)[1] != normalised
+
+
+def _rebuilt_router(router: nn.Module, config: PretrainedConfig) -> nn.Module:
+    """``router``'s class built from ``config``, holding ``router``'s weights."""
+    rebuilt = type(router)(config)
+    rebuilt.load_state_dict(router.state_dict())
+    return rebuilt.to(router_weight(router).dtype)
+
+
+def _scaling_field(
+    config: PretrainedConfig,
+    router: nn.Module,
+    scale: float,
+    where: str,
+    block_bias: torch.Tensor | None,
+    grouped: bool,
+) -> str | None:
+    """The float config field the routing weights are scaled by (AFMoE's ``route_scale``), found by
+    rebuilding the router with each float field of the measured ``scale`` set to another value; None
+    when the weights are not scaled and no field changes that."""
+    for name, value in sorted(vars(config).items()):
+        if not isinstance(value, float) or not math.isclose(value, scale, rel_tol=1e-4):
+            continue
+        probe = copy.deepcopy(config)
+        setattr(probe, name, 2.5 * value + 0.5)
+        try:
+            rescaled = _probe_router(_rebuilt_router(router, probe), where, block_bias, grouped)[2]
+        except Exception:  # noqa: BLE001 - a value the router cannot be built or run with is not the scale
+            continue
+        if math.isclose(rescaled, 2.5 * value + 0.5, rel_tol=1e-4):
+            return name
+    if not math.isclose(scale, 1.0, rel_tol=1e-4):
+        raise UnsupportedFeature(where, f"routing weights scaled by {scale:.6g}, no config field")
+    return None
+
+
+def sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) ``[T, 2]`` of PhiMoE's sparse mixer at inference: twice, the best remaining
+    expert, weighted by its softmax over the experts whose logit is within ``2 * jitter_eps``
+    (relative) of it."""
+    scores, weights, ids = logits, [], []
+    for _ in range(2):
+        top, index = scores.max(dim=-1, keepdim=True)
+        dropped = (top - logits) / logits.abs().clamp(min=top) > 2 * jitter_eps
+        weights.append(scores.masked_fill(dropped, float("-inf")).softmax(dim=-1).gather(1, index))
+        ids.append(index)
+        scores = scores.scatter(1, index, float("-inf"))
+    return torch.cat(weights, dim=1), torch.cat(ids, dim=1)
+
+
+@torch.no_grad()
+def _sparsemixer_field(config: PretrainedConfig, router: nn.Module, where: str) -> str | None:
+    """The float config field a sparse-mixer router (PhiMoE's) reads its ``jitter_eps`` from, or None
+    when the router is no sparse mixer: its (weights, ids) must be :func:`sparsemixer` of its logits at
+    that field's value, and again with the router rebuilt from a config with the field at 0.3."""
+    weight = router_weight(router)
+    tokens = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=torch.Generator().manual_seed(3))
+
+    def reproduces(module: nn.Module, eps: float) -> bool:
+        logits, weights, ids = _call_router(module, tokens.to(weight.dtype))
+        expected_weights, expected_ids = sparsemixer(logits.float(), eps)
+        return torch.equal(ids, expected_ids) and torch.allclose(
+            weights.float(), expected_weights, rtol=1e-4, atol=1e-6
+        )
+
+    if router.training:
+        return None
+    for name, value in sorted(vars(config).items()):
+        if not isinstance(value, float) or value <= 0 or not reproduces(router, value):
+            continue
+        probe = copy.deepcopy(config)
+        setattr(probe, name, 0.3)
+        try:
+            if reproduces(_rebuilt_router(router, probe).eval(), 0.3):
+                return name
+        except Exception:  # noqa: BLE001 - a value the router cannot be built or run with is not its eps
+            continue
+    return None
 
 
 def _same_sets(ids: torch.Tensor, choice: torch.Tensor) -> bool:
@@ -699,19 +973,28 @@ def _same_sets(ids: torch.Tensor, choice: torch.Tensor) -> bool:
     return bool((ids.sort(dim=-1)[0] == expected.sort(dim=-1)[0]).all())
 
 
-@torch.no_grad()
+def _call_router(router: nn.Module, tokens: torch.Tensor, *args: torch.Tensor) -> object:
+    """The router's output for tokens ``[T, H]``, passed as ``[1, T, H]`` to a router that reads three
+    dims (AFMoE's)."""
+    try:
+        return router(tokens, *args)
+    except ValueError:  # `_, _, hidden = hidden_states.shape`
+        return router(tokens[None], *args)
+
+
 @torch.no_grad()
 def _picks_other_experts(router: nn.Module) -> bool:
     """Whether the router's top-k ids differ from the plain top-k of its logits (group limits)."""
-    tokens = torch.randn(_PROBE_TOKENS, router.weight.shape[1], generator=torch.Generator().manual_seed(1))
-    logits, _, ids = router(tokens.to(router.weight.dtype))
+    weight = router_weight(router)
+    tokens = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=torch.Generator().manual_seed(1))
+    logits, _, ids = _call_router(router, tokens.to(weight.dtype))
     plain = logits.float().topk(ids.shape[-1], dim=-1).indices
     return not torch.equal(plain.sort(dim=-1).values, ids.sort(dim=-1).values)
 
 
 @torch.no_grad()
 def _probe_router(
-    router: nn.Module, where: str, block: nn.Module | None, grouped: bool
+    router: nn.Module, where: str, block_bias: torch.Tensor | None, grouped: bool
 ) -> tuple[str, bool, float, str]:
     """Run the HF router on random tokens; return (scoring, normalised, scale, choice_on) that
     reproduce it.
@@ -721,27 +1004,21 @@ def _probe_router(
     one constant (the routed scaling). A softmax over only the top-k logits (GPT-OSS) is the
     renormalised softmax. With a score-correction bias (set at random for the probe) the ids must be
     the top-k of scores + bias (DeepSeek, MiniMax-M2) or of logits + bias (choice_on ``logits``);
-    without, the top-k of the scores. Grouped top-k is not re-derived here.
+    without, the top-k of the scores. Grouped top-k is not re-derived here. ``block_bias``: the MoE
+    block's correction bias, handed to the router's forward.
     """
-    weight = router.weight
+    weight = router_weight(router)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=generator, dtype=torch.float32)
     found = _router_correction(router)
-    correction = getattr(block, _CORRECTION, None) if block is not None else (found and found[1])
-    saved_weight = weight.detach().clone()
-    if bool((weight == weight.flatten()[0]).all()):  # a constant init (zeros) ties every expert
-        with torch.no_grad():
-            weight.copy_(torch.randn(weight.shape, generator=generator) / weight.shape[1] ** 0.5)
+    correction = block_bias if block_bias is not None else (found and found[1])
     saved, bias = None, torch.zeros(())
     if isinstance(correction, torch.Tensor):
         saved, bias = correction.detach().clone(), torch.randn(correction.shape, generator=generator)
         correction.copy_(bias)
     try:
-        args = (tokens.to(weight.dtype),) + ((correction,) if block is not None else ())
-        out = router(*args)
+        out = _call_router(router, tokens.to(weight.dtype), *(() if block_bias is None else (block_bias,)))
     finally:
-        with torch.no_grad():
-            weight.copy_(saved_weight)
         if saved is not None:
             correction.copy_(saved)
     if not (isinstance(out, tuple) and len(out) == 3):
@@ -775,10 +1052,12 @@ def _analyze_shared(
 ) -> SharedExpertSpec | None:
     attr = next((a for a in _SHARED_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
     if attr is None:
+        attr = _unnamed_shared_mlp(config, block)
+    if attr is None:
         return None
     shared = getattr(block, attr)
     where = f"{path}.{attr}"
-    width = getattr(getattr(shared, "gate_proj", None), "out_features", 0)
+    width = _mlp_width(shared)
     _check_gated_mlp(config, shared, where, width)
     inner = experts.intermediate_field
     candidates = [
@@ -791,10 +1070,12 @@ def _analyze_shared(
         for name in _int_fields(config, _SHARED_WIDTH_FIELDS)
         if getattr(config, name) == width
     ]
+    if getattr(config, inner) == width:  # the experts' own width (HunYuan-MoE's shared_mlp)
+        candidates.append((f"config.{inner}", inner))
     known = _SHARED_COUNT_FIELDS + _SHARED_WIDTH_FIELDS
 
     def shared_width(probe: PretrainedConfig) -> int:
-        return getattr(probe, attr).gate_proj.out_features
+        return _mlp_width(getattr(probe, attr))
 
     expr = _measured_expression(
         config, block, candidates, known, shared_width, where, "shared expert width", width
@@ -808,6 +1089,22 @@ def _analyze_shared(
     return SharedExpertSpec(
         attr=attr, class_name=type(shared).__name__, intermediate_expr=expr, gate_attr=gate_attr
     )
+
+
+def _unnamed_shared_mlp(config: PretrainedConfig, block: nn.Module) -> str | None:
+    """The one child of the MoE block besides its router and experts that is a plain gated MLP
+    (HunYuan-MoE's ``shared_mlp``), or None."""
+    found = []
+    for name, child in block.named_children():
+        if name in ("experts", *_ROUTER_ATTRS):
+            continue
+        width = _mlp_width(child)
+        try:
+            _check_gated_mlp(config, child, name, width)
+        except UnsupportedFeature:
+            continue
+        found.append(name)
+    return found[0] if len(found) == 1 else None
 
 
 def _layer_condition(

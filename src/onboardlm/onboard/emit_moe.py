@@ -56,7 +56,9 @@ def _render(template: str, **context: object) -> str:
 def _summary(spec: MoESpec, dense_dispatch: bool) -> str:
     """Docstring of the MoE block: routing, shared experts, where the experts run."""
     router = spec.router
-    if router.scoring == "sigmoid" and router.grouped:
+    if router.scoring == "sparsemixer":
+        routing = "a sparse-mixer top-2 router"
+    elif router.scoring == "sigmoid" and router.grouped:
         routing = "a sigmoid router with bias-corrected grouped top-k"
     elif router.scoring == "sigmoid":
         routing = "a sigmoid top-k router" + (
@@ -66,7 +68,10 @@ def _summary(spec: MoESpec, dense_dispatch: bool) -> str:
         routing = "a softmax top-k router" + (" with a bias" if router.has_bias else "")
         routing += " with a score-correction bias" if router.correction_bias else ""
     shared = f",\n    plus the always-on `{spec.shared.attr}`" if spec.shared else ""
-    runner = "torch_moe_dense_mlp (clamped SwiGLU with biases)" if dense_dispatch else "torch_moe"
+    if spec.scaling_field:
+        shared = f",\n    the routed output times ``config.{spec.scaling_field}``" + shared
+    clamped = "clamped SwiGLU with biases" if spec.experts.has_bias else "clamped SwiGLU"
+    runner = f"torch_moe_dense_mlp ({clamped})" if dense_dispatch else "torch_moe"
     return (
         f"Mixture of experts behind {routing}{shared}.\n\n"
         f"    The routed experts run in {runner};\n"
@@ -75,25 +80,35 @@ def _summary(spec: MoESpec, dense_dispatch: bool) -> str:
 
 
 def _dispatch_is_dense(spec: MoESpec) -> bool:
-    """GPT-OSS experts (clamped SwiGLU with biases) run in torch_moe_dense_mlp, the rest in torch_moe."""
-    if spec.experts.activation != "clamped_swiglu":
-        return False
+    """Clamped-SwiGLU experts (GPT-OSS, MiniMax-M3) run in torch_moe_dense_mlp, the rest in torch_moe."""
+    return spec.experts.activation == "clamped_swiglu"
+
+
+def _router_is_dense(spec: MoESpec) -> bool:
+    """GPT-OSS's router (biased linear, softmax over the top-k logits) is torch_moe_router, which gives
+    the dense ``[T, E]`` weights torch_moe_dense_mlp mixes with; another router's top-k weights are
+    scattered into ``[T, E]`` by the block."""
     router = spec.router
-    if not (router.scoring == "softmax" and router.norm_topk_prob and router.has_bias and not router.grouped):
-        raise UnsupportedFeature(
-            f"{spec.class_name}.{router.attr}",
-            "clamped-SwiGLU experts behind a router other than biased top-k softmax",
-            "torch_moe_dense_mlp is fed by torch_moe_router",
-        )
-    if not spec.experts.has_bias:
-        raise UnsupportedFeature(f"{spec.class_name}.experts", "clamped-SwiGLU experts without biases")
-    return True
+    return (
+        _dispatch_is_dense(spec)
+        and spec.experts.has_bias
+        and router.scoring == "softmax"
+        and router.norm_topk_prob
+        and router.has_bias
+        and not router.grouped
+        and router.correction_bias is None
+    )
 
 
 def _router_template(spec: MoESpec, dense_dispatch: bool) -> str:
-    if dense_dispatch:
+    if dense_dispatch and _router_is_dense(spec):
         return "moe_router_dense.py.j2"
-    scored = spec.router.scoring == "sigmoid" or spec.router.correction_bias is not None
+    if spec.router.scoring == "sparsemixer":
+        return "moe_router_sparsemixer.py.j2"
+    router = spec.router
+    scored = (
+        router.scoring == "sigmoid" or router.correction_bias is not None or router.scaling_field is not None
+    )
     return "moe_router_sigmoid.py.j2" if scored else "moe_router_softmax.py.j2"
 
 
@@ -134,8 +149,11 @@ def emit_moe(spec: MoESpec) -> str:
         "shared": spec.shared,
         "packed": packed,
         "dense_dispatch": dense_dispatch,
+        "dense_router": _router_is_dense(spec),
+        "mlp_swiglu": spec.mlp_swiglu,
         "mlp_bias": spec.mlp_bias,
         "post_norm": spec.post_norm,
+        "scaling_field": spec.scaling_field,
         "dispatch_op": "torch_moe_dense_mlp" if dense_dispatch else "torch_moe",
         "bias": spec.experts.has_bias,
         "act_member": "" if dense_dispatch else MOE_ACTIVATIONS[spec.experts.activation],

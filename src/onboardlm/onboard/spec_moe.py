@@ -27,7 +27,9 @@ MOE_ACTIVATIONS = {"silu": "Silu", "swish": "Silu", "gelu": "Gelu", "relu2": "Re
 class RouterSpec:
     """How a token picks its experts, and the config fields the generated router reads.
 
-    scoring: ``softmax`` (softmax over all experts, then top-k) or ``sigmoid`` (sigmoid scores, top-k
+    scoring: ``softmax`` (softmax over all experts, then top-k), ``sparsemixer`` (PhiMoE: twice the
+    best remaining expert, weighted by a softmax over the experts within ``2 * config.<jitter_field>``
+    of it, relative) or ``sigmoid`` (sigmoid scores, top-k
     chosen on score + ``e_score_correction_bias`` within the best ``topk_group`` of ``n_group``
     groups, scaled by ``routed_scaling_factor``). has_bias: the router linear has a bias (GPT-OSS).
     norm_topk_prob: measured; ``norm_field`` is the config field the HF router reads it from (None:
@@ -35,6 +37,9 @@ class RouterSpec:
     no correction bias, and no scaling (``scaling_field`` None: the weights are not scaled).
     correction_bias: where ``e_score_correction_bias`` lives: ``router`` (a router buffer), ``block``
     (a buffer of the MoE block, handed to the router's forward: MiniMax-M2), None (no such bias).
+    correction_name: the bias tensor's name (AFMoE's block keeps it as ``expert_bias``).
+    linear_attr: the router keeps its ``[E, H]`` weight in a bias-free ``nn.Linear`` child of that name
+    (AFMoE's ``router.gate``, HunYuan-MoE's ``gate.wg``); None: as its own ``weight``.
     choice_on: the top-k is chosen on ``scores`` (+ bias) or on the raw ``logits`` (+ bias).
     statics_attr / statics_class: the router keeps its correction bias in a submodule of that name and
     class (ERNIE-4.5's ``moe_statics``), with leading dims ``statics_shape`` (``(1,)``: ``[1, E]``).
@@ -51,6 +56,9 @@ class RouterSpec:
     grouped: bool
     scaling_field: str | None
     correction_bias: str | None = "router"
+    correction_name: str = "e_score_correction_bias"
+    linear_attr: str | None = None
+    jitter_field: str | None = None
     choice_on: str = "scores"
     statics_attr: str | None = None
     statics_class: str | None = None
@@ -121,6 +129,10 @@ class MoESpec:
     is not ``config.intermediate_size`` (Cohere2-MoE's ``config.prefix_dense_intermediate_size``).
     mlp_bias: the gated MLPs' (shared expert, dense layers) ``bias=`` expression (``config.use_bias``).
     post_norm: (attribute, RMSNorm class of the file) the block applies to its output (A.X-K1).
+    scaling_field: the float config field the block multiplies the routed experts' output by (Beam's,
+    MiniMax-M3's ``routed_scaling_factor``, applied after the experts rather than in the router).
+    mlp_swiglu: (alpha, limit) expressions when the gated MLPs (shared expert, dense layers) are fused
+    clamped SwiGLUs (MiniMax-M3's ``gate_up_proj``, gate and up halves); None: plain gated MLPs.
     """
 
     class_name: str
@@ -136,11 +148,15 @@ class MoESpec:
     dense_width_expr: str | None = None
     mlp_bias: str = "False"
     post_norm: tuple[str, str] | None = None
+    scaling_field: str | None = None
+    mlp_swiglu: tuple[str, str] | None = None
 
     @property
     def note(self) -> str:
         """One line for reports: routing, expert activation, shared experts, dense layers."""
-        if self.router.scoring == "sigmoid":
+        if self.router.scoring == "sparsemixer":
+            scoring = "sparse-mixer top-2"
+        elif self.router.scoring == "sigmoid":
             scoring = "sigmoid grouped top-k" if self.router.grouped else "sigmoid top-k"
         else:
             scoring = "softmax top-k"

@@ -7,6 +7,7 @@ import importlib
 import logging
 
 MODEL_MODULES = [
+    "modeling_afmoe",
     "modeling_apertus",
     "modeling_aria_text",
     "modeling_axk1",
@@ -39,11 +40,13 @@ MODEL_MODULES = [
     "modeling_granite",
     "modeling_granite_swa",
     "modeling_hunyuan_v1_dense",
+    "modeling_hunyuan_v1_moe",
     "modeling_internlm3",
     "modeling_llama",
     "modeling_mamba2",
     "modeling_minicpm3",
     "modeling_minimax_m2",
+    "modeling_minimax_m3_vl_text",
     "modeling_ministral3",
     "modeling_mistral",
     "modeling_mixtral",
@@ -55,6 +58,7 @@ MODEL_MODULES = [
     "modeling_persimmon",
     "modeling_phi",
     "modeling_phi3",
+    "modeling_phimoe",
     "modeling_qwen2",
     "modeling_qwen2_moe",
     "modeling_qwen3",
