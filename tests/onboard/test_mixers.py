@@ -19,7 +19,7 @@ from onboardlm.onboard.analyze_mixers import analyze_mixer, build_mixer, mixer_k
 from onboardlm.onboard.spec_mixers import GatedDeltaSpec, ShortConvSpec
 from onboardlm.testing.tiny_config import tiny_config
 
-TYPES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm2", "lfm2_moe"]
+TYPES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lara_mini", "olmo_hybrid", "lfm2", "lfm2_moe"]
 
 #: Config variants the lean block must follow (the spec is measured on the tiny config only).
 VARIANTS = {
@@ -39,6 +39,8 @@ def _tiny(model_type: str):
     config = tiny_config(CONFIG_MAPPING[model_type]())
     if model_type.startswith("lfm2"):  # the tiny copy keeps only attention layers
         config.layer_types = ["conv", "full_attention"]
+    if model_type == "olmo_hybrid":  # True (its default) doubles the write strength: no op argument for it
+        config.linear_allow_neg_eigval = False
     return config
 
 
@@ -82,7 +84,21 @@ def test_qwen3_next_fuses_qkvz_and_ba_per_key_head(measured: dict) -> None:
     assert spec.norm_eps == "config.rms_norm_eps" and spec.conv_bias == "False"
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3_5_moe_text"])
+def test_olmo_hybrid_keeps_every_projection_separate(measured: dict) -> None:
+    spec = measured["olmo_hybrid"][3]
+    assert [(p.name, p.parts) for p in spec.projections] == [
+        ("q_proj", ("q",)),
+        ("k_proj", ("k",)),
+        ("v_proj", ("v",)),
+        ("a_proj", ("a",)),
+        ("b_proj", ("b",)),
+        ("g_proj", ("z",)),
+    ]
+    assert (spec.out, spec.norm) == ("o_proj", "o_norm")
+    assert spec.norm_eps == "1e-05"  # the gated norm hard-codes FLA's default, not config.rms_norm_eps
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_5_text", "qwen3_5_moe_text", "lara_mini"])
 def test_qwen3_5_keeps_flat_qkv_and_separate_z_b_a(measured: dict, model_type: str) -> None:
     spec = measured[model_type][3]
     assert [(p.name, p.parts, p.per_key_head) for p in spec.projections] == [

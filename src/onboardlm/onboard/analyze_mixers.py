@@ -36,7 +36,14 @@ from onboardlm.onboard.spec_mixers import (
 _HINT = "teach onboardlm/onboard/analyze_mixers.py this token mixer"
 #: Relative RMSE below which a candidate reproduces the transformers module (fp32, different scan order).
 _FIT_TOL = 1e-4
-_DELTA_ORDERS = (("q", "k", "v", "z", "b", "a"), ("q", "k", "v", "z", "a", "b"))
+#: Orders the parts may take over the in-projections (in their registration order): Qwen3-Next and
+#: Qwen3.5 [q k v z b a], OLMo Hybrid's separate projections [q k v a b g(=z)].
+_DELTA_ORDERS = (
+    ("q", "k", "v", "z", "b", "a"),
+    ("q", "k", "v", "z", "a", "b"),
+    ("q", "k", "v", "a", "b", "z"),
+    ("q", "k", "v", "b", "a", "z"),
+)
 _CONV_ORDERS = (
     ("pre_gate", "post_gate", "value"),
     ("pre_gate", "value", "post_gate"),
@@ -186,7 +193,13 @@ class _Probe:
                         hidden_size=str(self.hidden),
                     )
 
-        spec = self._fit(candidates(), "gated delta mixer")
+        spec = self._fit(
+            candidates(),
+            "gated delta mixer",
+            "in-projection part orders and groupings, key head dims, decay/bias roles, conv activation, gate"
+            " before/after the norm; a write strength other than sigmoid(b) (OLMo Hybrid's"
+            " linear_allow_neg_eigval: 2 sigmoid(b)) has no torch_gated_delta_rule argument",
+        )
         head_k = int(spec.head_k_dim)
         num_k = key_dim // head_k
         if num_k == head_k:
@@ -255,7 +268,7 @@ class _Probe:
             )
             for order, act in itertools.product(_CONV_ORDERS, activations)
         )
-        spec = self._fit(candidates, "short conv mixer")
+        spec = self._fit(candidates, "short conv mixer", "chunk orders of the in-projection, conv activation")
         return dataclasses.replace(
             spec,
             in_bias=self._bias(in_name),
@@ -271,7 +284,7 @@ class _Probe:
 
     # ------------------------------------------------------------------------------ fitting
 
-    def _fit(self, candidates: Iterator[MixerSpec], what: str) -> MixerSpec:
+    def _fit(self, candidates: Iterator[MixerSpec], what: str, varied: str) -> MixerSpec:
         tried = 0
         for spec in candidates:
             tried += 1
@@ -279,7 +292,8 @@ class _Probe:
                 return spec
         raise UnsupportedFeature(
             f"{self.path} ({type(self.module).__name__})",
-            f"{what}: none of {tried} measured layouts reproduces its output",
+            f"{what} whose output none of {tried} candidate layouts on the canonical ops reproduces"
+            f" (varied: {varied})",
             _HINT,
         )
 
