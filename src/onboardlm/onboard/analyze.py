@@ -42,6 +42,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_fused_qkv
+from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.config_derived import derived_expression
 from onboardlm.onboard.spec import (
@@ -252,11 +253,23 @@ class _Analyzer:
         parts = self._model_parts(self.stack, path)
         layers = parts["layers"][1]
         layer = layers[0]
+        self._rotary_module: nn.Module | None = None
+        self._base_field: str | None = None
+        if needs_hybrid(layers):  # SSM or other non-attention token mixers, layers of several kinds
+            rope = self._rope(self.stack, path, parts.get("rotary")) if "rotary" in parts else None
+            return analyze_hybrid(
+                self,
+                path=path,
+                parts=parts,
+                rope=rope,
+                head_attr=head_attr,
+                inner=inner,
+                prefix=prefix,
+                stack_attr=stack_attr,
+            )
         if len({type(m).__name__ for m in layers}) != 1:
             raise UnsupportedFeature(f"{path}.{parts['layers'][0]}", "decoder layers of different classes")
         layer_path = f"{path}.{parts['layers'][0]}.0"
-        self._rotary_module: nn.Module | None = None
-        self._base_field: str | None = None
         if "rotary_bases" in parts:
             rope = self._rope_bases(path, parts["rotary_bases"], f"{path}.{parts['layers'][0]}")
         else:

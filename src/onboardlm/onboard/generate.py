@@ -24,6 +24,7 @@ from typing import Any
 import jinja2
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.emit_hybrid import describe_hybrid, emit_hybrid_blocks, layer_class_expression
 from onboardlm.onboard.emit_moe import emit_mla_slot, emit_moe_slot, feed_forward_constructor
 from onboardlm.onboard.spec import (
     ArchitectureSpec,
@@ -464,8 +465,9 @@ def emit_model(spec: ArchitectureSpec) -> str:
     final_norm = norm_constructor(spec.decoder.norm, "config.hidden_size")
     if spec.head.final_norm_flag:
         final_norm = f"{final_norm} if {spec.head.final_norm_flag} else None"
+    layer_class = layer_class_expression(spec) if spec.hybrid is not None else spec.decoder_class
     init.append(
-        f"self.{spec.layers_attr} = nn.ModuleList({spec.decoder_class}(config, i) for i in range(config.num_hidden_layers))"
+        f"self.{spec.layers_attr} = nn.ModuleList({layer_class}(config, i) for i in range(config.num_hidden_layers))"
     )
     if spec.head.final_norm_attr:
         init.append(f"self.{spec.head.final_norm_attr} = {final_norm}")
@@ -705,6 +707,8 @@ def _wrap(text: str, width: int = 100) -> str:
 def generate_model_file(spec: ArchitectureSpec) -> str:
     """Source text of ``modeling_<model_type>.py`` for ``spec``, ruff-formatted when ruff is present."""
     embedding = spec.embedding
+    if spec.hybrid is not None:  # layers whose token mixer is not (only) attention
+        return _generate_hybrid(spec)
     blocks = [
         emit_rope_frequencies(spec),
         render("alibi.py.j2") if getattr(spec.attention, "alibi", False) else "",
@@ -721,6 +725,22 @@ def generate_model_file(spec: ArchitectureSpec) -> str:
     ]
     body = "\n\n".join(block.rstrip("\n") + "\n" for block in blocks if block.strip())
     header = render("header.py.j2", docstring=docstring_text(describe(spec)), config_class=spec.config_class)
+    return format_source(header + "\n\n" + body)
+
+
+def _generate_hybrid(spec: ArchitectureSpec) -> str:
+    blocks = [
+        emit_rope_frequencies(spec),
+        render("output.py.j2", output_class=_output_class(spec)),
+        *(emit(norm, spec) for norm in spec.norm_specs),
+        emit_rotary(spec),
+        *emit_hybrid_blocks(spec),
+        emit_model(spec),
+        emit_causal_lm(spec),
+    ]
+    body = "\n\n".join(block.rstrip("\n") + "\n" for block in blocks if block.strip())
+    docstring = docstring_text(_wrap(describe_hybrid(spec)))
+    header = render("header.py.j2", docstring=docstring, config_class=spec.config_class)
     return format_source(header + "\n\n" + body)
 
 

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from onboardlm.onboard.spec_hybrid import HybridSpec
 from onboardlm.onboard.spec_moe import MLASpec, MoESpec
 
 NormKind = Literal["rms", "layer"]
@@ -227,6 +228,9 @@ class ArchitectureSpec:
     tie_word_embeddings: bool = False
     layer_types: tuple[str, ...] = field(default_factory=tuple)
     notes: tuple[str, ...] = field(default_factory=tuple)  # features found, for reports
+    #: layers whose token mixer is not (only) attention: their kinds, order and block specs
+    #: (``attention`` / ``feed_forward`` then hold the stack's attention / dense MLP spec, or None)
+    hybrid: HybridSpec | None = None
 
     @property
     def stack_path(self) -> str:

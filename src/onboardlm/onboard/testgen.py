@@ -36,8 +36,10 @@ from transformers import PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from onboardlm.errors import OnboardlmError, UnsupportedFeature
+from onboardlm.onboard.analyze_hybrid import block_kind
 from onboardlm.onboard.config_variants import Variant, config_variants
 from onboardlm.onboard.generate import docstring_text, format_source
+from onboardlm.onboard.spec_hybrid import TOKEN_MIXERS
 from onboardlm.review.model_index import ModelIndex, Role
 from onboardlm.review.source import SourceFile
 from onboardlm.review.tests_rules import LAYER_KIND_FIELDS
@@ -170,6 +172,8 @@ def _role(module: nn.Module) -> str | None:
     name = type(module).__name__
     if any(child == "experts" for child, _ in module.named_children()):
         return "moe"
+    if block_kind(module) in TOKEN_MIXERS - {"attention"}:  # an SSM or another non-attention mixer
+        return "mixer"
     for suffix, role in (
         ("RotaryEmbedding", "rotary"),
         ("Attention", "attention"),

@@ -1,0 +1,708 @@
+"""Measure hybrid stacks: decoder layers whose token mixer is an SSM (or another non-attention mixer).
+
+``analyze`` hands a stack over here when its layers are of different classes, or when some layer's
+token mixer is not attention. Every layer is read from the built model, never from names:
+
+* each child of a layer is classified by what it is (``block_kind``): a token mixer recognised by
+  ``MIXER_RECOGNISERS`` (a Mamba2 mixer holds a depthwise ``nn.Conv1d``, 1-D ``A_log``, ``D`` and
+  ``dt_bias``; Mamba1's ``A_log`` is 2-D), a MoE (an ``experts`` child), attention (a forward that
+  takes ``position_embeddings`` or an ``attention_mask``), a dense MLP (linear maps only), a norm;
+* the residual steps of a layer (which norm feeds which block, in which order) come from one full
+  forward with every call recorded: a block's input must equal its norm applied to the running
+  residual, and the layer's output the residual plus the block outputs;
+* the per-layer kind order is the built model's; the config list that selects a kind is the one whose
+  values map onto that order;
+* each block kind is measured once: attention and MLPs by ``analyze``'s own probes, a Mamba2 mixer
+  from its parameter shapes, its sizes' config fields confirmed by rebuilding the mixer with the
+  field changed, and its output checked against the canonical ops (``_check_mamba2``).
+
+A construct no template covers raises ``UnsupportedFeature`` naming the module path.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.activations import ACT2CLS
+
+import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
+from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.analyze_classic import projections
+from onboardlm.onboard.spec import ArchitectureSpec, DecoderLayerSpec, NormSpec, RopeSpec
+from onboardlm.onboard.spec_hybrid import (
+    TOKEN_MIXERS,
+    HybridSpec,
+    LayerKindSpec,
+    Mamba2MixerSpec,
+    MixerKind,
+    StepSpec,
+)
+from onboardlm.testing.capture import record_calls
+
+if TYPE_CHECKING:
+    from onboardlm.onboard.analyze import _Analyzer
+
+_TOL = 1e-5
+_HINT = "add a template for it in onboardlm/onboard/templates and teach analyze_hybrid.py to recognise it"
+
+
+# --------------------------------------------------------------------------------------------------
+# What a module is
+# --------------------------------------------------------------------------------------------------
+
+
+def _own(module: nn.Module, name: str) -> torch.Tensor | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _convs(module: nn.Module) -> list[tuple[str, nn.Conv1d]]:
+    return [(n, c) for n, c in module.named_children() if isinstance(c, nn.Conv1d)]
+
+
+def _is_mamba2(module: nn.Module) -> bool:
+    """A depthwise causal conv, per-head ``A_log`` / ``D`` / ``dt_bias`` vectors: a Mamba2 (SSD) mixer."""
+    a_log = _own(module, "A_log")
+    return (
+        a_log is not None
+        and a_log.dim() == 1
+        and _own(module, "D") is not None
+        and _own(module, "dt_bias") is not None
+        and len(_convs(module)) == 1
+    )
+
+
+def _is_mamba1(module: nn.Module) -> bool:
+    """Per-channel ``A_log [d_inner, d_state]`` beside a conv: Mamba1's selective scan."""
+    a_log = _own(module, "A_log")
+    return a_log is not None and a_log.dim() == 2 and len(_convs(module)) == 1
+
+
+#: Token mixers other than attention, by what their modules hold; checked in order. Another helper
+#: adds its kinds here (gated delta rule, short convolution) with a spec class and an emitter.
+MIXER_RECOGNISERS: list[tuple[MixerKind, Callable[[nn.Module], bool]]] = [
+    ("mamba2", _is_mamba2),
+    ("mamba1", _is_mamba1),
+]
+
+#: What a recognised mixer kind is, for refusals of kinds that have no template yet.
+MIXER_NAMES = {
+    "mamba2": "Mamba2 SSD mixer",
+    "mamba1": "Mamba1 selective scan (per-channel A [d_inner, d_state], dt projection)",
+}
+
+
+def _takes(module: nn.Module, parameter: str) -> bool:
+    try:
+        return parameter in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def block_kind(module: nn.Module) -> MixerKind | None:
+    """The kind of a decoder-layer child, or None for a norm or anything without weights of its own."""
+    for kind, recognise in MIXER_RECOGNISERS:
+        if recognise(module):
+            return kind
+    if any(name == "experts" for name, _ in module.named_children()):
+        return "moe"
+    if not any(True for _ in module.parameters()):
+        return None
+    if projections(module) and (_takes(module, "position_embeddings") or _takes(module, "attention_mask")):
+        return "attention"
+    if projections(module):
+        return "mlp"
+    return None
+
+
+def needs_hybrid(layers: nn.ModuleList) -> bool:
+    """Layers of different classes, or a layer holding a token mixer other than attention."""
+    if len({type(layer) for layer in layers}) > 1:
+        return True
+    return any(
+        block_kind(child) in TOKEN_MIXERS - {"attention"} for layer in layers for child in layer.children()
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer kinds and their order
+# --------------------------------------------------------------------------------------------------
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=_TOL, atol=_TOL)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> list[tuple[StepSpec, ...]]:
+    """Residual steps of each layer, measured from one recorded forward of the whole model."""
+    paths = []
+    for index, layer in enumerate(layers):
+        paths.append(f"{layers_path}.{index}")
+        paths += [f"{layers_path}.{index}.{name}" for name, _ in layer.named_children()]
+    input_ids = torch.arange(1, 8)[None]
+    calls = record_calls(model, paths, input_ids=input_ids, position_ids=torch.arange(7)[None])
+    found = []
+    for index, layer in enumerate(layers):
+        path = f"{layers_path}.{index}"
+        children = dict(layer.named_children())
+        kinds = {name: block_kind(child) for name, child in children.items()}
+        blocks = [n for n, k in kinds.items() if k is not None]
+        norms = [n for n, k in kinds.items() if k is None and any(True for _ in children[n].parameters())]
+        unknown = [n for n in blocks if not calls[f"{path}.{n}"]]
+        if unknown:
+            raise UnsupportedFeature(f"{path}.{unknown[0]}", "a block the layer's forward never calls", _HINT)
+        (layer_call,) = calls[path]
+        residual = layer_call.hidden_states
+        steps = []
+        # blocks in the order the forward calls them: the record keeps per-path order only, so order
+        # by the residual each block's norm input matches
+        pending = list(blocks)
+        while pending:
+            match = None
+            for name in pending:
+                (call,) = calls[f"{path}.{name}"]
+                for norm in norms:
+                    with torch.no_grad():
+                        normed = children[norm](residual)
+                    if _close(normed, call.hidden_states):
+                        match = (name, norm, call)
+                        break
+                if match:
+                    break
+            if match is None:
+                raise UnsupportedFeature(
+                    path,
+                    f"residual layout of blocks {pending} with norms {norms} matches no template"
+                    " (expected h = h + block(norm(h)) per block)",
+                    _HINT,
+                )
+            name, norm, call = match
+            residual = residual + _first(call.output)
+            steps.append(StepSpec(name, kinds[name], norm))  # type: ignore[arg-type]
+            pending.remove(name)
+        if not _close(residual, _first(layer_call.output)):
+            raise UnsupportedFeature(
+                path, "the layer's output is not its input plus its blocks' outputs", _HINT
+            )
+        found.append(tuple(steps))
+    return found
+
+
+def _kind_name(steps: tuple[StepSpec, ...]) -> str:
+    return "+".join(step.kind for step in steps)
+
+
+def _selector(an: _Analyzer, names: list[str], path: str) -> tuple[str | None, dict[str, tuple[Any, ...]]]:
+    """The config list choosing each layer's kind: values of one list map onto the measured kinds."""
+    if len(set(names)) == 1:
+        return None, {names[0]: ()}
+    config = an.tiny
+    candidates = ["layer_types", "layers_block_type"] + sorted(
+        n for n in dir(config) if not n.startswith("_") and n not in ("layer_types", "layers_block_type")
+    )
+    for field in candidates:
+        try:
+            value = getattr(config, field)
+        except Exception:  # noqa: BLE001 - a property that cannot be computed tells nothing
+            continue
+        if not isinstance(value, (list, tuple)) or len(value) != len(names):
+            continue
+        if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+            continue
+        mapping: dict[Any, str] = {}
+        if all(mapping.setdefault(v, name) == name for v, name in zip(value, names, strict=True)):
+            selectors: dict[str, tuple[Any, ...]] = {}
+            for v, name in mapping.items():
+                selectors[name] = (*selectors.get(name, ()), v)
+            return f"config.{field}", selectors
+    raise UnsupportedFeature(
+        path,
+        f"layers of kinds {list(dict.fromkeys(names))} in an order no config list gives",
+        _HINT,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Config expressions confirmed by rebuilding
+# --------------------------------------------------------------------------------------------------
+
+
+def _rebuild(module: nn.Module, config: Any, index: int) -> nn.Module:
+    try:
+        return type(module)(config, layer_idx=index)
+    except TypeError:
+        return type(module)(config, index)
+
+
+def _field(
+    an: _Analyzer,
+    module: nn.Module,
+    index: int,
+    value: Any,
+    measure: Callable[[nn.Module], Any],
+    changed: Callable[[Any], Any],
+    what: str,
+    path: str,
+) -> str:
+    """``config.<field>`` whose value is ``value`` and which, changed, changes ``measure`` of the rebuilt
+    module accordingly (``changed`` gives the new value to set)."""
+    for name, current in an.fields.items():
+        if type(current) is not type(value) or current != value:
+            continue
+        new = changed(value)
+        config = copy.deepcopy(an.tiny)
+        try:
+            setattr(config, name, new)
+            with torch.device("meta"):
+                rebuilt = _rebuild(module, config, index)
+        except Exception:  # noqa: BLE001 - a change the config or the module refuses tells nothing
+            continue
+        try:
+            if measure(rebuilt) == (list(new) if isinstance(new, tuple) else new):
+                return f"config.{name}"
+        except Exception:  # noqa: BLE001
+            continue
+    raise UnsupportedFeature(path, f"{what} ({value!r}) from no config field", _HINT)
+
+
+def _bias(an: _Analyzer, module: nn.Module, index: int, child: str) -> str:
+    """Config expression of ``child``'s bias: the bool field whose flip adds or drops it, else a literal."""
+    present = _own(getattr(module, child), "bias") is not None
+    for name, value in an.fields.items():
+        if not isinstance(value, bool):
+            continue
+        config = copy.deepcopy(an.tiny)
+        try:
+            setattr(config, name, not value)
+            with torch.device("meta"):
+                rebuilt = _rebuild(module, config, index)
+        except Exception:  # noqa: BLE001
+            continue
+        if (_own(getattr(rebuilt, child), "bias") is not None) != present:
+            return f"config.{name}" if present == value else f"not config.{name}"
+    return str(present)
+
+
+def _activation(an: _Analyzer, module: nn.Module, index: int, act: nn.Module, attr: str, path: str) -> str:
+    """The config field naming the activation module ``attr`` (confirmed by rebuilding with another)."""
+    for name, value in an.fields.items():
+        if not isinstance(value, str) or value not in ACT2CLS:
+            continue
+        cls = ACT2CLS[value]
+        cls = cls[0] if isinstance(cls, tuple) else cls
+        if type(act) is not cls:
+            continue
+        other = "gelu" if value != "gelu" else "relu"
+        config = copy.deepcopy(an.tiny)
+        try:
+            setattr(config, name, other)
+            with torch.device("meta"):
+                rebuilt = _rebuild(module, config, index)
+        except Exception:  # noqa: BLE001
+            continue
+        if type(getattr(rebuilt, attr)) is not type(act):
+            return f"config.{name}"
+    raise UnsupportedFeature(f"{path}.{attr}", f"activation {type(act).__name__} from no config field", _HINT)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mamba2
+# --------------------------------------------------------------------------------------------------
+
+
+def _gated_norm(module: nn.Module, width: int) -> tuple[str, nn.Module]:
+    found = [
+        (n, c)
+        for n, c in module.named_children()
+        if not projections(c)
+        and not isinstance(c, nn.Conv1d)
+        and isinstance(_own(c, "weight"), torch.Tensor)
+        and c.weight.shape == (width,)
+        and _takes(c, "gate")
+    ]
+    if len(found) != 1:
+        raise UnsupportedFeature(
+            type(module).__name__, "no gated RMSNorm (a norm over the inner width taking a gate)", _HINT
+        )
+    return found[0]
+
+
+def _group_size(norm: nn.Module, width: int) -> int:
+    """The gated norm's group width, measured: the largest divisor of ``width`` it normalises over."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, width, generator=generator) * 1.5 + 0.2
+    with torch.no_grad():
+        probe = copy.deepcopy(norm).float()
+        probe.weight.fill_(1.0)
+        expected = probe(x, None)
+    for size in sorted((d for d in range(1, width + 1) if width % d == 0), reverse=True):
+        g = x.unflatten(-1, (-1, size))
+        for eps in (1e-5, 1e-6, getattr(norm, "variance_epsilon", 1e-5), getattr(norm, "eps", 1e-5)):
+            out = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+            if _close(out, expected):
+                return size
+    raise UnsupportedFeature(type(norm).__name__, "gated norm is not a grouped RMSNorm", _HINT)
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps", "epsilon"):
+        if isinstance(getattr(norm, name, None), float):
+            return getattr(norm, name)
+    raise UnsupportedFeature(type(norm).__name__, "gated norm without an epsilon attribute", _HINT)
+
+
+def mamba2_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba2MixerSpec:
+    hidden = an.hidden
+    linears = projections(mixer)
+    ins = [n for n, p in linears.items() if p.in_features == hidden and not p.transposed]
+    outs = [n for n, p in linears.items() if p.out_features == hidden and not p.transposed and n not in ins]
+    if len(ins) != 1 or len(outs) != 1 or len(linears) != 2:
+        raise UnsupportedFeature(
+            path, f"Mamba2 mixer projections {sorted(linears)} (expected in and out)", _HINT
+        )
+    in_name, out_name = ins[0], outs[0]
+    conv_name, conv = _convs(mixer)[0]
+    heads = mixer.A_log.numel()
+    inner = linears[out_name].in_features
+    conv_dim = conv.out_channels
+    norm_name, norm = _gated_norm(mixer, inner)
+    group = _group_size(norm, inner)
+    groups = inner // group
+    state = (conv_dim - inner) // (2 * groups)
+    if (
+        conv.groups != conv_dim
+        or conv.in_channels != conv_dim
+        or conv.padding[0] != conv.kernel_size[0] - 1
+        or conv.stride[0] != 1
+        or conv.dilation[0] != 1
+        or inner % heads
+        or heads % groups
+        or 2 * groups * state + inner != conv_dim
+    ):
+        raise UnsupportedFeature(
+            f"{path}.{conv_name}", "convolution is not a causal depthwise conv over x|B|C", _HINT
+        )
+    if linears[in_name].out_features != inner + conv_dim + heads:
+        raise UnsupportedFeature(
+            f"{path}.{in_name}",
+            f"in_proj width {linears[in_name].out_features} is not gate + x|B|C + dt ({inner} + {conv_dim} + {heads})",
+            _HINT,
+        )
+    acts = [
+        n
+        for n, c in mixer.named_children()
+        if type(c).__name__ in {getattr(v, "__name__", "") for v in _act_classes()}
+    ]
+    if len(acts) != 1:
+        raise UnsupportedFeature(path, f"Mamba2 mixer activations {acts} (expected one)", _HINT)
+    act_attr = acts[0]
+
+    def field(
+        value: Any, measure: Callable[[nn.Module], Any], what: str, change: Callable[[Any], Any]
+    ) -> str:
+        return _field(an, mixer, index, value, measure, change, what, path)
+
+    double = lambda v: 2 * v  # noqa: E731
+    heads_expr = field(heads, lambda m: m.A_log.numel(), "SSM heads", double)
+    conv_of = lambda m: getattr(m, conv_name)  # noqa: E731
+    out_of = lambda m: getattr(m, out_name)  # noqa: E731
+    groups_expr = field(
+        groups,
+        lambda m: (conv_of(m).out_channels - out_of(m).in_features) // (2 * state),
+        "SSM groups",
+        double,
+    )
+    state_expr = field(
+        state,
+        lambda m: (conv_of(m).out_channels - out_of(m).in_features) // (2 * groups),
+        "SSM state size",
+        double,
+    )
+    kernel_expr = field(
+        conv.kernel_size[0], lambda m: conv_of(m).kernel_size[0], "conv kernel", lambda v: v + 1
+    )
+    inner_expr = _inner_expression(an, mixer, index, inner, heads_expr, out_name, path)
+    chunk = getattr(mixer, "chunk_size", None)
+    chunk_expr = (
+        field(chunk, lambda m: m.chunk_size, "SSD chunk size", double) if isinstance(chunk, int) else "256"
+    )
+    limit = getattr(mixer, "time_step_limit", None)
+    if limit is None:
+        limit_expr = '[0.0, float("inf")]'
+    else:
+        raw = field(
+            limit if not isinstance(limit, tuple) else an.fields.get("time_step_limit", limit),
+            lambda m: list(m.time_step_limit),
+            "time step limit",
+            lambda _v: [0.01, 5.0],
+        )
+        limit_expr = f"[float(value) for value in {raw}]"
+    eps = _norm_eps(norm)
+    eps_expr = field(eps, _norm_eps_of(norm_name), "gated norm epsilon", lambda v: v * 10)
+    spec = Mamba2MixerSpec(
+        class_name=type(mixer).__name__,
+        norm_class=type(norm).__name__,
+        in_proj=in_name,
+        out_proj=out_name,
+        conv=conv_name,
+        norm=norm_name,
+        act_attr=act_attr,
+        act=_activation(an, mixer, index, getattr(mixer, act_attr), act_attr, path),
+        in_bias=_bias(an, mixer, index, in_name),
+        out_bias=_bias(an, mixer, index, out_name),
+        conv_bias=_bias(an, mixer, index, conv_name),
+        num_heads=heads_expr,
+        n_groups=groups_expr,
+        state_size=state_expr,
+        intermediate=inner_expr,
+        conv_kernel=kernel_expr,
+        chunk_size=chunk_expr,
+        time_step_limit=limit_expr,
+        eps=eps_expr,
+    )
+    for before in (False, True):
+        candidate = dataclasses.replace(spec, norm_before_gate=before)
+        if _check_mamba2(mixer, candidate, groups, state, group, hidden):
+            return candidate
+    raise UnsupportedFeature(
+        path,
+        f"{type(mixer).__name__}'s output differs from the Mamba2 template (in_proj -> causal conv -> SSD"
+        " scan -> gated RMSNorm -> out_proj): extra scaling or another wiring",
+        _HINT,
+    )
+
+
+def _act_classes() -> list[type]:
+    classes = []
+    for value in ACT2CLS.values():
+        classes.append(value[0] if isinstance(value, tuple) else value)
+    return classes
+
+
+def _norm_eps_of(norm_name: str) -> Callable[[nn.Module], float]:
+    return lambda m: _norm_eps(getattr(m, norm_name))
+
+
+def _inner_expression(
+    an: _Analyzer, mixer: nn.Module, index: int, inner: int, heads_expr: str, out_name: str, path: str
+) -> str:
+    """The inner width: ``int(config.<expand> * config.hidden_size)`` or ``heads * config.<head_dim>``,
+    confirmed on rebuilt mixers."""
+    candidates = []
+    for name, value in an.fields.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value * an.hidden == inner:
+            candidates.append((f"int(config.{name} * config.hidden_size)", name))
+        if _is_count(value) and value * int(eval(heads_expr, {"config": an.tiny})) == inner:  # noqa: S307
+            candidates.append((f"{heads_expr} * config.{name}", name))
+    for expression, name in candidates:
+        config = copy.deepcopy(an.tiny)
+        try:
+            setattr(config, name, 2 * getattr(config, name))
+            with torch.device("meta"):
+                rebuilt = _rebuild(mixer, config, index)
+        except Exception:  # noqa: BLE001
+            continue
+        if getattr(rebuilt, out_name).in_features == eval(expression, {"config": config}):  # noqa: S307
+            return expression
+    raise UnsupportedFeature(f"{path}.{out_name}", f"inner width {inner} from no config expression", _HINT)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def mamba2_reference(
+    mixer: nn.Module, spec: Mamba2MixerSpec, groups: int, state: int, x: torch.Tensor
+) -> torch.Tensor:
+    """What the Mamba2 template computes, on the HF mixer's own weights (canonical ops)."""
+    ops = torch.ops.auto_deploy
+    in_proj, out_proj = getattr(mixer, spec.in_proj), getattr(mixer, spec.out_proj)
+    conv, norm = getattr(mixer, spec.conv), getattr(mixer, spec.norm)
+    heads = mixer.A_log.numel()
+    inner = out_proj.in_features
+    batch, seq_len, _ = x.shape
+    projected = F.linear(x, in_proj.weight, in_proj.bias)
+    gate, xbc, dt = projected.split([inner, inner + 2 * groups * state, heads], dim=-1)
+    xbc = getattr(mixer, spec.act_attr)(
+        ops.torch_causal_conv1d(
+            xbc, conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=conv.groups
+        )
+    )
+    h, b, c = xbc.split([inner, groups * state, groups * state], dim=-1)
+    limit = [float(v) for v in getattr(mixer, "time_step_limit", (0.0, float("inf")))]
+    y = ops.torch_ssm(
+        h.reshape(batch, seq_len, heads, inner // heads),
+        -torch.exp(mixer.A_log.float()),
+        b.reshape(batch, seq_len, groups, state),
+        c.reshape(batch, seq_len, groups, state),
+        mixer.D,
+        dt,
+        mixer.dt_bias,
+        limit,
+        int(getattr(mixer, "chunk_size", 256)),
+    )
+    y = ops.torch_rmsnorm_gated(
+        y.reshape(batch, seq_len, inner),
+        norm.weight,
+        gate,
+        _norm_eps(norm),
+        inner // groups,
+        spec.norm_before_gate,
+    )
+    return F.linear(y.to(x.dtype), out_proj.weight, out_proj.bias)
+
+
+def _check_mamba2(
+    mixer: nn.Module, spec: Mamba2MixerSpec, groups: int, state: int, group: int, hidden: int
+) -> bool:
+    generator = torch.Generator().manual_seed(4)
+    probe = copy.deepcopy(mixer).float().eval()
+    with torch.no_grad():
+        for name, param in probe.named_parameters():
+            if name.endswith("A_log"):
+                param.copy_(torch.rand(param.shape, generator=generator) * 1.5 - 0.5)
+            elif name.endswith("dt_bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5 - 1.0)
+            else:
+                param.copy_(
+                    torch.randn(param.shape, generator=generator) * 0.3 + (0.5 if param.dim() == 1 else 0)
+                )
+        x = torch.randn(2, 13, hidden, generator=generator)
+        expected = _first(probe(x))
+        actual = mamba2_reference(probe, spec, groups, state, x)
+    return _close(actual, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole stack
+# --------------------------------------------------------------------------------------------------
+
+
+def analyze_hybrid(
+    an: _Analyzer,
+    *,
+    path: str,
+    parts: dict[str, tuple[str, Any]],
+    rope: RopeSpec | None,
+    head_attr: str,
+    inner: nn.Module,
+    prefix: str,
+    stack_attr: str | None,
+) -> ArchitectureSpec:
+    """The ArchitectureSpec of a hybrid stack (``spec.hybrid`` set; attention/feed_forward: the one
+    attention and dense feed-forward spec of the stack, or None)."""
+    model = an.model
+    layers_attr, layers = parts["layers"]
+    layers_path = f"{path}.{layers_attr}"
+    all_steps = _layer_steps(layers_path, layers, model)
+    names = [
+        f"{type(layer).__name__}:{_kind_name(steps)}" for layer, steps in zip(layers, all_steps, strict=True)
+    ]
+    short = {name: name.split(":", 1)[1] or "identity" for name in names}
+    if len(set(short.values())) < len(set(names)):  # one kind name in two classes: keep the class
+        short = {name: name.replace(":", "_") for name in names}
+    selector, selectors = _selector(an, [short[n] for n in names], layers_path)
+
+    # one spec per block kind, measured on its first layer
+    blocks: dict[str, Any] = {}
+    attention = feed_forward = None
+    norm_spec: NormSpec | None = None
+    for index, (layer, steps) in enumerate(zip(layers, all_steps, strict=True)):
+        layer_path = f"{layers_path}.{index}"
+        for step in steps:
+            norm = an._norm(f"{layer_path}.{step.norm}", getattr(layer, step.norm))
+            if norm_spec is None:
+                norm_spec = norm
+            elif norm != norm_spec:
+                raise UnsupportedFeature(f"{layer_path}.{step.norm}", "layer norms of different kinds", _HINT)
+            if step.kind in blocks:
+                continue
+            module = getattr(layer, step.attr)
+            block_path = f"{layer_path}.{step.attr}"
+            if step.kind == "mamba2":
+                blocks["mamba2"] = mamba2_spec(an, block_path, index, module)
+            elif step.kind == "attention":
+                attention_layers = nn.ModuleList(
+                    [
+                        other
+                        for other, s in zip(layers, all_steps, strict=True)
+                        if any(t.kind == "attention" for t in s)
+                    ]
+                )
+                attention, rope = an._attention(layer_path, attention_layers, rope)
+                blocks["attention"] = attention
+            elif step.kind == "mlp":
+                others = [s.attr for s in steps if s.kind != "mlp"]
+                feed_forward = an._mlp(layer_path, layer, others[0] if others else "")
+                blocks["mlp"] = feed_forward
+            elif step.kind in MIXER_NAMES:
+                raise UnsupportedFeature(block_path, f"{MIXER_NAMES[step.kind]}: no template yet", _HINT)
+            else:
+                raise UnsupportedFeature(
+                    block_path, f"{step.kind} block in a hybrid stack: no template yet", _HINT
+                )
+    if norm_spec is None or norm_spec.kind != "rms" or norm_spec.offset or not norm_spec.weight:
+        raise UnsupportedFeature(layers_path, "hybrid layers without RMSNorms: no template yet", _HINT)
+    kinds = []
+    for name in dict.fromkeys(names):
+        first = names.index(name)
+        kinds.append(
+            LayerKindSpec(
+                short[name], type(layers[first]).__name__, all_steps[first], selectors.get(short[name], ())
+            )
+        )
+    an.notes += [spec.note for spec in blocks.values() if hasattr(spec, "note")]
+    an.notes.append(
+        "layer kinds " + ", ".join(f"{k.name} x{[short[n] for n in names].count(k.name)}" for k in kinds)
+    )
+    hybrid = HybridSpec(
+        kinds=tuple(kinds),
+        order=tuple(short[n] for n in names),
+        selector=selector,
+        blocks=tuple(blocks.items()),
+        norm_class=norm_spec.class_name,
+    )
+    first_layer = layers[0]
+    decoder = DecoderLayerSpec(type(first_layer).__name__, norm_spec, None, None, None, None)
+    an._layer_norm_spec = norm_spec
+    final_attr = parts["norm"][0] if "norm" in parts else None
+    if final_attr is None:
+        raise UnsupportedFeature(path, "no final norm", _HINT)
+    if an._norm(f"{path}.{final_attr}", parts["norm"][1]) != norm_spec:
+        raise UnsupportedFeature(f"{path}.{final_attr}", "final norm differs from the layer norms", _HINT)
+    embedding = an._embedding(an.stack, path, parts, first_layer)
+    head = an._head(model, inner, final_attr, head_attr)
+    return ArchitectureSpec(
+        model_type=an.config.model_type,
+        config_class=type(an.config).__name__,
+        hf_module=type(model).__module__,
+        causal_lm_class=type(model).__name__,
+        model_class=type(inner).__name__,
+        pretrained_class=type(model).__mro__[1].__name__,
+        decoder_class=type(first_layer).__name__,
+        attention=attention,  # type: ignore[arg-type]
+        feed_forward=feed_forward,  # type: ignore[arg-type]
+        decoder=decoder,
+        embedding=embedding,
+        head=head,
+        rope=rope,
+        layers_attr=layers_attr,
+        model_attr=prefix,
+        stack_attr=stack_attr,
+        stack_class=type(an.stack).__name__ if stack_attr else None,
+        tie_word_embeddings=bool(getattr(an.config, "tie_word_embeddings", False)),
+        layer_types=(),
+        notes=tuple(an.notes),
+        hybrid=hybrid,
+    )

@@ -1,0 +1,192 @@
+"""Generate the lean file of a hybrid stack (``spec.hybrid``): one class per block kind, one
+decoder-layer class per transformers layer class, each building the blocks of its layer's kind.
+
+A layer class that serves several kinds (NemotronH's ``NemotronHBlock``: Mamba2, attention, MLP or
+MoE behind one ``mixer`` attribute) reads its kind from the selector config list at ``layer_idx``
+and builds and runs only that kind's blocks; each residual step is ``h = h + block(norm(h))``.
+Token mixers call only canonical ops (``torch_ssm``, ``torch_causal_conv1d``...): states are not
+passed in the model file, the runtime's cache transform swaps in cached versions of those ops.
+
+Extending it: a new block kind adds its emitter to ``BLOCK_EMITTERS`` (source of its classes) and,
+where its forward takes more than the hidden states, to ``POSITIONAL_KINDS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.spec import ArchitectureSpec
+from onboardlm.onboard.spec_hybrid import HybridSpec, LayerKindSpec, Mamba2MixerSpec
+
+_HINT = "add a template for this block kind in onboardlm/onboard/templates and emit_hybrid.py"
+
+#: Block kinds whose forward also takes the RoPE tables.
+POSITIONAL_KINDS = frozenset({"attention"})
+
+
+def _render(template: str, **variables: Any) -> str:
+    from onboardlm.onboard.generate import render
+
+    return render(template, **variables)
+
+
+def emit_mamba2(mixer: Mamba2MixerSpec, spec: ArchitectureSpec) -> str:
+    norm = _render("norm_gated.py.j2", class_name=mixer.norm_class, norm_before_gate=mixer.norm_before_gate)
+    body = _render("mamba2_mixer.py.j2", m=mixer, config_class=spec.config_class)
+    return norm + "\n\n" + body
+
+
+def _emit_attention(block: Any, spec: ArchitectureSpec) -> str:
+    from onboardlm.onboard.generate import emit
+
+    return emit(block, spec)
+
+
+#: Source of each block kind's classes.
+BLOCK_EMITTERS: dict[str, Callable[[Any, ArchitectureSpec], str]] = {
+    "mamba2": emit_mamba2,
+    "attention": _emit_attention,
+    "mlp": _emit_attention,  # generate.emit dispatches on the spec class (MLPSpec, MoESpec...)
+    "moe": _emit_attention,
+}
+
+
+def block_constructor(kind: str, block: Any) -> str:
+    from onboardlm.onboard.emit_moe import feed_forward_constructor
+
+    if kind in ("mlp", "moe"):
+        return feed_forward_constructor(block)
+    return f"{getattr(block, 'wrapper_class', None) or block.class_name}(config, layer_idx)"
+
+
+def _condition(hybrid: HybridSpec, kind: LayerKindSpec) -> str:
+    values = kind.selectors
+    if len(values) == 1:
+        return f"self.block_type == {values[0]!r}"
+    return f"self.block_type in {tuple(values)!r}"
+
+
+def _step_lines(hybrid: HybridSpec, kind: LayerKindSpec, positional: bool) -> list[str]:
+    lines = []
+    for step in kind.steps:
+        extra = ", position_embeddings" if positional and step.kind in POSITIONAL_KINDS else ""
+        lines.append(
+            f"hidden_states = hidden_states + self.{step.attr}(self.{step.norm}(hidden_states){extra})"
+        )
+    lines.append("return hidden_states")
+    return lines
+
+
+def emit_layer_class(class_name: str, spec: ArchitectureSpec) -> str:
+    from onboardlm.onboard.generate import norm_constructor
+
+    hybrid = spec.hybrid
+    assert hybrid is not None
+    kinds = hybrid.kinds_of(class_name)
+    norm = norm_constructor(spec.decoder.norm, "config.hidden_size")
+    positional = spec.rope is not None
+
+    def build(kind: LayerKindSpec) -> list[str]:
+        lines = []
+        for step in kind.steps:
+            lines.append(f"self.{step.norm} = {norm}")
+            lines.append(f"self.{step.attr} = {block_constructor(step.kind, hybrid.block(step.kind))}")
+        return lines
+
+    if len(kinds) == 1:
+        init, forward = build(kinds[0]), _step_lines(hybrid, kinds[0], positional)
+    else:
+        if hybrid.selector is None:
+            raise UnsupportedFeature(class_name, "several layer kinds in one class without a selector", _HINT)
+        init = [f"self.block_type = {hybrid.selector}[layer_idx]"]
+        forward = []
+        for position, kind in enumerate(kinds):
+            keyword = "if" if position == 0 else "elif"
+            init.append(f"{keyword} {_condition(hybrid, kind)}:  # {kind.name} layers")
+            init += [f"    {line}" for line in build(kind)]
+            forward.append(f"{keyword} {_condition(hybrid, kind)}:")
+            forward += [f"    {line}" for line in _step_lines(hybrid, kind, positional)]
+        kinds_text = ", ".join(repr(v) for kind in kinds for v in kind.selectors)
+        init += [
+            "else:",
+            f'    raise ValueError(f"layer {{layer_idx}}: block type {{self.block_type!r}} is none of {kinds_text}")',
+        ]
+        forward.append('raise AssertionError("unreachable: the constructor checked the block type")')
+    signature = (
+        "self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]"
+        if positional
+        else "self, hidden_states: torch.Tensor"
+    )
+    lines = [
+        f"class {class_name}(nn.Module):",
+        f"    def __init__(self, config: {spec.config_class}, layer_idx: int) -> None:",
+        "        super().__init__()",
+        *(f"        {line}" for line in init),
+        "",
+        f"    def forward({signature}) -> torch.Tensor:",
+        *(f"        {line}" for line in forward),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def layer_class_expression(spec: ArchitectureSpec) -> str:
+    """Expression of layer ``i``'s class in the model's ModuleList (one class: the class itself)."""
+    hybrid = spec.hybrid
+    assert hybrid is not None
+    classes = hybrid.layer_classes
+    if len(classes) == 1:
+        return classes[0]
+    if hybrid.selector is None:
+        raise UnsupportedFeature(spec.decoder_class, "layer classes without a selector", _HINT)
+    *others, last = classes
+    expression = last
+    for cls in reversed(others):
+        values = tuple(v for kind in hybrid.kinds_of(cls) for v in kind.selectors)
+        expression = f"({cls} if {hybrid.selector}[i] in {values!r} else {expression})"
+    return expression
+
+
+def emit_hybrid_blocks(spec: ArchitectureSpec) -> list[str]:
+    """Sources of the block classes and decoder-layer classes, in dependency order."""
+    hybrid = spec.hybrid
+    assert hybrid is not None
+    sources = []
+    for kind, block in hybrid.blocks:
+        emitter = BLOCK_EMITTERS.get(kind)
+        if emitter is None:
+            raise UnsupportedFeature(
+                getattr(block, "class_name", kind), f"no emitter for {kind} blocks", _HINT
+            )
+        sources.append(emitter(block, spec))
+    sources += [emit_layer_class(cls, spec) for cls in hybrid.layer_classes]
+    return sources
+
+
+def describe_hybrid(spec: ArchitectureSpec) -> str:
+    hybrid = spec.hybrid
+    assert hybrid is not None
+    names = {
+        "mamba2": "Mamba2 SSD mixers",
+        "attention": "grouped-query attention",
+        "mlp": "dense MLPs",
+        "moe": "mixture-of-experts feed-forward",
+    }
+    blocks = ", ".join(names.get(kind, kind) for kind, _ in hybrid.blocks)
+    counts = {name: hybrid.order.count(name) for name in dict.fromkeys(hybrid.order)}
+    kinds = ", ".join(f"{name} ({count} of {len(hybrid.order)} layers)" for name, count in counts.items())
+    selector = f"; a layer's kind is read from {hybrid.selector}[layer_idx]" if hybrid.selector else ""
+    rope = " and rotary position embeddings" if spec.rope is not None else ""
+    return (
+        f"Lean, export-friendly {spec.causal_lm_class.removesuffix('ForCausalLM')} on canonical ``auto_deploy`` ops.\n\n"
+        f"Mirrors ``{spec.hf_module}`` ({spec.causal_lm_class}): a hybrid stack of pre-norm layers with"
+        f" RMSNorm, built from {blocks}{rope}. Layer kinds in the analyzed config: {kinds}{selector}."
+        " Module names equal the checkpoint keys, so HuggingFace state dicts load with ``strict=True``.\n\n"
+        "Left out on purpose: the KV cache and the SSM conv/scan states (the conv and the scan run from a"
+        " zero state on ``torch_causal_conv1d`` / ``torch_ssm``; the runtime swaps in cached versions),"
+        " attention masks and padding masks (sequences are causal and unpadded), dropout, gradient"
+        " checkpointing, fused-kernel paths, position-id generation (callers pass them), hidden-state"
+        " outputs and the loss.\n Linear, split, view, conv, scan and gated-norm calls carry tensor-parallel"
+        " sharding hints; they do not change the numbers."
+    )

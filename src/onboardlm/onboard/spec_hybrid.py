@@ -1,0 +1,111 @@
+"""Spec of hybrid stacks: decoder layers whose token mixer is not (only) attention.
+
+A hybrid model is measured layer by layer. Each decoder layer is a sequence of residual *steps*
+``h = h + block(norm(h))``; a block is a token mixer (attention, a Mamba2 SSM, ...) or a feed-forward
+(dense MLP, MoE). Layers with the same class and the same steps form one :class:`LayerKindSpec`; the
+per-layer order of the kinds is read from the built model, and the config list that selects a layer's
+kind (``config.layers_block_type``, ``config.layer_types``...) is found by matching its values to that
+order. Each distinct block kind has one block spec (``HybridSpec.blocks``), emitted once as one class.
+
+Extending it: a new token mixer is a new ``MixerKind`` value, a spec class here (frozen dataclass
+with ``class_name`` and ``kind``), a recogniser in ``analyze_hybrid.MIXER_RECOGNISERS`` and an
+emitter in ``emit_hybrid.BLOCK_EMITTERS``. Nothing else changes: layer kinds, the per-layer order,
+the decoder-layer classes and the generated tests are shared by every mixer kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: Block kinds a hybrid layer step may hold. Token mixers: "attention" (AttentionSpec), "mamba2"
+#: (Mamba2MixerSpec); feed-forwards: "mlp" (MLPSpec), "moe" (MoESpec). Other helpers add theirs.
+MixerKind = str
+
+#: Kinds that mix tokens (the others act on each token alone).
+TOKEN_MIXERS = frozenset({"attention", "mamba2", "mamba1", "gated_delta", "short_conv"})
+
+#: Kinds whose canonical op keeps per-sequence state in the runtime (SSM, convolution, recurrence).
+STATEFUL_MIXERS = frozenset({"mamba2", "mamba1", "gated_delta", "short_conv"})
+
+
+@dataclass(frozen=True)
+class Mamba2MixerSpec:
+    """A Mamba2 (SSD) mixer on ``torch_causal_conv1d`` + ``torch_ssm`` + ``torch_rmsnorm_gated``.
+
+    ``in_proj`` gives ``[gate (I) | x (I) | B (G*N) | C (G*N) | dt (H)]``; the causal depthwise conv
+    and the activation act on ``x|B|C``; the scan runs per head (``I / H`` channels each, B/C shared by
+    ``H / G`` heads); the gated RMSNorm (groups of ``I / G``) gates with SiLU(gate); ``out_proj`` maps
+    back. Every size is a config expression, so one file serves every config of the architecture.
+    """
+
+    class_name: str
+    norm_class: str  # HF class of the gated RMSNorm, e.g. "Mamba2RMSNormGated"
+    in_proj: str
+    out_proj: str
+    conv: str  # attribute of the nn.Conv1d
+    norm: str  # attribute of the gated norm
+    act_attr: str
+    act: str  # config expression of the activation name
+    in_bias: str  # config expressions of the biases
+    out_bias: str
+    conv_bias: str
+    num_heads: str
+    n_groups: str
+    state_size: str
+    intermediate: str
+    conv_kernel: str
+    chunk_size: str
+    time_step_limit: str  # expression of the (min, max) pair
+    eps: str
+    norm_before_gate: bool = False
+    kind: MixerKind = "mamba2"
+
+    @property
+    def note(self) -> str:
+        return "Mamba2 SSD mixer (torch_causal_conv1d, torch_ssm, torch_rmsnorm_gated)"
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One residual step of a layer: ``h = h + self.<attr>(self.<norm>(h))``."""
+
+    attr: str
+    kind: MixerKind
+    norm: str
+
+
+@dataclass(frozen=True)
+class LayerKindSpec:
+    """Decoder layers of one class with the same residual steps (e.g. ``mamba2+mlp``)."""
+
+    name: str
+    class_name: str
+    steps: tuple[StepSpec, ...]
+    selectors: tuple[Any, ...] = ()  # values of the selector config list that give this kind
+
+
+@dataclass(frozen=True)
+class HybridSpec:
+    """The layer kinds of a hybrid stack, their order, and one block spec per block kind."""
+
+    kinds: tuple[LayerKindSpec, ...]
+    order: tuple[str, ...]  # kind name of each layer of the analyzed (tiny) config
+    selector: str | None  # config expression of the per-layer list choosing a kind (None: one kind)
+    blocks: tuple[tuple[MixerKind, Any], ...]  # block spec of each block kind
+    norm_class: str  # the layers' RMSNorm class
+
+    def block(self, kind: MixerKind) -> Any:
+        return dict(self.blocks)[kind]
+
+    @property
+    def layer_classes(self) -> list[str]:
+        return list(dict.fromkeys(kind.class_name for kind in self.kinds))
+
+    def kinds_of(self, class_name: str) -> list[LayerKindSpec]:
+        return [kind for kind in self.kinds if kind.class_name == class_name]
+
+    @property
+    def stateful(self) -> list[MixerKind]:
+        """Block kinds whose canonical op needs per-sequence state from the runtime."""
+        return [kind for kind, _ in self.blocks if kind in STATEFUL_MIXERS]
