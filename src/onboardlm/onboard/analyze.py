@@ -315,6 +315,16 @@ class _Analyzer:
             notes=tuple(self.notes),
         )
 
+    def _index(self, layer: nn.Module) -> int:
+        """``layer``'s index in the decoder stack, to rebuild it as that layer (0 when it is none of
+        them): in a hybrid stack, layer 0 may hold another token mixer than the one measured."""
+        for module in self.model.modules():
+            if isinstance(module, nn.ModuleList):
+                for index, item in enumerate(module):
+                    if item is layer:
+                        return index
+        return 0
+
     def _check_children(self, module: nn.Module, path: str, known: set[str]) -> None:
         for name, child in module.named_children():
             if name not in known and not isinstance(child, nn.Dropout):
@@ -569,7 +579,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, not value)
-                rebuilt = type(layer)(flipped, 0)
+                rebuilt = type(layer)(flipped, self._index(layer))
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             for path in paths:
@@ -588,7 +598,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, False)
-                rebuilt = type(layer)(flipped, 0)
+                rebuilt = type(layer)(flipped, self._index(layer))
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             try:
@@ -1376,7 +1386,7 @@ class _Analyzer:
         rebuilt layer has other parameters, "unmatched" when no layout reproduces its attention."""
         try:
             config = self._flip(overrides)
-            rebuilt = type(layer)(config, 0)
+            rebuilt = type(layer)(config, self._index(layer))
             weights = [{k for k in m.state_dict() if not k.endswith(".bias")} for m in (rebuilt, layer)]
             if weights[0] != weights[1]:
                 return "other modules"  # the flip builds other modules: more than a layout
@@ -1444,7 +1454,11 @@ class _Analyzer:
             variant.num_key_value_heads = variant.num_attention_heads
         try:
             rebuilt = copy.deepcopy(layer)
-            setattr(rebuilt, spec.attr, getattr(type(layer)(variant, 0), spec.attr).float().eval())
+            setattr(
+                rebuilt,
+                spec.attr,
+                getattr(type(layer)(variant, self._index(layer)), spec.attr).float().eval(),
+            )
             attn = getattr(rebuilt, spec.attr)
             rotary = None
             if rope is not None:
@@ -1781,7 +1795,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, 3 * self.hidden)
-                rebuilt = type(layer)(flipped, 0).get_submodule(down_path)
+                rebuilt = type(layer)(flipped, self._index(layer)).get_submodule(down_path)
             except Exception:  # a field the layer does not take as a width tells nothing
                 continue
             if 3 * self.hidden in tuple(rebuilt.weight.shape):
@@ -1947,7 +1961,7 @@ class _Analyzer:
                     getattr(flipped, part), field, 0.01 if value is None else not value
                 )  # small: it bites
                 try:
-                    rebuilt = type(layer)(flipped, 0).float().eval()
+                    rebuilt = type(layer)(flipped, self._index(layer)).float().eval()
                     rebuilt.load_state_dict(layer.state_dict())
                     with torch.no_grad():
                         changed = not _close(_first(rebuilt(*call.args, **call.kwargs)), call.result)
@@ -1986,7 +2000,7 @@ class _Analyzer:
             if not isinstance(current, bool):
                 continue
             try:
-                rebuilt = type(layer)(self._flip({name: not current}), 0).float().eval()
+                rebuilt = type(layer)(self._flip({name: not current}), self._index(layer)).float().eval()
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             names = [n for n, c in rebuilt.named_children() if n not in self._block_names(ff, attn_attr)]

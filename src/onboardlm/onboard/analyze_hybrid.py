@@ -35,6 +35,7 @@ from transformers.activations import ACT2CLS
 import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze_classic import projections
+from onboardlm.onboard.analyze_mixers import analyze_mixer, is_gated_delta, is_short_conv
 from onboardlm.onboard.spec import ArchitectureSpec, DecoderLayerSpec, NormSpec, RopeSpec
 from onboardlm.onboard.spec_hybrid import (
     TOKEN_MIXERS,
@@ -90,7 +91,15 @@ def _is_mamba1(module: nn.Module) -> bool:
 MIXER_RECOGNISERS: list[tuple[MixerKind, Callable[[nn.Module], bool]]] = [
     ("mamba2", _is_mamba2),
     ("mamba1", _is_mamba1),
+    ("gated_delta", is_gated_delta),  # analyze_mixers: Qwen3-Next / Qwen3.5 / OLMo Hybrid linear attention
+    ("short_conv", is_short_conv),  # analyze_mixers: LFM2's gated short convolution
 ]
+
+#: Block kinds measured by their own analyzer module: (analyzer, path, layer index, module) -> spec.
+MIXER_ANALYZERS: dict[MixerKind, Callable[[_Analyzer, str, int, nn.Module], Any]] = {
+    "gated_delta": lambda an, path, index, module: analyze_mixer(an.tiny, module, path, index),
+    "short_conv": lambda an, path, index, module: analyze_mixer(an.tiny, module, path, index),
+}
 
 #: What a recognised mixer kind is, for refusals of kinds that have no template yet.
 MIXER_NAMES = {
@@ -172,7 +181,8 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
             match = None
             for name in pending:
                 (call,) = calls[f"{path}.{name}"]
-                for norm in norms:
+                # norms no earlier step used first: identical norms at init ((1 + 0) * x) all match
+                for norm in sorted(norms, key=lambda n: any(step.norm == n for step in steps)):
                     with torch.no_grad():
                         normed = children[norm](residual)
                     if _close(normed, call.hidden_states):
@@ -632,6 +642,8 @@ def analyze_hybrid(
             block_path = f"{layer_path}.{step.attr}"
             if step.kind == "mamba2":
                 blocks["mamba2"] = mamba2_spec(an, block_path, index, module)
+            elif step.kind in MIXER_ANALYZERS:
+                blocks[step.kind] = MIXER_ANALYZERS[step.kind](an, block_path, index, module)
             elif step.kind == "attention":
                 attention_layers = nn.ModuleList(
                     [
@@ -652,7 +664,7 @@ def analyze_hybrid(
                 raise UnsupportedFeature(
                     block_path, f"{step.kind} block in a hybrid stack: no template yet", _HINT
                 )
-    if norm_spec is None or norm_spec.kind != "rms" or norm_spec.offset or not norm_spec.weight:
+    if norm_spec is None or norm_spec.kind != "rms" or not norm_spec.weight:
         raise UnsupportedFeature(layers_path, "hybrid layers without RMSNorms: no template yet", _HINT)
     kinds = []
     for name in dict.fromkeys(names):

@@ -38,6 +38,12 @@ def emit_mamba2(mixer: Mamba2MixerSpec, spec: ArchitectureSpec) -> str:
     return norm + "\n\n" + body
 
 
+def _emit_mixer(block: Any, spec: ArchitectureSpec) -> str:
+    from onboardlm.onboard.emit_mixers import emit_mixer_classes
+
+    return emit_mixer_classes(block, spec.config_class)
+
+
 def _emit_attention(block: Any, spec: ArchitectureSpec) -> str:
     from onboardlm.onboard.generate import emit
 
@@ -47,6 +53,8 @@ def _emit_attention(block: Any, spec: ArchitectureSpec) -> str:
 #: Source of each block kind's classes.
 BLOCK_EMITTERS: dict[str, Callable[[Any, ArchitectureSpec], str]] = {
     "mamba2": emit_mamba2,
+    "gated_delta": _emit_mixer,  # emit_mixers.py
+    "short_conv": _emit_mixer,
     "attention": _emit_attention,
     "mlp": _emit_attention,  # generate.emit dispatches on the spec class (MLPSpec, MoESpec...)
     "moe": _emit_attention,
@@ -169,6 +177,8 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
     assert hybrid is not None
     names = {
         "mamba2": "Mamba2 SSD mixers",
+        "gated_delta": "gated delta rule (linear attention) mixers",
+        "short_conv": "gated short-convolution mixers",
         "attention": "grouped-query attention",
         "mlp": "dense MLPs",
         "moe": "mixture-of-experts feed-forward",
