@@ -36,6 +36,7 @@ import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze_classic import projections
 from onboardlm.onboard.analyze_mixers import analyze_mixer, is_gated_delta, is_short_conv
+from onboardlm.onboard.analyze_moe import analyze_moe
 from onboardlm.onboard.spec import ArchitectureSpec, DecoderLayerSpec, NormSpec, RopeSpec
 from onboardlm.onboard.spec_hybrid import (
     TOKEN_MIXERS,
@@ -658,6 +659,11 @@ def analyze_hybrid(
                 others = [s.attr for s in steps if s.kind != "mlp"]
                 feed_forward = an._mlp(layer_path, layer, others[0] if others else "")
                 blocks["mlp"] = feed_forward
+            elif step.kind == "moe":  # the stack's one MoE block class, measured by analyze_moe
+                feed_forward = analyze_moe(an.tiny, model)
+                if feed_forward is None:
+                    raise UnsupportedFeature(block_path, "an experts block analyze_moe does not find", _HINT)
+                blocks["moe"] = feed_forward
             elif step.kind in MIXER_NAMES:
                 raise UnsupportedFeature(block_path, f"{MIXER_NAMES[step.kind]}: no template yet", _HINT)
             else:
