@@ -8,6 +8,10 @@ in-projection into B, C, x (B gates before the conv, C after) with every bias on
 
 from __future__ import annotations
 
+import importlib.util
+from importlib.util import spec_from_file_location
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -15,8 +19,13 @@ from torch.export import Dim
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.analyze_mixers import analyze_mixer, build_mixer, mixer_kind, relative_rmse
+from onboardlm.onboard.generate import generate_model_file
 from onboardlm.onboard.spec_mixers import GatedDeltaSpec, ShortConvSpec
+from onboardlm.review import review_model_file
+from onboardlm.review.catalog import RULES
+from onboardlm.testing import assert_rmse_close, transfer_weights
 from onboardlm.testing.tiny_config import tiny_config
 
 TYPES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lara_mini", "olmo_hybrid", "lfm2", "lfm2_moe"]
@@ -193,3 +202,50 @@ def test_other_mixers_are_not_taken_for_these() -> None:
     assert mixer_kind(model.backbone.layers[0].mixer) is None
     llama = AutoModelForCausalLM.from_config(tiny_config(CONFIG_MAPPING["llama"]()))
     assert mixer_kind(llama.model.layers[0].self_attn) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole hybrid stacks: analyze -> generate -> the generated file against transformers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kinds"),
+    [
+        ("qwen3_5_text", {"gated_delta+mlp", "attention+mlp"}),
+        ("qwen3_next", {"gated_delta+moe", "attention+moe"}),
+    ],
+)
+def test_hybrid_stack_generates_a_file_that_matches_transformers(
+    model_type: str, kinds: set[str], tmp_path: Path
+) -> None:
+    config = CONFIG_MAPPING[model_type]()
+    spec = analyze(config)
+    assert spec.hybrid is not None and {kind.name for kind in spec.hybrid.kinds} == kinds
+    assert spec.hybrid.selector == "config.layer_types"
+    assert isinstance(spec.hybrid.block("gated_delta"), GatedDeltaSpec)
+    path = tmp_path / f"modeling_{model_type}.py"
+    path.write_text(generate_model_file(spec))
+    source = path.read_text()
+    assert "torch.ops.auto_deploy.torch_gated_delta_rule" in source or "ops.torch_gated_delta_rule(" in source
+    assert "cache" not in source.split('"""', 2)[2].lower()  # no state arguments: the runtime adds them
+    module = importlib.util.module_from_spec(spec_from_file_location(f"generated_{model_type}", path))
+    module.__spec__.loader.exec_module(module)
+    tiny = tiny_config(config)
+    reference = AutoModelForCausalLM.from_config(tiny, attn_implementation="eager").eval()
+    lean = getattr(module, type(reference).__name__)(tiny).eval()
+    transfer_weights(reference, lean)
+    input_ids = torch.randint(0, tiny.vocab_size, (2, 70))  # more than one 64-token scan chunk
+    positions = torch.arange(70)[None].expand(2, 70)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, position_ids=positions).logits
+        actual = lean(input_ids=input_ids, position_ids=positions).logits
+    assert_rmse_close(actual, expected, rmse_ratio_tol=1e-5, msg=f"{model_type} logits")
+    report = review_model_file(path, None, rule_ids=[rule.id for rule in RULES if not rule.needs_tests])
+    assert report.passed, [f"{f.rule_id} {f.location}: {f.reason}" for f in report.failures]
+
+
+@pytest.mark.parametrize("model_type", ["kimi_linear", "bailing_hybrid"])
+def test_per_channel_decay_is_refused_with_a_reason(model_type: str) -> None:
+    with pytest.raises(UnsupportedFeature, match=r"model\.layers\.0\.self_attn: .*per-channel decay"):
+        analyze(CONFIG_MAPPING[model_type]())

@@ -35,7 +35,12 @@ from transformers.activations import ACT2CLS
 import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze_classic import projections
-from onboardlm.onboard.analyze_mixers import analyze_mixer, is_gated_delta, is_short_conv
+from onboardlm.onboard.analyze_mixers import (
+    analyze_mixer,
+    is_channel_decay_delta,
+    is_gated_delta,
+    is_short_conv,
+)
 from onboardlm.onboard.analyze_moe import analyze_moe
 from onboardlm.onboard.spec import ArchitectureSpec, DecoderLayerSpec, NormSpec, RopeSpec
 from onboardlm.onboard.spec_hybrid import (
@@ -94,6 +99,7 @@ MIXER_RECOGNISERS: list[tuple[MixerKind, Callable[[nn.Module], bool]]] = [
     ("mamba1", _is_mamba1),
     ("gated_delta", is_gated_delta),  # analyze_mixers: Qwen3-Next / Qwen3.5 / OLMo Hybrid linear attention
     ("short_conv", is_short_conv),  # analyze_mixers: LFM2's gated short convolution
+    ("kda", is_channel_decay_delta),  # recognised to be refused (MIXER_NAMES)
 ]
 
 #: Block kinds measured by their own analyzer module: (analyzer, path, layer index, module) -> spec.
@@ -106,6 +112,8 @@ MIXER_ANALYZERS: dict[MixerKind, Callable[[_Analyzer, str, int, nn.Module], Any]
 MIXER_NAMES = {
     "mamba2": "Mamba2 SSD mixer",
     "mamba1": "Mamba1 selective scan (per-channel A [d_inner, d_state], dt projection)",
+    "kda": "gated delta rule with a per-channel decay (Kimi Delta Attention's forget gate); torch_gated_delta_rule"
+    " decays per head and no canonical op covers a per-channel decay yet",
 }
 
 

@@ -90,6 +90,19 @@ def is_short_conv(module: nn.Module) -> bool:
     return mixer_kind(module) == "short_conv"
 
 
+def is_channel_decay_delta(module: nn.Module) -> bool:
+    """A depthwise conv and, instead of per-head decay vectors, a child that computes the decay from
+    the input with linear maps and weights of its own (Kimi Delta Attention's forget gate: one decay
+    per key channel). Recognised only to be refused: ``torch_gated_delta_rule`` decays per head."""
+    if depthwise_conv(module) is None or any(p.dim() == 1 for p in module.parameters(recurse=False)):
+        return False
+    return any(
+        any(True for _ in child.parameters(recurse=False))
+        and any(isinstance(c, nn.Linear) for c in child.children())
+        for child in module.children()
+    )
+
+
 def analyze_mixer(config: PretrainedConfig, module: nn.Module, path: str, layer_idx: int) -> MixerSpec | None:
     """The spec of ``module`` (the token mixer of decoder layer ``layer_idx`` at ``path``), or None when
     it is not a mixer this module knows; UnsupportedFeature where it looks like one but fits no spec."""
