@@ -22,6 +22,13 @@ from onboardlm.onboard.spec_hybrid import HybridSpec, LayerKindSpec, Mamba2Mixer
 
 _HINT = "add a template for this block kind in onboardlm/onboard/templates and emit_hybrid.py"
 
+#: Canonical ops of each block kind that carry state across tokens (cached by the runtime).
+STATE_OPS = {
+    "mamba2": ("torch_causal_conv1d", "torch_ssm"),
+    "gated_delta": ("torch_causal_conv1d", "torch_gated_delta_rule"),
+    "short_conv": ("torch_causal_conv1d",),
+}
+
 #: Block kinds whose forward also takes the RoPE tables.
 POSITIONAL_KINDS = frozenset({"attention"})
 
@@ -188,13 +195,15 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
     kinds = ", ".join(f"{name} ({count} of {len(hybrid.order)} layers)" for name, count in counts.items())
     selector = f"; a layer's kind is read from {hybrid.selector}[layer_idx]" if hybrid.selector else ""
     rope = " and rotary position embeddings" if spec.rope is not None else ""
+    ops = dict.fromkeys(op for kind, _ in hybrid.blocks for op in STATE_OPS.get(kind, ()))
+    stateful = " / ".join(f"``{op}``" for op in ops) or "the canonical ops"
     return (
         f"Lean, export-friendly {spec.causal_lm_class.removesuffix('ForCausalLM')} on canonical ``auto_deploy`` ops.\n\n"
         f"Mirrors ``{spec.hf_module}`` ({spec.causal_lm_class}): a hybrid stack of pre-norm layers with"
         f" RMSNorm, built from {blocks}{rope}. Layer kinds in the analyzed config: {kinds}{selector}."
         " Module names equal the checkpoint keys, so HuggingFace state dicts load with ``strict=True``.\n\n"
-        "Left out on purpose: the KV cache and the SSM conv/scan states (the conv and the scan run from a"
-        " zero state on ``torch_causal_conv1d`` / ``torch_ssm``; the runtime swaps in cached versions),"
+        f"Left out on purpose: the KV cache and the mixers' conv and scan states (they run from a zero state"
+        f" on {stateful}; the runtime swaps in cached versions),"
         " attention masks and padding masks (sequences are causal and unpadded), dropout, gradient"
         " checkpointing, fused-kernel paths, position-id generation (callers pass them), hidden-state"
         " outputs and the loss.\n Linear, split, view, conv, scan and gated-norm calls carry tensor-parallel"
