@@ -229,6 +229,7 @@ class _Analyzer:
         self.fields = _config_fields(tiny)
         self.hidden = tiny.hidden_size
         self.notes: list[str] = []
+        self._layer_indices: dict[int, int] = {}
 
     # ---------------------------------------------------------------------------------------- top
 
@@ -253,6 +254,7 @@ class _Analyzer:
         parts = self._model_parts(self.stack, path)
         layers = parts["layers"][1]
         layer = layers[0]
+        self._layer_indices = {id(module): index for index, module in enumerate(layers)}
         self._rotary_module: nn.Module | None = None
         self._base_field: str | None = None
         if needs_hybrid(layers):  # SSM or other non-attention token mixers, layers of several kinds
@@ -315,15 +317,15 @@ class _Analyzer:
             notes=tuple(self.notes),
         )
 
-    def _index(self, layer: nn.Module) -> int:
-        """``layer``'s index in the decoder stack, to rebuild it as that layer (0 when it is none of
-        them): in a hybrid stack, layer 0 may hold another token mixer than the one measured."""
-        for module in self.model.modules():
-            if isinstance(module, nn.ModuleList):
-                for index, item in enumerate(module):
-                    if item is layer:
-                        return index
-        return 0
+    def _rebuilt_layer(self, layer: nn.Module, config: PretrainedConfig) -> nn.Module:
+        """``layer``'s class built anew from ``config`` at ``layer``'s own index (layer 0 of a hybrid
+        stack may be of another kind), with its kind where the constructor takes one (Bamba's)."""
+        index = self._layer_indices.get(id(layer), 0)
+        if "layer_type" in inspect.signature(type(layer).__init__).parameters:
+            kinds = getattr(config, "layers_block_type", None) or getattr(config, "layer_types", None)
+            if isinstance(kinds, (list, tuple)) and index < len(kinds):
+                return type(layer)(config, index, layer_type=kinds[index])
+        return type(layer)(config, index)
 
     def _check_children(self, module: nn.Module, path: str, known: set[str]) -> None:
         for name, child in module.named_children():
@@ -540,6 +542,16 @@ class _Analyzer:
             path, f"norm {type(module).__name__} is neither RMSNorm nor LayerNorm", _HINT
         )
 
+    def _norm_of_width(self, path: str, module: nn.Module, width: int) -> NormSpec:
+        """``_norm`` of a norm over ``width`` channels (not the hidden size); a weightless one is probed
+        at that width."""
+        hidden = self.hidden
+        self.hidden = width
+        try:
+            return self._norm(path, module)
+        finally:
+            self.hidden = hidden
+
     def _eps_candidates(self, module: nn.Module) -> list[float]:
         found = [
             getattr(module, name) for name in _EPS_NAMES if isinstance(getattr(module, name, None), float)
@@ -579,7 +591,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, not value)
-                rebuilt = type(layer)(flipped, self._index(layer))
+                rebuilt = self._rebuilt_layer(layer, flipped)
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             for path in paths:
@@ -598,7 +610,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, False)
-                rebuilt = type(layer)(flipped, self._index(layer))
+                rebuilt = self._rebuilt_layer(layer, flipped)
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             try:
@@ -1386,7 +1398,7 @@ class _Analyzer:
         rebuilt layer has other parameters, "unmatched" when no layout reproduces its attention."""
         try:
             config = self._flip(overrides)
-            rebuilt = type(layer)(config, self._index(layer))
+            rebuilt = self._rebuilt_layer(layer, config)
             weights = [{k for k in m.state_dict() if not k.endswith(".bias")} for m in (rebuilt, layer)]
             if weights[0] != weights[1]:
                 return "other modules"  # the flip builds other modules: more than a layout
@@ -1455,9 +1467,7 @@ class _Analyzer:
         try:
             rebuilt = copy.deepcopy(layer)
             setattr(
-                rebuilt,
-                spec.attr,
-                getattr(type(layer)(variant, self._index(layer)), spec.attr).float().eval(),
+                rebuilt, spec.attr, getattr(self._rebuilt_layer(layer, variant), spec.attr).float().eval()
             )
             attn = getattr(rebuilt, spec.attr)
             rotary = None
@@ -1801,7 +1811,7 @@ class _Analyzer:
             flipped = copy.deepcopy(self.tiny)
             try:
                 setattr(flipped, name, 3 * self.hidden)
-                rebuilt = type(layer)(flipped, self._index(layer)).get_submodule(down_path)
+                rebuilt = self._rebuilt_layer(layer, flipped).get_submodule(down_path)
             except Exception:  # a field the layer does not take as a width tells nothing
                 continue
             if 3 * self.hidden in tuple(rebuilt.weight.shape):
@@ -1967,7 +1977,7 @@ class _Analyzer:
                     getattr(flipped, part), field, 0.01 if value is None else not value
                 )  # small: it bites
                 try:
-                    rebuilt = type(layer)(flipped, self._index(layer)).float().eval()
+                    rebuilt = self._rebuilt_layer(layer, flipped).float().eval()
                     rebuilt.load_state_dict(layer.state_dict())
                     with torch.no_grad():
                         changed = not _close(_first(rebuilt(*call.args, **call.kwargs)), call.result)
@@ -2006,7 +2016,7 @@ class _Analyzer:
             if not isinstance(current, bool):
                 continue
             try:
-                rebuilt = type(layer)(self._flip({name: not current}), self._index(layer)).float().eval()
+                rebuilt = self._rebuilt_layer(layer, self._flip({name: not current})).float().eval()
             except Exception:  # a field whose flip the config or the layer refuses tells nothing
                 continue
             names = [n for n, c in rebuilt.named_children() if n not in self._block_names(ff, attn_attr)]

@@ -47,6 +47,7 @@ from onboardlm.onboard.spec_hybrid import (
     TOKEN_MIXERS,
     HybridSpec,
     LayerKindSpec,
+    Mamba1MixerSpec,
     Mamba2MixerSpec,
     MixerKind,
     StepSpec,
@@ -168,6 +169,15 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
     for index, layer in enumerate(layers):
         paths.append(f"{layers_path}.{index}")
         paths += [f"{layers_path}.{index}.{name}" for name, _ in layer.named_children()]
+    model = copy.deepcopy(model)  # norm weights made telling: each norm's output differs from the others'
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.get_submodule(layers_path):
+            for child in layer.children():
+                if block_kind(child) is None:
+                    for param in child.parameters():
+                        param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+    layers = model.get_submodule(layers_path)
     input_ids = torch.arange(1, 8)[None]
     calls = record_calls(model, paths, input_ids=input_ids, position_ids=torch.arange(7)[None])
     found = []
@@ -224,9 +234,14 @@ def _kind_name(steps: tuple[StepSpec, ...]) -> str:
 
 def _selector(an: _Analyzer, names: list[str], path: str) -> tuple[str | None, dict[str, tuple[Any, ...]]]:
     """The config list choosing each layer's kind: values of one list map onto the measured kinds."""
-    if len(set(names)) == 1:
-        return None, {names[0]: ()}
     config = an.tiny
+    if len(set(names)) == 1:  # one kind: a per-layer kind list of one value is checked by the file
+        stored = config.to_dict()  # a derived property (Bamba's) is not one the test config can set
+        for field in ("layer_types", "layers_block_type"):
+            value = stored.get(field)
+            if isinstance(value, (list, tuple)) and len(value) == len(names) and len(set(value)) == 1:
+                return f"config.{field}", {names[0]: (value[0],)}
+        return None, {names[0]: ()}
     candidates = ["layer_types", "layers_block_type"] + sorted(
         n for n in dir(config) if not n.startswith("_") and n not in ("layer_types", "layers_block_type")
     )
@@ -514,15 +529,17 @@ def _norm_eps_of(norm_name: str) -> Callable[[nn.Module], float]:
 
 
 def _inner_expression(
-    an: _Analyzer, mixer: nn.Module, index: int, inner: int, heads_expr: str, out_name: str, path: str
+    an: _Analyzer, mixer: nn.Module, index: int, inner: int, heads_expr: str | None, out_name: str, path: str
 ) -> str:
-    """The inner width: ``int(config.<expand> * config.hidden_size)`` or ``heads * config.<head_dim>``,
-    confirmed on rebuilt mixers."""
+    """The inner width: a field of its own (``heads_expr`` None: Mamba1), ``int(config.<expand> *
+    config.hidden_size)`` or ``heads * config.<head_dim>``, confirmed on rebuilt mixers."""
     candidates = []
     for name, value in an.fields.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value * an.hidden == inner:
             candidates.append((f"int(config.{name} * config.hidden_size)", name))
-        if _is_count(value) and value * int(eval(heads_expr, {"config": an.tiny})) == inner:  # noqa: S307
+        if heads_expr is None and _is_count(value) and value == inner:  # a field of its own
+            candidates.insert(0, (f"config.{name}", name))
+        elif heads_expr and _is_count(value) and value * int(eval(heads_expr, {"config": an.tiny})) == inner:  # noqa: S307
             candidates.append((f"{heads_expr} * config.{name}", name))
     for expression, name in candidates:
         config = copy.deepcopy(an.tiny)
@@ -604,6 +621,157 @@ def _check_mamba2(
 
 
 # --------------------------------------------------------------------------------------------------
+# Mamba1
+# --------------------------------------------------------------------------------------------------
+
+
+def mamba1_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba1MixerSpec:
+    hidden = an.hidden
+    linears = projections(mixer)
+    inner, state = mixer.A_log.shape
+    ins = [n for n, p in linears.items() if p.in_features == hidden and p.out_features == 2 * inner]
+    outs = [n for n, p in linears.items() if p.out_features == hidden and p.in_features == inner]
+    xs = [
+        n
+        for n, p in linears.items()
+        if p.in_features == inner and p.out_features > 2 * state and n not in outs
+    ]
+    dts = [n for n, p in linears.items() if p.out_features == inner and n not in ins]
+    if len(linears) != 4 or not (len(ins) == len(outs) == len(xs) == len(dts) == 1):
+        raise UnsupportedFeature(
+            path, f"Mamba1 mixer projections {sorted(linears)} (expected in, x, dt and out)", _HINT
+        )
+    in_name, out_name, x_name, dt_name = ins[0], outs[0], xs[0], dts[0]
+    rank = linears[x_name].out_features - 2 * state
+    if linears[dt_name].in_features != rank or linears[x_name].has_bias or not linears[dt_name].has_bias:
+        raise UnsupportedFeature(
+            f"{path}.{dt_name}", "dt projection is not rank -> channels with a bias", _HINT
+        )
+    conv_name, conv = _convs(mixer)[0]
+    if (
+        conv.groups != inner
+        or conv.in_channels != inner
+        or conv.out_channels != inner
+        or conv.padding[0] != conv.kernel_size[0] - 1
+        or conv.stride[0] != 1
+        or conv.dilation[0] != 1
+    ):
+        raise UnsupportedFeature(
+            f"{path}.{conv_name}", "convolution is not a causal depthwise conv over x", _HINT
+        )
+    classes = {getattr(c, "__name__", "") for c in _act_classes()}
+    acts = [n for n, c in mixer.named_children() if type(c).__name__ in classes]
+    if len(acts) != 1:
+        raise UnsupportedFeature(path, f"Mamba1 mixer activations {acts} (expected one)", _HINT)
+    others = [
+        (n, c)
+        for n, c in mixer.named_children()
+        if n not in linears and n != conv_name and n != acts[0] and not isinstance(c, nn.Dropout)
+    ]
+    norms: tuple[tuple[str, Any], ...] = ()
+    if others:  # norms of dt, B and C (Jamba, Falcon-Mamba), in the order x_proj splits them
+        names = [n for n, _ in others]
+        if len(others) != 3:
+            raise UnsupportedFeature(f"{path}.{names[0]}", f"Mamba1 mixer submodules {names}", _HINT)
+        measured = []
+        for (name, child), width in zip(others, (rank, state, state), strict=True):
+            norm = an._norm_of_width(f"{path}.{name}", child, width)
+            if not isinstance(getattr(child, "weight", None), nn.Parameter):  # a unit buffer, no weight
+                norm = dataclasses.replace(norm, weight=False)
+            measured.append((name, norm))
+        norms = tuple(measured)
+
+    def field(
+        value: Any, measure: Callable[[nn.Module], Any], what: str, change: Callable[[Any], Any]
+    ) -> str:
+        return _field(an, mixer, index, value, measure, change, what, path)
+
+    double = lambda v: 2 * v  # noqa: E731
+    spec = Mamba1MixerSpec(
+        class_name=type(mixer).__name__,
+        in_proj=in_name,
+        x_proj=x_name,
+        dt_proj=dt_name,
+        out_proj=out_name,
+        conv=conv_name,
+        act_attr=acts[0],
+        act=_activation(an, mixer, index, getattr(mixer, acts[0]), acts[0], path),
+        in_bias=_bias(an, mixer, index, in_name),
+        out_bias=_bias(an, mixer, index, out_name),
+        conv_bias=_bias(an, mixer, index, conv_name),
+        intermediate=_inner_expression(an, mixer, index, inner, None, out_name, path),
+        state_size=field(state, lambda m: m.A_log.shape[1], "SSM state size", double),
+        rank=field(rank, lambda m: getattr(m, dt_name).in_features, "dt rank", double),
+        conv_kernel=field(
+            conv.kernel_size[0],
+            lambda m: getattr(m, conv_name).kernel_size[0],
+            "conv kernel",
+            lambda v: v + 1,
+        ),
+        ssm_norms=norms,
+    )
+    if not _check_mamba1(mixer, spec, hidden):
+        raise UnsupportedFeature(
+            path,
+            f"{type(mixer).__name__}'s output differs from the Mamba1 template (in_proj -> causal conv ->"
+            " x_proj/dt_proj -> selective scan -> SiLU gate -> out_proj)",
+            _HINT,
+        )
+    return spec
+
+
+def mamba1_reference(mixer: nn.Module, spec: Mamba1MixerSpec, x: torch.Tensor) -> torch.Tensor:
+    """What the Mamba1 template computes, on the HF mixer's own weights (torch_ssm over I*N heads)."""
+    ops = torch.ops.auto_deploy
+    get = lambda name: getattr(mixer, name)  # noqa: E731
+    inner, state = mixer.A_log.shape
+    conv = get(spec.conv)
+    batch, seq_len, _ = x.shape
+    hs, gate = F.linear(x, get(spec.in_proj).weight, get(spec.in_proj).bias).split([inner, inner], dim=-1)
+    hs = get(spec.act_attr)(
+        ops.torch_causal_conv1d(hs, conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=inner)
+    )
+    rank = get(spec.dt_proj).in_features
+    dt, b, c = F.linear(hs, get(spec.x_proj).weight).split([rank, state, state], dim=-1)
+    if spec.ssm_norms:
+        dt, b, c = (get(name)(t) for (name, _), t in zip(spec.ssm_norms, (dt, b, c), strict=True))
+    dt = F.linear(dt, get(spec.dt_proj).weight)
+    heads = inner * state
+    y = ops.torch_ssm(
+        hs[..., None].expand(batch, seq_len, inner, state).reshape(batch, seq_len, heads, 1),
+        -torch.exp(mixer.A_log.float()).reshape(heads),
+        b[:, :, None, :].expand(batch, seq_len, inner, state).reshape(batch, seq_len, heads, 1),
+        c[:, :, None, :].expand(batch, seq_len, inner, state).reshape(batch, seq_len, heads, 1),
+        torch.zeros(heads),
+        dt[..., None].expand(batch, seq_len, inner, state).reshape(batch, seq_len, heads),
+        get(spec.dt_proj).bias[:, None].expand(inner, state).flatten(),
+        [0.0, float("inf")],
+        32,
+    )
+    y = y.reshape(batch, seq_len, inner, state).sum(-1) + mixer.D.float() * hs.float()
+    y = y * F.silu(gate.float())
+    return F.linear(y.to(x.dtype), get(spec.out_proj).weight, get(spec.out_proj).bias)
+
+
+def _check_mamba1(mixer: nn.Module, spec: Mamba1MixerSpec, hidden: int) -> bool:
+    generator = torch.Generator().manual_seed(6)
+    probe = copy.deepcopy(mixer).float().eval()
+    with torch.no_grad():
+        for name, param in probe.named_parameters():
+            if name.endswith("A_log"):
+                param.copy_(torch.rand(param.shape, generator=generator) * 1.5 - 0.5)
+            elif param.dim() == 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + 0.5)
+            else:  # unit-scale activations: the check is relative to the output's size
+                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
+        x = torch.randn(2, 11, hidden, generator=generator)
+        expected = _first(probe(x))
+        actual = mamba1_reference(probe, spec, x)
+    error = (actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()
+    return actual.shape == expected.shape and bool(error < _TOL)
+
+
+# --------------------------------------------------------------------------------------------------
 # The whole stack
 # --------------------------------------------------------------------------------------------------
 
@@ -622,6 +790,7 @@ def analyze_hybrid(
     """The ArchitectureSpec of a hybrid stack (``spec.hybrid`` set; attention/feed_forward: the one
     attention and dense feed-forward spec of the stack, or None)."""
     model = an.model
+    model.config.use_cache = False  # a cache of SSM layers only has no attention mask to build
     layers_attr, layers = parts["layers"]
     layers_path = f"{path}.{layers_attr}"
     all_steps = _layer_steps(layers_path, layers, model)
@@ -653,6 +822,8 @@ def analyze_hybrid(
                 blocks["mamba2"] = mamba2_spec(an, block_path, index, module)
             elif step.kind in MIXER_ANALYZERS:
                 blocks[step.kind] = MIXER_ANALYZERS[step.kind](an, block_path, index, module)
+            elif step.kind == "mamba1":
+                blocks["mamba1"] = mamba1_spec(an, block_path, index, module)
             elif step.kind == "attention":
                 attention_layers = nn.ModuleList(
                     [
@@ -667,11 +838,13 @@ def analyze_hybrid(
                 others = [s.attr for s in steps if s.kind != "mlp"]
                 feed_forward = an._mlp(layer_path, layer, others[0] if others else "")
                 blocks["mlp"] = feed_forward
-            elif step.kind == "moe":  # the stack's one MoE block class, measured by analyze_moe
-                feed_forward = analyze_moe(an.tiny, model)
-                if feed_forward is None:
-                    raise UnsupportedFeature(block_path, "an experts block analyze_moe does not find", _HINT)
-                blocks["moe"] = feed_forward
+            elif step.kind == "moe":  # the MoE analysis of the whole model; the layer kinds place it
+                moe = analyze_moe(an.tiny, model)
+                if moe is None:
+                    raise UnsupportedFeature(
+                        block_path, "an experts block the MoE analysis does not find", _HINT
+                    )
+                blocks["moe"] = dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
             elif step.kind in MIXER_NAMES:
                 raise UnsupportedFeature(block_path, f"{MIXER_NAMES[step.kind]}: no template yet", _HINT)
             else:

@@ -9,6 +9,7 @@ registry entry when the model has one (``--use-registry``), else from the defaul
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +68,15 @@ def run_e2e(
             prompts = _records(reduced_results, f"reduced ({layers} layers)")
             not_done.append("e2e: full run skipped, the model does not fit this machine")
     return E2EOutcome(runs, prompts, not_done)
+
+
+def uncached_stateful_ops(model_file: Path) -> list[str]:
+    """Canonical ops the model file calls that carry state across tokens and that the runtime's
+    cache transform cannot cache yet (``transforms.kv_cache._STATEFUL_OPS``): decoding would fail."""
+    from onboardlm.transforms import kv_cache
+
+    text = model_file.read_text()
+    return [op for op in getattr(kv_cache, "_STATEFUL_OPS", ()) if re.search(rf"\.{op}\(", text)]
 
 
 def model_location(resolved: ResolveResult) -> str:

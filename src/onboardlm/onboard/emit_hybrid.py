@@ -18,13 +18,14 @@ from typing import Any
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.spec import ArchitectureSpec
-from onboardlm.onboard.spec_hybrid import HybridSpec, LayerKindSpec, Mamba2MixerSpec
+from onboardlm.onboard.spec_hybrid import HybridSpec, LayerKindSpec, Mamba1MixerSpec, Mamba2MixerSpec
 
 _HINT = "add a template for this block kind in onboardlm/onboard/templates and emit_hybrid.py"
 
 #: Canonical ops of each block kind that carry state across tokens (cached by the runtime).
 STATE_OPS = {
     "mamba2": ("torch_causal_conv1d", "torch_ssm"),
+    "mamba1": ("torch_causal_conv1d", "torch_ssm"),
     "gated_delta": ("torch_causal_conv1d", "torch_gated_delta_rule"),
     "short_conv": ("torch_causal_conv1d",),
 }
@@ -51,6 +52,22 @@ def _emit_mixer(block: Any, spec: ArchitectureSpec) -> str:
     return emit_mixer_classes(block, spec.config_class)
 
 
+def emit_mamba1(mixer: Mamba1MixerSpec, spec: ArchitectureSpec) -> str:
+    from onboardlm.onboard.generate import emit_norm, norm_constructor
+
+    sizes = ("self.time_step_rank", "self.ssm_state_size", "self.ssm_state_size")
+    norm_lines = [
+        (name, norm_constructor(norm, size))
+        for (name, norm), size in zip(mixer.ssm_norms, sizes, strict=False)
+    ]
+    defined = {norm.class_name for norm in spec.norm_specs}
+    classes = {norm.class_name: norm for _, norm in mixer.ssm_norms if norm.class_name not in defined}
+    norms = "".join(emit_norm(norm, spec) + "\n\n" for norm in classes.values())
+    return norms + _render(
+        "mamba1_mixer.py.j2", m=mixer, config_class=spec.config_class, norm_lines=norm_lines
+    )
+
+
 def _emit_attention(block: Any, spec: ArchitectureSpec) -> str:
     from onboardlm.onboard.generate import emit
 
@@ -62,6 +79,7 @@ BLOCK_EMITTERS: dict[str, Callable[[Any, ArchitectureSpec], str]] = {
     "mamba2": emit_mamba2,
     "gated_delta": _emit_mixer,  # emit_mixers.py
     "short_conv": _emit_mixer,
+    "mamba1": emit_mamba1,
     "attention": _emit_attention,
     "mlp": _emit_attention,  # generate.emit dispatches on the spec class (MLPSpec, MoESpec...)
     "moe": _emit_attention,
@@ -110,17 +128,27 @@ def emit_layer_class(class_name: str, spec: ArchitectureSpec) -> str:
             lines.append(f"self.{step.attr} = {block_constructor(step.kind, hybrid.block(step.kind))}")
         return lines
 
-    if len(kinds) == 1:
+    if len(kinds) == 1 and hybrid.selector is not None and len(hybrid.kinds) == 1:
+        (value,) = kinds[0].selectors  # the analyzed config had layers of this kind only
+        init = [
+            f"if {hybrid.selector}[layer_idx] != {value!r}:",
+            f'    raise NotImplementedError(f"layer {{layer_idx}}: only {value!r} layers are built by this file")',
+            *build(kinds[0]),
+        ]
+        forward = _step_lines(hybrid, kinds[0], positional)
+    elif len(kinds) == 1:
         init, forward = build(kinds[0]), _step_lines(hybrid, kinds[0], positional)
     else:
         if hybrid.selector is None:
             raise UnsupportedFeature(class_name, "several layer kinds in one class without a selector", _HINT)
-        init = [f"self.block_type = {hybrid.selector}[layer_idx]"]
+        built = [build(kind) for kind in kinds]
+        shared = [line for line in built[0] if all(line in other for other in built[1:])]  # every kind's
+        init = [f"self.block_type = {hybrid.selector}[layer_idx]", *shared]
         forward = []
-        for position, kind in enumerate(kinds):
+        for position, (kind, lines) in enumerate(zip(kinds, built, strict=True)):
             keyword = "if" if position == 0 else "elif"
             init.append(f"{keyword} {_condition(hybrid, kind)}:  # {kind.name} layers")
-            init += [f"    {line}" for line in build(kind)]
+            init += [f"    {line}" for line in lines if line not in shared] or ["    pass"]
             forward.append(f"{keyword} {_condition(hybrid, kind)}:")
             forward += [f"    {line}" for line in _step_lines(hybrid, kind, positional)]
         kinds_text = ", ".join(repr(v) for kind in kinds for v in kind.selectors)
@@ -186,6 +214,7 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
         "mamba2": "Mamba2 SSD mixers",
         "gated_delta": "gated delta rule (linear attention) mixers",
         "short_conv": "gated short-convolution mixers",
+        "mamba1": "Mamba1 selective-scan mixers",
         "attention": "grouped-query attention",
         "mlp": "dense MLPs",
         "moe": "mixture-of-experts feed-forward",
@@ -194,6 +223,10 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
     counts = {name: hybrid.order.count(name) for name in dict.fromkeys(hybrid.order)}
     kinds = ", ".join(f"{name} ({count} of {len(hybrid.order)} layers)" for name, count in counts.items())
     selector = f"; a layer's kind is read from {hybrid.selector}[layer_idx]" if hybrid.selector else ""
+    if not hybrid.selector and len(counts) == 1:  # no stored per-layer list to check
+        selector = (
+            f"; every layer is built as a {hybrid.order[0]} layer (re-onboard a config with other kinds)"
+        )
     rope = " and rotary position embeddings" if spec.rope is not None else ""
     ops = dict.fromkeys(op for kind, _ in hybrid.blocks for op in STATE_OPS.get(kind, ()))
     stateful = " / ".join(f"``{op}``" for op in ops) or "the canonical ops"

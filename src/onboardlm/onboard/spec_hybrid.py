@@ -67,6 +67,42 @@ class Mamba2MixerSpec:
 
 
 @dataclass(frozen=True)
+class Mamba1MixerSpec:
+    """A Mamba1 selective-scan mixer, run on ``torch_ssm`` with one head per (channel, state) pair.
+
+    ``in_proj`` gives ``[x (I) | gate (I)]``; the causal depthwise conv and the activation act on x;
+    ``x_proj`` gives ``[dt (R) | B (N) | C (N)]`` (each optionally RMS-normalised: Jamba, Falcon-Mamba);
+    ``dt_proj`` maps dt to I channels (its bias is the scan's ``dt_bias``). Mamba1's state is
+    ``[I, N]`` with a per-entry ``A [I, N]``: on ``torch_ssm`` that is ``I * N`` heads of width 1, each
+    with its own group for B and C, so the scan (and the runtime's cached scan) is Mamba2's op; the
+    output sums the N heads of a channel, adds ``D * x`` and is gated by SiLU(gate).
+    """
+
+    class_name: str
+    in_proj: str
+    x_proj: str
+    dt_proj: str
+    out_proj: str
+    conv: str
+    act_attr: str
+    act: str
+    in_bias: str
+    out_bias: str
+    conv_bias: str
+    intermediate: str
+    state_size: str
+    rank: str
+    conv_kernel: str
+    #: norms of dt, B and C after x_proj (attribute names and NormSpec), or () where there are none
+    ssm_norms: tuple[tuple[str, Any], ...] = ()
+    kind: MixerKind = "mamba1"
+
+    @property
+    def note(self) -> str:
+        return "Mamba1 selective-scan mixer (torch_causal_conv1d, torch_ssm over channel x state heads)"
+
+
+@dataclass(frozen=True)
 class StepSpec:
     """One residual step of a layer: ``h = h + self.<attr>(self.<norm>(h))``."""
 

@@ -108,7 +108,7 @@ def check_f1(ctx: ReviewContext) -> Outcome:
                 )
     if not uses_tiny:
         set_fields = {name for name, _ in settings}
-        for field in sorted(_layer_kind_fields(ctx.model) - set_fields):
+        for field in sorted(_layer_kind_fields(ctx.model) - set_fields - _derived_fields(ctx)):
             flags.append(
                 tests.src.flag(1, f"the model reads config.{field} but the test config does not set it")
             )
@@ -141,6 +141,17 @@ def _size_settings(tests: TestIndex) -> list[tuple[str, ast.expr]]:
                 if isinstance(t, ast.Attribute) and t.attr in fields
             ]
     return found
+
+
+def _derived_fields(ctx: ReviewContext) -> set[str]:
+    """Layer-kind names the config class derives from other fields (a property or an attribute_map
+    alias of one, Bamba's ``layer_types`` from ``attn_layer_indices``): set through those fields."""
+    if ctx.config is None:
+        return set()
+    cls = type(ctx.config)
+    derived = {name for name in LAYER_KIND_FIELDS if isinstance(getattr(cls, name, None), property)}
+    aliases = getattr(cls, "attribute_map", {}) or {}
+    return derived | {alias for alias, target in aliases.items() if target in derived}
 
 
 def _layer_kind_fields(model: ModelIndex) -> set[str]:

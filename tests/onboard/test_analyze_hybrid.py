@@ -1,0 +1,121 @@
+"""Hybrid stacks measured from transformers models: block kinds, residual steps, kind order, Mamba2.
+
+Expected values are facts of the transformers implementations (Mamba2's mixer reads ``num_heads``,
+``n_groups`` and ``state_size``; Bamba builds attention on the layers of ``attn_layer_indices``), not
+outputs of the analyzer. The Mamba2 template's math is checked against transformers' own mixer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BambaConfig
+
+from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.analyze import analyze
+from onboardlm.onboard.analyze_hybrid import block_kind, mamba2_reference, needs_hybrid
+from onboardlm.onboard.generate import generate_model_file
+from onboardlm.onboard.spec_hybrid import Mamba2MixerSpec
+from onboardlm.testing import tiny_config
+
+
+def _tiny_model(config):  # noqa: ANN001, ANN202 - a transformers config and model
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(config), dtype=torch.float32).eval()
+
+
+def test_block_kinds_of_transformers_modules() -> None:
+    model = _tiny_model(AutoConfig.for_model("nemotron_h"))
+    layers = model.model.layers
+    assert needs_hybrid(layers)
+    kinds = [block_kind(layer.mixer) for layer in layers]
+    assert kinds == ["mamba2", "moe", "attention", "mlp"]  # the tiny config keeps every block type
+    assert block_kind(layers[0].norm) is None
+    llama = _tiny_model(AutoConfig.for_model("llama"))
+    assert not needs_hybrid(llama.model.layers)
+    mamba = _tiny_model(AutoConfig.for_model("mamba"))
+    assert block_kind(mamba.backbone.layers[0].mixer) == "mamba1"
+
+
+def test_mamba2_spec_reads_the_config_fields_the_mixer_reads() -> None:
+    spec = analyze(AutoConfig.for_model("mamba2"))
+    assert spec.hybrid is not None and spec.hybrid.selector is None
+    assert [kind.name for kind in spec.hybrid.kinds] == ["mamba2"]
+    (step,) = spec.hybrid.kinds[0].steps
+    assert (step.attr, step.kind, step.norm) == ("mixer", "mamba2", "norm")
+    mixer = spec.hybrid.block("mamba2")
+    assert isinstance(mixer, Mamba2MixerSpec)
+    assert (mixer.num_heads, mixer.n_groups, mixer.state_size) == (
+        "config.num_heads",
+        "config.n_groups",
+        "config.state_size",
+    )
+    assert mixer.intermediate == "int(config.expand * config.hidden_size)"
+    assert (mixer.conv_kernel, mixer.conv_bias, mixer.in_bias) == (
+        "config.conv_kernel",
+        "config.use_conv_bias",
+        "config.use_bias",
+    )
+    assert mixer.eps == "config.layer_norm_epsilon" and not mixer.norm_before_gate
+    assert spec.head.final_norm_attr == "norm_f" and spec.embedding.attr == "embeddings"
+
+
+def test_mamba2_template_math_equals_transformers_mixer() -> None:
+    spec = analyze(AutoConfig.for_model("mamba2")).hybrid.block("mamba2")
+    model = _tiny_model(AutoConfig.for_model("mamba2"))
+    mixer = model.backbone.layers[0].mixer
+    with torch.no_grad():
+        mixer.A_log.uniform_(-0.5, 1.0)
+        mixer.dt_bias.normal_(-1.0, 0.5)
+        mixer.D.normal_(0.5, 0.3)
+        mixer.norm.weight.normal_(1.0, 0.3)
+        x = torch.randn(2, 19, model.config.hidden_size)  # longer than one SSD chunk (8)
+        expected = mixer(x)
+        config = model.config
+        actual = mamba2_reference(mixer, spec, config.n_groups, config.state_size, x)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mamba1_spec_with_and_without_dt_b_c_norms() -> None:
+    mixer = analyze(AutoConfig.for_model("mamba")).hybrid.block("mamba1")
+    assert (mixer.intermediate, mixer.state_size, mixer.rank) == (
+        "config.intermediate_size",
+        "config.state_size",
+        "config.time_step_rank",
+    )
+    assert (mixer.x_proj, mixer.dt_proj, mixer.ssm_norms) == ("x_proj", "dt_proj", ())
+    falcon = analyze(AutoConfig.for_model("falcon_mamba")).hybrid.block("mamba1")
+    names = [name for name, _ in falcon.ssm_norms]
+    assert names == ["dt_layernorm", "b_layernorm", "c_layernorm"]
+    assert all(not norm.weight and norm.eps == "config.mixer_rms_eps" for _, norm in falcon.ssm_norms)
+
+
+def test_bamba_attention_layers_selected_by_layer_types() -> None:
+    spec = analyze(BambaConfig(attn_layer_indices=[9, 18, 27]))
+    hybrid = spec.hybrid
+    assert hybrid is not None and hybrid.selector == "config.layer_types"
+    kinds = {kind.name: kind for kind in hybrid.kinds}
+    assert set(kinds) == {"mamba2+mlp", "attention+mlp"}
+    assert kinds["mamba2+mlp"].selectors == ("linear_attention",)
+    assert kinds["attention+mlp"].selectors == ("full_attention",)
+    mamba_steps = [(s.attr, s.norm) for s in kinds["mamba2+mlp"].steps]
+    assert mamba_steps == [("mamba", "input_layernorm"), ("feed_forward", "pre_ff_layernorm")]
+    assert [s.attr for s in kinds["attention+mlp"].steps] == ["self_attn", "feed_forward"]
+    assert spec.attention is not None and spec.rope is not None and spec.rope.partial
+    source = generate_model_file(spec)
+    assert "torch.ops.auto_deploy" in source and "ops.torch_ssm(" in source
+    assert 'self.block_type == "full_attention"' in source
+
+
+@pytest.mark.parametrize(
+    ("model_type", "where", "feature"),
+    [
+        ("zamba2", "model.layers.1", "input plus its blocks' outputs"),
+        ("falcon_h1", "model.layers.0", "residual layout"),
+    ],
+)
+def test_hybrids_without_a_template_are_refused_by_module(model_type: str, where: str, feature: str) -> None:
+    with pytest.raises(UnsupportedFeature) as raised:
+        analyze(AutoConfig.for_model(model_type))
+    assert raised.value.module_path == where
+    assert feature in str(raised.value)
