@@ -290,16 +290,13 @@ class Qwen3_5DecoderLayer(nn.Module):
     def __init__(self, config: Qwen3_5TextConfig, layer_idx: int) -> None:
         super().__init__()
         self.block_type = config.layer_types[layer_idx]
+        self.input_layernorm = Qwen3_5RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3_5RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = Qwen3_5MLP(config)
         if self.block_type == "linear_attention":  # gated_delta+mlp layers
-            self.input_layernorm = Qwen3_5RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.linear_attn = Qwen3_5GatedDeltaNet(config, layer_idx)
-            self.post_attention_layernorm = Qwen3_5RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.mlp = Qwen3_5MLP(config)
         elif self.block_type == "full_attention":  # attention+mlp layers
-            self.input_layernorm = Qwen3_5RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.self_attn = Qwen3_5Attention(config, layer_idx)
-            self.post_attention_layernorm = Qwen3_5RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.mlp = Qwen3_5MLP(config)
         else:
             raise ValueError(
                 f"layer {layer_idx}: block type {self.block_type!r} is none of 'linear_attention', 'full_attention'"

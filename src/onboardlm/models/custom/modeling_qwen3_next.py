@@ -395,28 +395,13 @@ class Qwen3NextDecoderLayer(nn.Module):
     def __init__(self, config: Qwen3NextConfig, layer_idx: int) -> None:
         super().__init__()
         self.block_type = config.layer_types[layer_idx]
+        self.input_layernorm = Qwen3NextRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3NextRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = Qwen3NextSparseMoeBlock(config)
         if self.block_type == "linear_attention":  # gated_delta+moe layers
-            self.input_layernorm = Qwen3NextRMSNorm(config.hidden_size, config.rms_norm_eps)
             self.linear_attn = Qwen3NextGatedDeltaNet(config, layer_idx)
-            self.post_attention_layernorm = Qwen3NextRMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.mlp = (
-                Qwen3NextSparseMoeBlock(config)
-                if layer_idx not in config.mlp_only_layers
-                and config.num_experts > 0
-                and (layer_idx + 1) % config.decoder_sparse_step == 0
-                else Qwen3NextMLP(config)
-            )
         elif self.block_type == "full_attention":  # attention+moe layers
-            self.input_layernorm = Qwen3NextRMSNorm(config.hidden_size, config.rms_norm_eps)
             self.self_attn = Qwen3NextAttention(config, layer_idx)
-            self.post_attention_layernorm = Qwen3NextRMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.mlp = (
-                Qwen3NextSparseMoeBlock(config)
-                if layer_idx not in config.mlp_only_layers
-                and config.num_experts > 0
-                and (layer_idx + 1) % config.decoder_sparse_step == 0
-                else Qwen3NextMLP(config)
-            )
         else:
             raise ValueError(
                 f"layer {layer_idx}: block type {self.block_type!r} is none of 'linear_attention', 'full_attention'"
@@ -442,10 +427,6 @@ class Qwen3NextPreTrainedModel(PreTrainedModel):
     config_class = Qwen3NextConfig
     base_model_prefix = "model"
     _no_split_modules = ["Qwen3NextDecoderLayer"]
-
-    def _check_and_adjust_experts_implementation(self, experts_implementation: str | None) -> str:
-        """The experts run in ``torch_moe``: transformers' experts kernels never apply."""
-        return "eager"
 
 
 class Qwen3NextModel(Qwen3NextPreTrainedModel):
