@@ -428,6 +428,10 @@ class Qwen3NextPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["Qwen3NextDecoderLayer"]
 
+    def _check_and_adjust_experts_implementation(self, experts_implementation: str | None) -> str:
+        """The experts run in ``torch_moe``: transformers' experts kernels never apply."""
+        return "eager"
+
 
 class Qwen3NextModel(Qwen3NextPreTrainedModel):
     def __init__(self, config: Qwen3NextConfig) -> None:
