@@ -17,11 +17,15 @@ from onboardlm.review.model_index import Role
 from onboardlm.review.source import FUNCTION_TYPES, SourceFile, call_name
 
 BLOCK_ROLES = (Role.ATTENTION, Role.MLP, Role.MOE)
+#: Token mixers other than attention (SSM, gated delta rule, short convolution): checked like blocks.
+MIXER_OPS = frozenset({"torch_ssm", "torch_gated_delta_rule", "torch_causal_conv1d"})
 PLAIN_LINEAR = frozenset({"linear"})  # F.linear / torch.nn.functional.linear
 PLAIN_RESHAPE = frozenset({"view", "reshape"})
 #: Projections that open a block (shard their output) and close it (shard their input).
-OPENING = ("q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc")
-CLOSING = ("o_proj", "down_proj", "dense", "fc2", "c_proj")
+OPENING = (
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc", "in_proj",
+)  # fmt: skip
+CLOSING = ("o_proj", "down_proj", "dense", "fc2", "c_proj", "out_proj")
 
 
 @rule(
@@ -35,6 +39,11 @@ def check_c9(ctx: ReviewContext) -> Outcome:
     ``tp_mode`` is not; router gates are exempt (routing code keeps its weights replicated)."""
     model, src = ctx.model, ctx.src
     blocks = [cls for role in BLOCK_ROLES for cls in model.classes_with_role(role)]
+    blocks += [
+        cls
+        for cls in model.src.classes.values()
+        if cls not in blocks and model.ops_used(cls) & MIXER_OPS and model.role(cls) is not Role.DECODER_LAYER
+    ]
     if not blocks:
         return Outcome.not_applicable("the file has no attention or MLP block")
     flags: list[Flag] = []
