@@ -250,3 +250,10 @@ def test_hybrid_stack_generates_a_file_that_matches_transformers(
 def test_per_channel_decay_is_refused_with_a_reason(model_type: str) -> None:
     with pytest.raises(UnsupportedFeature, match=r"model\.layers\.0\.self_attn: .*per-channel decay"):
         analyze(CONFIG_MAPPING[model_type]())
+
+
+def test_rope_the_model_withholds_from_some_layers_follows_their_type() -> None:
+    """LaRA-mini's forward hands its full-attention layers no RoPE tables (sliding ones get them)."""
+    spec = analyze(CONFIG_MAPPING["lara_mini"]())
+    assert spec.hybrid is not None and isinstance(spec.hybrid.block("gated_delta"), GatedDeltaSpec)
+    assert spec.hybrid.block("attention").rope_flag == 'config.layer_types[layer_idx] == "sliding_attention"'

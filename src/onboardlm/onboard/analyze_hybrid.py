@@ -776,6 +776,24 @@ def _check_mamba1(mixer: nn.Module, spec: Mamba1MixerSpec, hidden: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def _model_chosen_nope(
+    an: _Analyzer, layers_path: str, num_layers: int, attention: Any, rope: RopeSpec | None
+) -> Any:
+    """The attention's RoPE flag where the model's forward hands some layers no RoPE tables
+    (LaRA-mini's full-attention layers get ``position_embeddings=None``): measured from one recorded
+    forward, the config list whose values pick those layers found as for per-layer NoPE."""
+    if rope is None or getattr(attention, "rope_flag", None) is not None:
+        return attention
+    paths = [f"{layers_path}.{index}" for index in range(num_layers)]
+    calls = record_calls(
+        an.model, paths, input_ids=torch.arange(1, 8)[None], position_ids=torch.arange(7)[None]
+    )
+    uses = [calls[path][0].position_embeddings is not None for path in paths]
+    if all(uses) or not any(uses):  # every layer gets the tables (or none is passed by keyword)
+        return attention
+    return dataclasses.replace(attention, rope_flag=an._rope_flag(layers_path, uses))
+
+
 def analyze_hybrid(
     an: _Analyzer,
     *,
@@ -833,6 +851,7 @@ def analyze_hybrid(
                     ]
                 )
                 attention, rope = an._attention(layer_path, attention_layers, rope)
+                attention = _model_chosen_nope(an, layers_path, len(layers), attention, rope)
                 blocks["attention"] = attention
             elif step.kind == "mlp":
                 others = [s.attr for s in steps if s.kind != "mlp"]
