@@ -38,6 +38,7 @@ MODEL_MODULES = [
     "modeling_granite_swa",
     "modeling_hunyuan_v1_dense",
     "modeling_internlm3",
+    "modeling_lara_mini",
     "modeling_llama",
     "modeling_mamba2",
     "modeling_minimax_m2",
