@@ -101,6 +101,10 @@ EDITS = {
     "inner_norm_dropped": ("bitnet", "attn = self.attn_sub_norm(attn)", "attn = attn\n"),
     "rope_direction": ("nanochat", "sin = -sin", "sin = sin\n"),
     "attention_temperature_dropped": ("ministral3", "q = q * temperature[:, :, None, None]", "q = q\n"),
+    "ssm_skip_dropped": ("mamba2", "            self.D,\n", "self.D * 0"),
+    "ssm_dt_bias_dropped": ("mamba2", "            self.dt_bias,\n", "self.dt_bias * 0"),
+    "ssm_decay_off": ("mamba2", "-torch.exp(self.A_log.float()),", "-torch.exp(self.A_log.float()) * 1.05"),
+    "ssm_gate_order": ("mamba2", "norm_before_gate=False", "norm_before_gate=True"),
 }
 
 

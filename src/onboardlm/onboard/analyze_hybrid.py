@@ -213,7 +213,7 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
                 raise UnsupportedFeature(
                     path,
                     f"residual layout of blocks {pending} with norms {norms} matches no template"
-                    " (expected h = h + block(norm(h)) per block)",
+                    f" (expected h = h + block(norm(h)) per block){_layout_hint(calls, path, pending)}",
                     _HINT,
                 )
             name, norm, call = match
@@ -226,6 +226,18 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
             )
         found.append(tuple(steps))
     return found
+
+
+def _layout_hint(calls: dict[str, list[Any]], path: str, pending: list[str]) -> str:
+    """What the recorded inputs show instead: blocks fed the same tensor (parallel blocks), or a
+    block input that is another's scaled (a multiplier on the way in)."""
+    inputs = {name: calls[f"{path}.{name}"][0].hidden_states for name in pending}
+    names = list(inputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if _close(inputs[a], inputs[b]):
+                return f": {a} and {b} read the same input (parallel blocks)"
+    return ""
 
 
 def _kind_name(steps: tuple[StepSpec, ...]) -> str:

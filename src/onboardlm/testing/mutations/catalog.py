@@ -311,6 +311,51 @@ def _keyword_to_none(names: tuple[str, ...]) -> Edit:
     return edit
 
 
+def _forward_reads(tree: ast.Module, attr: str, replacement: str) -> list[int]:
+    """``self.<attr>`` read in a forward -> ``replacement`` (``{}`` stands for the read)."""
+    lines = []
+    for cls in classes(tree):
+        forward = method(cls, "forward")
+        if forward is None:
+            continue
+        for node in list(ast.walk(forward)):
+            if is_self_attr(node, attr) and isinstance(node.ctx, ast.Load):
+                replace_in_parent(forward, node, parse_expr(replacement.format(ast.unparse(node))))
+                lines.append(node.lineno)
+    return lines
+
+
+def _ssm_skip(tree: ast.Module) -> list[int]:
+    """The SSM's ``D * x`` skip connection left out."""
+    return _forward_reads(tree, "D", "({} * 0)")
+
+
+def _ssm_argument(index: int, replacement: str) -> Edit:
+    """Positional argument ``index`` of every ``torch_ssm`` call -> ``replacement``."""
+
+    def edit(tree: ast.Module) -> list[int]:
+        lines = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and call_attr(node) == "torch_ssm" and len(node.args) > index:
+                node.args[index] = parse_expr(replacement.format(ast.unparse(node.args[index])))
+                lines.append(node.lineno)
+        return lines
+
+    return edit
+
+
+def _gate_order(tree: ast.Module) -> list[int]:
+    """The gated norm's SiLU gate on the other side of the norm."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and call_attr(node) == "torch_rmsnorm_gated":
+            for keyword in node.keywords:
+                if keyword.arg == "norm_before_gate" and isinstance(keyword.value, ast.Constant):
+                    keyword.value = ast.Constant(not keyword.value.value)
+                    lines.append(node.lineno)
+    return lines
+
+
 def _sliding_window(tree: ast.Module) -> list[int]:
     """The sliding window one token longer."""
     lines = []
@@ -596,6 +641,10 @@ KINDS: tuple[Kind, ...] = (
         "attention_temperature_dropped", "q scale by position (attention temperature) left out", _temperature
     ),
     Kind("untied_embeddings", "tied embeddings not declared tied", _untied),
+    Kind("ssm_skip_dropped", "SSM skip term D * x left out", _ssm_skip),
+    Kind("ssm_dt_bias_dropped", "SSM time-step bias not added", _ssm_argument(6, "({} * 0)")),
+    Kind("ssm_decay_off", "SSM decay A 5 % off", _ssm_argument(1, "({} * 1.05)")),
+    Kind("ssm_gate_order", "gated norm's gate before <-> after the norm", _gate_order),
 )
 
 
