@@ -2009,6 +2009,12 @@ class _Analyzer:
         width = linears[downs[0]].in_features
         inner_name = self._mlp_inner_norm(others, width)
         inner_norm = self._norm(f"{path}.{inner_name}", others.pop(inner_name)) if inner_name else None
+        if not others:  # LFM2's w2(F.silu(w1(x)) * w3(x))
+            raise UnsupportedFeature(
+                path,
+                "feed-forward without an activation module (it calls the activation as a function)",
+                _HINT,
+            )
         if len(others) != 1:
             raise UnsupportedFeature(path, f"feed-forward submodules {sorted(others)}", _HINT)
         act_attr = next(iter(others))

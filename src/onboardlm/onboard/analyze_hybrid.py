@@ -35,6 +35,12 @@ from transformers.activations import ACT2CLS
 import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze_classic import projections
+from onboardlm.onboard.analyze_mixers import (
+    analyze_mixer,
+    is_channel_decay_delta,
+    is_gated_delta,
+    is_short_conv,
+)
 from onboardlm.onboard.analyze_moe import analyze_moe
 from onboardlm.onboard.spec import ArchitectureSpec, DecoderLayerSpec, NormSpec, RopeSpec
 from onboardlm.onboard.spec_hybrid import (
@@ -92,12 +98,23 @@ def _is_mamba1(module: nn.Module) -> bool:
 MIXER_RECOGNISERS: list[tuple[MixerKind, Callable[[nn.Module], bool]]] = [
     ("mamba2", _is_mamba2),
     ("mamba1", _is_mamba1),
+    ("gated_delta", is_gated_delta),  # analyze_mixers: Qwen3-Next / Qwen3.5 / OLMo Hybrid linear attention
+    ("short_conv", is_short_conv),  # analyze_mixers: LFM2's gated short convolution
+    ("kda", is_channel_decay_delta),  # recognised to be refused (MIXER_NAMES)
 ]
+
+#: Block kinds measured by their own analyzer module: (analyzer, path, layer index, module) -> spec.
+MIXER_ANALYZERS: dict[MixerKind, Callable[[_Analyzer, str, int, nn.Module], Any]] = {
+    "gated_delta": lambda an, path, index, module: analyze_mixer(an.tiny, module, path, index),
+    "short_conv": lambda an, path, index, module: analyze_mixer(an.tiny, module, path, index),
+}
 
 #: What a recognised mixer kind is, for refusals of kinds that have no template yet.
 MIXER_NAMES = {
     "mamba2": "Mamba2 SSD mixer",
     "mamba1": "Mamba1 selective scan (per-channel A [d_inner, d_state], dt projection)",
+    "kda": "gated delta rule with a per-channel decay (Kimi Delta Attention's forget gate); torch_gated_delta_rule"
+    " decays per head and no canonical op covers a per-channel decay yet",
 }
 
 
@@ -183,7 +200,8 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
             match = None
             for name in pending:
                 (call,) = calls[f"{path}.{name}"]
-                for norm in norms:
+                # norms no earlier step used first: identical norms at init ((1 + 0) * x) all match
+                for norm in sorted(norms, key=lambda n: any(step.norm == n for step in steps)):
                     with torch.no_grad():
                         normed = children[norm](residual)
                     if _close(normed, call.hidden_states):
@@ -770,6 +788,24 @@ def _check_mamba1(mixer: nn.Module, spec: Mamba1MixerSpec, hidden: int) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def _model_chosen_nope(
+    an: _Analyzer, layers_path: str, num_layers: int, attention: Any, rope: RopeSpec | None
+) -> Any:
+    """The attention's RoPE flag where the model's forward hands some layers no RoPE tables
+    (LaRA-mini's full-attention layers get ``position_embeddings=None``): measured from one recorded
+    forward, the config list whose values pick those layers found as for per-layer NoPE."""
+    if rope is None or getattr(attention, "rope_flag", None) is not None:
+        return attention
+    paths = [f"{layers_path}.{index}" for index in range(num_layers)]
+    calls = record_calls(
+        an.model, paths, input_ids=torch.arange(1, 8)[None], position_ids=torch.arange(7)[None]
+    )
+    uses = [calls[path][0].position_embeddings is not None for path in paths]
+    if all(uses) or not any(uses):  # every layer gets the tables (or none is passed by keyword)
+        return attention
+    return dataclasses.replace(attention, rope_flag=an._rope_flag(layers_path, uses))
+
+
 def analyze_hybrid(
     an: _Analyzer,
     *,
@@ -814,6 +850,8 @@ def analyze_hybrid(
             block_path = f"{layer_path}.{step.attr}"
             if step.kind == "mamba2":
                 blocks["mamba2"] = mamba2_spec(an, block_path, index, module)
+            elif step.kind in MIXER_ANALYZERS:
+                blocks[step.kind] = MIXER_ANALYZERS[step.kind](an, block_path, index, module)
             elif step.kind == "mamba1":
                 blocks["mamba1"] = mamba1_spec(an, block_path, index, module)
             elif step.kind == "attention":
@@ -825,6 +863,7 @@ def analyze_hybrid(
                     ]
                 )
                 attention, rope = an._attention(layer_path, attention_layers, rope)
+                attention = _model_chosen_nope(an, layers_path, len(layers), attention, rope)
                 blocks["attention"] = attention
             elif step.kind == "mlp":
                 others = [s.attr for s in steps if s.kind != "mlp"]
@@ -837,14 +876,13 @@ def analyze_hybrid(
                         block_path, "an experts block the MoE analysis does not find", _HINT
                     )
                 blocks["moe"] = dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
-                an.notes.append(moe.note)
             elif step.kind in MIXER_NAMES:
                 raise UnsupportedFeature(block_path, f"{MIXER_NAMES[step.kind]}: no template yet", _HINT)
             else:
                 raise UnsupportedFeature(
                     block_path, f"{step.kind} block in a hybrid stack: no template yet", _HINT
                 )
-    if norm_spec is None or norm_spec.kind != "rms" or norm_spec.offset or not norm_spec.weight:
+    if norm_spec is None or norm_spec.kind != "rms" or not norm_spec.weight:
         raise UnsupportedFeature(layers_path, "hybrid layers without RMSNorms: no template yet", _HINT)
     kinds = []
     for name in dict.fromkeys(names):

@@ -22,6 +22,14 @@ from onboardlm.onboard.spec_hybrid import HybridSpec, LayerKindSpec, Mamba1Mixer
 
 _HINT = "add a template for this block kind in onboardlm/onboard/templates and emit_hybrid.py"
 
+#: Canonical ops of each block kind that carry state across tokens (cached by the runtime).
+STATE_OPS = {
+    "mamba2": ("torch_causal_conv1d", "torch_ssm"),
+    "mamba1": ("torch_causal_conv1d", "torch_ssm"),
+    "gated_delta": ("torch_causal_conv1d", "torch_gated_delta_rule"),
+    "short_conv": ("torch_causal_conv1d",),
+}
+
 #: Block kinds whose forward also takes the RoPE tables.
 POSITIONAL_KINDS = frozenset({"attention"})
 
@@ -36,6 +44,12 @@ def emit_mamba2(mixer: Mamba2MixerSpec, spec: ArchitectureSpec) -> str:
     norm = _render("norm_gated.py.j2", class_name=mixer.norm_class, norm_before_gate=mixer.norm_before_gate)
     body = _render("mamba2_mixer.py.j2", m=mixer, config_class=spec.config_class)
     return norm + "\n\n" + body
+
+
+def _emit_mixer(block: Any, spec: ArchitectureSpec) -> str:
+    from onboardlm.onboard.emit_mixers import emit_mixer_classes
+
+    return emit_mixer_classes(block, spec.config_class)
 
 
 def emit_mamba1(mixer: Mamba1MixerSpec, spec: ArchitectureSpec) -> str:
@@ -63,6 +77,8 @@ def _emit_attention(block: Any, spec: ArchitectureSpec) -> str:
 #: Source of each block kind's classes.
 BLOCK_EMITTERS: dict[str, Callable[[Any, ArchitectureSpec], str]] = {
     "mamba2": emit_mamba2,
+    "gated_delta": _emit_mixer,  # emit_mixers.py
+    "short_conv": _emit_mixer,
     "mamba1": emit_mamba1,
     "attention": _emit_attention,
     "mlp": _emit_attention,  # generate.emit dispatches on the spec class (MLPSpec, MoESpec...)
@@ -196,6 +212,8 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
     assert hybrid is not None
     names = {
         "mamba2": "Mamba2 SSD mixers",
+        "gated_delta": "gated delta rule (linear attention) mixers",
+        "short_conv": "gated short-convolution mixers",
         "mamba1": "Mamba1 selective-scan mixers",
         "attention": "grouped-query attention",
         "mlp": "dense MLPs",
@@ -210,13 +228,15 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
             f"; every layer is built as a {hybrid.order[0]} layer (re-onboard a config with other kinds)"
         )
     rope = " and rotary position embeddings" if spec.rope is not None else ""
+    ops = dict.fromkeys(op for kind, _ in hybrid.blocks for op in STATE_OPS.get(kind, ()))
+    stateful = " / ".join(f"``{op}``" for op in ops) or "the canonical ops"
     return (
         f"Lean, export-friendly {spec.causal_lm_class.removesuffix('ForCausalLM')} on canonical ``auto_deploy`` ops.\n\n"
         f"Mirrors ``{spec.hf_module}`` ({spec.causal_lm_class}): a hybrid stack of pre-norm layers with"
         f" RMSNorm, built from {blocks}{rope}. Layer kinds in the analyzed config: {kinds}{selector}."
         " Module names equal the checkpoint keys, so HuggingFace state dicts load with ``strict=True``.\n\n"
-        "Left out on purpose: the KV cache and the SSM conv/scan states (the conv and the scan run from a"
-        " zero state on ``torch_causal_conv1d`` / ``torch_ssm``; the runtime swaps in cached versions),"
+        f"Left out on purpose: the KV cache and the mixers' conv and scan states (they run from a zero state"
+        f" on {stateful}; the runtime swaps in cached versions),"
         " attention masks and padding masks (sequences are causal and unpadded), dropout, gradient"
         " checkpointing, fused-kernel paths, position-id generation (callers pass them), hidden-state"
         " outputs and the loss.\n Linear, split, view, conv, scan and gated-norm calls carry tensor-parallel"

@@ -1,0 +1,122 @@
+"""Emitters of the non-attention token mixers (gated delta rule, short convolution) on canonical ops.
+
+Each returns the source of one block class (plus, for the gated delta rule, its gated-norm class);
+module names equal the checkpoint keys, and every linear, split, view, conv and scan carries the
+sharding hints seed 002 gives for these layers (``layer_type="delta"`` / ``"ssm"``).
+"""
+
+from __future__ import annotations
+
+from onboardlm.onboard.generate import render
+from onboardlm.onboard.spec_mixers import DeltaProjectionSpec, GatedDeltaSpec, MixerSpec, ShortConvSpec
+
+#: Flat width of each gated-delta part, and its width inside one key head's group.
+_FLAT_WIDTH = {"q": "key_dim", "k": "key_dim", "v": "value_dim", "z": "value_dim", "b": "self.num_v_heads"}
+_FLAT_WIDTH["a"] = _FLAT_WIDTH["b"]
+_GROUP_WIDTH = {
+    "q": "self.head_k_dim",
+    "k": "self.head_k_dim",
+    "v": "per_k * self.head_v_dim",
+    "z": "per_k * self.head_v_dim",
+    "b": "per_k",
+    "a": "per_k",
+}
+_INIT_WIDTH = {
+    "q": "self.key_dim",
+    "k": "self.key_dim",
+    "v": "self.value_dim",
+    "z": "self.value_dim",
+    "b": "self.num_v_heads",
+    "a": "self.num_v_heads",
+}
+_QKV = ("q", "k", "v")
+
+
+def _sum(terms: list[str]) -> str:
+    """``a + a + b`` written ``2 * a + b`` (terms in first-seen order)."""
+    counts = {term: terms.count(term) for term in dict.fromkeys(terms)}
+    return " + ".join(term if n == 1 else f"{n} * {term}" for term, n in counts.items())
+
+
+def _view(name: str, shape: str) -> str:
+    return f'{name} = ops.view({name}, [batch, seq_len, {shape}], tp_scaled_dim=2, layer_type="delta")'
+
+
+def _projection_lines(proj: DeltaProjectionSpec) -> list[str]:
+    """Lines computing one in-projection and leaving its parts as q, k, v ``[b, s, width]`` (flat),
+    z ``[b, s, Hv, Dv]`` and b, a ``[b, s, Hv]``; ``mixed_qkv`` where one projection is ``[q|k|v]``."""
+    weight, bias = f"self.{proj.name}.weight", f"self.{proj.name}.bias"
+    joined = "mixed_" + "".join(proj.parts)
+    lines: list[str] = []
+    if proj.per_key_head:
+        # one group per key head: colwise shards whole groups, the split inside a group stays local
+        total = _sum([_GROUP_WIDTH[p] for p in proj.parts])
+        lines.append(
+            f'{joined} = ops.torch_linear_simple(hidden_states, {weight}, {bias}, tp_mode="colwise", layer_type="delta")'
+        )
+        lines.append(
+            f'{joined} = ops.view({joined}, [batch, seq_len, self.num_k_heads, {total}], tp_scaled_dim=2, layer_type="delta")'
+        )
+        sizes = ", ".join(_GROUP_WIDTH[p] for p in proj.parts)
+        lines.append(
+            f'{", ".join(proj.parts)} = ops.split_with_sizes({joined}, [{sizes}], dim=-1, layer_type="delta")'
+        )
+        for part in proj.parts:
+            if part in _QKV:
+                lines.append(_view(part, _FLAT_WIDTH[part]))
+            elif part == "z":
+                lines.append(_view(part, "self.num_v_heads, self.head_v_dim"))
+            else:
+                lines.append(_view(part, "self.num_v_heads"))
+        return lines
+    target = "mixed_qkv" if proj.parts == _QKV else joined
+    if len(proj.parts) == 1:
+        lines.append(
+            f'{proj.parts[0]} = ops.torch_linear_simple(hidden_states, {weight}, {bias}, tp_mode="colwise", layer_type="delta")'
+        )
+    else:
+        sizes = ", ".join(_FLAT_WIDTH[p] for p in proj.parts)
+        lines.append(
+            f"{target} = ops.torch_linear_simple(hidden_states, {weight}, {bias}, "
+            f'tp_mode="colwise", output_sizes=[{sizes}], layer_type="delta")'
+        )
+        if target != "mixed_qkv":
+            lines.append(
+                f'{", ".join(proj.parts)} = ops.split_with_sizes({joined}, [{sizes}], dim=-1, enable_sharding=True, layer_type="delta")'
+            )
+    if "z" in proj.parts:
+        lines.append(_view("z", "self.num_v_heads, self.head_v_dim"))
+    return lines
+
+
+def emit_gated_delta(spec: GatedDeltaSpec, config_class: str) -> str:
+    """Source of the gated-delta block class (its gated-norm class comes from :func:`emit_gated_norm`)."""
+    init_lines = [
+        f"self.{p.name} = nn.Linear(hidden_size, {_sum([_INIT_WIDTH[part] for part in p.parts])}, bias={p.bias})"
+        for p in spec.projections
+    ]
+    forward_lines = [line for p in spec.projections for line in _projection_lines(p)]
+    if not any(p.parts == _QKV and not p.per_key_head for p in spec.projections):
+        forward_lines.append("mixed_qkv = torch.cat([q, k, v], dim=-1)")
+    return render(
+        "gated_delta.py.j2",
+        spec=spec,
+        config_class=config_class,
+        init_lines=init_lines,
+        forward_lines=forward_lines,
+    )
+
+
+def emit_gated_norm(spec: GatedDeltaSpec) -> str:
+    return render("norm_rms_gated.py.j2", norm_class=spec.norm_class, norm_before_gate=spec.norm_before_gate)
+
+
+def emit_short_conv(spec: ShortConvSpec, config_class: str) -> str:
+    return render("short_conv.py.j2", spec=spec, config_class=config_class)
+
+
+def emit_mixer_classes(spec: MixerSpec, config_class: str) -> str:
+    """Every class one mixer needs, helpers first (the gated norm before the gated-delta block)."""
+    if isinstance(spec, GatedDeltaSpec):
+        return emit_gated_norm(spec) + "\n\n" + emit_gated_delta(spec, config_class)
+    return emit_short_conv(spec, config_class)

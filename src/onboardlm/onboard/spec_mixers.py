@@ -1,0 +1,85 @@
+"""Specs of the token mixers that are not attention: gated delta rule (linear attention) and short
+causal convolution, measured by :mod:`onboardlm.onboard.analyze_mixers`.
+
+Like the other block specs, code-valued fields are Python expressions over ``config`` that the emitted
+file evaluates, so one generated file serves every config of the architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+#: Roles of the parts a gated-delta in-projection produces: query, key, value, output gate (z),
+#: write strength (b, through a sigmoid) and decay input (a, through a softplus).
+DeltaPart = Literal["q", "k", "v", "z", "b", "a"]
+#: Roles of the three chunks of a short-convolution in-projection: the gate multiplied in before the
+#: convolution, the gate multiplied in after it, and the convolved value.
+ConvPart = Literal["pre_gate", "post_gate", "value"]
+
+
+@dataclass(frozen=True)
+class DeltaProjectionSpec:
+    """One input projection of a gated-delta mixer: checkpoint name, bias expression, the parts its
+    output holds in order, and whether they repeat once per key head (``[Hk, q | k | v | z]``,
+    Qwen3-Next's ``in_proj_qkvz``) or lie flat one after the other (``[q | k | v]``)."""
+
+    name: str
+    bias: str
+    parts: tuple[DeltaPart, ...]
+    per_key_head: bool = False
+
+
+@dataclass(frozen=True)
+class GatedDeltaSpec:
+    """Gated DeltaNet (Qwen3-Next, Qwen3.5): in-projections, a depthwise causal conv over ``[q|k|v]``
+    with an activation, the gated delta rule (``torch_gated_delta_rule``), a per-head gated RMSNorm
+    by ``z`` and an output projection."""
+
+    class_name: str
+    attr: str  # attribute on the decoder layer, e.g. "linear_attn"
+    projections: tuple[DeltaProjectionSpec, ...]
+    conv: str  # checkpoint name of the depthwise Conv1d, e.g. "conv1d"
+    conv_bias: str
+    conv_activation: str | None  # config expression of the activation after the conv, None: none
+    out: str
+    out_bias: str
+    A_log: str  # checkpoint names of the per-value-head decay and time-step bias parameters
+    dt_bias: str
+    norm: str  # attribute of the gated norm
+    norm_class: str
+    norm_eps: str
+    norm_before_gate: bool  # norm(x) * weight * silu(z), else norm(x * silu(z)) * weight
+    num_v_heads: str
+    num_k_heads: str
+    head_k_dim: str
+    head_v_dim: str
+    kernel_size: str
+    hidden_size: str = "config.hidden_size"
+    note: str = "gated delta rule (linear attention) with a short causal conv"
+    kind: str = "gated_delta"  # the block kind hybrid stacks key their block specs by
+
+
+@dataclass(frozen=True)
+class ShortConvSpec:
+    """Gated short convolution (LFM2): ``out(post_gate * conv(pre_gate * value))`` with one fused
+    in-projection split in three and a depthwise causal conv (``torch_causal_conv1d``)."""
+
+    class_name: str
+    attr: str  # attribute on the decoder layer, e.g. "conv"
+    in_proj: str
+    in_bias: str
+    parts: tuple[ConvPart, ...]  # order of the in-projection's three chunks
+    conv: str
+    conv_bias: str
+    conv_activation: str | None
+    out: str
+    out_bias: str
+    kernel_size: str
+    width: str = "config.hidden_size"  # channels of the conv (= each chunk's width)
+    hidden_size: str = "config.hidden_size"
+    note: str = "gated short causal convolution"
+    kind: str = "short_conv"
+
+
+MixerSpec = GatedDeltaSpec | ShortConvSpec
