@@ -104,6 +104,7 @@ def emit_gated_delta(spec: GatedDeltaSpec, config_class: str) -> str:
         config_class=config_class,
         init_lines=init_lines,
         forward_lines=forward_lines,
+        uses_per_k=any("per_k" in line for line in forward_lines),
     )
 
 

@@ -132,7 +132,6 @@ class LaraMiniGatedDeltaNet(nn.Module):
         ops = torch.ops.auto_deploy
         batch, seq_len = hidden_states.shape[:2]
         key_dim, value_dim, conv_dim = self.key_dim, self.value_dim, self.conv_dim
-        per_k = self.num_v_heads // self.num_k_heads
         mixed_qkv = ops.torch_linear_simple(
             hidden_states,
             self.in_proj_qkv.weight,
