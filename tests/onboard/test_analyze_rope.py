@@ -204,7 +204,7 @@ def test_llama4_complex_rope_is_measured_past_the_rotary_module() -> None:
     and the refusal names the next feature no template covers (its weightless shared q/k L2 norm)."""
     with pytest.raises(UnsupportedFeature) as raised:
         analyze(AutoConfig.for_model("llama4_text"))
-    assert raised.value.module_path == "model.layers.0.self_attn"
+    assert raised.value.module_path == "model.layers.0.self_attn.qk_norm"
 
 
 def test_empty_per_layer_type_rope_parameters_are_completed() -> None:

@@ -187,7 +187,7 @@ REFUSED = {
     "qwen3_next": ("model.layers.1", "mixes tokens with ['self_attn'] instead of linear_attn"),
     "llama4_text": (
         "model.layers.0.self_attn.qk_norm",
-        "one norm module Llama4TextWeightlessRMSNorm without a weight",
+        "without a weight inside the attention",  # Llama4TextL2Norm before 5.25
     ),
     "laguna": ("model.layers.0.self_attn.g_proj", "output gate per head and token, softplus(g_proj(x))"),
     "mimo_v2_flash": ("model.layers.0.self_attn.v_proj", "value heads of another head dim than q/k"),

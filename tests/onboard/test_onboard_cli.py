@@ -35,8 +35,8 @@ def test_llama_onboards_with_every_phase_passing(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture_fails_with_the_module_and_feature(tmp_path: Path) -> None:
-    out = tmp_path / "mamba"
-    result = invoke("mamba", "--out", str(out))
+    out = tmp_path / "rwkv"
+    result = invoke("rwkv", "--out", str(out))
     assert result.exit_code == 1, result.output
     report = json.loads((out / "report.json").read_text())
     analyze = next(phase for phase in report["phases"] if phase["name"] == "analyze")
