@@ -184,7 +184,6 @@ REFUSED = {
     "doge": ("model.layers.0.self_attn.dt_proj", "one value per head and token with parameters ['A']"),
     "deepseek_v32": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "glm_moe_dsa": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
-    "qwen3_next": ("model.layers.1", "mixes tokens with ['self_attn'] instead of linear_attn"),
     "llama4_text": (
         "model.layers.0.self_attn.qk_norm",
         "without a weight inside the attention",  # Llama4TextL2Norm before 5.25
@@ -195,8 +194,6 @@ REFUSED = {
         "model.layers.2.self_attn",
         "reuse another layer's keys and values (cross-layer KV sharing)",
     ),
-    # AFMoE: its gated attention is measured; its router is not
-    "afmoe": ("model.layers.1.mlp.router", "router AfmoeTokenChoiceRouter holding its linear"),
 }
 
 
