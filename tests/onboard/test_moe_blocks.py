@@ -434,6 +434,7 @@ def test_sparse_mixer_router_is_measured_with_its_jitter_field_and_emitted() -> 
     assert torch.allclose(weights[0, 0], torch.softmax(logits[0, :3], dim=-1)[0])  # -2 is out of reach
 
 
+@requires_reference("beam")
 def test_routed_scaling_applied_by_the_block_is_measured_and_emitted() -> None:
     """Beam's block (not its router) multiplies the experts' output by ``config.routed_scaling_factor``:
     measured as the ratio of the block's output to its experts' on the router's choice, the field
@@ -490,7 +491,9 @@ def test_norm_flag_the_router_ignores_is_not_read() -> None:
 @pytest.mark.parametrize(
     ("model_type", "message"),
     [
-        ("ergo", r"model\.layers\.1\.mlp\.experts: .*non-gated experts"),
+        pytest.param(
+            "ergo", r"model\.layers\.1\.mlp\.experts: .*non-gated experts", marks=requires_reference("ergo")
+        ),
     ],
 )
 def test_unknown_moe_parts_are_refused_by_path(model_type: str, message: str) -> None:
