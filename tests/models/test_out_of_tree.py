@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import onboardlm.models.custom
 from onboardlm.cli import app
+from onboardlm.models import plugins
 from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.models.plugins import find_registered, load_custom_model_dir, registered_models
 from onboardlm.testing.checkpoints import save_tiny_llama, word_tokenizer
@@ -49,8 +50,15 @@ AutoModelForCausalLMFactory.register_custom_model_cls("{name}Config", {name}ForC
 
 @pytest.fixture(autouse=True)
 def _forget_configs_and_modules() -> Iterator[None]:
+    """Leave the process as it was: the toy configs, modules and entry points (a broken one's warning
+    would otherwise be printed by every later command in this test worker)."""
     configs, modules = dict(CONFIG_MAPPING._extra_content), set(sys.modules)
+    problems, loaded = list(plugins._problems), set(plugins._loaded_entry_points)
     yield
+    plugins._problems[:] = problems
+    plugins._loaded_entry_points.clear()
+    plugins._loaded_entry_points.update(loaded)
+    plugins._scanned_path = None
     CONFIG_MAPPING._extra_content.clear()
     CONFIG_MAPPING._extra_content.update(configs)
     for name in set(sys.modules) - modules:
