@@ -23,6 +23,7 @@ from onboardlm.onboard.testgen import (
     generate_test_file,
     lean_blocks,
     make_test_config,
+    python_literal,
     read_layout,
     snake_case,
 )
@@ -111,6 +112,13 @@ def test_config_literals_rebuild_the_tiny_config(generated: dict[str, Path], mod
     config = AutoConfig.for_model(model_type)
     rebuilt = type(config)(**keywords)
     assert init_values(rebuilt) == init_values(make_test_config(config))
+
+
+def test_non_finite_floats_are_written_as_source_that_evaluates_back() -> None:
+    value = {"time_step_limit": (0.0, float("inf")), "floor": [float("-inf"), 1.5], "name": "x", "none": None}
+    text = python_literal(value)
+    assert "inf" not in text.replace('float("inf")', "").replace('float("-inf")', "")
+    assert eval(text) == value  # noqa: S307 (our own literal text)
 
 
 def test_every_layer_kind_gets_its_own_case(generated: dict[str, Path]) -> None:

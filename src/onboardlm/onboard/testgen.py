@@ -447,12 +447,25 @@ def _is_literal(value: Any) -> bool:
     if value is None or isinstance(value, (bool, int, str)):
         return True
     if isinstance(value, float):
-        return math.isfinite(value)
+        return True
     if isinstance(value, (list, tuple)):
         return all(_is_literal(v) for v in value)
     if isinstance(value, dict):
         return all(isinstance(k, str) and _is_literal(v) for k, v in value.items())
     return False
+
+
+def python_literal(value: Any) -> str:
+    """Source text of a literal value; non-finite floats (Mamba2's ``time_step_limit``) as ``float("inf")``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f'float("{value}")'
+    if isinstance(value, list):
+        return f"[{', '.join(python_literal(v) for v in value)}]"
+    if isinstance(value, tuple):
+        return f"({''.join(python_literal(v) + ', ' for v in value)})"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{k!r}: {python_literal(v)}' for k, v in value.items())}}}"
+    return repr(value)
 
 
 def config_fields(tiny: PretrainedConfig) -> dict[str, Any]:
@@ -524,7 +537,7 @@ def _constants(layout: ReferenceLayout, variants: list[Variant]) -> str:
         lines.append(
             "# Config fields that take the lean file's branches the base config does not, by test id."
         )
-        lines.append(f"CONFIG_VARIANTS = { ({v.label: v.overrides for v in variants})!r}")
+        lines.append(f"CONFIG_VARIANTS = {python_literal({v.label: v.overrides for v in variants})}")
     return "\n".join(lines)
 
 
@@ -663,7 +676,7 @@ def generate_test_file(
         hf_import=f"from {hf_package} import {hf_name} as hf",
         config_import=f"from {'transformers' if in_transformers else config_cls.__module__} import {config_cls.__name__}",
         config_cls=config_cls.__name__,
-        config_fields=repr(fields),
+        config_fields=python_literal(fields),
         constants=_constants(layout, variants),
         layout=layout,
         variants=variants,
