@@ -84,17 +84,21 @@ class DeepseekV2MLP(nn.Module):
     def __init__(self, config: DeepseekV2Config, intermediate_size: int | None = None) -> None:
         super().__init__()
         intermediate_size = config.intermediate_size if intermediate_size is None else intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         linear = torch.ops.auto_deploy.torch_linear_simple
-        gate = linear(x, self.gate_proj.weight, None, tp_mode="colwise", layer_type="mlp")
-        up = linear(x, self.up_proj.weight, None, tp_mode="colwise", layer_type="mlp")
+        gate = linear(x, self.gate_proj.weight, self.gate_proj.bias, tp_mode="colwise", layer_type="mlp")
+        up = linear(x, self.up_proj.weight, self.up_proj.bias, tp_mode="colwise", layer_type="mlp")
         down = linear(
-            self.act_fn(gate) * up, self.down_proj.weight, None, tp_mode="rowwise", layer_type="mlp"
+            self.act_fn(gate) * up,
+            self.down_proj.weight,
+            self.down_proj.bias,
+            tp_mode="rowwise",
+            layer_type="mlp",
         )
         return torch.ops.auto_deploy.all_reduce(down, layer_type="mlp")
 
@@ -110,18 +114,34 @@ class DeepseekV2Expert(nn.Module):
 
 
 class DeepseekV2TopkRouter(nn.Module):
-    """Softmax over all experts, then each token's top-k."""
+    """Sigmoid scores; the top-k are chosen on score + ``e_score_correction_bias`` among the experts of
+    the ``topk_group`` best of ``n_group`` groups (a group scores the sum of its two best experts).
+    The chosen sigmoid scores times ``routed_scaling_factor``
+    are the routing weights. Computed in fp32.
+    """
 
     def __init__(self, config: DeepseekV2Config) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+        self.num_experts = config.num_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids and fp32 routing weights, both ``[T, top_k]``, for tokens ``[T, H]``."""
-        logits = torch.nn.functional.linear(hidden_states, self.weight)
-        weights, selected = torch.topk(torch.softmax(logits.float(), dim=-1), self.top_k, dim=-1)
-        return selected, weights
+        scores = torch.nn.functional.linear(hidden_states.float(), self.weight.float()).softmax(dim=-1)
+        choice = scores
+        grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        best_groups = torch.topk(group_scores, k=self.topk_group, dim=-1)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, best_groups, 1.0)
+        allowed = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, self.num_experts)
+        choice = choice.masked_fill(allowed == 0, float("-inf"))
+        selected = torch.topk(choice, k=self.top_k, dim=-1)[1]
+        weights = scores.gather(1, selected)
+        return selected, weights * self.routed_scaling_factor
 
 
 class DeepseekV2Moe(nn.Module):
