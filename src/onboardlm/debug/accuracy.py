@@ -191,10 +191,10 @@ def _load_reference(factory: AutoModelForCausalLMFactory, reference: nn.Module, 
     location = factory.source.weights
     assert location is not None
     tied = {"lm_head.weight"} if getattr(factory.config, "tie_word_embeddings", False) else set()
-    state_dict, _ = factory._read_checkpoint(location, reference, dtype)
+    state_dict, _ = factory.read_checkpoint(location, reference, dtype)
     missing, _unexpected = reference.load_state_dict(state_dict, strict=False)
     if set(missing) - tied:
-        state_dict, _ = factory._read_converted(location, reference, dtype)
+        state_dict, _ = factory.read_converted(location, reference, dtype)
         missing, _unexpected = reference.load_state_dict(state_dict, strict=False)
     if set(missing) - tied:
         raise OnboardlmError(

@@ -219,7 +219,7 @@ class AutoModelForCausalLMFactory:
         if not use_checkpoint:
             return model, LoadReport(cls_name, is_custom, weights_source="random")
         subject = ", ".join(str(f) for f in location.files)
-        state_dict, notes = self._read_checkpoint(location, model, dtype)
+        state_dict, notes = self.read_checkpoint(location, model, dtype)
         try:
             report = load_checkpoint_into(model, state_dict, subject=subject)
         except WeightsError as direct_error:
@@ -228,7 +228,7 @@ class AutoModelForCausalLMFactory:
             logger.info("checkpoint keys differ from the model's; converting through transformers")
             del state_dict
             try:
-                converted, notes = self._read_converted(location, model, dtype)
+                converted, notes = self.read_converted(location, model, dtype)
                 report = load_checkpoint_into(model, converted, subject=subject)
             except WeightsError as conversion_error:  # the direct error names the keys
                 raise direct_error from conversion_error
@@ -237,7 +237,7 @@ class AutoModelForCausalLMFactory:
         report.notes += notes
         return model, report
 
-    def _read_checkpoint(
+    def read_checkpoint(
         self, location: WeightsLocation, model: nn.Module, dtype: torch.dtype | None
     ) -> tuple[StateDict, list[str]]:
         """The checkpoint's tensors for ``model``; of a multimodal checkpoint, its text decoder's only."""
@@ -247,7 +247,7 @@ class AutoModelForCausalLMFactory:
         text = read_text_weights(location, model, dtype, keep_fp32)
         return text.state_dict, [text.note]
 
-    def _read_converted(
+    def read_converted(
         self, location: WeightsLocation, model: nn.Module, dtype: torch.dtype | None
     ) -> tuple[StateDict, list[str]]:
         """The checkpoint as transformers loads it (a multimodal one whole, then its text decoder cut out)."""

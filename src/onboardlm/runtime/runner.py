@@ -167,9 +167,9 @@ class Runner:
             encoded[start : start + settings.max_batch_size]
             for start in range(0, len(encoded), settings.max_batch_size)
         ]
-        if self.device.type == "cuda":  # compile and capture the steps of each batch size the run uses
-            for size in dict.fromkeys(len(batch) for batch in batches):
-                model.generate([encoded[0][:4]] * size, max_new_tokens=2)
+        if self.device.type == "cuda":  # compile and capture what the run uses: each batch's size and width
+            for batch in _first_of_each_shape(batches):
+                model.generate(batch, max_new_tokens=2)
         self.timings.warm_up_s = synchronized_clock(self.device) - warming
         self.timings.decode = DecodeTimings()
         results: list[PromptResult] = []
@@ -197,6 +197,15 @@ class Runner:
                     )
                 )
         return results
+
+
+def _first_of_each_shape(batches: list[list[list[int]]]) -> list[list[list[int]]]:
+    """The first batch of each (size, longest prompt) shape: warming each up captures the decode
+    graphs of its batch size and the prefill graph of its padded width before the timed run."""
+    shapes: dict[tuple[int, int], list[list[int]]] = {}
+    for batch in batches:
+        shapes.setdefault((len(batch), max(map(len, batch))), batch)
+    return list(shapes.values())
 
 
 def _rank_local_graph(
