@@ -139,10 +139,21 @@ class FastGraph:
                 self.report.skipped[size] = str(error).splitlines()[0]
         return self.report
 
-    def _static_inputs(self, size: int) -> dict[str, torch.Tensor]:
+    def _static_inputs(self, size: int, prefill_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Static inputs of a captured step: one decode token per row at the cache's last position, or
+        (``prefill_length``) a fresh prefill of that many tokens from position 0."""
+
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=torch.long, device=self.device)
 
+        if prefill_length is not None:
+            positions = torch.arange(prefill_length, device=self.device).expand(size, prefill_length)
+            return {
+                "input_ids": zeros(size, prefill_length),
+                "position_ids": positions.contiguous(),
+                INPUT_POS: zeros(size),
+                LOGIT_INDEX: zeros(size),
+            }
         inputs = {"input_ids": zeros(size, 1), "position_ids": zeros(size, 1), LOGIT_INDEX: zeros(size)}
         inputs[INPUT_POS] = torch.full((size,), self.max_seq - 1, dtype=torch.long, device=self.device)
         if self._has_state:  # padded rows step their own state rows (b .. B-1), which no live sequence uses
@@ -179,14 +190,7 @@ class FastGraph:
     def _captured_prefill(self, key: tuple[int, int]) -> _Captured | None:
         if key not in self._prefills:
             size, length = key
-            zeros = torch.zeros(size, dtype=torch.long, device=self.device)
-            positions = torch.arange(length, device=self.device).expand(size, length).contiguous()
-            inputs = {
-                "input_ids": torch.zeros(size, length, dtype=torch.long, device=self.device),
-                "position_ids": positions,
-                INPUT_POS: zeros,
-                LOGIT_INDEX: zeros.clone(),
-            }
+            inputs = self._static_inputs(size, prefill_length=length)
             try:
                 self._prefills[key] = self._capture_call(self.gm, inputs, length)
                 self.report.prefill_captured.append(f"{size}x{length}")
