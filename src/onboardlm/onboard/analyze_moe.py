@@ -1286,6 +1286,8 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
     if missing:
         raise UnsupportedFeature(path, f"MLA without {', '.join(missing)}")
     indexer = _mla_indexer(config, model, attn, path)
+    if indexer is not None:
+        _refuse_shared_index_layers(layers, attr, indexer.attr)
     q_lora = isinstance(getattr(attn, "q_a_proj", None), nn.Module)
     nope, rope, v_dim = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
     heads = attn.kv_b_proj.out_features // (nope + v_dim)
@@ -1315,6 +1317,18 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
         rope_pairs=_complex_rotary_table(model) or (not uses_interleave and rotates_channel_pairs(attn)),
         indexer=indexer,
     )
+
+
+def _refuse_shared_index_layers(layers: list[nn.Module], attr: str, name: str) -> None:
+    """Every decoder layer's attention must run its own indexer: a layer without one reuses an earlier
+    layer's top-k selection (GLM-MoE-DSA's ``"shared"`` indexer layers), which no template covers."""
+    for i, layer in enumerate(layers):
+        if not isinstance(getattr(getattr(layer, attr), name, None), nn.Module):
+            raise UnsupportedFeature(
+                f"model.layers.{i}.{attr}",
+                "a sparse-attention layer without its own indexer (it reuses an earlier layer's top-k keys)",
+                "cross-layer top-k sharing is not templated; a config whose layers all run their indexer passes",
+            )
 
 
 def _mla_indexer(
