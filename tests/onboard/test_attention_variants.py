@@ -182,8 +182,6 @@ REFUSED = {
     "jetmoe": ("model.layers.0.self_attention.experts", "module JetMoeMoA with submodules"),
     "inkling_text": ("model.layers.0.self_attn.k_sconv", "short convolution InklingShortConvolution"),
     "doge": ("model.layers.0.self_attn.dt_proj", "one value per head and token with parameters ['A']"),
-    "deepseek_v32": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
-    "glm_moe_dsa": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "llama4_text": (
         "model.layers.0.self_attn.qk_norm",
         "without a weight inside the attention",  # Llama4TextL2Norm before 5.25

@@ -120,6 +120,32 @@ if importlib.util.find_spec("onboardlm.models.custom.modeling_deepseek_v3") is n
         ),
         _shipped,
     )
+if importlib.util.find_spec("onboardlm.models.custom.modeling_deepseek_v32") is not None:
+    from transformers import DeepseekV32Config
+
+    # DeepSeek sparse attention: a lightning indexer keeps 4 keys per query, fewer than the prompts
+    # (9 and 6 tokens) and the decoded sequences hold, so the cached indexer's selection matters
+    CASES["deepseek_v32"] = Case(
+        lambda: DeepseekV32Config(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            mlp_layer_types=["dense", "sparse"],
+            kv_lora_rank=32,
+            q_lora_rank=48,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            index_topk=4,
+            index_head_dim=16,
+            index_n_heads=4,
+            **{**_COMMON, "num_key_value_heads": 4},
+        ),
+        _shipped,
+    )
 
 
 def _random_model(case: Case) -> nn.Module:

@@ -21,6 +21,9 @@ DEFAULT_ROPE_THETA = 10000.0
 #: Routed experts and top-k of an MoE default config that leaves them unset (a small Mixtral-like MoE).
 DEFAULT_EXPERTS = 8
 DEFAULT_TOP_K = 2
+#: Keys a sparse-attention indexer selects per query, and keys averaged into one scored block, for a
+#: default config that leaves them unset (DeepSeek-V3.2's index_topk; a multiple of the block).
+INDEXER_BUDGET, INDEXER_BLOCK = 2048, 4
 _EXPERT_FIELDS = ("n_routed_experts", "num_experts", "num_local_experts")
 _TOP_K_FIELDS = ("num_experts_per_tok", "num_experts_per_token")
 
@@ -73,6 +76,24 @@ _COMPLETIONS: tuple[_Completion, ...] = (
     _Completion(_TOP_K_FIELDS, _top_k, "top-2 routing"),
     _Completion(("n_shared_experts",), lambda c: 1 if _is_moe(c) else None, "one shared expert"),
     _Completion(("n_group", "topk_group"), lambda c: 1 if _is_moe(c) else None, "no expert groups"),
+    # a sparse-attention token indexer (Qwen4-Exp's QSA) whose every field the default leaves unset
+    _Completion(
+        ("indexer_n_heads",),
+        lambda c: c.num_attention_heads if _int(getattr(c, "num_attention_heads", None)) else None,
+        "indexer query heads as the attention's",
+    ),
+    _Completion(("indexer_kv_heads",), lambda c: 1, "one indexer key head, shared by its query heads"),
+    _Completion(
+        ("indexer_head_dim",),
+        lambda c: c.head_dim if _int(getattr(c, "head_dim", None)) else None,
+        "as head_dim: the attention's rotary part fits it",
+    ),
+    _Completion(("indexer_compress_ratio",), lambda c: INDEXER_BLOCK, f"blocks of {INDEXER_BLOCK} keys"),
+    _Completion(
+        ("indexer_budget",),
+        lambda c: INDEXER_BUDGET,
+        "selected keys per query, as DeepSeek-V3.2's index_topk",
+    ),
 )
 
 
@@ -130,6 +151,24 @@ def complete_default_config(config: PretrainedConfig) -> list[str]:
     """
     if getattr(config, "is_heterogeneous", False):  # per-layer values: not one field to fill
         return []
+    notes = _complete_fields(config)
+    text = _text_config(config)
+    if text is not None:  # a multimodal default: its text decoder is what gets onboarded
+        notes += [f"text_config.{note}" for note in _complete_fields(text)]
+    return notes
+
+
+def _text_config(config: PretrainedConfig) -> PretrainedConfig | None:
+    try:
+        text = config.get_text_config(decoder=True)
+    except (AttributeError, ValueError, TypeError):
+        return None
+    if text is config or not isinstance(text, PretrainedConfig) or getattr(text, "is_heterogeneous", False):
+        return None
+    return text
+
+
+def _complete_fields(config: PretrainedConfig) -> list[str]:
     declared, notes = _declared(config), []
     for completion in _COMPLETIONS:
         for name in completion.fields:

@@ -46,6 +46,7 @@ from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_fused_qkv
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
+from onboardlm.onboard.analyze_streams import hyper_connection_refusal
 from onboardlm.onboard.config_derived import derived_expression
 from onboardlm.onboard.spec import (
     DIFFERENTIAL_LAMBDA_INIT,
@@ -251,10 +252,16 @@ class _Analyzer:
         if inner is None:
             raise UnsupportedFeature(type(model).__name__, f"no base model at '{prefix}'", _HINT)
         head_attr = self._head_attr(model)
-        self._check_children(model, "", {prefix, head_attr})
-        stack_attr, self.stack = self._stack(inner)
-        path = f"{prefix}.{stack_attr}" if stack_attr else prefix
-        parts = self._model_parts(self.stack, path)
+        try:
+            self._check_children(model, "", {prefix, head_attr})
+            stack_attr, self.stack = self._stack(inner)
+            path = f"{prefix}.{stack_attr}" if stack_attr else prefix
+            parts = self._model_parts(self.stack, path)
+        except UnsupportedFeature as err:  # name the feature when the layers carry several residual streams
+            refusal = hyper_connection_refusal(model, self.tiny)
+            if refusal is None:
+                raise
+            raise refusal from err
         layers = parts["layers"][1]
         layer = layers[0]
         self._layer_indices = {id(module): index for index, module in enumerate(layers)}

@@ -23,9 +23,11 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.analyze_indexer import analyze_mla_indexer, rotates_channel_pairs
 from onboardlm.onboard.spec_moe import (
     MOE_ACTIVATIONS,
     ExpertsSpec,
+    IndexerSpec,
     MLASpec,
     MoESpec,
     PackedExperts,
@@ -1283,7 +1285,9 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
     missing = [name for name in _MLA_MODULES if not isinstance(getattr(attn, name, None), nn.Module)]
     if missing:
         raise UnsupportedFeature(path, f"MLA without {', '.join(missing)}")
-    _refuse_extra_mla_modules(attn, path)
+    indexer = _mla_indexer(config, model, attn, path)
+    if indexer is not None:
+        _refuse_shared_index_layers(layers, attr, indexer.attr)
     q_lora = isinstance(getattr(attn, "q_a_proj", None), nn.Module)
     nope, rope, v_dim = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
     heads = attn.kv_b_proj.out_features // (nope + v_dim)
@@ -1310,8 +1314,37 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
         yarn_mscale=_folds_yarn_mscale(config, attn, path),
         scaling=float(attn.scaling),
         # one complex table (DeepSeek-V2's freqs_cis) multiplies channel pairs (2i, 2i+1): always interleaved
-        rope_pairs=_complex_rotary_table(model),
+        rope_pairs=_complex_rotary_table(model) or (not uses_interleave and rotates_channel_pairs(attn)),
+        indexer=indexer,
     )
+
+
+def _refuse_shared_index_layers(layers: list[nn.Module], attr: str, name: str) -> None:
+    """Every decoder layer's attention must run its own indexer: a layer without one reuses an earlier
+    layer's top-k selection (GLM-MoE-DSA's ``"shared"`` indexer layers), which no template covers."""
+    for i, layer in enumerate(layers):
+        if not isinstance(getattr(getattr(layer, attr), name, None), nn.Module):
+            raise UnsupportedFeature(
+                f"model.layers.{i}.{attr}",
+                "a sparse-attention layer without its own indexer (it reuses an earlier layer's top-k keys)",
+                "cross-layer top-k sharing is not templated; a config whose layers all run their indexer passes",
+            )
+
+
+def _mla_indexer(
+    config: PretrainedConfig, model: nn.Module, attn: nn.Module, path: str
+) -> IndexerSpec | None:
+    """The sparse-attention indexer among the MLA attention's children (measured), None without one;
+    any other extra child is refused (:func:`_refuse_extra_mla_modules`)."""
+    extras = [
+        (name, child)
+        for name, child in attn.named_children()
+        if name not in _MLA_KNOWN and not isinstance(child, nn.Dropout)
+    ]
+    if len(extras) == 1 and "topk" in inspect.getsource(type(extras[0][1])):
+        return analyze_mla_indexer(config, model, attn, extras[0][0], path)
+    _refuse_extra_mla_modules(attn, path)
+    return None
 
 
 #: Children an MLA attention may have: the latent projections and norms, and the q projection.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 __all__ = [
     "MOE_ACTIVATIONS",
     "ExpertsSpec",
+    "IndexerSpec",
     "MLASpec",
     "MoESpec",
     "PackedExperts",
@@ -169,6 +170,36 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
+class IndexerSpec:
+    """DeepSeek sparse attention's lightning indexer inside an MLA attention (``attr`` on it).
+
+    Children by role (checkpoint keys): ``q_attr`` (low-rank query latent -> heads x dim), ``k_attr``
+    (hidden -> one shared key), ``norm_attr`` (LayerNorm on the key, ``norm_eps``), ``weights_attr``
+    (hidden -> one weight per head). ``*_field``: the config fields of the head count, head width and
+    selected-key count. rope_pairs: RoPE rotates channel pairs (2i, 2i+1) (GLM-MoE-DSA), else
+    half-split (DeepSeek-V3.2), on the first ``qk_rope_head_dim`` channels.
+    """
+
+    class_name: str
+    attr: str
+    q_attr: str
+    k_attr: str
+    norm_attr: str
+    weights_attr: str
+    heads_field: str
+    head_dim_field: str
+    topk_field: str
+    norm_eps: str
+    norm_bias: bool
+    rope_pairs: bool
+
+    @property
+    def note(self) -> str:
+        rope = "interleaved" if self.rope_pairs else "half-split"
+        return f"lightning indexer (config.{self.topk_field} keys per query, {rope} RoPE)"
+
+
+@dataclass(frozen=True)
 class MLASpec:
     """DeepSeek-style multi-head latent attention (the attention slot; ``attr`` on the decoder layer).
 
@@ -196,6 +227,7 @@ class MLASpec:
     yarn_mscale: bool
     scaling: float
     rope_pairs: bool = False
+    indexer: IndexerSpec | None = None  # DeepSeek sparse attention: attend only to the selected keys
 
     @property
     def note(self) -> str:
@@ -209,4 +241,5 @@ class MLASpec:
             else "NeoX"
         )
         mscale = ", YaRN mscale" if self.yarn_mscale else ""
-        return f"MLA ({q}, {rope} RoPE on the shared key part{mscale})"
+        sparse = f", sparse over a {self.indexer.note}" if self.indexer is not None else ""
+        return f"MLA ({q}, {rope} RoPE on the shared key part{mscale}{sparse})"

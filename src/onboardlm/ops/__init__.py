@@ -4,7 +4,18 @@ One module per category; see OPS.md for the contract. Importing this package reg
 (ops that another stack registered first are left as they are).
 """
 
-from onboardlm.ops import attention, linear, mla, moe, norm, quantization, rope, sharding, ssm  # noqa: F401
+from onboardlm.ops import (  # noqa: F401
+    attention,
+    linear,
+    mla,
+    moe,
+    norm,
+    quantization,
+    rope,
+    sharding,
+    sparse_attention,
+    ssm,
+)
 from onboardlm.ops._library import DECLARED_OPS, get_op, op_is_registered
 from onboardlm.ops.moe import ActivationType
 

@@ -82,6 +82,21 @@ def torch_mla(
     """
     check_layout(layout)
     check_hints(layer_type=layer_type)
+    return _mla(q_nope, q_pe, compressed_kv, kpe, kv_b_proj_weight, is_causal, scale, layout, None)
+
+
+def _mla(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    compressed_kv: torch.Tensor,
+    kpe: torch.Tensor,
+    kv_b_proj_weight: torch.Tensor,
+    is_causal: bool,
+    scale: float | None,
+    layout: str,
+    attn_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The kernel of ``torch_mla`` and ``torch_sparse_mla`` (``attn_mask``: bool, True = allowed)."""
     q_nope, q_pe, kpe = (to_bnsd(x, layout) for x in (q_nope, q_pe, kpe))
     v_head_dim = _check_mla_args(q_nope, q_pe, compressed_kv, kpe, kv_b_proj_weight, layout)
     b, n_heads, _, nope_dim = q_nope.shape
@@ -91,7 +106,8 @@ def torch_mla(
     query = torch.cat([q_nope, q_pe], dim=-1)
     key = torch.cat([k_nope, kpe.expand(b, n_heads, s_k, kpe.shape[-1])], dim=-1)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    return from_bnsd(attend_bnsd(query, key, value, scale, is_causal=is_causal), layout)
+    out = attend_bnsd(query, key, value, scale, attn_mask=attn_mask, is_causal=is_causal)
+    return from_bnsd(out, layout)
 
 
 @torch_mla.register_fake
@@ -112,3 +128,67 @@ def _torch_mla_fake(
     q_view, pe_view, kpe_view = (to_bnsd(x, layout) for x in (q_nope, q_pe, kpe))
     v_head_dim = _check_mla_args(q_view, pe_view, compressed_kv, kpe_view, kv_b_proj_weight, layout)
     return q_nope.new_empty(*q_nope.shape[:-1], v_head_dim)
+
+
+def _check_index_mask(
+    index_mask: torch.Tensor, q_nope: torch.Tensor, compressed_kv: torch.Tensor, layout: str
+) -> None:
+    b, _, s_q, _ = to_bnsd(q_nope, layout).shape
+    expected = [b, 1, s_q, compressed_kv.shape[1]]
+    if index_mask.dtype != torch.bool or list(index_mask.shape) != expected:
+        raise ValueError(
+            f"index_mask must be bool {expected}, got {index_mask.dtype} {list(index_mask.shape)}"
+        )
+
+
+@canonical_op("torch_sparse_mla")
+def torch_sparse_mla(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    compressed_kv: torch.Tensor,
+    kpe: torch.Tensor,
+    kv_b_proj_weight: torch.Tensor,
+    index_mask: torch.Tensor,
+    is_causal: bool = True,
+    scale: float | None = None,
+    layout: str = "bsnd",
+    enable_sharding: bool = False,
+    layer_type: str = "mla",
+) -> torch.Tensor:
+    """``torch_mla`` over the keys ``index_mask`` selects (DeepSeek sparse attention).
+
+    ``index_mask`` is bool ``[B, 1, S_q, S_k]``, True = the query may attend to the key (what
+    ``torch_lightning_indexer`` returns); it combines with the causal rule. Everything else as ``torch_mla``.
+    """
+    check_layout(layout)
+    check_hints(layer_type=layer_type)
+    _check_index_mask(index_mask, q_nope, compressed_kv, layout)
+    return _mla(q_nope, q_pe, compressed_kv, kpe, kv_b_proj_weight, is_causal, scale, layout, index_mask)
+
+
+@torch_sparse_mla.register_fake
+def _torch_sparse_mla_fake(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    compressed_kv: torch.Tensor,
+    kpe: torch.Tensor,
+    kv_b_proj_weight: torch.Tensor,
+    index_mask: torch.Tensor,
+    is_causal: bool = True,
+    scale: float | None = None,
+    layout: str = "bsnd",
+    enable_sharding: bool = False,
+    layer_type: str = "mla",
+) -> torch.Tensor:
+    return _torch_mla_fake(
+        q_nope,
+        q_pe,
+        compressed_kv,
+        kpe,
+        kv_b_proj_weight,
+        is_causal,
+        scale,
+        layout,
+        enable_sharding,
+        layer_type,
+    )

@@ -32,6 +32,7 @@ from onboardlm.registry.records import OnboardRecord, read_records
 #: Calls of canonical ops that mark a feature, and keyword arguments of the attention op that do.
 _OP_FEATURES = {
     "torch_mla": "MLA",
+    "torch_sparse_mla": "MLA",
     "torch_moe": "MoE",
     "torch_moe_dense_mlp": "MoE",
     "torch_moe_router": "MoE",

@@ -21,7 +21,7 @@ from functools import cached_property
 from onboardlm.review.source import FUNCTION_TYPES, SourceFile, call_name, dotted_parts
 
 AD = "torch.ops.auto_deploy."
-ATTENTION_OPS = frozenset({"torch_attention", "torch_attention_sdpa", "torch_mla"})
+ATTENTION_OPS = frozenset({"torch_attention", "torch_attention_sdpa", "torch_mla", "torch_sparse_mla"})
 NORM_OPS = frozenset({"torch_rmsnorm", "torch_rmsnorm_gated", "torch_l2norm"})
 ROPE_OPS = frozenset(
     {"torch_rope_with_explicit_cos_sin", "torch_rope_with_complex_freqs", "torch_rope_with_qk_interleaving"}

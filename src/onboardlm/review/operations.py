@@ -33,6 +33,8 @@ CANONICAL_OPS = frozenset(
         "torch_moe_router",
         "torch_moe_dense_mlp",
         "torch_mla",
+        "torch_sparse_mla",
+        "torch_lightning_indexer",
         "torch_causal_conv1d",
         "torch_ssm",
         "torch_gated_delta_rule",

@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from onboardlm.ops.attention import attend_bnsd, check_layout, from_bnsd, to_bnsd
+from onboardlm.ops.sparse_attention import index_scores, select_top_keys
 
 NAMESPACE = "auto_deploy"
 CACHED_ATTENTION = "onboardlm_cached_attention"
 CACHED_MLA = "onboardlm_cached_mla"
+CACHED_LIGHTNING_INDEXER = "onboardlm_cached_lightning_indexer"
 
 
 def write_cache(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor) -> None:
@@ -129,11 +131,13 @@ def cached_mla(
     is_causal: bool = True,
     scale: float | None = None,
     layout: str = "bsnd",
+    index_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch_mla`` over a latent cache: ``ckv_cache`` ``[max_b, max_s, rank]``, ``kpe_cache`` ``[.., 1, rope]``.
 
     The compressed latent and the (already rotated) RoPE key are cached; ``kv_b_proj`` expands the
-    cached latent on every call, as ``torch_mla`` does for its inputs.
+    cached latent on every call, as ``torch_mla`` does for its inputs. ``index_mask`` (bool
+    ``[b, 1, s, kv_len]``, from the cached lightning indexer) narrows the keys as in ``torch_sparse_mla``.
     """
     check_layout(layout)
     q_nope_v, q_pe_v = to_bnsd(q_nope, layout), to_bnsd(q_pe, layout)
@@ -148,6 +152,8 @@ def cached_mla(
     query = torch.cat([q_nope_v, q_pe_v], dim=-1)
     keys = torch.cat([k_nope, k_pe.expand(b, n_heads, kv_len, k_pe.shape[-1])], dim=-1)
     mask = allowed_keys(input_pos, s_q, kv_len, is_causal, None)
+    if index_mask is not None:
+        mask = mask & index_mask
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     return from_bnsd(attend_bnsd(query, keys, values, scale, attn_mask=mask), layout)
 
@@ -166,8 +172,49 @@ def _cached_mla_fake(
     is_causal: bool = True,
     scale: float | None = None,
     layout: str = "bsnd",
+    index_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     check_layout(layout)
     n_heads = to_bnsd(q_nope, layout).shape[1]
     v_head_dim = kv_b_proj_weight.shape[0] // n_heads - q_nope.shape[-1]
     return q_nope.new_empty(*q_nope.shape[:-1], v_head_dim)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::{CACHED_LIGHTNING_INDEXER}", mutates_args=("k_cache",))
+def cached_lightning_indexer(
+    index_q: torch.Tensor,
+    index_k: torch.Tensor,
+    index_weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    input_pos: torch.Tensor,
+    kv_len: int,
+    index_topk: int,
+    scale: float | None = None,
+    is_causal: bool = True,
+) -> torch.Tensor:
+    """``torch_lightning_indexer`` over an indexer-key cache ``[max_b, max_s, D]``: write ``index_k`` at
+    ``input_pos``, score the ``kv_len`` cached keys, return bool ``[b, 1, s, kv_len]`` (the keys each
+    query attends to, causal by absolute position)."""
+    b, s_q = index_q.shape[:2]
+    _check_cache("index k_cache", k_cache, b, kv_len)
+    write_cache(k_cache, index_k, input_pos)
+    scale = 1.0 / math.sqrt(index_q.shape[-1]) if scale is None else scale
+    scores = index_scores(index_q, k_cache[:b, :kv_len], index_weights, scale)
+    allowed = allowed_keys(input_pos, s_q, kv_len, is_causal, None)[:, 0]
+    return select_top_keys(scores, allowed, index_topk)
+
+
+@cached_lightning_indexer.register_fake
+def _cached_lightning_indexer_fake(
+    index_q: torch.Tensor,
+    index_k: torch.Tensor,
+    index_weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    input_pos: torch.Tensor,
+    kv_len: int,
+    index_topk: int,
+    scale: float | None = None,
+    is_causal: bool = True,
+) -> torch.Tensor:
+    b, s_q = index_q.shape[:2]
+    return index_q.new_empty(b, 1, s_q, kv_len, dtype=torch.bool)

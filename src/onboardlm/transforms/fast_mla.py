@@ -46,6 +46,7 @@ def fast_cached_mla(
     is_causal: bool = True,
     scale: float | None = None,
     layout: str = "bsnd",
+    index_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``onboardlm_cached_mla`` with ``kv_b_proj`` absorbed for one-token steps (module doc)."""
     check_layout(layout)
@@ -54,7 +55,7 @@ def fast_cached_mla(
     if s_q != 1 or kv_len == 1:
         return _reference(
             q_nope, q_pe, compressed_kv, kpe, kv_b_proj_weight, ckv_cache, kpe_cache,
-            input_pos, kv_len, is_causal, scale, layout,
+            input_pos, kv_len, is_causal, scale, layout, index_mask,
         )  # fmt: skip
     cached_ops.write_cache(ckv_cache, compressed_kv, input_pos)
     cached_ops.write_cache(kpe_cache, to_bnsd(kpe, layout).transpose(1, 2), input_pos)
@@ -68,6 +69,8 @@ def fast_cached_mla(
     scores = scores + torch.einsum("bne,ble->bnl", q_pe_v[:, :, 0], rope_keys).float()
     scale = 1.0 / math.sqrt(nope_dim + q_pe_v.shape[-1]) if scale is None else scale
     allowed = torch.arange(kv_len, device=input_pos.device) <= input_pos[:, None]  # [b, L]
+    if index_mask is not None:  # the keys a sparse-attention indexer selected, [b, 1, 1, L]
+        allowed = allowed & index_mask[:, 0, 0]
     probs = (scores * scale).masked_fill(~allowed[:, None], float("-inf")).softmax(-1).to(dtype)
     context = torch.einsum("bnl,blr->bnr", probs, latent)
     out = torch.einsum("bnr,nvr->bnv", context, w_uv)

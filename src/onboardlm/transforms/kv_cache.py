@@ -2,7 +2,10 @@
 
 ``torch_attention`` nodes become ``onboardlm_cached_attention`` and ``torch_mla`` nodes
 ``onboardlm_cached_mla`` (see :mod:`onboardlm.transforms.cached_ops`); each keeps its scale, causal
-flag, sliding window, logit cap and sinks. The graph gains inputs: ``input_pos`` (``[b]`` int64, where
+flag, sliding window, logit cap and sinks. Sparse MLA (DeepSeek sparse attention): a
+``torch_lightning_indexer`` node becomes ``onboardlm_cached_lightning_indexer`` with its own key
+cache (``index_k_cache_<i>``), and the ``torch_sparse_mla`` it feeds a cached MLA node that reads its
+mask over the cache. The graph gains inputs: ``input_pos`` (``[b]`` int64, where
 each sequence's new tokens go in the cache), ``kv_len`` (a Python int, how many cache positions to
 read) and one cache tensor per cached input of each layer (named in :attr:`CachedGraph.caches`).
 The stateful ops (conv, SSM, gated delta rule) become cached state ops
@@ -115,7 +118,7 @@ def insert_cached_attention(gm: GraphModule) -> CachedGraph:
         caches.append(CacheSpec(name, features, dtype, per_token))
         return last_input
 
-    layer = 0
+    layer = indexers = 0
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -136,7 +139,17 @@ def insert_cached_attention(gm: GraphModule) -> CachedGraph:
             new_kwargs = {k: args[k] for k in ("is_causal", "scale", "sinks", "sliding_window", "logit_cap")}
             new_kwargs["layout"] = layout
             target = _op(cached_ops.CACHED_ATTENTION)
-        elif node.target == _op("torch_mla"):
+        elif node.target == _op("torch_lightning_indexer"):
+            args = _kwargs(node)
+            index_k = args["index_k"]
+            k_cache = add_cache(
+                f"index_k_cache_{indexers}", (int(index_k.meta["val"].shape[-1]),), _dtype(index_k)
+            )
+            new_args = (args["index_q"], index_k, args["index_weights"], k_cache, input_pos, kv_len)
+            new_kwargs = {k: args[k] for k in ("index_topk", "scale", "is_causal")}
+            target = _op(cached_ops.CACHED_LIGHTNING_INDEXER)
+            indexers += 1
+        elif node.target in (_op("torch_mla"), _op("torch_sparse_mla")):
             args = _kwargs(node)
             layout = args["layout"]
             ckv = args["compressed_kv"]
@@ -149,6 +162,8 @@ def insert_cached_attention(gm: GraphModule) -> CachedGraph:
                 ckv_cache, kpe_cache, input_pos, kv_len,
             )  # fmt: skip
             new_kwargs = {"is_causal": args["is_causal"], "scale": args["scale"], "layout": layout}
+            if "index_mask" in args:  # torch_sparse_mla: the cached indexer's mask over the cache
+                new_kwargs["index_mask"] = args["index_mask"]
             target = _op(cached_ops.CACHED_MLA)
         else:
             continue
@@ -157,7 +172,7 @@ def insert_cached_attention(gm: GraphModule) -> CachedGraph:
         cached.meta = dict(node.meta)
         node.replace_all_uses_with(cached)
         graph.erase_node(node)
-        layer += 1
+        layer += target != _op(cached_ops.CACHED_LIGHTNING_INDEXER)  # its attention counts the layer
     insert_cached_state(graph, input_pos, add_cache)
     if not caches:
         raise UnsupportedFeature("graph", "no attention, MLA, SSM, conv or delta-rule node to cache")

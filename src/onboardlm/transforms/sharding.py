@@ -55,7 +55,8 @@ _ALL_REDUCE = _AD.all_reduce.default
 _ATTENTION = _AD.torch_attention.default
 _MOE = _AD.torch_moe.default
 _MLA = _AD.torch_mla.default
-_HANDLED = {_LINEAR, _VIEW, _SPLIT, _ALL_REDUCE, _ATTENTION, _MOE, _MLA}
+_SPARSE_MLA = _AD.torch_sparse_mla.default  # MLA over the keys a lightning indexer selects: sharded alike
+_HANDLED = {_LINEAR, _VIEW, _SPLIT, _ALL_REDUCE, _ATTENTION, _MOE, _MLA, _SPARSE_MLA}
 
 
 class ShardingError(OnboardlmError):
@@ -361,7 +362,7 @@ def plan_sharding(
             _plan_attention(gm, node, plan)
         elif node.target == _MOE:
             _plan_moe(gm, node, plan)
-        elif node.target == _MLA:
+        elif node.target in (_MLA, _SPARSE_MLA):
             _plan_mla(gm, node, plan)
         elif node.target == _ALL_REDUCE:
             plan.all_reduces.append(node)

@@ -21,6 +21,7 @@ MODEL_MODULES = [
     "modeling_cohere_compass_text",
     "modeling_deepseek_v2",
     "modeling_deepseek_v3",
+    "modeling_deepseek_v32",
     "modeling_diffllama",
     "modeling_ernie4_5_moe",
     "modeling_falcon",
