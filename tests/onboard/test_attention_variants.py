@@ -184,10 +184,6 @@ REFUSED = {
     "doge": ("model.layers.0.self_attn.dt_proj", "one value per head and token with parameters ['A']"),
     "deepseek_v32": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
     "glm_moe_dsa": ("model.layers.0.self_attn.indexer", "sparse-attention indexer"),
-    "llama4_text": (
-        "model.layers.0.self_attn.qk_norm",
-        "without a weight inside the attention",  # Llama4TextL2Norm before 5.25
-    ),
     "laguna": ("model.layers.0.self_attn.g_proj", "output gate per head and token, softplus(g_proj(x))"),
     "mimo_v2_flash": ("model.layers.0.self_attn.v_proj", "value heads of another head dim than q/k"),
     "kolibri1_1": (
