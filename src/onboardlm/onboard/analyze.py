@@ -418,6 +418,23 @@ class _Analyzer:
             else:
                 problems.append((f"{prefix}.{name}", f"unrecognised module {_describe(child)}"))
                 continue
+            if role == "layers" and "layers" in parts and _hidden_streams(child, self.hidden):
+                lists = [
+                    n
+                    for n, c in inner.named_children()
+                    if n != parts[role][0] and _hidden_streams(c, self.hidden)
+                ]
+                if name == lists[0]:  # one line for all of them (AltUp's projections in and out)
+                    problems.append(
+                        (
+                            f"{prefix}.{name}",
+                            f"{len(child)} extra copies of the hidden state carried beside"
+                            f" {prefix}.{parts[role][0]} (lists of square hidden->hidden Linear"
+                            f" {', '.join(f'{prefix}.{n}' for n in lists)}: alternating updates, AltUp);"
+                            " no template carries several hidden streams through the layers",
+                        )
+                    )
+                continue
             if role in parts:
                 kind = type(child).__name__
                 if isinstance(child, nn.ModuleList) and len(child):
@@ -2896,6 +2913,16 @@ def _rope_kind(table: dict[str, Any]) -> str:
     label a static, alpha-stretched base "dynamic"), which the table check confirms."""
     rope_type = table.get("rope_type", "default")
     return "ntk_alpha" if rope_type == "dynamic" and table.get("alpha") else rope_type
+
+
+def _hidden_streams(modules: nn.ModuleList, hidden: int) -> bool:
+    """A list of square hidden-size linears beside the decoder layers: projections of the hidden state
+    into (or out of) extra parallel streams (Gemma 3n's AltUp), not a second stack of layers."""
+    return (
+        isinstance(modules, nn.ModuleList)
+        and len(modules) > 0
+        and all(isinstance(m, nn.Linear) and m.in_features == m.out_features == hidden for m in modules)
+    )
 
 
 def _holds_inv_freq(module: nn.Module) -> bool:
