@@ -2013,9 +2013,16 @@ class _Analyzer:
         first, and a per-layer list whose value marks the chunked layers). None: no chunked layer."""
         stack = layer_path.rsplit(".", 1)[0]
         path = f"{layer_path}.{attr}" + (f".{inner}" if inner else "")
-        chunks = [
-            self._layer_chunk(path.replace(f"{layer_path}.", f"{stack}.{i}.", 1)) for i in range(len(layers))
-        ]
+        paths = [path.replace(f"{layer_path}.", f"{stack}.{i}.", 1) for i in range(len(layers))]
+        seq = 4 * 8 + 1  # longer than any tiny chunk
+        input_ids = torch.arange(seq)[None] % (self.tiny.vocab_size - 1) + 1
+        try:
+            calls = record_calls(
+                self.model, paths, input_ids=input_ids, position_ids=torch.arange(seq)[None], use_cache=False
+            )
+        except Exception:  # a model that does not run this way: no chunk measured, the probes decide
+            return None
+        chunks = [self._layer_chunk(p, calls[p][0]) if calls.get(p) else None for p in paths]
         sizes = {c for c in chunks if c}
         if not sizes:
             return None
@@ -2037,23 +2044,24 @@ class _Analyzer:
                     return f"{chunk} if config.{name}[layer_idx] == {marker!r} else None"
         raise UnsupportedFeature(path, f"attention chunks {chunks} per layer from no config field", _HINT)
 
-    def _layer_chunk(self, path: str) -> int | None:
+    def _layer_chunk(self, path: str, call: Any) -> int | None:
         """The chunk size of a chunked causal attention at ``path`` (None: not chunked), from which
         query outputs change when one key token changes, in its call recorded inside a forward."""
-        seq = 4 * 8 + 1
-        input_ids = torch.arange(seq)[None] % (self.tiny.vocab_size - 1) + 1
-        try:
-            call = record_calls(
-                self.model, [path], input_ids=input_ids, position_ids=torch.arange(seq)[None], use_cache=False
-            )[path][0]
-        except Exception:  # a model that does not run this way: no chunk measured
-            return None
         module = self.model.get_submodule(path)
         x = call.hidden_states
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            return None
+        seq = x.shape[1]
         args = call.args[1:] if call.args else ()
         kwargs = {k: v for k, v in call.kwargs.items() if k != "hidden_states"}
         with torch.no_grad():
             base = _first(module(x, *args, **kwargs))[0]
+            first = x.clone()
+            first[0, 0] += 1.0
+            if not torch.isclose(
+                _first(module(first, *args, **kwargs))[0, -1], base[-1], rtol=1e-5, atol=1e-6
+            ).all():
+                return None  # the last query sees the first key: neither chunked nor windowed
             seen = torch.zeros(seq, seq, dtype=torch.bool)
             for key in range(seq):
                 changed = x.clone()
