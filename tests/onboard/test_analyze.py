@@ -253,11 +253,16 @@ def test_per_layer_widths_are_refused_in_one_line() -> None:
         analyze(AutoConfig.for_model("gemma4_text"))
 
 
-def test_a_second_module_list_names_both() -> None:
-    with pytest.raises(
-        UnsupportedFeature, match=r"altup_projections.*ModuleList of \d+ Linear.* beside model\.layers"
-    ):
+def test_extra_hidden_streams_are_refused_in_one_line() -> None:
+    """Gemma 3n's AltUp: lists of square hidden->hidden linears beside the layers carry extra copies
+    of the hidden state; one line names both lists and the feature."""
+    with pytest.raises(UnsupportedFeature) as raised:
         analyze(AutoConfig.for_model("gemma3n_text"))
+    assert raised.value.module_path == "model.altup_projections"
+    feature = raised.value.feature
+    assert "3 extra copies of the hidden state carried beside model.layers" in feature
+    assert "model.altup_projections, model.altup_unembed_projections" in feature and "AltUp" in feature
+    assert "also" not in feature
 
 
 def test_hard_coded_activation_is_the_closest_match() -> None:

@@ -199,12 +199,28 @@ def test_cos_sin_tables_of_a_complex_table() -> None:
     assert cos_sin_tables(table) is table
 
 
-def test_llama4_complex_rope_is_measured_past_the_rotary_module() -> None:
-    """Llama 4: a base_model_prefix that names no child, one complex RoPE table; both are measured,
-    and the refusal names the next feature no template covers (its weightless shared q/k L2 norm)."""
-    with pytest.raises(UnsupportedFeature) as raised:
-        analyze(AutoConfig.for_model("llama4_text"))
-    assert raised.value.module_path == "model.layers.0.self_attn.qk_norm"
+def test_llama4_text_is_measured_part_by_part() -> None:
+    """Llama 4 (compared with transformers' own modules by the probes): one complex RoPE table rotating
+    interleaved pairs; one weightless q/k norm shared by q and k, after RoPE, on RoPE layers only;
+    chunked local attention on the ``chunked_attention`` layers; the NoPE layers' attention temperature
+    (positions counted from 1); MoE on ``moe_layers`` with a sigmoid top-1 router whose weight scales
+    each expert's input, a shared expert and dense layers of ``intermediate_size_mlp``."""
+    spec = analyze(AutoConfig.for_model("llama4_text"))
+    attn, moe = spec.attention, spec.feed_forward
+    assert spec.rope.complex_table and spec.rope.style == "interleaved"
+    assert attn.qk_norm_names == ("qk_norm", "qk_norm") and not attn.qk_norm.weight
+    assert attn.qk_norm_after_rope
+    assert attn.qk_norm_flag == "config.use_qk_norm and bool(config.no_rope_layers[layer_idx])"
+    assert attn.rope_flag == "config.no_rope_layers[layer_idx]"
+    assert attn.chunk_expr == (
+        "config.attention_chunk_size if config.layer_types[layer_idx] == 'chunked_attention' else None"
+    )
+    assert attn.position_scale == ("config.attn_scale", "config.floor_scale")
+    assert attn.position_scale_offset == 1
+    assert attn.position_scale_flag == "not self.use_rope and config.attn_temperature_tuning"
+    assert moe.routing_on_input and moe.router.scoring == "sigmoid" and moe.shared is not None
+    assert moe.layer_condition == "layer_idx in config.moe_layers"
+    assert moe.dense_width_expr == "config.intermediate_size_mlp"
 
 
 def test_empty_per_layer_type_rope_parameters_are_completed() -> None:

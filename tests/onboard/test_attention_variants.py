@@ -182,10 +182,6 @@ REFUSED = {
     "jetmoe": ("model.layers.0.self_attention.experts", "module JetMoeMoA with submodules"),
     "inkling_text": ("model.layers.0.self_attn.k_sconv", "short convolution InklingShortConvolution"),
     "doge": ("model.layers.0.self_attn.dt_proj", "one value per head and token with parameters ['A']"),
-    "llama4_text": (
-        "model.layers.0.self_attn.qk_norm",
-        "without a weight inside the attention",  # Llama4TextL2Norm before 5.25
-    ),
     "laguna": ("model.layers.0.self_attn.g_proj", "output gate per head and token, softplus(g_proj(x))"),
     "mimo_v2_flash": ("model.layers.0.self_attn.v_proj", "value heads of another head dim than q/k"),
     "kolibri1_1": (

@@ -24,12 +24,15 @@ def _right_padded(seqs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.cat([s, s.new_zeros(width - s.shape[0], *s.shape[1:])]) for s in seqs])
 
 
+@pytest.mark.parametrize("variant", ["window", "chunked"])
 @pytest.mark.parametrize("layout", ["bsnd", "bnsd"])
-def test_cached_attention_matches_full_attention_per_sequence(layout: str) -> None:
+def test_cached_attention_matches_full_attention_per_sequence(layout: str, variant: str) -> None:
     total = [n + DECODE for n in LENGTHS]
     q, k, v = ([torch.randn(t, heads, D, dtype=torch.float64) for t in total] for heads in (N, N_KV, N_KV))
     sinks = torch.randn(N, dtype=torch.float64)
     options = {"scale": 0.3, "sinks": sinks, "sliding_window": 3, "logit_cap": 1.5}
+    if variant == "chunked":  # Llama 4's chunked local attention: prefill and decode cross chunk borders
+        options = {"scale": 0.3, "attention_chunk_size": 3}
 
     def to_layout(x: torch.Tensor) -> torch.Tensor:
         return x if layout == "bsnd" else x.transpose(1, 2)
@@ -97,3 +100,23 @@ def test_allowed_keys_follow_absolute_positions() -> None:
     assert mask[1, 0].tolist() == [[False, False, True, True, False], [False, False, False, True, True]]
     full = allowed_keys(torch.tensor([1]), s_q=2, kv_len=4, is_causal=False, sliding_window=None)
     assert full[0, 0].tolist() == [[True, True, True, False]] * 2
+
+
+def test_chunked_attention_keeps_each_query_in_its_chunk() -> None:
+    """Keys of the query's own chunk of positions only, causal within it (Llama 4's chunked mask)."""
+    q, k, v = (torch.randn(1, 7, 2, 4, dtype=torch.float64) for _ in range(3))
+    out = ops.torch_attention(q, k, v, None, 0.0, True, None, layout="bsnd", attention_chunk_size=3)
+    for position in range(7):
+        start = position - position % 3
+        expected = ops.torch_attention(
+            q[:, position : position + 1],
+            k[:, start : position + 1],
+            v[:, start : position + 1],
+            layout="bsnd",
+        )
+        torch.testing.assert_close(out[:, position : position + 1], expected)
+    mask = allowed_keys(torch.tensor([4]), 2, 6, True, None, attention_chunk_size=3)
+    assert mask[0, 0].tolist() == [
+        [False, False, False, True, True, False],
+        [False, False, False, True, True, True],
+    ]

@@ -148,6 +148,25 @@ if importlib.util.find_spec("onboardlm.models.custom.modeling_deepseek_v32") is 
     )
 
 
+if importlib.util.find_spec("onboardlm.models.custom.modeling_llama4_text") is not None:
+    from transformers import Llama4TextConfig
+
+    CASES["llama4_text"] = Case(  # chunked local attention, NoPE layers with the attention temperature
+        lambda: Llama4TextConfig(
+            intermediate_size=32,
+            intermediate_size_mlp=48,
+            head_dim=16,
+            num_local_experts=4,
+            interleave_moe_layer_step=2,
+            no_rope_layer_interval=2,
+            attention_chunk_size=4,
+            floor_scale=3,
+            **_COMMON,
+        ),
+        _shipped,
+    )
+
+
 def _random_model(case: Case) -> nn.Module:
     """The registered lean class for the case's config, every parameter drawn at random.
 

@@ -425,6 +425,23 @@ class _Analyzer:
             else:
                 problems.append((f"{prefix}.{name}", f"unrecognised module {_describe(child)}"))
                 continue
+            if role == "layers" and "layers" in parts and _hidden_streams(child, self.hidden):
+                lists = [
+                    n
+                    for n, c in inner.named_children()
+                    if n != parts[role][0] and _hidden_streams(c, self.hidden)
+                ]
+                if name == lists[0]:  # one line for all of them (AltUp's projections in and out)
+                    problems.append(
+                        (
+                            f"{prefix}.{name}",
+                            f"{len(child)} extra copies of the hidden state carried beside"
+                            f" {prefix}.{parts[role][0]} (lists of square hidden->hidden Linear"
+                            f" {', '.join(f'{prefix}.{n}' for n in lists)}: alternating updates, AltUp);"
+                            " no template carries several hidden streams through the layers",
+                        )
+                    )
+                continue
             if role in parts:
                 kind = type(child).__name__
                 if isinstance(child, nn.ModuleList) and len(child):
@@ -1135,6 +1152,7 @@ class _Analyzer:
         scaling, scale = self._scaling(path, attn, head_dim)
         scaling = self._scaling_flags(path, layer, attr, scaling, scale)
         uses_rope = self._uses_rope(layers, attr, rope)
+        chunk_expr = self._measured_chunk(layer_path, layers, attr, inner_attr)
         spec = AttentionSpec(
             class_name=type(attn).__name__,
             attr=attr,
@@ -1148,9 +1166,10 @@ class _Analyzer:
             qk_norm=qk_norm,
             qk_norm_names=qk_names,
             qk_norm_per_head=per_head,
-            qk_norm_flag=self._module_flag(layer, f"{attr}.{qk_names[0]}") if qk_norm else None,
+            qk_norm_flag=self._qk_norm_flag(layers, attr, qk_names[0]) if qk_norm else None,
             sliding=self._sliding(path),
-            sliding_expr=self._measured_window(layer_path, layers, attr, inner_attr),
+            sliding_expr=None if chunk_expr else self._measured_window(layer_path, layers, attr, inner_attr),
+            chunk_expr=chunk_expr,
             softcap=self._attention_softcap(),
             rope_flag=self._rope_flag(path, uses_rope) if rope is not None else None,
             sinks=isinstance(getattr(attn, "sinks", None), torch.Tensor),
@@ -1175,6 +1194,7 @@ class _Analyzer:
             spec, rope = self._probe_attention(path, index, layers[index], spec, scale, rope, kv_heads)
             self._confirm_differential(path, layers, spec, scale, rope, kv_heads)
             spec = self._position_scale(path, index, layers[index], spec, scale, rope, kv_heads)
+            spec = self._nope_temperature(path, layers, uses_rope, spec, scale, rope, kv_heads)
         else:
             spec = self._probe_plain_attention(path, layer, spec, scale, kv_heads)
         if spec.fused_qkv:
@@ -1568,6 +1588,76 @@ class _Analyzer:
             path, "attention scaled by position_ids beside RoPE by no known formula", _HINT
         )
 
+    def _nope_temperature(
+        self,
+        path: str,
+        layers: nn.ModuleList,
+        uses_rope: list[bool],
+        spec: AttentionSpec,
+        scale: float,
+        rope: RopeSpec,
+        kv_heads: int,
+    ) -> AttentionSpec:
+        """Layers without RoPE that scale q by the position they count themselves (Llama 4's
+        attention temperature: ``1 + beta * log(1 + floor((position + 1) / period))``, position from
+        0 in a call without cache): matched on the first NoPE layer against float (beta) and int
+        (period) config fields, with the bool field that switches it off."""
+        if spec.position_scale is not None or all(uses_rope) or spec.rope_flag is None:
+            return spec
+        index = uses_rope.index(False)
+        layer = layers[index]
+        layouts = self._qkv_layouts(spec, kv_heads)[:1]
+
+        def probe(module: nn.Module) -> _AttentionProbe:
+            found = _AttentionProbe(
+                self._attn_module(module, spec), spec, self.tiny, scale, kv_heads, self._rotary_module,
+                rope, rope.style, {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {},
+                layer_idx=index,
+            )  # fmt: skip
+            found.tables = None  # a NoPE layer: q and k unrotated
+            return found
+
+        plain = probe(layer)
+        if plain.match(layouts) is not None:
+            return spec
+        floats = [(n, v) for n, v in self.fields.items() if isinstance(v, float)]
+        ints = [(n, v) for n, v in self.fields.items() if _is_int(v) and not isinstance(v, bool) and v > 0]
+        positions = torch.arange(plain.x.shape[1]).expand(plain.x.shape[0], -1).float()
+        for (beta, beta_value), (period, period_value), offset in itertools.product(floats, ints, (1, 0)):
+            plain.q_scale = 1 + beta_value * torch.log(1 + torch.floor((positions + offset) / period_value))
+            if plain.match(layouts) is None:
+                continue
+            flag = None
+            for name, value in self.fields.items():  # the bool field without which q is not scaled
+                if value is not True:
+                    continue
+                flipped = copy.deepcopy(self.tiny)
+                try:
+                    setattr(flipped, name, False)
+                    rebuilt = self._rebuilt_layer(layer, flipped)
+                    rebuilt.load_state_dict(layer.state_dict())
+                except Exception:  # noqa: BLE001 - a flip the config or the layer refuses tells nothing
+                    continue
+                if probe(rebuilt.eval()).match(layouts) is not None:
+                    flag = f"config.{name}"
+                    break
+            condition = "not self.use_rope" + (f" and {flag}" if flag else "")
+            self.notes.append(
+                f"q scaled on NoPE layers: 1 + config.{beta} * log(1 + floor((position + {offset}) /"
+                f" config.{period}))" + (f" where {flag}" if flag else "")
+            )
+            return dataclasses.replace(
+                spec,
+                position_scale=(f"config.{beta}", f"config.{period}"),
+                position_scale_offset=offset,
+                position_scale_flag=condition,
+            )
+        raise UnsupportedFeature(
+            path.replace(".0.", f".{index}.", 1),
+            "NoPE attention scaled by position by no known formula",
+            _HINT,
+        )
+
     def _probe_plain_attention(
         self, path: str, layer: nn.Module, spec: AttentionSpec, scale: float, kv_heads: int
     ) -> AttentionSpec:
@@ -1780,6 +1870,10 @@ class _Analyzer:
         names = sorted(norms, key=lambda n: (not n.startswith("q"), n))
         if len(names) == 1 and "norm" in type(norms[names[0]]).__name__.lower():
             weightless = not list(norms[names[0]].parameters())
+            if weightless:  # one weightless norm for both q and k (Llama 4's qk_norm): per head, probed
+                spec = self._norm(f"{path}.{names[0]}", norms[names[0]])
+                self.notes.append("one weightless q/k norm per head, shared by q and k")
+                return spec, (names[0], names[0]), True
             raise UnsupportedFeature(
                 f"{path}.{names[0]}",
                 f"one norm module {type(norms[names[0]]).__name__}{' without a weight' if weightless else ''}"
@@ -1798,6 +1892,25 @@ class _Analyzer:
             raise UnsupportedFeature(f"{path}.{names[0]}", f"q norm over {size} channels", _HINT)
         self.notes.append("q/k norm " + ("per head" if size == head_dim else "over the projection"))
         return spec, (names[0], names[1]), size == head_dim
+
+    def _qk_norm_flag(self, layers: nn.ModuleList, attr: str, name: str) -> str | None:
+        """The config expression without which layer ``layer_idx`` has no q/k norm: a bool field, and
+        where some layers lack the norm (Llama 4's NoPE layers), the per-layer config list that matches."""
+        flag = self._module_flag(layers[0], f"{attr}.{name}")
+        present = [isinstance(getattr(getattr(layer, attr), name, None), nn.Module) for layer in layers]
+        if all(present):
+            return flag
+        for field, value in self.fields.items():
+            if isinstance(value, list) and len(value) == len(present) and [bool(v) for v in value] == present:
+                self.notes.append(f"q/k norm only on the layers config.{field} selects")
+                return (
+                    f"{flag} and bool(config.{field}[layer_idx])"
+                    if flag
+                    else f"bool(config.{field}[layer_idx])"
+                )
+        raise UnsupportedFeature(
+            f"{attr}.{name}", "q/k norm on some layers only, selected by no config list", _HINT
+        )
 
     def _scaling(self, path: str, attn: nn.Module, head_dim: int) -> tuple[str, float]:
         measured = getattr(attn, "scaling", head_dim**-0.5)
@@ -1897,6 +2010,80 @@ class _Analyzer:
                     )
                     return f"{window} if config.{name}[layer_idx] == {marker!r} else None"
         raise UnsupportedFeature(path, f"attention windows {windows} per layer from no config field", _HINT)
+
+    def _measured_chunk(
+        self, layer_path: str, layers: nn.ModuleList, attr: str, inner: str | None
+    ) -> str | None:
+        """Chunked local attention (Llama 4): the layers whose queries see only the keys of their own
+        chunk of positions (``q // C == k // C``), measured from which outputs a changed key changes,
+        and the config expression of ``C`` per layer (an int field of that value, ``chunk`` in its name
+        first, and a per-layer list whose value marks the chunked layers). None: no chunked layer."""
+        stack = layer_path.rsplit(".", 1)[0]
+        path = f"{layer_path}.{attr}" + (f".{inner}" if inner else "")
+        paths = [path.replace(f"{layer_path}.", f"{stack}.{i}.", 1) for i in range(len(layers))]
+        seq = 4 * 8 + 1  # longer than any tiny chunk
+        input_ids = torch.arange(seq)[None] % (self.tiny.vocab_size - 1) + 1
+        try:
+            calls = record_calls(
+                self.model, paths, input_ids=input_ids, position_ids=torch.arange(seq)[None], use_cache=False
+            )
+        except Exception:  # a model that does not run this way: no chunk measured, the probes decide
+            return None
+        chunks = [self._layer_chunk(p, calls[p][0]) if calls.get(p) else None for p in paths]
+        sizes = {c for c in chunks if c}
+        if not sizes:
+            return None
+        fields = sorted(
+            (n for n, v in self.fields.items() if _is_int(v) and v in sizes), key=lambda n: "chunk" not in n
+        )
+        if len(sizes) != 1 or not fields:
+            raise UnsupportedFeature(path, f"attention chunks {chunks} per layer from no config field", _HINT)
+        chunk = f"config.{fields[0]}"
+        if all(chunks):
+            self.notes.append(f"chunked local attention ({chunk})")
+            return chunk
+        for name, value in self.fields.items():
+            if not isinstance(value, list) or len(value) != len(layers):
+                continue
+            for marker in dict.fromkeys(item for item in value if isinstance(item, str)):
+                if [item == marker for item in value] == [bool(c) for c in chunks]:
+                    self.notes.append(f"chunked local attention ({chunk}) where config.{name} is {marker!r}")
+                    return f"{chunk} if config.{name}[layer_idx] == {marker!r} else None"
+        raise UnsupportedFeature(path, f"attention chunks {chunks} per layer from no config field", _HINT)
+
+    def _layer_chunk(self, path: str, call: Any) -> int | None:
+        """The chunk size of a chunked causal attention at ``path`` (None: not chunked), from which
+        query outputs change when one key token changes, in its call recorded inside a forward."""
+        module = self.model.get_submodule(path)
+        x = call.hidden_states
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            return None
+        seq = x.shape[1]
+        args = call.args[1:] if call.args else ()
+        kwargs = {k: v for k, v in call.kwargs.items() if k != "hidden_states"}
+        with torch.no_grad():
+            base = _first(module(x, *args, **kwargs))[0]
+            first = x.clone()
+            first[0, 0] += 1.0
+            if not torch.isclose(
+                _first(module(first, *args, **kwargs))[0, -1], base[-1], rtol=1e-5, atol=1e-6
+            ).all():
+                return None  # the last query sees the first key: neither chunked nor windowed
+            seen = torch.zeros(seq, seq, dtype=torch.bool)
+            for key in range(seq):
+                changed = x.clone()
+                changed[0, key] += 1.0
+                out = _first(module(changed, *args, **kwargs))[0]
+                seen[:, key] = ~torch.isclose(out, base, rtol=1e-5, atol=1e-6).all(dim=-1)
+        positions = torch.arange(seq)
+        causal = positions[:, None] >= positions[None, :]
+        if bool((seen == causal).all()):
+            return None
+        for size in range(2, seq):
+            same = positions[:, None] // size == positions[None, :] // size
+            if bool((seen == (causal & same)).all()):
+                return size
+        return None
 
     def _layer_window(self, path: str) -> int | None:
         """The window the attention at ``path`` applies within its call (None: it sees every earlier
@@ -2743,6 +2930,16 @@ def _rope_kind(table: dict[str, Any]) -> str:
     return "ntk_alpha" if rope_type == "dynamic" and table.get("alpha") else rope_type
 
 
+def _hidden_streams(modules: nn.ModuleList, hidden: int) -> bool:
+    """A list of square hidden-size linears beside the decoder layers: projections of the hidden state
+    into (or out of) extra parallel streams (Gemma 3n's AltUp), not a second stack of layers."""
+    return (
+        isinstance(modules, nn.ModuleList)
+        and len(modules) > 0
+        and all(isinstance(m, nn.Linear) and m.in_features == m.out_features == hidden for m in modules)
+    )
+
+
 def _holds_inv_freq(module: nn.Module) -> bool:
     return any("inv_freq" in buffer for buffer, _ in module.named_buffers())
 
@@ -3043,6 +3240,8 @@ class _AttentionProbe:
                 tables = _raw(rotary)(self.x, self.positions, **(kwargs or {}))
                 if spec.qk_norm is not None and isinstance(tables, tuple):  # scaled as YaRN's attention
                     tables = tuple(t * 1.25 for t in tables)  # factor does: tells a q/k norm before RoPE
+                elif spec.qk_norm is not None and isinstance(tables, torch.Tensor) and tables.is_complex():
+                    tables = tables * 1.25  # one complex table (Llama 4's freqs_cis), scaled the same way
                 self.tables = tables[::-1] if rope.sin_first else cos_sin_tables(tables)  # from one after
                 extra = _position_ids(attn, self.positions if positions is None else positions)
                 self.expected = _first(attn(self.x, position_embeddings=tables, attention_mask=None, **extra))

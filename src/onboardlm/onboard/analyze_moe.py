@@ -173,6 +173,7 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     post_norm = _post_norm(config, block, path, router, shared)
     _check_block_state(block, path, router, shared, post_norm)
     scaling = None if post_norm else _block_scaling_field(config, block, path, router, shared)
+    on_input = _routing_on_input(block, router, shared)
     if shared is not None:
         shared_bias = _mlp_bias_expression(config, getattr(block, shared.attr))
         if dense_class is not None and shared_bias != mlp_bias:
@@ -203,6 +204,38 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
         post_norm=post_norm,
         scaling_field=scaling,
         mlp_swiglu=None if clamp is None else _clamp_expressions(config, clamp, path),
+        routing_on_input=on_input,
+    )
+
+
+@torch.no_grad()
+def _routing_on_input(block: nn.Module, router: RouterSpec, shared: SharedExpertSpec | None) -> bool:
+    """Whether the block scales each chosen expert's input by its routing weight (Llama 4) rather than
+    its output: the block's output (less its shared expert) against both, from the router's own choice
+    and each expert run alone. False where the parts cannot be called alone (the verify tests decide)."""
+    experts = block.experts
+    if takes_routing(experts) or router.correction_bias == "block":
+        return False  # transformers 5 experts take the routing weights and apply them themselves
+    hidden = router_weight(getattr(block, router.attr)).shape[1]
+    x = torch.randn(2, 5, hidden, generator=torch.Generator().manual_seed(5))
+    tokens = x.reshape(-1, hidden)
+    try:
+        out = block(x)
+        out = (out[0] if isinstance(out, tuple) else out).reshape(tokens.shape)
+        if shared is not None:
+            out = out - getattr(block, shared.attr)(tokens)
+        _, weights, ids = _call_router(getattr(block, router.attr), tokens)
+        on_output, on_input = torch.zeros_like(out), torch.zeros_like(out)
+        for k in range(ids.shape[1]):
+            w = weights[:, k : k + 1]
+            for expert in ids[:, k].unique().tolist():
+                rows = ids[:, k] == expert
+                on_output[rows] += (w * _expert_output(experts, tokens, expert))[rows]
+                on_input[rows] += _expert_output(experts, w * tokens, expert)[rows]
+    except Exception:  # noqa: BLE001 - parts that cannot be called alone
+        return False
+    return torch.allclose(out, on_input, rtol=1e-4, atol=1e-5) and not torch.allclose(
+        out, on_output, rtol=1e-4, atol=1e-5
     )
 
 
@@ -403,6 +436,13 @@ def _dense_probe_config(config: PretrainedConfig, condition: str, num_layers: in
     if "mlp_only_layers" in condition:
         probe.mlp_only_layers = [0]
         return probe
+    listed = re.fullmatch(r"layer_idx in config\.(\w+)", condition)
+    if listed and isinstance(getattr(config, listed[1], None), list):  # Llama 4's moe_layers
+        try:
+            setattr(probe, listed[1], [i for i in getattr(config, listed[1]) if i != 0])
+        except Exception:  # noqa: BLE001 - a config that refuses the list has no dense layer 0 this way
+            return None
+        return probe
     constants = [n.value for n in ast.walk(ast.parse(condition, mode="eval")) if isinstance(n, ast.Constant)]
     constants.append("not-a-layer-kind")  # `kinds[i] == "sparse"`: any other value is the dense branch
     for name, value in vars(config).items():
@@ -410,7 +450,10 @@ def _dense_probe_config(config: PretrainedConfig, condition: str, num_layers: in
             continue
         for constant in constants:
             probe = copy.deepcopy(config)
-            setattr(probe, name, [constant, *value[1:]])
+            try:
+                setattr(probe, name, [constant, *value[1:]])
+            except Exception:  # noqa: BLE001 - a typed list field (ints) refuses a kind name
+                continue
             if _predict_layers(probe, condition, 1) == ():
                 return probe
     return None
@@ -485,9 +528,10 @@ def _check_gated_mlp(
         return fused
     children = dict(mlp.named_children())
     linears = [children.get(name) for name in ("gate_proj", "up_proj", "down_proj")]
-    act = children.get("act_fn")
+    others = [name for name in children if name not in ("gate_proj", "up_proj", "down_proj")]
+    act = children.get(others[0]) if len(others) == 1 else None  # act_fn (Llama 4: activation_fn)
     plain = (
-        set(children) == {"gate_proj", "up_proj", "down_proj", "act_fn"}
+        len(children) == 4
         and all(isinstance(linear, nn.Linear) and linear.bias is None for linear in linears)
         and type(act) is type(ACT2FN[config.hidden_act])
         and linears[0].out_features == width
@@ -641,11 +685,7 @@ def _probe_packing(
         if down_weight.shape != (hidden, weight.shape[0] // 2):
             continue
         tokens = torch.randn(5, hidden, generator=torch.Generator().manual_seed(0))
-        expected = experts(
-            tokens.to(gate_up.dtype),
-            torch.full((5, 1), probed, dtype=torch.long),
-            torch.ones(5, 1, dtype=experts.gate_up_proj.dtype),
-        ).float()
+        expected = _expert_output(experts, tokens.to(gate_up.dtype), probed).float()
         projected = tokens @ weight.T + (0 if gate_up_bias is None else gate_up_bias[probed].float())
         for concatenated in (True, False):
             gate, up = projected.chunk(2, dim=-1) if concatenated else (projected[:, ::2], projected[:, 1::2])
@@ -653,6 +693,26 @@ def _probe_packing(
             if torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
                 return concatenated, transposed
     raise UnsupportedFeature(path, "packed expert tensors in no known layout (gate/up halves or interleaved)")
+
+
+def takes_routing(experts: nn.Module) -> bool:
+    """Whether the packed experts take ``(hidden, ids, weights)`` (transformers 5) or only the tokens,
+    every expert on its own copy of them (Llama 4's ``[E * T, H]``, the routing applied before)."""
+    return len(inspect.signature(experts.forward).parameters) > 1
+
+
+def _expert_output(experts: nn.Module, tokens: torch.Tensor, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s output for ``tokens`` ``[T, H]`` with routing weight 1."""
+    if takes_routing(experts):
+        count = len(tokens)
+        return experts(
+            tokens,
+            torch.full((count, 1), expert, dtype=torch.long),
+            torch.ones(count, 1, dtype=experts.gate_up_proj.dtype),
+        )
+    num_experts = experts.gate_up_proj.shape[0]
+    out = experts(tokens.repeat(num_experts, 1))  # expert e reads rows e*T .. (e+1)*T
+    return out.reshape(num_experts, len(tokens), -1)[expert]
 
 
 def _activation_name(config: PretrainedConfig, experts: nn.Module, path: str) -> str:
@@ -979,9 +1039,26 @@ def _call_router(router: nn.Module, tokens: torch.Tensor, *args: torch.Tensor) -
     """The router's output for tokens ``[T, H]``, passed as ``[1, T, H]`` to a router that reads three
     dims (AFMoE's)."""
     try:
-        return router(tokens, *args)
+        out = router(tokens, *args)
     except ValueError:  # `_, _, hidden = hidden_states.shape`
-        return router(tokens[None], *args)
+        out = router(tokens[None], *args)
+    return _dense_router_output(router, out)
+
+
+def _dense_router_output(router: nn.Module, out: object) -> object:
+    """A router returning ``(scores [T, E], logits [T, E])`` with the scores of the unselected experts
+    at zero (Llama 4's sigmoid of the top-k logits, minus infinity elsewhere) read as transformers 5's
+    ``(logits, top-k weights, top-k ids)``; any other output as it is."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(getattr(router, "top_k", None), int)):
+        return out
+    scores, logits = out
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in out) or scores.shape != logits.shape:
+        return out
+    top_k = router.top_k
+    weights, ids = torch.topk(scores, top_k, dim=-1)
+    if not bool((scores.scatter(1, ids, 0.0) == 0).all()):
+        return out
+    return logits, weights, ids
 
 
 @torch.no_grad()
@@ -1233,6 +1310,20 @@ def _source_layer_condition(layer_class: type, attr: str, block_class: str) -> s
             break
     if test is None:
         return None
+    if isinstance(test, ast.Attribute) and isinstance(test.value, ast.Name) and test.value.id == "self":
+        # `self.is_moe_layer = layer_idx in config.moe_layers` then `if self.is_moe_layer:` (Llama 4)
+        flag = test.attr
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Assign)
+                and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Attribute)
+                and isinstance(node.targets[0].value, ast.Name)
+                and node.targets[0].value.id == "self"
+                and node.targets[0].attr == flag
+            ):
+                test = node.value
+                break
     names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
     if not names <= {"config", "layer_idx"} or any(isinstance(n, ast.Call) for n in ast.walk(test)):
         return None

@@ -143,6 +143,7 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
             if getattr(tiny, name, None) is not None:
                 found.append(Variant(f"{name}=None", {name: None}))
         found += _position_scale_variants(tiny, tree)
+        found += _layer_list_variants(tiny, tree)
         for name in reads:
             found += _per_layer_float_variants(name, getattr(tiny, name, None), tiny.num_hidden_layers)
     tied = bool(getattr(tiny, "tie_word_embeddings", False))
@@ -188,6 +189,28 @@ def _position_scale_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[V
         else:
             continue
         found.append(Variant(f"position_scale_period={SHORT_PERIOD}", overrides))
+    return found
+
+
+def _layer_list_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[Variant]:
+    """A list of layer indices the file tests ``layer_idx in config.<name>`` against (Llama 4's
+    ``moe_layers``) that names every layer of the test config: layer 0 left out, so that the branch
+    for the layers not listed (dense MLP layers) runs too."""
+    found = []
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.Compare)
+            and isinstance(node.left, ast.Name)
+            and node.left.id == "layer_idx"
+            and isinstance(node.ops[0], ast.In)
+            and isinstance(node.comparators[0], ast.Attribute)
+            and ast.unparse(node.comparators[0].value) == "config"
+        ):
+            continue
+        name = node.comparators[0].attr
+        value = getattr(tiny, name, None)
+        if isinstance(value, list) and 0 in value and len(value) > 1:
+            found.append(Variant(f"{name}=without_0", {name: [i for i in value if i != 0]}))
     return found
 
 

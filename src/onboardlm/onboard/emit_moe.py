@@ -154,6 +154,7 @@ def emit_moe(spec: MoESpec) -> str:
         "mlp_bias": spec.mlp_bias,
         "post_norm": spec.post_norm,
         "scaling_field": spec.scaling_field,
+        "routing_on_input": spec.routing_on_input,
         "dispatch_op": "torch_moe_dense_mlp" if dense_dispatch else "torch_moe",
         "bias": spec.experts.has_bias,
         "act_member": "" if dense_dispatch else MOE_ACTIVATIONS[spec.experts.activation],

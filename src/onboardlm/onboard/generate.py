@@ -138,12 +138,16 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         )
     if attn.sliding_expr:
         init.append(f"self.sliding_window = {attn.sliding_expr}")
+    if attn.chunk_expr:
+        init.append(f"self.attention_chunk_size = {attn.chunk_expr}")
     if attn.softcap:
         init.append(f"self.logit_cap = {attn.softcap}")
     if attn.sinks:
         init.append("self.sinks = nn.Parameter(torch.empty(self.num_heads))")
     if attn.rope_flag:
         init.append(f"self.use_rope = bool({attn.rope_flag})")
+    if attn.position_scale and attn.position_scale_flag:  # after use_rope, which it may read
+        init.append(f"self.use_temperature = bool({attn.position_scale_flag})")
     if attn.fused_qkv:
         qkv = attn.projections[0]
         init.append(
@@ -316,10 +320,9 @@ def _qk_norm_lines(attn: AttentionSpec) -> list[str]:
     else:
         q_size, k_size = "self.num_heads * self.head_dim", "self.num_kv_heads * self.head_dim"
     q_norm, k_norm = attn.qk_norm_names
-    norms = [
-        f"self.{q_norm} = {norm_constructor(attn.qk_norm, q_size)}",
-        f"self.{k_norm} = {norm_constructor(attn.qk_norm, k_size)}",
-    ]
+    norms = [f"self.{q_norm} = {norm_constructor(attn.qk_norm, q_size)}"]
+    if k_norm != q_norm:  # else one weightless norm serves both (Llama 4's qk_norm)
+        norms.append(f"self.{k_norm} = {norm_constructor(attn.qk_norm, k_size)}")
     if attn.qk_norm_flag:
         return [
             f"self.use_qk_norm = {attn.qk_norm_flag}",
@@ -590,6 +593,7 @@ def emit_model(spec: ArchitectureSpec) -> str:
         init_lines=init,
         forward_lines=forward,
         temperature=bool(layer_positions),
+        temperature_offset=getattr(spec.attention, "position_scale_offset", 0),
     )
 
 

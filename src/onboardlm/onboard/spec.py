@@ -91,6 +91,10 @@ class AttentionSpec:
     #: without a sliding_window field: the measured window's config expression per layer (GPT-Neo:
     #: 'config.window_size if config.attention_layers[layer_idx] == "local" else None')
     sliding_expr: str | None = None
+    #: chunked local attention (Llama 4): the chunk size's config expression per layer, None on layers
+    #: attending to every earlier token ('config.attention_chunk_size if config.layer_types[layer_idx]
+    #: == "chunked_attention" else None'); keys of the query's own chunk of positions only
+    chunk_expr: str | None = None
     #: the layer's attention only wraps the module with the projections (GPT-Neo's attn.attention):
     #: its attribute there and the wrapper's class name; ``class_name`` is the inner module's
     inner_attr: str | None = None
@@ -120,6 +124,11 @@ class AttentionSpec:
     #: (beta, period) expressions: after RoPE, q *= 1 + beta * log(1 + floor(position / period)), the
     #: Llama 4 attention temperature (Ministral3); the attention then takes ``position_ids``
     position_scale: tuple[str, str] | None = None
+    #: Llama 4's NoPE layers: positions counted from 1 in that formula (``floor((position + 1) /
+    #: period)``), and the expression over ``config`` and ``self`` (``use_rope``) of the layers that
+    #: scale q (None: every layer)
+    position_scale_offset: int = 0
+    position_scale_flag: str | None = None
     #: differential attention (DiffLlama): the names of the four lambda vectors (q1, k1, q2, k2);
     #: every head attends to both halves of the value heads, heads h and h + heads/2 pair up as
     #: ``a_h - lambda * a_{h + heads/2}`` with ``lambda = exp(q1.k1) - exp(q2.k2) + lambda_init``,

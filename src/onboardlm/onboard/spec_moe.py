@@ -151,6 +151,8 @@ class MoESpec:
     post_norm: tuple[str, str] | None = None
     scaling_field: str | None = None
     mlp_swiglu: tuple[str, str] | None = None
+    #: the routing weights scale each expert's input, not its output (Llama 4: x * score per expert)
+    routing_on_input: bool = False
 
     @property
     def note(self) -> str:
@@ -166,6 +168,8 @@ class MoESpec:
             parts.append("gated shared expert" if self.shared.gate_attr else "shared experts")
         if self.dense_class is not None:
             parts.append("dense layers")
+        if self.routing_on_input:
+            parts.append("routing weights on the expert input")
         return ", ".join(parts) + ")"
 
 

@@ -120,6 +120,12 @@ class BlockGroup:
     repeated: bool = False  # some path is called more than once per forward: every call is checked
     #: transformers' block adds the residual it is given (BLOOM); in the lean file the layer does
     adds_residual: bool = False
+    #: transformers' block returns its tokens flattened to ``[T, H]`` (Llama 4's MoE); the lean one
+    #: keeps the input's shape
+    flat_result: bool = False
+    #: some call gets no ``position_ids``: the block counts positions from 0 itself (Llama 4's
+    #: attention temperature), the test passes 0 .. seq - 1
+    counts_positions: bool = False
 
     @property
     def test_name(self) -> str:
@@ -421,8 +427,23 @@ def keep_called(layout: ReferenceLayout, reference: nn.Module) -> ReferenceLayou
     for group in layout.blocks:
         kept = tuple(path for path in group.paths if calls[path])
         repeated = any(len(calls[path]) > 1 for path in kept)
+        flat = any(
+            isinstance(call.result, torch.Tensor)
+            and call.result.dim() == 2
+            and isinstance(call.hidden_states, torch.Tensor)
+            and call.hidden_states.dim() == 3
+            for path in kept
+            for call in calls[path]
+        )
         if kept or group.mode == "standalone":
-            blocks.append(dataclasses.replace(group, paths=kept, repeated=repeated))
+            counts = group.role == "attention" and any(
+                call.position_ids is None for path in kept for call in calls[path]
+            )
+            blocks.append(
+                dataclasses.replace(
+                    group, paths=kept, repeated=repeated, flat_result=flat, counts_positions=counts
+                )
+            )
     attention_inputs = [
         calls[path][0].hidden_states for group in blocks if group.role == "attention" for path in group.paths
     ]

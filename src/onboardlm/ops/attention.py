@@ -125,12 +125,19 @@ def _grouped_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def _structural_allowed(
-    s_q: int, s_k: int, is_causal: bool, sliding_window: int | None, device: torch.device
+    s_q: int,
+    s_k: int,
+    is_causal: bool,
+    sliding_window: int | None,
+    device: torch.device,
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor | None:
-    """``[s_q, s_k]`` bool, True where the causal and window rules allow the key; None if no rule applies."""
+    """``[s_q, s_k]`` bool, True where the causal, window and chunk rules allow the key; None if no
+    rule applies."""
     causal = is_causal and s_q == s_k
     windowed = sliding_window is not None and sliding_window > 0
-    if not (causal or windowed):
+    chunked = attention_chunk_size is not None and attention_chunk_size > 0
+    if not (causal or windowed or chunked):
         return None
     offset = 0 if s_q == s_k else s_k
     q_pos = torch.arange(offset, offset + s_q, device=device).unsqueeze(-1)
@@ -140,6 +147,8 @@ def _structural_allowed(
         allowed &= distance >= 0
     if windowed:
         allowed &= (distance >= 0) & (distance < sliding_window)
+    if chunked:  # chunked local attention (Llama 4): keys of the query's own chunk of positions only
+        allowed &= q_pos // attention_chunk_size == torch.arange(s_k, device=device) // attention_chunk_size
     return allowed
 
 
@@ -170,6 +179,7 @@ def attend_bnsd(
     sinks: torch.Tensor | None = None,
     sliding_window: int | None = None,
     logit_cap: float | None = None,
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Attention on validated ``[b, n, s, d]`` inputs (K/V may have fewer heads); returns ``[b, n, s_q, d_v]``.
 
@@ -185,7 +195,7 @@ def attend_bnsd(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.float()
-    allowed = _structural_allowed(s_q, s_k, is_causal, sliding_window, query.device)
+    allowed = _structural_allowed(s_q, s_k, is_causal, sliding_window, query.device, attention_chunk_size)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = _safe_softmax(scores, sinks).to(query.dtype)
@@ -205,8 +215,13 @@ def torch_attention(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     layout: str = "bnsd",
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Reference attention with GQA/MQA, masks, causal, sliding window, logit cap and sinks.
+
+    ``attention_chunk_size > 0``: chunked local attention (Llama 4), key ``k`` allowed for the query at
+    position ``p`` only when ``p // attention_chunk_size == k // attention_chunk_size`` (an extension of
+    the AutoDeploy signature, after ``layout``; None or ``<= 0`` disables it).
 
     ``layout`` ``"bnsd"`` (``[b, n, s, d]``) or ``"bsnd"``; the output ``[.., d_v]`` comes back in it.
     ``attn_mask`` is always ``[b, n, s_q, s_k]`` (dims of 1 broadcast); ``scale`` defaults to
@@ -216,7 +231,9 @@ def torch_attention(
     q, k, v = (to_bnsd(x, layout) for x in (query, key, value))
     _check_attention_args(q, k, v, attn_mask, dropout_p, sinks)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = attend_bnsd(q, k, v, scale, attn_mask, is_causal, sinks, sliding_window, logit_cap)
+    out = attend_bnsd(
+        q, k, v, scale, attn_mask, is_causal, sinks, sliding_window, logit_cap, attention_chunk_size
+    )
     return from_bnsd(out, layout)
 
 
@@ -233,6 +250,7 @@ def _torch_attention_fake(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     layout: str = "bnsd",
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     check_layout(layout)
     _check_attention_args(*(to_bnsd(x, layout) for x in (query, key, value)), attn_mask, dropout_p, sinks)

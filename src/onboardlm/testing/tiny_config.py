@@ -49,6 +49,7 @@ _MAX_EXPERTS = 8
 _MAX_TOP_K = 4
 _MAX_EXPERT_GROUPS = 4
 _MAX_SHARED_EXPERTS = 2
+_TEMPERATURE_PERIOD = 3  # q scaled by log(1 + floor((position + 1) / period)): changes within 6 tokens
 _WINDOW = 8  # sliding windows, attention chunks, SSM / lightning-attention chunks: < a 16-token test
 _Q_LORA_RANK = 48
 _KV_LORA_RANK = 32
@@ -533,6 +534,8 @@ _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
         ),
         _at_most(_WINDOW),
     ),
+    # a period of the attention temperature shorter than the analyzer's probes (Llama 4's floor_scale)
+    (("floor_scale",), _at_most(_TEMPERATURE_PERIOD)),
     (("rope_parameters",), _rope_parameters),
 )
 

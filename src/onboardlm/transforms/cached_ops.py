@@ -9,7 +9,8 @@ sequence is right-padded in the chunk, and causal masking keeps its padding away
 tokens (a padded slot is overwritten by the next real token). ``kv_len`` (at least
 ``max(input_pos) + s``) is how many cache positions the call reads. Masking, the sliding window,
 the logit cap and sinks follow ``torch_attention`` with absolute positions: key ``j`` is allowed for
-the query at position ``p`` iff ``j <= p`` (causal) and ``p - j < sliding_window`` (when set).
+the query at position ``p`` iff ``j <= p`` (causal) and ``p - j < sliding_window`` (when set), and
+``j // attention_chunk_size == p // attention_chunk_size`` (chunked local attention, when set).
 """
 
 from __future__ import annotations
@@ -39,8 +40,23 @@ def write_cache(cache: torch.Tensor, new: torch.Tensor, input_pos: torch.Tensor)
     cache.index_put_((rows, cols), new)
 
 
+def chunk_allowed(
+    q_pos: torch.Tensor, key_pos: torch.Tensor, attention_chunk_size: int | None
+) -> torch.Tensor | None:
+    """Chunked local attention (Llama 4): True where query and key positions share a chunk; None when
+    ``attention_chunk_size`` is None or ``<= 0``."""
+    if attention_chunk_size is None or attention_chunk_size <= 0:
+        return None
+    return q_pos // attention_chunk_size == key_pos // attention_chunk_size
+
+
 def allowed_keys(
-    input_pos: torch.Tensor, s_q: int, kv_len: int, is_causal: bool, sliding_window: int | None
+    input_pos: torch.Tensor,
+    s_q: int,
+    kv_len: int,
+    is_causal: bool,
+    sliding_window: int | None,
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``[b, 1, s_q, kv_len]`` bool: which cached keys each query of each sequence may attend to."""
     key_pos = torch.arange(kv_len, device=input_pos.device)
@@ -52,6 +68,9 @@ def allowed_keys(
         allowed = (key_pos < (input_pos + s_q)[:, None, None, None]).expand(-1, 1, s_q, -1)
     if sliding_window is not None and sliding_window > 0:
         allowed = allowed & (distance < sliding_window)
+    chunked = chunk_allowed(q_pos, key_pos, attention_chunk_size)
+    if chunked is not None:
+        allowed = allowed & chunked
     return allowed
 
 
@@ -78,6 +97,7 @@ def cached_attention(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     layout: str = "bnsd",
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``torch_attention`` over a KV cache: write ``key``/``value`` at ``input_pos``, attend over ``kv_len``.
 
@@ -91,7 +111,7 @@ def cached_attention(
     write_cache(v_cache, v.transpose(1, 2), input_pos)
     keys = k_cache[:b, :kv_len].transpose(1, 2)
     values = v_cache[:b, :kv_len].transpose(1, 2)
-    mask = allowed_keys(input_pos, s_q, kv_len, is_causal, sliding_window)
+    mask = allowed_keys(input_pos, s_q, kv_len, is_causal, sliding_window, attention_chunk_size)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     out = attend_bnsd(q, keys, values, scale, attn_mask=mask, sinks=sinks, logit_cap=logit_cap)
     return from_bnsd(out, layout)
@@ -112,6 +132,7 @@ def _cached_attention_fake(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     layout: str = "bnsd",
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     check_layout(layout)
     return query.new_empty(*query.shape[:-1], value.shape[-1])

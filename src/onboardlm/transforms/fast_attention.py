@@ -120,6 +120,7 @@ def fast_cached_attention(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     layout: str = "bnsd",
+    attention_chunk_size: int | None = None,
     *,
     decode_kernel_allowed: bool = True,
 ) -> torch.Tensor:
@@ -127,10 +128,10 @@ def fast_cached_attention(
 
     ``decode_kernel_allowed=False`` keeps one-token steps on SDPA even where the Triton kernel runs.
     """
-    if not has_fast_path(sinks, logit_cap):
+    if not has_fast_path(sinks, logit_cap) or attention_chunk_size:  # chunks: the reference's mask
         return _reference(
             query, key, value, k_cache, v_cache, input_pos, kv_len,
-            is_causal, scale, sinks, sliding_window, logit_cap, layout,
+            is_causal, scale, sinks, sliding_window, logit_cap, layout, attention_chunk_size,
         )  # fmt: skip
     check_layout(layout)
     q, k, v = (to_bnsd(x, layout) for x in (query, key, value))

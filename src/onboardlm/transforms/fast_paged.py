@@ -53,12 +53,17 @@ def fast_paged_attention(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     layout: str = "bnsd",
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``onboardlm_paged_attention`` on the Triton paged kernel where it runs (see the module docstring)."""
-    if not kernel_runs(query, is_causal, sinks, logit_cap) or not k_cache.is_contiguous():
+    if (
+        not kernel_runs(query, is_causal, sinks, logit_cap)
+        or not k_cache.is_contiguous()
+        or attention_chunk_size
+    ):
         return _reference(
             query, key, value, k_cache, v_cache, slot_mapping, block_tables, query_start, cached_lens,
-            is_causal, scale, sinks, sliding_window, logit_cap, layout,
+            is_causal, scale, sinks, sliding_window, logit_cap, layout, attention_chunk_size,
         )  # fmt: skip
     check_layout(layout)
     q, k, v = (to_bnsd(x, layout)[0].transpose(0, 1) for x in (query, key, value))  # [T, n, d]

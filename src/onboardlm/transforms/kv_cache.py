@@ -138,6 +138,8 @@ def insert_cached_attention(gm: GraphModule) -> CachedGraph:
             new_args = (args["query"], args["key"], args["value"], k_cache, v_cache, input_pos, kv_len)
             new_kwargs = {k: args[k] for k in ("is_causal", "scale", "sinks", "sliding_window", "logit_cap")}
             new_kwargs["layout"] = layout
+            if args.get("attention_chunk_size"):  # chunked local attention (Llama 4), as the model asks
+                new_kwargs["attention_chunk_size"] = args["attention_chunk_size"]
             target = _op(cached_ops.CACHED_ATTENTION)
         elif node.target == _op("torch_lightning_indexer"):
             args = _kwargs(node)

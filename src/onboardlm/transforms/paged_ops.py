@@ -21,6 +21,7 @@ import math
 import torch
 
 from onboardlm.ops.attention import attend_bnsd, check_layout, to_bnsd
+from onboardlm.transforms.cached_ops import chunk_allowed
 
 NAMESPACE = "auto_deploy"
 PAGED_ATTENTION = "onboardlm_paged_attention"
@@ -43,6 +44,7 @@ def paged_mask(
     num_keys: int,
     is_causal: bool,
     sliding_window: int | None,
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``[S, 1, max_q, num_keys]`` bool: which cached keys each (padded) query of each sequence may read."""
     key_pos = torch.arange(num_keys, device=query_pos.device)
@@ -52,6 +54,9 @@ def paged_mask(
         allowed = allowed & (distance >= 0)
     if sliding_window is not None and sliding_window > 0:
         allowed = allowed & (distance < sliding_window)
+    chunked = chunk_allowed(query_pos[:, None, :, None], key_pos, attention_chunk_size)
+    if chunked is not None:
+        allowed = allowed & chunked
     return allowed
 
 
@@ -84,6 +89,7 @@ def paged_attention(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     layout: str = "bnsd",
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """``torch_attention`` over a paged KV cache, for a packed batch (see the module docstring).
 
@@ -100,7 +106,14 @@ def paged_attention(
     values = gather_blocks(v_cache, block_tables).transpose(1, 2)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[2] == block_tables.shape[0]:  # one new token per sequence (a decode step): no padding
-        mask = paged_mask(cached_lens[:, None], cached_lens + 1, keys.shape[2], is_causal, sliding_window)
+        mask = paged_mask(
+            cached_lens[:, None],
+            cached_lens + 1,
+            keys.shape[2],
+            is_causal,
+            sliding_window,
+            attention_chunk_size,
+        )
         queries = q[0].transpose(0, 1)[:, :, None]  # [S, n, 1, d]
         out = attend_bnsd(queries, keys, values, scale, attn_mask=mask, sinks=sinks, logit_cap=logit_cap)
         packed = out[:, :, 0]  # [T, n, d_v]
@@ -111,7 +124,9 @@ def paged_attention(
         index = torch.where(valid, query_start[:-1, None] + offsets, 0)
         queries = q[0][:, index].transpose(0, 1)  # [S, n, max_q, d]
         positions = cached_lens[:, None] + offsets
-        mask = paged_mask(positions, cached_lens + new, keys.shape[2], is_causal, sliding_window)
+        mask = paged_mask(
+            positions, cached_lens + new, keys.shape[2], is_causal, sliding_window, attention_chunk_size
+        )
         out = attend_bnsd(queries, keys, values, scale, attn_mask=mask, sinks=sinks, logit_cap=logit_cap)
         packed = out.transpose(1, 2)[valid]  # [T, n, d_v], in packed token order
     return packed[None].contiguous() if layout == "bsnd" else packed.transpose(0, 1)[None].contiguous()
@@ -134,6 +149,7 @@ def _paged_attention_fake(
     sliding_window: int | None = None,
     logit_cap: float | None = None,
     layout: str = "bnsd",
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     check_layout(layout)
     return query.new_empty(*query.shape[:-1], value.shape[-1])

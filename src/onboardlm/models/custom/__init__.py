@@ -45,6 +45,7 @@ MODEL_MODULES = [
     "modeling_internlm3",
     "modeling_lara_mini",
     "modeling_llama",
+    "modeling_llama4_text",
     "modeling_mamba2",
     "modeling_minicpm3",
     "modeling_minimax_m2",
