@@ -3,7 +3,8 @@
 The TP=2 run spawns two worker processes (``_tp_worker.py``) once for all cases; each exports the lean
 model, shards it with ``apply_sharding_hints`` and reads its weight slices from a safetensors file
 saved from the transformers model. The reference is the unsharded lean model filled from the same
-transformers model (fp32).
+transformers model (fp32). The hybrid cases (bamba: Mamba2 SSM + attention; qwen3_next: gated delta
+rule + attention + MoE) also compare greedy decoding with the conv / SSM / delta state caches.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from onboardlm.runtime.engine import build_cached_graph
 from onboardlm.testing import assert_rmse_close, tiny_config, transfer_weights
 from onboardlm.transforms import insert_cached_attention
 from onboardlm.transforms.sharding import (
+    ParamShard,
     ShardingError,
     apply_sharding_hints,
     check_devices,
@@ -120,6 +122,10 @@ def _gemma2() -> PretrainedConfig:
     )
 
 
+def _hybrid(model_type: str, **overrides: object) -> PretrainedConfig:
+    return tiny_config(AutoConfig.for_model(model_type, **overrides), vocab_size=_COMMON["vocab_size"])
+
+
 CASES = {
     "llama": Case(LLAMA, lambda: LlamaConfig(intermediate_size=128, **_COMMON), _dense(2), generate=True),
     # one KV head, two ranks: K/V replicated, each rank keeps the head its query heads use
@@ -191,6 +197,28 @@ CASES = {
         f"{_custom('deepseek_v3')}:DeepseekV3ForCausalLM",
         lambda: tiny_config(AutoConfig.for_model("deepseek_v3", vocab_size=_COMMON["vocab_size"])),
         None,
+        generate=True,
+    ),
+    # hybrids: Mamba2 SSM layers (in_proj per segment, conv per channel, heads, gated norm per group)
+    # next to attention, and gated-delta-rule layers next to attention and MoE; cached decode too
+    "bamba": Case(
+        f"{_custom('bamba')}:BambaForCausalLM",
+        lambda: _hybrid("bamba", attn_layer_indices=[1], mamba_n_groups=2),
+        {
+            "linear": 12,
+            "view": 8,
+            "split_with_sizes": 2,
+            "conv": 1,
+            "ssm": 1,
+            "gated_norm": 1,
+            "all_reduce": 4,
+        },
+        generate=True,
+    ),
+    "qwen3_next": Case(
+        f"{_custom('qwen3_next')}:Qwen3NextForCausalLM",
+        lambda: _hybrid("qwen3_next"),
+        {"linear": 13, "view": 18, "split_with_sizes": 1, "conv": 1, "delta": 1, "moe": 2, "all_reduce": 6},
         generate=True,
     ),
 }
@@ -410,3 +438,71 @@ def test_rank_environment_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ShardingError, match="not an integer"):
         RankInfo.from_env()
+
+
+def _hybrid_gm(model_type: str, **overrides: object) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    config = _hybrid(model_type, **overrides)
+    name = {"mamba2": "Mamba2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM"}[model_type]
+    lean = worker.build_lean(f"{_custom(model_type)}:{name}", config)
+    ids = torch.randint(0, config.vocab_size, (2, 4))
+    gm = torch_export_to_gm(
+        lean,
+        kwargs={"input_ids": ids, "position_ids": torch.arange(4).expand(2, 4)},
+        dynamic_shapes=causal_lm_dynamic_shapes(),
+    )
+    return lean, gm
+
+
+@pytest.mark.skipif(importlib.util.find_spec(_custom("mamba2")) is None, reason="no lean mamba2 file")
+def test_mamba2_rank_weights_are_per_segment_slices(tmp_path: Path) -> None:
+    """Rank 1 of 2: in_proj keeps the second half of each of z | x | B | C | dt, the depthwise conv
+    the same channels of x | B | C, A_log / D / dt_bias the second half of the heads, the gated norm
+    the second half of its channels (whole groups), out_proj the second half of its columns."""
+    lean, gm = _hybrid_gm("mamba2")  # 8 heads of 16, 2 groups of state 16, inner 128
+    full = {k: v.detach().clone() for k, v in lean.state_dict().items()}
+    save_file(full, tmp_path / "model.safetensors")
+    report = apply_sharding_hints(gm, rank=1, world_size=2, group_name="unused")
+    assert load_rank_weights(gm, [tmp_path / "model.safetensors"], report.params) == []
+    assert {k: report.changed[k] for k in ("conv", "ssm", "gated_norm")} == {
+        "conv": 2,
+        "ssm": 2,
+        "gated_norm": 2,
+    }
+    local, mixer = gm.state_dict(), "backbone.layers.0.mixer."
+    inner, heads = 128, 8
+    rows = [(64, 128), (192, 256), (272, 288), (304, 320), (324, 328)]  # second halves of z, x, B, C, dt
+    expected = torch.cat([full[mixer + "in_proj.weight"][a:b] for a, b in rows])
+    assert torch.equal(local[mixer + "in_proj.weight"], expected)
+    channels = [(64, 128), (144, 160), (176, 192)]  # x, B, C of the conv's 192 channels
+    for name in ("conv1d.weight", "conv1d.bias"):
+        assert torch.equal(local[mixer + name], torch.cat([full[mixer + name][a:b] for a, b in channels]))
+    for name in ("A_log", "D", "dt_bias"):
+        assert torch.equal(local[mixer + name], full[mixer + name][heads // 2 :])
+    assert torch.equal(local[mixer + "norm.weight"], full[mixer + "norm.weight"][inner // 2 :])
+    assert torch.equal(local[mixer + "out_proj.weight"], full[mixer + "out_proj.weight"][:, inner // 2 :])
+    # shape metadata is refreshed: the state caches hold this rank's channels and heads
+    caches = {c.name: c.features for c in insert_cached_attention(gm).caches}
+    assert caches["conv_state_0"] == (3, 96) and caches["ssm_state_0"] == (4, 16, 16)
+
+
+@pytest.mark.skipif(importlib.util.find_spec(_custom("mamba2")) is None, reason="no lean mamba2 file")
+def test_mamba2_groups_spanning_ranks_are_refused() -> None:
+    """One B/C group (and one gated-norm group over all heads) cannot be cut without a cross-rank norm."""
+    _, gm = _hybrid_gm("mamba2", n_groups=1)
+    code = gm.code
+    with pytest.raises(ShardingError, match="1 B/C groups cannot be split over world size 2"):
+        plan_sharding(gm, rank=0, world_size=2)
+    assert gm.code == code
+
+
+@pytest.mark.skipif(importlib.util.find_spec(_custom("qwen3_5_text")) is None, reason="no lean qwen3_5_text")
+def test_gated_delta_rank_weights_and_indivisible_heads() -> None:
+    """Qwen3.5's separate in_proj_qkv / z / b / a are cut per head; 2 key heads do not split over 4 ranks."""
+    _, gm = _hybrid_gm("qwen3_5_text")
+    report = plan_sharding(gm, rank=1, world_size=2).report
+    assert report.changed["delta"] == 1 and report.changed["conv"] == 1
+    layer = "model.layers.0.linear_attn."
+    assert report.params[layer + "A_log"] == ParamShard(0, ((2, 4),))
+    assert report.params[layer + "conv1d.weight"] == ParamShard(0, ((16, 32), (48, 64), (96, 128)))
+    with pytest.raises(ShardingError, match="2 key heads cannot be split over world size 4"):
+        plan_sharding(gm, rank=0, world_size=4)

@@ -1,4 +1,4 @@
-"""Cached state ops (conv, Mamba2 SSM, gated delta rule) against their canonical ops on whole sequences.
+"""Cached state ops (conv, Mamba2 SSM, gated delta rule per head and per channel) against their canonical ops on whole sequences.
 
 Float64 inputs (the ops compute in fp32, as the canonical ops do): a prefill of the prompt writes the
 state, then one-token steps continue from it; the outputs must equal the canonical op run over the
@@ -67,6 +67,19 @@ def _gdr_make(batch: int, seq: int) -> list[torch.Tensor]:
     ]
 
 
+def _channel_make(batch: int, seq: int) -> list[torch.Tensor]:
+    k_heads, v_heads, k_dim, v_dim = 2, 4, 4, 3
+    f64 = dict(dtype=torch.float64)
+    decay = torch.empty(v_heads, k_dim, **f64).uniform_(0.01, 4)
+    return [
+        torch.randn(batch, seq, k_heads, k_dim, **f64),
+        torch.randn(batch, seq, k_heads, k_dim, **f64),
+        torch.randn(batch, seq, v_heads, v_dim, **f64),
+        -decay * torch.nn.functional.softplus(torch.randn(batch, seq, v_heads, k_dim, **f64)),
+        2 * torch.rand(batch, seq, v_heads, **f64),  # up to 2: negative eigenvalues allowed
+    ]
+
+
 CONV_ARGS = dict(stride=1, padding=6, dilation=2, groups=6)  # dilated depthwise: a state of 6 inputs
 SSM_LIMIT, SSM_CHUNK = [0.0, math.inf], 4
 
@@ -85,6 +98,11 @@ KINDS = {
         _gdr_make, (0, 1, 2, 3, 4), lambda t: (t[2].shape[2], t[0].shape[3], t[2].shape[3]), torch.float32,
         lambda t: OPS.torch_gated_delta_rule(*t),
         lambda t, *c: OPS.onboardlm_cached_gated_delta_rule(*t, *c),
+    ),
+    "channel_gated_delta_rule": Kind(
+        _channel_make, (0, 1, 2, 3, 4), lambda t: (t[2].shape[2], t[0].shape[3], t[2].shape[3]), torch.float32,
+        lambda t: OPS.torch_channel_gated_delta_rule(*t),
+        lambda t, *c: OPS.onboardlm_cached_channel_gated_delta_rule(*t, *c),
     ),
 }  # fmt: skip
 

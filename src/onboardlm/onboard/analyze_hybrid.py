@@ -93,6 +93,31 @@ def _is_mamba1(module: nn.Module) -> bool:
     return a_log is not None and a_log.dim() == 2 and len(_convs(module)) == 1
 
 
+def _is_lightning(module: nn.Module) -> bool:
+    """Fixed decay buffers instead of key/value projections of their own: a per-head slope
+    ``[H, 1, 1]`` and a square block decay matrix ``[H, n, n]`` beside linear projections and no
+    conv (MiniMax's lightning attention, a linear attention with constant exponential decay)."""
+    buffers = [b for b in module.buffers(recurse=False) if b.is_floating_point()]
+    slope = any(b.dim() == 3 and b.shape[1:] == (1, 1) for b in buffers)
+    block = any(b.dim() >= 3 and b.shape[-1] == b.shape[-2] > 1 for b in buffers)
+    has_linear = any(isinstance(c, nn.Linear) for c in module.children())
+    return slope and block and has_linear and not _convs(module)
+
+
+def _is_rg_lru(module: nn.Module) -> bool:
+    """A depthwise conv beside a child holding block-diagonal gate weights ``[H, w, w]`` (two or more)
+    and a per-channel recurrence parameter: Griffin's RG-LRU recurrent block (RecurrentGemma)."""
+    convs = _convs(module)
+    if len(convs) != 1 or convs[0][1].groups != convs[0][1].in_channels:
+        return False
+    for child in module.children():
+        own = list(child.parameters(recurse=False))
+        blocks = [p for p in own if p.dim() == 3 and p.shape[-1] == p.shape[-2]]
+        if len(blocks) >= 2 and any(p.dim() == 1 for p in own):
+            return True
+    return False
+
+
 #: Token mixers other than attention, by what their modules hold; checked in order. Another helper
 #: adds its kinds here (gated delta rule, short convolution) with a spec class and an emitter.
 MIXER_RECOGNISERS: list[tuple[MixerKind, Callable[[nn.Module], bool]]] = [
@@ -101,6 +126,8 @@ MIXER_RECOGNISERS: list[tuple[MixerKind, Callable[[nn.Module], bool]]] = [
     ("gated_delta", is_gated_delta),  # analyze_mixers: Qwen3-Next / Qwen3.5 / OLMo Hybrid linear attention
     ("short_conv", is_short_conv),  # analyze_mixers: LFM2's gated short convolution
     ("kda", is_channel_decay_delta),  # recognised to be refused (MIXER_NAMES)
+    ("lightning", _is_lightning),  # recognised to be refused (MIXER_NAMES)
+    ("rg_lru", _is_rg_lru),  # recognised to be refused (MIXER_NAMES)
 ]
 
 #: Block kinds measured by their own analyzer module: (analyzer, path, layer index, module) -> spec.
@@ -115,6 +142,10 @@ MIXER_NAMES = {
     "mamba1": "Mamba1 selective scan (per-channel A [d_inner, d_state], dt projection)",
     "kda": "gated delta rule with a per-channel decay (Kimi Delta Attention's forget gate); torch_gated_delta_rule"
     " decays per head and no canonical op covers a per-channel decay yet",
+    "lightning": "lightning attention (linear attention with fixed per-head decay slopes, computed in blocks);"
+    " no canonical op covers it yet",
+    "rg_lru": "RG-LRU recurrent block (Griffin's real-gated linear recurrence with block-diagonal input and"
+    " recurrence gates); no canonical op covers it yet",
 }
 
 
@@ -806,6 +837,19 @@ def _model_chosen_nope(
     return dataclasses.replace(attention, rope_flag=an._rope_flag(layers_path, uses))
 
 
+def _refuse_unbuilt_mixers(layers_path: str, layers: nn.ModuleList) -> None:
+    """Refuse a recognised token mixer that has no spec or template yet before anything else about
+    the layers (their residual layout, say): it is the feature a user has to wait for."""
+    built = {"mamba2", "mamba1", *MIXER_ANALYZERS}
+    for index, layer in enumerate(layers):
+        for name, child in layer.named_children():
+            kind = block_kind(child)
+            if kind in MIXER_NAMES and kind not in built:
+                raise UnsupportedFeature(
+                    f"{layers_path}.{index}.{name}", f"{MIXER_NAMES[kind]}: no template yet", _HINT
+                )
+
+
 def analyze_hybrid(
     an: _Analyzer,
     *,
@@ -823,6 +867,7 @@ def analyze_hybrid(
     model.config.use_cache = False  # a cache of SSM layers only has no attention mask to build
     layers_attr, layers = parts["layers"]
     layers_path = f"{path}.{layers_attr}"
+    _refuse_unbuilt_mixers(layers_path, layers)
     all_steps = _layer_steps(layers_path, layers, model)
     names = [
         f"{type(layer).__name__}:{_kind_name(steps)}" for layer, steps in zip(layers, all_steps, strict=True)

@@ -23,7 +23,9 @@ from typing import Any
 MixerKind = str
 
 #: Kinds that mix tokens (the others act on each token alone).
-TOKEN_MIXERS = frozenset({"attention", "mamba2", "mamba1", "gated_delta", "short_conv", "kda"})
+TOKEN_MIXERS = frozenset(
+    {"attention", "mamba2", "mamba1", "gated_delta", "short_conv", "kda", "lightning", "rg_lru"}
+)
 
 #: Kinds whose canonical op keeps per-sequence state in the runtime (SSM, convolution, recurrence).
 STATEFUL_MIXERS = frozenset({"mamba2", "mamba1", "gated_delta", "short_conv"})

@@ -1,6 +1,7 @@
-"""State-space and linear-attention ops: causal conv1d, Mamba2 chunked scan and the gated delta rule.
+"""State-space and linear-attention ops: causal conv1d, Mamba2 chunked scan and the gated delta rule
+with a decay per head (Gated DeltaNet) or per key channel (Kimi Delta Attention).
 
-All three take channels-last ``[batch, seq, ...]`` tensors (bsnd for the per-head ones). The scans
+All of them take channels-last ``[batch, seq, ...]`` tensors (bsnd for the per-head ones). The scans
 run in fp32 on chunks of the sequence, padded at the end to a whole number of chunks; the padding
 is cut from the output.
 """
@@ -278,4 +279,112 @@ def _torch_gated_delta_rule_fake(
     layer_type: str = "unknown",
 ) -> torch.Tensor:
     _check_gated_delta(q, v, layer_type)
+    return v.new_empty(v.shape)
+
+
+#: Chunk length of the per-channel-decay delta rule scan (its pairwise decays are [chunk, chunk, K]).
+CHANNEL_DELTA_CHUNK_SIZE = 16
+
+
+def channel_delta_from_state(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    log_decay: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule with a per-key-channel decay over ``[S, L, H, ...]`` fp32 rows from ``state``.
+
+    ``query`` (normalised and scaled) and ``key`` (normalised) ``[S, L, H, K]`` with ``H`` value
+    heads, ``value`` ``[S, L, H, V]``, ``log_decay`` ``[S, L, H, K]``, ``beta`` ``[S, L, H]``, ``state``
+    ``[S, H, K, V]``. Returns the outputs ``[S, L, H, V]`` and the final state. One token: the
+    recurrence; more: chunks of :data:`CHANNEL_DELTA_CHUNK_SIZE`, each one triangular solve for the
+    corrected values with the pairwise decays ``exp(cum_i - cum_j)`` per channel (no ``exp(-cum)``
+    factor, so strong decays cannot overflow).
+    """
+    if query.shape[1] == 1:
+        state = state * log_decay[:, 0, :, :, None].exp()
+        error = value[:, 0] - torch.einsum("shkv,shk->shv", state, key[:, 0])
+        state = state + torch.einsum("shk,shv->shkv", key[:, 0], beta[:, 0, :, None] * error)
+        return torch.einsum("shkv,shk->shv", state, query[:, 0])[:, None], state
+    length, chunk = query.shape[1], CHANNEL_DELTA_CHUNK_SIZE
+
+    def heads_first(t: torch.Tensor) -> torch.Tensor:  # [s, l, h, ...] -> [s, h, chunk, pos, ...]
+        return _pad_to_chunks(t.transpose(1, 2), 2, chunk)
+
+    query, key, value = heads_first(query), heads_first(key), heads_first(value)
+    log_decay, beta = heads_first(log_decay), heads_first(beta)[..., None]
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).tril()
+    outputs = []
+    for i in range(query.shape[2]):
+        q, k, v, b = query[:, :, i], key[:, :, i], value[:, :, i], beta[:, :, i]
+        cum = log_decay[:, :, i].cumsum(-2)  # [s, h, pos, K]
+        pairwise = (cum[:, :, :, None] - cum[:, :, None]).masked_fill(~causal[..., None], float("-inf"))
+        decay = pairwise.exp()  # [s, h, i, j, K]: exp(cum_i - cum_j) for j <= i, else 0
+        system = (torch.einsum("shik,shjk,shijk->shij", k * b, k, decay)).tril(-1)
+        new_values = torch.linalg.solve_triangular(system, v * b, upper=False, unitriangular=True)
+        state_read = torch.linalg.solve_triangular(system, k * b * cum.exp(), upper=False, unitriangular=True)
+        u = new_values - state_read @ state
+        intra = torch.einsum("shik,shjk,shijk->shij", q, k, decay)
+        outputs.append((q * cum.exp()) @ state + intra @ u)
+        last = cum[:, :, -1:]
+        state = state * last.transpose(-1, -2).exp() + (k * (last - cum).exp()).transpose(-1, -2) @ u
+    out = torch.cat(outputs, dim=2)[:, :, :length]
+    return out.transpose(1, 2), state
+
+
+def _check_channel_delta(q: torch.Tensor, v: torch.Tensor, g: torch.Tensor, layer_type: str) -> None:
+    check_hints(layer_type=layer_type)
+    _check_heads("torch_channel_gated_delta_rule", v.shape[2], q.shape[2])
+    if tuple(g.shape) != (*v.shape[:3], q.shape[-1]):
+        raise ValueError(
+            f"torch_channel_gated_delta_rule: g must be [B, S, Hv, K] = {[*v.shape[:3], q.shape[-1]]}, "
+            f"got {list(g.shape)}"
+        )
+
+
+@canonical_op("torch_channel_gated_delta_rule")
+def torch_channel_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    shardable: bool = False,
+    layer_type: str = "unknown",
+) -> torch.Tensor:
+    """Delta rule linear attention with a decay per key channel (Kimi Delta Attention), from a zero state.
+
+    Inputs are bsnd: ``q``, ``k`` ``[B, S, Hk, K]`` raw (L2-normalised here, eps 1e-6, each of the
+    ``Hk`` heads repeated for ``Hv / Hk`` consecutive value heads), ``v`` ``[B, S, Hv, V]``, ``g``
+    ``[B, S, Hv, K]`` the log decay of each key channel (≤ 0; the model computes it, e.g.
+    ``-exp(A_log) * softplus(f + dt_bias)``), ``beta`` ``[B, S, Hv]`` the write strength (the model
+    applies its sigmoid, and any factor such as 2 for negative eigenvalues). The state ``S [K, V]``
+    follows ``S_t = diag(e^{g_t}) S_{t-1} + k_t β_t (v_t - (diag(e^{g_t}) S_{t-1})ᵀ k_t)ᵀ`` and
+    ``o_t = S_tᵀ q_t · scale`` (default ``K ** -0.5``). Computed in fp32; returns ``[B, S, Hv, V]`` in
+    ``v``'s dtype. ``shardable`` and ``layer_type`` are sharding hints.
+    """
+    _check_channel_delta(q, v, g, layer_type)
+    k_dim, repeats = q.shape[-1], v.shape[2] // q.shape[2]
+    query = _l2norm(q.float()).repeat_interleave(repeats, dim=2) * (k_dim**-0.5 if scale is None else scale)
+    key = _l2norm(k.float()).repeat_interleave(repeats, dim=2)
+    state = query.new_zeros(v.shape[0], v.shape[2], k_dim, v.shape[-1])
+    out, _ = channel_delta_from_state(query, key, v.float(), g.float(), beta.float(), state)
+    return out.to(v.dtype).contiguous()
+
+
+@torch_channel_gated_delta_rule.register_fake
+def _torch_channel_gated_delta_rule_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    shardable: bool = False,
+    layer_type: str = "unknown",
+) -> torch.Tensor:
+    _check_channel_delta(q, v, g, layer_type)
     return v.new_empty(v.shape)

@@ -38,6 +38,7 @@ CANONICAL_OPS = frozenset(
         "torch_causal_conv1d",
         "torch_ssm",
         "torch_gated_delta_rule",
+        "torch_channel_gated_delta_rule",  # Kimi Delta Attention: a decay per key channel
         # FP8 linears (AutoDeploy's names): the reference and the fused op; graph transforms insert them
         "torch_fake_quant_fp8_linear",
         "torch_quant_fp8_linear",

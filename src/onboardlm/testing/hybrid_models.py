@@ -238,6 +238,63 @@ class GatedDeltaNet(nn.Module):
         return ops.all_reduce(out, layer_type="delta")
 
 
+class KimiDeltaAttention(nn.Module):
+    """Kimi Delta Attention style: separate q/k/v through a depthwise conv, a low-rank forget gate giving
+    one decay per key channel, the per-channel gated delta rule, a gated norm per head."""
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        self.heads, self.k_dim = config.linear_num_key_heads, config.linear_key_head_dim
+        self.size = self.heads * self.k_dim
+        self.kernel, self.eps = config.linear_conv_kernel, config.rms_norm_eps
+        hidden = config.hidden_size
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(hidden, self.size, bias=False) for _ in range(3))
+        self.conv1d = nn.Conv1d(
+            3 * self.size,
+            3 * self.size,
+            self.kernel,
+            groups=3 * self.size,
+            bias=False,
+            padding=self.kernel - 1,
+        )
+        self.f_a_proj = nn.Linear(hidden, self.k_dim, bias=False)
+        self.f_b_proj = nn.Linear(self.k_dim, self.size, bias=False)
+        self.dt_bias = nn.Parameter(torch.zeros(self.size))
+        self.A_log = nn.Parameter(torch.zeros(self.heads))
+        self.b_proj = nn.Linear(hidden, self.heads, bias=False)
+        self.g_proj = nn.Linear(hidden, self.size, bias=False)
+        self.norm = RMSNorm(self.k_dim, config.rms_norm_eps)
+        self.o_proj = nn.Linear(self.size, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.auto_deploy
+        b, s, _ = x.shape
+
+        def linear(weight: torch.Tensor, h: torch.Tensor = x, mode: str = "colwise") -> torch.Tensor:
+            return ops.torch_linear_simple(h, weight, None, tp_mode=mode, layer_type="delta")
+
+        qkv = torch.cat(
+            [linear(self.q_proj.weight), linear(self.k_proj.weight), linear(self.v_proj.weight)], -1
+        )
+        qkv = ops.torch_causal_conv1d(
+            qkv, self.conv1d.weight, None, 1, self.kernel - 1, 1, 3 * self.size, "zeros", shardable=True,
+            output_sizes=[self.size] * 3, layer_type="delta",
+        )  # fmt: skip
+        q, k, v = (t.reshape(b, s, self.heads, self.k_dim) for t in F.silu(qkv).split(self.size, dim=-1))
+        forget = linear(self.f_b_proj.weight, linear(self.f_a_proj.weight, mode="none"))
+        g = -self.A_log.float().exp()[:, None] * F.softplus(
+            (forget.float() + self.dt_bias.float()).reshape(b, s, self.heads, self.k_dim)
+        )
+        beta = torch.sigmoid(linear(self.b_proj.weight).float())
+        out = ops.torch_channel_gated_delta_rule(q, k, v, g, beta, shardable=True, layer_type="delta")
+        out = ops.torch_rmsnorm_gated(
+            out, self.norm.weight, linear(self.g_proj.weight).reshape(b, s, self.heads, self.k_dim), self.eps,
+            self.k_dim, norm_before_gate=True, layer_type="delta",
+        )  # fmt: skip
+        out = linear(self.o_proj.weight, out.reshape(b, s, self.size), mode="rowwise")
+        return ops.all_reduce(out, layer_type="delta")
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: HybridConfig, layer_type: str) -> None:
         super().__init__()
@@ -247,6 +304,8 @@ class DecoderLayer(nn.Module):
             self.self_attn = Attention(config)
         elif layer_type == "mamba2":
             self.mixer = Mamba2Mixer(config)
+        elif layer_type == "kda":
+            self.linear_attn = KimiDeltaAttention(config)
         else:
             self.linear_attn = GatedDeltaNet(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -284,11 +343,12 @@ class HybridForCausalLM(nn.Module):
         return HybridOutput(logits=logits.float())
 
 
-#: One model of each mixer kind, and a hybrid of all three.
+#: One model of each mixer kind, and a hybrid of all three; the per-channel delta rule beside attention.
 LAYOUTS = {
     "mamba2": ("mamba2", "mamba2"),
     "gated_delta": ("delta", "delta"),
     "hybrid": ("mamba2", "attention", "delta"),
+    "channel_delta": ("kda", "attention"),
 }
 
 

@@ -19,6 +19,16 @@ of the GraphModule in place:
   expert's GEMMs at full width (MoE intermediate sizes are small) and need no per-expert communication.
 - ``torch_mla`` with ``enable_sharding``: ``kv_b_proj_weight`` is cut head-wise (the query heads come
   sharded from ``q_b_proj``/``q_proj`` colwise + ``view``).
+- ``torch_causal_conv1d`` with ``shardable`` (depthwise only): the weight (and bias) is cut per
+  channel, each ``output_sizes`` group evenly, matching the colwise in-projection that feeds it
+  (Mamba2's x | B | C, the gated delta rule's q | k | v); ``groups`` becomes the local channel count.
+- ``torch_ssm`` / ``torch_gated_delta_rule`` with ``shardable``: heads come sharded from the views;
+  the per-head parameters (``A``, ``D``, ``dt_bias``; ``A_log``, ``dt_bias``) are cut along dim 0,
+  also when the op reads them through elementwise ops (``-exp(A_log)``). Mamba2's B/C groups must
+  divide evenly (each rank keeps ``n_groups / world_size`` groups and the heads that read them).
+- ``torch_rmsnorm_gated``: ``colwise`` cuts the weight per channel, and each rank must hold whole
+  norm groups (a group spanning ranks would need a cross-rank variance); ``none`` (a per-head norm)
+  keeps the weight whole.
 
 ``shard_layers`` restricts the pass to some ``layer_type`` hints (the rest stays replicated). Shape
 metadata (``node.meta["val"]``) is re-propagated afterwards, so later passes (KV cache) see rank-local
@@ -56,7 +66,24 @@ _ATTENTION = _AD.torch_attention.default
 _MOE = _AD.torch_moe.default
 _MLA = _AD.torch_mla.default
 _SPARSE_MLA = _AD.torch_sparse_mla.default  # MLA over the keys a lightning indexer selects: sharded alike
-_HANDLED = {_LINEAR, _VIEW, _SPLIT, _ALL_REDUCE, _ATTENTION, _MOE, _MLA, _SPARSE_MLA}
+_CONV = _AD.torch_causal_conv1d.default
+_SSM = _AD.torch_ssm.default
+_DELTA = _AD.torch_gated_delta_rule.default
+_GATED_NORM = _AD.torch_rmsnorm_gated.default
+_HANDLED = {
+    _LINEAR,
+    _VIEW,
+    _SPLIT,
+    _ALL_REDUCE,
+    _ATTENTION,
+    _MOE,
+    _MLA,
+    _SPARSE_MLA,
+    _CONV,
+    _SSM,
+    _DELTA,
+    _GATED_NORM,
+}
 
 
 class ShardingError(OnboardlmError):
@@ -289,8 +316,151 @@ def _plan_mla(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
     plan.report.changed["mla"] += 1
 
 
+def _per_channel(size: int, groups: Sequence[int], plan: ShardingPlan, what: str) -> ParamShard:
+    """Rank-local channels of a dim of ``size`` made of ``groups``, each cut evenly (dim 0)."""
+    if sum(groups) != size:
+        raise ShardingError(what, f"output_sizes {list(groups)} do not add up to {size} channels")
+    ranges, offset = [], 0
+    for group in groups:
+        start, stop = _even_range(group, plan.report.rank, plan.report.world_size, what)
+        ranges.append((offset + start, offset + stop))
+        offset += group
+    return ParamShard(0, tuple(ranges))
+
+
+def _plan_conv(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    args = _args(node)
+    if not args["shardable"]:
+        return
+    weight = _param(gm, args["weight"], "weight", node)
+    channels, per_group = _shape(gm, weight)[:2]
+    what = f"{_param_name(weight)} (causal conv1d)"
+    if args["groups"] != channels or per_group != 1:
+        raise UnsupportedFeature(
+            what, f"a conv1d with {args['groups']} groups over {channels} channels (only depthwise is cut)"
+        )
+    groups = args["output_sizes"] or [channels]
+    shard = _per_channel(channels, groups, plan, what)
+    plan.shard(weight, shard)
+    if args["bias"] is not None:
+        plan.shard(_param(gm, args["bias"], "bias", node), shard)
+    plan.new_args.append((node, "groups", shard.local_size))
+    if args["output_sizes"] is not None:
+        plan.new_args.append((node, "output_sizes", [g // plan.report.world_size for g in groups]))
+    plan.local_width[node] = (channels, shard.local_size)
+    plan.report.changed["conv"] += 1
+
+
+def _head_count(node: Any, dim: int, user: Node) -> int:
+    value = node.meta.get("val") if isinstance(node, Node) else None
+    if value is None:
+        raise UnsupportedFeature(user.name, f"input of {user.target} without a known shape")
+    return int(value.shape[dim])
+
+
+def _plan_per_head(gm: GraphModule, node: Node, names: Sequence[str], heads: int, plan: ShardingPlan) -> None:
+    """Cut every parameter that feeds the per-head arguments ``names`` of ``node`` along dim 0.
+
+    An argument may be a parameter or computed from parameters only (``-exp(A_log)``,
+    ``dt_bias[:, None].expand(...).flatten()``); a parameter's dim 0 is its heads (or channels that
+    map to heads in order), so an even cut keeps each rank's heads.
+    """
+    args = _args(node)
+    for name in names:
+        value = args[name]
+        if not isinstance(value, Node):
+            raise UnsupportedFeature(node.name, f"{name} of {node.target} is not a tensor")
+        params, seen, stack = [], set(), [value]
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if current.op == "get_attr":
+                params.append(current)
+            elif current.op == "placeholder":
+                raise UnsupportedFeature(
+                    node.name,
+                    f"{name} of {node.target} depends on the input (a per-head parameter is expected)",
+                )
+            else:
+                stack.extend(current.all_input_nodes)
+        if _head_count(value, 0, node) != heads:
+            raise UnsupportedFeature(node.name, f"{name} of {node.target} is not one value per head")
+        for param in params:
+            size = _shape(gm, param)[0]
+            what = f"{_param_name(param)} ({name} of {heads} heads)"
+            plan.shard(
+                param, ParamShard(0, (_even_range(size, plan.report.rank, plan.report.world_size, what),))
+            )
+
+
+def _check_mixer_heads(node: Node, world_size: int) -> None:
+    """Refuse a shardable SSM / gated delta rule whose head groups do not split over the ranks.
+
+    Run before the views are planned, so the reason names the mixer rather than a reshape.
+    """
+    args = _args(node)
+    if not args["shardable"]:
+        return
+    if node.target == _SSM:
+        heads, groups = _head_count(args["hidden_states"], 2, node), _head_count(args["B"], 2, node)
+        if groups % world_size or heads % world_size:
+            raise ShardingError(
+                f"{node.name} (Mamba2 SSM)",
+                f"{heads} heads in {groups} B/C groups cannot be split over world size {world_size}",
+                "choose a world size that divides n_groups",
+            )
+    else:
+        k_heads = _head_count(args["q"], 2, node)
+        if k_heads % world_size:
+            raise ShardingError(
+                f"{node.name} (gated delta rule)",
+                f"{k_heads} key heads cannot be split over world size {world_size}",
+                "choose a world size that divides the linear-attention key heads",
+            )
+
+
+def _plan_ssm(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    args = _args(node)
+    if not args["shardable"]:
+        return
+    heads = _head_count(args["hidden_states"], 2, node)
+    _plan_per_head(gm, node, ("A", "D", "dt_bias"), heads, plan)
+    plan.report.changed["ssm"] += 1
+
+
+def _plan_delta(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    args = _args(node)
+    if not args["shardable"]:
+        return
+    v_heads = _head_count(args["v"], 2, node)
+    _plan_per_head(gm, node, ("A_log", "dt_bias"), v_heads, plan)
+    plan.report.changed["delta"] += 1
+
+
+def _plan_gated_norm(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    args = _args(node)
+    if args["tp_mode"] == "none":
+        return
+    if args["tp_mode"] != "colwise":
+        raise UnsupportedFeature(node.name, f"tp_mode {args['tp_mode']!r} of a gated RMSNorm")
+    weight = _param(gm, args["weight"], "weight", node)
+    (channels,) = _shape(gm, weight)
+    what = f"{_param_name(weight)} (gated RMSNorm)"
+    shard = ParamShard(0, (_even_range(channels, plan.report.rank, plan.report.world_size, what),))
+    if shard.local_size % args["group_size"]:
+        raise ShardingError(
+            what,
+            f"norm groups of {args['group_size']} channels span ranks ({shard.local_size} channels per rank)",
+            "choose a world size that divides n_groups",
+        )
+    plan.shard(weight, shard)
+    plan.report.changed["gated_norm"] += 1
+
+
 def _check_unhandled_hints(node: Node) -> None:
-    """Ops outside this pass that ask to be sharded (SSM, conv, gated norm) are refused by name."""
+    """Ops outside this pass that ask to be sharded are refused by name."""
     if node.target in _HANDLED or not str(node.target).startswith("auto_deploy."):
         return
     args = _args(node)
@@ -350,6 +520,9 @@ def plan_sharding(
         raise ShardingError("world size", f"rank {rank} is not in [0, {world_size}) or world size < 1")
     plan = ShardingPlan(ShardingReport(rank, world_size))
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (_SSM, _DELTA) and _selected(node, shard_layers):
+            _check_mixer_heads(node, world_size)
+    for node in gm.graph.nodes:
         if node.op != "call_function" or not _selected(node, shard_layers):
             continue
         if node.target == _LINEAR:
@@ -364,6 +537,14 @@ def plan_sharding(
             _plan_moe(gm, node, plan)
         elif node.target in (_MLA, _SPARSE_MLA):
             _plan_mla(gm, node, plan)
+        elif node.target == _CONV:
+            _plan_conv(gm, node, plan)
+        elif node.target == _SSM:
+            _plan_ssm(gm, node, plan)
+        elif node.target == _DELTA:
+            _plan_delta(gm, node, plan)
+        elif node.target == _GATED_NORM:
+            _plan_gated_norm(gm, node, plan)
         elif node.target == _ALL_REDUCE:
             plan.all_reduces.append(node)
             plan.report.changed["all_reduce"] += 1

@@ -1,7 +1,8 @@
 """State-cache transform: the canonical stateful ops of an exported graph become cached state ops.
 
-``torch_causal_conv1d``, ``torch_ssm`` and ``torch_gated_delta_rule`` nodes become
-``onboardlm_cached_causal_conv1d``, ``onboardlm_cached_ssm`` and ``onboardlm_cached_gated_delta_rule``
+``torch_causal_conv1d``, ``torch_ssm``, ``torch_gated_delta_rule`` and ``torch_channel_gated_delta_rule``
+nodes become ``onboardlm_cached_causal_conv1d``, ``onboardlm_cached_ssm``,
+``onboardlm_cached_gated_delta_rule`` and ``onboardlm_cached_channel_gated_delta_rule``
 (:mod:`onboardlm.transforms.state_ops`), with every argument of the canonical call kept. Each node
 gets its own state cache (``conv_state_<i>``, ``ssm_state_<i>``, ``delta_state_<i>``: a
 :class:`~onboardlm.transforms.kv_cache.CacheSpec` with ``per_token=False``, its ``features`` the
@@ -38,6 +39,7 @@ _STATE_ARG = {
     state_ops.CACHED_CAUSAL_CONV1D: 3,
     state_ops.CACHED_SSM: 7,
     state_ops.CACHED_GATED_DELTA_RULE: 7,
+    state_ops.CACHED_CHANNEL_GATED_DELTA_RULE: 5,
 }
 
 AddCache = Callable[..., Node]  # (name, features, dtype, per_token) -> the cache's input node
@@ -138,7 +140,10 @@ def insert_cached_state(graph: Graph, input_pos: Node, add_cache: AddCache) -> i
             _, _, v_heads, v_dim = _shape(args["v"])
             features = (v_heads, _shape(args["q"])[-1], v_dim)
             state = add_cache(cache_name("delta_state"), features, torch.float32, False)
-            tensors = [args[k] for k in ("q", "k", "v", "a", "b", "A_log", "dt_bias")]
+            inputs = (
+                ("g", "beta") if name == "torch_channel_gated_delta_rule" else ("a", "b", "A_log", "dt_bias")
+            )
+            tensors = [args[k] for k in ("q", "k", "v", *inputs)]
             kept = ("scale", "shardable")
         kwargs = {k: args[k] for k in (*kept, "layer_type")}
         target = _op(state_ops.CACHED_STATE_OPS[name])

@@ -35,18 +35,26 @@ import torch
 import torch.nn.functional as F
 
 import onboardlm.ops  # noqa: F401  (registers the canonical ops the SSM path calls)
-from onboardlm.ops.ssm import GATED_DELTA_CHUNK_SIZE, _l2norm, _pad_to_chunks, _segsum
+from onboardlm.ops.ssm import (
+    GATED_DELTA_CHUNK_SIZE,
+    _l2norm,
+    _pad_to_chunks,
+    _segsum,
+    channel_delta_from_state,
+)
 
 NAMESPACE = "auto_deploy"
 CACHED_CAUSAL_CONV1D = "onboardlm_cached_causal_conv1d"
 CACHED_SSM = "onboardlm_cached_ssm"
 CACHED_GATED_DELTA_RULE = "onboardlm_cached_gated_delta_rule"
+CACHED_CHANNEL_GATED_DELTA_RULE = "onboardlm_cached_channel_gated_delta_rule"
 
 #: canonical stateful op -> its cached op
 CACHED_STATE_OPS = {
     "torch_causal_conv1d": CACHED_CAUSAL_CONV1D,
     "torch_ssm": CACHED_SSM,
     "torch_gated_delta_rule": CACHED_GATED_DELTA_RULE,
+    "torch_channel_gated_delta_rule": CACHED_CHANNEL_GATED_DELTA_RULE,
 }
 
 
@@ -367,6 +375,58 @@ def _cached_gated_delta_rule_fake(
     b: torch.Tensor,
     A_log: torch.Tensor,
     dt_bias: torch.Tensor,
+    delta_state: torch.Tensor,
+    slots: torch.Tensor | None,
+    input_pos: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    shardable: bool = False,
+    layer_type: str = "unknown",
+) -> torch.Tensor:
+    return v.new_empty(v.shape)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::{CACHED_CHANNEL_GATED_DELTA_RULE}", mutates_args=("delta_state",))
+def cached_channel_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    delta_state: torch.Tensor,
+    slots: torch.Tensor | None,
+    input_pos: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    shardable: bool = False,
+    layer_type: str = "unknown",
+) -> torch.Tensor:
+    """``torch_channel_gated_delta_rule`` continuing from each sequence's state ``S`` ``[Hv, K, V]``.
+
+    Padding gets no decay and no write (``g = 0``, ``β = 0``), so the state stops at each sequence's last
+    real token. Returns ``v``'s dtype.
+    """
+    packed = _is_packed(v, seq_lens)
+    q, k, v, g, beta = (_to_rows(t, seq_lens, packed) for t in (q, k, v, g, beta))
+    k_dim, repeats = q.shape[-1], v.shape[2] // q.shape[2]
+    query = _l2norm(q.float()).repeat_interleave(repeats, dim=2) * (k_dim**-0.5 if scale is None else scale)
+    key = _l2norm(k.float()).repeat_interleave(repeats, dim=2)
+    real = _real(seq_lens, v.shape[1])[..., None]
+    log_decay = torch.where(real[..., None], g.float(), 0.0)
+    write = torch.where(real, beta.float(), 0.0)
+    state = _read_state(delta_state, slots, input_pos).float()
+    out, state = channel_delta_from_state(query, key, v.float(), log_decay, write, state)
+    _write_state(delta_state, slots, state)
+    return _from_rows(out.to(v.dtype), seq_lens, packed)
+
+
+@cached_channel_gated_delta_rule.register_fake
+def _cached_channel_gated_delta_rule_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
     delta_state: torch.Tensor,
     slots: torch.Tensor | None,
     input_pos: torch.Tensor,
