@@ -44,6 +44,7 @@ MODEL_MODULES = [
     "modeling_internlm3",
     "modeling_jamba",
     "modeling_lara_mini",
+    "modeling_lfm2",
     "modeling_llama",
     "modeling_mamba2",
     "modeling_minicpm3",
