@@ -134,3 +134,33 @@ def test_hybrids_without_a_template_are_refused_by_module(model_type: str, where
         analyze(AutoConfig.for_model(model_type))
     assert raised.value.module_path == where
     assert feature in str(raised.value)
+
+
+def test_jamba_moe_placed_by_its_own_layer_rule_in_layers_of_every_kind() -> None:
+    """Jamba picks MoE or MLP per layer by ``expert_layer_period`` / ``_offset`` (read from the layer's
+    ``ffn_layer_class = A if num_experts > 1 else B`` choice), apart from its attention / Mamba kinds:
+    every layer class builds ``MoE if <rule> else MLP``, the rule agrees with transformers on configs
+    that move the MoE layers, and a config variant moves them for the generated tests."""
+    from onboardlm.onboard.config_variants import candidate_variants
+
+    spec = analyze(AutoConfig.for_model("jamba"))
+    moe = spec.hybrid.block("moe")
+    assert moe.dense_class == "JambaMLP" and "config.layers_num_experts[layer_idx]" in moe.layer_condition
+    source = generate_model_file(spec)
+    assert source.count(f"JambaSparseMoeBlock(config)\n            if {moe.layer_condition}") == 2
+    small = tiny_config(AutoConfig.for_model("jamba")).to_dict()
+    for offset, period in [(0, 2), (1, 2), (2, 3)]:
+        fields = {
+            **small,
+            "num_hidden_layers": 6,
+            "expert_layer_offset": offset,
+            "expert_layer_period": period,
+        }
+        built = AutoModelForCausalLM.from_config(transformers.JambaConfig(**fields))
+        expected = [i for i, layer in enumerate(built.model.layers) if hasattr(layer.feed_forward, "experts")]
+        rule = [
+            i for i in range(6) if eval(moe.layer_condition, {}, {"config": built.config, "layer_idx": i})
+        ]
+        assert rule == expected
+    labels = [v.label for v in candidate_variants(tiny_config(AutoConfig.for_model("jamba")), source)]
+    assert "expert_layer_offset=1" in labels

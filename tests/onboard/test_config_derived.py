@@ -44,3 +44,38 @@ def f(config):
     labels = [variant.label for variant in candidate_variants(config, source)]
     assert "multi_query=False" in labels
     assert "alibi=True" not in labels and "new_decoder_architecture=True" not in labels
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"block_auto_adjust_ff_dim": False},
+        {"block_ffn_dim_multiplier": 1.5, "block_multiple_of": 64, "intermediate_size": 1000},
+    ],
+)
+def test_lfm2_feed_forward_width_written_from_its_init(overrides: dict) -> None:
+    """LFM2's MLP computes its width from four fields; the written helper gives transformers' width."""
+    from transformers.models.lfm2.modeling_lfm2 import Lfm2MLP
+
+    from onboardlm.onboard.config_derived import width_function
+
+    config = AutoConfig.for_model("lfm2", hidden_size=64, **overrides)
+    width = Lfm2MLP(config).w2.in_features
+    source = width_function(Lfm2MLP, "w2", config, width, "lfm2_mlp_width")
+    assert source is not None and source.startswith("def lfm2_mlp_width(config: Lfm2Config) -> int:")
+    scope: dict = {}
+    exec(source, {"Lfm2Config": type(config)}, scope)  # noqa: S102
+    assert scope["lfm2_mlp_width"](config) == width
+    assert width_function(Lfm2MLP, "w2", config, width + 1, "f") is None  # checked against the module
+
+
+def test_lfm2_functional_activation_is_measured() -> None:
+    """``w2(F.silu(w1(x)) * w3(x))`` without an activation module: the activation is measured."""
+    from onboardlm.onboard.analyze import analyze
+
+    spec = analyze(AutoConfig.for_model("lfm2"))
+    mlp = spec.feed_forward if spec.hybrid is None else spec.hybrid.block("mlp")
+    assert (mlp.kind, mlp.activation, mlp.act_attr) == ("gated", "silu", "act_fn")
+    assert [linear.name for linear in mlp.inputs] == ["w1", "w3"] and mlp.down.name == "w2"
+    assert mlp.intermediate == "lfm2_mlp_width(config)" and "block_multiple_of" in mlp.width_function

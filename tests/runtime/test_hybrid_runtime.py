@@ -135,13 +135,23 @@ def test_admission_waits_for_a_free_state_slot() -> None:
     assert scheduler.running["2"].state_slot == freed and scheduler.state_slots.num_free == 0
 
 
-#: Shipped generated hybrid files (model_type, config overrides): Mamba2 only; Mamba2 + attention.
-SHIPPED = [("mamba2", {}), ("bamba", {"attn_layer_indices": [1, 5]})]
+#: Shipped generated hybrid files (model_type, config overrides, has attention layers): Mamba2 only;
+#: Mamba2 + attention; Mamba1 + attention with MoE placed by its own layer rule (Jamba, both placements);
+#: short convolution + attention with a functional-activation MLP of a computed width (LFM2).
+SHIPPED = [
+    ("mamba2", {}, False),
+    ("bamba", {"attn_layer_indices": [1, 5]}, True),
+    ("jamba", {}, True),
+    ("jamba", {"expert_layer_offset": 0, "attn_layer_offset": 0, "attn_layer_period": 2}, True),
+    ("lfm2", {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"]}, True),
+]
 
 
-@pytest.mark.parametrize(("model_type", "overrides"), SHIPPED, ids=[t for t, _ in SHIPPED])
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "attention"), SHIPPED, ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(SHIPPED)]
+)
 def test_shipped_generated_hybrid_files_decode_like_a_full_recompute(
-    model_type: str, overrides: dict
+    model_type: str, overrides: dict, attention: bool
 ) -> None:
     import importlib.util
 
@@ -161,9 +171,7 @@ def test_shipped_generated_hybrid_files_decode_like_a_full_recompute(
             param.normal_(0.0, 0.3)
     model.eval()
     graph = build_cached_graph(model)
-    assert graph.has_state and any(spec.per_token for spec in graph.caches) == (
-        "attn_layer_indices" in overrides
-    )
+    assert graph.has_state and any(spec.per_token for spec in graph.caches) == attention
     vocab = model.config.vocab_size
     prompts = _prompts((7, 2, 5))
     sequences = [list(p) for p in prompts]

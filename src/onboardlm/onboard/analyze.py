@@ -47,7 +47,7 @@ from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_f
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.analyze_streams import hyper_connection_refusal
-from onboardlm.onboard.config_derived import derived_expression
+from onboardlm.onboard.config_derived import derived_expression, width_function
 from onboardlm.onboard.spec import (
     DIFFERENTIAL_LAMBDA_INIT,
     ArchitectureSpec,
@@ -230,6 +230,7 @@ class _Analyzer:
 
     def __init__(self, config: PretrainedConfig, tiny: PretrainedConfig, model: nn.Module) -> None:
         self.config, self.tiny, self.model = config, tiny, model
+        self._width_functions: dict[str, str] = {}  # name -> source of a feed-forward width helper
         self.fields = _config_fields(tiny)
         self.hidden = tiny.hidden_size
         self.notes: list[str] = []
@@ -2203,20 +2204,25 @@ class _Analyzer:
         width = linears[downs[0]].in_features
         inner_name = self._mlp_inner_norm(others, width)
         inner_norm = self._norm(f"{path}.{inner_name}", others.pop(inner_name)) if inner_name else None
-        if not others:  # LFM2's w2(F.silu(w1(x)) * w3(x))
-            raise UnsupportedFeature(
-                path,
-                "feed-forward without an activation module (it calls the activation as a function)",
-                _HINT,
-            )
-        if len(others) != 1:
+        if not others and inner_name is None:  # LFM2's w2(F.silu(w1(x)) * w3(x)): measured as a function
+            act_attr = "act_fn"  # the lean file holds it as a parameter-free module of its own
+            kind, inputs, act = self._mlp_wiring(path, mlp, [linears[n] for n in ins], ins, linears[downs[0]])
+            act_module = None
+        elif len(others) != 1:
             raise UnsupportedFeature(path, f"feed-forward submodules {sorted(others)}", _HINT)
-        act_attr = next(iter(others))
-        kind, inputs, act = self._mlp_wiring(
-            path, mlp, [linears[n] for n in ins], ins, linears[downs[0]], getattr(mlp, inner_name or act_attr)
-        )
-        act_module = self._learned_activation(path, others[act_attr], act)
+        else:
+            act_attr = next(iter(others))
+            kind, inputs, act = self._mlp_wiring(
+                path,
+                mlp,
+                [linears[n] for n in ins],
+                ins,
+                linears[downs[0]],
+                getattr(mlp, inner_name or act_attr),
+            )
+            act_module = self._learned_activation(path, others[act_attr], act)
         biases = self._bias_expressions(layer, [f"{attr}.{n}" for n in linears])
+        intermediate = self._intermediate(path, layer, f"{attr}.{downs[0]}", width)
         self.notes.append(f"{kind} MLP, {act}")
         if any(linear.transposed for linear in linears.values()):
             self.notes.append("Conv1D feed-forward projections, weights stored transposed")
@@ -2228,11 +2234,12 @@ class _Analyzer:
             down=LinearSpec(downs[0], biases[f"{attr}.{downs[0]}"], linears[downs[0]].transposed),
             act_attr=act_attr,
             act=act if act.startswith('"') else f"config.{act}",
-            intermediate=self._intermediate(path, layer, f"{attr}.{downs[0]}", width),
+            intermediate=intermediate,
             activation=act.strip('"') if act.startswith('"') else str(getattr(self.config, act)),
             inner_norm=inner_norm,
             inner_norm_name=inner_name or "",
             act_module=act_module,
+            width_function=self._width_functions.get(intermediate.removesuffix("(config)"), ""),
         )
 
     def _mlp_inner_norm(self, others: dict[str, nn.Module], width: int) -> str | None:
@@ -2273,7 +2280,15 @@ class _Analyzer:
         if sizes:
             return f"config.{sizes[0]}"
         if width % self.hidden:
-            raise UnsupportedFeature(path, f"intermediate width {width} is no config field", _HINT)
+            owner, _, linear = down_path.rpartition(".")
+            module = layer.get_submodule(owner) if owner else layer
+            name = f"{_snake(type(module).__name__)}_width"
+            source = width_function(type(module), linear, self.tiny, width, name)
+            if source is None:
+                raise UnsupportedFeature(path, f"intermediate width {width} is no config field", _HINT)
+            self._width_functions[name] = source
+            self.notes.append(f"feed-forward width computed from the config as {type(module).__name__} does")
+            return f"{name}(config)"
         default = f"{width // self.hidden} * config.hidden_size"
         for name, value in self.fields.items():
             if value is not None or not any(word in name for word in ("inner", "intermediate", "ffn")):
@@ -3282,3 +3297,8 @@ class _AttentionProbe:
                     self.matched_alibi = alibi
                     return groups, count, order
         return None
+
+
+def _snake(name: str) -> str:
+    """``Lfm2MLP`` -> ``lfm2_mlp``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()

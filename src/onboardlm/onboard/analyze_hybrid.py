@@ -850,6 +850,25 @@ def _refuse_unbuilt_mixers(layers_path: str, layers: nn.ModuleList) -> None:
                 )
 
 
+def _moe_placement(blocks: dict[str, Any], all_steps: list[tuple[StepSpec, ...]], path: str) -> Any:
+    """The MoE spec as the hybrid layers build it. Where the MoE and the dense MLP share the layers'
+    feed-forward attribute and the MoE layers follow a config rule of their own, not the layer kinds
+    (Jamba's ``expert_layer_period`` / ``_offset`` beside its attention / Mamba layer kinds), every layer
+    builds ``MoE if <rule> else MLP``: the spec keeps its dense class. Else the kinds place the MoE."""
+    moe = blocks["moe"]
+    mlp = blocks.get("mlp")
+    attrs = {step.attr for steps in all_steps for step in steps if step.kind in ("moe", "mlp")}
+    if mlp is None or moe.dense_class is None:
+        return dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
+    if attrs != {moe.attr} or moe.dense_class != mlp.class_name or moe.dense_width_expr is not None:
+        raise UnsupportedFeature(
+            f"{path}.{moe.attr}",
+            f"MoE placed by `{moe.layer_condition}` beside a dense {mlp.class_name} of another attribute or width",
+            _HINT,
+        )
+    return moe
+
+
 def analyze_hybrid(
     an: _Analyzer,
     *,
@@ -920,7 +939,7 @@ def analyze_hybrid(
                     raise UnsupportedFeature(
                         block_path, "an experts block the MoE analysis does not find", _HINT
                     )
-                blocks["moe"] = dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
+                blocks["moe"] = moe  # its dense MLP kept until the layer kinds are known
             elif step.kind in MIXER_NAMES:
                 raise UnsupportedFeature(block_path, f"{MIXER_NAMES[step.kind]}: no template yet", _HINT)
             else:
@@ -929,6 +948,8 @@ def analyze_hybrid(
                 )
     if norm_spec is None or norm_spec.kind != "rms" or not norm_spec.weight:
         raise UnsupportedFeature(layers_path, "hybrid layers without RMSNorms: no template yet", _HINT)
+    if "moe" in blocks:
+        blocks["moe"] = _moe_placement(blocks, all_steps, f"{layers_path}.0")
     kinds = []
     for name in dict.fromkeys(names):
         first = names.index(name)

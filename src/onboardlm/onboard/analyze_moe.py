@@ -388,6 +388,7 @@ def _dense_class(
     index = next((i for i in range(len(layers)) if i not in moe_layers), 0)
     dense = next((layer for i, layer in enumerate(layers) if i not in moe_layers), None)
     probe = config
+    dense_class, dense_index = (type(dense), index) if dense is not None else (type(layers[0]), 0)
     if dense is None:
         probe = _dense_probe_config(config, condition, len(layers))
         if probe is None:
@@ -405,7 +406,8 @@ def _dense_class(
         doubled = copy.deepcopy(probe)
         setattr(doubled, name, 2 * width)
         try:
-            rebuilt = _mlp_width(getattr(_build_layer(type(layers[0]), doubled), attr))
+            # the dense layer's own class and index (Jamba's layer 0 is MoE, its layer 1 dense)
+            rebuilt = _mlp_width(getattr(_build_layer(dense_class, doubled, dense_index), attr))
         except Exception:  # noqa: BLE001 - a field the layer cannot be built with is not the width
             continue
         rebuilt_any = True
@@ -419,9 +421,9 @@ def _dense_class(
     )
 
 
-def _build_layer(layer_class: type, config: PretrainedConfig) -> nn.Module:
+def _build_layer(layer_class: type, config: PretrainedConfig, layer_idx: int = 0) -> nn.Module:
     torch.manual_seed(0)
-    layer = layer_class(config, 0)
+    layer = layer_class(config, layer_idx)
     for param in layer.parameters():
         nn.init.normal_(param, std=0.1)
     return layer
@@ -1278,7 +1280,21 @@ def _source_layer_condition(layer_class: type, attr: str, block_class: str) -> s
     except (OSError, TypeError, SyntaxError):
         return None
 
-    def builds_block(node: ast.AST) -> bool:
+    # ``cls = Block if test else MLP; self.mlp = cls(config)`` (Jamba): a local class choice is followed,
+    # and a local value the test reads (``num_experts = config.layers_num_experts[layer_idx] ...``) inlined
+    locals_: dict[str, ast.expr] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            locals_[node.targets[0].id] = node.value
+    chosen = {
+        name: value
+        for name, value in locals_.items()
+        if isinstance(value, ast.IfExp)
+        and all(isinstance(side, ast.Name) for side in (value.body, value.orelse))
+        and block_class in (value.body.id, value.orelse.id)  # type: ignore[attr-defined]
+    }
+
+    def builds_block(node: ast.AST | None) -> bool:
         return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == block_class
 
     def assigns(node: ast.stmt) -> ast.expr | None:
@@ -1306,6 +1322,10 @@ def _source_layer_condition(layer_class: type, attr: str, block_class: str) -> s
                 test = node.test
             elif any(builds_block(assigns(stmt)) for stmt in node.orelse if assigns(stmt) is not None):
                 test = _negated(node.test)
+        elif isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in chosen:
+            choice = chosen[value.func.id]
+            body = choice.body.id == block_class  # type: ignore[attr-defined]
+            test = choice.test if body else _negated(choice.test)
         if test is not None:
             break
     if test is None:
@@ -1324,11 +1344,28 @@ def _source_layer_condition(layer_class: type, attr: str, block_class: str) -> s
             ):
                 test = node.value
                 break
+    test = _inline_locals(test, locals_)
     names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
     if not names <= {"config", "layer_idx"} or any(isinstance(n, ast.Call) for n in ast.walk(test)):
         return None
     text = ast.unparse(test)
     return f"({text})" if isinstance(test, (ast.IfExp, ast.Lambda, ast.NamedExpr)) else text
+
+
+def _inline_locals(test: ast.expr, locals_: dict[str, ast.expr]) -> ast.expr:
+    """``test`` with each local name other than ``config`` / ``layer_idx`` replaced by the expression
+    ``__init__`` assigned to it (once; a name assigned from itself is left)."""
+
+    class Inline(ast.NodeTransformer):
+        def visit_Name(self, node: ast.Name) -> ast.expr:  # noqa: N802 - ast visitor protocol
+            value = locals_.get(node.id)
+            if node.id in ("config", "layer_idx") or value is None:
+                return node
+            if any(isinstance(n, ast.Name) and n.id == node.id for n in ast.walk(value)):
+                return node
+            return copy.deepcopy(value)
+
+    return ast.fix_missing_locations(Inline().visit(copy.deepcopy(test)))
 
 
 def _measured_layer_condition(

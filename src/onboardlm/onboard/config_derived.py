@@ -63,3 +63,62 @@ def _evaluates_to(expression: str, config: PretrainedConfig, expected: object) -
         return eval(expression, {"__builtins__": {}}, {"config": config}) == expected  # noqa: S307
     except Exception:  # noqa: BLE001 - an expression that does not evaluate is not the derivation
         return False
+
+
+def width_function(
+    module_class: type, linear_attr: str, config: PretrainedConfig, width: int, name: str
+) -> str | None:
+    """Source of ``def <name>(config) -> int``: the width ``module_class.__init__`` computes in a local
+    variable before building ``self.<linear_attr> = nn.Linear(<variable>, ...)`` (LFM2's feed-forward:
+    ``int(2 * intermediate_size / 3)``, a multiplier, rounded up to ``block_multiple_of``), written
+    from its statements (assignments to that variable and ``if`` blocks of them, over ``config`` and
+    ``int`` / ``round`` / ``min`` / ``max`` only); checked to give ``width`` on ``config``. None when
+    the width is computed any other way."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(module_class.__init__)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.FunctionDef) else []
+    variable = None
+    for node in body:
+        if (
+            isinstance(node, ast.Assign)
+            and [_self_attribute(t) for t in node.targets] == [linear_attr]
+            and isinstance(node.value, ast.Call)
+            and node.value.args
+            and isinstance(node.value.args[0], ast.Name)
+        ):
+            variable = node.value.args[0].id
+            end = body.index(node)
+            break
+    if variable is None:
+        return None
+    allowed = {"config", variable, "int", "round", "min", "max"}
+
+    def only_assigns(statement: ast.stmt) -> bool:
+        if isinstance(statement, ast.Assign):
+            return [getattr(t, "id", None) for t in statement.targets] == [variable]
+        if isinstance(statement, ast.If):
+            return all(only_assigns(s) for s in (*statement.body, *statement.orelse))
+        return False
+
+    kept = [node for node in body[:end] if only_assigns(node)]
+    if not kept or any(
+        isinstance(n, ast.Name) and n.id not in allowed for node in kept for n in ast.walk(node)
+    ):
+        return None
+    lines = [f"def {name}(config: {type(config).__name__}) -> int:"]
+    lines += [f'    """The width {module_class.__name__} computes from the config (as transformers does)."""']
+    lines += [textwrap.indent(ast.unparse(node), "    ") for node in kept]
+    lines.append(f"    return {variable}")
+    source = "\n".join(lines) + "\n"
+    scope: dict = {}
+    try:
+        exec(
+            compile(source, "<width>", "exec"),
+            {"__builtins__": {"int": int, "round": round, "min": min, "max": max}},
+            scope,
+        )  # noqa: S102
+        return source if scope[name](config) == width else None
+    except Exception:  # noqa: BLE001 - a formula that does not run on this config is not the width
+        return None

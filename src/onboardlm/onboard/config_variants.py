@@ -146,6 +146,7 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
         found += _layer_list_variants(tiny, tree)
         for name in reads:
             found += _per_layer_float_variants(name, getattr(tiny, name, None), tiny.num_hidden_layers)
+        found += _layer_rule_variants(tiny, tree)
     tied = bool(getattr(tiny, "tie_word_embeddings", False))
     found.append(Variant(f"tie_word_embeddings={not tied}", {"tie_word_embeddings": not tied}))
     parameters = getattr(tiny, "rope_parameters", None)
@@ -211,6 +212,67 @@ def _layer_list_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[Varia
         value = getattr(tiny, name, None)
         if isinstance(value, list) and 0 in value and len(value) > 1:
             found.append(Variant(f"{name}=without_0", {name: [i for i in value if i != 0]}))
+    return found
+
+
+def _layer_rules(tree: ast.Module) -> list[str]:
+    """Tests of ``Block(config) if <test> else Other(config)`` constructors that read ``layer_idx``
+    (Jamba's MoE placement by ``expert_layer_period`` / ``_offset`` in layers of every kind)."""
+    found = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.IfExp)
+            and isinstance(node.body, ast.Call)
+            and isinstance(node.orelse, ast.Call)
+            and any(isinstance(n, ast.Name) and n.id == "layer_idx" for n in ast.walk(node.test))
+            and any(isinstance(n, ast.Name) and n.id == "config" for n in ast.walk(node.test))
+        ):
+            found.append(ast.unparse(node.test))
+    return list(dict.fromkeys(found))
+
+
+def _layers_where(config: Any, test: str) -> tuple[int, ...] | None:
+    try:
+        code = compile(test, "<layer rule>", "eval")
+        return tuple(
+            i
+            for i in range(config.num_hidden_layers)
+            if eval(code, {"__builtins__": {}}, {"config": config, "layer_idx": i})  # noqa: S307
+        )
+    except Exception:  # noqa: BLE001 - a rule this config cannot evaluate gives no variant
+        return None
+
+
+def _layer_rule_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[Variant]:
+    """For each per-layer constructor rule, one small int field moved by one so that the rule picks
+    other layers (the other branch runs where the base config takes the first)."""
+    import copy
+
+    found = []
+    fields = {k: v for k, v in vars(tiny).items() if not k.startswith("_")}
+    for test in _layer_rules(tree):
+        base = _layers_where(tiny, test)
+        if base is None:
+            continue
+        for name, value in sorted(fields.items()):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or name == "num_hidden_layers"
+                or not 0 <= value <= 16
+            ):
+                continue
+            moved = None
+            for other in (value + 1, value - 1):
+                probe = copy.deepcopy(tiny)
+                setattr(probe, name, other)
+                layers = _layers_where(probe, test)
+                if other >= 0 and layers is not None and layers != base:
+                    moved = other
+                    break
+            if moved is not None:
+                found.append(Variant(f"{name}={moved}", {name: moved}))
+                break
     return found
 
 

@@ -13,6 +13,7 @@ where its forward takes more than the hidden states, to ``POSITIONAL_KINDS``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -86,9 +87,19 @@ BLOCK_EMITTERS: dict[str, Callable[[Any, ArchitectureSpec], str]] = {
 }
 
 
-def block_constructor(kind: str, block: Any) -> str:
+def _placed_moe(hybrid: HybridSpec) -> Any:
+    """The MoE spec whose layer rule (not the layer kinds) picks MoE or dense MLP, else None."""
+    blocks = dict(hybrid.blocks)
+    moe = blocks.get("moe")
+    return moe if moe is not None and moe.dense_class is not None else None
+
+
+def block_constructor(kind: str, block: Any, hybrid: HybridSpec | None = None) -> str:
     from onboardlm.onboard.emit_moe import feed_forward_constructor
 
+    placed = _placed_moe(hybrid) if hybrid is not None else None
+    if kind in ("mlp", "moe") and placed is not None:
+        return feed_forward_constructor(placed)  # ``MoE(config) if <layer rule> else MLP(config)``
     if kind in ("mlp", "moe"):
         return feed_forward_constructor(block)
     return f"{getattr(block, 'wrapper_class', None) or block.class_name}(config, layer_idx)"
@@ -125,7 +136,9 @@ def emit_layer_class(class_name: str, spec: ArchitectureSpec) -> str:
         lines = []
         for step in kind.steps:
             lines.append(f"self.{step.norm} = {norm}")
-            lines.append(f"self.{step.attr} = {block_constructor(step.kind, hybrid.block(step.kind))}")
+            lines.append(
+                f"self.{step.attr} = {block_constructor(step.kind, hybrid.block(step.kind), hybrid)}"
+            )
         return lines
 
     if len(kinds) == 1 and hybrid.selector is not None and len(hybrid.kinds) == 1:
@@ -202,6 +215,8 @@ def emit_hybrid_blocks(spec: ArchitectureSpec) -> list[str]:
             raise UnsupportedFeature(
                 getattr(block, "class_name", kind), f"no emitter for {kind} blocks", _HINT
             )
+        if kind == "moe" and _placed_moe(hybrid) is not None:  # its dense MLP is the "mlp" block's class
+            block = dataclasses.replace(block, dense_class=None, dense_width_expr=None)
         sources.append(emitter(block, spec))
     sources += [emit_layer_class(cls, spec) for cls in hybrid.layer_classes]
     return sources

@@ -358,13 +358,14 @@ def emit_mlp(mlp: MLPSpec, spec: ArchitectureSpec) -> str:
     linears = [*mlp.inputs, mlp.down]
     init += _conv1d_hook_lines(linears)
     template = "mlp_plain.py.j2" if mlp.kind == "plain" else "mlp_gated.py.j2"
-    return render(
+    source = render(
         template,
         mlp=mlp,
         config_class=spec.config_class,
         init_lines=init,
         methods=_conv1d_hook_method(linears),
     )
+    return f"{mlp.width_function}\n\n{source}" if mlp.width_function else source
 
 
 def _hoist_bias(lines: list[str], biases: list[str]) -> list[str]:

@@ -164,6 +164,8 @@ class MLPSpec:
     #: expression building an activation module with learned parameters (Apertus' xIELU), else None:
     #: ``ACT2FN[act]``
     act_module: str | None = None
+    #: source of ``def <name>(config) -> int`` where ``intermediate`` calls it (LFM2's adjusted width)
+    width_function: str = ""
 
 
 @dataclass(frozen=True)

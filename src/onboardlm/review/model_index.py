@@ -156,6 +156,10 @@ class ModelIndex:
             return
         if not isinstance(value, ast.Call):
             return
+        if isinstance(value.func, ast.IfExp):  # ``(A if kind else B)(config, i)``: a class chosen per layer
+            for side in (value.func.body, value.func.orelse):
+                yield from self._constructed(ast.Call(func=side, args=value.args, keywords=value.keywords))
+            return
         target = self.src.call_target(value)
         if target in MODULE_LIST or call_name(value) == "ModuleList":
             for element in _list_elements(value):

@@ -305,15 +305,27 @@ def check_c3(ctx: ReviewContext) -> Outcome:
 
 @rule("C", "C4", "no KV-cache logic (`past_key_value(s)`, `cache`, `DynamicCache`, `use_cache`).")
 def check_c4(ctx: ReviewContext) -> Outcome:
-    """Judgement: any identifier naming a cache fails (strict), except functools' memoising decorators."""
+    """Judgement: any identifier naming a cache fails (strict), except functools' memoising decorators
+    and a config field read as ``config.<field>`` (LFM2's conv kernel size is ``config.conv_L_cache``)."""
     functools_names = {name for name, origin in ctx.src.imports.items() if origin.startswith("functools")}
     flags = [
         flag
         for flag, node in _with_nodes(ctx, KV_CACHE_NAME, "KV-cache logic")
         if not (ctx.src.qualify(node) or "").startswith("functools")
         and getattr(node, "id", getattr(node, "name", None)) not in functools_names
+        and not _config_field(node)
     ]
     return Outcome.of(flags, "no KV-cache logic")
+
+
+def _config_field(node: ast.AST) -> bool:
+    """``config.<name>``: a field of the model's config, read."""
+    return (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "config"
+        and isinstance(node.ctx, ast.Load)
+    )
 
 
 def _with_nodes(ctx: ReviewContext, pattern: re.Pattern[str], what: str) -> list[tuple[Flag, ast.AST]]:
