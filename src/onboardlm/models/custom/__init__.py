@@ -42,6 +42,7 @@ MODEL_MODULES = [
     "modeling_hunyuan_v1_dense",
     "modeling_hunyuan_v1_moe",
     "modeling_internlm3",
+    "modeling_laguna",
     "modeling_lara_mini",
     "modeling_llama",
     "modeling_mamba2",
