@@ -37,6 +37,7 @@ CASES = {
     "diffllama": {"num_key_value_heads": 16},
     "minicpm3": {},
     "gpt_neox_japanese": {"num_hidden_layers": 3},
+    "laguna": {},
 }
 #: Fields set on the tiny config of the generated-model comparison: Ministral3's q scale by position
 #: is 1 below ``original_max_position_embeddings``; a period of 2 makes the test's positions use it.
@@ -72,6 +73,21 @@ def test_output_gate_per_head_in_the_q_projection(specs: dict) -> None:
     assert spec.attention.output_gate == "per_head" and spec.attention.gate is None
     assert [p.name for p in spec.attention.projections] == ["q_gate_proj", "k_proj", "v_proj"]
     assert spec.feed_forward.layer_condition == "config.mlp_layer_types[layer_idx] == 'sparse'"
+
+
+def test_output_gate_of_one_value_per_head(specs: dict) -> None:
+    """Laguna: ``g_proj`` gives one value per head and token; softplus of it (in fp32) scales each
+    head's output (the activation measured, not read from the code); the MoE router's logits are
+    tanh soft-capped by a float field found by rebuilding the router with it set."""
+    spec = specs["laguna"]
+    attention = spec.attention
+    assert attention.output_gate == "head_scalar" and attention.gate_activation == "softplus"
+    assert attention.gate is not None and attention.gate.name == "g_proj"
+    assert [p.name for p in attention.projections] == ["q_proj", "k_proj", "v_proj"]
+    assert spec.feed_forward.router.logit_softcap_field == "moe_router_logit_softcapping"
+    assert all(
+        spec.attention.gate_activation == "sigmoid" for name, spec in specs.items() if name != "laguna"
+    )
 
 
 def test_norms_inside_attention_and_mlp(specs: dict) -> None:
@@ -162,7 +178,8 @@ def test_generated_model_matches_transformers(model_type: str, tmp_path: Path) -
     with torch.no_grad():  # random gates, sub-norms and activation weights: none left at a neutral value
         for name, param in reference.named_parameters():
             if any(
-                part in name for part in ("norm", "alpha", "gate_proj", "q_gate", "lambda_", "dense_bias")
+                part in name
+                for part in ("norm", "alpha", "gate_proj", "q_gate", "lambda_", "dense_bias", "g_proj")
             ):
                 param.add_(torch.randn_like(param) * 0.2)
     lean_config = tiny_config(config)  # the reference's build set transformers-only fields on ``tiny``
@@ -182,7 +199,6 @@ REFUSED = {
     "jetmoe": ("model.layers.0.self_attention.experts", "module JetMoeMoA with submodules"),
     "inkling_text": ("model.layers.0.self_attn.k_sconv", "short convolution InklingShortConvolution"),
     "doge": ("model.layers.0.self_attn.dt_proj", "one value per head and token with parameters ['A']"),
-    "laguna": ("model.layers.0.self_attn.g_proj", "output gate per head and token, softplus(g_proj(x))"),
     "mimo_v2_flash": ("model.layers.0.self_attn.v_proj", "value heads of another head dim than q/k"),
     "kolibri1_1": (
         "model.layers.2.self_attn",

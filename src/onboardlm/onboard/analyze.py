@@ -1023,8 +1023,9 @@ class _Analyzer:
         self, attn: nn.Module, linears: dict[str, Any], name: str, rope: RopeSpec | None
     ) -> str | None:
         """The activation (sigmoid or softplus) of a projection to one value per head that scales each
-        head's output before the output projection (Laguna, LFM3), measured against the same call with
-        that projection's weight zeroed; None where it is not such a gate."""
+        head's output before the output projection (Laguna, LFM3), or of the q width that scales each
+        channel (AFMoE), measured against the same call with that projection's weight zeroed; None
+        where it is not such a gate."""
         outs = [
             n
             for n in linears
@@ -1051,7 +1052,9 @@ class _Analyzer:
         shape = (*gated["input"].shape[:-1], heads, -1)
         for activation, at_zero in (("sigmoid", torch.sigmoid), ("softplus", F.softplus)):
             zero = float(at_zero(torch.zeros(())))
-            expected = plain["input"].reshape(shape) / zero * at_zero(scores)[..., None]
+            # one value per head scales the head's channels; a gate of the q width, each channel
+            factors = at_zero(scores).reshape(*shape[:-2], heads, -1)
+            expected = plain["input"].reshape(shape) / zero * factors
             if _close(expected.reshape(gated["input"].shape), gated["input"]):
                 return activation
         return None
@@ -1085,9 +1088,12 @@ class _Analyzer:
             linears = projections(attn)
         norms = {n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
         separate = ["q_proj", "k_proj", "v_proj"]
-        gate_kind, gate_name = "none", None
+        gate_kind, gate_name, gate_activation = "none", None, "sigmoid"
         if {"k_proj", "v_proj"} <= set(linears):
             query, gate_kind, gate_name = self._query_and_gate(path, attn, linears, q_size, rope)
+            # the gate's activation measured where it can be; a separate gate's sigmoid the probe confirms
+            if gate_name is not None:
+                gate_activation = self._head_gate(attn, linears, gate_name, rope) or "sigmoid"
             ins = [query, "k_proj", "v_proj"]
             separate = ins
             kv_heads = linears["k_proj"].out_features // head_dim
@@ -1177,6 +1183,7 @@ class _Analyzer:
             kv_heads=self._kv_heads_expression(path, kv_heads),
             output_gate=gate_kind,  # type: ignore[arg-type]
             gate=LinearSpec(gate_name, biases[f"{attr}.{gate_name}"]) if gate_name else None,
+            gate_activation=gate_activation,  # type: ignore[arg-type]
             out_norm=out_norm,
             out_norm_name=out_norm_name or "",
             differential=differential,
@@ -1187,7 +1194,7 @@ class _Analyzer:
             **real,
         )
         if gate_kind != "none":
-            self.notes.append(f"attention output gated by sigmoid ({gate_kind.replace('_', ' ')})")
+            self.notes.append(f"attention output gated by {gate_activation} ({gate_kind.replace('_', ' ')})")
         if out_norm is not None:
             self.notes.append(f"attention output normalised ({out_norm_name}) before {outs[0]}")
         if rope is not None:
@@ -1415,6 +1422,16 @@ class _Analyzer:
             and linears[others[0]].out_features == q_size
         ):
             return query, "separate", others[0]
+        heads = self.tiny.num_attention_heads
+        scalars = [
+            n
+            for n, c in linears.items()
+            if c.in_features == self.hidden
+            and c.out_features == heads
+            and n not in ("k_proj", "v_proj", *outputs)
+        ]
+        if not others and len(scalars) == 1 and self._head_gate(attn, linears, scalars[0], rope):
+            return query, "head_scalar", scalars[0]  # one value per head and token scales each head
         if not others:
             return query, "none", None
         raise UnsupportedFeature(path, f"attention projections {sorted(linears)}", _HINT)
@@ -3144,7 +3161,7 @@ def _reference_attention(
     kv_heads = kv_heads or config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     projections = [getattr(attn, p.name)(x) for p in spec.projections]
-    gate = getattr(attn, spec.gate.name)(x) if spec.output_gate == "separate" else None
+    gate = getattr(attn, spec.gate.name)(x) if spec.output_gate in ("separate", "head_scalar") else None
     if spec.output_gate == "per_head":  # per head [q | gate]
         q_gate = projections[0].view(batch, seq, heads, 2 * head_dim)
         projections[0], gate = q_gate[..., :head_dim], q_gate[..., head_dim:].reshape(batch, seq, -1)
@@ -3185,7 +3202,8 @@ def _reference_attention(
         out = weights @ v
     out = out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
     if gate is not None:
-        out = out * torch.sigmoid(gate)
+        act = F.softplus(gate.float()) if spec.gate_activation == "softplus" else torch.sigmoid(gate)
+        out = (out.view(batch, seq, heads, -1) * act.view(batch, seq, heads, -1)).reshape(out.shape)
     if spec.out_norm is not None:
         out = getattr(attn, spec.out_norm_name)(out)
     return getattr(attn, spec.out.name)(out)

@@ -931,7 +931,34 @@ def _measure_router(
         statics_attr=statics_attr,
         statics_class=statics_class,
         statics_shape=tuple(statics[1].shape[:-1]) if statics_attr is not None else (),
+        logit_softcap_field=_router_softcap_field(config, router) if scoring == "sigmoid" else None,
     )
+
+
+@torch.no_grad()
+def _router_softcap_field(config: PretrainedConfig, router: nn.Module) -> str | None:
+    """The float config field (off at 0 or below) of a tanh soft-cap on the router logits: the router
+    rebuilt from a config with that field at 2.0 returns ``2 tanh(x W^T / 2)`` as its logits where the
+    field off returns ``x W^T`` (Laguna's ``moe_router_logit_softcapping``); None when no field does."""
+    weight = router_weight(router)
+    tokens = torch.randn(_PROBE_TOKENS, weight.shape[1], generator=torch.Generator().manual_seed(7))
+    raw = torch.nn.functional.linear(tokens, weight.float()).float()
+    for name, value in sorted(vars(config).items()):
+        if not isinstance(value, float) or value > 0:
+            continue
+        probe = copy.deepcopy(config)
+        setattr(probe, name, 2.0)
+        try:
+            plain = _call_router(router, tokens.to(weight.dtype))[0].float()
+            capped = _call_router(_rebuilt_router(router, probe), tokens.to(weight.dtype))[0].float()
+        except Exception:  # noqa: BLE001 - a value the router cannot be built or run with is no cap
+            continue
+        plain, capped = plain.reshape(raw.shape), capped.reshape(raw.shape)
+        if torch.allclose(plain, raw, rtol=1e-4, atol=1e-5) and torch.allclose(
+            capped, 2.0 * torch.tanh(raw / 2.0), rtol=1e-4, atol=1e-5
+        ):
+            return name
+    return None
 
 
 def _follows_flag(

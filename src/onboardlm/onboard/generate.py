@@ -171,10 +171,9 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
     linears = [*attn.projections, attn.out]
     start = len(init) - len(linears)
     init[start:] = _hoist_bias(init[start:], [linear.bias for linear in linears])
-    if attn.gate is not None:
-        init.append(
-            f"self.{attn.gate.name} = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias={attn.gate.bias})"
-        )
+    if attn.gate is not None:  # a gate of the q width, or of one value per head
+        width = "self.num_heads" if attn.output_gate == "head_scalar" else "self.num_heads * self.head_dim"
+        init.append(f"self.{attn.gate.name} = nn.Linear(config.hidden_size, {width}, bias={attn.gate.bias})")
         linears.append(attn.gate)
     if attn.out_bias:  # held on the layers the flag selects only; the decoder layer adds it
         if attn.inner_attr:

@@ -114,9 +114,12 @@ class AttentionSpec:
     qkv_switches: tuple[tuple[str, bool, str, tuple[str, ...]], ...] = ()
     #: the attention output (before the output projection) times sigmoid(gate): "separate" from its
     #: own projection ``gate`` (AFMoE), "per_head" from the q projection's second half of each head
-    #: (Qwen3-Next, MiniCPM5-MoE: per head [q | gate])
-    output_gate: Literal["none", "separate", "per_head"] = "none"
+    #: (Qwen3-Next, MiniCPM5-MoE: per head [q | gate]), "head_scalar" from its own projection to one
+    #: value per head and token that scales the whole head (Laguna, LFM3)
+    output_gate: Literal["none", "separate", "per_head", "head_scalar"] = "none"
     gate: LinearSpec | None = None
+    #: the gate's activation, measured: sigmoid (AFMoE, Qwen3-Next, LFM3) or softplus in fp32 (Laguna)
+    gate_activation: Literal["sigmoid", "softplus"] = "sigmoid"
     out_norm: NormSpec | None = None  # a norm of the attention output before the output projection (BitNet)
     out_norm_name: str = ""
     qk_norm_after_rope: bool = False  # q/k norms applied to the rotated q/k (NanoChat)

@@ -64,6 +64,9 @@ class RouterSpec:
     statics_attr: str | None = None
     statics_class: str | None = None
     statics_shape: tuple[int, ...] = ()
+    #: the float config field of a tanh soft-cap on the router logits, ``cap * tanh(logits / cap)``
+    #: before the scores, off at 0 (Laguna's ``moe_router_logit_softcapping``); None: no cap
+    logit_softcap_field: str | None = None
 
 
 @dataclass(frozen=True)

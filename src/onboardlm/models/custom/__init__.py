@@ -44,6 +44,7 @@ MODEL_MODULES = [
     "modeling_hunyuan_v1_moe",
     "modeling_internlm3",
     "modeling_jamba",
+    "modeling_laguna",
     "modeling_lara_mini",
     "modeling_lfm2",
     "modeling_llama",
