@@ -248,11 +248,6 @@ def test_a_failing_probe_names_the_module_the_probe_and_the_call(monkeypatch: py
     assert "KeyError: 'full_attention'" in message and "analysis failed" not in message
 
 
-def test_per_layer_widths_are_refused_in_one_line() -> None:
-    with pytest.raises(UnsupportedFeature, match="per_layer_config overrides head_dim on some layers"):
-        analyze(AutoConfig.for_model("gemma4_text"))
-
-
 def test_extra_hidden_streams_are_refused_in_one_line() -> None:
     """Gemma 3n's AltUp: lists of square hidden->hidden linears beside the layers carry extra copies
     of the hidden state; one line names both lists and the feature."""

@@ -47,6 +47,13 @@ from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_f
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.analyze_streams import hyper_connection_refusal
+from onboardlm.onboard.analyze_widths import (
+    check_first_layer,
+    global_access,
+    layer_type_config,
+    overridden_fields,
+    per_layer_attention_fields,
+)
 from onboardlm.onboard.config_derived import derived_expression, width_function
 from onboardlm.onboard.spec import (
     DIFFERENTIAL_LAMBDA_INIT,
@@ -102,21 +109,16 @@ def analyze(config: PretrainedConfig) -> ArchitectureSpec:
         reason = " ".join(str(err.__cause__ if isinstance(err, StrictDataclassError) else err).split())
         # per-layer overrides, or the shrunken fields break one of the config class's own checks
         raise UnsupportedFeature(type(config).__name__, f"no tiny copy of it: {reason}", _TINY_HINT) from err
-    if tiny.is_heterogeneous:
-        overridden = sorted({k for fields in tiny.to_dict()["per_layer_config"].values() for k in fields})
-        raise UnsupportedFeature(
-            type(config).__name__,
-            f"decoder layers of different widths: per_layer_config overrides {', '.join(overridden)} on some "
-            "layers",
-            "a template per layer width; analyze.py measures one layer shape for all layers",
-        )
-    for name, value in _TELLING_MULTIPLIERS.items():
-        if isinstance(getattr(tiny, name, None), float):
-            with contextlib.suppress(AttributeError):  # a read-only property derived from other fields
-                setattr(tiny, name, value)
-    with torch.random.fork_rng():  # the random tiny weights leave the caller's RNG state alone
-        torch.manual_seed(0)
-        return _measure(config, tiny)
+    if tiny.is_heterogeneous:  # decoder layers of different widths: measured per layer (analyze_widths)
+        check_first_layer(tiny)
+    with global_access(config, tiny):
+        for name, value in _TELLING_MULTIPLIERS.items():
+            if isinstance(getattr(tiny, name, None), float):
+                with contextlib.suppress(AttributeError):  # a read-only property derived from other fields
+                    setattr(tiny, name, value)
+        with torch.random.fork_rng():  # the random tiny weights leave the caller's RNG state alone
+            torch.manual_seed(0)
+            return _measure(config, tiny)
 
 
 def _measure(config: PretrainedConfig, tiny: PretrainedConfig) -> ArchitectureSpec:
@@ -290,12 +292,21 @@ class _Analyzer:
         attention = analyze_mla(self.tiny, model)  # multi-head latent attention, else MHA/GQA
         if attention is None:
             attention, rope = self._attention(layer_path, layers, rope)
+            attention, rope = self._per_layer_widths(path, parts["layers"][0], layers, attention, rope)
+        elif overridden_fields(self.tiny):
+            raise UnsupportedFeature(
+                f"{layer_path}.{attention.attr}",
+                "decoder layers of different widths: per_layer_config overrides"
+                f" {', '.join(overridden_fields(self.tiny))} of a multi-head latent attention on some layers",
+                "an MLA template reading its ranks and head dims per layer",
+            )
         feed_forward = analyze_moe(self.tiny, model) or self._mlp(layer_path, layer, attention.attr)
         self.notes += [
             block.note for block in (attention, feed_forward) if isinstance(block, (MLASpec, MoESpec))
         ]
         decoder = self._decoder(layer_path, layer, attention.attr, feed_forward)
         decoder = dataclasses.replace(decoder, refused=self._part_settings(layer_path, layer))
+        decoder = dataclasses.replace(decoder, **self._output_scale(layer_path, layers))
         final_attr = self._final_norm_attr(path, parts, decoder)
         self._layer_norm_spec = decoder.norm
         embedding = self._embedding(self.stack, path, parts, layer)
@@ -327,6 +338,46 @@ class _Analyzer:
             layer_types=tuple(layer_types) if isinstance(layer_types, list) else (),
             notes=tuple(self.notes),
         )
+
+    def _per_layer_widths(
+        self,
+        path: str,
+        layers_attr: str,
+        layers: nn.ModuleList,
+        attention: AttentionSpec,
+        rope: RopeSpec | None,
+    ) -> tuple[AttentionSpec, RopeSpec | None]:
+        """Attention widths that ``per_layer_config`` overrides on some layers: checked on every layer
+        (``analyze_widths``) and read from each layer's own config; the rotary tables of a layer type
+        then come from that type's config (its head_dim)."""
+        fields = per_layer_attention_fields(
+            self.tiny, attention, layers, f"{path}.{layers_attr}", self.hidden
+        )
+        if not fields:
+            return attention, rope
+        if "head_dim" in fields and rope is not None:
+            kinds = sorted(set(getattr(self.tiny, "layer_types", None) or []))
+            if not rope.per_layer_type:
+                raise UnsupportedFeature(
+                    f"{path}.{rope.attr}",
+                    "one rotary table for layers of different head_dim (per_layer_config), not one per layer type",
+                    _HINT,
+                )
+            for kind in kinds:
+                try:
+                    self.tiny.per_layer_config[kind]
+                except ValueError as err:
+                    raise UnsupportedFeature(
+                        f"{path}.{rope.attr}",
+                        f"layers of type {kind!r} with different per_layer_config overrides: no one rotary"
+                        " table per layer type",
+                        _HINT,
+                    ) from err
+            rope = dataclasses.replace(rope, layer_type_config=True)
+        self.notes.append(
+            f"decoder layers of different widths: {', '.join(fields)} read per layer from config.per_layer_config"
+        )
+        return dataclasses.replace(attention, per_layer_fields=fields), rope
 
     def _rebuilt_layer(self, layer: nn.Module, config: PretrainedConfig) -> nn.Module:
         """``layer``'s class built anew from ``config`` at ``layer``'s own index (layer 0 of a hybrid
@@ -606,6 +657,7 @@ class _Analyzer:
             builtin=builtin,
             head_weights=weight is not None and weight.dim() == 2,
             weight=weight is not None,
+            fp32_weight=kind == "rms" and not offset and weight is not None and _weight_in_fp32(module, eps),
         )
 
     # ---------------------------------------------------------------------------------------- biases
@@ -686,7 +738,7 @@ class _Analyzer:
             [kind for kind in kinds if kind not in self._nope_layer_types] if per_layer_type else [None]
         )
         head_dim = self._head_dim()
-        styles, dims = set(), set()
+        styles, widths = set(), {}  # widths: layer type -> rotary width of its table
         sin_first = self._sin_first(module, x, per_layer_type, layer_types)
         for layer_type in layer_types:
             kwargs = {"layer_type": layer_type} if per_layer_type else {}
@@ -696,19 +748,20 @@ class _Analyzer:
                 styles.add("neox")
             elif torch.equal(cos[..., ::2], cos[..., 1::2]):
                 styles.add("interleaved")
-            elif 2 * cos.shape[-1] == head_dim or not params:  # each frequency once (GPT-OSS, GPT-J)
-                styles.add("half")
-                dims.add(2 * cos.shape[-1])
+            elif 2 * cos.shape[-1] == self._head_dim(layer_type) or not params:
+                styles.add("half")  # each frequency once (GPT-OSS, GPT-J)
+                widths[layer_type] = 2 * cos.shape[-1]
                 continue
             else:
                 raise UnsupportedFeature(
                     f"{prefix}.{attr}", "rotary tables in an unknown channel layout", _HINT
                 )
-            dims.add(cos.shape[-1])
+            widths[layer_type] = cos.shape[-1]
+        dims = set(widths.values())
         if len(styles) != 1 or (len(dims) != 1 and not per_layer_type):
             raise UnsupportedFeature(f"{prefix}.{attr}", "rotary layout differs between layer types", _HINT)
         rotary_dim = max(dims)
-        partial = dims != {head_dim}
+        partial = any(width != self._head_dim(layer_type) for layer_type, width in widths.items())
         layout = styles.pop()
         if not params:  # no rope_parameters: a base and a rotary dim the architecture fixes
             base, dim = self._fixed_rope(f"{prefix}.{attr}", module, rotary_dim, sin_first, layout)
@@ -728,7 +781,7 @@ class _Analyzer:
         # the rotary width of each table: head_dim * its partial_rotary_factor, or what transformers'
         # function for its rope_type builds (proportional RoPE: every channel, zero frequencies last)
         expected = {
-            self._table_width(table, layer_type, head_dim)
+            self._table_width(table, layer_type, self._head_dim(layer_type))
             for layer_type, table in (
                 [(t, params[t]) for t in layer_types] if per_layer_type else [(None, params)]
             )
@@ -761,7 +814,7 @@ class _Analyzer:
         rope_type = _rope_kind(table)
         if rope_type in ("default", "ntk_alpha") or rope_type not in ROPE_INIT_FUNCTIONS:
             return int(head_dim * table.get("partial_rotary_factor", 1.0))
-        config = copy.deepcopy(self.tiny)
+        config = copy.deepcopy(layer_type_config(self.tiny, layer_type))
         config.rope_parameters = {**config.rope_parameters, layer_type: table} if layer_type else table
         try:
             inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](
@@ -779,14 +832,15 @@ class _Analyzer:
         rope_type, else the default ``rope_theta^(-2i/dim)``."""
         rope_type = _rope_kind(table)
         if rope_type in ("default", "ntk_alpha"):
-            dim = int(self._head_dim() * table.get("partial_rotary_factor", 1.0))
+            head_dim = self._head_dim(layer_type)
+            dim = int(head_dim * table.get("partial_rotary_factor", 1.0))
             base = table["rope_theta"]
             if rope_type == "ntk_alpha":  # a fixed alpha stretches the base: theta * alpha^(d / (d - 2))
-                base = base * table["alpha"] ** (self._head_dim() / (self._head_dim() - 2))
+                base = base * table["alpha"] ** (head_dim / (head_dim - 2))
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
             scaling = 1.0
         else:
-            config = copy.deepcopy(self.tiny)
+            config = copy.deepcopy(layer_type_config(self.tiny, layer_type))
             if layer_type:
                 config.rope_parameters = {**config.rope_parameters, layer_type: table}
             else:
@@ -947,8 +1001,10 @@ class _Analyzer:
             raise UnsupportedFeature(path, "rotary tables from no known base and dim", _HINT)
         return base, dim
 
-    def _head_dim(self) -> int:
-        return getattr(self.tiny, "head_dim", None) or self.tiny.hidden_size // self.tiny.num_attention_heads
+    def _head_dim(self, layer_type: str | None = None) -> int:
+        """The head dim of the first layer, or of the layers of ``layer_type`` (``per_layer_config``)."""
+        config = layer_type_config(self.tiny, layer_type)
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     # ---------------------------------------------------------------------------------------- attention
 
@@ -1144,6 +1200,7 @@ class _Analyzer:
         )
         out_norm_name = self._attention_out_norm(path, attn, norms, outs[0], rope)
         out_norm = self._norm(f"{path}.{out_norm_name}", norms.pop(out_norm_name)) if out_norm_name else None
+        v_norm_name, v_norm_eps = self._v_norm(path, norms, head_dim)
         qk_norm, qk_names, per_head = self._qk_norm(path, norms, head_dim, q_size)
         real = self._real_heads()
         kind = (
@@ -1191,6 +1248,8 @@ class _Analyzer:
             out_bias_flag=out_bias_flag,
             differential_norm=differential_norm,
             differential_norm_name=differential_norm_name,
+            v_norm_eps=v_norm_eps,
+            v_norm_name=v_norm_name,
             **real,
         )
         if gate_kind != "none":
@@ -1930,12 +1989,34 @@ class _Analyzer:
             f"{attr}.{name}", "q/k norm on some layers only, selected by no config list", _HINT
         )
 
+    def _v_norm(self, path: str, norms: dict[str, nn.Module], head_dim: int) -> tuple[str, str | None]:
+        """A third norm beside the q/k norms whose name starts with ``v`` (Gemma 4's ``v_norm``): taken
+        out of ``norms`` when it is a weightless RMSNorm over one head (the attention probe then checks
+        that it normalises the value heads); (name, epsilon expression), or ("", None) for none."""
+        names = [n for n in norms if n.startswith("v")]
+        if len(norms) != 3 or len(names) != 1:
+            return "", None
+        name = names[0]
+        spec = self._norm_of_width(f"{path}.{name}", norms[name], head_dim)
+        if spec.kind != "rms" or spec.weight or spec.offset:
+            raise UnsupportedFeature(
+                f"{path}.{name}",
+                f"value norm {type(norms[name]).__name__} ({spec.kind} norm"
+                f"{' with a learned weight' if spec.weight else ''}); the attention template inlines only a"
+                " weightless RMSNorm of each value head",
+                _HINT,
+            )
+        del norms[name]
+        self.notes.append(f"value heads normalised by a weightless RMSNorm ({name})")
+        return name, spec.eps
+
     def _scaling(self, path: str, attn: nn.Module, head_dim: int) -> tuple[str, float]:
         measured = getattr(attn, "scaling", head_dim**-0.5)
         candidates = [
             ("config.attention_multiplier", self.fields.get("attention_multiplier")),
             ("config.query_pre_attn_scalar**-0.5", self._power(self.fields.get("query_pre_attn_scalar"))),
             ("self.head_dim**-0.5", head_dim**-0.5),
+            ("1.0", 1.0),  # no scaling: q/k norms set the logits' scale (Gemma 4)
         ]
         for expression, value in candidates:
             if isinstance(value, float) and abs(value - measured) < 1e-9:
@@ -2495,6 +2576,56 @@ class _Analyzer:
                     self.notes.append(f"config.{part}.{field} other than {value}: refused by this file")
         return tuple(refused)
 
+    def _output_scale(self, layer_path: str, layers: nn.ModuleList) -> dict[str, Any]:
+        """A checkpoint tensor of the layer's own (not a block's) that multiplies the layer's whole
+        output, residual included (Gemma 4's ``layer_scalar``): set to a telling value in a copy of the
+        first layer, which must then return that value times its recorded output; the same tensor
+        on every layer. Another tensor of the layer's own is refused by name."""
+        layer = layers[0]
+        own = dict(layer.named_parameters(recurse=False))
+        persistent = {n for n, _ in layer.named_buffers(recurse=False)} - layer._non_persistent_buffers_set
+        own.update({name: getattr(layer, name) for name in sorted(persistent)})
+        if not own:
+            return {}
+        name, tensor = next(iter(own.items()))
+        shapes = {  # None for a layer without it
+            tuple(other_tensor.shape)
+            if isinstance(other_tensor := getattr(other, name, None), torch.Tensor)
+            else None
+            for other in layers
+        }
+        if len(own) > 1 or tensor.numel() != 1 or shapes != {tuple(tensor.shape)}:
+            raise UnsupportedFeature(
+                f"{layer_path}.{sorted(own)[0]}",
+                f"decoder layer tensors of its own {sorted(own)} (shape {list(tensor.shape)}) beside its"
+                " blocks; the decoder template holds one scalar that scales the layer output",
+                _HINT,
+            )
+        seq = 6
+        input_ids = torch.arange(2 * seq).reshape(2, seq) % (self.tiny.vocab_size - 1) + 1
+        call = record_calls(
+            self.model, [layer_path], input_ids=input_ids, position_ids=torch.arange(seq)[None].expand(2, seq),
+            use_cache=False,
+        )[layer_path][0]  # fmt: skip
+        probe = copy.deepcopy(layer)
+        with torch.no_grad():
+            getattr(probe, name).fill_(1.7)
+            scaled = _first(probe(*call.args, **call.kwargs))
+        if not _close(scaled, 1.7 * call.result):
+            raise UnsupportedFeature(
+                f"{layer_path}.{name}",
+                f"decoder layer {'parameter' if name in dict(layer.named_parameters(recurse=False)) else 'buffer'}"
+                f" {name} of its own that does not scale the layer output; the decoder template holds one"
+                " scalar that does",
+                _HINT,
+            )
+        self.notes.append(f"layer output scaled by its own {name}")
+        return {
+            "output_scale": name,
+            "output_scale_buffer": name in persistent,
+            "output_scale_shape": tuple(tensor.shape),
+        }
+
     @staticmethod
     def _block_names(ff: MLPSpec | MoESpec, attn_attr: str) -> set[str]:
         """Children of the layer that are the attention and the feed-forward (its modules if inline)."""
@@ -2990,20 +3121,38 @@ def _sinusoidal_positions(module: nn.Module, hidden: int) -> bool:
     return isinstance(rows, torch.Tensor) and tuple(rows.shape) == (1, 4, hidden)
 
 
-def _position_ids(attn: nn.Module, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+def _position_ids(attn: nn.Module, positions: torch.Tensor) -> dict[str, Any]:
     """``{"position_ids": positions}`` for an attention whose forward takes them (Ministral3's reads
-    them for a q scale), else nothing."""
-    return {"position_ids": positions} if "position_ids" in inspect.signature(attn.forward).parameters else {}
+    them for a q scale), and an empty store for each required dict parameter (Gemma 4's
+    ``shared_kv_states``, where a layer leaves its keys and values for others: written, not read)."""
+    found: dict[str, Any] = _shared_stores(attn)
+    if "position_ids" in inspect.signature(attn.forward).parameters:
+        found["position_ids"] = positions
+    return found
+
+
+def _shared_stores(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """An empty dict for each forward parameter without a default annotated as a dict (a store the
+    module may write to for other layers)."""
+    parameters = list(inspect.signature(module.forward).parameters.values())[1:]
+    return {
+        p.name: {}
+        for p in parameters
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and re.search(r"\b(dict|Dict|\w*Dict)\b", str(p.annotation))
+    }
 
 
 def _needs_recording(attn: nn.Module) -> bool:
     """An attention that cannot run on hidden states alone: a forward parameter without a default
-    besides them (BLOOM's residual and alibi)."""
+    besides them (BLOOM's residual and alibi) and the stores ``_shared_stores`` fills."""
     parameters = list(inspect.signature(attn.forward).parameters.values())[1:]
+    stores = _shared_stores(attn)
     return any(
         p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         for p in parameters
-        if p.name not in ("position_embeddings", "attention_mask", "position_ids")
+        if p.name not in ("position_embeddings", "attention_mask", "position_ids", *stores)
     )
 
 
@@ -3022,6 +3171,28 @@ def _takes_residual(module: nn.Module) -> bool:
     """Whether a block takes the residual and adds it to its output itself (BLOOM's attention and
     MLP): a ``residual`` parameter of its forward."""
     return "residual" in inspect.signature(module.forward).parameters
+
+
+def _weight_in_fp32(module: nn.Module, eps: float) -> bool:
+    """Whether an RMSNorm run in bf16 multiplies its weight into the fp32 normalised value before the
+    cast back (bit for bit), where the Llama norm casts first: told apart on telling weights."""
+    if module.weight.dim() != 1:
+        return False
+    probe = copy.deepcopy(module).to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(3)
+    width = probe.weight.shape[-1]
+    with torch.no_grad():
+        probe.weight.copy_(1 + 0.5 * torch.randn(probe.weight.shape, generator=generator))
+        x = (torch.randn(4, 7, width, generator=generator) * 3).to(torch.bfloat16)
+        try:
+            actual = probe(x)
+        except Exception:  # not runnable in bf16: the usual cast
+            return False
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        in_fp32 = (normed * probe.weight.float()).to(torch.bfloat16)
+        cast_first = probe.weight * normed.to(torch.bfloat16)
+    return torch.equal(actual, in_fp32) and not torch.equal(actual, cast_first)
 
 
 def _call_filled(
@@ -3169,6 +3340,8 @@ def _reference_attention(
         q, k, v = split_fused_qkv(projections[0], *layout, heads, kv_heads, head_dim)
     else:
         q, k, v = (t.reshape(batch, seq, -1, head_dim) for t in projections)
+    if spec.v_norm_name:
+        v = getattr(attn, spec.v_norm_name)(v)
     q_norm, k_norm = (getattr(attn, name, None) for name in spec.qk_norm_names)
     if q_norm is None:  # switched off by the config (``qk_norm_flag``)
         spec = dataclasses.replace(spec, qk_norm=None)

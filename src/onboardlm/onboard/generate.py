@@ -103,6 +103,7 @@ def emit_rope_frequencies(spec: ArchitectureSpec) -> str:
         dim=rope.dim,
         base_field=rope.base_field,
         ntk_alpha="ntk_alpha" in rope.rope_types,
+        layer_type_config=rope.layer_type_config,
     )
 
 
@@ -125,9 +126,7 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         )
     init = [
         "self.layer_idx = layer_idx",
-        "self.num_heads = config.num_attention_heads",
-        f"self.num_kv_heads = {attn.kv_heads}",
-        'self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads',
+        *_width_lines(attn),
         f"self.scaling = {attn.scaling}",
     ]
     if attn.sliding == "all":
@@ -203,6 +202,12 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         raise UnsupportedFeature(attn.class_name, "output gate beside a fused q/k/v projection", _HINT)
     init += [f"self.{field} = config.{field}" for field in dict.fromkeys(f for f, *_ in attn.qkv_switches)]
     init += _qk_norm_lines(attn)
+    if attn.v_norm_eps is not None:  # HF's weightless v norm has no checkpoint key: inlined
+        init += [
+            f"# {attn.v_norm_name}: a weightless RMSNorm of each value head",
+            'self.register_buffer("_ad_v_norm_weight", torch.ones(self.head_dim), persistent=False)',
+            f"self.v_norm_eps = {attn.v_norm_eps}",
+        ]
     init += _conv1d_hook_lines(linears)
     if attn.alibi:
         init.append(
@@ -234,6 +239,23 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         qkv_lines=_fused_qkv_lines(attn) if attn.fused_qkv else [],
         methods=_conv1d_hook_method(linears),
     )
+
+
+def _width_lines(attn: AttentionSpec) -> list[str]:
+    """Head counts and head dim; where ``per_layer_config`` overrides some of them on some layers, read
+    from the layer's own config (``config.per_layer_config[layer_idx]``: the config itself elsewhere)."""
+    lines = [
+        "self.num_heads = config.num_attention_heads",
+        f"self.num_kv_heads = {attn.kv_heads}",
+        'self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads',
+    ]
+    if not attn.per_layer_fields:
+        return lines
+    fields = ", ".join(attn.per_layer_fields)
+    return [
+        f"layer_config = config.per_layer_config[layer_idx]  # per layer: {fields}",
+        *(line.replace("config.", "layer_config.").replace("(config,", "(layer_config,") for line in lines),
+    ]
 
 
 def _takes_temperature(spec: ArchitectureSpec) -> bool:
@@ -420,6 +442,9 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
             *(f"    {line}" for line in _layout_lines(other, spec)),
             *forward,
         ]
+    if layer.output_scale:  # a checkpoint tensor of the layer's own scales its whole output
+        init += _output_scale_lines(layer)
+        forward = _scaled_returns(forward, layer.output_scale)
     return render(
         "decoder_layer.py.j2",
         layer=layer,
@@ -430,6 +455,30 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
         temperature=_takes_temperature(spec),
         methods=methods,
     )
+
+
+def _output_scale_lines(layer: DecoderLayerSpec) -> list[str]:
+    """The layer's own output scale under its checkpoint name: a buffer or a parameter."""
+    shape = list(layer.output_scale_shape)
+    if layer.output_scale_buffer:
+        return [f'self.register_buffer("{layer.output_scale}", torch.ones({shape}))  # a checkpoint buffer']
+    return [f"self.{layer.output_scale} = nn.Parameter(torch.ones({shape}))"]
+
+
+def _scaled_returns(lines: list[str], name: str) -> list[str]:
+    """``lines`` with each ``return x`` returning ``x * self.<name>`` (the residual included)."""
+    scaled = []
+    for line in lines:
+        body = line.lstrip()
+        if not body.startswith("return "):
+            scaled.append(line)
+            continue
+        indent = line[: len(line) - len(body)]
+        scaled += [
+            f"{indent}hidden_states = {body.removeprefix('return ')}",
+            f"{indent}return hidden_states * self.{name}",
+        ]
+    return scaled
 
 
 def _layout_lines(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> list[str]:
@@ -696,7 +745,10 @@ def describe(spec: ArchitectureSpec) -> str:
     extras = [
         note
         for note in spec.notes
-        if any(word in note for word in ("sliding", "soft-cap", "scaled", "logits", "NoPE"))
+        if any(
+            word in note
+            for word in ("sliding", "soft-cap", "scaled", "logits", "NoPE", "different widths", "value heads")
+        )
     ]
     unsupported = [note.split(":")[0] for note in spec.notes if note.endswith("by this file")]
     if unsupported:  # flags whose other value builds other modules or attention than this file's

@@ -37,6 +37,9 @@ class NormSpec:
     builtin: bool = False  # torch.nn.LayerNorm used as is
     head_weights: bool = False  # weight of shape [heads, head_dim]: one row per head (Cohere q/k norm)
     weight: bool = True  # False: no learned weight (OLMo, NanoChat)
+    #: the weight multiplies the fp32 normalised value before the cast back (Gemma 4), not the value
+    #: already cast to the input dtype (Llama); measured in bf16 (offset norms always scale in fp32)
+    fp32_weight: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ class RopeSpec:
     nope_layer_types: tuple[
         str, ...
     ] = ()  # per layer type: the types whose table is None (no RoPE)  # a RoPE base per layer from this config list, 0 for none (Granite-SWA)
+    #: per layer type: the inverse frequencies come from the layer type's own config
+    #: (``config.per_layer_config[layer_type]``: its head_dim), where per_layer_config overrides head_dim
+    layer_type_config: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,14 @@ class AttentionSpec:
     out_bias_flag: str | None = None
     differential_norm: NormSpec | None = None
     differential_norm_name: str = ""
+    #: a weightless RMSNorm of each value head before attention (Gemma 4's ``v_norm``), inlined as
+    #: ``torch_rmsnorm`` on a unit buffer: its epsilon expression (None for none) and HF attribute
+    v_norm_eps: str | None = None
+    v_norm_name: str = ""
+    #: config fields the attention reads from its own layer's config (``config.per_layer_config[
+    #: layer_idx]``): the widths that transformers' ``per_layer_config`` overrides on some layers
+    #: (Gemma 4's head_dim and num_key_value_heads on full-attention layers), measured on every layer
+    per_layer_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -194,6 +208,12 @@ class DecoderLayerSpec:
     #: (condition over config, field) of part sub-config settings that change the layer and that this
     #: file does not reproduce (MPT's attn_config.clip_qkv): the layer refuses a config that sets them
     refused: tuple[tuple[str, str], ...] = ()
+    #: a tensor of the layer's own (not a block's) that multiplies the layer's output, residual
+    #: included (Gemma 4's ``layer_scalar`` buffer): its name, whether it is a checkpoint buffer (else a
+    #: parameter) and its shape; "" for none
+    output_scale: str = ""
+    output_scale_buffer: bool = True
+    output_scale_shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -451,6 +451,29 @@ def keep_called(layout: ReferenceLayout, reference: nn.Module) -> ReferenceLayou
     return dataclasses.replace(layout, blocks=tuple(blocks), unit_embeddings=quiet)
 
 
+def keep_lean_modules(layout: ReferenceLayout, lean_source: str) -> ReferenceLayout:
+    """``layout`` without the block paths whose module the lean file inlines: the last name of the
+    path (list indices aside) is no ``self.<name> = ...`` attribute of any lean class (Gemma 4's
+    weightless ``v_norm``: a ``torch_rmsnorm`` call on a unit buffer)."""
+    assigned = {
+        target.attr
+        for node in ast.walk(_lean_index(lean_source).src.tree)
+        if isinstance(node, (ast.Assign, ast.AnnAssign))
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Attribute)
+        and isinstance(target.value, ast.Name)
+        and target.value.id == "self"
+    }
+    blocks = []
+    for group in layout.blocks:
+        kept = tuple(
+            path for path in group.paths if [n for n in path.split(".") if not n.isdigit()][-1] in assigned
+        )
+        if kept or not group.paths:
+            blocks.append(dataclasses.replace(group, paths=kept))
+    return dataclasses.replace(layout, blocks=tuple(blocks))
+
+
 def _rms(tensor: torch.Tensor) -> float:
     return float(tensor.float().pow(2).mean().sqrt())
 
@@ -461,7 +484,17 @@ def _rms(tensor: torch.Tensor) -> float:
 
 
 def _init_values(config: PretrainedConfig) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    """Constructor fields and their values; on a heterogeneous config the global values of the fields
+    ``per_layer_config`` overrides, and the overrides themselves (as ``to_dict`` writes them)."""
+    get = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    values = {
+        f.name: get(f.name) if get is not None else getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.init
+    }
+    if getattr(config, "is_heterogeneous", False):
+        values["per_layer_config"] = config.to_dict()["per_layer_config"]
+    return values
 
 
 def _is_literal(value: Any) -> bool:
@@ -596,9 +629,11 @@ def make_test_config(config: PretrainedConfig) -> PretrainedConfig:
     for name, value in _init_values(tiny).items():
         if "softcap" in name and isinstance(value, float):
             setattr(tiny, name, TEST_SOFTCAP)
-    heads = getattr(tiny, "num_attention_heads", None)
+    values = _init_values(tiny)
+    heads = values.get("num_attention_heads")
     if (
-        "num_key_value_heads" in _init_values(tiny)
+        "num_key_value_heads" in values
+        and not getattr(tiny, "is_heterogeneous", False)
         and isinstance(heads, int)
         and tiny.num_key_value_heads == heads
         and heads % TEST_KV_GROUP == 0
@@ -673,6 +708,7 @@ def generate_test_file(
         layout = cover_lean_blocks(layout, reference, tiny, hf_module, lean_source)
     layout = keep_called(layout, reference)
     if lean_source is not None:
+        layout = keep_lean_modules(layout, lean_source)
         layout = dataclasses.replace(
             layout,
             positional=_takes_positions(lean_source, layout),
