@@ -1684,18 +1684,23 @@ class _Analyzer:
         index = uses_rope.index(False)
         layer = layers[index]
         layouts = self._qkv_layouts(spec, kv_heads)[:1]
+        # the probe's tables are dropped; they come from a RoPE layer's type (a NoPE type may have none)
+        rotary_kwargs = {}
+        if rope.per_layer_type:
+            rotary_kwargs["layer_type"] = self.tiny.layer_types[uses_rope.index(True)]
 
         def probe(module: nn.Module) -> _AttentionProbe:
             found = _AttentionProbe(
                 self._attn_module(module, spec), spec, self.tiny, scale, kv_heads, self._rotary_module,
-                rope, rope.style, {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {},
-                layer_idx=index,
+                rope, rope.style, rotary_kwargs, layer_idx=index,
             )  # fmt: skip
             found.tables = None  # a NoPE layer: q and k unrotated
             return found
 
         plain = probe(layer)
         if plain.match(layouts) is not None:
+            return spec
+        if _matches_without_tables(plain, layouts):  # the model, not the attention, skips RoPE here
             return spec
         floats = [(n, v) for n, v in self.fields.items() if isinstance(v, float)]
         ints = [(n, v) for n, v in self.fields.items() if _is_int(v) and not isinstance(v, bool) and v > 0]
@@ -3397,6 +3402,21 @@ def _differential_output(
     lam = torch.exp((a * b).sum()) - torch.exp((c * d).sum()) + lambda_init
     out = getattr(attn, spec.differential_norm_name)(first - lam * second) * (1 - lambda_init)
     return out  # [B, H/2, S, 2 * head_dim]
+
+
+def _matches_without_tables(probe: _AttentionProbe, layouts: list[tuple[str, int, tuple[str, ...]]]) -> bool:
+    """Whether ``probe``'s attention, called with ``position_embeddings=None`` (as a model passes to
+    its NoPE layers, Cohere-Compass's full-attention ones), matches the unrotated math."""
+    rotated = probe.expected
+    try:
+        with torch.no_grad():
+            probe.expected = _first(probe.attn(probe.x, position_embeddings=None, attention_mask=None))
+    except (TypeError, ValueError, RuntimeError):  # the attention cannot run without its tables
+        return False
+    try:
+        return probe.match(layouts) is not None
+    finally:
+        probe.expected = rotated
 
 
 class _AttentionProbe:
