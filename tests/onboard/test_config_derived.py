@@ -44,3 +44,12 @@ def f(config):
     labels = [variant.label for variant in candidate_variants(config, source)]
     assert "multi_query=False" in labels
     assert "alibi=True" not in labels and "new_decoder_architecture=True" not in labels
+
+
+def test_a_layer_list_naming_every_layer_gets_a_variant_without_layer_0() -> None:
+    """``layer_idx in config.moe_layers`` (Llama 4) with every test layer listed: the variant leaves
+    layer 0 out, so the branch of the unlisted layers (dense MLPs) runs in a test too."""
+    config = AutoConfig.for_model("llama4_text", num_hidden_layers=3, moe_layers=[0, 1, 2])
+    source = "def f(config, layer_idx):\n    return layer_idx in config.moe_layers\n"
+    variants = {variant.label: variant.overrides for variant in candidate_variants(config, source)}
+    assert variants["moe_layers=without_0"] == {"moe_layers": [1, 2]}
