@@ -79,3 +79,12 @@ def test_lfm2_functional_activation_is_measured() -> None:
     assert (mlp.kind, mlp.activation, mlp.act_attr) == ("gated", "silu", "act_fn")
     assert [linear.name for linear in mlp.inputs] == ["w1", "w3"] and mlp.down.name == "w2"
     assert mlp.intermediate == "lfm2_mlp_width(config)" and "block_multiple_of" in mlp.width_function
+
+
+def test_a_layer_list_naming_every_layer_gets_a_variant_without_layer_0() -> None:
+    """``layer_idx in config.moe_layers`` (Llama 4) with every test layer listed: the variant leaves
+    layer 0 out, so the branch of the unlisted layers (dense MLPs) runs in a test too."""
+    config = AutoConfig.for_model("llama4_text", num_hidden_layers=3, moe_layers=[0, 1, 2])
+    source = "def f(config, layer_idx):\n    return layer_idx in config.moe_layers\n"
+    variants = {variant.label: variant.overrides for variant in candidate_variants(config, source)}
+    assert variants["moe_layers=without_0"] == {"moe_layers": [1, 2]}

@@ -24,7 +24,12 @@ ops = torch.ops.auto_deploy
 N, N_KV, D, BLOCK = 4, 2, 8, 4
 #: Tokens each sequence computes per step (0: not in this step); every sequence ends on decodes.
 CHUNKS = ((5, 2, 0), (4, 1, 6), (1, 1, 7), (1, 1, 1), (1, 0, 1))
-OPTIONS = {"plain": {}, "window": {"scale": 0.3, "sliding_window": 3, "logit_cap": 1.5}, "sinks": {}}
+OPTIONS = {
+    "plain": {},
+    "window": {"scale": 0.3, "sliding_window": 3, "logit_cap": 1.5},
+    "sinks": {},
+    "chunked": {"attention_chunk_size": 3},  # Llama 4's chunked local attention, across block borders
+}
 
 
 def _to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
