@@ -38,6 +38,7 @@ CASES = {
     "minicpm3": {},
     "gpt_neox_japanese": {"num_hidden_layers": 3},
     "laguna": {},
+    "mimo_v2_flash": {},
 }
 #: Fields set on the tiny config of the generated-model comparison: Ministral3's q scale by position
 #: is 1 below ``original_max_position_embeddings``; a period of 2 makes the test's positions use it.
@@ -88,6 +89,22 @@ def test_output_gate_of_one_value_per_head(specs: dict) -> None:
     assert all(
         spec.attention.gate_activation == "sigmoid" for name, spec in specs.items() if name != "laguna"
     )
+
+
+def test_value_heads_of_their_own_width_scale_and_per_layer_kv_heads(specs: dict) -> None:
+    """MiMo-V2-Flash: value heads of ``v_head_dim`` channels (keys of ``head_dim``), values times
+    ``attention_value_scale`` (found by the probe among the float fields), twice the KV heads and
+    per-head sinks on the sliding-window layers only (the layer-type list placing both)."""
+    attention = specs["mimo_v2_flash"].attention
+    assert attention.v_head_dim == "config.v_head_dim"
+    assert attention.value_scale == "config.attention_value_scale"
+    sliding = 'config.layer_types[layer_idx] == "sliding_attention"'
+    assert attention.sinks and attention.sinks_flag == sliding
+    assert attention.kv_heads == (
+        f"config.num_key_value_heads * 2 if {sliding} else config.num_key_value_heads"
+    )
+    others = [spec.attention for name, spec in specs.items() if name != "mimo_v2_flash"]
+    assert all(a.v_head_dim is None and a.value_scale is None and a.sinks_flag is None for a in others)
 
 
 def test_norms_inside_attention_and_mlp(specs: dict) -> None:
@@ -199,7 +216,6 @@ REFUSED = {
     "jetmoe": ("model.layers.0.self_attention.experts", "module JetMoeMoA with submodules"),
     "inkling_text": ("model.layers.0.self_attn.k_sconv", "short convolution InklingShortConvolution"),
     "doge": ("model.layers.0.self_attn.dt_proj", "one value per head and token with parameters ['A']"),
-    "mimo_v2_flash": ("model.layers.0.self_attn.v_proj", "value heads of another head dim than q/k"),
     "kolibri1_1": (
         "model.layers.2.self_attn",
         "reuse another layer's keys and values (cross-layer KV sharing)",

@@ -219,3 +219,27 @@ def test_rotary_tables_may_use_a_matmul(files, edit, review_rule) -> None:
         ("        freqs = position_ids[..., None].float() * self._ad_inv_freq.float()\n", hf_style),
     )
     assert review_rule({"C1", "C7"}, edited.path).passed
+
+
+def test_a_model_named_flash_is_no_attention_switch(files, edit, review_rule) -> None:
+    """C6 reads the model's own name out of its class names (MiMo-V2-Flash's ``MiMoV2Flash*``) and
+    still flags a flash switch in such a file."""
+    renamed = edit(files.llama, *((name, f"MiMoV2Flash{name[5:]}") for name in _llama_class_names(files)))
+    assert review_rule("C6", renamed.path).passed
+    switched = edit(
+        renamed.path,
+        (ATTENTION, "        use_flash_attn = False\n" + ATTENTION),
+    )
+    report = review_rule("C6", switched.path)
+    assert not report.passed and "use_flash_attn" in report.result("C6").findings[0].reason
+
+
+def _llama_class_names(files) -> list[str]:
+    """The ``Llama*`` class names the golden file defines, longest first (so none is a prefix of a
+    later one's replacement)."""
+    import ast
+
+    tree = ast.parse(files.llama.read_text(encoding="utf-8"))
+    names = {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+    names |= {"LlamaConfig"}
+    return sorted((n for n in names if n.startswith("Llama")), key=len, reverse=True)

@@ -4,7 +4,8 @@ Tiny random models (fp32, CPU): the golden lean Llama, Gemma 2 (sliding window +
 softcap) and GPT-OSS (sinks + sliding window), the last two from the AutoDeploy-style files in
 ``tests/compat``. A batch of prompts of different lengths (longer than the window) is prefilled
 together, then decoded step by step; each sequence's logits must equal the eager model run on that
-sequence alone, from scratch (RMSE ratio < 1e-4). Any lean causal-LM class can be added to ``CASES``;
+sequence alone, from scratch (RMSE ratio < 1e-4); shipped Laguna and MiMo-V2-Flash files on their
+tiny configs too. Any lean causal-LM class can be added to ``CASES``;
 DeepSeek-V3 joins once its lean file exists. Until then a toy two-layer MLA model checks the
 ``torch_mla`` branch of the transform.
 """
@@ -21,14 +22,15 @@ from types import ModuleType
 import pytest
 import torch
 from torch import nn
-from transformers import Gemma2Config, GptOssConfig, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, Gemma2Config, GptOssConfig, LlamaConfig, PretrainedConfig
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.export import torch_export_to_gm
 from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.runtime.cache import KVCache
 from onboardlm.runtime.engine import CachedModel, build_cached_graph
-from onboardlm.testing import assert_rmse_close
+from onboardlm.testing import assert_rmse_close, tiny_config
+from onboardlm.testing.reference import installed_model_type
 from onboardlm.transforms import insert_cached_attention
 
 COMPAT = Path(__file__).resolve().parents[1] / "compat"
@@ -165,6 +167,21 @@ if importlib.util.find_spec("onboardlm.models.custom.modeling_llama4_text") is n
         ),
         _shipped,
     )
+
+
+def _tiny_shipped(model_type: str) -> PretrainedConfig:
+    """The tiny config of a shipped type's default config, with a window shorter than the prompts."""
+    config = tiny_config(AutoConfig.for_model(model_type))
+    if getattr(config, "sliding_window", None):
+        config.sliding_window = 4
+    return config
+
+
+#: shipped files with attention variants the cache must serve: an output gate of one value per head
+#: (Laguna); value heads of their own width, sinks and twice the KV heads on sliding layers (MiMo-V2)
+for _type in ("laguna", "mimo_v2_flash"):
+    if installed_model_type(_type) and importlib.util.find_spec(f"onboardlm.models.custom.modeling_{_type}"):
+        CASES[_type] = Case(lambda t=_type: _tiny_shipped(t), _shipped)
 
 
 def _random_model(case: Case) -> nn.Module:

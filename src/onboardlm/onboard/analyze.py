@@ -1133,6 +1133,9 @@ class _Analyzer:
                 )
         weights = [{name for name, _ in getattr(other, attr).named_parameters()} for other in layers]
         partial = sorted(set.union(*weights) - set.intersection(*weights))
+        sinks_flag = self._sinks_condition(layers, attr, weights) if partial == ["sinks"] else None
+        if sinks_flag is not None:  # sink logits on some layers only (MiMo-V2: sliding-window layers)
+            partial = []
         if partial and (len(partial) != 1 or "." in partial[0]):  # one vector of its own: a bias?
             raise self._partial_weights(path, weights, partial)
         heads, head_dim = self.tiny.num_attention_heads, self._head_dim()
@@ -1167,16 +1170,13 @@ class _Analyzer:
         kv_size = kv_heads * head_dim
         widths = [linears[n].out_features for n in ins]
         q_width = 2 * q_size if gate_kind == "per_head" else q_size
+        v_dim, v_dim_expr = head_dim, None
         if not fused and widths[:2] == [q_width, kv_size] and widths[2] != kv_size:
-            raise UnsupportedFeature(
-                f"{path}.{ins[2]}",
-                f"value projection of width {widths[2]}, keys of {kv_size}: value heads of another head dim"
-                " than q/k (a v_head_dim), which no attention template covers",
-                _HINT,
-            )
+            v_dim_expr = self._v_head_dim(f"{path}.{ins[2]}", widths[2], kv_heads, kv_size)
+            v_dim, widths[2] = widths[2] // kv_heads, kv_size
         if widths != ([q_width, kv_size, kv_size] if not fused else [q_size + 2 * kv_size]):
             raise UnsupportedFeature(path, f"projection widths {widths} != heads x head_dim", _HINT)
-        if (linears[outs[0]].in_features, linears[outs[0]].out_features) != (q_size, self.hidden):
+        if (linears[outs[0]].in_features, linears[outs[0]].out_features) != (heads * v_dim, self.hidden):
             raise UnsupportedFeature(
                 f"{path}.{outs[0]}", "output projection is not heads x head_dim -> hidden", _HINT
             )
@@ -1236,8 +1236,12 @@ class _Analyzer:
             chunk_expr=chunk_expr,
             softcap=self._attention_softcap(),
             rope_flag=self._rope_flag(path, uses_rope) if rope is not None else None,
-            sinks=isinstance(getattr(attn, "sinks", None), torch.Tensor),
-            kv_heads=self._kv_heads_expression(path, kv_heads),
+            sinks=isinstance(getattr(attn, "sinks", None), torch.Tensor) or sinks_flag is not None,
+            sinks_flag=sinks_flag,
+            v_head_dim=v_dim_expr,
+            kv_heads=self._per_layer_kv_heads(
+                path, [getattr(other, attr) for other in layers], kv_heads, head_dim, fused
+            ),
             output_gate=gate_kind,  # type: ignore[arg-type]
             gate=LinearSpec(gate_name, biases[f"{attr}.{gate_name}"]) if gate_name else None,
             gate_activation=gate_activation,  # type: ignore[arg-type]
@@ -1560,6 +1564,65 @@ class _Analyzer:
             )
         return attrs[0]
 
+    def _v_head_dim(self, path: str, width: int, kv_heads: int, kv_size: int) -> str:
+        """The config expression of the value heads' width, where the value projection is not as wide
+        as the keys' (MiMo-V2's ``v_head_dim``): the one int field of that value."""
+        fields = [
+            name
+            for name, value in self.fields.items()
+            if _is_int(value) and not isinstance(value, bool) and value * kv_heads == width
+        ]
+        fields.sort(key=lambda name: ("v" not in name.split("_"), name))
+        if width % kv_heads or not fields:
+            raise UnsupportedFeature(
+                path,
+                f"value projection of width {width}, keys of {kv_size}: value heads of another head dim"
+                " than q/k from no config field",
+                _HINT,
+            )
+        self.notes.append(f"value heads of config.{fields[0]} channels")
+        return f"config.{fields[0]}"
+
+    def _sinks_condition(self, layers: nn.ModuleList, attr: str, weights: list[set[str]]) -> str | None:
+        """The config expression over ``layer_idx`` of the layers whose attention holds per-head sink
+        logits ``sinks`` (the others have none); None where they are not such a vector."""
+        having = [i for i, names in enumerate(weights) if "sinks" in names]
+        sinks = getattr(getattr(layers[having[0]], attr), "sinks", None)
+        if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (self.tiny.num_attention_heads,):
+            return None
+        flag = self._layer_condition(layers[0], attr, "sinks", having, len(layers))
+        if flag is not None:
+            self.notes.append(f"attention sinks on the layers where {flag}")
+        return flag
+
+    def _per_layer_kv_heads(
+        self, path: str, attns: list[nn.Module], kv_heads: int, head_dim: int, fused: bool
+    ) -> str:
+        """The KV-head expression: the config's, or where some layers have a multiple of it (MiMo-V2's
+        sliding-window layers: twice), that multiple on the layers a per-layer config list names."""
+        base = self._kv_heads_expression(path, kv_heads)
+        counts = [
+            getattr(getattr(a, "k_proj", None), "out_features", kv_heads * head_dim) // head_dim
+            for a in attns
+        ]
+        if fused or len(set(counts)) == 1:
+            return base
+        other = sorted(set(counts) - {kv_heads})
+        where = path.replace(".0.", f".{counts.index(other[0])}.", 1)
+        if len(other) != 1 or other[0] % kv_heads:
+            raise UnsupportedFeature(
+                where, f"KV heads per layer {counts}, not the config's or one multiple", _HINT
+            )
+        for field, value in self.fields.items():
+            if not (isinstance(value, list) and len(value) == len(counts)):
+                continue
+            for kind in sorted({v for v in value if isinstance(v, str)}):
+                if all((v == kind) == (c != kv_heads) for v, c in zip(value, counts, strict=True)):
+                    factor = other[0] // kv_heads
+                    self.notes.append(f"{factor}x KV heads on config.{field} == {kind!r} layers")
+                    return f'{base} * {factor} if config.{field}[layer_idx] == "{kind}" else {base}'
+        raise UnsupportedFeature(where, f"KV heads per layer {counts} from no per-layer config list", _HINT)
+
     def _kv_heads_expression(self, path: str, kv_heads: int) -> str:
         config_kv = getattr(self.tiny, "num_key_value_heads", None)
         if isinstance(config_kv, int) and config_kv == kv_heads:
@@ -1596,14 +1659,22 @@ class _Analyzer:
         # RMS), so the probe runs on telling weights
         orders = (False, True) if spec.qk_norm is not None and spec.qk_norm_per_head else (False,)
         lambdas = [getattr(attn, name) for name in spec.differential or ()]
+        # values times a constant the config holds (MiMo-V2's attention_value_scale): tried after none
+        scales = [None] + [
+            f"config.{name}"
+            for name, value in self.fields.items()
+            if isinstance(value, float) and value not in (0.0, 1.0)
+        ]
         with (
             _telling_norm_weights([getattr(attn, n, None) for n in spec.qk_norm_names]),
             _telling_vectors(lambdas),
         ):
-            for style, inverse, after, pairing in itertools.product(
-                ("neox", "interleaved"), (False, True), orders, self._differential_pairings(spec)
+            for value_scale, style, inverse, after, pairing in itertools.product(
+                scales, ("neox", "interleaved"), (False, True), orders, self._differential_pairings(spec)
             ):
-                variant = dataclasses.replace(pairing, rope_inverse=inverse, qk_norm_after_rope=after)
+                variant = dataclasses.replace(
+                    pairing, rope_inverse=inverse, qk_norm_after_rope=after, value_scale=value_scale
+                )
                 probe = _AttentionProbe(
                     attn, variant, self.tiny, scale, kv_heads, rotary, rope, style, kwargs, layer_idx=index
                 )
@@ -1614,6 +1685,8 @@ class _Analyzer:
                     )
                     if after:
                         self.notes.append("q/k norms after RoPE")
+                    if value_scale:
+                        self.notes.append(f"values scaled by {value_scale}")
                     spec = self._confirm_groups(path, layer, variant, found, rope, style, kwargs)
                     return spec, dataclasses.replace(rope, style=style)
         raise UnsupportedFeature(
@@ -3345,8 +3418,12 @@ def _reference_attention(
         q, k, v = split_fused_qkv(projections[0], *layout, heads, kv_heads, head_dim)
     else:
         q, k, v = (t.reshape(batch, seq, -1, head_dim) for t in projections)
+        if spec.v_head_dim is not None:  # value heads of another width
+            v = projections[2].reshape(batch, seq, kv_heads, -1)
     if spec.v_norm_name:
         v = getattr(attn, spec.v_norm_name)(v)
+    if spec.value_scale is not None:
+        v = v * eval(spec.value_scale, {"config": config})  # noqa: S307 - a config expression
     q_norm, k_norm = (getattr(attn, name, None) for name in spec.qk_norm_names)
     if q_norm is None:  # switched off by the config (``qk_norm_flag``)
         spec = dataclasses.replace(spec, qk_norm=None)
@@ -3370,7 +3447,7 @@ def _reference_attention(
         scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
     if cap:
         scores = torch.tanh(scores / cap) * cap
-    if spec.sinks:  # one extra logit per head in the denominator, contributing no value
+    if spec.sinks and getattr(attn, "sinks", None) is not None:  # one extra logit per head, no value
         sinks = attn.sinks.reshape(1, -1, 1, 1).expand(batch, heads, seq, 1)
         scores = torch.cat((scores, sinks), dim=-1)
     weights = torch.softmax(scores.float(), dim=-1)[..., :seq]
@@ -3378,7 +3455,7 @@ def _reference_attention(
         out = _differential_output(attn, spec, weights, v, heads // kv_heads, layer_idx)
     else:
         out = weights @ v
-    out = out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+    out = out.transpose(1, 2).reshape(batch, seq, -1)
     if gate is not None:
         act = F.softplus(gate.float()) if spec.gate_activation == "softplus" else torch.sigmoid(gate)
         out = (out.view(batch, seq, heads, -1) * act.view(batch, seq, heads, -1)).reshape(out.shape)

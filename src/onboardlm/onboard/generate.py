@@ -142,11 +142,29 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
     if attn.softcap:
         init.append(f"self.logit_cap = {attn.softcap}")
     if attn.sinks:
-        init.append("self.sinks = nn.Parameter(torch.empty(self.num_heads))")
+        sinks = "nn.Parameter(torch.empty(self.num_heads))"
+        init.append(
+            f"self.sinks = {sinks} if {attn.sinks_flag} else None"
+            if attn.sinks_flag
+            else f"self.sinks = {sinks}"
+        )
+    if attn.v_head_dim:
+        init.append(f"self.v_head_dim = {attn.v_head_dim}")
+    if attn.value_scale:
+        init.append(f"self.value_scale = {attn.value_scale}")
     if attn.rope_flag:
         init.append(f"self.use_rope = bool({attn.rope_flag})")
     if attn.position_scale and attn.position_scale_flag:  # after use_rope, which it may read
         init.append(f"self.use_temperature = bool({attn.position_scale_flag})")
+    v_dim = "self.v_head_dim" if attn.v_head_dim else "self.head_dim"
+    if attn.v_head_dim and (
+        attn.fused_qkv or attn.output_gate in ("separate", "per_head") or attn.differential or attn.out_norm
+    ):
+        raise UnsupportedFeature(
+            attn.class_name,
+            "value heads of another width beside a fused q/k/v, a gate of the q width or differential attention",
+            _HINT,
+        )
     if attn.fused_qkv:
         qkv = attn.projections[0]
         init.append(
@@ -162,10 +180,10 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         init += [
             f"self.{q.name} = nn.Linear(config.hidden_size, {q_width}, bias={q.bias})",
             f"self.{k.name} = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias={k.bias})",
-            f"self.{v.name} = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias={v.bias})",
+            f"self.{v.name} = nn.Linear(config.hidden_size, self.num_kv_heads * {v_dim}, bias={v.bias})",
         ]
     init.append(
-        f"self.{attn.out.name} = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias={attn.out.bias})"
+        f"self.{attn.out.name} = nn.Linear(self.num_heads * {v_dim}, config.hidden_size, bias={attn.out.bias})"
     )
     linears = [*attn.projections, attn.out]
     start = len(init) - len(linears)

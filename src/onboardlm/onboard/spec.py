@@ -160,6 +160,15 @@ class AttentionSpec:
     #: layer_idx]``): the widths that transformers' ``per_layer_config`` overrides on some layers
     #: (Gemma 4's head_dim and num_key_value_heads on full-attention layers), measured on every layer
     per_layer_fields: tuple[str, ...] = ()
+    #: value heads of another width than q/k heads: the config expression of that width (MiMo-V2's
+    #: ``config.v_head_dim``); None: values have head_dim channels
+    v_head_dim: str | None = None
+    #: a constant the values are multiplied by after their projection, as a config expression
+    #: (MiMo-V2's ``attention_value_scale``); None: unscaled
+    value_scale: str | None = None
+    #: with ``sinks``: the config expression over ``layer_idx`` of the layers that have them (MiMo-V2:
+    #: sliding-window layers only); None: every layer
+    sinks_flag: str | None = None
 
 
 @dataclass(frozen=True)

@@ -368,8 +368,17 @@ def check_c5(ctx: ReviewContext) -> Outcome:
     "no flash/sdpa attention branches (`flash_attn`, `_flash_attention`, `attn_implementation` switches).",
 )
 def check_c6(ctx: ReviewContext) -> Outcome:
-    """Judgement: the canonical op ``torch_attention_sdpa`` is not a switch; every other flash/sdpa name is."""
-    flags = _identifier_flags(ctx, ATTENTION_SWITCH_NAME, "attention-implementation switch")
+    """Judgement: the canonical op ``torch_attention_sdpa`` is not a switch, nor the model's own name
+    in its class names (MiMo-V2-Flash's ``MiMoV2Flash*``); every other flash/sdpa name is."""
+    causal_lm = ctx.model.causal_lm
+    stem = re.sub(r"(ForCausalLM|LMHeadModel)$", "", causal_lm.name) if causal_lm is not None else ""
+    src = ctx.src
+    flags = [
+        src.flag(node, f"attention-implementation switch: {name!r}")
+        for node, name in src.identifiers()
+        if ATTENTION_SWITCH_NAME.search(name.removeprefix(stem) if stem else name)
+        and not _is_canonical_reference(src, node)
+    ]
     for node in ast.walk(ctx.src.tree):
         if isinstance(node, ast.ImportFrom) and ATTENTION_SWITCH_NAME.search(node.module or ""):
             flags.append(ctx.src.flag(node, f"imports {node.module}"))

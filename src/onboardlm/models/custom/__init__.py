@@ -51,6 +51,7 @@ MODEL_MODULES = [
     "modeling_llama",
     "modeling_llama4_text",
     "modeling_mamba2",
+    "modeling_mimo_v2_flash",
     "modeling_minicpm3",
     "modeling_minimax_m2",
     "modeling_minimax_m3_vl_text",
