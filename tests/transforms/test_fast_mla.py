@@ -77,3 +77,33 @@ def test_deepseek_v3_graph_decodes_the_same() -> None:
         return prefill_then_decode(gm, zero_caches(graph, batch, prompt + steps), ids, prompt)
 
     torch.testing.assert_close(run(fast), run(graph.gm), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_step_with_an_index_mask_equals_the_reference() -> None:
+    """Sparse MLA: the keys a lightning indexer selected narrow the absorbed decode step as the reference."""
+    args = _call(torch.float64, 1, "bsnd")
+    generator = torch.Generator().manual_seed(7)
+    args["index_mask"] = torch.rand(3, 1, 1, 14, generator=generator) < 0.5
+    args["index_mask"][:, ..., 0] = True  # every query keeps a key
+    expected = cached_ops.cached_mla._init_fn(**copy.deepcopy(args))
+    dense = cached_ops.cached_mla._init_fn(**{**copy.deepcopy(args), "index_mask": None})
+    torch.testing.assert_close(fast_cached_mla(**args), expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(expected, dense)
+
+
+def test_deepseek_v32_graph_decodes_the_same() -> None:
+    """The cached lightning indexer feeds the absorbed decode: same tokens as the reference graph, over
+    more tokens than the indexer keeps."""
+    config = tiny_config(AutoConfig.for_model("deepseek_v32"))
+    torch.manual_seed(0)
+    graph = build_cached_graph(AutoModelForCausalLMFactory(config).build_model())
+    fast = copy.deepcopy(graph.gm)
+    assert use_fast_mla(fast) == config.num_hidden_layers
+    batch, prompt, steps = 2, 10, 4
+    assert prompt > config.index_topk
+    ids = torch.randint(0, config.vocab_size, (batch, prompt + steps))
+
+    def run(gm) -> torch.Tensor:
+        return prefill_then_decode(gm, zero_caches(graph, batch, prompt + steps), ids, prompt)
+
+    torch.testing.assert_close(run(fast), run(graph.gm), rtol=1e-5, atol=1e-5)

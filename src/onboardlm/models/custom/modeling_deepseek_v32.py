@@ -203,10 +203,10 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
 
 
 class DeepseekV32Indexer(nn.Module):
-    """Lightning indexer of DeepSeek sparse attention: light query heads from the normed query latent,
-    one LayerNorm'd key per token, half-split RoPE on the first
-    ``qk_rope_head_dim`` channels, one weight per head and query; ``torch_lightning_indexer`` keeps the
-    ``config.index_topk`` best-scoring earlier keys of each query (the mask the attention uses).
+    """Lightning indexer of DeepSeek sparse attention: light query heads from the normed query latent
+    and one LayerNorm'd key per token, both with half-split RoPE on their first
+    ``qk_rope_head_dim`` channels, and one weight per head and query. ``torch_lightning_indexer`` keeps
+    the ``config.index_topk`` best-scoring earlier keys of each query: the mask the attention uses.
     """
 
     def __init__(self, config: DeepseekV32Config, layer_idx: int) -> None:
