@@ -105,3 +105,22 @@ def test_block_paths_the_lean_file_inlines_are_not_tested() -> None:
     lean = "class A:\n    def __init__(self):\n        self.q_norm = 1\n        self.v_norm_eps = 2\n"
     kept = keep_lean_modules(layout, lean)
     assert kept.blocks[0].paths == ("model.layers.0.self_attn.q_norm",)
+
+
+def test_per_layer_inputs_are_refused_naming_the_layer_input() -> None:
+    """Gemma 4's layers mix in a per-layer embedding (``per_layer_input``) with linears of their own."""
+    with pytest.raises(
+        UnsupportedFeature, match=r"per-layer inputs: the layer takes per_layer_input"
+    ) as caught:
+        analyze(AutoConfig.for_model("gemma4_text"))
+    assert caught.value.module_path == "model.layers.0"
+    assert "per_layer_input_gate, per_layer_projection" in str(caught.value)
+
+
+def test_a_draft_model_reading_another_models_keys_and_values_is_refused() -> None:
+    """Gemma 4's assistant has no k/v projections: every layer reads the target model's shared KV."""
+    text = AutoConfig.for_model("gemma4_unified_assistant").get_text_config()
+    with pytest.raises(
+        UnsupportedFeature, match="keys and values come from another model through shared_kv_states"
+    ):
+        analyze(text)

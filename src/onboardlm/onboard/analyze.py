@@ -1165,6 +1165,14 @@ class _Analyzer:
             kv_heads = (linears[ins[0]].out_features // head_dim - heads) // 2 if len(ins) == 1 else 0
         outs = [n for n in linears if n not in ins and n != gate_name]
         fused = ins != separate
+        if not ins and _shared_stores(attn) and not any(n.startswith(("k", "v")) for n in linears):
+            raise UnsupportedFeature(
+                path,
+                f"attention without key/value projections ({', '.join(sorted(linears))} only) on every layer:"
+                f" keys and values come from another model through {', '.join(_shared_stores(attn))} (a"
+                " draft model for speculative decoding, not a standalone causal LM)",
+                "onboard the target model; its assistant runs beside it",
+            )
         if len(ins) != 1 + 2 * (not fused) or len(outs) != 1 or kv_heads < 1 or heads % kv_heads:
             raise UnsupportedFeature(path, f"attention projections {sorted(linears)}", _HINT)
         kv_size = kv_heads * head_dim
@@ -2592,6 +2600,9 @@ class _Analyzer:
         blocks = self._block_names(ff, attn_attr)
         norm_names = [n for n in dict(layer.named_children()) if n not in blocks]
         norm_names = [n for n in norm_names if not isinstance(getattr(layer, n), nn.Dropout)]
+        own_linears = [n for n in norm_names if isinstance(getattr(layer, n), nn.Linear)]
+        if own_linears:  # a block of the layer's own beside attention and feed-forward
+            raise UnsupportedFeature(layer_path, self._own_block(layer, own_linears), _HINT)
         specs = {self._norm(f"{layer_path}.{n}", getattr(layer, n)) for n in norm_names}
         if len(specs) != 1:
             raise UnsupportedFeature(layer_path, "decoder norms of different kinds (or none)", _HINT)
@@ -2611,6 +2622,28 @@ class _Analyzer:
         return dataclasses.replace(
             spec, switches=self._layout_switches(layer, attn_attr, ff, spec, norm_names)
         )
+
+    @staticmethod
+    def _own_block(layer: nn.Module, linears: list[str]) -> str:
+        """What a decoder layer's own linears (outside its attention and feed-forward) amount to: with
+        an extra tensor input of the layer (Gemma 4's ``per_layer_input``), a per-layer input block."""
+        standard = {"hidden_states", "attention_mask", "position_ids", "position_embeddings", "cache"}
+        extra = [
+            p.name
+            for p in list(inspect.signature(layer.forward).parameters.values())[1:]
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.name not in standard
+            and "past_key" not in p.name
+            and not _shared_stores_annotation(p)
+            and p.name not in ("use_cache", "cache_position", "output_attentions")
+        ]
+        if extra:
+            return (
+                f"per-layer inputs: the layer takes {', '.join(extra)} beside the hidden states and mixes it in"
+                f" with linears of its own ({', '.join(linears)}) after attention and feed-forward (per-layer"
+                " embeddings the model computes for every layer); no decoder template covers it"
+            )
+        return f"linears of the decoder layer's own ({', '.join(linears)}) beside attention and feed-forward"
 
     def _part_settings(self, layer_path: str, layer: nn.Module) -> tuple[tuple[str, str], ...]:
         """Unset or bool fields of part sub-configs (MPT's ``attn_config.clip_qkv``) that change the
@@ -3218,8 +3251,13 @@ def _shared_stores(module: nn.Module) -> dict[str, dict[str, Any]]:
         for p in parameters
         if p.default is p.empty
         and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        and re.search(r"\b(dict|Dict|\w*Dict)\b", str(p.annotation))
+        and _shared_stores_annotation(p)
     }
+
+
+def _shared_stores_annotation(parameter: inspect.Parameter) -> bool:
+    """A parameter annotated as a dict (Gemma 4's ``shared_kv_states: KVSharingDict``)."""
+    return bool(re.search(r"\b(dict|Dict|\w*Dict)\b", str(parameter.annotation)))
 
 
 def _needs_recording(attn: nn.Module) -> bool:
