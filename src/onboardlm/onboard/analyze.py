@@ -1609,6 +1609,8 @@ class _Analyzer:
         """The KV-head expression: the config's, or where some layers have a multiple of it (MiMo-V2's
         sliding-window layers: twice), that multiple on the layers a per-layer config list names."""
         base = self._kv_heads_expression(path, kv_heads)
+        if overridden_fields(self.tiny):  # widths per layer config (Gemma 4): checked per layer later
+            return base
         counts = [
             getattr(getattr(a, "k_proj", None), "out_features", kv_heads * head_dim) // head_dim
             for a in attns
