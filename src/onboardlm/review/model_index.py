@@ -156,6 +156,13 @@ class ModelIndex:
             return
         if not isinstance(value, ast.Call):
             return
+        if isinstance(value.func, ast.IfExp):  # (LayerA if cond else LayerB)(config, i): both classes
+            for branch in (value.func.body, value.func.orelse):
+                if isinstance(branch, ast.Name):
+                    yield branch.id, False
+                else:
+                    yield from self._constructed(ast.Call(func=branch, args=[], keywords=[]))
+            return
         target = self.src.call_target(value)
         if target in MODULE_LIST or call_name(value) == "ModuleList":
             for element in _list_elements(value):
