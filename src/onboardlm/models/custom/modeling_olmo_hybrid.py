@@ -189,6 +189,7 @@ class OlmoHybridGatedDeltaNet(nn.Module):
             v,
             decay[..., None].expand(-1, -1, -1, self.head_k_dim),
             self.write_scale * b.float().sigmoid(),
+            shardable=True,
             layer_type="delta",
         )
         core = self.o_norm(core, z)
