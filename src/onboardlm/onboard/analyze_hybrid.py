@@ -140,8 +140,8 @@ MIXER_ANALYZERS: dict[MixerKind, Callable[[_Analyzer, str, int, nn.Module], Any]
 MIXER_NAMES = {
     "mamba2": "Mamba2 SSD mixer",
     "mamba1": "Mamba1 selective scan (per-channel A [d_inner, d_state], dt projection)",
-    "kda": "gated delta rule with a per-channel decay (Kimi Delta Attention's forget gate; its op"
-    " torch_channel_gated_delta_rule and cached state exist, the analysis and template of the mixer not yet)",
+    "kda": "gated delta rule with a per-channel decay (Kimi Delta Attention's forget gate; the op"
+    " torch_channel_gated_delta_rule and its cached state exist, the mixer's analysis does not)",
     "lightning": "lightning attention (linear attention with fixed per-head decay slopes, computed in blocks);"
     " no canonical op covers it yet",
     "rg_lru": "RG-LRU recurrent block (Griffin's real-gated linear recurrence with block-diagonal input and"
