@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MixtralConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MixtralConfig
 from typer.testing import CliRunner
 
 from onboardlm.cli import app
 from onboardlm.models.source import default_model_path
+from onboardlm.testing import tiny_config
 
 ARGS = ["--prompt", "What is the capital of France?", "--prompt", "Hi", "--max-new-tokens", "12",
         "--device", "cpu", "--dtype", "float32"]  # fmt: skip
@@ -52,13 +53,31 @@ def tiny_mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def tiny_bamba(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Bamba (Mamba2 layer with 2 B/C groups, then attention): conv, SSM and gated
+    norm sharded, their states cached per rank."""
+    directory = tmp_path_factory.mktemp("tiny_bamba_tp")
+    gguf = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = tiny_config(
+        AutoConfig.for_model("bamba", attn_layer_indices=[1], mamba_n_groups=2), vocab_size=len(tokenizer)
+    )
+    config.initializer_range = 0.2
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
 def _prompt_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("[PROMPT ")]
 
 
 @pytest.mark.parametrize(
     ("fixture", "rank_local"),
-    [("tiny_model", True), ("tiny_mixtral", False)],  # Mixtral's hub layout needs transformers' conversion
+    # Mixtral's hub layout needs transformers' conversion; Bamba's Mamba2 layer is sharded too
+    [("tiny_model", True), ("tiny_mixtral", False), ("tiny_bamba", True)],
 )
 def test_two_ranks_answer_like_one_process(
     fixture: str, rank_local: bool, request: pytest.FixtureRequest, torchrun_two_ranks: list[str]

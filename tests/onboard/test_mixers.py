@@ -55,7 +55,7 @@ def _tiny(model_type: str):
     config = tiny_config(CONFIG_MAPPING[model_type]())
     if model_type.startswith("lfm2"):  # the tiny copy keeps only attention layers
         config.layer_types = ["conv", "full_attention"]
-    if model_type == "olmo_hybrid":  # True (its default) doubles the write strength: no op argument for it
+    if model_type == "olmo_hybrid":  # True (its default) doubles the write strength: test_hybrid_post_norm.py
         config.linear_allow_neg_eigval = False
     return config
 

@@ -215,6 +215,15 @@ CASES = {
         },
         generate=True,
     ),
+    # a doubled write strength runs on the per-channel delta rule: A_log / dt_bias cut per head; the
+    # attention layers stay replicated (their q/k norm spans all heads of the projection)
+    "olmo_hybrid": Case(
+        f"{_custom('olmo_hybrid')}:OlmoHybridForCausalLM",
+        lambda: _hybrid("olmo_hybrid"),
+        {"linear": 13, "view": 5, "split_with_sizes": 1, "conv": 1, "delta": 1, "all_reduce": 3},
+        generate=True,
+        shard_layers=["delta", "mlp"],
+    ),
     "qwen3_next": Case(
         f"{_custom('qwen3_next')}:Qwen3NextForCausalLM",
         lambda: _hybrid("qwen3_next"),

@@ -140,8 +140,8 @@ MIXER_ANALYZERS: dict[MixerKind, Callable[[_Analyzer, str, int, nn.Module], Any]
 MIXER_NAMES = {
     "mamba2": "Mamba2 SSD mixer",
     "mamba1": "Mamba1 selective scan (per-channel A [d_inner, d_state], dt projection)",
-    "kda": "gated delta rule with a per-channel decay (Kimi Delta Attention's forget gate); torch_gated_delta_rule"
-    " decays per head and no canonical op covers a per-channel decay yet",
+    "kda": "gated delta rule with a per-channel decay (Kimi Delta Attention's forget gate; the op"
+    " torch_channel_gated_delta_rule and its cached state exist, the mixer's analysis does not)",
     "lightning": "lightning attention (linear attention with fixed per-head decay slopes, computed in blocks);"
     " no canonical op covers it yet",
     "rg_lru": "RG-LRU recurrent block (Griffin's real-gated linear recurrence with block-diagonal input and"
@@ -240,11 +240,19 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
                         break
                 if match:
                     break
+            post = match is None and _post_norm_step(calls, path, pending, residual, children, norms, steps)
+            if post:
+                name, norm, call = post
+                residual = residual + children[norm](_first(call.output)).detach()
+                steps.append(StepSpec(name, kinds[name], norm, post=True))  # type: ignore[arg-type]
+                pending.remove(name)
+                continue
             if match is None:
                 raise UnsupportedFeature(
                     path,
                     f"residual layout of blocks {pending} with norms {norms} matches no template"
-                    f" (expected h = h + block(norm(h)) per block){_layout_hint(calls, path, pending)}",
+                    f" (expected h = h + block(norm(h)) per block)"
+                    f"{_post_norm_hint(calls, path, pending, residual, children, norms) or _layout_hint(calls, path, pending)}",
                     _HINT,
                 )
             name, norm, call = match
@@ -257,6 +265,61 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
             )
         found.append(tuple(steps))
     return found
+
+
+def _post_norm_step(
+    calls: dict[str, list[Any]],
+    path: str,
+    pending: list[str],
+    residual: torch.Tensor,
+    children: dict[str, nn.Module],
+    norms: list[str],
+    steps: list[StepSpec],
+) -> tuple[str, str, Any] | None:
+    """A post-norm step ``h = h + norm(block(h))``: a pending block that reads the residual itself,
+    and the one unused norm whose output on the block's, added to the residual, is what comes next
+    (another pending block's input, that input's pre-norm, or the layer's output)."""
+    layer_output = _first(calls[path][0].output)
+    used = {step.norm for step in steps}
+    for name in pending:
+        (call,) = calls[f"{path}.{name}"]
+        if not _close(residual, call.hidden_states):
+            continue
+        others = [calls[f"{path}.{other}"][0].hidden_states for other in pending if other != name]
+        for norm in (n for n in norms if n not in used):
+            with torch.no_grad():
+                after = residual + children[norm](_first(call.output))
+                nexts = [after] + [children[n](after) for n in norms if n not in used and n != norm]
+            if any(_close(candidate, target) for candidate in nexts for target in others) or (
+                not others and _close(after, layer_output)
+            ):
+                return name, norm, call
+    return None
+
+
+def _post_norm_hint(
+    calls: dict[str, list[Any]],
+    path: str,
+    pending: list[str],
+    residual: torch.Tensor,
+    children: dict[str, nn.Module],
+    norms: list[str],
+) -> str:
+    """The post-norm layout (OLMo 2: ``h = h + norm(block(h))``) when the recorded calls show it: a
+    pending block reads the residual itself and one of the norms applied to its output, added to the
+    residual, gives the next block's input or the layer's output."""
+    for name in pending:
+        (call,) = calls[f"{path}.{name}"]
+        if not _close(residual, call.hidden_states):
+            continue
+        targets = [calls[f"{path}.{other}"][0].hidden_states for other in pending if other != name]
+        targets.append(_first(calls[path][0].output))
+        for norm in norms:
+            with torch.no_grad():
+                after = residual + children[norm](_first(call.output))
+            if any(_close(after, target) for target in targets):
+                return f": post-norm, {name} reads the residual and {norm} normalises its output (h = h + norm(block(h)))"
+    return ""
 
 
 def _layout_hint(calls: dict[str, list[Any]], path: str, pending: list[str]) -> str:

@@ -158,7 +158,7 @@ class _Probe:
         )  # likeliest first: key heads as wide as value heads
         activations = [*self._activations(), None]
 
-        def candidates() -> Iterator[GatedDeltaSpec]:
+        def candidates(write_scale: str = "") -> Iterator[GatedDeltaSpec]:
             for out_name, order in itertools.product(outs, _DELTA_ORDERS):
                 ins = [
                     (n, c.out_features) for n, c in linears if c.in_features == self.hidden and n != out_name
@@ -204,15 +204,18 @@ class _Probe:
                         head_v_dim=str(head_v),
                         kernel_size=str(conv.kernel_size[0]),
                         hidden_size=str(self.hidden),
+                        write_scale=write_scale,
                     )
 
-        spec = self._fit(
-            candidates(),
-            "gated delta mixer",
+        varied = (
             "in-projection part orders and groupings, key head dims, decay/bias roles, conv activation, gate"
-            " before/after the norm; a write strength other than sigmoid(b) (OLMo Hybrid's"
-            " linear_allow_neg_eigval: 2 sigmoid(b)) has no torch_gated_delta_rule argument",
+            " before/after the norm, write strength sigmoid(b) or 2 sigmoid(b)"
         )
+        try:
+            spec = self._fit(candidates(), "gated delta mixer", varied)
+        except UnsupportedFeature:  # a doubled write strength (negative eigenvalues) is tried second
+            spec = self._fit(candidates("2.0"), "gated delta mixer", varied)
+            spec = dataclasses.replace(spec, write_scale=self._write_scale_expression(spec))
         head_k = int(spec.head_k_dim)
         num_k = key_dim // head_k
         if num_k == head_k:
@@ -348,6 +351,31 @@ class _Probe:
                 return f"config.{name}"
         raise UnsupportedFeature(
             self.path, f"{what} = {value} follows no config field (rebuilt with each doubled)", _HINT
+        )
+
+    def _write_scale_expression(self, spec: GatedDeltaSpec) -> str:
+        """``2.0 if config.<flag> else 1.0`` for the bool field that, turned off, leaves the write
+        strength at sigmoid(b) (the module rebuilt with it False fits the spec at scale 1)."""
+        plain = dataclasses.replace(spec, write_scale="")
+        for name, value in _fields(self.config).items():
+            if value is not True:
+                continue
+            rebuilt = self._rebuild(name, False)
+            if rebuilt is None:
+                continue
+            try:
+                rebuilt.load_state_dict(self.module.state_dict(), strict=True)
+                lean = build_mixer(plain, self.config, self.layer_idx)
+                lean.load_state_dict(self.module.state_dict(), strict=True)
+                with torch.no_grad():
+                    expected, out = rebuilt.eval()(self.input), lean(self.input)
+            except (RuntimeError, ValueError, TypeError):
+                continue
+            expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+            if out.shape == expected.shape and relative_rmse(out, expected) < _FIT_TOL:
+                return f"2.0 if config.{name} else 1.0"
+        raise UnsupportedFeature(
+            self.path, "a write strength of 2 sigmoid(b) that follows no bool config field", _HINT
         )
 
     def _eps_expression(self, norm_name: str, value: float) -> str:

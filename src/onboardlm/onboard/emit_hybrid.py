@@ -116,9 +116,14 @@ def _step_lines(hybrid: HybridSpec, kind: LayerKindSpec, positional: bool) -> li
     lines = []
     for step in kind.steps:
         extra = ", position_embeddings" if positional and step.kind in POSITIONAL_KINDS else ""
-        lines.append(
-            f"hidden_states = hidden_states + self.{step.attr}(self.{step.norm}(hidden_states){extra})"
-        )
+        if step.post:
+            lines.append(
+                f"hidden_states = hidden_states + self.{step.norm}(self.{step.attr}(hidden_states{extra}))"
+            )
+        else:
+            lines.append(
+                f"hidden_states = hidden_states + self.{step.attr}(self.{step.norm}(hidden_states){extra})"
+            )
     lines.append("return hidden_states")
     return lines
 

@@ -106,11 +106,13 @@ class Mamba1MixerSpec:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """One residual step of a layer: ``h = h + self.<attr>(self.<norm>(h))``."""
+    """One residual step of a layer: ``h = h + self.<attr>(self.<norm>(h))``, or with ``post`` the
+    post-norm step ``h = h + self.<norm>(self.<attr>(h))`` (OLMo 2's layout)."""
 
     attr: str
     kind: MixerKind
     norm: str
+    post: bool = False
 
 
 @dataclass(frozen=True)

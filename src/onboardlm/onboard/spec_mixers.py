@@ -56,6 +56,10 @@ class GatedDeltaSpec:
     head_v_dim: str
     kernel_size: str
     hidden_size: str = "config.hidden_size"
+    #: expression of the factor on the write strength ``sigmoid(b)`` ("": 1). OLMo Hybrid's
+    #: ``linear_allow_neg_eigval`` doubles it (eigenvalues of the state transition down to -1); the
+    #: file then runs torch_channel_gated_delta_rule, which takes the decay and write strength as given
+    write_scale: str = ""
     note: str = "gated delta rule (linear attention) with a short causal conv"
     kind: str = "gated_delta"  # the block kind hybrid stacks key their block specs by
 

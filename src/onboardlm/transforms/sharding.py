@@ -26,6 +26,8 @@ of the GraphModule in place:
   the per-head parameters (``A``, ``D``, ``dt_bias``; ``A_log``, ``dt_bias``) are cut along dim 0,
   also when the op reads them through elementwise ops (``-exp(A_log)``). Mamba2's B/C groups must
   divide evenly (each rank keeps ``n_groups / world_size`` groups and the heads that read them).
+- ``torch_channel_gated_delta_rule`` with ``shardable``: the parameters its decay and write strength
+  read outside the sharded projections (``-exp(A_log) * softplus(a + dt_bias)``) are cut along dim 0.
 - ``torch_rmsnorm_gated``: ``colwise`` cuts the weight per channel, and each rank must hold whole
   norm groups (a group spanning ranks would need a cross-rank variance); ``none`` (a per-head norm)
   keeps the weight whole.
@@ -69,6 +71,7 @@ _SPARSE_MLA = _AD.torch_sparse_mla.default  # MLA over the keys a lightning inde
 _CONV = _AD.torch_causal_conv1d.default
 _SSM = _AD.torch_ssm.default
 _DELTA = _AD.torch_gated_delta_rule.default
+_CHANNEL_DELTA = _AD.torch_channel_gated_delta_rule.default
 _GATED_NORM = _AD.torch_rmsnorm_gated.default
 _HANDLED = {
     _LINEAR,
@@ -82,6 +85,7 @@ _HANDLED = {
     _CONV,
     _SSM,
     _DELTA,
+    _CHANNEL_DELTA,
     _GATED_NORM,
 }
 
@@ -439,6 +443,34 @@ def _plan_delta(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
     plan.report.changed["delta"] += 1
 
 
+def _plan_channel_delta(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    """The per-channel-decay delta rule takes its decay ``g`` and write strength ``beta`` computed by the
+    model: the parameters they read outside the sharded projections (``A_log``, ``dt_bias``, per head or
+    per head channel along dim 0) are cut evenly, like the heads."""
+    args = _args(node)
+    if not args["shardable"]:
+        return
+    stop = {_LINEAR, _VIEW, _SPLIT, _CONV}
+    seen, stack = set(), [args["g"], args["beta"]]
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, Node) or current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr":
+            shape = _shape(gm, current)
+            if not shape:
+                continue  # a scalar is the same on every rank
+            what = f"{_param_name(current)} (decay or write strength of the per-channel delta rule)"
+            range_ = _even_range(shape[0], plan.report.rank, plan.report.world_size, what)
+            plan.shard(current, ParamShard(0, (range_,)))
+        elif current.op == "call_function" and (current.target in stop or current.target is operator.getitem):
+            continue  # already this rank's heads
+        else:
+            stack.extend(current.all_input_nodes)
+    plan.report.changed["delta"] += 1
+
+
 def _plan_gated_norm(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
     args = _args(node)
     if args["tp_mode"] == "none":
@@ -520,7 +552,11 @@ def plan_sharding(
         raise ShardingError("world size", f"rank {rank} is not in [0, {world_size}) or world size < 1")
     plan = ShardingPlan(ShardingReport(rank, world_size))
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (_SSM, _DELTA) and _selected(node, shard_layers):
+        if (
+            node.op == "call_function"
+            and node.target in (_SSM, _DELTA, _CHANNEL_DELTA)
+            and _selected(node, shard_layers)
+        ):
             _check_mixer_heads(node, world_size)
     for node in gm.graph.nodes:
         if node.op != "call_function" or not _selected(node, shard_layers):
@@ -543,6 +579,8 @@ def plan_sharding(
             _plan_ssm(gm, node, plan)
         elif node.target == _DELTA:
             _plan_delta(gm, node, plan)
+        elif node.target == _CHANNEL_DELTA:
+            _plan_channel_delta(gm, node, plan)
         elif node.target == _GATED_NORM:
             _plan_gated_norm(gm, node, plan)
         elif node.target == _ALL_REDUCE:

@@ -61,6 +61,7 @@ MODEL_MODULES = [
     "modeling_mpt",
     "modeling_nanochat",
     "modeling_olmo2",
+    "modeling_olmo_hybrid",
     "modeling_openai_gpt",
     "modeling_opt",
     "modeling_persimmon",
