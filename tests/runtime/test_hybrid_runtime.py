@@ -144,6 +144,11 @@ SHIPPED = [
     ("jamba", {}, True),
     ("jamba", {"expert_layer_offset": 0, "attn_layer_offset": 0, "attn_layer_period": 2}, True),
     ("lfm2", {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"]}, True),
+    (
+        "lfm2_moe",
+        {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
+        True,
+    ),
 ]
 
 

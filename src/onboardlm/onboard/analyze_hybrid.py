@@ -806,23 +806,25 @@ def _model_chosen_nope(
     return dataclasses.replace(attention, rope_flag=an._rope_flag(layers_path, uses))
 
 
-def _moe_placement(blocks: dict[str, Any], all_steps: list[tuple[StepSpec, ...]], path: str) -> Any:
+def _moe_placement(
+    blocks: dict[str, Any], all_steps: list[tuple[StepSpec, ...]], path: str, selector: str | None
+) -> Any:
     """The MoE spec as the hybrid layers build it. Where the MoE and the dense MLP share the layers'
-    feed-forward attribute and the MoE layers follow a config rule of their own, not the layer kinds
-    (Jamba's ``expert_layer_period`` / ``_offset`` beside its attention / Mamba layer kinds), every layer
-    builds ``MoE if <rule> else MLP``: the spec keeps its dense class. Else the kinds place the MoE."""
+    feed-forward attribute and the MoE layers follow a config rule of their own, not the layer kinds'
+    selector (Jamba's ``expert_layer_period`` / ``_offset``, LFM2-MoE's ``num_dense_layers``, beside
+    their attention / Mamba / conv kinds), every layer builds ``MoE if <rule> else MLP`` with the
+    stack's own MLP block as the dense class. Else the kinds place the MoE."""
     moe = blocks["moe"]
     mlp = blocks.get("mlp")
     attrs = {step.attr for steps in all_steps for step in steps if step.kind in ("moe", "mlp")}
-    if mlp is None or moe.dense_class is None:
+    rule = moe.layer_condition
+    if mlp is None or rule == "True" or (selector is not None and selector in rule):
         return dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
-    if attrs != {moe.attr} or moe.dense_class != mlp.class_name or moe.dense_width_expr is not None:
+    if attrs != {moe.attr}:
         raise UnsupportedFeature(
-            f"{path}.{moe.attr}",
-            f"MoE placed by `{moe.layer_condition}` beside a dense {mlp.class_name} of another attribute or width",
-            _HINT,
+            f"{path}.{moe.attr}", f"MoE placed by `{rule}` beside a dense MLP of another attribute", _HINT
         )
-    return moe
+    return dataclasses.replace(moe, dense_class=mlp.class_name, dense_width_expr=None)
 
 
 def analyze_hybrid(
@@ -889,7 +891,7 @@ def analyze_hybrid(
                 feed_forward = an._mlp(layer_path, layer, others[0] if others else "")
                 blocks["mlp"] = feed_forward
             elif step.kind == "moe":  # the MoE analysis of the whole model; the layer kinds place it
-                moe = analyze_moe(an.tiny, model)
+                moe = analyze_moe(an.tiny, model, dense=False)  # the dense MLP is the "mlp" block
                 if moe is None:
                     raise UnsupportedFeature(
                         block_path, "an experts block the MoE analysis does not find", _HINT
@@ -904,7 +906,7 @@ def analyze_hybrid(
     if norm_spec is None or norm_spec.kind != "rms" or not norm_spec.weight:
         raise UnsupportedFeature(layers_path, "hybrid layers without RMSNorms: no template yet", _HINT)
     if "moe" in blocks:
-        blocks["moe"] = _moe_placement(blocks, all_steps, f"{layers_path}.0")
+        blocks["moe"] = _moe_placement(blocks, all_steps, f"{layers_path}.0", selector)
     kinds = []
     for name in dict.fromkeys(names):
         first = names.index(name)

@@ -148,8 +148,11 @@ def _moe_child(layer: nn.Module) -> tuple[str, nn.Module] | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
-    """The MoE block of ``model`` (built from ``config``), or None when no layer routes to experts."""
+def analyze_moe(config: PretrainedConfig, model: nn.Module, dense: bool = True) -> MoESpec | None:
+    """The MoE block of ``model`` (built from ``config``), or None when no layer routes to experts.
+
+    ``dense=False``: the dense layers' MLP is measured by the caller (a hybrid stack's own MLP block):
+    the spec has no dense class, only the layer rule."""
     layers = _decoder_layers(model)
     found = [(i, _moe_child(layer)) for i, layer in enumerate(layers)]
     moe = [(i, child) for i, child in found if child is not None]
@@ -165,7 +168,9 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     condition = _layer_condition(
         config, moe_layers, len(layers), path, layers[first_idx], attr, type(block).__name__
     )
-    dense_class, dense_width, mlp_bias, clamp = _dense_class(config, layers, attr, moe_layers, condition)
+    dense_class, dense_width, mlp_bias, clamp = (
+        _dense_class(config, layers, attr, moe_layers, condition) if dense else (None, None, "False", None)
+    )
     router = _analyze_router(config, block, path)
     shared = _analyze_shared(config, block, path, experts)
     post_norm = _post_norm(config, block, path, router, shared)
@@ -611,7 +616,7 @@ def _glu(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The expert's ``(gate, up) -> inner`` function for ``activation``, in plain torch."""
     if activation != "clamped_swiglu":
-        act = ACT2FN[config.hidden_act]
+        act = ACT2FN[activation]  # the measured activation (config.hidden_act where it names it)
         return lambda gate, up: act(gate) * up
     alpha, limit = getattr(experts, "alpha", getattr(experts, "swiglu_alpha", None)), experts.limit
 
@@ -659,6 +664,12 @@ def _activation_name(config: PretrainedConfig, experts: nn.Module, path: str) ->
     """``config.hidden_act`` when it is the experts' activation and torch_moe can run it."""
     name = getattr(config, "hidden_act", None)
     act = getattr(experts, "act_fn", None)
+    if act is not None and not isinstance(act, nn.Module) and callable(act):
+        # a plain function (LFM2-MoE's ``self.act_fn = F.silu``): the activation it computes
+        x = torch.linspace(-6.0, 6.0, 101)
+        measured = [n for n in MOE_ACTIVATIONS if torch.allclose(act(x), ACT2FN[n](x), atol=1e-6)]
+        if measured:
+            return measured[0]
     if name is None or act is None or type(act) is not type(ACT2FN[name]):
         raise UnsupportedFeature(path, f"expert activation {type(act).__name__} is not config.hidden_act")
     if name not in MOE_ACTIVATIONS:
@@ -754,8 +765,11 @@ def _correction_owner(block: nn.Module, router: nn.Module, where: str) -> tuple[
         for p in inspect.signature(router.forward).parameters.values()
         if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
     ]
-    if on_block is not None and not on_router and len(params) == 2:
-        return "block", on_block[0]
+    takes = [
+        p for p in inspect.signature(router.forward).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    if on_block is not None and not on_router and (len(params) == 2 or len(takes) == 2):
+        return "block", on_block[0]  # LFM2-MoE's ``forward(hidden_states, expert_bias=None)`` too
     if len(params) != 1:
         raise UnsupportedFeature(
             where, f"router forward takes {[p.name for p in params]}, not (hidden_states)"

@@ -45,6 +45,7 @@ MODEL_MODULES = [
     "modeling_jamba",
     "modeling_lara_mini",
     "modeling_lfm2",
+    "modeling_lfm2_moe",
     "modeling_llama",
     "modeling_mamba2",
     "modeling_minicpm3",
