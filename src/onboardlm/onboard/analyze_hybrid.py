@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -806,8 +807,49 @@ def _model_chosen_nope(
     return dataclasses.replace(attention, rope_flag=an._rope_flag(layers_path, uses))
 
 
+def _reads_selector(rule: str, selector: str | None, tiny: Any) -> bool:
+    """The MoE rule reads the kinds' selector list (itself or an alias with its values: NemotronH's
+    ``layers_block_type`` behind ``layer_types``): the kinds already place the MoE."""
+    if selector is None:
+        return False
+    try:
+        values = eval(selector, {"__builtins__": {}}, {"config": tiny})  # noqa: S307 - a config expression
+    except Exception:  # noqa: BLE001 - a selector this config cannot evaluate: compare by text
+        return selector in rule
+    return selector in rule or any(
+        getattr(tiny, name, None) == values for name in re.findall(r"config\.(\w+)\[layer_idx\]", rule)
+    )
+
+
+def _check_shared_mlp_class(blocks: dict[str, Any], path: str) -> None:
+    """A shared expert of the dense MLP's own class (NemotronH's ``NemotronHMLP``) is emitted once, by
+    the MoE (with an ``intermediate_size`` argument): the dense MLP must be that class at its default
+    width, bias and activation."""
+    moe, mlp = blocks.get("moe"), blocks.get("mlp")
+    shared = getattr(moe, "shared", None)
+    if shared is None or mlp is None or mlp.class_name != shared.class_name:
+        return
+    same = (
+        shared.plain_act is not None
+        and mlp.kind == "plain"
+        and mlp.intermediate == "config.intermediate_size"
+        and mlp.act == shared.plain_act
+        and all(linear.bias == moe.mlp_bias for linear in (*mlp.inputs, mlp.down))
+    )
+    if not same:
+        raise UnsupportedFeature(
+            f"{path}.{moe.attr}.{shared.attr}",
+            f"shared expert and dense MLP of one class ({mlp.class_name}) built differently",
+            _HINT,
+        )
+
+
 def _moe_placement(
-    blocks: dict[str, Any], all_steps: list[tuple[StepSpec, ...]], path: str, selector: str | None
+    blocks: dict[str, Any],
+    all_steps: list[tuple[StepSpec, ...]],
+    path: str,
+    selector: str | None,
+    tiny: Any,
 ) -> Any:
     """The MoE spec as the hybrid layers build it. Where the MoE and the dense MLP share the layers'
     feed-forward attribute and the MoE layers follow a config rule of their own, not the layer kinds'
@@ -818,7 +860,7 @@ def _moe_placement(
     mlp = blocks.get("mlp")
     attrs = {step.attr for steps in all_steps for step in steps if step.kind in ("moe", "mlp")}
     rule = moe.layer_condition
-    if mlp is None or rule == "True" or (selector is not None and selector in rule):
+    if mlp is None or rule == "True" or _reads_selector(rule, selector, tiny):
         return dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
     if attrs != {moe.attr}:
         raise UnsupportedFeature(
@@ -906,7 +948,8 @@ def analyze_hybrid(
     if norm_spec is None or norm_spec.kind != "rms" or not norm_spec.weight:
         raise UnsupportedFeature(layers_path, "hybrid layers without RMSNorms: no template yet", _HINT)
     if "moe" in blocks:
-        blocks["moe"] = _moe_placement(blocks, all_steps, f"{layers_path}.0", selector)
+        blocks["moe"] = _moe_placement(blocks, all_steps, f"{layers_path}.0", selector, an.tiny)
+        _check_shared_mlp_class(blocks, f"{layers_path}.0")
     kinds = []
     for name in dict.fromkeys(names):
         first = names.index(name)
@@ -958,4 +1001,12 @@ def analyze_hybrid(
         layer_types=(),
         notes=tuple(an.notes),
         hybrid=hybrid,
+        ties_head=_class_ties_head(type(model)),
     )
+
+
+def _class_ties_head(causal_lm: type) -> bool:
+    """False where the transformers class declares no tied weights at all (``_tied_weights_keys = {}``:
+    NemotronH keeps its head untied even under ``tie_word_embeddings=True``)."""
+    keys = getattr(causal_lm, "_tied_weights_keys", None)
+    return not (isinstance(keys, (dict, list)) and len(keys) == 0)

@@ -56,6 +56,7 @@ MODEL_MODULES = [
     "modeling_mixtral",
     "modeling_mpt",
     "modeling_nanochat",
+    "modeling_nemotron_h",
     "modeling_olmo2",
     "modeling_openai_gpt",
     "modeling_opt",
