@@ -592,7 +592,7 @@ def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str, attr
             path,
             f"non-gated experts (packed {', '.join(sorted(params))}: down(act(up(x))))"
             + (f" with {', '.join(inner)} inside" if inner else ""),
-            "the MoE templates run gated experts (gate_up_proj, down_proj) through torch_moe",
+            "the MoE templates run packed experts through torch_moe, which has no module inside an expert",
         )
     if not {"gate_up_proj", "down_proj"} <= set(params) or set(params) - set(_PACKED_KEYS):
         raise UnsupportedFeature(
