@@ -164,3 +164,25 @@ def test_jamba_moe_placed_by_its_own_layer_rule_in_layers_of_every_kind() -> Non
         assert rule == expected
     labels = [v.label for v in candidate_variants(tiny_config(AutoConfig.for_model("jamba")), source)]
     assert "expert_layer_offset=1" in labels
+
+
+def test_lfm2_moe_default_config_completed_with_conv_and_attention_layers() -> None:
+    """LFM2-MoE's default config leaves ``layer_types`` unset, which its layers read: completed with the
+    one non-attention kind its modeling code compares against ("conv"), attention between; transformers
+    builds it, and the stack's MoE (from ``num_dense_layers``) sits beside the conv / attention kinds."""
+    from onboardlm.models.config_completion import complete_default_config
+
+    config = AutoConfig.for_model("lfm2_moe")
+    notes = complete_default_config(config)
+    assert any(note.startswith("layer_types='conv'") for note in notes)
+    assert set(config.layer_types) == {"conv", "full_attention"} and config.layer_types[2] == "full_attention"
+    assert complete_default_config(AutoConfig.for_model("lfm2")) == []  # its own default lists them
+    spec = analyze(config)
+    moe = spec.hybrid.block("moe")
+    assert moe.layer_condition == "layer_idx >= config.num_dense_layers" and moe.dense_class == "Lfm2MoeMLP"
+    assert moe.experts.activation == "silu"  # ``self.act_fn = F.silu``, measured
+    source = generate_model_file(spec)
+    assert (
+        "Lfm2MoeSparseMoeBlock(config) if layer_idx >= config.num_dense_layers else Lfm2MoeMLP(config)"
+        in source
+    )

@@ -577,3 +577,22 @@ def test_unknown_block_submodule_is_refused_by_path() -> None:
         UnsupportedFeature, match=r"model\.layers\.0\.mlp\.extra: .*MoE block submodule Linear"
     ):
         analyze_moe(model.config, model)
+
+
+@torch.no_grad()
+def test_non_gated_experts_and_shared_expert_match_transformers() -> None:
+    """NemotronH's packed non-gated experts ``down(relu2(up(x)))`` (activation measured) and its non-gated
+    shared expert: the emitted block runs them in torch_moe (is_gated_mlp=False), loads HF's packed
+    ``up_proj`` / ``down_proj`` through its hook and matches the HF block."""
+    model = _hf_model("nemotron_h")
+    spec = analyze_moe(model.config, model, dense=False)
+    assert spec is not None and not spec.experts.gated and spec.experts.activation == "relu2"
+    assert spec.shared is not None and spec.shared.plain_act == "config.mlp_hidden_act"
+    source = emit_moe(spec)
+    assert "is_gated_mlp=False" in source and "gate_proj" not in source
+    hf_block = model.model.layers[spec.moe_layers[0]].mixer
+    lean = _exec_blocks(spec)[spec.class_name](model.config).eval()
+    report = transfer_weights(hf_block, lean)
+    assert report.num_tensors == len(hf_block.state_dict())
+    x = torch.randn(2, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    assert_rmse_close(lean(x), _hf_output(hf_block, x), 1e-5, msg=spec.class_name)

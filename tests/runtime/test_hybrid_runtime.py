@@ -138,12 +138,23 @@ def test_admission_waits_for_a_free_state_slot() -> None:
 #: Shipped generated hybrid files (model_type, config overrides, has attention layers): Mamba2 only;
 #: Mamba2 + attention; Mamba1 + attention with MoE placed by its own layer rule (Jamba, both placements);
 #: short convolution + attention with a functional-activation MLP of a computed width (LFM2).
+#: LFM2-MoE: the MoE placed by num_dense_layers beside conv / attention kinds.
 SHIPPED = [
     ("mamba2", {}, False),
     ("bamba", {"attn_layer_indices": [1, 5]}, True),
     ("jamba", {}, True),
     ("jamba", {"expert_layer_offset": 0, "attn_layer_offset": 0, "attn_layer_period": 2}, True),
     ("lfm2", {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"]}, True),
+    (
+        "nemotron_h",
+        {},
+        True,
+    ),  # Mamba2, MoE (non-gated experts), attention and MLP layers behind one attribute
+    (
+        "lfm2_moe",
+        {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
+        True,
+    ),
 ]
 
 

@@ -143,6 +143,60 @@ def _complete_sub_config_rope_theta(config: PretrainedConfig) -> list[str]:
     return notes
 
 
+#: Kinds a ``layer_types`` list names for attention layers (transformers' mask-mapping keys).
+_ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+#: Attention every ``_ATTENTION_PERIOD`` layers from ``_ATTENTION_OFFSET`` in a completed hybrid list.
+_ATTENTION_PERIOD, _ATTENTION_OFFSET = 4, 2
+
+
+def _compared_layer_kinds(config: PretrainedConfig) -> list[str]:
+    """String constants the config's modeling module compares ``config.layer_types[...]`` with
+    (LFM2-MoE's ``config.layer_types[layer_idx] != "conv"``), first seen first."""
+    import ast
+    import importlib
+    import inspect
+
+    try:
+        module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+        tree = ast.parse(inspect.getsource(module))
+    except (ImportError, OSError, TypeError, SyntaxError):
+        return []
+    kinds = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare) or len(node.comparators) != 1:
+            continue
+        left, right = node.left, node.comparators[0]
+        if (
+            isinstance(left, ast.Subscript)
+            and isinstance(left.value, ast.Attribute)
+            and left.value.attr == "layer_types"
+            and isinstance(right, ast.Constant)
+            and isinstance(right.value, str)
+        ):
+            kinds.append(right.value)
+    return list(dict.fromkeys(kinds))
+
+
+def _complete_layer_types(config: PretrainedConfig) -> list[str]:
+    """``layer_types`` None where the modeling code reads it per layer and tells apart a kind that is
+    not attention (LFM2-MoE's ``"conv"``): every checkpoint of such a hybrid lists its layers, mostly
+    of that kind with attention between. Filled as ``full_attention`` every 4th layer from layer 2,
+    the other kind elsewhere (LFM2's own checkpoints interleave them so)."""
+    if "layer_types" not in _declared(config) or getattr(config, "layer_types", None) is not None:
+        return []
+    layers = getattr(config, "num_hidden_layers", None)
+    others = [kind for kind in _compared_layer_kinds(config) if kind not in _ATTENTION_KINDS]
+    if not _int(layers) or len(others) != 1:
+        return []
+    config.layer_types = [
+        "full_attention" if i % _ATTENTION_PERIOD == _ATTENTION_OFFSET else others[0] for i in range(layers)
+    ]
+    return [
+        f"layer_types={others[0]!r} layers with 'full_attention' every {_ATTENTION_PERIOD}th layer from"
+        f" layer {_ATTENTION_OFFSET} (a hybrid checkpoint lists its layers; the default leaves them unset)"
+    ]
+
+
 def complete_default_config(config: PretrainedConfig) -> list[str]:
     """Fill, in place, the fields a default ``config`` leaves None that a checkpoint always sets.
 
@@ -179,4 +233,5 @@ def _complete_fields(config: PretrainedConfig) -> list[str]:
                 continue
             setattr(config, name, value)
             notes.append(f"{name}={value} ({completion.how})")
+    notes += _complete_layer_types(config)
     return notes + _complete_rope_per_layer_type(config) + _complete_sub_config_rope_theta(config)

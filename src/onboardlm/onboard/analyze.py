@@ -75,7 +75,7 @@ from onboardlm.testing.capture import cos_sin_tables, record_calls
 
 _TOL = 1e-5
 _EPS_NAMES = ("variance_epsilon", "eps", "variance_eps", "epsilon")
-_ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function", "activation")
+_ACT_FIELDS = ("hidden_act", "hidden_activation", "activation_function", "activation", "mlp_hidden_act")
 #: Activations tried when no config field names the one an MLP applies (BLOOM's tanh GELU).
 _LITERAL_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "relu", "silu", "gelu_new")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "longrope", "dynamic", "ntk_alpha")
@@ -2170,9 +2170,12 @@ class _Analyzer:
             return None
         stack = layer_path.rsplit(".", 1)[0]
         path = f"{layer_path}.{attr}" + (f".{inner}" if inner else "")
-        windows = [
-            self._layer_window(path.replace(f"{layer_path}.", f"{stack}.{i}.", 1)) for i in range(len(layers))
-        ]
+        try:  # the layers' own indices in the model (a hybrid stack hands over its attention layers only)
+            everything = list(self.model.get_submodule(stack))
+            indices = [next(i for i, other in enumerate(everything) if other is layer) for layer in layers]
+        except (AttributeError, StopIteration, TypeError):
+            indices = list(range(len(layers)))
+        windows = [self._layer_window(path.replace(f"{layer_path}.", f"{stack}.{i}.", 1)) for i in indices]
         if not any(windows):
             return None
         sizes = {w for w in windows if w}

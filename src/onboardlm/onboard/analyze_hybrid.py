@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -913,23 +914,66 @@ def _refuse_unbuilt_mixers(layers_path: str, layers: nn.ModuleList) -> None:
                 )
 
 
-def _moe_placement(blocks: dict[str, Any], all_steps: list[tuple[StepSpec, ...]], path: str) -> Any:
+def _reads_selector(rule: str, selector: str | None, tiny: Any) -> bool:
+    """The MoE rule reads the kinds' selector list (itself or an alias with its values: NemotronH's
+    ``layers_block_type`` behind ``layer_types``): the kinds already place the MoE."""
+    if selector is None:
+        return False
+    try:
+        values = eval(selector, {"__builtins__": {}}, {"config": tiny})  # noqa: S307 - a config expression
+    except Exception:  # noqa: BLE001 - a selector this config cannot evaluate: compare by text
+        return selector in rule
+    return selector in rule or any(
+        getattr(tiny, name, None) == values for name in re.findall(r"config\.(\w+)\[layer_idx\]", rule)
+    )
+
+
+def _check_shared_mlp_class(blocks: dict[str, Any], path: str) -> None:
+    """A shared expert of the dense MLP's own class (NemotronH's ``NemotronHMLP``) is emitted once, by
+    the MoE (with an ``intermediate_size`` argument): the dense MLP must be that class at its default
+    width, bias and activation."""
+    moe, mlp = blocks.get("moe"), blocks.get("mlp")
+    shared = getattr(moe, "shared", None)
+    if shared is None or mlp is None or mlp.class_name != shared.class_name:
+        return
+    same = (
+        shared.plain_act is not None
+        and mlp.kind == "plain"
+        and mlp.intermediate == "config.intermediate_size"
+        and mlp.act == shared.plain_act
+        and all(linear.bias == moe.mlp_bias for linear in (*mlp.inputs, mlp.down))
+    )
+    if not same:
+        raise UnsupportedFeature(
+            f"{path}.{moe.attr}.{shared.attr}",
+            f"shared expert and dense MLP of one class ({mlp.class_name}) built differently",
+            _HINT,
+        )
+
+
+def _moe_placement(
+    blocks: dict[str, Any],
+    all_steps: list[tuple[StepSpec, ...]],
+    path: str,
+    selector: str | None,
+    tiny: Any,
+) -> Any:
     """The MoE spec as the hybrid layers build it. Where the MoE and the dense MLP share the layers'
-    feed-forward attribute and the MoE layers follow a config rule of their own, not the layer kinds
-    (Jamba's ``expert_layer_period`` / ``_offset`` beside its attention / Mamba layer kinds), every layer
-    builds ``MoE if <rule> else MLP``: the spec keeps its dense class. Else the kinds place the MoE."""
+    feed-forward attribute and the MoE layers follow a config rule of their own, not the layer kinds'
+    selector (Jamba's ``expert_layer_period`` / ``_offset``, LFM2-MoE's ``num_dense_layers``, beside
+    their attention / Mamba / conv kinds), every layer builds ``MoE if <rule> else MLP`` with the
+    stack's own MLP block as the dense class. Else the kinds place the MoE."""
     moe = blocks["moe"]
     mlp = blocks.get("mlp")
     attrs = {step.attr for steps in all_steps for step in steps if step.kind in ("moe", "mlp")}
-    if mlp is None or moe.dense_class is None:
+    rule = moe.layer_condition
+    if mlp is None or rule == "True" or _reads_selector(rule, selector, tiny):
         return dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
-    if attrs != {moe.attr} or moe.dense_class != mlp.class_name or moe.dense_width_expr is not None:
+    if attrs != {moe.attr}:
         raise UnsupportedFeature(
-            f"{path}.{moe.attr}",
-            f"MoE placed by `{moe.layer_condition}` beside a dense {mlp.class_name} of another attribute or width",
-            _HINT,
+            f"{path}.{moe.attr}", f"MoE placed by `{rule}` beside a dense MLP of another attribute", _HINT
         )
-    return moe
+    return dataclasses.replace(moe, dense_class=mlp.class_name, dense_width_expr=None)
 
 
 def analyze_hybrid(
@@ -997,7 +1041,7 @@ def analyze_hybrid(
                 feed_forward = an._mlp(layer_path, layer, others[0] if others else "")
                 blocks["mlp"] = feed_forward
             elif step.kind == "moe":  # the MoE analysis of the whole model; the layer kinds place it
-                moe = analyze_moe(an.tiny, model)
+                moe = analyze_moe(an.tiny, model, dense=False)  # the dense MLP is the "mlp" block
                 if moe is None:
                     raise UnsupportedFeature(
                         block_path, "an experts block the MoE analysis does not find", _HINT
@@ -1012,7 +1056,8 @@ def analyze_hybrid(
     if norm_spec is None or norm_spec.kind != "rms" or not norm_spec.weight:
         raise UnsupportedFeature(layers_path, "hybrid layers without RMSNorms: no template yet", _HINT)
     if "moe" in blocks:
-        blocks["moe"] = _moe_placement(blocks, all_steps, f"{layers_path}.0")
+        blocks["moe"] = _moe_placement(blocks, all_steps, f"{layers_path}.0", selector, an.tiny)
+        _check_shared_mlp_class(blocks, f"{layers_path}.0")
     kinds = []
     for name in dict.fromkeys(names):
         first = names.index(name)
@@ -1064,4 +1109,12 @@ def analyze_hybrid(
         layer_types=(),
         notes=tuple(an.notes),
         hybrid=hybrid,
+        ties_head=_class_ties_head(type(model)),
     )
+
+
+def _class_ties_head(causal_lm: type) -> bool:
+    """False where the transformers class declares no tied weights at all (``_tied_weights_keys = {}``:
+    NemotronH keeps its head untied even under ``tie_word_embeddings=True``)."""
+    keys = getattr(causal_lm, "_tied_weights_keys", None)
+    return not (isinstance(keys, (dict, list)) and len(keys) == 0)

@@ -16,6 +16,7 @@ import math
 import re
 import textwrap
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -150,8 +151,11 @@ def _moe_child(layer: nn.Module) -> tuple[str, nn.Module] | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
-    """The MoE block of ``model`` (built from ``config``), or None when no layer routes to experts."""
+def analyze_moe(config: PretrainedConfig, model: nn.Module, dense: bool = True) -> MoESpec | None:
+    """The MoE block of ``model`` (built from ``config``), or None when no layer routes to experts.
+
+    ``dense=False``: the dense layers' MLP is measured by the caller (a hybrid stack's own MLP block):
+    the spec has no dense class, only the layer rule."""
     layers = _decoder_layers(model)
     found = [(i, _moe_child(layer)) for i, layer in enumerate(layers)]
     moe = [(i, child) for i, child in found if child is not None]
@@ -167,7 +171,9 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
     condition = _layer_condition(
         config, moe_layers, len(layers), path, layers[first_idx], attr, type(block).__name__
     )
-    dense_class, dense_width, mlp_bias, clamp = _dense_class(config, layers, attr, moe_layers, condition)
+    dense_class, dense_width, mlp_bias, clamp = (
+        _dense_class(config, layers, attr, moe_layers, condition) if dense else (None, None, "False", None)
+    )
     router = _analyze_router(config, block, path)
     shared = _analyze_shared(config, block, path, experts)
     post_norm = _post_norm(config, block, path, router, shared)
@@ -182,7 +188,9 @@ def analyze_moe(config: PretrainedConfig, model: nn.Module) -> MoESpec | None:
             )
         mlp_bias = shared_bias
         shared_mlp = getattr(block, shared.attr)
-        shared_clamp = _check_gated_mlp(config, shared_mlp, path, _mlp_width(shared_mlp))
+        shared_clamp = (
+            None if shared.plain_act else _check_gated_mlp(config, shared_mlp, path, _mlp_width(shared_mlp))
+        )
         if dense_class is not None and shared_clamp != clamp:
             raise UnsupportedFeature(
                 f"{path}.{shared.attr}", "shared expert and dense MLP of different kinds"
@@ -357,7 +365,7 @@ def _check_block_state(
     buffer (A.X-K1's ``post_mlp_layernorm``) is refused by name."""
     known = _known_children(router, shared) | ({post_norm[0]} if post_norm else set())
     for name, child in block.named_children():
-        if name not in known:
+        if name not in known and not isinstance(child, nn.Identity):  # an Identity does nothing: left out
             raise UnsupportedFeature(
                 f"{path}.{name}", f"MoE block submodule {type(child).__name__} that the generated block lacks"
             )
@@ -473,7 +481,9 @@ def _mlp_bias_expression(config: PretrainedConfig, mlp: nn.Module) -> str:
             rebuilt = type(mlp)(flipped)
         except Exception:  # noqa: BLE001 - a flip the MLP class cannot be built with tells nothing
             continue
-        linear = getattr(rebuilt, "gate_proj", getattr(rebuilt, "gate_up_proj", None))
+        linear = getattr(
+            rebuilt, "gate_proj", getattr(rebuilt, "gate_up_proj", getattr(rebuilt, "up_proj", None))
+        )
         if getattr(linear, "bias", None) is not None:
             return f"not config.{name}" if value else f"config.{name}"
     return "False"
@@ -484,7 +494,37 @@ def _mlp_width(mlp: nn.Module) -> int:
     gate, fused = getattr(mlp, "gate_proj", None), getattr(mlp, "gate_up_proj", None)
     if isinstance(gate, nn.Linear):
         return gate.out_features
+    if fused is None and _plain_mlp_act(mlp) is not None:  # NemotronH's down(act(up(x)))
+        return mlp.up_proj.out_features
     return fused.out_features // 2 if isinstance(fused, nn.Linear) else 0
+
+
+def _plain_mlp_act(mlp: nn.Module) -> str | None:
+    """The measured activation of a non-gated ``down_proj(act_fn(up_proj(x)))`` MLP, else None."""
+    children = dict(mlp.named_children())
+    up, down = children.get("up_proj"), children.get("down_proj")
+    if set(children) != {"up_proj", "down_proj", "act_fn"} or not all(
+        isinstance(linear, nn.Linear) for linear in (up, down)
+    ):
+        return None
+    try:
+        activation = _measured_activation(children["act_fn"], "")
+    except UnsupportedFeature:
+        return None
+    x = torch.randn(3, up.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        same = torch.allclose(mlp(x), down(ACT2FN[activation](up(x))), rtol=1e-5, atol=1e-6)
+    return activation if same else None
+
+
+def _activation_field(config: PretrainedConfig, activation: str) -> str:
+    """``config.<field>`` naming ``activation`` (NemotronH's ``mlp_hidden_act``), else the literal."""
+    fields = sorted(
+        name
+        for name, value in vars(config).items()
+        if isinstance(value, str) and "act" in name and value in ACT2FN and value == activation
+    )
+    return f"config.{fields[0]}" if fields else repr(activation)
 
 
 def _clamp_params(module: nn.Module) -> tuple[float, float] | None:
@@ -582,6 +622,12 @@ def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str, attr
             path, "per-expert modules in the HF model", "expected transformers 5 fused experts"
         )
     params = dict(experts.named_parameters(recurse=False))
+    if (
+        "gate_up_proj" not in params
+        and set(params) == {"up_proj", "down_proj"}
+        and not any(True for child in experts.children() for _ in child.parameters())
+    ):
+        return _non_gated_experts(config, block, experts, path, attr)
     if "gate_up_proj" not in params and {"up_proj", "down_proj"} <= set(params):
         inner = [
             f"{name} ({type(child).__name__})"
@@ -592,7 +638,7 @@ def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str, attr
             path,
             f"non-gated experts (packed {', '.join(sorted(params))}: down(act(up(x))))"
             + (f" with {', '.join(inner)} inside" if inner else ""),
-            "the MoE templates run gated experts (gate_up_proj, down_proj) through torch_moe",
+            "the MoE templates run packed experts through torch_moe, which has no module inside an expert",
         )
     if not {"gate_up_proj", "down_proj"} <= set(params) or set(params) - set(_PACKED_KEYS):
         raise UnsupportedFeature(
@@ -652,12 +698,93 @@ def _analyze_experts(config: PretrainedConfig, block: nn.Module, path: str, attr
     )
 
 
+def _measured_activation(act: Any, path: str) -> str:
+    """The ``MOE_ACTIVATIONS`` name whose function ``act`` computes (a module or a plain function)."""
+    x = torch.linspace(-6.0, 6.0, 101)
+    with torch.no_grad():
+        found = [
+            n for n in MOE_ACTIVATIONS if callable(act) and torch.allclose(act(x), ACT2FN[n](x), atol=1e-6)
+        ]
+    if not found:
+        raise UnsupportedFeature(
+            path,
+            f"expert activation {type(act).__name__}",
+            f"torch_moe runs {', '.join(sorted(MOE_ACTIVATIONS))}",
+        )
+    return found[0]
+
+
+def _non_gated_experts(
+    config: PretrainedConfig, block: nn.Module, experts: nn.Module, path: str, attr: str
+) -> ExpertsSpec:
+    """Packed non-gated experts ``down(act(up(x)))`` (NemotronH): ``up_proj [E, I, H]`` (or transposed
+    ``[E, H, I]``) and ``down_proj [E, H, I]`` (``[E, I, H]``); the layout and the activation are
+    measured on tokens sent to expert 1 with weight 1."""
+    activation = _measured_activation(getattr(experts, "act_fn", None), path)
+    act = ACT2FN[activation]
+    probed = min(1, experts.up_proj.shape[0] - 1)
+    up, down = experts.up_proj[probed].float(), experts.down_proj[probed].float()
+    layout = None
+    for transposed in (False, True):
+        weight, down_weight = (up.T, down.T) if transposed else (up, down)
+        if down_weight.shape != (weight.shape[1], weight.shape[0]):
+            continue
+        tokens = torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = experts(
+                tokens.to(experts.up_proj.dtype),
+                torch.full((5, 1), probed, dtype=torch.long),
+                torch.ones(5, 1, dtype=experts.up_proj.dtype),
+            ).float()
+            out = act(tokens @ weight.T) @ down_weight.T
+        if torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
+            layout = transposed
+            break
+    if layout is None:
+        raise UnsupportedFeature(path, "non-gated expert tensors in no known layout (down(act(up(x))))")
+    num_experts = experts.up_proj.shape[0]
+    inner = experts.up_proj.shape[2] if layout else experts.up_proj.shape[1]
+    packed = PackedExperts(
+        gate_up_key="up_proj",
+        down_key="down_proj",
+        concatenated=False,
+        transposed=layout,
+        gate_up_bias_key=None,
+        down_bias_key=None,
+        gate_up_aliases=_checkpoint_aliases(config, attr, "experts.up_proj"),
+        down_aliases=_checkpoint_aliases(config, attr, "experts.down_proj"),
+    )
+    return ExpertsSpec(
+        num_experts=num_experts,
+        num_experts_field=_measured_expression(
+            config,
+            block,
+            [
+                (f"config.{name}", name)
+                for name in _int_fields(config, _EXPERT_COUNT_FIELDS)
+                if getattr(config, name) == num_experts
+            ],
+            _EXPERT_COUNT_FIELDS,
+            lambda rebuilt: rebuilt.experts.up_proj.shape[0],
+            path,
+            "number of experts",
+            num_experts,
+        ).removeprefix("config."),
+        intermediate_size=inner,
+        intermediate_field=_field_with_value(config, _EXPERT_WIDTH_FIELDS, inner, path, "expert width"),
+        activation=activation,
+        has_bias=False,
+        packed=packed,
+        gated=False,
+    )
+
+
 def _glu(
     config: PretrainedConfig, experts: nn.Module, activation: str
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The expert's ``(gate, up) -> inner`` function for ``activation``, in plain torch."""
     if activation != "clamped_swiglu":
-        act = ACT2FN[config.hidden_act]
+        act = ACT2FN[activation]  # the measured activation (config.hidden_act where it names it)
         return lambda gate, up: act(gate) * up
     alpha, limit = getattr(experts, "alpha", getattr(experts, "swiglu_alpha", None)), experts.limit
 
@@ -721,6 +848,12 @@ def _activation_name(config: PretrainedConfig, experts: nn.Module, path: str) ->
     """``config.hidden_act`` when it is the experts' activation and torch_moe can run it."""
     name = getattr(config, "hidden_act", None)
     act = getattr(experts, "act_fn", None)
+    if act is not None and not isinstance(act, nn.Module) and callable(act):
+        # a plain function (LFM2-MoE's ``self.act_fn = F.silu``): the activation it computes
+        x = torch.linspace(-6.0, 6.0, 101)
+        measured = [n for n in MOE_ACTIVATIONS if torch.allclose(act(x), ACT2FN[n](x), atol=1e-6)]
+        if measured:
+            return measured[0]
     if name is None or act is None or type(act) is not type(ACT2FN[name]):
         raise UnsupportedFeature(path, f"expert activation {type(act).__name__} is not config.hidden_act")
     if name not in MOE_ACTIVATIONS:
@@ -816,8 +949,11 @@ def _correction_owner(block: nn.Module, router: nn.Module, where: str) -> tuple[
         for p in inspect.signature(router.forward).parameters.values()
         if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
     ]
-    if on_block is not None and not on_router and len(params) == 2:
-        return "block", on_block[0]
+    takes = [
+        p for p in inspect.signature(router.forward).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    if on_block is not None and not on_router and (len(params) == 2 or len(takes) == 2):
+        return "block", on_block[0]  # LFM2-MoE's ``forward(hidden_states, expert_bias=None)`` too
     if len(params) != 1:
         raise UnsupportedFeature(
             where, f"router forward takes {[p.name for p in params]}, not (hidden_states)"
@@ -1166,7 +1302,9 @@ def _analyze_shared(
     shared = getattr(block, attr)
     where = f"{path}.{attr}"
     width = _mlp_width(shared)
-    _check_gated_mlp(config, shared, where, width)
+    plain_act = _plain_mlp_act(shared)
+    if plain_act is None:
+        _check_gated_mlp(config, shared, where, width)
     inner = experts.intermediate_field
     candidates = [
         (f"config.{inner} * config.{name}", name)
@@ -1195,7 +1333,11 @@ def _analyze_shared(
             raise UnsupportedFeature(f"{where}_gate", "shared expert gate other than a Linear(hidden, 1)")
         gate_attr = f"{attr}_gate"
     return SharedExpertSpec(
-        attr=attr, class_name=type(shared).__name__, intermediate_expr=expr, gate_attr=gate_attr
+        attr=attr,
+        class_name=type(shared).__name__,
+        intermediate_expr=expr,
+        gate_attr=gate_attr,
+        plain_act=_activation_field(config, plain_act) if plain_act is not None else None,
     )
 
 

@@ -163,18 +163,26 @@ def emit_layer_class(class_name: str, spec: ArchitectureSpec) -> str:
         shared = [line for line in built[0] if all(line in other for other in built[1:])]  # every kind's
         init = [f"self.block_type = {hybrid.selector}[layer_idx]", *shared]
         forward = []
+        bodies = [_step_lines(hybrid, kind, positional) for kind in kinds]
+        one_body = all(
+            body == bodies[0] for body in bodies
+        )  # NemotronH: ``h + mixer(norm(h))`` for every kind
         for position, (kind, lines) in enumerate(zip(kinds, built, strict=True)):
             keyword = "if" if position == 0 else "elif"
             init.append(f"{keyword} {_condition(hybrid, kind)}:  # {kind.name} layers")
             init += [f"    {line}" for line in lines if line not in shared] or ["    pass"]
-            forward.append(f"{keyword} {_condition(hybrid, kind)}:")
-            forward += [f"    {line}" for line in _step_lines(hybrid, kind, positional)]
+            if not one_body:
+                forward.append(f"{keyword} {_condition(hybrid, kind)}:")
+                forward += [f"    {line}" for line in bodies[position]]
         kinds_text = ", ".join(repr(v) for kind in kinds for v in kind.selectors)
         init += [
             "else:",
             f'    raise ValueError(f"layer {{layer_idx}}: block type {{self.block_type!r}} is none of {kinds_text}")',
         ]
-        forward.append('raise AssertionError("unreachable: the constructor checked the block type")')
+        if one_body:
+            forward = bodies[0]
+        else:
+            forward.append('raise AssertionError("unreachable: the constructor checked the block type")')
     signature = (
         "self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]"
         if positional
@@ -222,6 +230,9 @@ def emit_hybrid_blocks(spec: ArchitectureSpec) -> list[str]:
             )
         if kind == "moe" and _placed_moe(hybrid) is not None:  # its dense MLP is the "mlp" block's class
             block = dataclasses.replace(block, dense_class=None, dense_width_expr=None)
+        shared = getattr(dict(hybrid.blocks).get("moe"), "shared", None)
+        if kind == "mlp" and shared is not None and shared.class_name == block.class_name:
+            continue  # the MoE emits this class (NemotronH's shared expert is the dense MLP's class)
         sources.append(emitter(block, spec))
     sources += [emit_layer_class(cls, spec) for cls in hybrid.layer_classes]
     return sources

@@ -164,7 +164,11 @@ def emit_moe(spec: MoESpec) -> str:
             else (", renormalised" if spec.router.norm_topk_prob else "")
         ),
         "summary": _summary(spec, dense_dispatch),
-        "gate_up_shape": "[E, H, 2I]" if packed.transposed else "[E, 2I, H]",
+        "gate_up_shape": (
+            ("[E, H, 2I]" if packed.transposed else "[E, 2I, H]")
+            if spec.experts.gated
+            else ("[E, H, I]" if packed.transposed else "[E, I, H]")
+        ),
         "down_shape": "[E, I, H]" if packed.transposed else "[E, H, I]",
         "gate_part": _half(True, packed.concatenated),
         "up_part": _half(False, packed.concatenated),

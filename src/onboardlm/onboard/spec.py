@@ -291,6 +291,9 @@ class ArchitectureSpec:
     #: layers whose token mixer is not (only) attention: their kinds, order and block specs
     #: (``attention`` / ``feed_forward`` then hold the stack's attention / dense MLP spec, or None)
     hybrid: HybridSpec | None = None
+    #: False where transformers' causal-LM class never ties its head (NemotronH: ``_tied_weights_keys = {}``,
+    #: whatever ``tie_word_embeddings`` says)
+    ties_head: bool = True
 
     @property
     def stack_path(self) -> str:

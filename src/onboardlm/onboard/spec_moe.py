@@ -109,6 +109,8 @@ class ExpertsSpec:
     packed: PackedExperts
     swiglu_alpha_expr: str | None = None
     swiglu_limit_expr: str | None = None
+    #: False: ``down(act(up(x)))`` experts (NemotronH), packed ``up_proj`` (in ``packed.gate_up_key``)
+    gated: bool = True
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class SharedExpertSpec:
     class_name: str
     intermediate_expr: str
     gate_attr: str | None
+    #: a non-gated ``down(act(up(x)))`` shared expert (NemotronH): its activation's config expression
+    plain_act: str | None = None
 
 
 @dataclass(frozen=True)

@@ -522,6 +522,14 @@ def python_literal(value: Any) -> str:
     return repr(value)
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, a list equal to a tuple of the same items too (a config read from config.json holds the
+    list of a tuple default: NemotronH's ``time_step_limit`` (0.0, inf))."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
 def config_fields(tiny: PretrainedConfig) -> dict[str, Any]:
     """Constructor arguments that rebuild ``tiny``: sizes, layer-kind fields and non-default values."""
     cls = type(tiny)
@@ -531,12 +539,14 @@ def config_fields(tiny: PretrainedConfig) -> dict[str, Any]:
     chosen = {
         key: value
         for key, value in values.items()
-        if key in sizes or (key in LAYER_KIND_FIELDS and value is not None) or value != defaults.get(key)
+        if key in sizes
+        or (key in LAYER_KIND_FIELDS and value is not None)
+        or not _same_value(value, defaults.get(key))
     }
     rebuilt = _init_values(cls(**chosen))
-    chosen.update({key: value for key, value in values.items() if rebuilt.get(key) != value})
+    chosen.update({key: value for key, value in values.items() if not _same_value(rebuilt.get(key), value)})
     rebuilt = _init_values(cls(**chosen))
-    differing = sorted(key for key, value in values.items() if rebuilt.get(key) != value)
+    differing = sorted(key for key, value in values.items() if not _same_value(rebuilt.get(key), value))
     if differing:
         raise UnsupportedFeature(
             cls.__name__, f"the test config cannot be rebuilt from literals: {', '.join(differing)} differ"

@@ -94,8 +94,11 @@ def check_f1(ctx: ReviewContext) -> Outcome:
     settings = _size_settings(tests)
     uses_tiny = any(call_name(c) == "tiny_config" for c in tests.src.calls)
     flags = []
+    aliases = _aliases(ctx)
     for kind, (_, low, high) in SIZE_BANDS.items():
         mine = [(name, node) for name, node in settings if name in SIZE_BANDS[kind][0]]
+        if not mine and kind == "layers" and _layers_by_list(settings, aliases, low, high):
+            continue  # the layer count is the length of the per-layer kind list (NemotronH)
         if not mine and not uses_tiny:
             flags.append(
                 tests.src.flag(1, f"the test config sets no {kind} ({low}–{high}) and uses no tiny_config")
@@ -108,6 +111,7 @@ def check_f1(ctx: ReviewContext) -> Outcome:
                 )
     if not uses_tiny:
         set_fields = {name for name, _ in settings}
+        set_fields |= {alias for alias, target in aliases.items() if target in set_fields}
         for field in sorted(_layer_kind_fields(ctx.model) - set_fields - _derived_fields(ctx)):
             flags.append(
                 tests.src.flag(1, f"the model reads config.{field} but the test config does not set it")
@@ -141,6 +145,25 @@ def _size_settings(tests: TestIndex) -> list[tuple[str, ast.expr]]:
                 if isinstance(t, ast.Attribute) and t.attr in fields
             ]
     return found
+
+
+def _aliases(ctx: ReviewContext) -> dict[str, str]:
+    """The config class's ``attribute_map`` (NemotronH's ``layer_types`` -> ``layers_block_type``)."""
+    if ctx.config is None:
+        return {}
+    return dict(getattr(type(ctx.config), "attribute_map", {}) or {})
+
+
+def _layers_by_list(
+    settings: list[tuple[str, ast.expr]], aliases: dict[str, str], low: int, high: int
+) -> bool:
+    """A layer-kind list (or the field a layer-kind name aliases) set to a literal of ``low``–``high``
+    items: configs that derive the layer count from it (NemotronH's ``layers_block_type``)."""
+    kind_fields = LAYER_KIND_FIELDS | {aliases[name] for name in LAYER_KIND_FIELDS if name in aliases}
+    return any(
+        name in kind_fields and isinstance(node, ast.List) and low <= len(node.elts) <= high
+        for name, node in settings
+    )
 
 
 def _derived_fields(ctx: ReviewContext) -> set[str]:
