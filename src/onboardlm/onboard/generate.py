@@ -332,6 +332,8 @@ def _qk_norm_lines(attn: AttentionSpec) -> list[str]:
 def emit_mlp(mlp: MLPSpec, spec: ArchitectureSpec) -> str:
     if mlp.inline:  # the decoder layer builds and calls the linears itself
         return ""
+    if mlp.sequential:  # an nn.Sequential in transformers: the same children, by index
+        return render("mlp_sequential.py.j2", mlp=mlp, config_class=spec.config_class)
     init = []
     if mlp.kind == "fused_gated":
         fused = mlp.inputs[0]
@@ -406,7 +408,13 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
     else:
         init.append(f"self.{ff.attr} = {feed_forward_constructor(ff)}")
     norms = [layer.attn_pre, layer.attn_post, layer.mlp_pre, layer.mlp_post]
-    init += [f"self.{name} = {norm_constructor(layer.norm, 'config.hidden_size')}" for name in norms if name]
+    identity = dict(layer.identity_norms)  # norms built only on some layers, nn.Identity on the others
+    init += [
+        f"self.{name} = {norm_constructor(layer.norm, 'config.hidden_size')}"
+        + (f" if {identity[name]} else nn.Identity()" if name in identity else "")
+        for name in norms
+        if name
+    ]
     if layer.residual_multiplier:
         init.append(f"self.residual_multiplier = {layer.residual_multiplier}")
     forward = _layout_lines(layer, spec)
@@ -575,6 +583,18 @@ def emit_model(spec: ArchitectureSpec) -> str:
         forward[-1] = f"return self.{final}(hidden_states)"
     else:
         forward.append("return hidden_states")
+    if embedding.wrapper:  # the embedding and its norm live in a module of their own
+        attr, class_name = embedding.wrapper
+        inner = [line for line in init if line.startswith(f"self.{attr}.")]
+        init = [f"self.{attr} = {class_name}(config)"] + [line for line in init if line not in inner]
+        holder = render(
+            "embedding_wrapper.py.j2",
+            class_name=class_name,
+            config_class=spec.config_class,
+            init_lines=[line.replace(f"self.{attr}.", "self.", 1) for line in inner],
+        )
+    else:
+        holder = ""
     if spec.stack_attr:  # the inner model only holds the decoder stack, as transformers' does
         stack = render(
             "model.py.j2", spec=spec, class_name=spec.stack_class, init_lines=init, forward_lines=forward
@@ -582,8 +602,8 @@ def emit_model(spec: ArchitectureSpec) -> str:
         wrapper = render(
             "model_wrapper.py.j2", spec=spec, stack=f"self.{spec.stack_attr}", stack_class=spec.stack_class
         )
-        return stack.rstrip("\n") + "\n\n\n" + wrapper
-    return render(
+        return (holder + "\n\n" if holder else "") + stack.rstrip("\n") + "\n\n\n" + wrapper
+    model = render(
         "model.py.j2",
         spec=spec,
         class_name=spec.model_class,
@@ -591,6 +611,7 @@ def emit_model(spec: ArchitectureSpec) -> str:
         forward_lines=forward,
         temperature=bool(layer_positions),
     )
+    return (holder + "\n\n" if holder else "") + model
 
 
 def _emit_sinusoidal_positions(spec: ArchitectureSpec) -> str:
@@ -598,6 +619,18 @@ def _emit_sinusoidal_positions(spec: ArchitectureSpec) -> str:
     if positions is None or not positions.sinusoidal_base:
         return ""
     return render("sinusoidal_positions.py.j2", positions=positions, config_class=spec.config_class)
+
+
+def emit_head_transform(spec: ArchitectureSpec) -> str:
+    transform = spec.head.transform
+    if transform is None:
+        return ""
+    return render(
+        "head_transform.py.j2",
+        transform=transform,
+        config_class=spec.config_class,
+        norm=norm_constructor(transform.norm, "config.hidden_size"),
+    )
 
 
 def emit_causal_lm(spec: ArchitectureSpec) -> str:
@@ -694,6 +727,12 @@ def describe(spec: ArchitectureSpec) -> str:
         for note in spec.notes
         if any(word in note for word in ("sliding", "soft-cap", "scaled", "logits", "NoPE"))
     ]
+    if spec.head.transform is not None:
+        transform = spec.head.transform
+        extras.append(
+            f"a prediction head ({transform.dense.name}, {transform.act_attr}, {transform.norm_attr}) before the output projection"
+        )
+    extras += [note for note in spec.notes if note.endswith("(nn.Identity elsewhere)")]
     unsupported = [note.split(":")[0] for note in spec.notes if note.endswith("by this file")]
     if unsupported:  # flags whose other value builds other modules or attention than this file's
         extras.append(
@@ -747,6 +786,7 @@ def generate_model_file(spec: ArchitectureSpec) -> str:
         emit(spec.attention, spec),
         emit(spec.decoder, spec),
         emit_model(spec),
+        emit_head_transform(spec),
         emit_causal_lm(spec),
     ]
     body = "\n\n".join(block.rstrip("\n") + "\n" for block in blocks if block.strip())

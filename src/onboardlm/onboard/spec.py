@@ -155,6 +155,9 @@ class MLPSpec:
     #: expression building an activation module with learned parameters (Apertus' xIELU), else None:
     #: ``ACT2FN[act]``
     act_module: str | None = None
+    #: transformers builds the block as ``nn.Sequential(up, act, down)`` (CTRL): the lean class
+    #: subclasses it so the checkpoint keys stay ``<attr>.0`` / ``<attr>.2``
+    sequential: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,9 @@ class DecoderLayerSpec:
     #: (condition over config, field) of part sub-config settings that change the layer and that this
     #: file does not reproduce (MPT's attn_config.clip_qkv): the layer refuses a config that sets them
     refused: tuple[tuple[str, str], ...] = ()
+    #: (norm attribute, condition over config and layer_idx): the norm exists only where the condition
+    #: holds and is ``nn.Identity`` elsewhere (ModernBERT-decoder's first layer has no attn_norm)
+    identity_norms: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,8 @@ class PositionEmbeddingSpec:
     offset: int = 0  # row of position 0 (OPT and BioGPT keep two rows before it)
     sinusoidal_base: float | None = None  # fixed sin/cos rows, not a checkpoint weight (XGLM)
     class_name: str | None = None  # the module class of a sinusoidal table
+    #: of a sinusoidal table: frequency i is ``base^(-i / denominator)``, "half - 1" (XGLM) or "half" (CTRL)
+    denominator: str = "half - 1"
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,23 @@ class EmbeddingSpec:
     width: str = "config.hidden_size"  # expression of the embedding width (OPT: word_embed_proj_dim)
     project_in: str | None = None  # linear from the embedding width to the hidden size, if any
     project_out: str | None = None  # linear from the hidden size back to it, before the head
+    #: (attribute, class) of a module that only holds the token embedding and ``norm`` (ModernBERT's
+    #: ``embeddings``): ``attr`` and ``norm`` are then dotted paths through it
+    wrapper: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class HeadTransformSpec:
+    """A transform of the last hidden state before the output projection (ModernBERT's prediction
+    head): ``norm(act(dense(h)))``, its own module on the causal LM."""
+
+    attr: str  # on the causal LM, e.g. "lm_head"
+    class_name: str
+    dense: LinearSpec
+    act_attr: str
+    act: str  # config expression of the activation name
+    norm_attr: str
+    norm: NormSpec
 
 
 @dataclass(frozen=True)
@@ -215,6 +240,7 @@ class HeadSpec:
     logits_value: str | None = None  # expression used by logits_op
     attr: str = "lm_head"  # the output projection's name on the causal LM
     final_norm_flag: str | None = None  # expression without which there is no final norm (OPT)
+    transform: HeadTransformSpec | None = None  # applied to the final hidden state before ``attr``
 
 
 AttentionSlot = AttentionSpec | MLASpec
@@ -266,6 +292,7 @@ class ArchitectureSpec:
         for inner in (
             getattr(self.attention, "out_norm", None),
             getattr(self.feed_forward, "inner_norm", None),
+            self.head.transform.norm if self.head.transform else None,
         ):
             if inner is not None:
                 found.setdefault(inner.class_name, inner)

@@ -362,6 +362,11 @@ def _builds_from_config(hf_cls: type, index: ModelIndex, name: str, config: Pret
     return True
 
 
+def _subclasses_sequential(index: ModelIndex, name: str) -> bool:
+    """Whether the lean class derives from ``nn.Sequential`` (a block transformers builds as one)."""
+    return any(ast.unparse(base) == "nn.Sequential" for base in index.src.classes[name].bases)
+
+
 def cover_lean_blocks(
     layout: ReferenceLayout, reference: nn.Module, config: PretrainedConfig, hf_module: Any, lean_source: str
 ) -> ReferenceLayout:
@@ -374,6 +379,15 @@ def cover_lean_blocks(
     extra = []
     for name, role in lean_blocks(lean_source).items():
         hf_cls = getattr(hf_module, name, None)
+        if hf_cls is None and _subclasses_sequential(index, name):  # CTRL's ffn: a bare nn.Sequential
+            paths = tuple(
+                path
+                for path, module in reference.named_modules()
+                if type(module) is nn.Sequential and _under_tested_layer(path, layers_path, tested)
+            )
+            if paths and name not in covered:
+                extra.append(BlockGroup(name, role, paths, "inputs"))
+            continue
         if name in covered or not isinstance(hf_cls, type):
             continue
         paths = tuple(
