@@ -51,6 +51,7 @@ MODEL_MODULES = [
     "modeling_ministral3",
     "modeling_mistral",
     "modeling_mixtral",
+    "modeling_modernbert_decoder",
     "modeling_mpt",
     "modeling_nanochat",
     "modeling_olmo2",
