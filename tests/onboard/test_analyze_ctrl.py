@@ -77,3 +77,27 @@ def test_ctrl_lean_positions_and_feed_forward_equal_transformers(spec) -> None:
     ffn = namespace["CTRLFeedForward"](config)
     assert isinstance(ffn, nn.Sequential)
     assert set(ffn.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_layer_norm_epsilon_hard_coded_in_the_layers_only(spec) -> None:
+    config = tiny_config(AutoConfig.for_model("ctrl"))
+    config.layer_norm_epsilon = 1e-3
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.transformer.h[0].layernorm1.eps == 1e-6  # transformers' EncoderLayer hard-codes it
+    assert model.transformer.layernorm.eps == 1e-3
+    assert spec.decoder.norm.eps == "1e-06"
+    assert spec.head.final_norm_eps == "config.layer_norm_epsilon"
+
+
+def test_torch_layer_norms_get_a_block_test() -> None:
+    import transformers.models.ctrl.modeling_ctrl as hf_module
+
+    from onboardlm.onboard.testgen import read_layout
+
+    config = tiny_config(AutoConfig.for_model("ctrl"))
+    reference = AutoModelForCausalLM.from_config(config)
+    groups = {group.cls: group for group in read_layout(reference, config, hf_module).blocks}
+    norms = groups["nn.LayerNorm"]
+    assert (norms.role, norms.test_name) == ("norm", "test_block_torch_layer_norm")
+    # the layers of the one layer kind the test checks (layer 0)
+    assert set(norms.paths) == {"transformer.h.0.layernorm1", "transformer.h.0.layernorm2"}

@@ -307,6 +307,7 @@ class _Analyzer:
         self.notes: list[str] = []
         self._layer_indices: dict[int, int] = {}
         self._embed_wrapper: tuple[str, str] | None = None  # (attribute, class) wrapping the embeddings
+        self._final_norm_eps: str | None = None  # the final norm's epsilon where the layers' differs
 
     # ---------------------------------------------------------------------------------------- top
 
@@ -377,6 +378,8 @@ class _Analyzer:
         head = self._head(model, inner, final_attr, head_attr)
         if self._transform is not None:
             head = dataclasses.replace(head, transform=self._transform[0])
+        if self._final_norm_eps is not None:
+            head = dataclasses.replace(head, final_norm_eps=self._final_norm_eps)
         if final_attr is not None:
             head = dataclasses.replace(
                 head, final_norm_flag=self._final_norm_flag(f"{path}.{final_attr}", final_attr)
@@ -432,7 +435,10 @@ class _Analyzer:
             self.notes.append("no final norm (post-LN layers)")
             return None
         final_attr, final_norm = parts["norm"]
-        if self._norm(f"{path}.{final_attr}", final_norm) != decoder.norm:
+        final = self._norm(f"{path}.{final_attr}", final_norm)
+        if final != decoder.norm and dataclasses.replace(final, eps=decoder.norm.eps) == decoder.norm:
+            self._final_norm_eps = final.eps  # the layers hard-code theirs (CTRL)
+        elif final != decoder.norm:
             raise UnsupportedFeature(f"{path}.{final_attr}", "final norm differs from the layer norms", _HINT)
         return final_attr
 
@@ -1050,6 +1056,18 @@ class _Analyzer:
                     f"{path}.{name}",
                     f"short convolution {type(child).__name__} inside the attention (over the sequence,"
                     " on the q/k/v projections); no attention template covers it",
+                    _HINT,
+                )
+            inner = projections(child)
+            norms = [n for n, c in children.items() if c is not child and not list(c.children())]
+            if list(child.children()) and len(inner) >= 2 and norms and not linears:
+                # the layer's "attention" is a block holding the attention and norms (DBRX's
+                # norm_attn_norm: norm_1, attn, norm_2, adding the residual itself)
+                return UnsupportedFeature(
+                    path,
+                    f"{type(attn).__name__} wraps the attention {name} ({type(child).__name__}) with the"
+                    f" layer norms {sorted(norms)} and a residual add inside one block; no decoder layout"
+                    " template covers norms inside the attention block",
                     _HINT,
                 )
             if list(child.children()):
@@ -2359,13 +2377,35 @@ class _Analyzer:
         )
         spec = DecoderLayerSpec(
             type(layer).__name__,
-            specs.pop(),
+            self._confirmed_eps(layer, norm_names, specs.pop()),
             **vars(layout),
             identity_norms=tuple((name, condition) for name, (condition, _) in identity.items()),
         )
         return dataclasses.replace(
             spec, switches=self._layout_switches(layer, attn_attr, ff, spec, norm_names)
         )
+
+    def _confirmed_eps(self, layer: nn.Module, norm_names: list[str], norm: NormSpec) -> NormSpec:
+        """``norm`` with its epsilon a literal where the config field matched by value does not set
+        it: the rebuilt layer with the field x10 keeps its norms' epsilon (CTRL's layers hard-code
+        1e-6, only its final norm reads layer_norm_epsilon)."""
+        field = norm.eps.removeprefix("config.")
+        value = self.fields.get(field)
+        if field == norm.eps or not isinstance(value, float):
+            return norm
+        try:
+            rebuilt = self._rebuilt_layer(layer, self._flip({field: value * 10}))
+        except Exception:  # noqa: BLE001 - a flip the config or the layer refuses tells nothing
+            return norm
+        for name in norm_names:
+            module = getattr(rebuilt, name, None)
+            eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+            if isinstance(module, nn.Identity):
+                continue
+            if not isinstance(eps, float) or not math.isclose(eps, value):
+                return norm  # follows the field (or cannot tell)
+        self.notes.append(f"layer norm epsilon {value!r} fixed by the architecture (not config.{field})")
+        return dataclasses.replace(norm, eps=repr(value))
 
     def _identity_norms(
         self, layer_path: str, layer: nn.Module, norm_names: list[str]

@@ -11,6 +11,7 @@ golden Llama. Generated test files go through the same ``format_source``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -496,7 +497,10 @@ def emit_model(spec: ArchitectureSpec) -> str:
         init.append(f"self.{positions.attr} = nn.Embedding({rows}, config.hidden_size)")
     if embedding.norm and embedding.norm != spec.head.final_norm_attr:  # else the final norm, called twice
         init.append(f"self.{embedding.norm} = {norm_constructor(spec.decoder.norm, 'config.hidden_size')}")
-    final_norm = norm_constructor(spec.decoder.norm, "config.hidden_size")
+    final_spec = spec.decoder.norm
+    if spec.head.final_norm_eps:  # the layers hard-code their epsilon, the final norm reads the config
+        final_spec = dataclasses.replace(final_spec, eps=spec.head.final_norm_eps)
+    final_norm = norm_constructor(final_spec, "config.hidden_size")
     if spec.head.final_norm_flag:
         final_norm = f"{final_norm} if {spec.head.final_norm_flag} else None"
     layer_class = layer_class_expression(spec) if spec.hybrid is not None else spec.decoder_class
@@ -688,7 +692,9 @@ def describe(spec: ArchitectureSpec) -> str:
     # MHA and MQA are edge cases of grouped-query attention
     attention = "multi-head latent attention" if isinstance(attn, MLASpec) else "grouped-query attention"
     features = [layout]
-    if spec.embedding.positions is not None:
+    if spec.embedding.positions is not None and spec.embedding.positions.sinusoidal_base:
+        features.append("fixed sinusoidal position embeddings")
+    elif spec.embedding.positions is not None:
         features.append("learned absolute position embeddings")
     if rope is not None and rope.fixed_base is not None:
         style = "interleaved " if rope.style == "interleaved" else ""

@@ -241,6 +241,7 @@ class HeadSpec:
     attr: str = "lm_head"  # the output projection's name on the causal LM
     final_norm_flag: str | None = None  # expression without which there is no final norm (OPT)
     transform: HeadTransformSpec | None = None  # applied to the final hidden state before ``attr``
+    final_norm_eps: str | None = None  # the final norm's epsilon where it differs from the layers' (CTRL)
 
 
 AttentionSlot = AttentionSpec | MLASpec

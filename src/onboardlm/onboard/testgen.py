@@ -123,11 +123,11 @@ class BlockGroup:
 
     @property
     def test_name(self) -> str:
-        return f"test_block_{snake_case(self.cls)}"
+        return f"test_block_{snake_case(self.cls.replace('nn.', 'Torch'))}"
 
     @property
     def constant(self) -> str:
-        return f"{snake_case(self.cls).upper()}_PATHS"
+        return f"{snake_case(self.cls.replace('nn.', 'Torch')).upper()}_PATHS"
 
     @property
     def identical(self) -> bool:
@@ -275,13 +275,18 @@ def read_layout(reference: nn.Module, config: PretrainedConfig, hf_module: Any) 
         role = _role(module)
         if role is not None and _accessible(type(module), hf_module):
             groups.setdefault(type(module).__name__, (role, []))[1].append(path)
+        elif type(module) is nn.LayerNorm and path.startswith(f"{layers_path}."):
+            # torch's own LayerNorm, used as is by the lean file: its epsilon expression is still
+            # the file's (CTRL's layers hard-code 1e-6), checked on small inputs like a ported norm
+            groups.setdefault("nn.LayerNorm", ("norm", []))[1].append(path)
     blocks = [
         BlockGroup(
             cls,
             role,
             tuple(paths),
             "replay" if role == "rotary" else "inputs",
-            adds_residual="residual" in inspect.signature(getattr(hf_module, cls).forward).parameters,
+            adds_residual=cls != "nn.LayerNorm"
+            and "residual" in inspect.signature(getattr(hf_module, cls).forward).parameters,
         )
         for cls, (role, paths) in groups.items()
     ]
