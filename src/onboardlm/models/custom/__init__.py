@@ -19,6 +19,7 @@ MODEL_MODULES = [
     "modeling_cohere",
     "modeling_cohere2_moe",
     "modeling_cohere_compass_text",
+    "modeling_ctrl",
     "modeling_deepseek_v2",
     "modeling_deepseek_v3",
     "modeling_diffllama",
