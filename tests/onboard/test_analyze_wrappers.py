@@ -75,3 +75,15 @@ def test_unguarded_eager_mask_filled_with_zeros(model: nn.Module) -> None:
     with torch.no_grad():
         actual = attention(x, position_embeddings=tables, attention_mask=None)[0]
     torch.testing.assert_close(actual, expected)
+
+
+def test_depth_scaled_residual_is_named_with_its_factor() -> None:
+    """Beam's layer i adds ``h / sqrt(k) + residual * sqrt((k - 1) / k)`` at adds k = 2i + 2 and 2i + 3:
+    with the blocks' outputs zeroed, layer 0 passes sqrt(1/2) * sqrt(2/3) = sqrt(1/3) of its input."""
+    from onboardlm.errors import UnsupportedFeature
+
+    pytest.importorskip("transformers.models.beam")
+    with pytest.raises(UnsupportedFeature, match="rescales its residual stream") as raised:
+        analyze(AutoConfig.for_model("beam"))
+    assert raised.value.module_path == "model.layers.0"
+    assert f"x{(1 / 3) ** 0.5:.4g}" in str(raised.value)

@@ -2363,7 +2363,16 @@ class _Analyzer:
         }
         if len(specs) != 1:
             raise UnsupportedFeature(layer_path, "decoder norms of different kinds (or none)", _HINT)
+        self._residual_factor: float | None = None
         layout = self._probe_layout(layer, attn_attr, ff, norm_names)
+        if layout is None and self._residual_factor is not None:
+            raise UnsupportedFeature(
+                layer_path,
+                f"the layer rescales its residual stream (x{self._residual_factor:.4g} across the layer with"
+                " the blocks' outputs zeroed: a depth-scaled residual add); no decoder template scales"
+                " the residual itself",
+                _HINT,
+            )
         if layout is None:
             raise UnsupportedFeature(
                 layer_path, f"residual layout with norms {norm_names} matches no template", _HINT
@@ -2612,6 +2621,17 @@ class _Analyzer:
                 candidate = dataclasses.replace(layout, residual_multiplier=scale)
                 if _close(candidate.apply(x, stand_ins, attn, mlp, value), expected):
                     return candidate
+        # no layout: with every block output zero and every norm the identity, a residual stream of
+        # plain adds passes its input on; a rescaled one (Beam's depth-scaled add) shows its factor
+        with torch.no_grad():
+            attn.matrix.zero_()
+            mlp.matrix.zero_()
+            for module in stand_ins.values():
+                module.scale, module.shift = 1.0, 0.0
+            passed = _first(_call_filled(probe, x, inputs, fill=None))
+        factor = float((passed * x).sum() / (x * x).sum())
+        if _close(passed, factor * x) and not _close(passed, x):
+            self._residual_factor = factor
         return None
 
     def _residual_multipliers(self) -> list[tuple[str | None, float]]:
