@@ -55,11 +55,13 @@ MODERN_BERT_DECODER_LAYERS = {
 }
 # Blocks under test (in the layers above and outside the layers), by transformers class.
 MODERN_BERT_DECODER_ATTENTION_PATHS = ["model.layers.0.attn", "model.layers.1.attn"]
+TORCH_LAYER_NORM_PATHS = ["model.layers.0.mlp_norm", "model.layers.1.attn_norm", "model.layers.1.mlp_norm"]
 MODERN_BERT_DECODER_MLP_PATHS = ["model.layers.0.mlp", "model.layers.1.mlp"]
 MODERN_BERT_DECODER_ROTARY_EMBEDDING_PATHS = ["model.rotary_emb"]
 RECORDED = [
     *MODERN_BERT_DECODER_LAYERS.values(),
     *MODERN_BERT_DECODER_ATTENTION_PATHS,
+    *TORCH_LAYER_NORM_PATHS,
     *MODERN_BERT_DECODER_MLP_PATHS,
     *MODERN_BERT_DECODER_ROTARY_EMBEDDING_PATHS,
 ]
@@ -170,6 +172,25 @@ def test_block_modern_bert_decoder_attention(
     (call,) = calls[path]
     actual = block(call.hidden_states, call.position_embeddings)
     assert_rmse_close(actual, call.result, rmse_ratio_tol=FP32_RMSE_TOL, msg=path)
+
+
+@pytest.mark.parametrize("path", TORCH_LAYER_NORM_PATHS)
+def test_block_torch_layer_norm(
+    reference: hf.ModernBertDecoderForCausalLM,
+    model: lean.ModernBertDecoderForCausalLM,
+    calls: dict[str, list[Call]],
+    path: str,
+) -> None:
+    block = model.get_submodule(path)
+    assert isinstance(block, lean.nn.LayerNorm)
+    (call,) = calls[path]
+    actual = block(call.hidden_states)
+    torch.testing.assert_close(actual, call.result, rtol=1e-3, atol=1e-3)
+    assert_rmse_close(actual, call.result, rmse_ratio_tol=FP32_RMSE_TOL, msg=path)
+    small = call.hidden_states * 1e-3  # where the epsilon matters
+    expected = reference.get_submodule(path)(small)
+    torch.testing.assert_close(block(small), expected, rtol=1e-3, atol=1e-3)
+    assert_rmse_close(block(small), expected, rmse_ratio_tol=FP32_RMSE_TOL, msg=f"{path} (small inputs)")
 
 
 @pytest.mark.parametrize("path", MODERN_BERT_DECODER_MLP_PATHS)
