@@ -488,8 +488,8 @@ CASES: tuple[Case, ...] = (
          "debug accuracy not-a-model-type-or-id",
          "not-a-model-type-or-id: not in the local HuggingFace cache and not a known model_type "
          "(download it first, or pass a local directory, a .gguf file or a model_type)"),
-    Case("debug-no-lean-model", "model type with no lean model registered", "debug accuracy ctrl",
-         "ctrl: no lean model is registered for CTRLConfig "
+    Case("debug-no-lean-model", "model type with no lean model registered", "debug accuracy dbrx",
+         "dbrx: no lean model is registered for DbrxConfig "
          "(onboard it first, or pass --custom-model-dir with its model file)"),
     Case("debug-one-token-prompt", "prompt of one token (nothing to compare position by position)",
          "debug accuracy {ws}/model -p hi", "'hi': gives 1 token(s) (use a prompt of two or more tokens)",

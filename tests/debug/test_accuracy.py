@@ -121,9 +121,9 @@ def test_every_transform_and_two_rank_sharding_keep_the_logits(tiny: Path) -> No
 
 
 def test_a_model_without_a_lean_class_is_refused() -> None:
-    result = runner.invoke(app, ["debug", "accuracy", "ctrl"])
+    result = runner.invoke(app, ["debug", "accuracy", "dbrx"])
     assert result.exit_code == 2
-    assert "no lean model is registered for CTRLConfig" in result.output
+    assert "no lean model is registered for DbrxConfig" in result.output
 
 
 def test_a_model_that_two_ranks_cannot_split_skips_the_sharding_stage(tmp_path: Path) -> None:

@@ -137,8 +137,8 @@ def test_nope_layers_sliding_window_and_literal_biases(specs: dict) -> None:
 
 def test_unknown_architecture_names_the_module() -> None:
     with pytest.raises(UnsupportedFeature) as raised:
-        analyze(AutoConfig.for_model("ctrl"))  # attention called as (v, k, q) with Wq/Wk/Wv projections
-    assert raised.value.module_path == "transformer.h.0.multi_head_attention"
+        analyze(AutoConfig.for_model("zaya"))  # a short convolution on the q/k/v projections
+    assert raised.value.module_path == "model.layers.0.self_attn.qkv_proj"
 
 
 def test_dynamic_rope_per_layer_type_is_refused() -> None:

@@ -29,6 +29,7 @@ import itertools
 import linecache
 import math
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
-from onboardlm.onboard.analyze_classic import alibi_slopes, projections, split_fused_qkv
+from onboardlm.onboard.analyze_classic import alibi_slopes, projections, separate_qkv_roles, split_fused_qkv
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.analyze_streams import hyper_connection_refusal
@@ -62,6 +63,7 @@ from onboardlm.onboard.spec import (
     DecoderLayerSpec,
     EmbeddingSpec,
     HeadSpec,
+    HeadTransformSpec,
     LinearSpec,
     MLPSpec,
     NormSpec,
@@ -131,12 +133,40 @@ def _measure(config: PretrainedConfig, tiny: PretrainedConfig) -> ArchitectureSp
             f"transformers cannot build a causal LM from its tiny copy: {err}",
             "check that the config is complete (head_dim, rope parameters) for transformers",
         ) from err
+    _fill_attention_masks(model)
     try:
         return _Analyzer(config, tiny, model).spec()
     except (AttributeError, TypeError, IndexError, KeyError, ValueError, RuntimeError) as err:
         # raised inside a transformers module on a probe input: name that module and its line
         located = transformers_failure(tiny, err, "fails on the analyzer's probe input")
         raise located or _probe_failure(type(config).__name__, err) from err
+
+
+def _fill_attention_masks(model: nn.Module) -> None:
+    """Where the model's eager attention adds its mask unguarded (ModernBERT-decoder's
+    ``attn_weights + attention_mask``), give its attention modules an all-zero additive mask in place
+    of None: the analyzer's probes call blocks without one, which every other eager attention reads as
+    "no mask". The generated tests replay the real masks and are not affected."""
+    eager = getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None)
+    try:
+        source = inspect.getsource(eager) if eager is not None else ""
+    except (OSError, TypeError):
+        return
+    if "+ attention_mask" not in source or "attention_mask is not None" in source:
+        return
+
+    def fill(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = torch.zeros(1, 1, 1, 1)
+        return args, kwargs
+
+    for module in model.modules():
+        try:
+            calls_eager = "eager_attention_forward" in inspect.getsource(type(module).forward)
+        except (OSError, TypeError):
+            continue
+        if calls_eager and "attention_mask" in inspect.signature(module.forward).parameters:
+            module.register_forward_pre_hook(fill, with_kwargs=True)
 
 
 #: Frames that only pass a call on (torch's module call, decorators, kernel hubs): not the failing line.
@@ -198,6 +228,49 @@ def _describe(module: nn.Module) -> str:
     return type(module).__name__
 
 
+def _embedding_wrapper(module: nn.Module, tokens: nn.Module) -> tuple[str, str | None] | None:
+    """(token embedding, norm or None) names of a module that only wraps the token embedding with at
+    most one leaf norm and dropout (ModernBERT's ``embeddings``); None for anything else. The
+    embedding probe then checks that it computes ``norm(embedding(ids))``."""
+    children = {n: c for n, c in module.named_children() if not isinstance(c, nn.Dropout)}
+    embeds = [n for n, c in children.items() if c is tokens]
+    others = [n for n in children if n not in embeds]
+    if len(embeds) != 1 or len(others) > 1 or any(list(children[n].children()) for n in others):
+        return None
+    if others and not isinstance(getattr(children[others[0]], "weight", None), torch.Tensor):
+        return None
+    return embeds[0], (others[0] if others else None)
+
+
+class _BufferRows(nn.Module):
+    """A position table the model keeps as a buffer (CTRL's ``pos_encoding``), read as a module:
+    ``rows[position_ids]``; ``class_name`` names the lean module that computes the same rows."""
+
+    def __init__(self, rows: torch.Tensor, class_name: str) -> None:
+        super().__init__()
+        self.rows, self.class_name = rows, class_name
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.rows[position_ids]
+
+
+def _position_buffer(stack: nn.Module, hidden: int) -> tuple[str, nn.Module] | None:
+    """The stack's one non-persistent 2-D buffer of ``hidden`` columns (a fixed position table), as
+    (name, rows module); None where there is no such buffer."""
+    persistent = set(stack.state_dict(keep_vars=True))
+    found = [
+        (name, buffer)
+        for name, buffer in stack.named_buffers(recurse=False)
+        if buffer.dim() == 2 and buffer.shape[1] == hidden and name not in persistent
+    ]
+    if len(found) != 1:
+        return None
+    name, rows = found[0]
+    return name, _BufferRows(
+        rows.detach().float(), type(stack).__name__.removesuffix("Model") + "SinusoidalPositions"
+    )
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -237,6 +310,8 @@ class _Analyzer:
         self.hidden = tiny.hidden_size
         self.notes: list[str] = []
         self._layer_indices: dict[int, int] = {}
+        self._embed_wrapper: tuple[str, str] | None = None  # (attribute, class) wrapping the embeddings
+        self._final_norm_eps: str | None = None  # the final norm's epsilon where the layers' differs
 
     # ---------------------------------------------------------------------------------------- top
 
@@ -255,8 +330,17 @@ class _Analyzer:
         if inner is None:
             raise UnsupportedFeature(type(model).__name__, f"no base model at '{prefix}'", _HINT)
         head_attr = self._head_attr(model)
+        self._transform = self._head_transform(model, {prefix, head_attr})
+        transform_attr = {self._transform[0].attr} if self._transform else set()
+        # a parameter-free elementwise child (Inkling2's logit_softcap): logit post-processing, which
+        # the head probe measures against the known ones
+        post = {
+            n
+            for n, c in model.named_children()
+            if not list(c.parameters()) and not list(c.children()) and _elementwise(c, self.hidden)
+        }
         try:
-            self._check_children(model, "", {prefix, head_attr})
+            self._check_children(model, "", {prefix, head_attr, *transform_attr, *post})
             stack_attr, self.stack = self._stack(inner)
             path = f"{prefix}.{stack_attr}" if stack_attr else prefix
             parts = self._model_parts(self.stack, path)
@@ -311,6 +395,10 @@ class _Analyzer:
         self._layer_norm_spec = decoder.norm
         embedding = self._embedding(self.stack, path, parts, layer)
         head = self._head(model, inner, final_attr, head_attr)
+        if self._transform is not None:
+            head = dataclasses.replace(head, transform=self._transform[0])
+        if self._final_norm_eps is not None:
+            head = dataclasses.replace(head, final_norm_eps=self._final_norm_eps)
         if final_attr is not None:
             head = dataclasses.replace(
                 head, final_norm_flag=self._final_norm_flag(f"{path}.{final_attr}", final_attr)
@@ -406,7 +494,10 @@ class _Analyzer:
             self.notes.append("no final norm (post-LN layers)")
             return None
         final_attr, final_norm = parts["norm"]
-        if self._norm(f"{path}.{final_attr}", final_norm) != decoder.norm:
+        final = self._norm(f"{path}.{final_attr}", final_norm)
+        if final != decoder.norm and dataclasses.replace(final, eps=decoder.norm.eps) == decoder.norm:
+            self._final_norm_eps = final.eps  # the layers hard-code theirs (CTRL)
+        elif final != decoder.norm:
             raise UnsupportedFeature(f"{path}.{final_attr}", "final norm differs from the layer norms", _HINT)
         return final_attr
 
@@ -474,6 +565,14 @@ class _Analyzer:
             elif leaf:  # a norm (the probes check it is one)
                 norms.append((name, child))
                 continue
+            elif (wrapped := _embedding_wrapper(child, tokens)) is not None:  # ModernBERT's embeddings
+                embed_name, norm_name = wrapped
+                parts["embed"] = (f"{name}.{embed_name}", tokens)
+                if norm_name:
+                    parts["embed_norm"] = (f"{name}.{norm_name}", getattr(child, norm_name))
+                self._embed_wrapper = (name, type(child).__name__)
+                self.notes.append(f"embeddings wrapped in {type(child).__name__} ({name})")
+                continue
             else:
                 problems.append((f"{prefix}.{name}", f"unrecognised module {_describe(child)}"))
                 continue
@@ -510,7 +609,7 @@ class _Analyzer:
             )
         if len(norms) == 1:
             parts["norm"] = norms[0]
-        elif len(norms) == 2 and "layers" in parts:
+        elif len(norms) == 2 and "layers" in parts and "embed_norm" not in parts:
             final = self._final_norm(inner, parts["layers"][1], norms)
             parts["norm"] = norms[final]
             parts["embed_norm"] = norms[1 - final]
@@ -1040,6 +1139,18 @@ class _Analyzer:
                     " on the q/k/v projections); no attention template covers it",
                     _HINT,
                 )
+            inner = projections(child)
+            norms = [n for n, c in children.items() if c is not child and not list(c.children())]
+            if list(child.children()) and len(inner) >= 2 and norms and not linears:
+                # the layer's "attention" is a block holding the attention and norms (DBRX's
+                # norm_attn_norm: norm_1, attn, norm_2, adding the residual itself)
+                return UnsupportedFeature(
+                    path,
+                    f"{type(attn).__name__} wraps the attention {name} ({type(child).__name__}) with the"
+                    f" layer norms {sorted(norms)} and a residual add inside one block; no decoder layout"
+                    " template covers norms inside the attention block",
+                    _HINT,
+                )
             if list(child.children()):
                 return UnsupportedFeature(
                     f"{path}.{name}",
@@ -1163,6 +1274,10 @@ class _Analyzer:
                 if c.in_features == self.hidden and c.out_features > q_size and c.out_features % head_dim == 0
             ]
             kv_heads = (linears[ins[0]].out_features // head_dim - heads) // 2 if len(ins) == 1 else 0
+            roles = self._separate_roles(path, linears) if not ins and rope is None else None
+            if roles is not None:  # q, k, v and output under names that say nothing (CTRL's Wq, ...)
+                ins = separate = list(roles[:3])
+                kv_heads = heads
         outs = [n for n in linears if n not in ins and n != gate_name]
         fused = ins != separate
         if not ins and _shared_stores(attn) and not any(n.startswith(("k", "v")) for n in linears):
@@ -1281,6 +1396,29 @@ class _Analyzer:
         if spec.fused_qkv and spec.qkv_order != ("q", "k", "v") or spec.qkv_groups != "1":
             self.notes.append(f"fused qkv in {spec.qkv_groups} group(s) of {'/'.join(spec.qkv_order)}")
         return spec, rope
+
+    def _separate_roles(self, path: str, linears: dict[str, Any]) -> tuple[str, str, str, str] | None:
+        """(q, k, v, output) of four hidden -> hidden projections named otherwise, measured on the
+        attention's call inside one forward of the model (``separate_qkv_roles``)."""
+        input_ids = torch.arange(12).reshape(2, 6) % (self.tiny.vocab_size - 1) + 1
+        try:
+            (call, *_) = record_calls(
+                self.model,
+                [path],
+                input_ids=input_ids,
+                position_ids=torch.arange(6)[None].expand(2, 6),
+                use_cache=False,
+            )[path]
+        except (ValueError, RuntimeError, TypeError):  # not called once on its own: no evidence
+            return None
+        roles = separate_qkv_roles(
+            self.model.get_submodule(path), linears, (call.args, call.kwargs), self.hidden
+        )
+        if roles is not None:
+            self.notes.append(
+                f"separate q/k/v projections {'/'.join(roles[:3])}, output {roles[3]} (measured)"
+            )
+        return roles
 
     def _partial_weights(self, path: str, weights: list[set[str]], partial: list[str]) -> UnsupportedFeature:
         """The refusal of weights only some layers have, naming what the layers without them lack."""
@@ -2415,8 +2553,17 @@ class _Analyzer:
         self.notes.append(f"{kind} MLP, {act}")
         if any(linear.transposed for linear in linears.values()):
             self.notes.append("Conv1D feed-forward projections, weights stored transposed")
+        class_name, sequential = type(mlp).__name__, isinstance(mlp, nn.Sequential)
+        if sequential:  # CTRL's nn.Sequential(Linear, ReLU, Linear): a lean subclass of the model's name
+            if kind != "plain" or [int(n) for n in (ins[0], act_attr, downs[0])] != [0, 1, 2]:
+                raise UnsupportedFeature(
+                    path, f"nn.Sequential feed-forward {list(dict(mlp.named_children()))}", _HINT
+                )
+            class_name = type(self.stack).__name__.removesuffix("Model") + "FeedForward"
+            self.notes.append(f"feed-forward built as nn.Sequential ({class_name})")
         return MLPSpec(
-            class_name=type(mlp).__name__,
+            class_name=class_name,
+            sequential=sequential,
             attr=attr,
             kind=kind,
             inputs=tuple(LinearSpec(n, biases[f"{attr}.{n}"], linears[n].transposed) for n in inputs),
@@ -2464,7 +2611,10 @@ class _Analyzer:
         sizes = [
             n
             for n, v in self.fields.items()
-            if v == width and isinstance(v, int) and not isinstance(v, bool) and ("inner" in n or "ffn" in n)
+            if v == width
+            and isinstance(v, int)
+            and not isinstance(v, bool)
+            and ("inner" in n or "ffn" in n or n in ("dff", "d_ff"))
         ]
         if sizes:
             return f"config.{sizes[0]}"
@@ -2608,10 +2758,22 @@ class _Analyzer:
         own_linears = [n for n in norm_names if isinstance(getattr(layer, n), nn.Linear)]
         if own_linears:  # a block of the layer's own beside attention and feed-forward
             raise UnsupportedFeature(layer_path, self._own_block(layer, own_linears), _HINT)
-        specs = {self._norm(f"{layer_path}.{n}", getattr(layer, n)) for n in norm_names}
+        identity = self._identity_norms(layer_path, layer, norm_names)
+        specs = {
+            self._norm(f"{layer_path}.{n}", identity.get(n, (None, getattr(layer, n)))[1]) for n in norm_names
+        }
         if len(specs) != 1:
             raise UnsupportedFeature(layer_path, "decoder norms of different kinds (or none)", _HINT)
+        self._residual_factor: float | None = None
         layout = self._probe_layout(layer, attn_attr, ff, norm_names)
+        if layout is None and self._residual_factor is not None:
+            raise UnsupportedFeature(
+                layer_path,
+                f"the layer rescales its residual stream (x{self._residual_factor:.4g} across the layer with"
+                " the blocks' outputs zeroed: a depth-scaled residual add); no decoder template scales"
+                " the residual itself",
+                _HINT,
+            )
         if layout is None:
             raise UnsupportedFeature(
                 layer_path, f"residual layout with norms {norm_names} matches no template", _HINT
@@ -2623,7 +2785,12 @@ class _Analyzer:
             if layout.norm_after_residual
             else f"norm layout {layout.attn_pre}/{layout.attn_post}"
         )
-        spec = DecoderLayerSpec(type(layer).__name__, specs.pop(), **vars(layout))
+        spec = DecoderLayerSpec(
+            type(layer).__name__,
+            self._confirmed_eps(layer, norm_names, specs.pop()),
+            **vars(layout),
+            identity_norms=tuple((name, condition) for name, (condition, _) in identity.items()),
+        )
         return dataclasses.replace(
             spec, switches=self._layout_switches(layer, attn_attr, ff, spec, norm_names)
         )
@@ -2649,6 +2816,82 @@ class _Analyzer:
                 " embeddings the model computes for every layer); no decoder template covers it"
             )
         return f"linears of the decoder layer's own ({', '.join(linears)}) beside attention and feed-forward"
+
+    def _confirmed_eps(self, layer: nn.Module, norm_names: list[str], norm: NormSpec) -> NormSpec:
+        """``norm`` with its epsilon a literal where the config field matched by value does not set
+        it: the rebuilt layer with the field x10 keeps its norms' epsilon (CTRL's layers hard-code
+        1e-6, only its final norm reads layer_norm_epsilon)."""
+        field = norm.eps.removeprefix("config.")
+        value = self.fields.get(field)
+        if field == norm.eps or not isinstance(value, float):
+            return norm
+        try:
+            rebuilt = self._rebuilt_layer(layer, self._flip({field: value * 10}))
+        except Exception:  # noqa: BLE001 - a flip the config or the layer refuses tells nothing
+            return norm
+        for name in norm_names:
+            module = getattr(rebuilt, name, None)
+            eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+            if isinstance(module, nn.Identity):
+                continue
+            if not isinstance(eps, float) or not math.isclose(eps, value):
+                return norm  # follows the field (or cannot tell)
+        self.notes.append(f"layer norm epsilon {value!r} fixed by the architecture (not config.{field})")
+        return dataclasses.replace(norm, eps=repr(value))
+
+    def _identity_norms(
+        self, layer_path: str, layer: nn.Module, norm_names: list[str]
+    ) -> dict[str, tuple[str, nn.Module]]:
+        """The norms that are ``nn.Identity`` on some layers (ModernBERT-decoder's layer-0
+        ``attn_norm``): per name, the condition over ``layer_idx`` under which the layer builds the
+        norm, confirmed on a deeper rebuild of the layer class, and a real instance to measure."""
+        layers = [m for m in self.stack.modules() if type(m) is type(layer)]
+        found: dict[str, tuple[str, nn.Module]] = {}
+        for name in norm_names:
+            if not isinstance(getattr(layer, name), nn.Identity):
+                continue
+            kinds = [isinstance(getattr(other, name, None), nn.Identity) for other in layers]
+            real = [
+                getattr(other, name)
+                for other, kind in zip(layers, kinds, strict=True)
+                if not kind and isinstance(getattr(other, name, None), nn.Module)
+            ]
+            if not real:
+                raise UnsupportedFeature(
+                    f"{layer_path}.{name}", "a norm slot that is nn.Identity on every layer", _HINT
+                )
+            deeper = copy.deepcopy(self.tiny)
+            deeper.num_hidden_layers = len(layers) + 2
+            for field, value in self.fields.items():  # per-layer lists (layer_types) grow with it
+                if isinstance(value, list) and len(value) == len(layers):
+                    setattr(deeper, field, value + value[:2])
+            condition = None
+            for candidate in ("layer_idx != 0", "layer_idx != config.num_hidden_layers - 1"):
+                try:
+                    built = [
+                        not isinstance(getattr(self._rebuilt_layer_at(layer, deeper, i), name), nn.Identity)
+                        for i in range(deeper.num_hidden_layers)
+                    ]
+                except Exception:  # noqa: BLE001 - a layer class not built from (config, layer_idx)
+                    break
+                scope = {"config": deeper}
+                if built == [bool(eval(candidate, scope, {"layer_idx": i})) for i in range(len(built))]:  # noqa: S307
+                    condition = candidate
+                    break
+            if condition is None:
+                raise UnsupportedFeature(
+                    f"{layer_path}.{name}",
+                    "a norm that is nn.Identity on layers no known condition names",
+                    _HINT,
+                )
+            self.notes.append(f"{name} only where {condition} (nn.Identity elsewhere)")
+            found[name] = (condition, real[0])
+        return found
+
+    @staticmethod
+    def _rebuilt_layer_at(layer: nn.Module, config: PretrainedConfig, index: int) -> nn.Module:
+        with torch.device("meta"):
+            return type(layer)(config, index)
 
     def _part_settings(self, layer_path: str, layer: nn.Module) -> tuple[tuple[str, str], ...]:
         """Unset or bool fields of part sub-configs (MPT's ``attn_config.clip_qkv``) that change the
@@ -2851,6 +3094,17 @@ class _Analyzer:
                 candidate = dataclasses.replace(layout, residual_multiplier=scale)
                 if _close(candidate.apply(x, stand_ins, attn, mlp, value), expected):
                     return candidate
+        # no layout: with every block output zero and every norm the identity, a residual stream of
+        # plain adds passes its input on; a rescaled one (Beam's depth-scaled add) shows its factor
+        with torch.no_grad():
+            attn.matrix.zero_()
+            mlp.matrix.zero_()
+            for module in stand_ins.values():
+                module.scale, module.shift = 1.0, 0.0
+            passed = _first(_call_filled(probe, x, inputs, fill=None))
+        factor = float((passed * x).sum() / (x * x).sum())
+        if _close(passed, factor * x) and not _close(passed, x):
+            self._residual_factor = factor
         return None
 
     def _residual_multipliers(self) -> list[tuple[str | None, float]]:
@@ -2884,6 +3138,7 @@ class _Analyzer:
         expressions, plus learned position rows (at some offset) and a norm where the model has them."""
         attr, embed = parts["embed"]
         positions, embed_norm = parts.get("positions"), parts.get("embed_norm")
+        positions = positions or _position_buffer(inner, self.hidden)  # a table kept as a buffer (CTRL)
         project_in, project_out = parts.get("project_in"), parts.get("project_out")
         captured: list[torch.Tensor] = []
         hook = layer.register_forward_pre_hook(
@@ -2946,6 +3201,7 @@ class _Analyzer:
                 padding_idx=hasattr(self.tiny, "pad_token_id"),
                 positions=self._positions(prefix, positions, offset) if offset is not None else None,
                 norm=self._embedding_norm(prefix, norm, layer),
+                wrapper=self._embed_wrapper,
             )
             return self._projected(prefix, spec, embed, project_in, project_out)
         raise UnsupportedFeature(f"{prefix}.{attr}", "embedding scale from no known config field", _HINT)
@@ -3034,20 +3290,25 @@ class _Analyzer:
         with torch.no_grad():
             rows = module(position_ids)[0].double()
         half = self.hidden // 2
-        if half > 1:
+        # a buffer table (CTRL's pos_encoding) gets a lean module of the model's name
+        class_name = getattr(module, "class_name", type(module).__name__)
+        matches = []  # both forms fit one table (base^(-i/(half-1)) = base'^(-i/half)): the round base wins
+        for denominator, steps in (("half - 1", half - 1), ("half", half)) if half > 1 else ():
             angles = torch.atan2(rows[:, 1], rows[:, half + 1])  # the second frequency, row by row
-            step = torch.remainder(angles[1] - angles[0], 2 * torch.pi)  # = f_1 = base^(-1 / (half - 1))
-            base = float(f"{float(step ** -(half - 1)):.6g}") if 0 < step < 1 else 0.0
-            freqs = base ** (-torch.arange(half, dtype=torch.float64) / (half - 1)) if base > 1 else None
+            step = torch.remainder(angles[1] - angles[0], 2 * torch.pi)  # = f_1 = base^(-1 / steps)
+            base = float(f"{float(step**-steps):.6g}") if 0 < step < 1 else 0.0
+            freqs = base ** (-torch.arange(half, dtype=torch.float64) / steps) if base > 1 else None
             for offset in range(4) if freqs is not None else ():
                 table = (position_ids[0, :, None] + offset).double() * freqs
                 if torch.allclose(torch.cat((table.sin(), table.cos()), -1), rows, atol=1e-5):
-                    self.notes.append(
-                        f"sinusoidal absolute position embeddings (base {base:g}, offset {offset})"
-                    )
-                    return PositionEmbeddingSpec(
-                        attr, offset, sinusoidal_base=base, class_name=type(module).__name__
-                    )
+                    matches.append((base != round(base), denominator, base, offset))
+                    break
+        if matches:
+            _, denominator, base, offset = min(matches)
+            self.notes.append(f"sinusoidal absolute position embeddings (base {base:g}, offset {offset})")
+            return PositionEmbeddingSpec(
+                attr, offset, sinusoidal_base=base, class_name=class_name, denominator=denominator
+            )
         raise UnsupportedFeature(f"{prefix}.{attr}", "position table matches no sinusoidal template", _HINT)
 
     def _embedding_norm(
@@ -3078,6 +3339,77 @@ class _Analyzer:
                 return f"config.{name}" if present == value else f"not config.{name}"
         return present
 
+    def _head_transform(
+        self, model: nn.Module, known: set[str]
+    ) -> tuple[HeadTransformSpec, nn.Module] | None:
+        """The causal LM's one other child, where it maps the final hidden state by
+        ``norm(act(dense(h)))`` before the output projection (ModernBERT's prediction head): its spec
+        and module, the activation and the dense bias tied to the config fields that switch them on a
+        rebuilt module; None where there is no such child (``_check_children`` then names it)."""
+        others = [
+            (n, c) for n, c in model.named_children() if n not in known and not isinstance(c, nn.Dropout)
+        ]
+        if len(others) != 1:
+            return None
+        attr, module = others[0]
+        linears = projections(module)
+        children = {
+            n: c for n, c in module.named_children() if n not in linears and not isinstance(c, nn.Dropout)
+        }
+        if len(linears) != 1 or len(children) != 2:
+            return None
+        dense_name, dense = next(iter(linears.items()))
+        if (dense.in_features, dense.out_features) != (self.hidden, self.hidden) or dense.transposed:
+            return None
+        acts = [n for n, c in children.items() if not list(c.parameters()) and _elementwise(c, self.hidden)]
+        norms = [n for n in children if n not in acts]
+        if len(acts) != 1 or len(norms) != 1:
+            return None
+        norm = self._norm(f"{attr}.{norms[0]}", children[norms[0]])
+        x = torch.randn(2, 3, self.hidden, generator=torch.Generator().manual_seed(12))
+        with torch.no_grad():
+            expected = module(x)
+        act_fields = []
+        for name, value in self.fields.items():
+            if not isinstance(value, str) or value not in ACT2FN:
+                continue
+            with torch.no_grad():
+                if not _close(children[norms[0]](ACT2FN[value](dense(x))), expected):
+                    continue
+            other = "relu" if value != "relu" else "silu"
+            try:
+                rebuilt = type(module)(self._flip({name: other}))
+            except Exception:  # noqa: BLE001 - a module not built from the config alone tells nothing
+                continue
+            if type(getattr(rebuilt, acts[0])) is type(ACT2FN[other]):
+                act_fields.append(name)
+        if len(act_fields) != 1:
+            raise UnsupportedFeature(
+                attr, f"head transform {type(module).__name__} with an activation no config field sets", _HINT
+            )
+        bias = str(dense.has_bias)
+        for name, value in self.fields.items():
+            if not isinstance(value, bool) or "bias" not in name:
+                continue
+            try:
+                rebuilt = getattr(type(module)(self._flip({name: not value})), dense_name)
+            except Exception:  # noqa: BLE001 - a flip the config or the module refuses tells nothing
+                continue
+            if (rebuilt.bias is not None) != dense.has_bias:
+                bias = f"config.{name}" if dense.has_bias == value else f"not config.{name}"
+                break
+        self.notes.append(f"prediction head {type(module).__name__}: {norms[0]}({acts[0]}({dense_name}(h)))")
+        spec = HeadTransformSpec(
+            attr=attr,
+            class_name=type(module).__name__,
+            dense=LinearSpec(dense_name, bias),
+            act_attr=acts[0],
+            act=f"config.{act_fields[0]}",
+            norm_attr=norms[0],
+            norm=norm,
+        )
+        return spec, module
+
     def _head(self, model: nn.Module, inner: nn.Module, final_attr: str, attr: str) -> HeadSpec:
         """Compare the logits with lm_head(final hidden state) under the known post-processings."""
         lm_head = getattr(model, attr)
@@ -3087,6 +3419,8 @@ class _Analyzer:
         with torch.no_grad():
             hidden = inner(input_ids=input_ids, position_ids=positions).last_hidden_state
             logits = model(input_ids=input_ids, position_ids=positions).logits
+            if self._transform is not None:  # the prediction head's transform, measured on its own
+                hidden = self._transform[1](hidden)
             base = lm_head(hidden)
         candidates: list[tuple[str, str | None, Callable[[float], torch.Tensor]]] = [
             ("none", None, lambda _v: base)

@@ -10,13 +10,21 @@ its name.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Projection", "alibi_slopes", "linear_layout", "projections", "split_fused_qkv"]
+__all__ = [
+    "Projection",
+    "alibi_slopes",
+    "linear_layout",
+    "projections",
+    "separate_qkv_roles",
+    "split_fused_qkv",
+]
 
 _TOL = 1e-5
 
@@ -112,3 +120,60 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
         extra_powers = torch.arange(1, 1 + 2 * extra, 2, dtype=torch.int32)
         slopes = torch.cat([slopes, torch.pow(torch.tensor(extra_base), extra_powers)])
     return slopes.float()
+
+
+def separate_qkv_roles(
+    attn: nn.Module, linears: dict[str, Projection], call: tuple[tuple, dict], width: int
+) -> tuple[str, str, str, str] | None:
+    """(q, k, v, output) names of an attention's four ``width -> width`` projections whose names say
+    nothing (CTRL's ``Wq``/``Wk``/``Wv``/``dense``), measured on one recorded call (args, kwargs) of an
+    attention without RoPE: the output projection's output is the attention's output; doubling v's
+    output doubles the output projection's input (attention is linear in v); adding one vector to
+    every row of k's output leaves it unchanged (a softmax ignores a shift that is the same for every
+    key), where the same change to q's does not. None where the four are not told apart that way."""
+    candidates = [n for n, p in linears.items() if (p.in_features, p.out_features) == (width, width)]
+    if len(candidates) != 4 or len(linears) != 4:
+        return None
+    args, kwargs = call
+    shift = torch.randn(width, generator=torch.Generator().manual_seed(13))
+
+    def run(edit: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> dict[str, torch.Tensor]:
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [
+            linears[n].module.register_forward_hook(lambda _m, _a, out, f=f: f(out)) for n, f in edit.items()
+        ]
+        hooks += [
+            linears[n].module.register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a[0]))
+            for n in candidates
+        ]
+        try:
+            with torch.no_grad():
+                output = attn(*args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        seen[""] = output[0] if isinstance(output, tuple) else output
+        return seen
+
+    base = run({})
+    outs = []
+    for name in candidates:
+        with torch.no_grad():
+            if torch.allclose(linears[name](base[name]), base[""], rtol=_TOL, atol=_TOL):
+                outs.append(name)
+    if len(outs) != 1:
+        return None
+    out, ins = outs[0], [n for n in candidates if n != outs[0]]
+    values = [
+        n for n in ins if torch.allclose(run({n: lambda t: t * 2})[out], 2 * base[out], rtol=1e-4, atol=1e-5)
+    ]
+    keys = [
+        n
+        for n in ins
+        if n not in values
+        and torch.allclose(run({n: lambda t: t + shift})[out], base[out], rtol=1e-4, atol=1e-5)
+    ]
+    queries = [n for n in ins if n not in values and n not in keys]
+    if len(values) != 1 or len(keys) != 1 or len(queries) != 1:
+        return None
+    return queries[0], keys[0], values[0], out

@@ -11,6 +11,7 @@ golden Llama. Generated test files go through the same ``format_source``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -374,6 +375,8 @@ def _qk_norm_lines(attn: AttentionSpec) -> list[str]:
 def emit_mlp(mlp: MLPSpec, spec: ArchitectureSpec) -> str:
     if mlp.inline:  # the decoder layer builds and calls the linears itself
         return ""
+    if mlp.sequential:  # an nn.Sequential in transformers: the same children, by index
+        return render("mlp_sequential.py.j2", mlp=mlp, config_class=spec.config_class)
     init = []
     if mlp.kind == "fused_gated":
         fused = mlp.inputs[0]
@@ -449,7 +452,13 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
     else:
         init.append(f"self.{ff.attr} = {feed_forward_constructor(ff)}")
     norms = [layer.attn_pre, layer.attn_post, layer.mlp_pre, layer.mlp_post]
-    init += [f"self.{name} = {norm_constructor(layer.norm, 'config.hidden_size')}" for name in norms if name]
+    identity = dict(layer.identity_norms)  # norms built only on some layers, nn.Identity on the others
+    init += [
+        f"self.{name} = {norm_constructor(layer.norm, 'config.hidden_size')}"
+        + (f" if {identity[name]} else nn.Identity()" if name in identity else "")
+        for name in norms
+        if name
+    ]
     if layer.residual_multiplier:
         init.append(f"self.residual_multiplier = {layer.residual_multiplier}")
     forward = _layout_lines(layer, spec)
@@ -558,7 +567,10 @@ def emit_model(spec: ArchitectureSpec) -> str:
         init.append(f"self.{positions.attr} = nn.Embedding({rows}, config.hidden_size)")
     if embedding.norm and embedding.norm != spec.head.final_norm_attr:  # else the final norm, called twice
         init.append(f"self.{embedding.norm} = {norm_constructor(spec.decoder.norm, 'config.hidden_size')}")
-    final_norm = norm_constructor(spec.decoder.norm, "config.hidden_size")
+    final_spec = spec.decoder.norm
+    if spec.head.final_norm_eps:  # the layers hard-code their epsilon, the final norm reads the config
+        final_spec = dataclasses.replace(final_spec, eps=spec.head.final_norm_eps)
+    final_norm = norm_constructor(final_spec, "config.hidden_size")
     if spec.head.final_norm_flag:
         final_norm = f"{final_norm} if {spec.head.final_norm_flag} else None"
     layer_class = layer_class_expression(spec) if spec.hybrid is not None else spec.decoder_class
@@ -645,6 +657,18 @@ def emit_model(spec: ArchitectureSpec) -> str:
         forward[-1] = f"return self.{final}(hidden_states)"
     else:
         forward.append("return hidden_states")
+    if embedding.wrapper:  # the embedding and its norm live in a module of their own
+        attr, class_name = embedding.wrapper
+        inner = [line for line in init if line.startswith(f"self.{attr}.")]
+        init = [f"self.{attr} = {class_name}(config)"] + [line for line in init if line not in inner]
+        holder = render(
+            "embedding_wrapper.py.j2",
+            class_name=class_name,
+            config_class=spec.config_class,
+            init_lines=[line.replace(f"self.{attr}.", "self.", 1) for line in inner],
+        )
+    else:
+        holder = ""
     if spec.stack_attr:  # the inner model only holds the decoder stack, as transformers' does
         stack = render(
             "model.py.j2", spec=spec, class_name=spec.stack_class, init_lines=init, forward_lines=forward
@@ -652,8 +676,8 @@ def emit_model(spec: ArchitectureSpec) -> str:
         wrapper = render(
             "model_wrapper.py.j2", spec=spec, stack=f"self.{spec.stack_attr}", stack_class=spec.stack_class
         )
-        return stack.rstrip("\n") + "\n\n\n" + wrapper
-    return render(
+        return (holder + "\n\n" if holder else "") + stack.rstrip("\n") + "\n\n\n" + wrapper
+    model = render(
         "model.py.j2",
         spec=spec,
         class_name=spec.model_class,
@@ -662,6 +686,7 @@ def emit_model(spec: ArchitectureSpec) -> str:
         temperature=bool(layer_positions),
         temperature_offset=getattr(spec.attention, "position_scale_offset", 0),
     )
+    return (holder + "\n\n" if holder else "") + model
 
 
 def _emit_sinusoidal_positions(spec: ArchitectureSpec) -> str:
@@ -669,6 +694,18 @@ def _emit_sinusoidal_positions(spec: ArchitectureSpec) -> str:
     if positions is None or not positions.sinusoidal_base:
         return ""
     return render("sinusoidal_positions.py.j2", positions=positions, config_class=spec.config_class)
+
+
+def emit_head_transform(spec: ArchitectureSpec) -> str:
+    transform = spec.head.transform
+    if transform is None:
+        return ""
+    return render(
+        "head_transform.py.j2",
+        transform=transform,
+        config_class=spec.config_class,
+        norm=norm_constructor(transform.norm, "config.hidden_size"),
+    )
 
 
 def emit_causal_lm(spec: ArchitectureSpec) -> str:
@@ -726,7 +763,9 @@ def describe(spec: ArchitectureSpec) -> str:
     # MHA and MQA are edge cases of grouped-query attention
     attention = "multi-head latent attention" if isinstance(attn, MLASpec) else "grouped-query attention"
     features = [layout]
-    if spec.embedding.positions is not None:
+    if spec.embedding.positions is not None and spec.embedding.positions.sinusoidal_base:
+        features.append("fixed sinusoidal position embeddings")
+    elif spec.embedding.positions is not None:
         features.append("learned absolute position embeddings")
     if rope is not None and rope.fixed_base is not None:
         style = "interleaved " if rope.style == "interleaved" else ""
@@ -768,6 +807,12 @@ def describe(spec: ArchitectureSpec) -> str:
             for word in ("sliding", "soft-cap", "scaled", "logits", "NoPE", "different widths", "value heads")
         )
     ]
+    if spec.head.transform is not None:
+        transform = spec.head.transform
+        extras.append(
+            f"a prediction head ({transform.dense.name}, {transform.act_attr}, {transform.norm_attr}) before the output projection"
+        )
+    extras += [note for note in spec.notes if note.endswith("(nn.Identity elsewhere)")]
     unsupported = [note.split(":")[0] for note in spec.notes if note.endswith("by this file")]
     if unsupported:  # flags whose other value builds other modules or attention than this file's
         extras.append(
@@ -821,6 +866,7 @@ def generate_model_file(spec: ArchitectureSpec) -> str:
         emit(spec.attention, spec),
         emit(spec.decoder, spec),
         emit_model(spec),
+        emit_head_transform(spec),
         emit_causal_lm(spec),
     ]
     body = "\n\n".join(block.rstrip("\n") + "\n" for block in blocks if block.strip())

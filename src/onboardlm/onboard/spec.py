@@ -192,6 +192,9 @@ class MLPSpec:
     act_module: str | None = None
     #: source of ``def <name>(config) -> int`` where ``intermediate`` calls it (LFM2's adjusted width)
     width_function: str = ""
+    #: transformers builds the block as ``nn.Sequential(up, act, down)`` (CTRL): the lean class
+    #: subclasses it so the checkpoint keys stay ``<attr>.0`` / ``<attr>.2``
+    sequential: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,9 @@ class DecoderLayerSpec:
     output_scale: str = ""
     output_scale_buffer: bool = True
     output_scale_shape: tuple[int, ...] = ()
+    #: (norm attribute, condition over config and layer_idx): the norm exists only where the condition
+    #: holds and is ``nn.Identity`` elsewhere (ModernBERT-decoder's first layer has no attn_norm)
+    identity_norms: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -233,6 +239,8 @@ class PositionEmbeddingSpec:
     offset: int = 0  # row of position 0 (OPT and BioGPT keep two rows before it)
     sinusoidal_base: float | None = None  # fixed sin/cos rows, not a checkpoint weight (XGLM)
     class_name: str | None = None  # the module class of a sinusoidal table
+    #: of a sinusoidal table: frequency i is ``base^(-i / denominator)``, "half - 1" (XGLM) or "half" (CTRL)
+    denominator: str = "half - 1"
 
 
 @dataclass(frozen=True)
@@ -246,6 +254,23 @@ class EmbeddingSpec:
     width: str = "config.hidden_size"  # expression of the embedding width (OPT: word_embed_proj_dim)
     project_in: str | None = None  # linear from the embedding width to the hidden size, if any
     project_out: str | None = None  # linear from the hidden size back to it, before the head
+    #: (attribute, class) of a module that only holds the token embedding and ``norm`` (ModernBERT's
+    #: ``embeddings``): ``attr`` and ``norm`` are then dotted paths through it
+    wrapper: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class HeadTransformSpec:
+    """A transform of the last hidden state before the output projection (ModernBERT's prediction
+    head): ``norm(act(dense(h)))``, its own module on the causal LM."""
+
+    attr: str  # on the causal LM, e.g. "lm_head"
+    class_name: str
+    dense: LinearSpec
+    act_attr: str
+    act: str  # config expression of the activation name
+    norm_attr: str
+    norm: NormSpec
 
 
 @dataclass(frozen=True)
@@ -258,6 +283,8 @@ class HeadSpec:
     logits_value: str | None = None  # expression used by logits_op
     attr: str = "lm_head"  # the output projection's name on the causal LM
     final_norm_flag: str | None = None  # expression without which there is no final norm (OPT)
+    transform: HeadTransformSpec | None = None  # applied to the final hidden state before ``attr``
+    final_norm_eps: str | None = None  # the final norm's epsilon where it differs from the layers' (CTRL)
 
 
 AttentionSlot = AttentionSpec | MLASpec
@@ -312,6 +339,7 @@ class ArchitectureSpec:
         for inner in (
             getattr(self.attention, "out_norm", None),
             getattr(self.feed_forward, "inner_norm", None),
+            self.head.transform.norm if self.head.transform else None,
         ):
             if inner is not None:
                 found.setdefault(inner.class_name, inner)

@@ -129,11 +129,11 @@ class BlockGroup:
 
     @property
     def test_name(self) -> str:
-        return f"test_block_{snake_case(self.cls)}"
+        return f"test_block_{snake_case(self.cls.replace('nn.', 'Torch'))}"
 
     @property
     def constant(self) -> str:
-        return f"{snake_case(self.cls).upper()}_PATHS"
+        return f"{snake_case(self.cls.replace('nn.', 'Torch')).upper()}_PATHS"
 
     @property
     def identical(self) -> bool:
@@ -281,13 +281,18 @@ def read_layout(reference: nn.Module, config: PretrainedConfig, hf_module: Any) 
         role = _role(module)
         if role is not None and _accessible(type(module), hf_module):
             groups.setdefault(type(module).__name__, (role, []))[1].append(path)
+        elif type(module) is nn.LayerNorm and path.startswith(f"{layers_path}."):
+            # torch's own LayerNorm, used as is by the lean file: its epsilon expression is still
+            # the file's (CTRL's layers hard-code 1e-6), checked on small inputs like a ported norm
+            groups.setdefault("nn.LayerNorm", ("norm", []))[1].append(path)
     blocks = [
         BlockGroup(
             cls,
             role,
             tuple(paths),
             "replay" if role == "rotary" else "inputs",
-            adds_residual="residual" in inspect.signature(getattr(hf_module, cls).forward).parameters,
+            adds_residual=cls != "nn.LayerNorm"
+            and "residual" in inspect.signature(getattr(hf_module, cls).forward).parameters,
         )
         for cls, (role, paths) in groups.items()
     ]
@@ -368,6 +373,11 @@ def _builds_from_config(hf_cls: type, index: ModelIndex, name: str, config: Pret
     return True
 
 
+def _subclasses_sequential(index: ModelIndex, name: str) -> bool:
+    """Whether the lean class derives from ``nn.Sequential`` (a block transformers builds as one)."""
+    return any(ast.unparse(base) == "nn.Sequential" for base in index.src.classes[name].bases)
+
+
 def cover_lean_blocks(
     layout: ReferenceLayout, reference: nn.Module, config: PretrainedConfig, hf_module: Any, lean_source: str
 ) -> ReferenceLayout:
@@ -380,6 +390,15 @@ def cover_lean_blocks(
     extra = []
     for name, role in lean_blocks(lean_source).items():
         hf_cls = getattr(hf_module, name, None)
+        if hf_cls is None and _subclasses_sequential(index, name):  # CTRL's ffn: a bare nn.Sequential
+            paths = tuple(
+                path
+                for path, module in reference.named_modules()
+                if type(module) is nn.Sequential and _under_tested_layer(path, layers_path, tested)
+            )
+            if paths and name not in covered:
+                extra.append(BlockGroup(name, role, paths, "inputs"))
+            continue
         if name in covered or not isinstance(hf_cls, type):
             continue
         paths = tuple(

@@ -479,7 +479,8 @@ _WIDTH_RULES: tuple[tuple[tuple[str, ...], _Rule], ...] = (
     (("v_head_dim",), _v_head_dim),
     (("query_pre_attn_scalar", "rotary_dim"), _scale_with_head_dim),
     # feed-forward widths
-    (("intermediate_size", "intermediate_size_mlp", "ffn_hidden_size"), _const(_INTERMEDIATE)),
+    # dff: CTRL's
+    (("intermediate_size", "intermediate_size_mlp", "ffn_hidden_size", "dff"), _const(_INTERMEDIATE)),
     (("block_multiple_of",), _at_most(_FFN_MULTIPLE)),  # FFN sizes rounded up to a multiple of it
     (("dense_intermediate_size", "prefix_dense_intermediate_size"), _const(_INTERMEDIATE)),
     (("moe_intermediate_size", "expert_ffn_hidden_size"), _const(_MOE_INTERMEDIATE)),
