@@ -1368,13 +1368,18 @@ def _layer_condition(
 ) -> str:
     """A config expression true exactly on the MoE layers; checked on the measured layers.
 
-    Tried in order: DeepSeek's ``first_k_dense_replace``, Qwen-MoE's ``decoder_sparse_step`` rule,
-    then the test the HF decoder layer's ``__init__`` itself branches on to build the MoE block
-    (``self.mlp = Block(config) if <test> else MLP(config)`` or an ``if <test>:`` statement) when it
-    reads only ``config`` and ``layer_idx`` (ERNIE's start/end/interval, ``mlp_layer_types``); else
-    ``True`` (every layer). The first whose prediction equals the measured layers is kept.
+    Tried in order: the test the HF decoder layer's ``__init__`` itself branches on to build the MoE
+    block (``self.mlp = Block(config) if <test> else MLP(config)`` or an ``if <test>:`` statement) when
+    it reads only ``config`` and ``layer_idx`` (ERNIE's start/end/interval, DeepSeek-V3.2's
+    ``mlp_layer_types``, which a config may set apart from ``first_k_dense_replace``); then
+    DeepSeek's ``first_k_dense_replace`` and Qwen-MoE's ``decoder_sparse_step`` rule; the rule
+    measured; else ``True`` (every layer). The first whose prediction equals the measured layers is kept.
     """
     candidates: list[str] = []
+    if layer is not None:  # the test transformers itself builds the MoE block on comes first
+        source_test = _source_layer_condition(type(layer), attr, block_class)
+        if source_test is not None:
+            candidates.append(source_test)
     if getattr(config, "first_k_dense_replace", None) is not None:
         candidates.append("layer_idx >= config.first_k_dense_replace")
     if getattr(config, "decoder_sparse_step", None) is not None:
@@ -1384,10 +1389,6 @@ def _layer_condition(
                 f"layer_idx not in config.mlp_only_layers and config.{count} > 0 "
                 "and (layer_idx + 1) % config.decoder_sparse_step == 0"
             )
-    if layer is not None:
-        source_test = _source_layer_condition(type(layer), attr, block_class)
-        if source_test is not None:
-            candidates.append(source_test)
     measured = _measured_layer_condition(config, moe_layers, num_layers)
     if measured is not None:
         candidates.append(measured[0])
