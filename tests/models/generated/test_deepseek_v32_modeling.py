@@ -65,6 +65,10 @@ DEEPSEEK_V32_RMS_NORM_PATHS = [
     "model.layers.1.post_attention_layernorm",
     "model.norm",
 ]
+TORCH_LAYER_NORM_PATHS = [
+    "model.layers.0.self_attn.indexer.k_norm",
+    "model.layers.1.self_attn.indexer.k_norm",
+]
 DEEPSEEK_V32_MLP_PATHS = ["model.layers.0.mlp", "model.layers.1.mlp.shared_experts"]
 DEEPSEEK_V32_MOE_PATHS = ["model.layers.1.mlp"]
 DEEPSEEK_V32_ROTARY_EMBEDDING_PATHS = ["model.rotary_emb"]
@@ -72,6 +76,7 @@ RECORDED = [
     *DEEPSEEK_V32_DECODER_LAYERS.values(),
     *DEEPSEEK_V32_ATTENTION_PATHS,
     *DEEPSEEK_V32_RMS_NORM_PATHS,
+    *TORCH_LAYER_NORM_PATHS,
     *DEEPSEEK_V32_MLP_PATHS,
     *DEEPSEEK_V32_MOE_PATHS,
     *DEEPSEEK_V32_ROTARY_EMBEDDING_PATHS,
@@ -196,6 +201,25 @@ def test_block_deepseek_v32_rms_norm(
 ) -> None:
     block = model.get_submodule(path)
     assert isinstance(block, lean.DeepseekV32RMSNorm)
+    (call,) = calls[path]
+    actual = block(call.hidden_states)
+    torch.testing.assert_close(actual, call.result, rtol=1e-3, atol=1e-3)
+    assert_rmse_close(actual, call.result, rmse_ratio_tol=FP32_RMSE_TOL, msg=path)
+    small = call.hidden_states * 1e-3  # where the epsilon matters
+    expected = reference.get_submodule(path)(small)
+    torch.testing.assert_close(block(small), expected, rtol=1e-3, atol=1e-3)
+    assert_rmse_close(block(small), expected, rmse_ratio_tol=FP32_RMSE_TOL, msg=f"{path} (small inputs)")
+
+
+@pytest.mark.parametrize("path", TORCH_LAYER_NORM_PATHS)
+def test_block_torch_layer_norm(
+    reference: hf.DeepseekV32ForCausalLM,
+    model: lean.DeepseekV32ForCausalLM,
+    calls: dict[str, list[Call]],
+    path: str,
+) -> None:
+    block = model.get_submodule(path)
+    assert isinstance(block, lean.nn.LayerNorm)
     (call,) = calls[path]
     actual = block(call.hidden_states)
     torch.testing.assert_close(actual, call.result, rtol=1e-3, atol=1e-3)

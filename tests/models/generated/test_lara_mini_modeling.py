@@ -18,7 +18,9 @@ measure 1.7e-4 and more. So every fp32 check asserts an RMSE ratio of at most FP
 1e-05, 16x the worst correct port and 17x below the mildest bug. In bf16 rounding dominates
 (correct ports measure up to 3e-2), so the logits keep the seed's 0.05; they are compared
 over 512 tokens, since in a mixture of experts one token whose top-k flips under bf16 rounding moves
-the RMSE of a 32-token batch by several percent; and here, with experts, where routing flips separate the two, against transformers' fp32 logits (test_model_logits_bf16 says how). Identical math (norm, MLP, rotary) must also pass
+the RMSE of a 32-token batch by several percent. Where bf16 routing flips still
+separate the two, the logits are held to transformers' fp32 logits instead (test_model_logits_bf16
+says how). Identical math (norm, MLP, rotary) must also pass
 assert_close(rtol=1e-3, atol=1e-3).
 """
 

@@ -46,13 +46,19 @@ class AfmoeCausalLMOutput(ModelOutput):
 
 
 class AfmoeRMSNorm(nn.Module):
+    """RMSNorm whose weight scales the fp32 normalised value before the cast back (as transformers'
+    does for this model)."""
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.ops.auto_deploy.torch_rmsnorm(hidden_states, self.weight, self.variance_epsilon)
+        normed = torch.ops.auto_deploy.torch_rmsnorm(
+            hidden_states.float(), self.weight.float(), self.variance_epsilon
+        )
+        return normed.to(hidden_states.dtype)
 
 
 class AfmoeRotaryEmbedding(nn.Module):
@@ -266,11 +272,7 @@ class AfmoeDecoderLayer(nn.Module):
     def __init__(self, config: AfmoeConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = AfmoeAttention(config, layer_idx)
-        self.mlp = (
-            AfmoeSparseMoeBlock(config)
-            if config.layer_types[layer_idx] == "full_attention"
-            else AfmoeMLP(config)
-        )
+        self.mlp = AfmoeSparseMoeBlock(config) if layer_idx >= config.num_dense_layers else AfmoeMLP(config)
         self.input_layernorm = AfmoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = AfmoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.pre_mlp_layernorm = AfmoeRMSNorm(config.hidden_size, config.rms_norm_eps)

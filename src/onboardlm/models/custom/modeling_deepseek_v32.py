@@ -345,7 +345,9 @@ class DeepseekV32DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = DeepseekV32Attention(config, layer_idx)
         self.mlp = (
-            DeepseekV32MoE(config) if layer_idx >= config.first_k_dense_replace else DeepseekV32MLP(config)
+            DeepseekV32MoE(config)
+            if config.mlp_layer_types[layer_idx] == "sparse"
+            else DeepseekV32MLP(config)
         )
         self.input_layernorm = DeepseekV32RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekV32RMSNorm(config.hidden_size, config.rms_norm_eps)

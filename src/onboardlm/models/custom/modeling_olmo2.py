@@ -44,13 +44,19 @@ class Olmo2CausalLMOutput(ModelOutput):
 
 
 class Olmo2RMSNorm(nn.Module):
+    """RMSNorm whose weight scales the fp32 normalised value before the cast back (as transformers'
+    does for this model)."""
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.ops.auto_deploy.torch_rmsnorm(hidden_states, self.weight, self.variance_epsilon)
+        normed = torch.ops.auto_deploy.torch_rmsnorm(
+            hidden_states.float(), self.weight.float(), self.variance_epsilon
+        )
+        return normed.to(hidden_states.dtype)
 
 
 class Olmo2RotaryEmbedding(nn.Module):
