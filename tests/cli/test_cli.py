@@ -17,6 +17,7 @@ OPS_MD_OPS = {
     "torch_linear_simple", "view", "split_with_sizes", "all_reduce",
     "torch_moe", "torch_moe_router", "torch_moe_dense_mlp",
     "torch_mla",
+    "torch_lightning_indexer", "torch_sparse_mla",  # DeepSeek sparse attention (issue 13; OPS.md style)
     "torch_causal_conv1d", "torch_ssm", "torch_gated_delta_rule",
     "torch_channel_gated_delta_rule",  # Kimi Delta Attention's per-channel decay (issue 15; OPS.md style)
     "torch_fake_quant_fp8_linear", "torch_quant_fp8_linear",  # FP8 (issue 16; AutoDeploy's names)

@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CTRLConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from onboardlm.errors import ModelSourceError, WeightsError
 from onboardlm.models.custom.modeling_llama import LlamaForCausalLM as LeanLlama
 from onboardlm.models.factory import AutoModelForCausalLMFactory, load_checkpoint_into
+from onboardlm.testing import tiny_config
 
 
 def tiny_llama_config(**overrides: object) -> LlamaConfig:
@@ -88,13 +89,13 @@ def test_llama_config_maps_to_the_lean_llama() -> None:
 
 
 def test_unregistered_config_falls_back_to_transformers_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    # CTRL has no lean model (onboard refuses its attention projections).
-    factory = AutoModelForCausalLMFactory(CTRLConfig(n_embd=32, n_layer=1, n_head=2, dff=64, vocab_size=100))
+    # Doge has no lean model (onboard refuses its dynamic mask attention).
+    factory = AutoModelForCausalLMFactory(tiny_config(AutoConfig.for_model("doge")))
     with caplog.at_level(logging.INFO, logger="onboardlm.models.factory"):
         model, report = factory.build_and_load()
-    assert type(model).__name__ == "CTRLLMHeadModel"
+    assert type(model).__name__ == "DogeForCausalLM"
     assert not report.is_custom and report.weights_source == "random"
-    assert "no custom model registered for CTRLConfig" in caplog.text
+    assert "no custom model registered for DogeConfig" in caplog.text
 
 
 def test_model_kwargs_override_a_copy_of_the_config() -> None:

@@ -101,7 +101,7 @@ def test_attention_sub_config_gets_the_rope_base_of_the_config() -> None:
     assert count_parameters(config) > 0  # transformers builds it
     records = {r.name: r for r in _phases_to_generate("dbrx")}
     assert records["fit"].status != "fail" and records["analyze"].status == "fail"
-    assert "norm_attn_norm.attn" in records["analyze"].summary  # the fused Wqkv attention, by path
+    assert "norm_attn_norm" in records["analyze"].summary  # the block wrapping norms and attention, by path
 
 
 def test_unbuildable_names_the_module_and_the_unset_field() -> None:
