@@ -40,6 +40,17 @@ def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
+def delta_query_key(
+    q: torch.Tensor, k: torch.Tensor, value_heads: int, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule's queries and keys ``[B, S, Hv, K]``: L2-normalised in fp32, each key head
+    repeated for its value heads, queries times ``scale`` (default ``K ** -0.5``)."""
+    repeats = value_heads // q.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    query = _l2norm(q.float()).repeat_interleave(repeats, dim=2) * scale
+    return query, _l2norm(k.float()).repeat_interleave(repeats, dim=2)
+
+
 def _check_heads(kind: str, heads: int, groups: int) -> None:
     if groups <= 0 or heads % groups:
         raise ValueError(f"{kind}: {heads} heads cannot be shared evenly by {groups} groups")
@@ -227,15 +238,13 @@ def torch_gated_delta_rule(
     ``shardable`` and ``layer_type`` are sharding hints.
     """
     _check_gated_delta(q, v, layer_type)
-    seq_len, k_heads, k_dim = q.shape[1:]
-    repeats = v.shape[2] // k_heads
+    seq_len, k_dim = q.shape[1], q.shape[-1]
     chunk = GATED_DELTA_CHUNK_SIZE
 
     def heads_first(t: torch.Tensor) -> torch.Tensor:  # [b, s, h, ...] -> [b, h, chunk, pos, ...]
         return _pad_to_chunks(t.transpose(1, 2), 2, chunk)
 
-    query = _l2norm(q.float()).repeat_interleave(repeats, dim=2) * (k_dim**-0.5 if scale is None else scale)
-    key = _l2norm(k.float()).repeat_interleave(repeats, dim=2)
+    query, key = delta_query_key(q, k, v.shape[2], scale)
     log_decay = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
     beta = b.float().sigmoid()
     query, key, value = heads_first(query), heads_first(key), heads_first(v.float())
@@ -367,9 +376,8 @@ def torch_channel_gated_delta_rule(
     ``v``'s dtype. ``shardable`` and ``layer_type`` are sharding hints.
     """
     _check_channel_delta(q, v, g, layer_type)
-    k_dim, repeats = q.shape[-1], v.shape[2] // q.shape[2]
-    query = _l2norm(q.float()).repeat_interleave(repeats, dim=2) * (k_dim**-0.5 if scale is None else scale)
-    key = _l2norm(k.float()).repeat_interleave(repeats, dim=2)
+    k_dim = q.shape[-1]
+    query, key = delta_query_key(q, k, v.shape[2], scale)
     state = query.new_zeros(v.shape[0], v.shape[2], k_dim, v.shape[-1])
     out, _ = channel_delta_from_state(query, key, v.float(), g.float(), beta.float(), state)
     return out.to(v.dtype).contiguous()

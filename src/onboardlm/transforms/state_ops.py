@@ -37,10 +37,10 @@ import torch.nn.functional as F
 import onboardlm.ops  # noqa: F401  (registers the canonical ops the SSM path calls)
 from onboardlm.ops.ssm import (
     GATED_DELTA_CHUNK_SIZE,
-    _l2norm,
     _pad_to_chunks,
     _segsum,
     channel_delta_from_state,
+    delta_query_key,
 )
 
 NAMESPACE = "auto_deploy"
@@ -354,9 +354,7 @@ def cached_gated_delta_rule(
     """
     packed = _is_packed(v, seq_lens)
     q, k, v, a, b = (_to_rows(t, seq_lens, packed) for t in (q, k, v, a, b))
-    k_dim, repeats = q.shape[-1], v.shape[2] // q.shape[2]
-    query = _l2norm(q.float()).repeat_interleave(repeats, dim=2) * (k_dim**-0.5 if scale is None else scale)
-    key = _l2norm(k.float()).repeat_interleave(repeats, dim=2)
+    query, key = delta_query_key(q, k, v.shape[2], scale)
     real = _real(seq_lens, v.shape[1])[..., None]
     log_decay = torch.where(real, -A_log.float().exp() * F.softplus(a.float() + dt_bias.float()), 0.0)
     beta = torch.where(real, b.float().sigmoid(), 0.0)
@@ -408,9 +406,7 @@ def cached_channel_gated_delta_rule(
     """
     packed = _is_packed(v, seq_lens)
     q, k, v, g, beta = (_to_rows(t, seq_lens, packed) for t in (q, k, v, g, beta))
-    k_dim, repeats = q.shape[-1], v.shape[2] // q.shape[2]
-    query = _l2norm(q.float()).repeat_interleave(repeats, dim=2) * (k_dim**-0.5 if scale is None else scale)
-    key = _l2norm(k.float()).repeat_interleave(repeats, dim=2)
+    query, key = delta_query_key(q, k, v.shape[2], scale)
     real = _real(seq_lens, v.shape[1])[..., None]
     log_decay = torch.where(real[..., None], g.float(), 0.0)
     write = torch.where(real, beta.float(), 0.0)
