@@ -464,7 +464,7 @@ def _dense_probe_config(config: PretrainedConfig, condition: str, num_layers: in
                 setattr(probe, name, [constant, *value[1:]])
             except Exception:  # noqa: BLE001 - a typed list field (ints) refuses a kind name
                 continue
-            if _predict_layers(probe, condition, 1) == ():
+            if predict_layers(probe, condition, 1) == ():
                 return probe
     return None
 
@@ -1395,14 +1395,14 @@ def _layer_condition(
     candidates.append("True")
     tried = []
     for condition in candidates:
-        predicted = _predict_layers(config, condition, num_layers)
+        predicted = predict_layers(config, condition, num_layers)
         if predicted == moe_layers:
             return condition
         tried.append(f"`{condition}` (gives {list(predicted) if predicted is not None else 'an error'})")
     raise UnsupportedFeature(path, f"MoE layers {list(moe_layers)} follow none of {', '.join(tried)}")
 
 
-def _predict_layers(config: PretrainedConfig, condition: str, num_layers: int) -> tuple[int, ...] | None:
+def predict_layers(config: PretrainedConfig, condition: str, num_layers: int) -> tuple[int, ...] | None:
     """The layers for which ``condition`` (over ``config`` and ``layer_idx``) holds; None if it fails."""
     code = compile(condition, "<layer condition>", "eval")
     try:

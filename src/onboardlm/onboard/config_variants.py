@@ -11,6 +11,7 @@ ignores is kept too: the lean file reads the flag, so the test shows whether it 
 from __future__ import annotations
 
 import ast
+import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig
+
+from onboardlm.onboard.analyze_moe import predict_layers
 
 __all__ = ["Variant", "candidate_variants", "config_variants"]
 
@@ -231,27 +234,13 @@ def _layer_rules(tree: ast.Module) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _layers_where(config: Any, test: str) -> tuple[int, ...] | None:
-    try:
-        code = compile(test, "<layer rule>", "eval")
-        return tuple(
-            i
-            for i in range(config.num_hidden_layers)
-            if eval(code, {"__builtins__": {}}, {"config": config, "layer_idx": i})  # noqa: S307
-        )
-    except Exception:  # noqa: BLE001 - a rule this config cannot evaluate gives no variant
-        return None
-
-
 def _layer_rule_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[Variant]:
     """For each per-layer constructor rule, one small int field moved by one so that the rule picks
     other layers (the other branch runs where the base config takes the first)."""
-    import copy
-
     found = []
     fields = {k: v for k, v in vars(tiny).items() if not k.startswith("_")}
     for test in _layer_rules(tree):
-        base = _layers_where(tiny, test)
+        base = predict_layers(tiny, test, tiny.num_hidden_layers)
         if base is None:
             continue
         for name, value in sorted(fields.items()):
@@ -266,7 +255,7 @@ def _layer_rule_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[Varia
             for other in (value + 1, value - 1):
                 probe = copy.deepcopy(tiny)
                 setattr(probe, name, other)
-                layers = _layers_where(probe, test)
+                layers = predict_layers(probe, test, probe.num_hidden_layers)
                 if other >= 0 and layers is not None and layers != base:
                     moved = other
                     break
