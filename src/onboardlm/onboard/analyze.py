@@ -46,7 +46,7 @@ from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, separate_qkv_roles, split_fused_qkv
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
-from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
+from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe, predict_layers
 from onboardlm.onboard.analyze_streams import hyper_connection_refusal
 from onboardlm.onboard.analyze_widths import (
     check_first_layer,
@@ -467,10 +467,12 @@ class _Analyzer:
         )
         return dataclasses.replace(attention, per_layer_fields=fields), rope
 
-    def _rebuilt_layer(self, layer: nn.Module, config: PretrainedConfig) -> nn.Module:
-        """``layer``'s class built anew from ``config`` at ``layer``'s own index (layer 0 of a hybrid
-        stack may be of another kind), with its kind where the constructor takes one (Bamba's)."""
-        index = self._layer_indices.get(id(layer), 0)
+    def _rebuilt_layer(
+        self, layer: nn.Module, config: PretrainedConfig, index: int | None = None
+    ) -> nn.Module:
+        """``layer``'s class built anew from ``config`` at ``index`` (default: ``layer``'s own index; layer 0
+        of a hybrid stack may be of another kind), with its kind where the constructor takes one (Bamba's)."""
+        index = self._layer_indices.get(id(layer), 0) if index is None else index
         if "layer_type" in inspect.signature(type(layer).__init__).parameters:
             kinds = getattr(config, "layers_block_type", None) or getattr(config, "layer_types", None)
             if isinstance(kinds, (list, tuple)) and index < len(kinds):
@@ -2865,19 +2867,19 @@ class _Analyzer:
             for field, value in self.fields.items():  # per-layer lists (layer_types) grow with it
                 if isinstance(value, list) and len(value) == len(layers):
                     setattr(deeper, field, value + value[:2])
-            condition = None
-            for candidate in ("layer_idx != 0", "layer_idx != config.num_hidden_layers - 1"):
-                try:
-                    built = [
-                        not isinstance(getattr(self._rebuilt_layer_at(layer, deeper, i), name), nn.Identity)
+            try:  # the layers that build the norm, on the deeper config
+                with torch.device("meta"):
+                    built = tuple(
+                        i
                         for i in range(deeper.num_hidden_layers)
-                    ]
-                except Exception:  # noqa: BLE001 - a layer class not built from (config, layer_idx)
-                    break
-                scope = {"config": deeper}
-                if built == [bool(eval(candidate, scope, {"layer_idx": i})) for i in range(len(built))]:  # noqa: S307
-                    condition = candidate
-                    break
+                        if not isinstance(getattr(self._rebuilt_layer(layer, deeper, i), name), nn.Identity)
+                    )
+            except Exception:  # noqa: BLE001 - a layer class not built from (config, layer_idx)
+                built = None
+            candidates = ("layer_idx != 0", "layer_idx != config.num_hidden_layers - 1")
+            condition = next(
+                (c for c in candidates if built == predict_layers(deeper, c, deeper.num_hidden_layers)), None
+            )
             if condition is None:
                 raise UnsupportedFeature(
                     f"{layer_path}.{name}",
@@ -2887,11 +2889,6 @@ class _Analyzer:
             self.notes.append(f"{name} only where {condition} (nn.Identity elsewhere)")
             found[name] = (condition, real[0])
         return found
-
-    @staticmethod
-    def _rebuilt_layer_at(layer: nn.Module, config: PretrainedConfig, index: int) -> nn.Module:
-        with torch.device("meta"):
-            return type(layer)(config, index)
 
     def _part_settings(self, layer_path: str, layer: nn.Module) -> tuple[tuple[str, str], ...]:
         """Unset or bool fields of part sub-configs (MPT's ``attn_config.clip_qkv``) that change the
