@@ -3,7 +3,8 @@
 Run on a CUDA machine from the repository root: ``PYTHONPATH=src python benchmarks/gpu.py``. Writes
 ``gpu_<name>.json`` and ``.md`` under ``$OUT`` (else ``benchmarks/results``) and prints the table last.
 Every section records its error and the run goes on. Shapes: Llama-3-8B, SmolLM2-135M and a
-Qwen3-MoE with 128 experts (8 active) and fewer layers. Figures: prefill latency (1x2048, 8x512),
+Qwen3-MoE with 128 experts (8 active) and fewer layers, and a Nemotron-H-8B-like hybrid (Mamba2, MLP and 4
+attention layers; transformers runs its Mamba2 in PyTorch, as without the ``mamba_ssm`` package). Figures: prefill latency (1x2048, 8x512),
 decode tokens/s at batch 1/8/64 (prompt 512, 128 new tokens), peak GPU memory, and the measured
 roofline (bf16 matmul ceiling, copy bandwidth) to express each figure as a fraction of its limit.
 Beside transformers: onboardlm with one part of its fast path off at a time (ablations), the plain
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, NemotronHConfig, Qwen3MoeConfig
 from transformers.initialization import no_init_weights
 
 from onboardlm.export import causal_lm_dynamic_shapes, torch_export_to_gm
@@ -41,6 +42,7 @@ from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, insert_cached_a
 from onboardlm.transforms.backends import use_direct_kernels
 from onboardlm.transforms.compile import FastGraph, SpeedOptions, accelerate
 from onboardlm.transforms.quantize_fp8 import quantize_fp8_linears
+from onboardlm.transforms.state_cache import SEQ_LENS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plain_recipe  # noqa: E402  (benchmarks/plain_recipe.py: the static-cache + compile baseline)
@@ -106,6 +108,7 @@ def shapes(moe_layers: int, smoke: bool = False) -> dict[str, Any]:
                 num_experts_per_tok=2,
                 vocab_size=256,
             ),  # fmt: skip
+            "hybrid": nemotron_h(64, "M-M*-", 4, 16, 128, 256),
         }
     return {
         "small": llama(576, 30, 9, 3, 1536, 49152, tie_word_embeddings=True, rope_theta=100000.0),
@@ -123,7 +126,20 @@ def shapes(moe_layers: int, smoke: bool = False) -> dict[str, Any]:
             vocab_size=151936,
             max_position_embeddings=4096,
         ),  # fmt: skip
+        "hybrid": nemotron_h(4096, "M-M-M-M*-" * 4 + "M-" * 8, 128, 64, 21504, 131072),
     }
+
+
+def nemotron_h(hidden: int, pattern: str, mamba_heads: int, mamba_head_dim: int, inter: int, vocab: int):
+    """A Nemotron-H layout: one block per layer (``M`` Mamba2, ``*`` attention, ``-`` MLP)."""
+    heads = max(hidden // 128, 4)
+    return NemotronHConfig(
+        hidden_size=hidden, hybrid_override_pattern=pattern, num_hidden_layers=len(pattern),
+        num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), head_dim=hidden // heads,
+        mamba_num_heads=mamba_heads, mamba_head_dim=mamba_head_dim, ssm_state_size=128 if hidden > 64 else 16,
+        n_groups=8 if hidden > 64 else 2, intermediate_size=inter, vocab_size=vocab, use_mamba_kernels=False,
+        max_position_embeddings=4096,
+    )  # fmt: skip
 
 
 def elapsed() -> float:
@@ -195,7 +211,13 @@ def prefill_flops(config: Any, params: int, batch: int, seq: int) -> float:
     if hasattr(config, "num_experts"):  # only top-k experts run per token
         per_expert = 3 * config.hidden_size * config.moe_intermediate_size
         dense -= config.num_hidden_layers * (config.num_experts - config.num_experts_per_tok) * per_expert
-    attention = 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq * seq  # causal
+    kinds = getattr(config, "layer_types", None)  # a hybrid's attention layers only
+    layers = (
+        config.num_hidden_layers
+        if kinds is None
+        else sum(k in ("attention", "full_attention") for k in kinds)
+    )
+    attention = 2 * layers * config.num_attention_heads * head_dim * seq * seq  # causal
     return 2.0 * dense * batch * seq + 2.0 * head * batch + attention * batch
 
 
@@ -231,8 +253,14 @@ def torch_gen() -> torch.Generator:
 
 # ---------------------------------------------------------------- onboardlm
 def allocate_cache(specs: Any, max_batch: int, max_seq: int, device: str) -> dict[str, torch.Tensor]:
-    """Zeroed KV caches, as the runtime's ``KVCache`` (whose package needs the CLI's dependencies)."""
-    return {s.name: torch.zeros(max_batch, max_seq, *s.features, dtype=s.dtype, device=device) for s in specs}
+    """Zeroed KV caches and (hybrids) per-row state caches, as the runtime's ``KVCache`` (whose package
+    needs the CLI's dependencies)."""
+    return {
+        s.name: torch.zeros(
+            max_batch, *((max_seq,) if s.per_token else ()), *s.features, dtype=s.dtype, device=device
+        )
+        for s in specs
+    }
 
 
 def cached_graph(model: torch.nn.Module, shard: Callable[[GraphModule], object] | None = None) -> Any:
@@ -254,6 +282,8 @@ def cached_graph(model: torch.nn.Module, shard: Callable[[GraphModule], object] 
 def run_graph(fast: FastGraph, ids: torch.Tensor, start: torch.Tensor, last: torch.Tensor, kv_len: int):
     positions = start[:, None] + torch.arange(ids.shape[1], device=DEV.device)
     inputs = {INPUT_POS: start, KV_LEN: kv_len, LOGIT_INDEX: last}
+    if fast.has_state:  # every row's tokens are real (no padding)
+        inputs[SEQ_LENS] = torch.full_like(start, ids.shape[1])
     return fast(input_ids=ids, position_ids=positions, **inputs, **fast.cache)[:, -1]
 
 
@@ -322,10 +352,15 @@ def bench_shape(
 ) -> list[Callable[[], None]]:
     """Measure transformers and onboardlm on one shape into ``rec``; returns the optional (compile) runs."""
     rec.update({"hf": {}, "ours_compiled": {}, "plain_recipe": {}, "hf_static_compile": {}})
+    rec["hf_attention"] = "sdpa"
     with torch.device(DEV.device), no_init_weights():
-        hf = AutoModelForCausalLM.from_config(
-            copy.deepcopy(config), dtype=torch.bfloat16, attn_implementation="sdpa"
-        ).eval()
+        try:
+            hf = AutoModelForCausalLM.from_config(
+                copy.deepcopy(config), dtype=torch.bfloat16, attn_implementation="sdpa"
+            ).eval()
+        except ValueError:  # no SDPA path for this architecture (Nemotron-H): its own attention
+            rec["hf_attention"] = "eager"
+            hf = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=torch.bfloat16).eval()
     randomize(hf)
     active_bytes, params = weight_bytes(config, hf)
     rec["active_weight_gb"], rec["params"] = active_bytes / 1e9, params
@@ -347,7 +382,7 @@ def bench_shape(
     cache = allocate_cache(cached.caches, max(BATCHES, default=1), PROMPT + NEW_TOKENS, DEV.device)
     longest = max(b for b, _ in PREFILLS), max(s for _, s in PREFILLS)  # its own cache: decode reads less
     prefill_cache = allocate_cache(cached.caches, *longest, DEV.device)
-    for key, options in variants().items():
+    for key, options in variants(name).items():
         batches = options.batch_sizes
         rec[key] = {"options": vars(options)}
         t0 = time.perf_counter()
@@ -397,9 +432,11 @@ def bench_shape(
         log(f"{name}: transformers static cache + compile bs1 {short(rec['hf_static_compile'])}")
 
     def profiled() -> None:
-        guarded(rec, "profile", lambda: profile(cached.gm, vocab, cached.caches))
+        guarded(rec, "profile", lambda: profile(name, cached.gm, vocab, cached.caches))
 
-    return [recipe, profiled, ours_compiled, hf_compiled] if name == "8b" else []
+    if name == "8b":
+        return [recipe, profiled, ours_compiled, hf_compiled]
+    return [profiled] if name == "moe" else []
 
 
 def bench_fp8(
@@ -423,11 +460,16 @@ def bench_fp8(
     return part
 
 
-def variants() -> dict[str, SpeedOptions]:
-    """onboardlm's default fast path and, at batch 1, the same with one part turned off."""
+def variants(name: str) -> dict[str, SpeedOptions]:
+    """onboardlm's default fast path and, at batch 1, the same with one part turned off (the MoE kernel
+    only on the MoE shape; the hybrid shape measures the default path alone)."""
     if not BATCHES:  # --prefill-only
         return {"ours": SpeedOptions(batch_sizes=())}
+    if name == "hybrid":
+        return {"ours": SpeedOptions(batch_sizes=BATCHES)}
+    moe = {"ours_no_moe_kernel": SpeedOptions(moe_kernel=False, batch_sizes=(1, 8))} if name == "moe" else {}
     return {
+        **moe,
         "ours": SpeedOptions(batch_sizes=BATCHES),
         "ours_no_prefill_graphs": SpeedOptions(prefill_graphs=False, batch_sizes=(1,)),
         "ours_no_decode_kernel": SpeedOptions(decode_kernel=False, batch_sizes=(1,)),
@@ -459,12 +501,13 @@ def hf_static_compile(hf: torch.nn.Module, vocab: int, eager: dict) -> dict:
     return result
 
 
-def profile(gm: Any, vocab: int, specs: Any) -> dict:
-    """torch.profiler top CUDA ops of a 1x2048 prefill and of an uncaptured bs1 decode step (default path)."""
+def profile(name: str, gm: Any, vocab: int, specs: Any) -> dict:
+    """torch.profiler top CUDA ops of a 1x2048 prefill and of an uncaptured bs1 decode step (default path),
+    written to ``profile_<name>.txt``; returns each case's total GPU kernel time."""
     from torch.profiler import ProfilerActivity  # noqa: PLC0415
     from torch.profiler import profile as torch_profile  # noqa: PLC0415
 
-    tables = {}
+    tables, gpu_ms = {}, {}
     fast = accelerate(
         copy_graph(gm), allocate_cache(specs, 1, 2048, DEV.device), SpeedOptions(cuda_graphs=False)
     )
@@ -480,11 +523,13 @@ def profile(gm: Any, vocab: int, specs: Any) -> dict:
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn()
                 DEV.sync()
-            tables[case] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+            events = prof.key_averages()
+            tables[case] = events.table(sort_by="self_cuda_time_total", row_limit=30)
+            gpu_ms[case] = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3
     out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "profile.txt", "\n\n".join(f"== {k}\n{v}" for k, v in tables.items()))
-    return {"written": "profile.txt"}
+    atomic_write_text(out / f"profile_{name}.txt", "\n\n".join(f"== {k}\n{v}" for k, v in tables.items()))
+    return {"written": f"profile_{name}.txt", "gpu_kernel_ms": gpu_ms}
 
 
 # ---------------------------------------------------------------- report
@@ -541,11 +586,21 @@ def summarize(result: dict) -> dict:
         bound = roof["copy_gb_s"] / moe["active_weight_gb"]
         summary["decode_bs1_moe_bound_tok_s"] = bound
         summary["decode_bs1_moe_fraction_of_bound"] = ratio(tok_s(moe.get("ours", {}), 1), bound)
+    for b in BATCHES:
+        summary[f"decode_bs{b}_moe_ratio_vs_hf"] = ratio(
+            tok_s(moe.get("ours", {}), b), tok_s(moe.get("hf", {}), b)
+        )
+    hybrid = result["shapes"].get("hybrid", {})
+    for b in BATCHES:
+        theirs, mine = tok_s(hybrid.get("hf", {}), b), tok_s(hybrid.get("ours", {}), b)
+        summary[f"decode_bs{b}_hybrid_tok_s"] = mine
+        summary[f"decode_bs{b}_hybrid_ratio_vs_hf"] = ratio(mine, theirs)
     return summary
 
 
 #: Variants with one part of the fast path off, as the table names them.
 ABLATIONS = {
+    "ours_no_moe_kernel": "without the Triton MoE decode kernels",
     "ours_no_prefill_graphs": "without CUDA-graph prefill",
     "ours_no_decode_kernel": "without the Triton decode kernel (SDPA)",
     "ours_no_linear_fusion": "without q/k/v and gate/up GEMM fusion",
@@ -594,7 +649,9 @@ def markdown(result: dict) -> str:
             )
         b, s = PREFILLS[0]
         for key, label in ABLATIONS.items():
-            part = rec.get(key, {})
+            if key not in rec:
+                continue
+            part = rec[key]
             lines.append(
                 f"| {name} | {label}: prefill {b}x{s} ms / decode bs1 tok/s "
                 f"| {fmt(part.get(f'prefill_{b}x{s}_ms'), 2)} / {fmt(tok_s(part, 1))} | | | |"
@@ -646,7 +703,8 @@ def greedy_divergence(rec: dict[str, Any]) -> None:
 def main() -> None:
     global DEV, PROMPT, NEW_TOKENS, BATCHES, PREFILLS, REPEATS  # noqa: PLW0603
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="8b,small,moe")
+    parser.add_argument("--shapes", default="8b,small,moe,hybrid")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names (a partial run)")
     parser.add_argument("--moe-layers", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=240.0, help="no compile run starts after this")
     parser.add_argument("--no-compile", action="store_true")
@@ -675,7 +733,7 @@ def main() -> None:
     configs = shapes(args.moe_layers, args.smoke)
     out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_" + result["gpu"].replace(" ", "_").lower()
+    stem = "gpu_" + result["gpu"].replace(" ", "_").lower() + (f"_{args.tag}" if args.tag else "")
 
     def save() -> None:
         result["summary"] = summarize(result)

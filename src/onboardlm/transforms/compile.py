@@ -51,6 +51,7 @@ class SpeedOptions:
     ``cuda_graphs``: capture decode steps for ``batch_sizes``; ``fuse_linears``: one GEMM per group of
     linears sharing an input (q/k/v, gate/up; :mod:`onboardlm.transforms.fuse_linears`);
     ``decode_kernel``: the Triton split-K kernel for one-token attention where it can run (else SDPA);
+    ``moe_kernel``: the Triton kernels for routed experts at decode (:mod:`onboardlm.kernels.moe_decode`);
     ``prefill_graphs``: capture prefills per (``prefill_batch_sizes``, ``prefill_lengths``) bucket on
     first use.
     """
@@ -61,6 +62,7 @@ class SpeedOptions:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     fuse_linears: bool = True
     decode_kernel: bool = True
+    moe_kernel: bool = True
     prefill_graphs: bool = True
     prefill_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     prefill_lengths: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -111,7 +113,7 @@ class FastGraph:
         self.max_batch = int(first.shape[0])
         # ``max_seq``: the KV cache's length (a state cache's second dim is not a sequence)
         self.max_seq = int(first.shape[1] if max_seq is None else max_seq)
-        self._has_state = any(n.op == "placeholder" and n.name == SEQ_LENS for n in gm.graph.nodes)
+        self.has_state = any(n.op == "placeholder" and n.name == SEQ_LENS for n in gm.graph.nodes)
         self.options = options
         use_compile = options.compile and self.device.type == "cuda"
         self.step = torch.compile(gm, dynamic=False) if use_compile else gm
@@ -156,7 +158,7 @@ class FastGraph:
             }
         inputs = {"input_ids": zeros(size, 1), "position_ids": zeros(size, 1), LOGIT_INDEX: zeros(size)}
         inputs[INPUT_POS] = torch.full((size,), self.max_seq - 1, dtype=torch.long, device=self.device)
-        if self._has_state:  # padded rows step their own state rows (b .. B-1), which no live sequence uses
+        if self.has_state:  # padded rows step their own state rows (b .. B-1), which no live sequence uses
             inputs[SEQ_LENS] = torch.ones(size, dtype=torch.long, device=self.device)
         return inputs
 
@@ -181,7 +183,7 @@ class FastGraph:
         options = self.options
         if not options.prefill_graphs or self.device.type != "cuda" or self._uncapturable is not None:
             return None
-        if self._has_state:  # a hybrid's prefill runs directly (its conv/SSM states read seq_lens)
+        if self.has_state:  # a hybrid's prefill runs directly (its conv/SSM states read seq_lens)
             return None
         size = min((b for b in options.prefill_batch_sizes if batch <= b <= self.max_batch), default=None)
         length = min((n for n in options.prefill_lengths if width <= n <= self.max_seq), default=None)
@@ -260,7 +262,7 @@ def accelerate(
     """
     use_fast_attention(gm, decode_kernel_allowed=options.decode_kernel)
     use_fast_mla(gm)
-    use_grouped_moe(gm)
+    use_grouped_moe(gm, kernel=options.moe_kernel)
     fuse_fp8_linears(gm, fuse_shared_input=options.fuse_linears)
     if options.fuse_linears:
         fuse_shared_input_linears(gm)

@@ -6,8 +6,9 @@ which reads the per-expert token counts on the host. :func:`use_grouped_moe` poi
 of the checkpoint's fused expert tensor when the per-expert weights are slices of one, else a stacked
 copy) and picks its kernel from the static token count ``T``:
 
-- ``T * top_k <= E`` (decode of small batches): gather the selected experts' weights and run batched
-  matrix-vector products, reading only the experts in use;
+- ``T * top_k <= E`` (decode of small batches): only the selected experts are read, in place, by the
+  two Triton launches of :mod:`onboardlm.kernels.moe_decode` (``kernel``; where Triton cannot run, or
+  with ``kernel=False``, the selected experts' weights are gathered for batched matrix-vector products);
 - ``T <= DENSE_MAX_TOKENS``: every expert on every token as three batched matmuls, combined with a
   dense ``[T, E]`` routing matrix (zero for unselected experts): all weights are read once;
 - longer inputs (prefill): tokens sorted by expert and three grouped GEMMs (``torch._grouped_mm``,
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 from torch.fx.operator_schemas import normalize_function
 
+from onboardlm.kernels import moe_decode
 from onboardlm.ops._library import op_targets
 from onboardlm.ops.moe import ActivationType, torch_moe
 from onboardlm.transforms.dump import dumps_graph
@@ -110,6 +112,7 @@ def grouped_moe(
     is_gated_mlp: bool = True,
     act_fn: int = int(ActivationType.Silu),
     apply_routing_on_input: bool = False,
+    kernel: bool = True,
 ) -> torch.Tensor:
     """``torch_moe`` on stacked experts ``w1``/``w3`` ``[E, I, H]``, ``w2`` ``[E, H, I]`` (module doc)."""
     hidden = x.reshape(-1, x.shape[-1])
@@ -132,6 +135,8 @@ def grouped_moe(
             return _reference(x, selected_experts, routing_weights, w1, w2, w3, *args)
         scaled = rows.float() * weights.reshape(-1)[order, None]
         out = torch.zeros(tokens, rows.shape[-1], device=x.device).index_add_(0, token, scaled)
+    elif tokens * top_k <= num_experts and kernel and moe_decode.is_available(hidden, w1, w2, w3):
+        out = moe_decode.moe_decode(hidden, ids, weights, w1, w2, w3)
     elif tokens * top_k <= num_experts:
         rows = hidden.repeat_interleave(top_k, dim=0)
         out = _gathered(rows, ids.reshape(-1), w1, w2, w3).float().reshape(tokens, top_k, -1)
@@ -153,8 +158,9 @@ def _attribute(gm: GraphModule, node: Node) -> torch.Tensor:
 
 
 @dumps_graph
-def use_grouped_moe(gm: GraphModule) -> int:
-    """Point every ``torch_moe`` node of ``gm`` at :func:`grouped_moe` (in place); returns how many."""
+def use_grouped_moe(gm: GraphModule, kernel: bool = True) -> int:
+    """Point every ``torch_moe`` node of ``gm`` at :func:`grouped_moe` (in place); returns how many.
+    ``kernel``: the Triton decode kernels for few tokens where they can run."""
     changed = 0
     for node in list(gm.graph.nodes):
         if not _is_torch_moe(node):
@@ -177,6 +183,7 @@ def use_grouped_moe(gm: GraphModule) -> int:
             "is_gated_mlp": args.get("is_gated_mlp", True),
             "act_fn": int(args.get("act_fn", int(ActivationType.Silu))),
             "apply_routing_on_input": args.get("apply_routing_on_input", False),
+            "kernel": kernel,
         }
         with gm.graph.inserting_before(node):
             grouped = gm.graph.call_function(
