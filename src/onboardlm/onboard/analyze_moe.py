@@ -1569,17 +1569,22 @@ def _measured_layer_condition(
 _MLA_MODULES = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
 
 
-def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
-    """The multi-head latent attention of ``model``, or None when its attention is not MLA."""
+def analyze_mla(config: PretrainedConfig, model: nn.Module, layer: int = 0) -> MLASpec | None:
+    """The multi-head latent attention of ``model`` (read on decoder layer ``layer``: a hybrid stack's
+    first attention layer), or None when its attention is not MLA."""
     layers = _decoder_layers(model)
     found = next(
-        ((name, child) for name, child in layers[0].named_children() if hasattr(child, "kv_a_proj_with_mqa")),
+        (
+            (name, child)
+            for name, child in layers[layer].named_children()
+            if hasattr(child, "kv_a_proj_with_mqa")
+        ),
         None,
     )
     if found is None:
         return None
     attr, attn = found
-    path = f"model.layers.0.{attr}"
+    path = f"model.layers.{layer}.{attr}"
     missing = [name for name in _MLA_MODULES if not isinstance(getattr(attn, name, None), nn.Module)]
     if missing:
         raise UnsupportedFeature(path, f"MLA without {', '.join(missing)}")

@@ -239,13 +239,17 @@ class MLASpec:
     scaling: float
     rope_pairs: bool = False
     indexer: IndexerSpec | None = None  # DeepSeek sparse attention: attend only to the selected keys
+    #: the model has no rotary embedding (Kimi Linear's MLA): the k_pe / q_pe channels stay unrotated
+    nope: bool = False
 
     @property
     def note(self) -> str:
         """One line for reports: query path, RoPE layout, softmax-scale correction."""
         q = "low-rank q" if self.q_lora else "full-rank q"
         rope = (
-            "interleaved (config.rope_interleave)"
+            "no"
+            if self.nope
+            else "interleaved (config.rope_interleave)"
             if self.rope_interleave
             else "interleaved channel-pair"
             if self.rope_pairs
