@@ -137,7 +137,9 @@ def test_an_unknown_forget_gate_is_refused_by_path() -> None:
     config, model = _model("kimi_linear")
     mixer = model.model.layers[0].self_attn
     gate = mixer.forget_gate
-    gate.forward = lambda h: -torch.tanh(gate.f_b_proj(gate.f_a_proj(h))).view(*h.shape[:2], -1, gate.head_dim)
+    gate.forward = lambda h: (
+        -torch.tanh(gate.f_b_proj(gate.f_a_proj(h))).view(*h.shape[:2], -1, gate.head_dim)
+    )
     with pytest.raises(UnsupportedFeature, match=r"model.layers.0.self_attn.forget_gate .*neither"):
         analyze_channel_delta(config, mixer, "model.layers.0.self_attn", 0)
 

@@ -1652,7 +1652,11 @@ def _refuse_shared_index_layers(layers: list[nn.Module], attr: str, name: str) -
 
 
 def _mla_indexer(
-    config: PretrainedConfig, model: nn.Module, attn: nn.Module, path: str, known: frozenset[str] = frozenset()
+    config: PretrainedConfig,
+    model: nn.Module,
+    attn: nn.Module,
+    path: str,
+    known: frozenset[str] = frozenset(),
 ) -> IndexerSpec | None:
     """The sparse-attention indexer among the MLA attention's children (measured), None without one;
     any other extra child is refused (:func:`_refuse_extra_mla_modules`)."""
