@@ -17,10 +17,12 @@ from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.analyze_kda import _gate_form, analyze_channel_delta
 from onboardlm.onboard.analyze_mixers import build_mixer, relative_rmse
 from onboardlm.onboard.analyze_moe import analyze_mla
 from onboardlm.onboard.spec_mixers import ChannelDeltaSpec
+from onboardlm.onboard.spec_moe import MLASpec
 from onboardlm.testing.reference import installed_model_type
 from onboardlm.testing.tiny_config import tiny_config
 
@@ -154,3 +156,15 @@ def test_mla_of_a_hybrid_is_read_on_its_attention_layer() -> None:
     assert kimi is not None and kimi.head_gate is None and kimi.attr == "self_attn"
     config, model = _model("bailing_hybrid")
     assert analyze_mla(config, model, 1).head_gate == "g_proj"
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_the_bare_type_is_a_hybrid_of_kda_and_mla(model_type: str) -> None:
+    """transformers' default config: KDA layers beside MLA (without RoPE in Kimi Linear: the model has
+    no rotary embedding) and MoE layers."""
+    spec = analyze(CONFIG_MAPPING[model_type]())
+    assert spec.hybrid is not None
+    assert isinstance(spec.hybrid.block("kda"), ChannelDeltaSpec)
+    attention = spec.hybrid.block("attention")
+    assert isinstance(attention, MLASpec)
+    assert attention.nope == (model_type == "kimi_linear") == (spec.rope is None)
