@@ -253,6 +253,8 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
         "mlp": "dense MLPs",
         "moe": "mixture-of-experts feed-forward",
     }
+    if hasattr(dict(hybrid.blocks).get("attention"), "kv_lora_rank"):  # an MLASpec
+        names["attention"] = "multi-head latent attention"
     blocks = ", ".join(names.get(kind, kind) for kind, _ in hybrid.blocks)
     counts = {name: hybrid.order.count(name) for name in dict.fromkeys(hybrid.order)}
     kinds = ", ".join(f"{name} ({count} of {len(hybrid.order)} layers)" for name, count in counts.items())

@@ -2,7 +2,7 @@
 
 Mirrors ``transformers.models.kimi_linear.modeling_kimi_linear`` (KimiLinearForCausalLM): a hybrid
 stack of pre-norm layers with RMSNorm, built from Kimi delta attention (gated delta rule with a
-per-channel decay) mixers, dense MLPs, grouped-query attention, mixture-of-experts feed-forward.
+per-channel decay) mixers, dense MLPs, multi-head latent attention, mixture-of-experts feed-forward.
 Layer kinds in the analyzed config: kda+mlp (1 of 2 layers), attention+moe (1 of 2 layers); a
 layer's kind is read from config.layer_types[layer_idx]. Module names equal the checkpoint keys, so
 HuggingFace state dicts load with ``strict=True``.
