@@ -11,6 +11,8 @@ output gate the low-rank ``g_a_proj -> g_b_proj``; Bailing-Hybrid (Ling 3) has o
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.analyze_kda import _gate_form, analyze_channel_delta
 from onboardlm.onboard.analyze_mixers import build_mixer, relative_rmse
 from onboardlm.onboard.analyze_moe import analyze_mla
+from onboardlm.onboard.emit_mixers import emit_channel_delta
 from onboardlm.onboard.spec_mixers import ChannelDeltaSpec
 from onboardlm.onboard.spec_moe import MLASpec
 from onboardlm.testing.reference import installed_model_type
@@ -168,3 +171,13 @@ def test_the_bare_type_is_a_hybrid_of_kda_and_mla(model_type: str) -> None:
     attention = spec.hybrid.block("attention")
     assert isinstance(attention, MLASpec)
     assert attention.nope == (model_type == "kimi_linear") == (spec.rope is None)
+
+
+@pytest.mark.skipif("bailing_hybrid" not in TYPES, reason="no bailing_hybrid in this transformers")
+def test_a_bounded_gate_without_a_switch_keeps_one_branch() -> None:
+    """No bool field turns the bounded decay off: the file computes it alone (no dead softplus branch)."""
+    spec, mixer, config = _spec("bailing_hybrid")
+    always = dataclasses.replace(spec, bound_flag="True")
+    source = emit_channel_delta(always, type(config).__name__)
+    assert "softplus" not in source and "self.bounded" not in source
+    assert _block_error(always, mixer, config) < 1e-5  # the tiny config has kda_safe_gate=True
