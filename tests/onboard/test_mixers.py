@@ -30,7 +30,6 @@ from onboardlm.testing.reference import (
     built_by_transformers,
     installed_model_type,
     missing_reference_reason,
-    reference_params,
     requires_reference,
 )
 from onboardlm.testing.tiny_config import tiny_config
@@ -263,12 +262,6 @@ def test_hybrid_stack_generates_a_file_that_matches_transformers(
     assert_rmse_close(actual, expected, rmse_ratio_tol=1e-5, msg=f"{model_type} logits")
     report = review_model_file(path, None, rule_ids=[rule.id for rule in RULES if not rule.needs_tests])
     assert report.passed, [f"{f.rule_id} {f.location}: {f.reason}" for f in report.failures]
-
-
-@pytest.mark.parametrize("model_type", reference_params(["kimi_linear", "bailing_hybrid"]))
-def test_per_channel_decay_is_refused_with_a_reason(model_type: str) -> None:
-    with pytest.raises(UnsupportedFeature, match=r"model\.layers\.0\.self_attn: .*per-channel decay"):
-        analyze(CONFIG_MAPPING[model_type]())
 
 
 @requires_reference("lara_mini")

@@ -138,7 +138,8 @@ def test_admission_waits_for_a_free_state_slot() -> None:
 #: Shipped generated hybrid files (model_type, config overrides, has attention layers): Mamba2 only;
 #: Mamba2 + attention; Mamba1 + attention with MoE placed by its own layer rule (Jamba, both placements);
 #: short convolution + attention with a functional-activation MLP of a computed width (LFM2).
-#: LFM2-MoE: the MoE placed by num_dense_layers beside conv / attention kinds.
+#: LFM2-MoE: the MoE placed by num_dense_layers beside conv / attention kinds. Kimi Linear: Kimi Delta
+#: Attention (torch_channel_gated_delta_rule) beside MLA without RoPE.
 SHIPPED = [
     ("mamba2", {}, False),
     ("bamba", {"attn_layer_indices": [1, 5]}, True),
@@ -155,6 +156,8 @@ SHIPPED = [
         {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
         True,
     ),
+    # Kimi Delta Attention (per-channel decay) beside NoPE MLA attention, dense and MoE layers
+    ("kimi_linear", {}, True),
 ]
 
 

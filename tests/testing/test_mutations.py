@@ -105,6 +105,12 @@ EDITS = {
     "ssm_dt_bias_dropped": ("mamba2", "            self.dt_bias,\n", "self.dt_bias * 0"),
     "ssm_decay_off": ("mamba2", "-torch.exp(self.A_log.float()),", "-torch.exp(self.A_log.float()) * 1.05"),
     "ssm_gate_order": ("mamba2", "norm_before_gate=False", "norm_before_gate=True"),
+    "channel_decay_off": ("kimi_linear", "q, k, v, decay, torch.sigmoid(beta)", "q, k, v, decay * 1.05,"),
+    "channel_write_strength_off": (
+        "kimi_linear",
+        "q, k, v, decay, torch.sigmoid(beta)",
+        "torch.sigmoid(beta) * 0.95",
+    ),
     "attention_output_bias_dropped": (
         "gpt_neox_japanese",
         "return out if self.dense_bias is None else out + self.dense_bias",

@@ -224,6 +224,23 @@ CASES = {
         generate=True,
         shard_layers=["delta", "mlp"],
     ),
+    # Kimi Delta Attention (A_log [1, 1, H, 1] cut along its heads, dt_bias per head channel, low-rank
+    # forget / output gates: the rank map replicated, the head map colwise) beside NoPE MLA and MoE
+    "kimi_linear": Case(
+        f"{_custom('kimi_linear')}:KimiLinearForCausalLM",
+        lambda: _hybrid("kimi_linear"),
+        {
+            "linear": 15,
+            "view": 8,
+            "split_with_sizes": 1,
+            "conv": 1,
+            "delta": 1,
+            "mla": 1,
+            "moe": 1,
+            "all_reduce": 5,
+        },
+        generate=True,
+    ),
     "qwen3_next": Case(
         f"{_custom('qwen3_next')}:Qwen3NextForCausalLM",
         lambda: _hybrid("qwen3_next"),

@@ -36,13 +36,14 @@ from transformers.activations import ACT2CLS
 import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze_classic import projections
+from onboardlm.onboard.analyze_kda import analyze_channel_delta
 from onboardlm.onboard.analyze_mixers import (
     analyze_mixer,
     is_channel_decay_delta,
     is_gated_delta,
     is_short_conv,
 )
-from onboardlm.onboard.analyze_moe import analyze_moe
+from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.spec import ArchitectureSpec, DecoderLayerSpec, NormSpec, RopeSpec
 from onboardlm.onboard.spec_hybrid import (
     TOKEN_MIXERS,
@@ -126,7 +127,7 @@ MIXER_RECOGNISERS: list[tuple[MixerKind, Callable[[nn.Module], bool]]] = [
     ("mamba1", _is_mamba1),
     ("gated_delta", is_gated_delta),  # analyze_mixers: Qwen3-Next / Qwen3.5 / OLMo Hybrid linear attention
     ("short_conv", is_short_conv),  # analyze_mixers: LFM2's gated short convolution
-    ("kda", is_channel_decay_delta),  # recognised to be refused (MIXER_NAMES)
+    ("kda", is_channel_decay_delta),  # analyze_kda: Kimi Delta Attention (a decay per key channel)
     ("lightning", _is_lightning),  # recognised to be refused (MIXER_NAMES)
     ("rg_lru", _is_rg_lru),  # recognised to be refused (MIXER_NAMES)
 ]
@@ -135,14 +136,14 @@ MIXER_RECOGNISERS: list[tuple[MixerKind, Callable[[nn.Module], bool]]] = [
 MIXER_ANALYZERS: dict[MixerKind, Callable[[_Analyzer, str, int, nn.Module], Any]] = {
     "gated_delta": lambda an, path, index, module: analyze_mixer(an.tiny, module, path, index),
     "short_conv": lambda an, path, index, module: analyze_mixer(an.tiny, module, path, index),
+    "kda": lambda an, path, index, module: analyze_channel_delta(an.tiny, module, path, index),
 }
 
 #: What a recognised mixer kind is, for refusals of kinds that have no template yet.
 MIXER_NAMES = {
     "mamba2": "Mamba2 SSD mixer",
     "mamba1": "Mamba1 selective scan (per-channel A [d_inner, d_state], dt projection)",
-    "kda": "gated delta rule with a per-channel decay (Kimi Delta Attention's forget gate; the op"
-    " torch_channel_gated_delta_rule and its cached state exist, the mixer's analysis does not)",
+    "kda": "gated delta rule with a per-channel decay (Kimi Delta Attention)",
     "lightning": "lightning attention (linear attention with fixed per-head decay slopes, computed in blocks);"
     " no canonical op covers it yet",
     "rg_lru": "RG-LRU recurrent block (Griffin's real-gated linear recurrence with block-diagonal input and"
@@ -901,6 +902,22 @@ def _model_chosen_nope(
     return dataclasses.replace(attention, rope_flag=an._rope_flag(layers_path, uses))
 
 
+def _hybrid_mla(an: _Analyzer, path: str, index: int, module: nn.Module, rope: RopeSpec | None) -> Any:
+    """The multi-head latent attention of a hybrid stack, measured on its first layer ``index``; a
+    model without a rotary embedding whose attention takes no RoPE tables leaves the rope channels
+    unrotated (Kimi Linear's NoPE MLA)."""
+    mla = analyze_mla(an.tiny, an.model, index)
+    if mla is None:
+        raise UnsupportedFeature(path, "a latent-KV attention the MLA analysis does not find", _HINT)
+    if rope is not None:
+        return mla
+    if _takes(module, "position_embeddings"):
+        raise UnsupportedFeature(
+            path, "MLA that takes RoPE tables in a model without a rotary embedding", _HINT
+        )
+    return dataclasses.replace(mla, nope=True)
+
+
 def _refuse_unbuilt_mixers(layers_path: str, layers: nn.ModuleList) -> None:
     """Refuse a recognised token mixer that has no spec or template yet before anything else about
     the layers (their residual layout, say): it is the feature a user has to wait for."""
@@ -936,11 +953,19 @@ def _check_shared_mlp_class(blocks: dict[str, Any], path: str) -> None:
     shared = getattr(moe, "shared", None)
     if shared is None or mlp is None or mlp.class_name != shared.class_name:
         return
+    plain = shared.plain_act is not None and mlp.kind == "plain" and mlp.act == shared.plain_act
+    # moe_mlp.py.j2's gated class (Kimi Linear's KimiLinearMLP): gate_proj / up_proj / down_proj, act_fn
+    gated = (
+        shared.plain_act is None
+        and moe.mlp_swiglu is None
+        and mlp.kind == "gated"
+        and mlp.act == "config.hidden_act"
+        and mlp.act_attr == "act_fn"
+        and (*(linear.name for linear in mlp.inputs), mlp.down.name) == ("gate_proj", "up_proj", "down_proj")
+    )
     same = (
-        shared.plain_act is not None
-        and mlp.kind == "plain"
+        (plain or gated)
         and mlp.intermediate == "config.intermediate_size"
-        and mlp.act == shared.plain_act
         and all(linear.bias == moe.mlp_bias for linear in (*mlp.inputs, mlp.down))
     )
     if not same:
@@ -1025,6 +1050,8 @@ def analyze_hybrid(
                 blocks[step.kind] = MIXER_ANALYZERS[step.kind](an, block_path, index, module)
             elif step.kind == "mamba1":
                 blocks["mamba1"] = mamba1_spec(an, block_path, index, module)
+            elif step.kind == "attention" and hasattr(module, "kv_a_proj_with_mqa"):
+                attention = blocks["attention"] = _hybrid_mla(an, block_path, index, module, rope)
             elif step.kind == "attention":
                 attention_layers = nn.ModuleList(
                     [

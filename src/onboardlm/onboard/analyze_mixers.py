@@ -93,7 +93,7 @@ def is_short_conv(module: nn.Module) -> bool:
 def is_channel_decay_delta(module: nn.Module) -> bool:
     """A depthwise conv and, instead of per-head decay vectors, a child that computes the decay from
     the input with linear maps and weights of its own (Kimi Delta Attention's forget gate: one decay
-    per key channel). Recognised only to be refused: ``torch_gated_delta_rule`` decays per head."""
+    per key channel), measured by :mod:`onboardlm.onboard.analyze_kda`."""
     if depthwise_conv(module) is None or any(p.dim() == 1 for p in module.parameters(recurse=False)):
         return False
     return any(
@@ -459,7 +459,13 @@ def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def build_mixer(spec: MixerSpec, config: PretrainedConfig, layer_idx: int = 0) -> nn.Module:
     """The emitted block class of ``spec``, executed and instantiated for ``config``."""
     config_class = type(config).__name__
-    namespace: dict[str, Any] = {"torch": torch, "nn": nn, "ACT2FN": ACT2FN, config_class: type(config)}
+    namespace: dict[str, Any] = {
+        "torch": torch,
+        "nn": nn,
+        "F": torch.nn.functional,
+        "ACT2FN": ACT2FN,
+        config_class: type(config),
+    }
     import onboardlm.ops  # noqa: F401,PLC0415  (registers torch.ops.auto_deploy.*)
 
     exec(compile(emit_mixer_classes(spec, config_class), f"<{spec.class_name}>", "exec"), namespace)  # noqa: S102

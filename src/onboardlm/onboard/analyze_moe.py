@@ -1569,21 +1569,27 @@ def _measured_layer_condition(
 _MLA_MODULES = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")
 
 
-def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
-    """The multi-head latent attention of ``model``, or None when its attention is not MLA."""
+def analyze_mla(config: PretrainedConfig, model: nn.Module, layer: int = 0) -> MLASpec | None:
+    """The multi-head latent attention of ``model`` (read on decoder layer ``layer``: a hybrid stack's
+    first attention layer), or None when its attention is not MLA."""
     layers = _decoder_layers(model)
     found = next(
-        ((name, child) for name, child in layers[0].named_children() if hasattr(child, "kv_a_proj_with_mqa")),
+        (
+            (name, child)
+            for name, child in layers[layer].named_children()
+            if hasattr(child, "kv_a_proj_with_mqa")
+        ),
         None,
     )
     if found is None:
         return None
     attr, attn = found
-    path = f"model.layers.0.{attr}"
+    path = f"model.layers.{layer}.{attr}"
     missing = [name for name in _MLA_MODULES if not isinstance(getattr(attn, name, None), nn.Module)]
     if missing:
         raise UnsupportedFeature(path, f"MLA without {', '.join(missing)}")
-    indexer = _mla_indexer(config, model, attn, path)
+    head_gate = _mla_head_gate(config, attn)
+    indexer = _mla_indexer(config, model, attn, path, frozenset({head_gate} - {None}))
     if indexer is not None:
         _refuse_shared_index_layers(layers, attr, indexer.attr)
     q_lora = isinstance(getattr(attn, "q_a_proj", None), nn.Module)
@@ -1614,7 +1620,23 @@ def analyze_mla(config: PretrainedConfig, model: nn.Module) -> MLASpec | None:
         # one complex table (DeepSeek-V2's freqs_cis) multiplies channel pairs (2i, 2i+1): always interleaved
         rope_pairs=_complex_rotary_table(model) or (not uses_interleave and rotates_channel_pairs(attn)),
         indexer=indexer,
+        head_gate=head_gate,
     )
+
+
+def _mla_head_gate(config: PretrainedConfig, attn: nn.Module) -> str | None:
+    """The child that gates each head's output, ``attn * sigmoid(gate(h))`` per head (Ling 3's
+    ``g_proj``): the one extra linear map from the hidden states to one value per head, no bias."""
+    heads = attn.kv_b_proj.out_features // (attn.qk_nope_head_dim + attn.v_head_dim)
+    gates = [
+        name
+        for name, child in attn.named_children()
+        if name not in _MLA_KNOWN
+        and isinstance(child, nn.Linear)
+        and child.bias is None
+        and (child.in_features, child.out_features) == (config.hidden_size, heads)
+    ]
+    return gates[0] if len(gates) == 1 else None
 
 
 def _refuse_shared_index_layers(layers: list[nn.Module], attr: str, name: str) -> None:
@@ -1630,18 +1652,22 @@ def _refuse_shared_index_layers(layers: list[nn.Module], attr: str, name: str) -
 
 
 def _mla_indexer(
-    config: PretrainedConfig, model: nn.Module, attn: nn.Module, path: str
+    config: PretrainedConfig,
+    model: nn.Module,
+    attn: nn.Module,
+    path: str,
+    known: frozenset[str] = frozenset(),
 ) -> IndexerSpec | None:
     """The sparse-attention indexer among the MLA attention's children (measured), None without one;
     any other extra child is refused (:func:`_refuse_extra_mla_modules`)."""
     extras = [
         (name, child)
         for name, child in attn.named_children()
-        if name not in _MLA_KNOWN and not isinstance(child, nn.Dropout)
+        if name not in _MLA_KNOWN | known and not isinstance(child, nn.Dropout)
     ]
     if len(extras) == 1 and "topk" in inspect.getsource(type(extras[0][1])):
         return analyze_mla_indexer(config, model, attn, extras[0][0], path)
-    _refuse_extra_mla_modules(attn, path)
+    _refuse_extra_mla_modules(attn, path, known)
     return None
 
 
@@ -1649,11 +1675,11 @@ def _mla_indexer(
 _MLA_KNOWN = frozenset({*_MLA_MODULES, "q_a_proj", "q_a_layernorm", "q_b_proj", "q_proj"})
 
 
-def _refuse_extra_mla_modules(attn: nn.Module, path: str) -> None:
+def _refuse_extra_mla_modules(attn: nn.Module, path: str, known: frozenset[str] = frozenset()) -> None:
     """An MLA attention with a module besides its projections and latent norms (DeepSeek-V3.2's and
     GLM-MoE-DSA's lightning indexer, which picks the top-k keys each query attends to) is refused."""
     for name, child in attn.named_children():
-        if name in _MLA_KNOWN or isinstance(child, nn.Dropout):
+        if name in _MLA_KNOWN | known or isinstance(child, nn.Dropout):
             continue
         source = inspect.getsource(type(child))
         feature = (

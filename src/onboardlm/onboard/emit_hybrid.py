@@ -29,6 +29,7 @@ STATE_OPS = {
     "mamba1": ("torch_causal_conv1d", "torch_ssm"),
     "gated_delta": ("torch_causal_conv1d", "torch_gated_delta_rule"),
     "short_conv": ("torch_causal_conv1d",),
+    "kda": ("torch_causal_conv1d", "torch_channel_gated_delta_rule"),
 }
 
 #: Block kinds whose forward also takes the RoPE tables.
@@ -80,6 +81,7 @@ BLOCK_EMITTERS: dict[str, Callable[[Any, ArchitectureSpec], str]] = {
     "mamba2": emit_mamba2,
     "gated_delta": _emit_mixer,  # emit_mixers.py
     "short_conv": _emit_mixer,
+    "kda": _emit_mixer,  # emit_mixers.emit_channel_delta
     "mamba1": emit_mamba1,
     "attention": _emit_attention,
     "mlp": _emit_attention,  # generate.emit dispatches on the spec class (MLPSpec, MoESpec...)
@@ -245,11 +247,14 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
         "mamba2": "Mamba2 SSD mixers",
         "gated_delta": "gated delta rule (linear attention) mixers",
         "short_conv": "gated short-convolution mixers",
+        "kda": "Kimi delta attention (gated delta rule with a per-channel decay) mixers",
         "mamba1": "Mamba1 selective-scan mixers",
         "attention": "grouped-query attention",
         "mlp": "dense MLPs",
         "moe": "mixture-of-experts feed-forward",
     }
+    if hasattr(dict(hybrid.blocks).get("attention"), "kv_lora_rank"):  # an MLASpec
+        names["attention"] = "multi-head latent attention"
     blocks = ", ".join(names.get(kind, kind) for kind, _ in hybrid.blocks)
     counts = {name: hybrid.order.count(name) for name in dict.fromkeys(hybrid.order)}
     kinds = ", ".join(f"{name} ({count} of {len(hybrid.order)} layers)" for name, count in counts.items())

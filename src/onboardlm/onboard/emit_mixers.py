@@ -8,7 +8,14 @@ sharding hints seed 002 gives for these layers (``layer_type="delta"`` / ``"ssm"
 from __future__ import annotations
 
 from onboardlm.onboard.generate import render
-from onboardlm.onboard.spec_mixers import DeltaProjectionSpec, GatedDeltaSpec, MixerSpec, ShortConvSpec
+from onboardlm.onboard.spec_mixers import (
+    ChannelDeltaSpec,
+    DeltaProjectionSpec,
+    GatedDeltaSpec,
+    LinearSpec,
+    MixerSpec,
+    ShortConvSpec,
+)
 
 #: Flat width of each gated-delta part, and its width inside one key head's group.
 _FLAT_WIDTH = {"q": "key_dim", "k": "key_dim", "v": "value_dim", "z": "value_dim", "b": "self.num_v_heads"}
@@ -116,8 +123,60 @@ def emit_short_conv(spec: ShortConvSpec, config_class: str) -> str:
     return render("short_conv.py.j2", spec=spec, config_class=config_class)
 
 
+def _linear_init(linear: LinearSpec) -> str:
+    return f"self.{linear.name} = nn.Linear({linear.in_width}, {linear.out_width}, bias={linear.bias})"
+
+
+def _chain_lines(target: str, chain: tuple[LinearSpec, ...], owner: str = "self") -> list[str]:
+    """``target`` = the hidden states through ``chain``: a low-rank first map stays whole on every
+    rank (``none``), the last one is cut colwise (its outputs are heads)."""
+    lines, current = [], "hidden_states"
+    for position, linear in enumerate(chain):
+        mode = "colwise" if position == len(chain) - 1 else "none"
+        weight, bias = f"{owner}.{linear.name}.weight", f"{owner}.{linear.name}.bias"
+        lines.append(
+            f'{target} = ops.torch_linear_simple({current}, {weight}, {bias}, tp_mode="{mode}", layer_type="delta")'
+        )
+        current = target
+    return lines
+
+
+def emit_channel_delta(spec: ChannelDeltaSpec, config_class: str) -> str:
+    """Source of the Kimi-Delta-Attention block, its forget gate and its sigmoid-gated norm classes."""
+    shapes = ", ".join(spec.A_log_shape)
+    gate_parts = {
+        **{linear.name: _linear_init(linear) for linear in spec.gate_chain},
+        spec.dt_bias: f"self.{spec.dt_bias} = nn.Parameter(torch.zeros(key_dim))",
+        spec.A_log: f"self.{spec.A_log} = nn.Parameter(torch.zeros({shapes}))",
+    }
+    conv = (
+        f"self.{spec.conv} = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel_size,"
+        f" groups=self.conv_dim, bias={spec.conv_bias}, padding=self.conv_kernel_size - 1)"
+    )
+    parts = {
+        **{linear.name: _linear_init(linear) for linear in (spec.q, spec.k, spec.v, spec.beta, spec.out)},
+        **{linear.name: _linear_init(linear) for linear in spec.out_gate},
+        spec.conv: conv,
+        spec.gate_attr: f"self.{spec.gate_attr} = {spec.gate_class}(config)",
+        spec.norm: f"self.{spec.norm} = {spec.norm_class}(self.head_v_dim, {spec.norm_eps})",
+    }
+    return render(
+        "channel_delta.py.j2",
+        spec=spec,
+        config_class=config_class,
+        gate_init=[gate_parts[name] for name in spec.gate_children if name in gate_parts],
+        gate_forward=_chain_lines("gate", spec.gate_chain),
+        init_lines=[parts[name] for name in spec.children if name in parts],
+        qkv_lines=[line for part in "qkv" for line in _chain_lines(part, (getattr(spec, part),))],
+        beta_lines=_chain_lines("beta", (spec.beta,)),
+        out_gate_lines=_chain_lines("gate", spec.out_gate),
+    )
+
+
 def emit_mixer_classes(spec: MixerSpec, config_class: str) -> str:
     """Every class one mixer needs, helpers first (the gated norm before the gated-delta block)."""
+    if isinstance(spec, ChannelDeltaSpec):
+        return emit_channel_delta(spec, config_class)
     if isinstance(spec, GatedDeltaSpec):
         return emit_gated_norm(spec) + "\n\n" + emit_gated_delta(spec, config_class)
     return emit_short_conv(spec, config_class)

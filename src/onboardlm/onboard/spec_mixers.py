@@ -86,4 +86,60 @@ class ShortConvSpec:
     kind: str = "short_conv"
 
 
-MixerSpec = GatedDeltaSpec | ShortConvSpec
+@dataclass(frozen=True)
+class LinearSpec:
+    """One ``nn.Linear`` of a chain: checkpoint name (relative to its owner), bias expression, and its
+    input and output widths as expressions over ``config`` / the block's sizes."""
+
+    name: str
+    bias: str
+    in_width: str
+    out_width: str
+
+
+@dataclass(frozen=True)
+class ChannelDeltaSpec:
+    """Kimi Delta Attention: q / k / v projections through one depthwise causal conv (with an
+    activation), a forget-gate child giving one log decay per key channel (a linear chain, low-rank or
+    one map, plus ``dt_bias`` and a per-head rate ``exp(A_log)``), a write strength ``sigmoid(b)``, the
+    per-channel gated delta rule (``torch_channel_gated_delta_rule``), a per-head RMSNorm gated by an
+    output-gate chain, and the output projection."""
+
+    class_name: str
+    attr: str
+    children: tuple[str, ...]  # the mixer's children and parameters in registration order
+    q: LinearSpec
+    k: LinearSpec
+    v: LinearSpec
+    conv: str
+    conv_bias: str
+    conv_activation: str | None
+    gate_attr: str  # the forget-gate child, e.g. "forget_gate"
+    gate_class: str
+    gate_children: tuple[str, ...]  # the forget gate's children and parameters in registration order
+    gate_chain: tuple[LinearSpec, ...]  # hidden -> [rank ->] key channels
+    A_log: str  # per-head decay rate exp(A_log), its shape's expressions
+    A_log_shape: tuple[str, ...]
+    dt_bias: str  # per-key-channel bias, flat [heads * head_k_dim]
+    #: the decay: "softplus" ``-exp(A_log) * softplus(f + dt_bias)``; "bounded" also keeps
+    #: ``lower_bound * sigmoid(exp(A_log) * (f + dt_bias))`` when ``bound_flag`` is set
+    bound_flag: str | None
+    lower_bound: str | None
+    decay_in_input_dtype: bool  # the forget gate casts its output to the hidden states' dtype
+    beta: LinearSpec
+    out_gate: tuple[LinearSpec, ...]  # hidden -> [rank ->] value channels
+    norm: str
+    norm_class: str
+    norm_eps: str
+    norm_gate_act: str  # "sigmoid" or "silu": norm(x) * weight * act(gate)
+    out: LinearSpec
+    num_heads: str
+    head_k_dim: str
+    head_v_dim: str
+    kernel_size: str
+    hidden_size: str = "config.hidden_size"
+    note: str = "gated delta rule with a per-channel decay (Kimi Delta Attention) and a short causal conv"
+    kind: str = "kda"
+
+
+MixerSpec = GatedDeltaSpec | ShortConvSpec | ChannelDeltaSpec

@@ -239,13 +239,19 @@ class MLASpec:
     scaling: float
     rope_pairs: bool = False
     indexer: IndexerSpec | None = None  # DeepSeek sparse attention: attend only to the selected keys
+    #: the model has no rotary embedding (Kimi Linear's MLA): the k_pe / q_pe channels stay unrotated
+    nope: bool = False
+    #: child gating each head's output by ``sigmoid(gate(hidden_states))`` before o_proj (Ling 3), else None
+    head_gate: str | None = None
 
     @property
     def note(self) -> str:
         """One line for reports: query path, RoPE layout, softmax-scale correction."""
         q = "low-rank q" if self.q_lora else "full-rank q"
         rope = (
-            "interleaved (config.rope_interleave)"
+            "no"
+            if self.nope
+            else "interleaved (config.rope_interleave)"
             if self.rope_interleave
             else "interleaved channel-pair"
             if self.rope_pairs
@@ -253,4 +259,5 @@ class MLASpec:
         )
         mscale = ", YaRN mscale" if self.yarn_mscale else ""
         sparse = f", sparse over a {self.indexer.note}" if self.indexer is not None else ""
-        return f"MLA ({q}, {rope} RoPE on the shared key part{mscale}{sparse})"
+        gate = f", per-head sigmoid output gate {self.head_gate}" if self.head_gate else ""
+        return f"MLA ({q}, {rope} RoPE on the shared key part{mscale}{sparse}{gate})"

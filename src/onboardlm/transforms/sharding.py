@@ -27,7 +27,8 @@ of the GraphModule in place:
   also when the op reads them through elementwise ops (``-exp(A_log)``). Mamba2's B/C groups must
   divide evenly (each rank keeps ``n_groups / world_size`` groups and the heads that read them).
 - ``torch_channel_gated_delta_rule`` with ``shardable``: the parameters its decay and write strength
-  read outside the sharded projections (``-exp(A_log) * softplus(a + dt_bias)``) are cut along dim 0.
+  read outside the sharded projections (``-exp(A_log) * softplus(a + dt_bias)``) are cut along their
+  first dimension that is not 1 (dim 0, or the heads of Kimi Linear's ``A_log [1, 1, H, 1]``).
 - ``torch_rmsnorm_gated``: ``colwise`` cuts the weight per channel, and each rank must hold whole
   norm groups (a group spanning ranks would need a cross-rank variance); ``none`` (a per-head norm)
   keeps the weight whole.
@@ -462,8 +463,10 @@ def _plan_channel_delta(gm: GraphModule, node: Node, plan: ShardingPlan) -> None
             if not shape:
                 continue  # a scalar is the same on every rank
             what = f"{_param_name(current)} (decay or write strength of the per-channel delta rule)"
-            range_ = _even_range(shape[0], plan.report.rank, plan.report.world_size, what)
-            plan.shard(current, ParamShard(0, (range_,)))
+            # the heads' dimension: the first that is not 1 (Kimi Linear's A_log is [1, 1, H, 1])
+            dim = next((i for i, size in enumerate(shape) if size != 1), 0)
+            range_ = _even_range(shape[dim], plan.report.rank, plan.report.world_size, what)
+            plan.shard(current, ParamShard(dim, (range_,)))
         elif current.op == "call_function" and (current.target in stop or current.target is operator.getitem):
             continue  # already this rank's heads
         else:

@@ -46,6 +46,7 @@ MODEL_MODULES = [
     "modeling_hunyuan_v1_moe",
     "modeling_internlm3",
     "modeling_jamba",
+    "modeling_kimi_linear",
     "modeling_laguna",
     "modeling_lara_mini",
     "modeling_lfm2",

@@ -330,13 +330,13 @@ def _ssm_skip(tree: ast.Module) -> list[int]:
     return _forward_reads(tree, "D", "({} * 0)")
 
 
-def _ssm_argument(index: int, replacement: str) -> Edit:
-    """Positional argument ``index`` of every ``torch_ssm`` call -> ``replacement``."""
+def _ssm_argument(index: int, replacement: str, op: str = "torch_ssm") -> Edit:
+    """Positional argument ``index`` of every ``op`` call (``torch_ssm``) -> ``replacement``."""
 
     def edit(tree: ast.Module) -> list[int]:
         lines = []
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and call_attr(node) == "torch_ssm" and len(node.args) > index:
+            if isinstance(node, ast.Call) and call_attr(node) == op and len(node.args) > index:
                 node.args[index] = parse_expr(replacement.format(ast.unparse(node.args[index])))
                 lines.append(node.lineno)
         return lines
@@ -664,6 +664,16 @@ KINDS: tuple[Kind, ...] = (
     Kind("ssm_dt_bias_dropped", "SSM time-step bias not added", _ssm_argument(6, "({} * 0)")),
     Kind("ssm_decay_off", "SSM decay A 5 % off", _ssm_argument(1, "({} * 1.05)")),
     Kind("ssm_gate_order", "gated norm's gate before <-> after the norm", _gate_order),
+    Kind(
+        "channel_decay_off",
+        "per-channel delta rule's log decay 5 % off",
+        _ssm_argument(3, "({} * 1.05)", "torch_channel_gated_delta_rule"),
+    ),
+    Kind(
+        "channel_write_strength_off",
+        "per-channel delta rule's write strength 5 % off",
+        _ssm_argument(4, "({} * 0.95)", "torch_channel_gated_delta_rule"),
+    ),
 )
 
 
