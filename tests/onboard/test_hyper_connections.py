@@ -1,36 +1,275 @@
-"""Hyper-connections are refused by measurement: decoder layers that receive several residual streams."""
+"""Hyper-connections, measured (analyze_streams) and emitted (emit_streams), against transformers.
+
+DeepSeek-V4 (Sinkhorn residual mix, streams on a new axis), HY-V4 (sigmoid pre/post weights) and
+Qwen4-Exp (gated low-rank weights, streams concatenated) are the three forms; each is measured from
+the tiny model and its emitted mixer classes load the transformers modules' state dicts strictly and
+give the same outputs. The types stay refused for another feature of their attention, named first.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
+import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.config_completion import complete_default_config
 from onboardlm.onboard.analyze import analyze
-from onboardlm.onboard.analyze_streams import hyper_connection_refusal
+from onboardlm.onboard.analyze_streams import (
+    gated_mix,
+    hyper_connection_refusal,
+    measure_hyper_connections,
+    sigmoid_mix,
+)
+from onboardlm.onboard.emit_streams import hyper_connection_source
 from onboardlm.testing.tiny_config import tiny_config
+
+TYPES = ("deepseek_v4", "hy_v4", "qwen4_exp_text")
+
+
+@functools.cache
+def _tiny(model_type: str) -> tuple:
+    config = AutoConfig.for_model(model_type)
+    complete_default_config(config)
+    tiny = tiny_config(config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny, attn_implementation="eager", dtype=torch.float32)
+    model = model.float().eval()
+    return tiny, model, measure_hyper_connections(model, tiny)
+
+
+def _randomize(module: nn.Module, seed: int) -> None:
+    """Weights far from their init (scales near one), so every constant shows in the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            values = 0.5 + torch.rand(parameter.shape, generator=generator)
+            if parameter.dim() == 2:
+                values = (
+                    values * torch.randn(parameter.shape, generator=generator) / parameter.shape[1] ** 0.5
+                )
+            parameter.copy_(values)
+
+
+def _namespace(source: str, config: object) -> dict:
+    namespace = {"torch": torch, "nn": nn, type(config).__name__: type(config)}
+    exec(compile(source, "<hyper_connections>", "exec"), namespace)  # noqa: S102 - the emitted source
+    return namespace
 
 
 @pytest.mark.parametrize(
-    ("model_type", "shape"), [("deepseek_v4", "[1, 3, 4, 64]"), ("qwen4_exp_text", "[1, 3, 256]")]
+    ("model_type", "form", "layout", "streams", "mixers", "head"),
+    [
+        ("deepseek_v4", "sinkhorn", "split", "hc_mult", ["attn_hc", "ffn_hc"], ("hc_head", "sigmoid")),
+        ("hy_v4", "sigmoid", "split", "hc_mult", ["attn_hc", "ffn_hc"], ("hc_head", "sigmoid")),
+        (
+            "qwen4_exp_text",
+            "gated",
+            "flat",
+            "hc_count",
+            ["attn_hyper_connection", "mlp_hyper_connection"],
+            ("hyper_connection_mixer", "gated"),
+        ),
+    ],
 )
-def test_several_residual_streams_are_refused_with_that_reason(model_type: str, shape: str) -> None:
-    """DeepSeek-V4 stacks its 4 streams on a new axis, Qwen4-Exp concatenates them: both are measured."""
+def test_the_form_layout_and_stream_count_are_measured(
+    model_type, form, layout, streams, mixers, head
+) -> None:
+    tiny, model, spec = _tiny(model_type)
+    assert (spec.form, spec.layout, spec.streams) == (form, layout, f"config.{streams}")
+    assert spec.streams_value == getattr(tiny, streams)
+    assert [m.attr for m in spec.mixers] == mixers and (spec.head.attr, spec.head.form) == head
+    assert spec.head.class_name == type(getattr(model.model, spec.head.attr)).__name__
+
+
+def test_constants_name_the_config_fields_they_read() -> None:
+    """Epsilons that are equal in the tiny config (DeepSeek-V4: rms_norm_eps = hc_eps = 1e-6) are told
+    apart; the Sinkhorn iterations converge, yet the field is found; HY-V4's magnitude is a field,
+    DeepSeek-V4's a literal 2; Qwen4-Exp divides by the stream count and offsets its norm by one."""
+    dsv4 = dict(_tiny("deepseek_v4")[2].mixers[0].constants)
+    assert dsv4 == {
+        "norm_eps": "config.rms_norm_eps",
+        "eps": "config.hc_eps",
+        "post_scale": "2.0",
+        "post_eps": "0.0",
+        "iterations": "config.hc_sinkhorn_iters",
+    }
+    hy = dict(_tiny("hy_v4")[2].mixers[0].constants)
+    assert hy == {
+        "norm_eps": "config.rms_norm_eps",
+        "eps": "config.hc_eps",
+        "post_scale": "config.hc_magnitude",
+        "post_eps": "eps",
+    }
+    qwen = _tiny("qwen4_exp_text")[2]
+    assert dict(qwen.mixers[0].constants) == {
+        "norm_eps": "config.rms_norm_eps",
+        "norm_offset": "1.0",
+        "divisor": "config.hc_count",
+        "inject_scale": "2.0",
+        "lowrank": "config.hc_lowrank",
+    }
+    assert (
+        qwen.head.param("inject") is None and qwen.mixers[0].param("inject") == "block_inject_weight.weight"
+    )
+
+
+def test_reference_formulas_match_the_transformers_modules() -> None:
+    """The analyzer's candidate formulas, checked directly on the three transformers mixers."""
+    tiny, model, _ = _tiny("deepseek_v4")
+    hc = model.model.layers[0].attn_hc
+    _randomize(hc, 3)
+    streams = 0.1 * torch.randn(2, 5, tiny.hc_mult, tiny.hidden_size)
+    post, comb, collapsed = hc(streams)
+    ref = sigmoid_mix(
+        streams,
+        hc.fn,
+        hc.base,
+        hc.scale,
+        norm_eps=tiny.rms_norm_eps,
+        eps=tiny.hc_eps,
+        post_scale=2.0,
+        iterations=tiny.hc_sinkhorn_iters,
+    )
+    torch.testing.assert_close(ref["collapsed"], collapsed)
+    torch.testing.assert_close(ref["post"], post)
+    torch.testing.assert_close(ref["comb"], comb)
+    tiny, model, _ = _tiny("qwen4_exp_text")
+    gr = model.model.layers[0].attn_hyper_connection
+    _randomize(gr, 4)
+    split = 0.1 * torch.randn(2, 5, tiny.hc_count, tiny.hidden_size)
+    mixed, residual, inject = gr(split.flatten(2))
+    ref = gated_mix(
+        split,
+        gr.hc_norm.weight,
+        gr.input_mix_weight_down.weight,
+        gr.input_mix_weight_up.weight,
+        gr.block_inject_weight.weight,
+        norm_eps=tiny.rms_norm_eps,
+        norm_offset=1.0,
+        divisor=float(tiny.hc_count),
+        inject_scale=2.0,
+    )
+    torch.testing.assert_close(ref["collapsed"], mixed)
+    torch.testing.assert_close(ref["post"], inject)
+    torch.testing.assert_close(residual, split.flatten(2))
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_emitted_mixers_load_the_checkpoint_keys_and_match_transformers(model_type: str) -> None:
+    tiny, model, spec = _tiny(model_type)
+    namespace = _namespace(hyper_connection_source(spec, type(tiny).__name__), tiny)
+    layer = model.model.layers[0]
+    streams = 0.1 * torch.randn(2, 5, spec.streams_value, tiny.hidden_size)
+    given = streams if spec.layout == "split" else streams.flatten(2)
+    for mixer, theirs in [*((m, getattr(layer, m.attr)) for m in spec.mixers), (spec.head, None)]:
+        theirs = theirs if theirs is not None else getattr(model.model, spec.head.attr)
+        _randomize(theirs, 5)
+        cls = namespace[mixer.class_name]
+        ours = cls(tiny, use_combine=False) if mixer is spec.head and mixer.form == "gated" else cls(tiny)
+        ours.load_state_dict(theirs.state_dict(), strict=True)  # module names equal the checkpoint keys
+        with torch.no_grad():
+            expected, got = theirs(given), ours(streams)
+        if mixer is spec.head:
+            torch.testing.assert_close(got, expected)
+            continue
+        collapsed, post, comb = got
+        if spec.form == "gated":
+            expected_collapsed, _residual, expected_post = expected
+            expected_comb = None
+        elif spec.form == "sinkhorn":
+            expected_post, expected_comb, expected_collapsed = expected
+        else:
+            (expected_post, expected_collapsed), expected_comb = expected, None
+        torch.testing.assert_close(collapsed, expected_collapsed)
+        torch.testing.assert_close(post, expected_post)
+        if expected_comb is None:
+            assert comb is None
+        else:
+            torch.testing.assert_close(comb, expected_comb)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "blocks", "norms"),
+    [
+        ("deepseek_v4", ("self_attn", "mlp"), ("input_layernorm", "post_attention_layernorm")),
+        ("hy_v4", ("self_attn", "mlp"), ("input_layernorm", "post_attention_layernorm")),
+        ("qwen4_exp_text", ("linear_attn", "mlp"), (None, None)),
+    ],
+)
+def test_a_layer_of_streams_is_the_emitted_mixers_around_its_blocks(model_type, blocks, norms) -> None:
+    """transformers' layer 0 in a forward, its blocks' inputs and outputs recorded: the emitted
+    expansion gives the layer's input, and the emitted mixers, the layer's norms and
+    ``streams_update`` give its output streams."""
+    tiny, model, spec = _tiny(model_type)
+    namespace = _namespace(hyper_connection_source(spec, type(tiny).__name__), tiny)
+    layer = model.model.layers[0]
+    seen: dict[str, list[torch.Tensor]] = {"in": [], "out": []}
+
+    def block_hook(_module, args, kwargs, out) -> None:
+        seen["in"].append(args[0] if args else kwargs["hidden_states"])
+        seen["out"].append(out[0] if isinstance(out, tuple) else out)
+
+    def layer_hook(_module, args, kwargs, out) -> None:
+        seen["layer_in"] = [args[0] if args else kwargs["hidden_states"]]
+        seen["layer_out"] = [out[0] if isinstance(out, tuple) else out]
+
+    handles = [getattr(layer, block).register_forward_hook(block_hook, with_kwargs=True) for block in blocks]
+    handles.append(layer.register_forward_hook(layer_hook, with_kwargs=True))
+    ids = torch.randint(0, tiny.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    (layer_in,), (layer_out,) = seen["layer_in"], seen["layer_out"]
+    expanded = namespace["streams_expand"](model.model.embed_tokens(ids), spec.streams_value)
+    torch.testing.assert_close(expanded.reshape(layer_in.shape), layer_in)
+    streams = layer_in if spec.layout == "split" else namespace["streams_in"](layer_in, spec.streams_value)
+    for index, mixer in enumerate(spec.mixers):
+        ours = namespace[mixer.class_name](tiny)
+        ours.load_state_dict(getattr(layer, mixer.attr).state_dict(), strict=True)
+        with torch.no_grad():
+            collapsed, post, comb = ours(streams)
+            block_in = collapsed if norms[index] is None else getattr(layer, norms[index])(collapsed)
+            torch.testing.assert_close(block_in, seen["in"][index])
+            streams = namespace["streams_update"](streams, seen["out"][index], post, comb)
+    torch.testing.assert_close(streams.reshape(layer_out.shape), layer_out)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "path", "feature"),
+    [
+        ("deepseek_v4", r"model\.layers\.1\.self_attn\.compressor\.indexer", "DeepseekV4Indexer"),
+        ("hy_v4", r"model\.layers\.0\.self_attn\.indexer", "HYV4Indexer"),
+        ("qwen4_exp_text", r"model\.layers\.1\.self_attn\.indexer", "Qwen4ExpTextQSAIndexer"),
+    ],
+)
+def test_the_refusal_names_the_next_feature_and_the_measured_streams(model_type, path, feature) -> None:
     config = AutoConfig.for_model(model_type)
     complete_default_config(config)
     with pytest.raises(
-        UnsupportedFeature, match=r"model\.layers\.0: .*hyper-connections: .* 4 residual streams"
+        UnsupportedFeature, match=rf"^{path}: unsupported feature: a token-selection indexer"
     ) as err:
         analyze(config)
-    assert shape in str(err.value)
+    message = str(err.value)
+    assert (
+        feature in message
+        and "besides, hyper-connections: the decoder layers carry 4 residual streams" in message
+    )
+    assert "\n" not in message
 
 
 def test_one_residual_stream_is_not_hyper_connections() -> None:
     config = tiny_config(LlamaConfig())
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     assert hyper_connection_refusal(model, config) is None
+    assert measure_hyper_connections(model, config) is None
 
 
 def test_qwen4_exp_indexer_fields_are_completed_as_a_checkpoint_sets_them() -> None:
