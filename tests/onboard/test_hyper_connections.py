@@ -8,6 +8,7 @@ give the same outputs. The types stay refused for another feature of their atten
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -159,22 +160,37 @@ def test_reference_formulas_match_the_transformers_modules() -> None:
     torch.testing.assert_close(residual, split.flatten(2))
 
 
-@pytest.mark.parametrize("model_type", TYPES)
-def test_emitted_mixers_load_the_checkpoint_keys_and_match_transformers(model_type: str) -> None:
+#: Telling values of the fields the mixers read (the tiny config's epsilons are equal and tiny, and
+#: 20 Sinkhorn iterations converge), so that a wrong constant shows.
+TELLING = {"rms_norm_eps": 3e-3, "hc_eps": 7e-3, "hc_sinkhorn_iters": 3, "hc_magnitude": 1.7}
+
+
+def _check_mixers(model_type: str, source: str) -> None:
+    """Each emitted mixer class, built from a telling config, loads the transformers module's state
+    dict strictly and gives its outputs on random streams."""
     tiny, model, spec = _tiny(model_type)
-    namespace = _namespace(hyper_connection_source(spec, type(tiny).__name__), tiny)
-    layer = model.model.layers[0]
-    streams = 0.1 * torch.randn(2, 5, spec.streams_value, tiny.hidden_size)
+    telling = copy.deepcopy(tiny)
+    for name, value in TELLING.items():
+        if hasattr(telling, name):
+            setattr(telling, name, value)
+    namespace = _namespace(source, tiny)
+    streams = 0.1 * torch.randn(
+        2, 5, spec.streams_value, tiny.hidden_size, generator=torch.Generator().manual_seed(6)
+    )
     given = streams if spec.layout == "split" else streams.flatten(2)
-    for mixer, theirs in [*((m, getattr(layer, m.attr)) for m in spec.mixers), (spec.head, None)]:
-        theirs = theirs if theirs is not None else getattr(model.model, spec.head.attr)
+    head_module = getattr(model.model, spec.head.attr)
+    layer = model.model.layers[0]
+    for mixer, module in [*((m, getattr(layer, m.attr)) for m in spec.mixers), (spec.head, head_module)]:
+        head = mixer is spec.head
+        gated_head = head and mixer.form == "gated"
+        theirs = (type(module)(telling, use_combine=False) if gated_head else type(module)(telling)).float()
         _randomize(theirs, 5)
         cls = namespace[mixer.class_name]
-        ours = cls(tiny, use_combine=False) if mixer is spec.head and mixer.form == "gated" else cls(tiny)
+        ours = cls(telling, use_combine=False) if gated_head else cls(telling)
         ours.load_state_dict(theirs.state_dict(), strict=True)  # module names equal the checkpoint keys
         with torch.no_grad():
             expected, got = theirs(given), ours(streams)
-        if mixer is spec.head:
+        if head:
             torch.testing.assert_close(got, expected)
             continue
         collapsed, post, comb = got
@@ -193,20 +209,87 @@ def test_emitted_mixers_load_the_checkpoint_keys_and_match_transformers(model_ty
             torch.testing.assert_close(comb, expected_comb)
 
 
-@pytest.mark.parametrize(
-    ("model_type", "blocks", "norms"),
-    [
-        ("deepseek_v4", ("self_attn", "mlp"), ("input_layernorm", "post_attention_layernorm")),
-        ("hy_v4", ("self_attn", "mlp"), ("input_layernorm", "post_attention_layernorm")),
-        ("qwen4_exp_text", ("linear_attn", "mlp"), (None, None)),
-    ],
-)
-def test_a_layer_of_streams_is_the_emitted_mixers_around_its_blocks(model_type, blocks, norms) -> None:
+@pytest.mark.parametrize("model_type", TYPES)
+def test_emitted_mixers_load_the_checkpoint_keys_and_match_transformers(model_type: str) -> None:
+    tiny, _model, spec = _tiny(model_type)
+    _check_mixers(model_type, hyper_connection_source(spec, type(tiny).__name__))
+
+
+#: Plausible bugs in the emitted mixers (old text -> new text); the checks above must catch each.
+MUTANTS = [
+    ("deepseek_v4", "range(self.iterations - 1)", "range(self.iterations - 2)"),  # one Sinkhorn step less
+    (
+        "deepseek_v4",
+        "comb.sum(dim=-2, keepdim=True) + self.eps)\n        for",
+        "comb.sum(dim=-1, keepdim=True) + self.eps)\n        for",
+    ),
+    ("deepseek_v4", "torch.softmax(logits, dim=-1) + self.eps", "torch.softmax(logits, dim=-1)"),
+    ("deepseek_v4", "* scale[2]", "* scale[1]"),
+    ("deepseek_v4", "self.post_scale = 2.0", "self.post_scale = 1.0"),
+    ("hy_v4", "post = post + self.eps", "post = post"),
+    ("hy_v4", "+ base[:n]) + self.eps", "+ base[:n])"),
+    ("hy_v4", "self.norm_eps = config.rms_norm_eps", "self.norm_eps = config.hc_eps"),
+    ("hy_v4", "self.post_scale = config.hc_magnitude", "self.post_scale = 2.0"),
+    ("hy_v4", "mixes[..., n : 2 * n] * scale[1]", "mixes[..., n : 2 * n] * scale[0]"),
+    ("qwen4_exp_text", "weight = 1.0 + self.hc_norm", "weight = self.hc_norm"),
+    ("qwen4_exp_text", ".mean(dim=-2)", ".sum(dim=-2)"),
+    ("qwen4_exp_text", "silu(down / self.divisor)", "silu(down)"),
+    ("qwen4_exp_text", "torch.sigmoid(logits / self.divisor)", "torch.sigmoid(logits)"),
+    ("qwen4_exp_text", "self.inject_scale = 2.0", "self.inject_scale = 1.0"),
+    ("qwen4_exp_text", "self.norm_eps = config.rms_norm_eps", "self.norm_eps = 1e-6"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "old", "new"), MUTANTS)
+def test_the_mixer_checks_catch_a_mutated_mixer(model_type: str, old: str, new: str) -> None:
+    tiny, _model, spec = _tiny(model_type)
+    source = hyper_connection_source(spec, type(tiny).__name__)
+    assert source.count(old) >= 1, old
+    with pytest.raises(AssertionError):
+        _check_mixers(model_type, source.replace(old, new, 1))
+
+
+#: The blocks of layer 0 and the norm before each (None: the mixer's own norm is the block's).
+LAYER_BLOCKS = {
+    "deepseek_v4": (("self_attn", "mlp"), ("input_layernorm", "post_attention_layernorm")),
+    "hy_v4": (("self_attn", "mlp"), ("input_layernorm", "post_attention_layernorm")),
+    "qwen4_exp_text": (("linear_attn", "mlp"), (None, None)),
+}
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_layer_of_streams_is_the_emitted_mixers_around_its_blocks(model_type: str) -> None:
     """transformers' layer 0 in a forward, its blocks' inputs and outputs recorded: the emitted
     expansion gives the layer's input, and the emitted mixers, the layer's norms and
     ``streams_update`` give its output streams."""
+    tiny, _model, spec = _tiny(model_type)
+    _check_layer(model_type, hyper_connection_source(spec, type(tiny).__name__))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "old", "new"),
+    [
+        ("deepseek_v4", "comb.float().transpose(-1, -2)", "comb.float()"),  # the mix applied untransposed
+        ("hy_v4", "post.float().unsqueeze(-1) * out", "out"),  # the block output added unweighted
+        (
+            "qwen4_exp_text",
+            "unsqueeze(2).expand(-1, -1, count, -1)",
+            "unsqueeze(-1).expand(-1, -1, -1, count)",
+        ),
+    ],
+)
+def test_the_layer_check_catches_a_mutated_stream_update(model_type: str, old: str, new: str) -> None:
+    tiny, _model, spec = _tiny(model_type)
+    source = hyper_connection_source(spec, type(tiny).__name__)
+    assert old in source
+    with pytest.raises((AssertionError, RuntimeError)):
+        _check_layer(model_type, source.replace(old, new, 1))
+
+
+def _check_layer(model_type: str, source: str) -> None:
+    blocks, norms = LAYER_BLOCKS[model_type]
     tiny, model, spec = _tiny(model_type)
-    namespace = _namespace(hyper_connection_source(spec, type(tiny).__name__), tiny)
+    namespace = _namespace(source, tiny)
     layer = model.model.layers[0]
     seen: dict[str, list[torch.Tensor]] = {"in": [], "out": []}
 
