@@ -579,20 +579,29 @@ def stream_blockers(
                 " query may attend to) that matches no indexer template",
             )
             continue
-        floats = [o for o in call.outputs if o.is_floating_point() and o.dim() == 3 and o.shape[0] == 1]
+        # keys and values along a shorter axis before the features ([1, S', D] or [1, H, S', D]),
+        # the sequence length nowhere else in the shape
+        floats = [
+            o
+            for o in call.outputs
+            if o.is_floating_point()
+            and o.dim() >= 3
+            and o.shape[0] == 1
+            and o.shape[-2] < _PROBE_TOKENS
+            and _PROBE_TOKENS not in tuple(o.shape[1:-1])
+        ]
         inputs = [i for i in call.inputs if i.is_floating_point() and i.dim() == 3]
         if (
             floats
             and inputs
             and tuple(inputs[0].shape[:2]) == (1, _PROBE_TOKENS)
-            and floats[0].shape[1] < _PROBE_TOKENS
             and not any(floats[0] is p for p in produced)
         ):
             produced.append(floats[0])
             blockers[kind] = (
                 call.path,
                 f"keys and values compressed along the sequence ({kind}: {_PROBE_TOKENS} tokens in,"
-                f" {floats[0].shape[1]} entries out); no attention template compresses keys",
+                f" {floats[0].shape[-2]} entries out); no attention template compresses keys",
             )
     return list(blockers.values())
 
