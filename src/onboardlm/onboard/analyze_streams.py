@@ -458,25 +458,35 @@ def _mixer(
     )
 
 
-def measure_hyper_connections(model: nn.Module, config: PretrainedConfig) -> HyperConnectionSpec | None:
-    """The residual streams of ``model`` (the tiny transformers model of ``config``), or None where its
-    layers carry one hidden state; UnsupportedFeature where a module that mixes the streams is of no
-    known form."""
+def _streams_seen(
+    model: nn.Module, config: PretrainedConfig
+) -> tuple[str, list[_Call], int, StreamLayout, tuple[int, ...]] | None:
+    """(layer-list path, the recorded calls, stream count, layout, layer input shape) where one
+    recorded forward shows the decoder layers receiving several streams, else None."""
     hidden, layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
     found = _layer_stack(model, layers) if isinstance(layers, int) and layers > 0 else None
     if found is None or not isinstance(hidden, int):
         return None
-    stack_path, _stack = found
+    stack_path = found[0]
     calls = _record(model, _PROBE_TOKENS)
-    if not calls:
-        return None
-    layer0 = f"{stack_path}.0"
-    entry = next((c for c in calls if c.path == layer0 and c.inputs), None)
+    entry = next((c for c in calls or [] if c.path == f"{stack_path}.0" and c.inputs), None)
     measured = _stream_shape(tuple(entry.inputs[0].shape), hidden, _PROBE_TOKENS) if entry else None
     if measured is None:
         return None
-    streams, layout = measured
-    stream_shape = tuple(entry.inputs[0].shape)
+    return stack_path, calls, *measured, tuple(entry.inputs[0].shape)
+
+
+def measure_hyper_connections(
+    model: nn.Module, config: PretrainedConfig, seen: tuple | None = None
+) -> HyperConnectionSpec | None:
+    """The residual streams of ``model`` (the tiny transformers model of ``config``), or None where its
+    layers carry one hidden state; UnsupportedFeature where a module that mixes the streams is of no
+    known form."""
+    seen = seen or _streams_seen(model, config)
+    if seen is None:
+        return None
+    stack_path, calls, streams, layout, stream_shape = seen
+    hidden, layer0 = config.hidden_size, f"{stack_path}.0"
     owner = stack_path.rsplit(".", 1)[0] if "." in stack_path else ""
     mixers = [
         c
@@ -539,15 +549,18 @@ def measure_hyper_connections(model: nn.Module, config: PretrainedConfig) -> Hyp
 
 
 def stream_blockers(
-    model: nn.Module, config: PretrainedConfig, mixers: set[str] = frozenset()
+    model: nn.Module,
+    config: PretrainedConfig,
+    mixers: set[str] = frozenset(),
+    calls: list[_Call] | None = None,
 ) -> list[tuple[str, str]]:
     """Other features of the layers, found from one recorded forward: a module inside a block whose
     output is a boolean mask or integer indices over the keys (a token-selection indexer), or whose
     output is shorter along the sequence than its input (keys and values compressed in blocks)."""
     layers = getattr(config, "num_hidden_layers", None)
     found = _layer_stack(model, layers) if isinstance(layers, int) and layers > 0 else None
-    calls = _record(model, _PROBE_TOKENS) if found else None
-    if not calls:
+    calls = calls or (_record(model, _PROBE_TOKENS) if found else None)
+    if not calls or found is None:
         return []
     stack_path = found[0]
     blockers: dict[str, tuple[str, str]] = {}
@@ -609,17 +622,29 @@ def stream_blockers(
 def hyper_connection_refusal(model: nn.Module, config: PretrainedConfig) -> UnsupportedFeature | None:
     """The refusal for a model whose decoder layers receive several residual streams, else None: the
     streams and their measured mixing form, and the next feature the layers need besides."""
+    seen = _streams_seen(model, config)
+    if seen is None:
+        return None
     try:
-        spec = measure_hyper_connections(model, config)
+        spec = measure_hyper_connections(model, config, seen)
     except UnsupportedFeature as err:
         return err
+    except Exception as err:  # noqa: BLE001 - a mixer the probes do not foresee: the streams, as seen
+        stack_path, _calls, streams, _layout, shape = seen
+        return UnsupportedFeature(
+            f"{stack_path}.0",
+            f"hyper-connections: the decoder layers carry {streams} residual streams (hidden state"
+            f" {list(shape)} for hidden_size {config.hidden_size}) mixed by learned weights around every"
+            f" block; measuring the mixers failed ({type(err).__name__}: {' '.join(str(err).split())})",
+            _HINT,
+        )
     if spec is None:
         return None
     layers = getattr(config, "num_hidden_layers", 0)
     stack = _layer_stack(model, layers)
     layer0 = f"{stack[0]}.0" if stack else "layers.0"
     mixer_paths = {f"{stack[0]}.{i}.{m.attr}" for i in range(layers) for m in spec.mixers} if stack else set()
-    blockers = stream_blockers(model, config, mixer_paths)
+    blockers = stream_blockers(model, config, mixer_paths, seen[1])
     streams = f"hyper-connections: the decoder layers carry {spec.describe()}"
     if blockers:
         path, feature = blockers[0]
