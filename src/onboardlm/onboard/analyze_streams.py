@@ -260,9 +260,15 @@ def _reference(
     )
 
 
-def _matches(outputs: list[torch.Tensor], reference: dict[str, torch.Tensor], streams: torch.Tensor) -> bool:
+def _matches(
+    outputs: list[torch.Tensor],
+    reference: dict[str, torch.Tensor],
+    streams: torch.Tensor,
+    partial: bool = False,
+) -> bool:
     """Every output of the module is one of the reference tensors (or the streams themselves, which a
-    mixer may hand back as the residual), and every reference tensor is among the outputs."""
+    mixer may hand back as the residual), and every reference tensor is among the outputs; with
+    ``partial``, outputs the reference does not hold (yet) are let through."""
     candidates = [*reference.items(), ("streams", streams)]
     seen: set[str] = set()
     for output in outputs:
@@ -277,7 +283,7 @@ def _matches(outputs: list[torch.Tensor], reference: dict[str, torch.Tensor], st
             ),
             None,
         )
-        if match is None:
+        if match is None and not partial:
             return False
         seen.add(match)
     return set(reference) <= seen
@@ -292,16 +298,26 @@ def _fit(
     candidates: dict[str, list[tuple[str, Any]]],
     head: bool,
 ) -> dict[str, str] | None:
-    """The constants (slot -> expression) whose reference matches the module's outputs, else None."""
-    slots = _slots(form, head)
+    """The constants (slot -> expression) whose reference matches the module's outputs, else None.
+    The Sinkhorn iterations are fitted last, the other constants fixed by the outputs that do not
+    depend on them (a product over every slot would run the iterations thousands of times)."""
+    slots = [slot for slot in _slots(form, head) if slot != "iterations"]
+    last = ["iterations"] if "iterations" in _slots(form, head) else []
     for choice in itertools.product(*(candidates[slot] for slot in slots)):
         values = {slot: value for slot, (_, value) in zip(slots, choice, strict=True)}
+        fitted = {slot: expression for slot, (expression, _) in zip(slots, choice, strict=True)}
         try:
             reference = _reference(form, roles, module, streams, values)
         except (RuntimeError, ValueError, TypeError):
             return None
-        if _matches(outputs, reference, streams):
-            return {slot: expression for slot, (expression, _) in zip(slots, choice, strict=True)}
+        if not _matches(outputs, reference, streams, partial=bool(last)):
+            continue
+        if not last:
+            return fitted
+        for expression, value in candidates["iterations"]:
+            reference = _reference(form, roles, module, streams, {**values, "iterations": value})
+            if _matches(outputs, reference, streams):
+                return {**fitted, "iterations": expression}
     return None
 
 
