@@ -145,7 +145,7 @@ class _Call:
 
 
 def _record(model: nn.Module, tokens: int) -> list[_Call] | None:
-    """Every module call of one forward of ``model`` on ``tokens`` zero-ish ids, in call order."""
+    """Every module call of one forward of ``model`` on ``tokens`` random ids, in call order."""
     calls: list[_Call] = []
     hooks = []
 

@@ -13,7 +13,7 @@ Like the other block specs, values that come from the config are Python expressi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 #: ``sigmoid``: one projection of the flattened, RMS-scaled streams gives pre and post logits,
@@ -58,7 +58,6 @@ class HyperConnectionSpec:
     layout: StreamLayout
     mixers: tuple[StreamMixerSpec, ...]
     head: StreamMixerSpec
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def form(self) -> MixerForm:
