@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import types
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from onboardlm.onboard.analyze_streams import (
     measure_hyper_connections,
     sigmoid_mix,
 )
-from onboardlm.onboard.emit_streams import hyper_connection_source
+from onboardlm.onboard.emit_streams import hyper_connection_source, stream_layer_lines
 from onboardlm.testing.tiny_config import tiny_config
 
 TYPES = ("deepseek_v4", "hy_v4", "qwen4_exp_text")
@@ -375,3 +376,59 @@ def test_qwen4_exp_indexer_fields_are_completed_as_a_checkpoint_sets_them() -> N
     notes = complete_default_config(multimodal)
     assert multimodal.get_text_config(decoder=True).indexer_budget == 2048
     assert any(note.startswith("text_config.indexer_budget=") for note in notes)
+
+
+#: Per type: the decoder layer's forward signature, and its steps (mixer, norm, block call on ``{x}``)
+#: as transformers' layer calls its blocks.
+LAYER_FORWARDS = {
+    "deepseek_v4": (
+        "hidden_states, input_ids=None, **kwargs",
+        [
+            ("attn_hc", "input_layernorm", "self.self_attn({x}, **kwargs)[0]"),
+            ("ffn_hc", "post_attention_layernorm", "self.mlp({x}, input_ids=input_ids)"),
+        ],
+    ),
+    "qwen4_exp_text": (
+        "hidden_states, position_embeddings, attention_mask=None, conv_mask=None, cache=None,"
+        " ple_input_ids=None, **kwargs",
+        [
+            (
+                "attn_hyper_connection",
+                None,
+                "(self.linear_attn({x}, cache=cache, attention_mask=conv_mask, **kwargs)"
+                ' if self.layer_type == "linear_attention" else self.self_attn({x}, position_embeddings,'
+                " attention_mask=attention_mask, cache=cache, **kwargs)[0])",
+            ),
+            ("mlp_hyper_connection", None, "self.mlp({x})"),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(LAYER_FORWARDS))
+def test_decoder_layers_that_keep_the_streams_give_transformers_logits(model_type: str) -> None:
+    """Every decoder layer of the tiny model runs the emitted layer body (``stream_layer_lines``) with
+    the emitted mixers in place of transformers' (loaded from their state dicts): the logits are
+    transformers' own. The blocks are transformers' (their templates are another feature's)."""
+    tiny, model, spec = _tiny(model_type)
+    model = copy.deepcopy(model)
+    for index, layer in enumerate(model.model.layers):
+        for mixer in spec.mixers:
+            _randomize(getattr(layer, mixer.attr), 10 + index)
+    ids = torch.randint(0, tiny.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    namespace = _namespace(hyper_connection_source(spec, type(tiny).__name__), tiny)
+    signature, steps = LAYER_FORWARDS[model_type]
+    body = stream_layer_lines(spec, steps, str(spec.streams_value))
+    source = f"def forward(self, {signature}):\n" + "".join(f"    {line}\n" for line in body)
+    exec(compile(source, "<stream layer>", "exec"), namespace)  # noqa: S102 - the emitted layer body
+    for layer in model.model.layers:
+        for mixer in spec.mixers:
+            ours = namespace[mixer.class_name](tiny)
+            ours.load_state_dict(getattr(layer, mixer.attr).state_dict(), strict=True)
+            setattr(layer, mixer.attr, ours)
+        layer.forward = types.MethodType(namespace["forward"], layer)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from onboardlm.onboard.generate import render
 from onboardlm.onboard.spec_streams import HyperConnectionSpec, StreamMixerSpec
 
-__all__ = ["hyper_connection_source", "streams_helpers"]
+__all__ = ["hyper_connection_source", "stream_layer_lines", "streams_helpers"]
 
 
 def _mixers(spec: HyperConnectionSpec) -> list[StreamMixerSpec]:
@@ -72,3 +72,24 @@ def hyper_connection_source(spec: HyperConnectionSpec, config_class: str) -> str
         )
     blocks.append(streams_helpers(spec))
     return "\n\n".join(block.rstrip() + "\n" for block in blocks)
+
+
+def stream_layer_lines(
+    spec: HyperConnectionSpec, steps: list[tuple[str, str | None, str]], count: str
+) -> list[str]:
+    """A decoder layer's forward body that keeps the streams: for each ``(mixer, norm, call)`` step,
+    the mixer collapses the streams, the block ``call`` (its input written ``{x}``) runs on the
+    collapsed state (through ``self.<norm>`` where the layer has one) and its output is added back.
+    ``hidden_states`` comes in and goes out in the checkpoint's layout; ``count`` is the expression
+    of the stream count."""
+    flat = spec.layout == "flat"
+    lines = [f"streams = streams_in(hidden_states, {count})" if flat else "streams = hidden_states"]
+    for mixer, norm, call in steps:
+        block_input = "collapsed" if norm is None else f"self.{norm}(collapsed)"
+        lines += [
+            f"collapsed, post, comb = self.{mixer}(streams)",
+            f"out = {call.format(x=block_input)}",
+            "streams = streams_update(streams, out, post, comb)",
+        ]
+    lines.append("return streams.flatten(2)" if flat else "return streams")
+    return lines
