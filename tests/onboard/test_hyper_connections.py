@@ -388,6 +388,20 @@ LAYER_FORWARDS = {
             ("ffn_hc", "post_attention_layernorm", "self.mlp({x}, input_ids=input_ids)"),
         ],
     ),
+    "hy_v4": (  # the layer hands the indexer's top-k on to the next layer's shared indexer
+        "hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,"
+        " position_embeddings=None, prev_topk_indices=None, **kwargs",
+        [
+            (
+                "attn_hc",
+                "input_layernorm",
+                "(attended := self.self_attn(hidden_states={x}, attention_mask=attention_mask,"
+                " position_ids=position_ids, cache=cache, use_cache=use_cache,"
+                " position_embeddings=position_embeddings, prev_topk_indices=prev_topk_indices, **kwargs))[0]",
+            ),
+            ("ffn_hc", "post_attention_layernorm", "self.mlp({x})"),
+        ],
+    ),
     "qwen4_exp_text": (
         "hidden_states, position_embeddings, attention_mask=None, conv_mask=None, cache=None,"
         " ple_input_ids=None, **kwargs",
@@ -421,6 +435,8 @@ def test_decoder_layers_that_keep_the_streams_give_transformers_logits(model_typ
     namespace = _namespace(hyper_connection_source(spec, type(tiny).__name__), tiny)
     signature, steps = LAYER_FORWARDS[model_type]
     body = stream_layer_lines(spec, steps, str(spec.streams_value))
+    if model_type == "hy_v4":
+        body[-1] = f"{body[-1]}, attended[2]"
     source = f"def forward(self, {signature}):\n" + "".join(f"    {line}\n" for line in body)
     exec(compile(source, "<stream layer>", "exec"), namespace)  # noqa: S102 - the emitted layer body
     for layer in model.model.layers:
