@@ -627,10 +627,12 @@ def stream_blockers(
             and not any(floats[0] is p for p in produced)
         ):
             produced.append(floats[0])
+            entries = floats[0].shape[-2]
+            out = f"{entries} entries out" if entries else "none out: its blocks are longer"
             blockers[kind] = (
                 call.path,
                 f"keys and values compressed along the sequence ({kind}: {_PROBE_TOKENS} tokens in,"
-                f" {floats[0].shape[-2]} entries out); no attention template compresses keys",
+                f" {out}); no attention template compresses keys",
             )
     return list(blockers.values())
 
