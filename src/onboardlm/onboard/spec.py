@@ -169,6 +169,14 @@ class AttentionSpec:
     #: with ``sinks``: the config expression over ``layer_idx`` of the layers that have them (MiMo-V2:
     #: sliding-window layers only); None: every layer
     sinks_flag: str | None = None
+    #: a learned bias per key/value head and key on the scores (Doge's dynamic mask), on
+    #: ``torch_attention_key_bias``: (projection of the value heads to one value per KV head, vector
+    #: of one value per KV head, the projection's bias expression): ``bias = exp(A *
+    #: softplus(dt_proj(values)))``; None: no such bias
+    key_bias: tuple[str, str, str] | None = None
+    #: with ``key_bias``: the config expression of how many highest-bias keys a query row keeps once it
+    #: has more (Doge's ``keep_window_size``); None: every key
+    key_bias_window: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +237,10 @@ class DecoderLayerSpec:
     #: (norm attribute, condition over config and layer_idx): the norm exists only where the condition
     #: holds and is ``nn.Identity`` elsewhere (ModernBERT-decoder's first layer has no attn_norm)
     identity_norms: tuple[tuple[str, str], ...] = ()
+    #: vectors of the layer's own (hidden size) that scale the residual before each block's add,
+    #: ``h = w * h + block(h)`` (Doge's input_residual / post_attention_residual): (attention's,
+    #: feed-forward's), None where the residual is added as it is
+    residual_weights: tuple[str | None, str | None] = (None, None)
 
 
 @dataclass(frozen=True)

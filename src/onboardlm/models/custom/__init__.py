@@ -24,6 +24,7 @@ MODEL_MODULES = [
     "modeling_deepseek_v3",
     "modeling_deepseek_v32",
     "modeling_diffllama",
+    "modeling_doge",
     "modeling_ernie4_5_moe",
     "modeling_falcon",
     "modeling_falcon_mamba",
