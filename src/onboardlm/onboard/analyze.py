@@ -1388,6 +1388,7 @@ class _Analyzer:
             v_norm_eps=v_norm_eps,
             v_norm_name=v_norm_name,
             key_bias=key_bias,
+            gate_bias=_gate_head_bias(attn, heads) if gate_kind == "separate" else "",
             **real,
         )
         if gate_kind != "none":
@@ -1879,6 +1880,8 @@ class _Analyzer:
         lambdas = [getattr(attn, name) for name in spec.differential or ()]
         if spec.key_bias is not None:  # zero at initialisation, where the bias is the same for every key
             lambdas.append(getattr(attn, spec.key_bias[1]))
+        if spec.gate_bias:  # zero at initialisation too
+            lambdas.append(getattr(attn, spec.gate_bias))
         # values times a constant the config holds (MiMo-V2's attention_value_scale): tried after none
         scales = [None] + [
             f"config.{name}"
@@ -1992,9 +1995,9 @@ class _Analyzer:
 
         plain = probe(layer)
         if plain.match(layouts) is not None:
-            return spec
+            return self._passed_q_scale(path.replace(".0.", f".{index}.", 1), spec)
         if _matches_without_tables(plain, layouts):  # the model, not the attention, skips RoPE here
-            return spec
+            return self._passed_q_scale(path.replace(".0.", f".{index}.", 1), spec)
         floats = [(n, v) for n, v in self.fields.items() if isinstance(v, float)]
         ints = [(n, v) for n, v in self.fields.items() if _is_int(v) and not isinstance(v, bool) and v > 0]
         positions = torch.arange(plain.x.shape[1]).expand(plain.x.shape[0], -1).float()
@@ -2031,6 +2034,81 @@ class _Analyzer:
             path.replace(".0.", f".{index}.", 1),
             "NoPE attention scaled by position by no known formula",
             _HINT,
+        )
+
+    def _passed_q_scale(self, path: str, spec: AttentionSpec) -> AttentionSpec:
+        """A NoPE attention whose model passes it a factor per query position (Beam's
+        ``attention_scaling``, which scales q): recorded in one model forward at far positions and fitted
+        to ``(1 + (position + offset) / period) ** beta`` with period a config field or a power of two
+        and beta a config float or the literal fitted (rounded to 6 digits); the spec as it is where
+        the call passes no such factor."""
+        positions = torch.tensor([[0, 9, 300, 2047, 9000, 40000]])
+        input_ids = torch.arange(6)[None] % (self.tiny.vocab_size - 1) + 1
+        try:
+            call = record_calls(
+                self.model, [path], input_ids=input_ids, position_ids=positions, use_cache=False
+            )[path][0]
+        except Exception:  # noqa: BLE001 - a model that cannot run these positions passes nothing we read
+            return spec
+        passed = [
+            value.flatten().double()
+            for value in call.kwargs.values()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() == 6
+            and sorted(value.shape)[-1] == 6
+        ]  # fmt: skip
+        if len(passed) != 1 or torch.allclose(passed[0], torch.ones(6, dtype=torch.float64)):
+            return spec
+        scale = passed[0]
+        periods = [
+            (f"config.{n}", v)
+            for n, v in self.fields.items()
+            if _is_int(v) and not isinstance(v, bool) and v > 1
+        ]
+        periods += [(str(2**k), 2**k) for k in range(8, 17)]
+        floats = {v: f"config.{n}" for n, v in self.fields.items() if isinstance(v, float)}
+        for offset, (period, period_value) in itertools.product((1, 0), periods):
+            steps = torch.log1p((positions[0].double() + offset) / period_value)
+            beta = round(float(torch.log(scale[-1]) / steps[-1]), 6)  # from the farthest position
+            if not torch.allclose(torch.exp(beta * steps), scale, rtol=1e-6, atol=0):  # fp32 factors
+                continue
+            if period.startswith("config.") and not self._period_follows(
+                path, period, period_value, offset, beta
+            ):
+                continue  # a field that only happens to hold the constant
+            beta_expr = floats.get(beta) or repr(beta)
+            self.notes.append(
+                f"q scaled on NoPE layers by the model: (1 + (position + {offset}) / {period}) ** {beta_expr}"
+            )
+            return dataclasses.replace(
+                spec,
+                position_scale=(beta_expr, period),
+                position_scale_offset=offset,
+                position_scale_flag="not self.use_rope",
+                position_scale_power=True,
+            )
+        raise UnsupportedFeature(
+            path, "NoPE attention scaled by a factor per position of no known formula", _HINT
+        )
+
+    def _period_follows(self, path: str, period: str, value: int, offset: int, beta: float) -> bool:
+        """Whether the factor the model passes follows the config field ``period`` when it doubles."""
+        flipped = copy.deepcopy(self.tiny)
+        positions = torch.tensor([[0, 9, 300, 2047, 9000, 40000]])
+        try:
+            setattr(flipped, period.removeprefix("config."), 2 * value)
+            model = AutoModelForCausalLM.from_config(flipped).eval()
+            input_ids = torch.arange(6)[None] % (self.tiny.vocab_size - 1) + 1
+            call = record_calls(model, [path], input_ids=input_ids, position_ids=positions, use_cache=False)[
+                path
+            ][0]
+        except Exception:  # noqa: BLE001 - a config or model that refuses the change: not shown to follow
+            return False
+        expected = torch.exp(beta * torch.log1p((positions[0].double() + offset) / (2 * value)))
+        return any(
+            isinstance(v, torch.Tensor)
+            and v.numel() == 6
+            and torch.allclose(v.flatten().double(), expected, rtol=1e-6)
+            for v in call.kwargs.values()
         )
 
     def _probe_plain_attention(
@@ -2850,6 +2928,20 @@ class _Analyzer:
             raise UnsupportedFeature(
                 layer_path, f"residual layout with norms {norm_names} matches no template", _HINT
             )
+        if layout.residual_adds:  # the add's index counts layers: confirmed on a deeper layer
+            deeper = self._rebuilt_layer(layer, self.tiny, 1).float().eval()
+            if (
+                self.tiny.num_hidden_layers < 2
+                or self._probe_layout(deeper, attn_attr, ff, norm_names, 1) != layout
+            ):
+                raise UnsupportedFeature(
+                    layer_path, "residual adds scaled by the layer's depth by no known formula", _HINT
+                )
+            self.notes.append(
+                f"depth-scaled residual adds: the n-th add (n = 2 * layer_idx + {layout.residual_adds} for the"
+                " attention, + 1 for the feed-forward) keeps sqrt((n - 1) / n) of the residual and adds"
+                " the block over sqrt(n)"
+            )
         self.notes.append(
             "parallel attention + MLP"
             if layout.parallel
@@ -3131,7 +3223,12 @@ class _Analyzer:
         return tuple(found)
 
     def _probe_layout(
-        self, layer: nn.Module, attn_attr: str, ff: MLPSpec | MoESpec, norm_names: list[str]
+        self,
+        layer: nn.Module,
+        attn_attr: str,
+        ff: MLPSpec | MoESpec,
+        norm_names: list[str],
+        index: int | None = None,
     ) -> _Layout | None:
         """Replace the blocks of a copy of the layer by distinct nonlinear stand-ins and match the output
         (an MLP that sits on the layer becomes the stand-in as its up projection, with identity
@@ -3186,6 +3283,7 @@ class _Analyzer:
                     raise
                 attn.arity = int(wanted.group(1))
                 expected = _first(_call_filled(probe, x, inputs, fill=None))
+        index = self._layer_indices.get(id(layer), 0) if index is None else index
         for layout, residual in itertools.product(_layouts(norm_names), _residual_weight_slots(weights)):
             if residual != (None, None) and (layout.parallel or layout.norm_after_residual):
                 continue
@@ -3194,6 +3292,12 @@ class _Analyzer:
                 if _close(candidate.apply(x, stand_ins, attn, mlp, value, weights), expected):
                     self._residual_weights |= {name for name in residual if name}
                     return candidate
+        for layout, first in itertools.product(_layouts(norm_names), _FIRST_RESIDUAL_ADDS):
+            candidate = dataclasses.replace(layout, residual_adds=first)  # depth-scaled residual adds (Beam)
+            if not (layout.parallel or layout.norm_after_residual) and _close(
+                candidate.apply(x, stand_ins, attn, mlp, 1.0, layer_idx=index), expected
+            ):
+                return candidate
         # no layout: with every block output zero and every norm the identity, a residual stream of
         # plain adds passes its input on; a rescaled one (Beam's depth-scaled add) shows its factor
         with torch.no_grad():
@@ -3592,6 +3696,7 @@ class _Layout:
     residual_multiplier: str | None = None
     norm_after_residual: bool = False
     residual_weights: tuple[str | None, str | None] = (None, None)
+    residual_adds: int | None = None
 
     def apply(
         self,
@@ -3601,6 +3706,7 @@ class _Layout:
         mlp: _Mixer,
         multiplier: float,
         weights: dict[str, torch.Tensor] | None = None,
+        layer_idx: int = 0,
     ) -> torch.Tensor:
         def norm(name: str | None, value: torch.Tensor) -> torch.Tensor:
             return norms[name](value) if name else value
@@ -3617,8 +3723,21 @@ class _Layout:
         if self.norm_after_residual:  # post-LN: each norm takes the residual sum
             x = norm(self.attn_post, x + attn.map(norm(self.attn_pre, x)) * scale)
             return norm(self.mlp_post, x + mlp.map(norm(self.mlp_pre, x)) * scale)
+        if self.residual_adds:  # the n-th residual add: sqrt((n - 1) / n) * residual + block / sqrt(n)
+            n = 2 * layer_idx + self.residual_adds
+            x = math.sqrt((n - 1) / n) * x + norm(
+                self.attn_post, attn.map(norm(self.attn_pre, x))
+            ) / math.sqrt(n)
+            n += 1
+            return math.sqrt((n - 1) / n) * x + norm(
+                self.mlp_post, mlp.map(norm(self.mlp_pre, x))
+            ) / math.sqrt(n)
         x = kept(0, x) + norm(self.attn_post, attn.map(norm(self.attn_pre, x))) * scale
         return kept(1, x) + norm(self.mlp_post, mlp.map(norm(self.mlp_pre, x))) * scale
+
+
+#: Candidate indices of a layer 0's first residual add, counted from one (Beam's embedding is add one).
+_FIRST_RESIDUAL_ADDS = (2, 3)
 
 
 def _telling_residual_weights(layer: nn.Module, hidden: int) -> dict[str, torch.Tensor]:
@@ -3920,6 +4039,8 @@ def _reference_attention(
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     projections = [getattr(attn, p.name)(x) for p in spec.projections]
     gate = getattr(attn, spec.gate.name)(x) if spec.output_gate in ("separate", "head_scalar") else None
+    if gate is not None and spec.gate_bias:  # one bias per head on the gate's channels (Beam)
+        gate = (gate.view(batch, seq, heads, -1) + getattr(attn, spec.gate_bias)[:, None]).reshape(gate.shape)
     if spec.output_gate == "per_head":  # per head [q | gate]
         q_gate = projections[0].view(batch, seq, heads, 2 * head_dim)
         projections[0], gate = q_gate[..., :head_dim], q_gate[..., head_dim:].reshape(batch, seq, -1)
@@ -3979,6 +4100,18 @@ def _reference_attention(
     if spec.out_norm is not None:
         out = getattr(attn, spec.out_norm_name)(out)
     return getattr(attn, spec.out.name)(out)
+
+
+def _gate_head_bias(attn: nn.Module, heads: int) -> str:
+    """The attention's own vector of one value per head beside a separate output gate (Beam's
+    ``gate_bias``, added to each head's gate channels before the activation; the probe confirms it),
+    else ""."""
+    own = [
+        name
+        for name, tensor in attn.named_parameters(recurse=False)
+        if tensor.dim() == 1 and tensor.numel() == heads and name != "sinks"
+    ]
+    return own[0] if len(own) == 1 else ""
 
 
 def _key_bias_parts(attn: nn.Module, linears: dict[str, Any], head_dim: int) -> tuple[str, str] | None:

@@ -237,6 +237,8 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
             'self.register_buffer("_ad_pair_norm_weight", torch.ones(2 * self.head_dim), persistent=False)',
             f"self.pair_norm_eps = {norm.eps}",
         ]
+    if attn.gate_bias:  # one bias per head on a separate gate's channels (Beam)
+        init.append(f"self.{attn.gate_bias} = nn.Parameter(torch.zeros(self.num_heads))")
     if attn.key_bias is not None:  # a bias per key/value head and key, from the values (Doge)
         init += _key_bias_lines(attn)
     if attn.out_norm is not None:
@@ -492,6 +494,13 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
         for name in layer.residual_weights
         if name
     ]
+    if layer.residual_adds:
+        init += [
+            "# the n-th residual add keeps sqrt((n - 1) / n) of the residual and adds the block over sqrt(n)",
+            f"add = 2 * layer_idx + {layer.residual_adds}  # the attention's; the feed-forward's is add + 1",
+            "self.attn_residual_scale, self.attn_output_scale = math.sqrt((add - 1) / add), 1 / math.sqrt(add)",
+            "self.mlp_residual_scale, self.mlp_output_scale = math.sqrt(add / (add + 1)), 1 / math.sqrt(add + 1)",
+        ]
     forward = _layout_lines(layer, spec)
     for field, value, other in layer.switches:  # another layout where a config flag says so
         init.append(f"self.{field} = config.{field}")
@@ -568,6 +577,11 @@ def _layout_lines(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> list[str]:
         attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions, bias)
         mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, layer.mlp_post)
         # the residual times the layer's own vector before a block's add (Doge), where it has one
+        if layer.residual_adds:  # depth-scaled adds: scales fixed per layer in __init__
+            return [
+                f"hidden_states = self.attn_residual_scale * hidden_states + self.attn_output_scale * {attn_call}",
+                f"return self.mlp_residual_scale * hidden_states + self.mlp_output_scale * {mlp_call}",
+            ]
         attn_res, mlp_res = (
             f"self.{name} * hidden_states" if name else "hidden_states" for name in layer.residual_weights
         )
@@ -720,6 +734,7 @@ def emit_model(spec: ArchitectureSpec) -> str:
         forward_lines=forward,
         temperature=bool(layer_positions),
         temperature_offset=getattr(spec.attention, "position_scale_offset", 0),
+        temperature_power=getattr(spec.attention, "position_scale_power", False),
     )
     return (holder + "\n\n" if holder else "") + model
 

@@ -177,6 +177,13 @@ class AttentionSpec:
     #: with ``key_bias``: the config expression of how many highest-bias keys a query row keeps once it
     #: has more (Doge's ``keep_window_size``); None: every key
     key_bias_window: str | None = None
+    #: with a separate output gate: the attention's own vector of one value per head added to each
+    #: head's gate channels before the activation (Beam's ``gate_bias``), "" for none
+    gate_bias: str = ""
+    #: with ``position_scale``: the scale is ``(1 + (position + offset) / period) ** beta`` (Beam's
+    #: scalable softmax on its NoPE layers, a per-position factor its model passes to the attention)
+    #: instead of Llama 4's ``1 + beta * log(1 + floor(...))``
+    position_scale_power: bool = False
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,10 @@ class DecoderLayerSpec:
     #: ``h = w * h + block(h)`` (Doge's input_residual / post_attention_residual): (attention's,
     #: feed-forward's), None where the residual is added as it is
     residual_weights: tuple[str | None, str | None] = (None, None)
+    #: depth-scaled residual adds (Beam): the index of layer 0's first add, counted from one; the
+    #: attention's add of layer ``l`` is ``n = 2 * l + residual_adds``, the feed-forward's ``n + 1``, and
+    #: the n-th add gives ``sqrt((n - 1) / n) * residual + block / sqrt(n)``; None: plain adds
+    residual_adds: int | None = None
 
 
 @dataclass(frozen=True)

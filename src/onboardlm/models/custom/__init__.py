@@ -12,6 +12,7 @@ MODEL_MODULES = [
     "modeling_aria_text",
     "modeling_axk1",
     "modeling_bamba",
+    "modeling_beam",
     "modeling_biogpt",
     "modeling_bitnet",
     "modeling_bloom",
