@@ -12,6 +12,7 @@ from onboardlm.cli import app
 #: Every op named in OPS.md (the contract this package implements).
 OPS_MD_OPS = {
     "torch_attention", "torch_attention_sdpa", "torch_attention_repeat_kv",
+    "torch_attention_key_bias",  # Doge's dynamic mask attention (issue 13; OPS.md style)
     "torch_rope_with_explicit_cos_sin", "torch_rope_with_complex_freqs", "torch_rope_with_qk_interleaving",
     "torch_rmsnorm", "torch_rmsnorm_gated", "torch_l2norm",
     "torch_linear_simple", "view", "split_with_sizes", "all_reduce",

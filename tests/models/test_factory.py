@@ -89,13 +89,13 @@ def test_llama_config_maps_to_the_lean_llama() -> None:
 
 
 def test_unregistered_config_falls_back_to_transformers_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    # Doge has no lean model (onboard refuses its dynamic mask attention).
-    factory = AutoModelForCausalLMFactory(tiny_config(AutoConfig.for_model("doge")))
+    # JetMoE has no lean model (onboard refuses its mixture-of-attention experts).
+    factory = AutoModelForCausalLMFactory(tiny_config(AutoConfig.for_model("jetmoe")))
     with caplog.at_level(logging.INFO, logger="onboardlm.models.factory"):
         model, report = factory.build_and_load()
-    assert type(model).__name__ == "DogeForCausalLM"
+    assert type(model).__name__ == "JetMoeForCausalLM"
     assert not report.is_custom and report.weights_source == "random"
-    assert "no custom model registered for DogeConfig" in caplog.text
+    assert "no custom model registered for JetMoeConfig" in caplog.text
 
 
 def test_model_kwargs_override_a_copy_of_the_config() -> None:

@@ -42,11 +42,11 @@ def test_dynamic_rope_with_a_fixed_alpha_is_measured() -> None:
 
 @requires_reference("beam")
 def test_layer_types_without_rope_parameters_have_no_rope() -> None:
-    """Beam's full-attention layers have no RoPE (rope_parameters[...] is None): measured, and the
-    refusal names the next feature no template covers (its gated attention), not the RoPE."""
-    with pytest.raises(UnsupportedFeature) as raised:
-        analyze(AutoConfig.for_model("beam"))
-    assert not raised.value.module_path.startswith("model.rotary_emb")
+    """Beam's full-attention layers have no RoPE (rope_parameters[...] is None): measured per layer type."""
+    spec = analyze(AutoConfig.for_model("beam"))
+    assert spec.rope is not None and spec.rope.per_layer_type
+    assert spec.rope.nope_layer_types == ("full_attention",)
+    assert spec.attention.rope_flag == 'config.layer_types[layer_idx] == "sliding_attention"'
 
 
 def test_nope_layer_types_logits_follow_transformers(tmp_path: Path) -> None:

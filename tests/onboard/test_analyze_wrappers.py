@@ -77,12 +77,16 @@ def test_unguarded_eager_mask_filled_with_zeros(model: nn.Module) -> None:
     torch.testing.assert_close(actual, expected)
 
 
-def test_depth_scaled_residual_is_named_with_its_factor() -> None:
+def test_depth_scaled_residual_is_named_with_its_factor(monkeypatch: pytest.MonkeyPatch) -> None:
     """Beam's layer i adds ``h / sqrt(k) + residual * sqrt((k - 1) / k)`` at adds k = 2i + 2 and 2i + 3:
-    with the blocks' outputs zeroed, layer 0 passes sqrt(1/2) * sqrt(2/3) = sqrt(1/3) of its input."""
+    with the blocks' outputs zeroed, layer 0 passes sqrt(1/2) * sqrt(2/3) = sqrt(1/3) of its input. A
+    rescaled residual of no known formula (here: the depth-scaled candidates taken away) is refused
+    with that factor."""
     from onboardlm.errors import UnsupportedFeature
+    from onboardlm.onboard import analyze as analyze_module
 
     pytest.importorskip("transformers.models.beam")
+    monkeypatch.setattr(analyze_module, "_FIRST_RESIDUAL_ADDS", ())
     with pytest.raises(UnsupportedFeature, match="rescales its residual stream") as raised:
         analyze(AutoConfig.for_model("beam"))
     assert raised.value.module_path == "model.layers.0"

@@ -215,7 +215,6 @@ def test_generated_model_matches_transformers(model_type: str, tmp_path: Path) -
 REFUSED = {
     "jetmoe": ("model.layers.0.self_attention.experts", "module JetMoeMoA with submodules"),
     "inkling_text": ("model.layers.0.self_attn.k_sconv", "short convolution InklingShortConvolution"),
-    "doge": ("model.layers.0.self_attn.dt_proj", "one value per head and token with parameters ['A']"),
     "kolibri1_1": (
         "model.layers.2.self_attn",
         "reuse another layer's keys and values (cross-layer KV sharing)",

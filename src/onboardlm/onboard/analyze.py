@@ -72,6 +72,7 @@ from onboardlm.onboard.spec import (
     SlidingMode,
 )
 from onboardlm.onboard.spec_moe import MLASpec, MoESpec
+from onboardlm.ops.key_bias_attention import kept_keys
 from onboardlm.testing import tiny_config
 from onboardlm.testing.capture import cos_sin_tables, record_calls
 
@@ -312,6 +313,7 @@ class _Analyzer:
         self._layer_indices: dict[int, int] = {}
         self._embed_wrapper: tuple[str, str] | None = None  # (attribute, class) wrapping the embeddings
         self._final_norm_eps: str | None = None  # the final norm's epsilon where the layers' differs
+        self._residual_weights: set[str] = set()  # the layer's own vectors that scale its residual
 
     # ---------------------------------------------------------------------------------------- top
 
@@ -389,7 +391,8 @@ class _Analyzer:
             block.note for block in (attention, feed_forward) if isinstance(block, (MLASpec, MoESpec))
         ]
         decoder = self._decoder(layer_path, layer, attention.attr, feed_forward)
-        decoder = dataclasses.replace(decoder, refused=self._part_settings(layer_path, layer))
+        refused = self._part_settings(layer_path, layer) + self._feed_forward_switches(layer, feed_forward)
+        decoder = dataclasses.replace(decoder, refused=refused)
         decoder = dataclasses.replace(decoder, **self._output_scale(layer_path, layers))
         final_attr = self._final_norm_attr(path, parts, decoder)
         self._layer_norm_spec = decoder.norm
@@ -1259,6 +1262,9 @@ class _Analyzer:
             wrapper, attn, path = attn, getattr(attn, inner_attr), f"{path}.{inner_attr}"
             linears = projections(attn)
         norms = {n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
+        key_bias = _key_bias_parts(attn, linears, head_dim)
+        if key_bias is not None:  # its projection reads the values, not the hidden states
+            linears = {n: c for n, c in linears.items() if n != key_bias[0]}
         separate = ["q_proj", "k_proj", "v_proj"]
         gate_kind, gate_name, gate_activation = "none", None, "sigmoid"
         if {"k_proj", "v_proj"} <= set(linears):
@@ -1314,7 +1320,9 @@ class _Analyzer:
         inside = f"{attr}.{inner_attr}" if inner_attr else attr
         biases = {
             key.replace(inside, attr, 1): value
-            for key, value in self._bias_expressions(layer, [f"{inside}.{n}" for n in linears]).items()
+            for key, value in self._bias_expressions(
+                layer, [f"{inside}.{n}" for n in [*linears, *(key_bias or ())[:1]]]
+            ).items()
         }
         projections_spec = tuple(LinearSpec(n, biases[f"{attr}.{n}"], linears[n].transposed) for n in ins)
         differential, differential_norm_name = self._differential_parts(path, attn, norms, head_dim)
@@ -1379,15 +1387,20 @@ class _Analyzer:
             differential_norm_name=differential_norm_name,
             v_norm_eps=v_norm_eps,
             v_norm_name=v_norm_name,
+            key_bias=key_bias,
+            gate_bias=_gate_head_bias(attn, heads) if gate_kind == "separate" else "",
             **real,
         )
         if gate_kind != "none":
             self.notes.append(f"attention output gated by {gate_activation} ({gate_kind.replace('_', ' ')})")
         if out_norm is not None:
             self.notes.append(f"attention output normalised ({out_norm_name}) before {outs[0]}")
+        if key_bias is not None:
+            spec = self._key_bias(path, attn, spec, biases[f"{attr}.{key_bias[0]}"], rope)
         if rope is not None:
             index = uses_rope.index(True) if True in uses_rope else 0
             spec, rope = self._probe_attention(path, index, layers[index], spec, scale, rope, kv_heads)
+            self._confirm_key_bias_window(path, attn, spec, scale, rope, kv_heads)
             self._confirm_differential(path, layers, spec, scale, rope, kv_heads)
             spec = self._position_scale(path, index, layers[index], spec, scale, rope, kv_heads)
             spec = self._nope_temperature(path, layers, uses_rope, spec, scale, rope, kv_heads)
@@ -1602,6 +1615,62 @@ class _Analyzer:
         attn = getattr(layer, spec.attr)
         return getattr(attn, spec.inner_attr) if spec.inner_attr else attn
 
+    def _key_bias(
+        self, path: str, attn: nn.Module, spec: AttentionSpec, bias: str, rope: RopeSpec | None
+    ) -> AttentionSpec:
+        """The spec with its bias per key (projection, vector, bias expression) and the int config
+        field, if any, that limits a query row to its highest-bias keys: the one whose value set below
+        the probe's sequence length changes the output of the rebuilt attention (the attention probe
+        then confirms both)."""
+        name, vector = spec.key_bias[:2]  # type: ignore[misc]
+        spec = dataclasses.replace(spec, key_bias=(name, vector, bias))
+        with _telling_vectors([getattr(attn, vector)]):
+            plain = self._attention_call(attn, rope, {}).get("")
+            state = {key: tensor.clone() for key, tensor in attn.state_dict().items()}
+        if plain is None:
+            raise UnsupportedFeature(path, "attention with a bias per key that cannot be called alone", _HINT)
+        windows = []
+        for field, value in self.fields.items():
+            if not _is_int(value) or isinstance(value, bool) or value < 5:  # the call has 5 tokens
+                continue
+            flipped = copy.deepcopy(self.tiny)
+            try:
+                setattr(flipped, field, 2)
+                rebuilt = type(attn)(flipped, 0).eval()
+                rebuilt.load_state_dict(state)
+            except Exception:  # noqa: BLE001 - a field the config or the attention refuses tells nothing
+                continue
+            windowed = self._attention_call(rebuilt, rope, {}).get("")
+            if windowed is not None and not _close(windowed, plain):
+                windows.append(f"config.{field}")
+        if len(windows) > 1:
+            raise UnsupportedFeature(path, f"bias per key limited by several config fields {windows}", _HINT)
+        self.notes.append(
+            f"bias per key/value head on the scores: exp({vector} * softplus({name}(values)))"
+            + (f", the {windows[0]} highest-bias keys kept" if windows else "")
+        )
+        return dataclasses.replace(spec, key_bias_window=windows[0] if windows else None)
+
+    def _confirm_key_bias_window(
+        self, path: str, attn: nn.Module, spec: AttentionSpec, scale: float, rope: RopeSpec, kv_heads: int
+    ) -> None:
+        """The attention rebuilt with its key window below the probe's length matches the spec's math."""
+        if spec.key_bias_window is None:
+            return
+        flipped = copy.deepcopy(self.tiny)
+        setattr(flipped, spec.key_bias_window.removeprefix("config."), 3)
+        rebuilt = type(attn)(flipped, 0).eval()
+        rebuilt.load_state_dict(attn.state_dict())
+        kwargs = {"layer_type": self.tiny.layer_types[0]} if rope.per_layer_type else {}
+        with _telling_vectors([getattr(rebuilt, spec.key_bias[1])]):  # type: ignore[index]
+            probe = _AttentionProbe(
+                rebuilt, spec, flipped, scale, kv_heads, self._rotary_module, rope, rope.style, kwargs
+            )
+            if probe.match(self._qkv_layouts(spec, kv_heads)) is None:
+                raise UnsupportedFeature(
+                    path, f"bias per key whose window ({spec.key_bias_window}) keeps other keys", _HINT
+                )
+
     def _query_and_gate(
         self, path: str, attn: nn.Module, linears: dict[str, Any], q_size: int, rope: RopeSpec | None
     ) -> tuple[str, str, str | None]:
@@ -1809,6 +1878,10 @@ class _Analyzer:
         # RMS), so the probe runs on telling weights
         orders = (False, True) if spec.qk_norm is not None and spec.qk_norm_per_head else (False,)
         lambdas = [getattr(attn, name) for name in spec.differential or ()]
+        if spec.key_bias is not None:  # zero at initialisation, where the bias is the same for every key
+            lambdas.append(getattr(attn, spec.key_bias[1]))
+        if spec.gate_bias:  # zero at initialisation too
+            lambdas.append(getattr(attn, spec.gate_bias))
         # values times a constant the config holds (MiMo-V2's attention_value_scale): tried after none
         scales = [None] + [
             f"config.{name}"
@@ -1922,9 +1995,9 @@ class _Analyzer:
 
         plain = probe(layer)
         if plain.match(layouts) is not None:
-            return spec
+            return self._passed_q_scale(path.replace(".0.", f".{index}.", 1), spec)
         if _matches_without_tables(plain, layouts):  # the model, not the attention, skips RoPE here
-            return spec
+            return self._passed_q_scale(path.replace(".0.", f".{index}.", 1), spec)
         floats = [(n, v) for n, v in self.fields.items() if isinstance(v, float)]
         ints = [(n, v) for n, v in self.fields.items() if _is_int(v) and not isinstance(v, bool) and v > 0]
         positions = torch.arange(plain.x.shape[1]).expand(plain.x.shape[0], -1).float()
@@ -1961,6 +2034,81 @@ class _Analyzer:
             path.replace(".0.", f".{index}.", 1),
             "NoPE attention scaled by position by no known formula",
             _HINT,
+        )
+
+    def _passed_q_scale(self, path: str, spec: AttentionSpec) -> AttentionSpec:
+        """A NoPE attention whose model passes it a factor per query position (Beam's
+        ``attention_scaling``, which scales q): recorded in one model forward at far positions and fitted
+        to ``(1 + (position + offset) / period) ** beta`` with period a config field or a power of two
+        and beta a config float or the literal fitted (rounded to 6 digits); the spec as it is where
+        the call passes no such factor."""
+        positions = torch.tensor([[0, 9, 300, 2047, 9000, 40000]])
+        input_ids = torch.arange(6)[None] % (self.tiny.vocab_size - 1) + 1
+        try:
+            call = record_calls(
+                self.model, [path], input_ids=input_ids, position_ids=positions, use_cache=False
+            )[path][0]
+        except Exception:  # noqa: BLE001 - a model that cannot run these positions passes nothing we read
+            return spec
+        passed = [
+            value.flatten().double()
+            for value in call.kwargs.values()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() == 6
+            and sorted(value.shape)[-1] == 6
+        ]  # fmt: skip
+        if len(passed) != 1 or torch.allclose(passed[0], torch.ones(6, dtype=torch.float64)):
+            return spec
+        scale = passed[0]
+        periods = [
+            (f"config.{n}", v)
+            for n, v in self.fields.items()
+            if _is_int(v) and not isinstance(v, bool) and v > 1
+        ]
+        periods += [(str(2**k), 2**k) for k in range(8, 17)]
+        floats = {v: f"config.{n}" for n, v in self.fields.items() if isinstance(v, float)}
+        for offset, (period, period_value) in itertools.product((1, 0), periods):
+            steps = torch.log1p((positions[0].double() + offset) / period_value)
+            beta = round(float(torch.log(scale[-1]) / steps[-1]), 6)  # from the farthest position
+            if not torch.allclose(torch.exp(beta * steps), scale, rtol=1e-6, atol=0):  # fp32 factors
+                continue
+            if period.startswith("config.") and not self._period_follows(
+                path, period, period_value, offset, beta
+            ):
+                continue  # a field that only happens to hold the constant
+            beta_expr = floats.get(beta) or repr(beta)
+            self.notes.append(
+                f"q scaled on NoPE layers by the model: (1 + (position + {offset}) / {period}) ** {beta_expr}"
+            )
+            return dataclasses.replace(
+                spec,
+                position_scale=(beta_expr, period),
+                position_scale_offset=offset,
+                position_scale_flag="not self.use_rope",
+                position_scale_power=True,
+            )
+        raise UnsupportedFeature(
+            path, "NoPE attention scaled by a factor per position of no known formula", _HINT
+        )
+
+    def _period_follows(self, path: str, period: str, value: int, offset: int, beta: float) -> bool:
+        """Whether the factor the model passes follows the config field ``period`` when it doubles."""
+        flipped = copy.deepcopy(self.tiny)
+        positions = torch.tensor([[0, 9, 300, 2047, 9000, 40000]])
+        try:
+            setattr(flipped, period.removeprefix("config."), 2 * value)
+            model = AutoModelForCausalLM.from_config(flipped).eval()
+            input_ids = torch.arange(6)[None] % (self.tiny.vocab_size - 1) + 1
+            call = record_calls(model, [path], input_ids=input_ids, position_ids=positions, use_cache=False)[
+                path
+            ][0]
+        except Exception:  # noqa: BLE001 - a config or model that refuses the change: not shown to follow
+            return False
+        expected = torch.exp(beta * torch.log1p((positions[0].double() + offset) / (2 * value)))
+        return any(
+            isinstance(v, torch.Tensor)
+            and v.numel() == 6
+            and torch.allclose(v.flatten().double(), expected, rtol=1e-6)
+            for v in call.kwargs.values()
         )
 
     def _probe_plain_attention(
@@ -2780,6 +2928,20 @@ class _Analyzer:
             raise UnsupportedFeature(
                 layer_path, f"residual layout with norms {norm_names} matches no template", _HINT
             )
+        if layout.residual_adds:  # the add's index counts layers: confirmed on a deeper layer
+            deeper = self._rebuilt_layer(layer, self.tiny, 1).float().eval()
+            if (
+                self.tiny.num_hidden_layers < 2
+                or self._probe_layout(deeper, attn_attr, ff, norm_names, 1) != layout
+            ):
+                raise UnsupportedFeature(
+                    layer_path, "residual adds scaled by the layer's depth by no known formula", _HINT
+                )
+            self.notes.append(
+                f"depth-scaled residual adds: the n-th add (n = 2 * layer_idx + {layout.residual_adds} for the"
+                " attention, + 1 for the feed-forward) keeps sqrt((n - 1) / n) of the residual and adds"
+                " the block over sqrt(n)"
+            )
         self.notes.append(
             "parallel attention + MLP"
             if layout.parallel
@@ -2787,6 +2949,10 @@ class _Analyzer:
             if layout.norm_after_residual
             else f"norm layout {layout.attn_pre}/{layout.attn_post}"
         )
+        if layout.residual_weights != (None, None):
+            self.notes.append(
+                f"residual times the layer's own vectors {layout.residual_weights} before each add"
+            )
         spec = DecoderLayerSpec(
             type(layer).__name__,
             self._confirmed_eps(layer, norm_names, specs.pop()),
@@ -2932,6 +3098,30 @@ class _Analyzer:
                     self.notes.append(f"config.{part}.{field} other than {value}: refused by this file")
         return tuple(refused)
 
+    def _feed_forward_switches(self, layer: nn.Module, ff: MLPSpec | MoESpec) -> tuple[tuple[str, str], ...]:
+        """Bool config fields whose other value builds another feed-forward class than the dense MLP
+        measured here (Doge's ``is_moe``: a product-key expert block): the file refuses a config that
+        flips one, as it does part sub-config settings."""
+        if not isinstance(ff, MLPSpec) or ff.inline:
+            return ()
+        measured = type(getattr(layer, ff.attr)).__name__
+        refused = []
+        for name, value in self.fields.items():
+            if not isinstance(value, bool) or name in _BASE_CONFIG_FIELDS:
+                continue
+            flipped = copy.deepcopy(self.tiny)
+            try:
+                setattr(flipped, name, not value)
+                other = type(getattr(self._rebuilt_layer(layer, flipped), ff.attr)).__name__
+            except Exception:  # noqa: BLE001 - a flip the config or the layer refuses tells nothing
+                continue
+            if other != measured:
+                refused.append((f"{'not ' if value else ''}config.{name}", f"config.{name}={not value}"))
+                self.notes.append(
+                    f"config.{name}={not value}: the feed-forward {other} is not reproduced by this file"
+                )
+        return tuple(refused)
+
     def _output_scale(self, layer_path: str, layers: nn.ModuleList) -> dict[str, Any]:
         """A checkpoint tensor of the layer's own (not a block's) that multiplies the layer's whole
         output, residual included (Gemma 4's ``layer_scalar``): set to a telling value in a copy of the
@@ -2941,6 +3131,7 @@ class _Analyzer:
         own = dict(layer.named_parameters(recurse=False))
         persistent = {n for n, _ in layer.named_buffers(recurse=False)} - layer._non_persistent_buffers_set
         own.update({name: getattr(layer, name) for name in sorted(persistent)})
+        own = {name: tensor for name, tensor in own.items() if name not in self._residual_weights}
         if not own:
             return {}
         name, tensor = next(iter(own.items()))
@@ -3032,7 +3223,12 @@ class _Analyzer:
         return tuple(found)
 
     def _probe_layout(
-        self, layer: nn.Module, attn_attr: str, ff: MLPSpec | MoESpec, norm_names: list[str]
+        self,
+        layer: nn.Module,
+        attn_attr: str,
+        ff: MLPSpec | MoESpec,
+        norm_names: list[str],
+        index: int | None = None,
     ) -> _Layout | None:
         """Replace the blocks of a copy of the layer by distinct nonlinear stand-ins and match the output
         (an MLP that sits on the layer becomes the stand-in as its up projection, with identity
@@ -3070,6 +3266,7 @@ class _Analyzer:
             setattr(probe, ff.down.name, nn.Identity())
         else:
             setattr(probe, ff.attr, mlp)
+        weights = _telling_residual_weights(probe, self.hidden)
         x = torch.randn(2, 5, self.hidden, generator=generator)
         tables = (torch.ones(2, 5, self._head_dim()), torch.zeros(2, 5, self._head_dim()))
         inputs = {
@@ -3086,11 +3283,21 @@ class _Analyzer:
                     raise
                 attn.arity = int(wanted.group(1))
                 expected = _first(_call_filled(probe, x, inputs, fill=None))
-        for layout in _layouts(norm_names):
+        index = self._layer_indices.get(id(layer), 0) if index is None else index
+        for layout, residual in itertools.product(_layouts(norm_names), _residual_weight_slots(weights)):
+            if residual != (None, None) and (layout.parallel or layout.norm_after_residual):
+                continue
             for scale, value in self._residual_multipliers():
-                candidate = dataclasses.replace(layout, residual_multiplier=scale)
-                if _close(candidate.apply(x, stand_ins, attn, mlp, value), expected):
+                candidate = dataclasses.replace(layout, residual_multiplier=scale, residual_weights=residual)
+                if _close(candidate.apply(x, stand_ins, attn, mlp, value, weights), expected):
+                    self._residual_weights |= {name for name in residual if name}
                     return candidate
+        for layout, first in itertools.product(_layouts(norm_names), _FIRST_RESIDUAL_ADDS):
+            candidate = dataclasses.replace(layout, residual_adds=first)  # depth-scaled residual adds (Beam)
+            if not (layout.parallel or layout.norm_after_residual) and _close(
+                candidate.apply(x, stand_ins, attn, mlp, 1.0, layer_idx=index), expected
+            ):
+                return candidate
         # no layout: with every block output zero and every norm the identity, a residual stream of
         # plain adds passes its input on; a rescaled one (Beam's depth-scaled add) shows its factor
         with torch.no_grad():
@@ -3488,12 +3695,25 @@ class _Layout:
     parallel: bool = False
     residual_multiplier: str | None = None
     norm_after_residual: bool = False
+    residual_weights: tuple[str | None, str | None] = (None, None)
+    residual_adds: int | None = None
 
     def apply(
-        self, x: torch.Tensor, norms: dict[str, nn.Module], attn: _Mixer, mlp: _Mixer, multiplier: float
+        self,
+        x: torch.Tensor,
+        norms: dict[str, nn.Module],
+        attn: _Mixer,
+        mlp: _Mixer,
+        multiplier: float,
+        weights: dict[str, torch.Tensor] | None = None,
+        layer_idx: int = 0,
     ) -> torch.Tensor:
         def norm(name: str | None, value: torch.Tensor) -> torch.Tensor:
             return norms[name](value) if name else value
+
+        def kept(slot: int, value: torch.Tensor) -> torch.Tensor:  # the residual, times its weight if any
+            name = self.residual_weights[slot]
+            return (weights or {})[name] * value if name else value
 
         scale = multiplier if self.residual_multiplier else 1.0
         if self.parallel:
@@ -3503,8 +3723,42 @@ class _Layout:
         if self.norm_after_residual:  # post-LN: each norm takes the residual sum
             x = norm(self.attn_post, x + attn.map(norm(self.attn_pre, x)) * scale)
             return norm(self.mlp_post, x + mlp.map(norm(self.mlp_pre, x)) * scale)
-        x = x + norm(self.attn_post, attn.map(norm(self.attn_pre, x))) * scale
-        return x + norm(self.mlp_post, mlp.map(norm(self.mlp_pre, x))) * scale
+        if self.residual_adds:  # the n-th residual add: sqrt((n - 1) / n) * residual + block / sqrt(n)
+            n = 2 * layer_idx + self.residual_adds
+            x = math.sqrt((n - 1) / n) * x + norm(
+                self.attn_post, attn.map(norm(self.attn_pre, x))
+            ) / math.sqrt(n)
+            n += 1
+            return math.sqrt((n - 1) / n) * x + norm(
+                self.mlp_post, mlp.map(norm(self.mlp_pre, x))
+            ) / math.sqrt(n)
+        x = kept(0, x) + norm(self.attn_post, attn.map(norm(self.attn_pre, x))) * scale
+        return kept(1, x) + norm(self.mlp_post, mlp.map(norm(self.mlp_pre, x))) * scale
+
+
+#: Candidate indices of a layer 0's first residual add, counted from one (Beam's embedding is add one).
+_FIRST_RESIDUAL_ADDS = (2, 3)
+
+
+def _telling_residual_weights(layer: nn.Module, hidden: int) -> dict[str, torch.Tensor]:
+    """The layer's own hidden-size vectors (candidate residual weights, Doge's), set in place to
+    ``1 + 0.5 * N(0, 1)`` (they start at one, where they would hide), by name."""
+    generator = torch.Generator().manual_seed(11)
+    found = {}
+    for name, parameter in layer.named_parameters(recurse=False):
+        if parameter.dim() == 1 and parameter.numel() == hidden:
+            with torch.no_grad():
+                parameter.copy_(1 + 0.5 * torch.randn(hidden, generator=generator))
+            found[name] = parameter.detach()
+    return found
+
+
+def _residual_weight_slots(weights: dict[str, torch.Tensor]) -> list[tuple[str | None, str | None]]:
+    """Ways to place the candidate residual weights before the attention's and the feed-forward's
+    add: none first, then each vector in each slot (two vectors: both orders)."""
+    names: list[str | None] = [*weights, None]
+    slots = [(a, m) for a, m in itertools.product(names, repeat=2) if a != m or a is None]
+    return sorted(slots, key=lambda slot: slot != (None, None))
 
 
 class _CosSinTables(nn.Module):
@@ -3785,6 +4039,8 @@ def _reference_attention(
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     projections = [getattr(attn, p.name)(x) for p in spec.projections]
     gate = getattr(attn, spec.gate.name)(x) if spec.output_gate in ("separate", "head_scalar") else None
+    if gate is not None and spec.gate_bias:  # one bias per head on the gate's channels (Beam)
+        gate = (gate.view(batch, seq, heads, -1) + getattr(attn, spec.gate_bias)[:, None]).reshape(gate.shape)
     if spec.output_gate == "per_head":  # per head [q | gate]
         q_gate = projections[0].view(batch, seq, heads, 2 * head_dim)
         projections[0], gate = q_gate[..., :head_dim], q_gate[..., head_dim:].reshape(batch, seq, -1)
@@ -3812,9 +4068,17 @@ def _reference_attention(
         q, k = q_norm(q), k_norm(k)
     if q_scale is not None:  # [B, S]: one factor per query position
         q = q * q_scale[:, :, None, None]
+    key_bias = _key_bias_of(attn, spec, v, config)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) * scale
+    if key_bias is not None:
+        scores = scores + key_bias.repeat_interleave(heads // kv_heads, dim=1)[:, :, None, :]
+        window = eval(spec.key_bias_window, {"config": config}) if spec.key_bias_window else None  # noqa: S307
+        allowed = torch.ones(seq, seq, dtype=torch.bool).tril() if causal else None
+        kept = kept_keys(key_bias, allowed, seq, window)
+        if kept is not None:
+            scores = scores.masked_fill(~kept.repeat_interleave(heads // kv_heads, dim=1), float("-inf"))
     if alibi:  # slope_h * key position (the query's position would only shift a softmax row)
         scores = scores + alibi_slopes(heads)[:, None, None] * torch.arange(seq, dtype=scores.dtype)
     if causal:
@@ -3836,6 +4100,45 @@ def _reference_attention(
     if spec.out_norm is not None:
         out = getattr(attn, spec.out_norm_name)(out)
     return getattr(attn, spec.out.name)(out)
+
+
+def _gate_head_bias(attn: nn.Module, heads: int) -> str:
+    """The attention's own vector of one value per head beside a separate output gate (Beam's
+    ``gate_bias``, added to each head's gate channels before the activation; the probe confirms it),
+    else ""."""
+    own = [
+        name
+        for name, tensor in attn.named_parameters(recurse=False)
+        if tensor.dim() == 1 and tensor.numel() == heads and name != "sinks"
+    ]
+    return own[0] if len(own) == 1 else ""
+
+
+def _key_bias_parts(attn: nn.Module, linears: dict[str, Any], head_dim: int) -> tuple[str, str] | None:
+    """(projection, vector) of a bias per key/value head on the scores, read from the values (Doge's
+    ``dt_proj`` of the value heads to one value per KV head, and ``A`` of one value per KV head): the
+    one such pair of shapes; None where the attention has none (the probes confirm the formula)."""
+    own = [(n, p) for n, p in attn.named_parameters(recurse=False) if p.dim() == 1]
+    pairs = [
+        (name, vector)
+        for name, linear in linears.items()
+        for vector, tensor in own
+        if linear.out_features == tensor.numel()
+        and linear.in_features == tensor.numel() * head_dim
+        and not linear.transposed
+    ]
+    return pairs[0] if len(pairs) == 1 else None
+
+
+def _key_bias_of(
+    attn: nn.Module, spec: AttentionSpec, v: torch.Tensor, config: PretrainedConfig
+) -> torch.Tensor | None:
+    """``[B, KV, S]``: the spec's bias per key/value head and key, ``exp(A * softplus(dt_proj(values)))``
+    from the value heads ``v`` ``[B, S, KV, D]``; None without one."""
+    if spec.key_bias is None:
+        return None
+    projection, vector = (getattr(attn, name) for name in spec.key_bias[:2])
+    return torch.exp(vector * F.softplus(projection(v.flatten(-2)))).transpose(1, 2)
 
 
 def _differential_output(

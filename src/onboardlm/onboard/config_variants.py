@@ -146,6 +146,7 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
             if getattr(tiny, name, None) is not None:
                 found.append(Variant(f"{name}=None", {name: None}))
         found += _position_scale_variants(tiny, tree)
+        found += _key_window_variants(tiny, tree)
         found += _layer_list_variants(tiny, tree)
         for name in reads:
             found += _per_layer_float_variants(name, getattr(tiny, name, None), tiny.num_hidden_layers)
@@ -193,6 +194,28 @@ def _position_scale_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[V
         else:
             continue
         found.append(Variant(f"position_scale_period={SHORT_PERIOD}", overrides))
+    return found
+
+
+#: Keys a query row keeps in the key-window variant: fewer than the test's sequence length.
+SHORT_KEY_WINDOW = 3
+
+
+def _key_window_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[Variant]:
+    """A short window of highest-bias keys (``self.keep_window = config.<field>``: Doge's
+    ``keep_window_size``), so that the test's rows hold more keys than it keeps and drop some."""
+    found = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Assign)
+            and [ast.unparse(t) for t in node.targets] == ["self.keep_window"]
+            and isinstance(node.value, ast.Attribute)
+            and ast.unparse(node.value.value) == "config"
+            and isinstance(getattr(tiny, node.value.attr, None), int)
+        ):
+            found.append(
+                Variant(f"{node.value.attr}={SHORT_KEY_WINDOW}", {node.value.attr: SHORT_KEY_WINDOW})
+            )
     return found
 
 

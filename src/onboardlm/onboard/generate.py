@@ -120,6 +120,30 @@ def emit_rotary(spec: ArchitectureSpec) -> str:
     )
 
 
+def _key_bias_lines(attn: AttentionSpec) -> list[str]:
+    """The projection of the value heads and the vector behind a bias per key (Doge's dt_proj and A),
+    and the number of highest-bias keys a query row keeps; refused beside what the op lacks."""
+    others = {
+        "a fused q/k/v projection": attn.fused_qkv,
+        "value heads of another width": attn.v_head_dim,
+        "differential attention": attn.differential,
+        "a sliding window": attn.sliding != "none" or attn.sliding_expr,
+        "chunked attention": attn.chunk_expr,
+        "a logit soft-cap": attn.softcap,
+        "sink logits": attn.sinks,
+        "ALiBi": attn.alibi,
+    }
+    present = [name for name, value in others.items() if value]
+    if present:
+        raise UnsupportedFeature(attn.class_name, f"a bias per key beside {', '.join(present)}", _HINT)
+    name, vector, bias = attn.key_bias  # type: ignore[misc]
+    return [
+        f"self.{name} = nn.Linear(self.num_kv_heads * self.head_dim, self.num_kv_heads, bias={bias})",
+        f"self.{vector} = nn.Parameter(torch.zeros(self.num_kv_heads))",
+        f"self.keep_window = {attn.key_bias_window or 'None'}",
+    ]
+
+
 def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
     if spec.rope is not None and spec.rope.style == "neox" and spec.rope.table_layout == "interleaved":
         raise UnsupportedFeature(
@@ -213,6 +237,10 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
             'self.register_buffer("_ad_pair_norm_weight", torch.ones(2 * self.head_dim), persistent=False)',
             f"self.pair_norm_eps = {norm.eps}",
         ]
+    if attn.gate_bias:  # one bias per head on a separate gate's channels (Beam)
+        init.append(f"self.{attn.gate_bias} = nn.Parameter(torch.zeros(self.num_heads))")
+    if attn.key_bias is not None:  # a bias per key/value head and key, from the values (Doge)
+        init += _key_bias_lines(attn)
     if attn.out_norm is not None:
         init.append(
             f"self.{attn.out_norm_name} = {norm_constructor(attn.out_norm, 'self.num_heads * self.head_dim')}"
@@ -461,6 +489,18 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
     ]
     if layer.residual_multiplier:
         init.append(f"self.residual_multiplier = {layer.residual_multiplier}")
+    init += [
+        f"self.{name} = nn.Parameter(torch.ones(config.hidden_size))"
+        for name in layer.residual_weights
+        if name
+    ]
+    if layer.residual_adds:
+        init += [
+            "# the n-th residual add keeps sqrt((n - 1) / n) of the residual and adds the block over sqrt(n)",
+            f"add = 2 * layer_idx + {layer.residual_adds}  # the attention's; the feed-forward's is add + 1",
+            "self.attn_residual_scale, self.attn_output_scale = math.sqrt((add - 1) / add), 1 / math.sqrt(add)",
+            "self.mlp_residual_scale, self.mlp_output_scale = math.sqrt(add / (add + 1)), 1 / math.sqrt(add + 1)",
+        ]
     forward = _layout_lines(layer, spec)
     for field, value, other in layer.switches:  # another layout where a config flag says so
         init.append(f"self.{field} = config.{field}")
@@ -536,9 +576,18 @@ def _layout_lines(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> list[str]:
     else:
         attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions, bias)
         mlp_call = _block_call(ff.attr, "hidden_states", layer.mlp_pre, layer.mlp_post)
+        # the residual times the layer's own vector before a block's add (Doge), where it has one
+        if layer.residual_adds:  # depth-scaled adds: scales fixed per layer in __init__
+            return [
+                f"hidden_states = self.attn_residual_scale * hidden_states + self.attn_output_scale * {attn_call}",
+                f"return self.mlp_residual_scale * hidden_states + self.mlp_output_scale * {mlp_call}",
+            ]
+        attn_res, mlp_res = (
+            f"self.{name} * hidden_states" if name else "hidden_states" for name in layer.residual_weights
+        )
         forward = [
-            f"hidden_states = hidden_states + {attn_call}{scale}",
-            f"return hidden_states + {mlp_call}{scale}",
+            f"hidden_states = {attn_res} + {attn_call}{scale}",
+            f"return {mlp_res} + {mlp_call}{scale}",
         ]
     return forward
 
@@ -685,6 +734,7 @@ def emit_model(spec: ArchitectureSpec) -> str:
         forward_lines=forward,
         temperature=bool(layer_positions),
         temperature_offset=getattr(spec.attention, "position_scale_offset", 0),
+        temperature_power=getattr(spec.attention, "position_scale_power", False),
     )
     return (holder + "\n\n" if holder else "") + model
 

@@ -169,6 +169,21 @@ class AttentionSpec:
     #: with ``sinks``: the config expression over ``layer_idx`` of the layers that have them (MiMo-V2:
     #: sliding-window layers only); None: every layer
     sinks_flag: str | None = None
+    #: a learned bias per key/value head and key on the scores (Doge's dynamic mask), on
+    #: ``torch_attention_key_bias``: (projection of the value heads to one value per KV head, vector
+    #: of one value per KV head, the projection's bias expression): ``bias = exp(A *
+    #: softplus(dt_proj(values)))``; None: no such bias
+    key_bias: tuple[str, str, str] | None = None
+    #: with ``key_bias``: the config expression of how many highest-bias keys a query row keeps once it
+    #: has more (Doge's ``keep_window_size``); None: every key
+    key_bias_window: str | None = None
+    #: with a separate output gate: the attention's own vector of one value per head added to each
+    #: head's gate channels before the activation (Beam's ``gate_bias``), "" for none
+    gate_bias: str = ""
+    #: with ``position_scale``: the scale is ``(1 + (position + offset) / period) ** beta`` (Beam's
+    #: scalable softmax on its NoPE layers, a per-position factor its model passes to the attention)
+    #: instead of Llama 4's ``1 + beta * log(1 + floor(...))``
+    position_scale_power: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,6 +244,14 @@ class DecoderLayerSpec:
     #: (norm attribute, condition over config and layer_idx): the norm exists only where the condition
     #: holds and is ``nn.Identity`` elsewhere (ModernBERT-decoder's first layer has no attn_norm)
     identity_norms: tuple[tuple[str, str], ...] = ()
+    #: vectors of the layer's own (hidden size) that scale the residual before each block's add,
+    #: ``h = w * h + block(h)`` (Doge's input_residual / post_attention_residual): (attention's,
+    #: feed-forward's), None where the residual is added as it is
+    residual_weights: tuple[str | None, str | None] = (None, None)
+    #: depth-scaled residual adds (Beam): the index of layer 0's first add, counted from one; the
+    #: attention's add of layer ``l`` is ``n = 2 * l + residual_adds``, the feed-forward's ``n + 1``, and
+    #: the n-th add gives ``sqrt((n - 1) / n) * residual + block / sqrt(n)``; None: plain adds
+    residual_adds: int | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ One module per category; see OPS.md for the contract. Importing this package reg
 
 from onboardlm.ops import (  # noqa: F401
     attention,
+    key_bias_attention,
     linear,
     mla,
     moe,

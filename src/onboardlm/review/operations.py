@@ -22,6 +22,7 @@ CANONICAL_OPS = frozenset(
         "torch_attention",
         "torch_attention_sdpa",
         "torch_attention_repeat_kv",
+        "torch_attention_key_bias",  # Doge's dynamic mask: a learned bias per key
         "torch_rope_with_explicit_cos_sin",
         "torch_rope_with_complex_freqs",
         "torch_rope_with_qk_interleaving",

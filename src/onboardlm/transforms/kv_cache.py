@@ -25,6 +25,7 @@ from torch.fx.operator_schemas import normalize_function
 import onboardlm.ops  # noqa: F401  (registers the canonical ops)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.transforms import cached_ops
+from onboardlm.transforms.cached_key_bias import CACHED_KEY_BIAS_ATTENTION
 from onboardlm.transforms.dump import dumps_graph
 from onboardlm.transforms.state_cache import insert_cached_state
 
@@ -141,6 +142,27 @@ def insert_cached_attention(gm: GraphModule) -> CachedGraph:
             if args.get("attention_chunk_size"):  # chunked local attention (Llama 4), as the model asks
                 new_kwargs["attention_chunk_size"] = args["attention_chunk_size"]
             target = _op(cached_ops.CACHED_ATTENTION)
+        elif node.target == _op("torch_attention_key_bias"):  # the bias per key is cached with K and V
+            args = _kwargs(node)
+            layout = args["layout"]
+            bias = args["key_bias"]
+            caches_of_layer = [
+                add_cache(f"{kind}_cache_{layer}", _per_token_shape(args[name], layout), _dtype(args[name]))
+                for kind, name in (("k", "key"), ("v", "value"))
+            ]
+            bias_cache = add_cache(f"bias_cache_{layer}", (int(bias.meta["val"].shape[1]),), _dtype(bias))
+            new_args = (
+                args["query"],
+                args["key"],
+                args["value"],
+                bias,
+                *caches_of_layer,
+                bias_cache,
+                input_pos,
+                kv_len,
+            )
+            new_kwargs = {k: args[k] for k in ("keep_window", "is_causal", "scale", "layout")}
+            target = _op(CACHED_KEY_BIAS_ATTENTION)
         elif node.target == _op("torch_lightning_indexer"):
             args = _kwargs(node)
             index_k = args["index_k"]

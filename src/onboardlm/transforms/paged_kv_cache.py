@@ -18,6 +18,7 @@ from torch.fx import GraphModule, Node
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.transforms import cached_ops, paged_ops
+from onboardlm.transforms.cached_key_bias import CACHED_KEY_BIAS_ATTENTION
 from onboardlm.transforms.dump import dumps_graph
 from onboardlm.transforms.gather_logits import gather_positions
 from onboardlm.transforms.kv_cache import INPUT_POS, KV_LEN, CachedGraph, insert_cached_attention
@@ -59,6 +60,10 @@ def to_paged_attention(cached: CachedGraph) -> CachedGraph:
         if node.target == mla:
             raise UnsupportedFeature(
                 node.name, "paged KV cache for MLA", "serve a model with plain attention"
+            )
+        if node.target == _op(CACHED_KEY_BIAS_ATTENTION):
+            raise UnsupportedFeature(
+                node.name, "paged KV cache for attention with a bias per key", "run it with `onboardlm run`"
             )
         if node.target != dense:
             continue
