@@ -120,6 +120,7 @@ def test_called_conv_reads_its_inputs_and_padding() -> None:
     refusal = attention_conv_refusal(model, "layers.0.self_attn", ["v_conv"])
     assert refusal is not None and refusal.module_path == "layers.0.self_attn.v_conv"
     assert "v_conv convolves v_proj" in refusal.feature and "outside the attention" not in refusal.feature
+    assert "other attention parts" not in refusal.feature
 
 
 def test_refusals_name_what_is_convolved() -> None:
@@ -129,6 +130,7 @@ def test_refusals_name_what_is_convolved() -> None:
     assert raised.value.module_path == "model.layers.0.self_attn.k_sconv"
     assert "k_sconv convolves k_proj" in feature and "v_sconv likewise on v_proj" in feature
     assert "plus its input as a residual" in feature and "(attn_sconv, mlp_sconv)" in feature
+    assert "other attention parts no template covers: rel_logits_proj (InklingRelativeLogits" in feature
     with pytest.raises(UnsupportedFeature) as raised:
         analyze(AutoConfig.for_model("zaya"))
     assert raised.value.module_path == "model.layers.0.self_attn.qkv_proj"

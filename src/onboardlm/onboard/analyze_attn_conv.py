@@ -194,9 +194,10 @@ def measure_attention_conv(model: nn.Module, attn_path: str, name: str) -> Atten
 def attention_conv_refusal(model: nn.Module, attn_path: str, names: list[str]) -> UnsupportedFeature | None:
     """The reason no template covers the attention at ``attn_path``, whose children ``names`` hold a
     convolution: each measured, plus the convolutions the decoder layer runs outside the attention."""
-    found = [
-        conv for conv in (measure_attention_conv(model, attn_path, n) for n in names) if conv is not None
-    ]
+    try:
+        found = [c for c in (measure_attention_conv(model, attn_path, n) for n in names) if c is not None]
+    except AttributeError:  # a path that names no submodule of ``model``: the generic reason stands
+        return None
     if not found:
         return None
     parts = [found[0].describe()]
@@ -223,6 +224,8 @@ def attention_conv_refusal(model: nn.Module, attn_path: str, names: list[str]) -
     also = (
         f"; the decoder layer also convolves outside the attention ({', '.join(outside)})" if outside else ""
     )
+    others = _other_parts(attn, names)
+    also += f"; other attention parts no template covers: {', '.join(others)}" if others else ""
     kind = type(attn.get_submodule(found[0].module)).__name__
     return UnsupportedFeature(
         f"{attn_path}.{found[0].module}",
@@ -230,3 +233,17 @@ def attention_conv_refusal(model: nn.Module, attn_path: str, names: list[str]) -
         f" {'; '.join(parts)}; {limits}{also}",
         _HINT,
     )
+
+
+def _other_parts(attn: nn.Module, convolving: list[str]) -> list[str]:
+    """The attention's children other than linear maps, the convolving ones and plain norms (one 1-D
+    ``weight``), with their own parameters: what a template would have to cover next."""
+    parts = []
+    for name, child in attn.named_children():
+        if name in convolving or isinstance(child, (nn.Linear, nn.Dropout)):
+            continue
+        params = dict(child.named_parameters())
+        if not params or (list(params) == ["weight"] and params["weight"].dim() == 1):
+            continue
+        parts.append(f"{name} ({type(child).__name__} with parameters {sorted(params)})")
+    return parts
