@@ -44,6 +44,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
+from onboardlm.onboard.analyze_attn_conv import attention_conv_refusal
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, separate_qkv_roles, split_fused_qkv
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe, predict_layers
@@ -1136,6 +1137,11 @@ class _Analyzer:
         children = {
             n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)
         }
+        convolving = [n for n, c in children.items() if any(isinstance(m, nn.Conv1d) for m in c.modules())]
+        if convolving:
+            measured = attention_conv_refusal(self.model, path, convolving)
+            if measured is not None:
+                return measured
         for name, child in children.items():
             if any(isinstance(m, nn.Conv1d) for m in child.modules()):
                 return UnsupportedFeature(
