@@ -1683,7 +1683,12 @@ class _Analyzer:
                 if rope is None:
                     seen[""] = _first(attn(x, attention_mask=None))
                 else:
-                    kwargs = {"layer_type": self.tiny.layer_types[0]} if rope.per_layer_type else {}
+                    kwargs = {}
+                    if rope.per_layer_type:  # a type the rotary module has tables for (not LFM3's "conv")
+                        known = (
+                            getattr(_raw(self._rotary_module), "layer_types", None) or self.tiny.layer_types
+                        )
+                        kwargs = {"layer_type": next(t for t in self.tiny.layer_types if t in known)}
                     tables = _raw(self._rotary_module)(x, torch.arange(5)[None], **kwargs)
                     extra = _position_ids(attn, torch.arange(5)[None])
                     seen[""] = _first(attn(x, position_embeddings=tables, attention_mask=None, **extra))
@@ -2472,7 +2477,16 @@ class _Analyzer:
         x = torch.randn(1, 5, self.hidden, generator=generator)
         rotary = self._rotary_module
         uses = []
-        for index, layer in enumerate(layers):
+        stack = [
+            m for m in self.model.modules() if isinstance(m, nn.ModuleList) and any(x is layers[0] for x in m)
+        ]
+        # the layers' own indices in the model (a hybrid stack hands over its attention layers only)
+        everything = list(stack[0]) if stack else list(layers)
+        indices = [
+            next((i for i, other in enumerate(everything) if other is layer), n)
+            for n, layer in enumerate(layers)
+        ]
+        for index, layer in zip(indices, layers, strict=True):
             if rope.per_layer_type and self.tiny.layer_types[index] in rope.nope_layer_types:
                 uses.append(False)  # its model passes it no tables
                 continue

@@ -105,14 +105,47 @@ class Mamba1MixerSpec:
 
 
 @dataclass(frozen=True)
+class BranchSpec:
+    """A block of a parallel step beside the step's first one: it reads the same normed input (times
+    ``in_scale``) and its output (times ``out_scale``) is added to the others' (Falcon-H1's attention
+    beside its Mamba2 mixer, GraniteMoeHybrid's shared MLP beside its MoE)."""
+
+    attr: str
+    kind: MixerKind
+    in_scale: str | None = None  # config expression multiplying the block's input (None: 1)
+    out_scale: str | None = None  # config expression multiplying the block's output (None: 1)
+
+
+@dataclass(frozen=True)
 class StepSpec:
     """One residual step of a layer: ``h = h + self.<attr>(self.<norm>(h))``, or with ``post`` the
-    post-norm step ``h = h + self.<norm>(self.<attr>(h))`` (OLMo 2's layout)."""
+    post-norm step ``h = h + self.<norm>(self.<attr>(h))`` (OLMo 2's layout).
+
+    The general pre-norm step, measured where the plain one does not continue the residual stream:
+    ``x = norm(h); h = h + post_norm(sum_b block_b(x * in_b) * out_b) * scale`` with the blocks of
+    ``parallel`` beside ``attr``, a sandwich norm ``post_norm`` (LFM3) and a residual multiplier
+    ``scale`` (Granite's ``residual_multiplier``); every scale is a config expression.
+    """
 
     attr: str
     kind: MixerKind
     norm: str
     post: bool = False
+    post_norm: str | None = None
+    scale: str | None = None
+    in_scale: str | None = None
+    out_scale: str | None = None
+    parallel: tuple[BranchSpec, ...] = ()
+
+    @property
+    def branches(self) -> tuple[BranchSpec, ...]:
+        """Every block of the step, the first one included."""
+        return (BranchSpec(self.attr, self.kind, self.in_scale, self.out_scale), *self.parallel)
+
+    @property
+    def general(self) -> bool:
+        """Anything beyond ``h = h + block(norm(h))`` and the post-norm step."""
+        return bool(self.parallel or self.post_norm or self.scale or self.in_scale or self.out_scale)
 
 
 @dataclass(frozen=True)

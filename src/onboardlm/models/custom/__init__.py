@@ -42,6 +42,7 @@ MODEL_MODULES = [
     "modeling_gptj",
     "modeling_granite",
     "modeling_granite_swa",
+    "modeling_granitemoehybrid",
     "modeling_hunyuan_v1_dense",
     "modeling_hunyuan_v1_moe",
     "modeling_internlm3",
