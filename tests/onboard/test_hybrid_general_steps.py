@@ -176,3 +176,45 @@ def test_granitemoehybrid_lean_layer_equals_transformers() -> None:
         expected = expected[0] if isinstance(expected, tuple) else expected
         actual = lean(x)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@cache
+def _lfm3():
+    return analyze(AutoConfig.for_model("lfm3"))
+
+
+def test_lfm3_sandwich_norms_switched_by_their_flag() -> None:
+    hybrid = _lfm3().hybrid
+    assert hybrid is not None
+    steps = {kind.name: kind.steps for kind in hybrid.kinds}
+    assert set(steps) == {"short_conv+mlp", "attention+mlp"}
+    for name, (mixer, feed_forward) in steps.items():
+        assert (mixer.norm, mixer.post_norm) == ("operator_norm", "post_operator_norm"), name
+        assert (feed_forward.norm, feed_forward.post_norm) == ("ffn_norm", "post_ffn_norm"), name
+        assert {mixer.post_norm_flag, feed_forward.post_norm_flag} == {"config.use_sandwich_norm"}
+        assert not (mixer.parallel or mixer.scale or feed_forward.scale)
+    # the attention template always builds the head gate: the layers refuse configs without it
+    assert hybrid.refused == (("use_attention_gate", False),)
+
+
+def test_lfm3_lean_layers_equal_transformers_without_sandwich_norms() -> None:
+    namespace: dict = {}
+    exec(compile(generate_model_file(_lfm3()), "modeling_lfm3.py", "exec"), namespace)  # noqa: S102
+    config = tiny_config(AutoConfig.for_model("lfm3"))
+    config.use_sandwich_norm = False
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    layer = reference.model.layers[0]  # a conv layer: no RoPE tables
+    lean = namespace["Lfm3DecoderLayer"](config, 0).eval()
+    assert isinstance(lean.post_operator_norm, nn.Identity)
+    lean.load_state_dict(layer.state_dict(), strict=True)
+    x = torch.randn(2, 7, config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x, None), layer(x), atol=1e-5, rtol=1e-5)
+    config.use_attention_gate = False
+    try:
+        namespace["Lfm3DecoderLayer"](config, 1)
+    except NotImplementedError as err:
+        assert "use_attention_gate" in str(err)
+    else:
+        raise AssertionError("a config without the attention gate was built")

@@ -139,6 +139,7 @@ def test_admission_waits_for_a_free_state_slot() -> None:
 #: Mamba2 + attention; Mamba1 + attention with MoE placed by its own layer rule (Jamba, both placements);
 #: short convolution + attention with a functional-activation MLP of a computed width (LFM2).
 #: LFM2-MoE: the MoE placed by num_dense_layers beside conv / attention kinds.
+#: GraniteMoeHybrid, LFM3: residual steps with a multiplier, parallel blocks, sandwich norms.
 SHIPPED = [
     ("mamba2", {}, False),
     ("bamba", {"attn_layer_indices": [1, 5]}, True),
@@ -155,6 +156,10 @@ SHIPPED = [
         {"num_hidden_layers": 3, "layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
         True,
     ),
+    # general residual steps: Mamba2 then a MoE beside a shared MLP, both scaled by the residual multiplier
+    ("granitemoehybrid", {"residual_multiplier": 1.3}, False),
+    # sandwich norms around short convolution / full and sliding-window attention with a head gate
+    ("lfm3", {}, True),
 ]
 
 

@@ -2477,16 +2477,7 @@ class _Analyzer:
         x = torch.randn(1, 5, self.hidden, generator=generator)
         rotary = self._rotary_module
         uses = []
-        stack = [
-            m for m in self.model.modules() if isinstance(m, nn.ModuleList) and any(x is layers[0] for x in m)
-        ]
-        # the layers' own indices in the model (a hybrid stack hands over its attention layers only)
-        everything = list(stack[0]) if stack else list(layers)
-        indices = [
-            next((i for i, other in enumerate(everything) if other is layer), n)
-            for n, layer in enumerate(layers)
-        ]
-        for index, layer in zip(indices, layers, strict=True):
+        for index, layer in enumerate(layers):
             if rope.per_layer_type and self.tiny.layer_types[index] in rope.nope_layer_types:
                 uses.append(False)  # its model passes it no tables
                 continue

@@ -1043,7 +1043,12 @@ def _check_mamba1(mixer: nn.Module, spec: Mamba1MixerSpec, hidden: int) -> bool:
 
 
 def _model_chosen_nope(
-    an: _Analyzer, layers_path: str, num_layers: int, attention: Any, rope: RopeSpec | None
+    an: _Analyzer,
+    layers_path: str,
+    num_layers: int,
+    attention: Any,
+    rope: RopeSpec | None,
+    attention_at: set[int] | None = None,
 ) -> Any:
     """The attention's RoPE flag where the model's forward hands some layers no RoPE tables
     (LaRA-mini's full-attention layers get ``position_embeddings=None``): measured from one recorded
@@ -1055,6 +1060,8 @@ def _model_chosen_nope(
         an.model, paths, input_ids=torch.arange(1, 8)[None], position_ids=torch.arange(7)[None]
     )
     uses = [calls[path][0].position_embeddings is not None for path in paths]
+    if attention_at is not None:  # tables a layer without attention gets (or not) tell nothing
+        uses = [use or index not in attention_at for index, use in enumerate(uses)]
     if all(uses) or not any(uses):  # every layer gets the tables (or none is passed by keyword)
         return attention
     return dataclasses.replace(attention, rope_flag=an._rope_flag(layers_path, uses))
@@ -1159,6 +1166,9 @@ def analyze_hybrid(
     layers_path = f"{path}.{layers_attr}"
     _refuse_unbuilt_mixers(layers_path, layers)
     all_steps = _layer_steps(layers_path, layers, model, _scale_candidates(an))
+    all_steps = [
+        _with_post_norm_flags(an, layer, steps) for layer, steps in zip(layers, all_steps, strict=True)
+    ]
     names = [
         f"{type(layer).__name__}:{_kind_name(steps)}" for layer, steps in zip(layers, all_steps, strict=True)
     ]
@@ -1198,8 +1208,13 @@ def analyze_hybrid(
                         if any(t.kind == "attention" for t in s)
                     ]
                 )
-                attention, rope = an._attention(layer_path, attention_layers, rope)
-                attention = _model_chosen_nope(an, layers_path, len(layers), attention, rope)
+                attention, rope = _attention_of_subset(an, layer_path, attention_layers, all_steps, rope)
+                at = {
+                    i
+                    for i, s in enumerate(all_steps)
+                    if any(b.kind == "attention" for t in s for b in t.branches)
+                }
+                attention = _model_chosen_nope(an, layers_path, len(layers), attention, rope, at)
                 blocks["attention"] = attention
             elif step.kind == "mlp":
                 others = [s.attr for s in steps if s.kind != "mlp"]
@@ -1238,7 +1253,9 @@ def analyze_hybrid(
     an.notes.append(
         "layer kinds " + ", ".join(f"{k.name} x{[short[n] for n in names].count(k.name)}" for k in kinds)
     )
+    refused = _attention_gate_switch(an, layers, all_steps, attention)
     hybrid = HybridSpec(
+        refused=refused,
         kinds=tuple(kinds),
         order=tuple(short[n] for n in names),
         selector=selector,
@@ -1279,6 +1296,93 @@ def analyze_hybrid(
         hybrid=hybrid,
         ties_head=_class_ties_head(type(model)),
     )
+
+
+def _attention_gate_switch(
+    an: _Analyzer, layers: nn.ModuleList, all_steps: list[tuple[StepSpec, ...]], attention: Any
+) -> tuple[tuple[str, bool], ...]:
+    """The bool field without which transformers builds the attention without its output gate
+    (LFM3's ``use_attention_gate``): the attention template always builds the gate, so the layers
+    refuse the other setting."""
+    gate = getattr(attention, "gate", None)
+    if attention is None or gate is None or getattr(attention, "output_gate", "none") == "none":
+        return ()
+    index = next(
+        i
+        for i, steps in enumerate(all_steps)
+        if any(b.kind == "attention" for s in steps for b in s.branches)
+    )
+    found = None
+    for name, value in an.fields.items():
+        if value is not True:
+            continue
+        flipped = copy.deepcopy(an.tiny)
+        try:
+            setattr(flipped, name, False)
+            with torch.device("meta"):
+                rebuilt = an._rebuilt_layer(layers[index], flipped, index)
+            attn = rebuilt.get_submodule(attention.attr)  # still an attention layer
+        except Exception:  # noqa: BLE001 - a flip the config or the layer refuses tells nothing
+            continue
+        if not isinstance(getattr(attn, gate.name, None), nn.Module):
+            found = name
+            break
+    if found is None:
+        return ()
+    name = found
+    an.notes.append(f"config.{name}=False: attention without its output gate, not built by this file")
+    return ((name, False),)
+
+
+def _with_post_norm_flags(
+    an: _Analyzer, layer: nn.Module, steps: tuple[StepSpec, ...]
+) -> tuple[StepSpec, ...]:
+    """Each sandwich norm's switch: the bool config field whose flip rebuilds the layer with the
+    norm as a module without weights (LFM3's ``use_sandwich_norm``: ``nn.Identity``)."""
+    found = []
+    for step in steps:
+        flag = None
+        for name, value in an.fields.items() if step.post_norm else ():
+            if not isinstance(value, bool):
+                continue
+            flipped = copy.deepcopy(an.tiny)
+            try:
+                setattr(flipped, name, not value)
+                with torch.device("meta"):
+                    rebuilt = an._rebuilt_layer(layer, flipped)
+                module = rebuilt.get_submodule(step.post_norm)
+            except Exception:  # noqa: BLE001 - a flip the config or the layer refuses tells nothing
+                continue
+            if not any(True for _ in module.parameters()):
+                flag = f"config.{name}" if value else f"not config.{name}"
+                break
+        found.append(dataclasses.replace(step, post_norm_flag=flag))
+    return tuple(found)
+
+
+def _attention_of_subset(
+    an: _Analyzer,
+    layer_path: str,
+    attention_layers: nn.ModuleList,
+    all_steps: list[tuple[StepSpec, ...]],
+    rope: RopeSpec | None,
+) -> tuple[Any, RopeSpec | None]:
+    """The attention analysis on the attention layers only: where RoPE tables are per layer type
+    (LFM3: none for its "conv" layers), its probes index ``layer_types`` by position in the layers
+    handed over, so they see the attention layers' own types for the time of the analysis."""
+    types = getattr(an.tiny, "layer_types", None)
+    if rope is None or not rope.per_layer_type or not isinstance(types, list) or len(types) != len(all_steps):
+        return an._attention(layer_path, attention_layers, rope)
+    chosen = [
+        i
+        for i, steps in enumerate(all_steps)
+        if any(b.kind == "attention" for s in steps for b in s.branches)
+    ]
+    try:
+        an.tiny.layer_types = [types[i] for i in chosen]
+        return an._attention(layer_path, attention_layers, rope)
+    finally:
+        an.tiny.layer_types = types
 
 
 def _only_block(layer: nn.Module, attr: str) -> nn.Module:

@@ -177,6 +177,7 @@ def _multiplier_variants(tiny: PretrainedConfig, reads: list[str]) -> list[Varia
         name
         for name in reads
         if "multiplier" in name
+        and not any(part in name for part in ("dim", "size"))  # a width factor, not a scalar
         and isinstance(getattr(tiny, name, None), float)
         and getattr(tiny, name) == 1.0
     ]

@@ -211,7 +211,9 @@ def emit_layer_class(class_name: str, spec: ArchitectureSpec) -> str:
                 lines.append(
                     f"self.{branch.attr} = {block_constructor(branch.kind, hybrid.block(branch.kind), hybrid)}"
                 )
-            if step.post_norm:
+            if step.post_norm and step.post_norm_flag:  # the identity where the flag is off
+                lines.append(f"self.{step.post_norm} = {norm} if {step.post_norm_flag} else nn.Identity()")
+            elif step.post_norm:
                 lines.append(f"self.{step.post_norm} = {norm}")
         lines += [f"self.{_scale_attr(e)} = {e}" for e in _scales(kind)]
         return _moe_guard(hybrid, kind) + lines
@@ -258,6 +260,12 @@ def emit_layer_class(class_name: str, spec: ArchitectureSpec) -> str:
         if positional
         else "self, hidden_states: torch.Tensor"
     )
+    for field, value in hybrid.refused:  # settings whose blocks this file does not build
+        init = [
+            f"if {'' if value else 'not '}config.{field}:",
+            f'    raise NotImplementedError("config.{field}={value!r} is not reproduced by this file")',
+            *init,
+        ]
     lines = [
         f"class {class_name}(nn.Module):",
         f"    def __init__(self, config: {spec.config_class}, layer_idx: int) -> None:",
@@ -329,6 +337,9 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
             f"; every layer is built as a {hybrid.order[0]} layer (re-onboard a config with other kinds)"
         )
     rope = " and rotary position embeddings" if spec.rope is not None else ""
+    if hybrid.refused:  # the sentence config_variants reads: no variant flips these
+        settings = ", ".join(f"config.{field}={value}" for field, value in hybrid.refused)
+        selector += f"; not for configs with {settings} (measured: other modules)"
     ops = dict.fromkeys(op for kind, _ in hybrid.blocks for op in STATE_OPS.get(kind, ()))
     stateful = " / ".join(f"``{op}``" for op in ops) or "the canonical ops"
     return (

@@ -136,6 +136,8 @@ class StepSpec:
     in_scale: str | None = None
     out_scale: str | None = None
     parallel: tuple[BranchSpec, ...] = ()
+    #: bool config expression without which ``post_norm`` is the identity (LFM3's ``use_sandwich_norm``)
+    post_norm_flag: str | None = None
 
     @property
     def branches(self) -> tuple[BranchSpec, ...]:
@@ -167,6 +169,9 @@ class HybridSpec:
     selector: str | None  # config expression of the per-layer list choosing a kind (None: one kind)
     blocks: tuple[tuple[MixerKind, Any], ...]  # block spec of each block kind
     norm_class: str  # the layers' RMSNorm class
+    #: (bool field, value) settings under which transformers builds a block module this file does not
+    #: have (LFM3's ``use_attention_gate=False``: attention without its output gate); the layers refuse them
+    refused: tuple[tuple[str, bool], ...] = ()
 
     def block(self, kind: MixerKind) -> Any:
         return dict(self.blocks)[kind]

@@ -51,6 +51,7 @@ MODEL_MODULES = [
     "modeling_lara_mini",
     "modeling_lfm2",
     "modeling_lfm2_moe",
+    "modeling_lfm3",
     "modeling_llama",
     "modeling_llama4_text",
     "modeling_mamba2",
