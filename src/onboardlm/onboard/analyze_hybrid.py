@@ -1167,7 +1167,8 @@ def analyze_hybrid(
     _refuse_unbuilt_mixers(layers_path, layers)
     all_steps = _layer_steps(layers_path, layers, model, _scale_candidates(an))
     all_steps = [
-        _with_post_norm_flags(an, layer, steps) for layer, steps in zip(layers, all_steps, strict=True)
+        _with_post_norm_flags(an, layer, index, steps)
+        for index, (layer, steps) in enumerate(zip(layers, all_steps, strict=True))
     ]
     names = [
         f"{type(layer).__name__}:{_kind_name(steps)}" for layer, steps in zip(layers, all_steps, strict=True)
@@ -1335,7 +1336,7 @@ def _attention_gate_switch(
 
 
 def _with_post_norm_flags(
-    an: _Analyzer, layer: nn.Module, steps: tuple[StepSpec, ...]
+    an: _Analyzer, layer: nn.Module, index: int, steps: tuple[StepSpec, ...]
 ) -> tuple[StepSpec, ...]:
     """Each sandwich norm's switch: the bool config field whose flip rebuilds the layer with the
     norm as a module without weights (LFM3's ``use_sandwich_norm``: ``nn.Identity``)."""
@@ -1349,7 +1350,7 @@ def _with_post_norm_flags(
             try:
                 setattr(flipped, name, not value)
                 with torch.device("meta"):
-                    rebuilt = an._rebuilt_layer(layer, flipped)
+                    rebuilt = an._rebuilt_layer(layer, flipped, index)
                 module = rebuilt.get_submodule(step.post_norm)
             except Exception:  # noqa: BLE001 - a flip the config or the layer refuses tells nothing
                 continue

@@ -134,6 +134,10 @@ def _scales(kind: LayerKindSpec) -> list[str]:
     return list(dict.fromkeys(e for e in found if e))
 
 
+def _scales_any(steps: list[StepSpec]) -> bool:
+    return any(step.scale or any(b.in_scale or b.out_scale for b in step.branches) for step in steps)
+
+
 def _moe_guard(hybrid: HybridSpec, kind: LayerKindSpec) -> list[str]:
     """A MoE that runs beside a dense MLP of its own (GraniteMoeHybrid's ``shared_mlp``) and that the
     transformers layer builds only under a config rule (``config.num_local_experts > 0``): the file
@@ -337,6 +341,16 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
             f"; every layer is built as a {hybrid.order[0]} layer (re-onboard a config with other kinds)"
         )
     rope = " and rotary position embeddings" if spec.rope is not None else ""
+    steps = [step for kind in hybrid.kinds for step in kind.steps]
+    layouts = []
+    if any(step.post_norm for step in steps):
+        layouts.append("norms after the blocks too (sandwich)")
+    if any(step.parallel for step in steps):
+        layouts.append("blocks in parallel on one normed input")
+    if _scales_any(steps):
+        layouts.append("multipliers on block inputs, outputs or residual adds")
+    if layouts:
+        selector += f"; residual steps with {', '.join(layouts)}"
     if hybrid.refused:  # the sentence config_variants reads: no variant flips these
         settings = ", ".join(f"config.{field}={value}" for field, value in hybrid.refused)
         selector += f"; not for configs with {settings} (measured: other modules)"

@@ -3,8 +3,9 @@
 Mirrors ``transformers.models.granitemoehybrid.modeling_granitemoehybrid``
 (GraniteMoeHybridForCausalLM): a hybrid stack of pre-norm layers with RMSNorm, built from Mamba2 SSD
 mixers, mixture-of-experts feed-forward, dense MLPs. Layer kinds in the analyzed config: mamba2+moe
-(2 of 2 layers); a layer's kind is read from config.layer_types[layer_idx]. Module names equal the
-checkpoint keys, so HuggingFace state dicts load with ``strict=True``.
+(2 of 2 layers); a layer's kind is read from config.layer_types[layer_idx]; residual steps with
+blocks in parallel on one normed input, multipliers on block inputs, outputs or residual adds.
+Module names equal the checkpoint keys, so HuggingFace state dicts load with ``strict=True``.
 
 Left out on purpose: the KV cache and the mixers' conv and scan states (they run from a zero state
 on ``torch_causal_conv1d`` / ``torch_ssm``; the runtime swaps in cached versions), attention masks

@@ -3,9 +3,10 @@
 Mirrors ``transformers.models.lfm3.modeling_lfm3`` (Lfm3ForCausalLM): a hybrid stack of pre-norm
 layers with RMSNorm, built from gated short-convolution mixers, dense MLPs, grouped-query attention
 and rotary position embeddings. Layer kinds in the analyzed config: short_conv+mlp (1 of 3 layers),
-attention+mlp (2 of 3 layers); a layer's kind is read from config.layer_types[layer_idx]; not for
-configs with config.use_attention_gate=False (measured: other modules). Module names equal the
-checkpoint keys, so HuggingFace state dicts load with ``strict=True``.
+attention+mlp (2 of 3 layers); a layer's kind is read from config.layer_types[layer_idx]; residual
+steps with norms after the blocks too (sandwich); not for configs with
+config.use_attention_gate=False (measured: other modules). Module names equal the checkpoint keys,
+so HuggingFace state dicts load with ``strict=True``.
 
 Left out on purpose: the KV cache and the mixers' conv and scan states (they run from a zero state
 on ``torch_causal_conv1d``; the runtime swaps in cached versions), attention masks and padding masks
