@@ -126,7 +126,7 @@ def test_bamba_attention_layers_selected_by_layer_types() -> None:
     ("model_type", "where", "feature"),
     [
         ("zamba2", "model.layers.1", "input plus its blocks' outputs"),
-        ("falcon_h1", "model.layers.0", "residual layout"),
+        ("falcon_h1", "model.layers.0.mamba", "buffers ['mup_vector']"),
     ],
 )
 def test_hybrids_without_a_template_are_refused_by_module(model_type: str, where: str, feature: str) -> None:

@@ -140,6 +140,7 @@ def test_admission_waits_for_a_free_state_slot() -> None:
 #: short convolution + attention with a functional-activation MLP of a computed width (LFM2).
 #: LFM2-MoE: the MoE placed by num_dense_layers beside conv / attention kinds. Kimi Linear: Kimi Delta
 #: Attention (torch_channel_gated_delta_rule) beside MLA without RoPE.
+#: GraniteMoeHybrid, LFM3: residual steps with a multiplier, parallel blocks, sandwich norms.
 SHIPPED = [
     ("mamba2", {}, False),
     ("bamba", {"attn_layer_indices": [1, 5]}, True),
@@ -158,6 +159,10 @@ SHIPPED = [
     ),
     # Kimi Delta Attention (per-channel decay) beside NoPE MLA attention, dense and MoE layers
     ("kimi_linear", {}, True),
+    # general residual steps: Mamba2 then a MoE beside a shared MLP, both scaled by the residual multiplier
+    ("granitemoehybrid", {"residual_multiplier": 1.3}, False),
+    # sandwich norms around short convolution / full and sliding-window attention with a head gate
+    ("lfm3", {}, True),
 ]
 
 

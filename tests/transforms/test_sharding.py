@@ -241,6 +241,30 @@ CASES = {
         },
         generate=True,
     ),
+    # general residual steps: a MoE and a shared MLP in parallel on one normed input, every step
+    # scaled by the residual multiplier (GraniteMoeHybrid); sandwich norms around short convolution
+    # and head-gated attention (LFM3)
+    "granitemoehybrid": Case(
+        f"{_custom('granitemoehybrid')}:GraniteMoeHybridForCausalLM",
+        lambda: _hybrid("granitemoehybrid", mamba_n_groups=2, residual_multiplier=1.3),
+        {
+            "linear": 8,
+            "split_with_sizes": 6,
+            "conv": 2,
+            "view": 8,
+            "ssm": 2,
+            "gated_norm": 2,
+            "all_reduce": 6,  # per layer: the mixer, the MoE and the shared MLP each reduce
+            "moe": 2,
+        },
+        generate=True,
+    ),
+    "lfm3": Case(
+        f"{_custom('lfm3')}:Lfm3ForCausalLM",
+        lambda: _hybrid("lfm3"),
+        {"linear": 21, "split_with_sizes": 1, "conv": 1, "all_reduce": 6, "view": 8},
+        generate=True,
+    ),
     "qwen3_next": Case(
         f"{_custom('qwen3_next')}:Qwen3NextForCausalLM",
         lambda: _hybrid("qwen3_next"),

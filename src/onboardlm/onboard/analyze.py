@@ -1758,7 +1758,12 @@ class _Analyzer:
                 if rope is None:
                     seen[""] = _first(attn(x, attention_mask=None))
                 else:
-                    kwargs = {"layer_type": self.tiny.layer_types[0]} if rope.per_layer_type else {}
+                    kwargs = {}
+                    if rope.per_layer_type:  # a type the rotary module has tables for (not LFM3's "conv")
+                        known = (
+                            getattr(_raw(self._rotary_module), "layer_types", None) or self.tiny.layer_types
+                        )
+                        kwargs = {"layer_type": next(t for t in self.tiny.layer_types if t in known)}
                     tables = _raw(self._rotary_module)(x, torch.arange(5)[None], **kwargs)
                     extra = _position_ids(attn, torch.arange(5)[None])
                     seen[""] = _first(attn(x, position_embeddings=tables, attention_mask=None, **extra))

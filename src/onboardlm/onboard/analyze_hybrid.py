@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import itertools
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
 from onboardlm.onboard.spec import ArchitectureSpec, DecoderLayerSpec, NormSpec, RopeSpec
 from onboardlm.onboard.spec_hybrid import (
     TOKEN_MIXERS,
+    BranchSpec,
     HybridSpec,
     LayerKindSpec,
     Mamba1MixerSpec,
@@ -196,8 +198,14 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> list[tuple[StepSpec, ...]]:
-    """Residual steps of each layer, measured from one recorded forward of the whole model."""
+def _layer_steps(
+    layers_path: str,
+    layers: nn.ModuleList,
+    model: nn.Module,
+    scales: list[tuple[str, float]] | None = None,
+) -> list[tuple[StepSpec, ...]]:
+    """Residual steps of each layer, measured from one recorded forward of the whole model.
+    ``scales``: (config expression, value) of the multipliers a general step may hold."""
     paths = []
     for index, layer in enumerate(layers):
         paths.append(f"{layers_path}.{index}")
@@ -242,6 +250,24 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
                         break
                 if match:
                     break
+            if match is not None and not _continues(
+                residual + _first(match[2].output),
+                [n for n in pending if n != match[0]],
+                calls,
+                path,
+                children,
+                norms,
+            ):
+                match = None  # the plain step does not lead on: a general step (parallel, sandwich, scaled)
+            general = match is None and _general_step(
+                calls, path, pending, residual, children, norms, steps, kinds, scales or []
+            )
+            if general:
+                step, residual = general
+                steps.append(step)
+                for branch in step.branches:
+                    pending.remove(branch.attr)
+                continue
             post = match is None and _post_norm_step(calls, path, pending, residual, children, norms, steps)
             if post:
                 name, norm, call = post
@@ -267,6 +293,112 @@ def _layer_steps(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> l
             )
         found.append(tuple(steps))
     return found
+
+
+def _proportion(x: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """``s`` with ``x == s * reference`` (within the tolerance), else None."""
+    if x.shape != reference.shape:
+        return None
+    x, reference = x.double(), reference.double()
+    scale = float((x * reference).sum() / (reference * reference).sum().clamp_min(1e-30))
+    return scale if _close(x, scale * reference) else None
+
+
+def _continues(
+    after: torch.Tensor,
+    rest: list[str],
+    calls: dict[str, list[Any]],
+    path: str,
+    children: dict[str, nn.Module],
+    norms: list[str],
+) -> bool:
+    """The residual ``after`` a step leads on: the layer's output when no block is left, else some
+    block left reads a norm of it (times a constant)."""
+    if not rest:
+        return _close(after, _first(calls[path][0].output))
+    with torch.no_grad():
+        normed = [after] + [children[n](after) for n in norms]  # a post-norm block reads ``after``
+    return any(
+        _proportion(calls[f"{path}.{name}"][0].hidden_states, candidate) is not None
+        for name in rest
+        for candidate in normed
+    )
+
+
+def _scale_expression(value: float, scales: list[tuple[str, float]]) -> str | None | bool:
+    """The config expression of a measured multiplier: None for 1, False for no known one."""
+    if abs(value - 1.0) < 1e-5:
+        return None
+    for expression, candidate in scales:
+        if abs(value - candidate) < 1e-5 * max(1.0, abs(candidate)):
+            return expression
+    return False
+
+
+def _general_step(
+    calls: dict[str, list[Any]],
+    path: str,
+    pending: list[str],
+    residual: torch.Tensor,
+    children: dict[str, nn.Module],
+    norms: list[str],
+    steps: list[StepSpec],
+    kinds: dict[str, Any],
+    scales: list[tuple[str, float]],
+) -> tuple[StepSpec, torch.Tensor] | None:
+    """The general pre-norm step ``h = h + post(sum_b block_b(norm(h) * in_b) * out_b) * scale``:
+    the pending blocks reading one norm of the residual (each times a measured constant, matched to a
+    config value) run in parallel; their output multipliers, an unused norm after them (sandwich) and
+    the residual multiplier are the candidates (config values) with which the new residual leads on
+    (``_continues``). Fewest multipliers first."""
+    used = {s.norm for s in steps} | {s.post_norm for s in steps if s.post_norm}
+    inputs = {name: calls[f"{path}.{name}"][0].hidden_states for name in pending}
+    outputs = {name: _first(calls[f"{path}.{name}"][0].output).detach() for name in pending}
+    values = [(None, 1.0)] + [(e, v) for e, v in scales if abs(v - 1.0) > 1e-5]
+    for norm in sorted(norms, key=lambda n: n in used):
+        with torch.no_grad():
+            normed = children[norm](residual)
+        group: dict[str, str | None] = {}
+        for name in pending:
+            scale = _proportion(inputs[name], normed)
+            if scale is None:
+                continue
+            expression = _scale_expression(scale, scales)
+            if expression is False:
+                continue
+            group[name] = expression  # type: ignore[assignment]
+        if not group:
+            continue
+        names = list(group)
+        rest = [n for n in pending if n not in group]
+        posts = [None] + [n for n in norms if n not in used and n != norm]
+        # a single block: its output multiplier is the residual one (or vanishes in a post norm)
+        out_choices = [[(None, 1.0)]] if len(names) == 1 else [values] * len(names)
+        for post in posts:
+            for outs in itertools.product(*out_choices):
+                total = sum(outputs[n] * v for n, (_, v) in zip(names, outs, strict=True))
+                with torch.no_grad():
+                    mixed = children[post](total) if post else total
+                for scale_expr, scale in values:
+                    after = residual + mixed * scale
+                    if not _continues(after, rest, calls, path, children, norms):
+                        continue
+                    branches = [
+                        BranchSpec(n, kinds[n], group[n], o) for n, (o, _) in zip(names, outs, strict=True)
+                    ]
+                    first = branches[0]
+                    step = StepSpec(
+                        first.attr,
+                        first.kind,
+                        norm,
+                        post_norm=post,
+                        scale=scale_expr,
+                        in_scale=first.in_scale,
+                        out_scale=first.out_scale,
+                        parallel=tuple(branches[1:]),
+                    )
+                    return step, after.detach()
+    return None
 
 
 def _post_norm_step(
@@ -334,6 +466,20 @@ def _layout_hint(calls: dict[str, list[Any]], path: str, pending: list[str]) -> 
             if _close(inputs[a], inputs[b]):
                 return f": {a} and {b} read the same input (parallel blocks)"
     return ""
+
+
+def _scale_candidates(an: _Analyzer) -> list[tuple[str, float]]:
+    """(config expression, value) of the float config fields a residual step may be scaled by:
+    multipliers first (Granite's ``residual_multiplier``, Falcon-H1's ``attention_in_multiplier``)."""
+    floats = {
+        name: value
+        for name, value in an.fields.items()
+        if isinstance(value, float)
+        and value not in (0.0, 1.0)
+        and not any(part in name for part in ("eps", "dropout", "range", "theta", "coef"))
+    }
+    ordered = sorted(floats, key=lambda name: ("multiplier" not in name, "residual" not in name, name))
+    return [(f"config.{name}", floats[name]) for name in ordered]
 
 
 def _kind_name(steps: tuple[StepSpec, ...]) -> str:
@@ -518,7 +664,20 @@ def mamba2_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba
     heads = mixer.A_log.numel()
     inner = linears[out_name].in_features
     conv_dim = conv.out_channels
-    norm_name, norm = _gated_norm(mixer, inner)
+    scales = sorted(
+        n for n, b in mixer.named_buffers(recurse=False) if b.is_floating_point() and b.numel() > 1
+    )
+    if scales:  # a fixed vector scaling a projection's output (Falcon-H1's µP ``mup_vector`` on in_proj)
+        raise UnsupportedFeature(
+            path,
+            f"Mamba2 mixer with buffers {scales} that scale its projections (µP multipliers per channel);"
+            " no Mamba2 template covers them yet",
+            _HINT,
+        )
+    try:
+        norm_name, norm = _gated_norm(mixer, inner)
+    except UnsupportedFeature as err:
+        raise UnsupportedFeature(path, err.feature, _HINT) from err
     group = _group_size(norm, inner)
     groups = inner // group
     state = (conv_dim - inner) // (2 * groups)
@@ -885,7 +1044,12 @@ def _check_mamba1(mixer: nn.Module, spec: Mamba1MixerSpec, hidden: int) -> bool:
 
 
 def _model_chosen_nope(
-    an: _Analyzer, layers_path: str, num_layers: int, attention: Any, rope: RopeSpec | None
+    an: _Analyzer,
+    layers_path: str,
+    num_layers: int,
+    attention: Any,
+    rope: RopeSpec | None,
+    attention_at: set[int] | None = None,
 ) -> Any:
     """The attention's RoPE flag where the model's forward hands some layers no RoPE tables
     (LaRA-mini's full-attention layers get ``position_embeddings=None``): measured from one recorded
@@ -897,6 +1061,8 @@ def _model_chosen_nope(
         an.model, paths, input_ids=torch.arange(1, 8)[None], position_ids=torch.arange(7)[None]
     )
     uses = [calls[path][0].position_embeddings is not None for path in paths]
+    if attention_at is not None:  # tables a layer without attention gets (or not) tell nothing
+        uses = [use or index not in attention_at for index, use in enumerate(uses)]
     if all(uses) or not any(uses):  # every layer gets the tables (or none is passed by keyword)
         return attention
     return dataclasses.replace(attention, rope_flag=an._rope_flag(layers_path, uses))
@@ -992,6 +1158,11 @@ def _moe_placement(
     mlp = blocks.get("mlp")
     attrs = {step.attr for steps in all_steps for step in steps if step.kind in ("moe", "mlp")}
     rule = moe.layer_condition
+    if any(len({b.kind for b in step.branches} & {"moe", "mlp"}) == 2 for s in all_steps for step in s):
+        # the MoE beside a dense MLP of its own attribute in one step (GraniteMoeHybrid's shared_mlp):
+        # the MLP is no alternative to the MoE; a config without experts (``rule`` false) is refused
+        # by the file (``_moe_guard``)
+        return dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
     if mlp is None or rule == "True" or _reads_selector(rule, selector, tiny):
         return dataclasses.replace(moe, dense_class=None, dense_width_expr=None)
     if attrs != {moe.attr}:
@@ -1019,7 +1190,11 @@ def analyze_hybrid(
     layers_attr, layers = parts["layers"]
     layers_path = f"{path}.{layers_attr}"
     _refuse_unbuilt_mixers(layers_path, layers)
-    all_steps = _layer_steps(layers_path, layers, model)
+    all_steps = _layer_steps(layers_path, layers, model, _scale_candidates(an))
+    all_steps = [
+        _with_post_norm_flags(an, layer, index, steps)
+        for index, (layer, steps) in enumerate(zip(layers, all_steps, strict=True))
+    ]
     names = [
         f"{type(layer).__name__}:{_kind_name(steps)}" for layer, steps in zip(layers, all_steps, strict=True)
     ]
@@ -1034,12 +1209,13 @@ def analyze_hybrid(
     norm_spec: NormSpec | None = None
     for index, (layer, steps) in enumerate(zip(layers, all_steps, strict=True)):
         layer_path = f"{layers_path}.{index}"
-        for step in steps:
-            norm = an._norm(f"{layer_path}.{step.norm}", getattr(layer, step.norm))
+        for norm_attr in [s.norm for s in steps] + [s.post_norm for s in steps if s.post_norm]:
+            norm = an._norm(f"{layer_path}.{norm_attr}", getattr(layer, norm_attr))
             if norm_spec is None:
                 norm_spec = norm
             elif norm != norm_spec:
-                raise UnsupportedFeature(f"{layer_path}.{step.norm}", "layer norms of different kinds", _HINT)
+                raise UnsupportedFeature(f"{layer_path}.{norm_attr}", "layer norms of different kinds", _HINT)
+        for step in (branch for s in steps for branch in s.branches):  # every block of the layer
             if step.kind in blocks:
                 continue
             module = getattr(layer, step.attr)
@@ -1060,12 +1236,20 @@ def analyze_hybrid(
                         if any(t.kind == "attention" for t in s)
                     ]
                 )
-                attention, rope = an._attention(layer_path, attention_layers, rope)
-                attention = _model_chosen_nope(an, layers_path, len(layers), attention, rope)
+                attention, rope = _attention_of_subset(an, layer_path, attention_layers, all_steps, rope)
+                at = {
+                    i
+                    for i, s in enumerate(all_steps)
+                    if any(b.kind == "attention" for t in s for b in t.branches)
+                }
+                attention = _model_chosen_nope(an, layers_path, len(layers), attention, rope, at)
                 blocks["attention"] = attention
             elif step.kind == "mlp":
                 others = [s.attr for s in steps if s.kind != "mlp"]
-                feed_forward = an._mlp(layer_path, layer, others[0] if others else "")
+                if any(b.kind == "mlp" for s in steps for b in s.parallel) or len(others) > 1:
+                    feed_forward = an._mlp(layer_path, _only_block(layer, step.attr), "")
+                else:
+                    feed_forward = an._mlp(layer_path, layer, others[0] if others else "")
                 blocks["mlp"] = feed_forward
             elif step.kind == "moe":  # the MoE analysis of the whole model; the layer kinds place it
                 moe = analyze_moe(an.tiny, model, dense=False)  # the dense MLP is the "mlp" block
@@ -1097,7 +1281,9 @@ def analyze_hybrid(
     an.notes.append(
         "layer kinds " + ", ".join(f"{k.name} x{[short[n] for n in names].count(k.name)}" for k in kinds)
     )
+    refused = _attention_gate_switch(an, layers, all_steps, attention)
     hybrid = HybridSpec(
+        refused=refused,
         kinds=tuple(kinds),
         order=tuple(short[n] for n in names),
         selector=selector,
@@ -1138,6 +1324,103 @@ def analyze_hybrid(
         hybrid=hybrid,
         ties_head=_class_ties_head(type(model)),
     )
+
+
+def _attention_gate_switch(
+    an: _Analyzer, layers: nn.ModuleList, all_steps: list[tuple[StepSpec, ...]], attention: Any
+) -> tuple[tuple[str, bool], ...]:
+    """The bool field without which transformers builds the attention without its output gate
+    (LFM3's ``use_attention_gate``): the attention template always builds the gate, so the layers
+    refuse the other setting."""
+    gate = getattr(attention, "gate", None)
+    if attention is None or gate is None or getattr(attention, "output_gate", "none") == "none":
+        return ()
+    index = next(
+        i
+        for i, steps in enumerate(all_steps)
+        if any(b.kind == "attention" for s in steps for b in s.branches)
+    )
+    found = None
+    for name, value in an.fields.items():
+        if value is not True:
+            continue
+        flipped = copy.deepcopy(an.tiny)
+        try:
+            setattr(flipped, name, False)
+            with torch.device("meta"):
+                rebuilt = an._rebuilt_layer(layers[index], flipped, index)
+            attn = rebuilt.get_submodule(attention.attr)  # still an attention layer
+        except Exception:  # noqa: BLE001 - a flip the config or the layer refuses tells nothing
+            continue
+        if not isinstance(getattr(attn, gate.name, None), nn.Module):
+            found = name
+            break
+    if found is None:
+        return ()
+    name = found
+    an.notes.append(f"config.{name}=False: attention without its output gate, not built by this file")
+    return ((name, False),)
+
+
+def _with_post_norm_flags(
+    an: _Analyzer, layer: nn.Module, index: int, steps: tuple[StepSpec, ...]
+) -> tuple[StepSpec, ...]:
+    """Each sandwich norm's switch: the bool config field whose flip rebuilds the layer with the
+    norm as a module without weights (LFM3's ``use_sandwich_norm``: ``nn.Identity``)."""
+    found = []
+    for step in steps:
+        flag = None
+        for name, value in an.fields.items() if step.post_norm else ():
+            if not isinstance(value, bool):
+                continue
+            flipped = copy.deepcopy(an.tiny)
+            try:
+                setattr(flipped, name, not value)
+                with torch.device("meta"):
+                    rebuilt = an._rebuilt_layer(layer, flipped, index)
+                module = rebuilt.get_submodule(step.post_norm)
+            except Exception:  # noqa: BLE001 - a flip the config or the layer refuses tells nothing
+                continue
+            if not any(True for _ in module.parameters()):
+                flag = f"config.{name}" if value else f"not config.{name}"
+                break
+        found.append(dataclasses.replace(step, post_norm_flag=flag))
+    return tuple(found)
+
+
+def _attention_of_subset(
+    an: _Analyzer,
+    layer_path: str,
+    attention_layers: nn.ModuleList,
+    all_steps: list[tuple[StepSpec, ...]],
+    rope: RopeSpec | None,
+) -> tuple[Any, RopeSpec | None]:
+    """The attention analysis on the attention layers only: where RoPE tables are per layer type
+    (LFM3: none for its "conv" layers), its probes index ``layer_types`` by position in the layers
+    handed over, so they see the attention layers' own types for the time of the analysis."""
+    types = getattr(an.tiny, "layer_types", None)
+    if rope is None or not rope.per_layer_type or not isinstance(types, list) or len(types) != len(all_steps):
+        return an._attention(layer_path, attention_layers, rope)
+    chosen = [
+        i
+        for i, steps in enumerate(all_steps)
+        if any(b.kind == "attention" for s in steps for b in s.branches)
+    ]
+    try:
+        an.tiny.layer_types = [types[i] for i in chosen]
+        return an._attention(layer_path, attention_layers, rope)
+    finally:
+        an.tiny.layer_types = types
+
+
+def _only_block(layer: nn.Module, attr: str) -> nn.Module:
+    """A shallow copy of ``layer`` whose only block is ``attr`` (its norms kept): the MLP analysis
+    then finds one feed-forward among blocks in parallel, and still rebuilds the layer's class."""
+    proxy = copy.copy(layer)
+    proxy._modules = {
+        name: child for name, child in layer._modules.items() if name == attr or block_kind(child) is None
+    }
+    return proxy
 
 
 def _class_ties_head(causal_lm: type) -> bool:

@@ -151,6 +151,7 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
         for name in reads:
             found += _per_layer_float_variants(name, getattr(tiny, name, None), tiny.num_hidden_layers)
         found += _layer_rule_variants(tiny, tree)
+        found += _multiplier_variants(tiny, reads)
     tied = bool(getattr(tiny, "tie_word_embeddings", False))
     found.append(Variant(f"tie_word_embeddings={not tied}", {"tie_word_embeddings": not tied}))
     parameters = getattr(tiny, "rope_parameters", None)
@@ -163,6 +164,28 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
             kinds = "/".join(sorted({table.get("rope_type", "default") for table in tables}))
             found.append(Variant(f"rope={kinds}", {"rope_parameters": other}, group="rope"))
     return found
+
+
+#: Distinct values for the scalar multipliers of ``_multiplier_variants`` (one per field, in order).
+TELLING_MULTIPLIERS = (0.7, 1.3, 0.55, 1.45, 0.8, 1.2, 0.65, 1.35)
+
+
+def _multiplier_variants(tiny: PretrainedConfig, reads: list[str]) -> list[Variant]:
+    """The float ``*_multiplier`` fields the lean file reads that the test config leaves at 1 (where a
+    dropped or swapped multiplier changes nothing): one variant sets each to a distinct value
+    (Granite's ``residual_multiplier`` on the hybrid steps, Falcon-H1's attention / SSM multipliers)."""
+    names = [
+        name
+        for name in reads
+        if "multiplier" in name
+        and not any(part in name for part in ("dim", "size"))  # a width factor, not a scalar
+        and isinstance(getattr(tiny, name, None), float)
+        and getattr(tiny, name) == 1.0
+    ]
+    if not names:
+        return []
+    overrides = dict(zip(names, TELLING_MULTIPLIERS, strict=False))
+    return [Variant("multipliers", overrides)]
 
 
 #: Period of the q scale by position in its variant: the test's positions cross several periods.

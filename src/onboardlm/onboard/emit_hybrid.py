@@ -19,7 +19,13 @@ from typing import Any
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.spec import ArchitectureSpec
-from onboardlm.onboard.spec_hybrid import HybridSpec, LayerKindSpec, Mamba1MixerSpec, Mamba2MixerSpec
+from onboardlm.onboard.spec_hybrid import (
+    HybridSpec,
+    LayerKindSpec,
+    Mamba1MixerSpec,
+    Mamba2MixerSpec,
+    StepSpec,
+)
 
 _HINT = "add a template for this block kind in onboardlm/onboard/templates and emit_hybrid.py"
 
@@ -114,11 +120,75 @@ def _condition(hybrid: HybridSpec, kind: LayerKindSpec) -> str:
     return f"self.block_type in {tuple(values)!r}"
 
 
+def _scale_attr(expression: str) -> str:
+    """The layer attribute holding a multiplier ``config.<name>`` (set in the constructor)."""
+    name = expression.removeprefix("config.")
+    if not name.isidentifier():
+        raise UnsupportedFeature(expression, "a residual multiplier that is not one config field", _HINT)
+    return name
+
+
+def _scales(kind: LayerKindSpec) -> list[str]:
+    """The multipliers the kind's steps read, as config expressions (each once)."""
+    found = []
+    for step in kind.steps:
+        found += [step.scale] + [e for b in step.branches for e in (b.in_scale, b.out_scale)]
+    return list(dict.fromkeys(e for e in found if e))
+
+
+def _scales_any(steps: list[StepSpec]) -> bool:
+    return any(step.scale or any(b.in_scale or b.out_scale for b in step.branches) for step in steps)
+
+
+def _moe_guard(hybrid: HybridSpec, kind: LayerKindSpec) -> list[str]:
+    """A MoE that runs beside a dense MLP of its own (GraniteMoeHybrid's ``shared_mlp``) and that the
+    transformers layer builds only under a config rule (``config.num_local_experts > 0``): the file
+    builds it always and refuses configs where the rule is false (a layer of the MLP alone)."""
+    moe = dict(hybrid.blocks).get("moe")
+    beside = any(len({b.kind for b in step.branches} & {"moe", "mlp"}) == 2 for step in kind.steps)
+    if moe is None or not beside or moe.layer_condition in ("True", "") or moe.dense_class is not None:
+        return []
+    return [
+        f"if not ({moe.layer_condition}):",
+        f'    raise NotImplementedError(f"layer {{layer_idx}}: layers without the MoE ({moe.layer_condition}'
+        f' is false) are not built by this file")',
+    ]
+
+
+def _general_step_lines(step: StepSpec, positional: bool) -> list[str]:
+    """``x = norm(h); h = h + post(sum_b block_b(x * in_b) * out_b) * scale`` (spec_hybrid.StepSpec)."""
+    lines = []
+    branches = step.branches
+    shared = len(branches) > 1 or step.in_scale is not None
+    if shared:
+        lines.append(f"normed = self.{step.norm}(hidden_states)")
+    terms = []
+    for branch in branches:
+        extra = ", position_embeddings" if positional and branch.kind in POSITIONAL_KINDS else ""
+        argument = "normed" if shared else f"self.{step.norm}(hidden_states)"
+        if branch.in_scale:
+            argument += f" * self.{_scale_attr(branch.in_scale)}"
+        term = f"self.{branch.attr}({argument}{extra})"
+        if branch.out_scale:
+            term += f" * self.{_scale_attr(branch.out_scale)}"
+        terms.append(term)
+    update = " + ".join(terms)
+    if step.post_norm:
+        update = f"self.{step.post_norm}({update})"
+    if step.scale:
+        update = f"({update})" if len(terms) > 1 and not step.post_norm else update
+        update += f" * self.{_scale_attr(step.scale)}"
+    lines.append(f"hidden_states = hidden_states + {update}")
+    return lines
+
+
 def _step_lines(hybrid: HybridSpec, kind: LayerKindSpec, positional: bool) -> list[str]:
     lines = []
     for step in kind.steps:
         extra = ", position_embeddings" if positional and step.kind in POSITIONAL_KINDS else ""
-        if step.post:
+        if step.general:
+            lines += _general_step_lines(step, positional)
+        elif step.post:
             lines.append(
                 f"hidden_states = hidden_states + self.{step.norm}(self.{step.attr}(hidden_states{extra}))"
             )
@@ -143,10 +213,16 @@ def emit_layer_class(class_name: str, spec: ArchitectureSpec) -> str:
         lines = []
         for step in kind.steps:
             lines.append(f"self.{step.norm} = {norm}")
-            lines.append(
-                f"self.{step.attr} = {block_constructor(step.kind, hybrid.block(step.kind), hybrid)}"
-            )
-        return lines
+            for branch in step.branches:
+                lines.append(
+                    f"self.{branch.attr} = {block_constructor(branch.kind, hybrid.block(branch.kind), hybrid)}"
+                )
+            if step.post_norm and step.post_norm_flag:  # the identity where the flag is off
+                lines.append(f"self.{step.post_norm} = {norm} if {step.post_norm_flag} else nn.Identity()")
+            elif step.post_norm:
+                lines.append(f"self.{step.post_norm} = {norm}")
+        lines += [f"self.{_scale_attr(e)} = {e}" for e in _scales(kind)]
+        return _moe_guard(hybrid, kind) + lines
 
     if len(kinds) == 1 and hybrid.selector is not None and len(hybrid.kinds) == 1:
         (value,) = kinds[0].selectors  # the analyzed config had layers of this kind only
@@ -190,6 +266,12 @@ def emit_layer_class(class_name: str, spec: ArchitectureSpec) -> str:
         if positional
         else "self, hidden_states: torch.Tensor"
     )
+    for field, value in hybrid.refused:  # settings whose blocks this file does not build
+        init = [
+            f"if {'' if value else 'not '}config.{field}:",
+            f'    raise NotImplementedError("config.{field}={value!r} is not reproduced by this file")',
+            *init,
+        ]
     lines = [
         f"class {class_name}(nn.Module):",
         f"    def __init__(self, config: {spec.config_class}, layer_idx: int) -> None:",
@@ -264,6 +346,19 @@ def describe_hybrid(spec: ArchitectureSpec) -> str:
             f"; every layer is built as a {hybrid.order[0]} layer (re-onboard a config with other kinds)"
         )
     rope = " and rotary position embeddings" if spec.rope is not None else ""
+    steps = [step for kind in hybrid.kinds for step in kind.steps]
+    layouts = []
+    if any(step.post_norm for step in steps):
+        layouts.append("norms after the blocks too (sandwich)")
+    if any(step.parallel for step in steps):
+        layouts.append("blocks in parallel on one normed input")
+    if _scales_any(steps):
+        layouts.append("multipliers on block inputs, outputs or residual adds")
+    if layouts:
+        selector += f"; residual steps with {', '.join(layouts)}"
+    if hybrid.refused:  # the sentence config_variants reads: no variant flips these
+        settings = ", ".join(f"config.{field}={value}" for field, value in hybrid.refused)
+        selector += f"; not for configs with {settings} (measured: other modules)"
     ops = dict.fromkeys(op for kind, _ in hybrid.blocks for op in STATE_OPS.get(kind, ()))
     stateful = " / ".join(f"``{op}``" for op in ops) or "the canonical ops"
     return (

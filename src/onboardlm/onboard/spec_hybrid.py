@@ -105,14 +105,49 @@ class Mamba1MixerSpec:
 
 
 @dataclass(frozen=True)
+class BranchSpec:
+    """A block of a parallel step beside the step's first one: it reads the same normed input (times
+    ``in_scale``) and its output (times ``out_scale``) is added to the others' (Falcon-H1's attention
+    beside its Mamba2 mixer, GraniteMoeHybrid's shared MLP beside its MoE)."""
+
+    attr: str
+    kind: MixerKind
+    in_scale: str | None = None  # config expression multiplying the block's input (None: 1)
+    out_scale: str | None = None  # config expression multiplying the block's output (None: 1)
+
+
+@dataclass(frozen=True)
 class StepSpec:
     """One residual step of a layer: ``h = h + self.<attr>(self.<norm>(h))``, or with ``post`` the
-    post-norm step ``h = h + self.<norm>(self.<attr>(h))`` (OLMo 2's layout)."""
+    post-norm step ``h = h + self.<norm>(self.<attr>(h))`` (OLMo 2's layout).
+
+    The general pre-norm step, measured where the plain one does not continue the residual stream:
+    ``x = norm(h); h = h + post_norm(sum_b block_b(x * in_b) * out_b) * scale`` with the blocks of
+    ``parallel`` beside ``attr``, a sandwich norm ``post_norm`` (LFM3) and a residual multiplier
+    ``scale`` (Granite's ``residual_multiplier``); every scale is a config expression.
+    """
 
     attr: str
     kind: MixerKind
     norm: str
     post: bool = False
+    post_norm: str | None = None
+    scale: str | None = None
+    in_scale: str | None = None
+    out_scale: str | None = None
+    parallel: tuple[BranchSpec, ...] = ()
+    #: bool config expression without which ``post_norm`` is the identity (LFM3's ``use_sandwich_norm``)
+    post_norm_flag: str | None = None
+
+    @property
+    def branches(self) -> tuple[BranchSpec, ...]:
+        """Every block of the step, the first one included."""
+        return (BranchSpec(self.attr, self.kind, self.in_scale, self.out_scale), *self.parallel)
+
+    @property
+    def general(self) -> bool:
+        """Anything beyond ``h = h + block(norm(h))`` and the post-norm step."""
+        return bool(self.parallel or self.post_norm or self.scale or self.in_scale or self.out_scale)
 
 
 @dataclass(frozen=True)
@@ -134,6 +169,9 @@ class HybridSpec:
     selector: str | None  # config expression of the per-layer list choosing a kind (None: one kind)
     blocks: tuple[tuple[MixerKind, Any], ...]  # block spec of each block kind
     norm_class: str  # the layers' RMSNorm class
+    #: (bool field, value) settings under which transformers builds a block module this file does not
+    #: have (LFM3's ``use_attention_gate=False``: attention without its output gate); the layers refuse them
+    refused: tuple[tuple[str, bool], ...] = ()
 
     def block(self, kind: MixerKind) -> Any:
         return dict(self.blocks)[kind]
