@@ -93,9 +93,11 @@ def test_analyzed_file_builds_key_value_weights_on_producing_layers_only() -> No
     assert "if self.kv_source == layer_idx:" in source
     namespace: dict = {}
     exec(compile(source, "modeling_gemma4_unified_text.py", "exec"), namespace)  # noqa: S102
-    lean = namespace["Gemma4UnifiedForCausalLM"](config)
-    reference = AutoModelForCausalLM.from_config(config)
+    lean = namespace["Gemma4UnifiedForCausalLM"](tiny)
+    reference = AutoModelForCausalLM.from_config(tiny)
     assert set(lean.state_dict()) == set(reference.state_dict())  # the checkpoint's keys, no others
+    assert "model.layers.1.self_attn.k_proj.weight" in lean.state_dict()
+    assert "model.layers.2.self_attn.k_proj.weight" not in lean.state_dict()  # it reads layer 1's
 
 
 def test_kolibri_indexer_is_refused_by_module() -> None:
