@@ -105,3 +105,18 @@ def test_kolibri_indexer_is_refused_by_module() -> None:
         analyze(AutoConfig.for_model("kolibri1_1"))
     assert raised.value.module_path == "model.layers.1.self_attn.indexer"
     assert "Kolibri1_1Indexer" in str(raised.value) and "query_states, key_states" in str(raised.value)
+
+
+def test_gemma3n_sharing_is_measured_the_same_way() -> None:
+    """Gemma 3n (refused earlier today for its AltUp streams) shares keys and values as Gemma 4 does:
+    its attention is ready for the same rule once the rest of its layer is."""
+    tiny = tiny_config(AutoConfig.for_model("gemma3n_text"))
+    paths = [f"model.layers.{i}.self_attn" for i in range(tiny.num_hidden_layers)]
+    sources = measure_kv_sources(_model(tiny), paths, tiny.vocab_size)
+    assert sources == _sources_of(tiny.kv_sharing_modes, tiny.layer_types)
+    assert sources != list(range(tiny.num_hidden_layers))
+
+    def measure(variant):  # noqa: ANN001, ANN202 - a config: the sources of its model
+        return measure_kv_sources(_model(variant), paths, tiny.vocab_size)
+
+    assert "config.num_kv_shared_layers" in kv_source_expression(tiny, sources, measure)
