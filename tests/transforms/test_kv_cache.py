@@ -188,8 +188,10 @@ def _kv_sharing_config() -> PretrainedConfig:
     """Gemma 4's text config, six tiny layers, the last two reading the keys and values of the last
     earlier sliding and full-attention layers (cross-layer KV sharing, ``num_kv_shared_layers``)."""
     base = _tiny_shipped("gemma4_unified_text")
-    fields = {**base.to_dict(), "per_layer_config": None, "num_kv_shared_layers": 2}
+    fields = {**base.to_dict(), "num_kv_shared_layers": 2}
     fields.update(num_hidden_layers=6, layer_types=["sliding_attention", "full_attention"] * 3)
+    (full,) = fields["per_layer_config"].values()  # the tiny full-attention layer's widths, on 1, 3, 5
+    fields["per_layer_config"] = {i: full for i in (1, 3, 5)}
     return type(base)(**fields)
 
 
