@@ -125,7 +125,7 @@ def test_bamba_attention_layers_selected_by_layer_types() -> None:
 @pytest.mark.parametrize(
     ("model_type", "where", "feature"),
     [
-        ("zamba2", "model.layers.1", "input plus its blocks' outputs"),
+        ("zamba2", "model.layers.1", "a layer of nested layers"),
         ("falcon_h1", "model.layers.0.mamba", "buffers ['mup_vector']"),
     ],
 )
@@ -134,6 +134,37 @@ def test_hybrids_without_a_template_are_refused_by_module(model_type: str, where
         analyze(AutoConfig.for_model(model_type))
     assert raised.value.module_path == where
     assert feature in str(raised.value)
+
+
+def test_zamba2_shared_block_is_refused_with_what_one_forward_measures() -> None:
+    """Zamba2's hybrid layer runs a transformer block (attention + MLP) on the token embeddings
+    concatenated to the hidden state, and transformers ties that block across the hybrid layers (the
+    same Parameter objects): the refusal names both, measured on a model with two hybrid layers."""
+    from onboardlm.onboard.analyze_hybrid import _refuse_nested_layers
+
+    config = tiny_config(AutoConfig.for_model("zamba2"))
+    config.num_hidden_layers, config.hybrid_layer_ids = 3, [1, 2]
+    config.layers_block_type = ["linear_attention", "hybrid", "hybrid"]
+    config.use_cache = False  # as analyze_hybrid runs it: a cache of this stack needs a mask to build
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    layers = model.model.layers
+    assert (
+        layers[1].shared_transformer.self_attn.q_proj.weight
+        is layers[2].shared_transformer.self_attn.q_proj.weight
+    )
+    with pytest.raises(UnsupportedFeature) as raised:
+        _refuse_nested_layers("model.layers", layers, model)
+    message = str(raised.value)
+    assert raised.value.module_path == "model.layers.1"
+    assert (
+        "shared_transformer (attention + mlp, its weights the same tensors as model.layers.2.shared_transformer's"
+        in message
+    )
+    assert "reading the token embeddings beside the hidden state" in message
+    assert "mamba_decoder (mamba2)" in message and "with linear" in message
+    llama = _tiny_model(AutoConfig.for_model("llama"))
+    _refuse_nested_layers("model.layers", llama.model.layers, llama)  # plain layers: nothing to refuse
 
 
 def test_jamba_moe_placed_by_its_own_layer_rule_in_layers_of_every_kind() -> None:

@@ -116,6 +116,16 @@ EDITS = {
         "return out if self.dense_bias is None else out + self.dense_bias",
         "def add_output_bias(self, out: torch.Tensor) -> torch.Tensor:\n        return out\n",
     ),
+    "shared_kv_query_unrotated": (
+        "gemma4_unified_text",
+        "q, _ = ops.torch_rope_with_explicit_cos_sin(q, q, cos, sin, 2)",
+        None,
+    ),
+    "shared_kv_stored_before_rope": (
+        "gemma4_unified_text",
+        "shared_kv[self.layer_idx] = (k, v)",
+        "shared_kv[self.layer_idx] = (k, v)\n            q, k = ops.torch_rope_with_explicit_cos_sin",
+    ),
     "differential_lambda_init": (
         "diffllama",
         "self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_idx)",

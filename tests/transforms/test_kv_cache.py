@@ -184,6 +184,24 @@ for _type in ("laguna", "mimo_v2_flash"):
         CASES[_type] = Case(lambda t=_type: _tiny_shipped(t), _shipped)
 
 
+def _kv_sharing_config() -> PretrainedConfig:
+    """Gemma 4's text config, six tiny layers, the last two reading the keys and values of the last
+    earlier sliding and full-attention layers (cross-layer KV sharing, ``num_kv_shared_layers``)."""
+    base = _tiny_shipped("gemma4_unified_text")
+    fields = {**base.to_dict(), "num_kv_shared_layers": 2}
+    fields.update(num_hidden_layers=6, layer_types=["sliding_attention", "full_attention"] * 3)
+    (full,) = fields["per_layer_config"].values()  # the tiny full-attention layer's widths, on 1, 3, 5
+    fields["per_layer_config"] = {i: full for i in (1, 3, 5)}
+    return type(base)(**fields)
+
+
+#: shipped Gemma 4 file: sharing layers attend with the caches of the layers they read
+if installed_model_type("gemma4_unified_text") and importlib.util.find_spec(
+    "onboardlm.models.custom.modeling_gemma4_unified_text"
+):
+    CASES["gemma4_unified_text_kv_sharing"] = Case(_kv_sharing_config, _shipped)
+
+
 def _random_model(case: Case) -> nn.Module:
     """The registered lean class for the case's config, every parameter drawn at random.
 
@@ -287,6 +305,21 @@ def test_caches_are_sized_per_layer_from_the_graph() -> None:
     assert {spec.features for spec in graph.caches} == {(config.num_key_value_heads, head_dim)}
     targets = {str(n.target) for n in graph.gm.graph.nodes if n.op == "call_function"}
     assert not any("torch_attention" in t for t in targets)
+
+
+@pytest.mark.skipif(
+    "gemma4_unified_text_kv_sharing" not in CASES, reason="no shipped Gemma 4 file with KV sharing"
+)
+def test_layers_sharing_keys_and_values_share_one_cache() -> None:
+    """Layers 4 and 5 read layers 2's and 3's keys and values: four layers' caches, not six."""
+    config = _kv_sharing_config()
+    assert config.kv_sharing_modes[4:] == ["reuse", "reuse"]
+    graph = build_cached_graph(_random_model(CASES["gemma4_unified_text_kv_sharing"]))
+    assert [spec.name for spec in graph.caches] == [f"{kv}_cache_{i}" for i in range(4) for kv in "kv"]
+    attention = [
+        n for n in graph.gm.graph.nodes if n.op == "call_function" and "cached_attention" in str(n.target)
+    ]
+    assert len(attention) == 6 and attention[4].args[3] is attention[2].args[3]
 
 
 class _MaskedAttention(nn.Module):

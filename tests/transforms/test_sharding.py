@@ -126,6 +126,17 @@ def _hybrid(model_type: str, **overrides: object) -> PretrainedConfig:
     return tiny_config(AutoConfig.for_model(model_type, **overrides), vocab_size=_COMMON["vocab_size"])
 
 
+def _kv_sharing() -> PretrainedConfig:
+    """Gemma 4's text config, six layers, the last two attending to layers 2's and 3's keys and
+    values (cross-layer KV sharing): those heads are cut where their source layer's are."""
+    base = _hybrid("gemma4_unified_text")
+    fields = {**base.to_dict(), "num_kv_shared_layers": 2}
+    fields.update(num_hidden_layers=6, layer_types=["sliding_attention", "full_attention"] * 3)
+    (full,) = fields["per_layer_config"].values()  # the tiny full-attention layer's widths, on 1, 3, 5
+    fields["per_layer_config"] = {i: full for i in (1, 3, 5)}
+    return type(base)(**fields, attn_implementation="eager")
+
+
 CASES = {
     "llama": Case(LLAMA, lambda: LlamaConfig(intermediate_size=128, **_COMMON), _dense(2), generate=True),
     # one KV head, two ranks: K/V replicated, each rank keeps the head its query heads use
@@ -270,6 +281,9 @@ CASES = {
         lambda: _hybrid("qwen3_next"),
         {"linear": 13, "view": 18, "split_with_sizes": 1, "conv": 1, "delta": 1, "moe": 2, "all_reduce": 6},
         generate=True,
+    ),
+    "gemma4_unified_text_kv_sharing": Case(
+        f"{_custom('gemma4_unified_text')}:Gemma4UnifiedForCausalLM", _kv_sharing, None, generate=True
     ),
 }
 AVAILABLE = [name for name, case in CASES.items() if case.available()]

@@ -47,6 +47,7 @@ from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_attn_conv import attention_conv_refusal
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, separate_qkv_roles, split_fused_qkv
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
+from onboardlm.onboard.analyze_kv_sharing import kv_source_expression, measure_kv_sources
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe, predict_layers
 from onboardlm.onboard.analyze_streams import hyper_connection_refusal
 from onboardlm.onboard.analyze_widths import (
@@ -1253,10 +1254,17 @@ class _Analyzer:
                     " with different token mixers: a hybrid stack no template covers)",
                     _HINT,
                 )
+        _refuse_weightless_selectors(layer_path, layers, attr)
         weights = [{name for name, _ in getattr(other, attr).named_parameters()} for other in layers]
         partial = sorted(set.union(*weights) - set.intersection(*weights))
         sinks_flag = self._sinks_condition(layers, attr, weights) if partial == ["sinks"] else None
         if sinks_flag is not None:  # sink logits on some layers only (MiMo-V2: sliding-window layers)
+            partial = []
+        modules = {name.split(".", 1)[0] for name in partial if "." in name}
+        kv_sharing = (
+            self._kv_sharing(layer_path, layers, attr, weights, partial) if len(modules) > 1 else None
+        )
+        if kv_sharing is not None:  # layers without key/value projections read another layer's
             partial = []
         if partial and (len(partial) != 1 or "." in partial[0]):  # one vector of its own: a bias?
             raise self._partial_weights(path, weights, partial)
@@ -1377,6 +1385,8 @@ class _Analyzer:
             rope_flag=self._rope_flag(path, uses_rope) if rope is not None else None,
             sinks=isinstance(getattr(attn, "sinks", None), torch.Tensor) or sinks_flag is not None,
             sinks_flag=sinks_flag,
+            kv_source=kv_sharing[0] if kv_sharing else None,
+            kv_own=kv_sharing[1] if kv_sharing else (),
             v_head_dim=v_dim_expr,
             kv_heads=self._per_layer_kv_heads(
                 path, [getattr(other, attr) for other in layers], kv_heads, head_dim, fused
@@ -1440,6 +1450,42 @@ class _Analyzer:
                 f"separate q/k/v projections {'/'.join(roles[:3])}, output {roles[3]} (measured)"
             )
         return roles
+
+    def _kv_sharing(
+        self, layer_path: str, layers: nn.ModuleList, attr: str, weights: list[set[str]], partial: list[str]
+    ) -> tuple[str, tuple[str, ...]] | None:
+        """(source expression, own attributes) where the layers lacking the ``partial`` weights read the
+        keys and values of an earlier layer that has them (measured, :mod:`analyze_kv_sharing`), and the
+        config expression over ``layer_idx`` of each layer's source reproduces the measurement; None
+        otherwise. The sources are kept on the analyzer (``_kv_sources``) for the per-layer probes."""
+        stack = layer_path.rsplit(".", 1)[0]  # layer_path: the first layer's
+        paths = [f"{stack}.{i}.{attr}" for i in range(len(layers))]
+        try:
+            sources = measure_kv_sources(self.model, paths, self.tiny.vocab_size)
+        except Exception:  # noqa: BLE001 - the model runs no attention function of ours: no evidence
+            return None
+        if sources is None:
+            return None
+        lacking = [i for i, names in enumerate(weights) if not set(partial) <= names]
+        if any((sources[i] != i) != (i in lacking) for i in range(len(layers))) or not lacking:
+            return None
+
+        def measure(variant: PretrainedConfig) -> list[int] | None:
+            torch.manual_seed(0)
+            return measure_kv_sources(
+                AutoModelForCausalLM.from_config(variant).eval(), paths, self.tiny.vocab_size
+            )
+
+        expression = kv_source_expression(self.tiny, sources, measure)
+        if expression is None:
+            return None
+        self._kv_sources = sources
+        own = tuple(sorted({name.split(".", 1)[0] for name in partial}))
+        self.notes.append(
+            f"cross-layer KV sharing (measured): layers {lacking} read the keys and values of layers"
+            f" {[sources[i] for i in lacking]} ({expression})"
+        )
+        return expression, own
 
     def _partial_weights(self, path: str, weights: list[set[str]], partial: list[str]) -> UnsupportedFeature:
         """The refusal of weights only some layers have, naming what the layers without them lack."""
@@ -2634,6 +2680,10 @@ class _Analyzer:
         for index, layer in enumerate(layers):
             if rope.per_layer_type and self.tiny.layer_types[index] in rope.nope_layer_types:
                 uses.append(False)  # its model passes it no tables
+                continue
+            source = getattr(self, "_kv_sources", None)
+            if source is not None and source[index] != index:  # its keys come rotated (or not) from there
+                uses.append(uses[source[index]])
                 continue
             outputs = []
             for order in ([0, 1, 2, 3, 4], [4, 0, 3, 1, 2]):  # RoPE is relative: reorder, not shift
@@ -3850,10 +3900,41 @@ def _shared_stores(module: nn.Module) -> dict[str, dict[str, Any]]:
     return {
         p.name: {}
         for p in parameters
-        if p.default is p.empty
+        if (p.default is p.empty or p.default is None and _kv_store_annotation(p))
         and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         and _shared_stores_annotation(p)
     }
+
+
+def _refuse_weightless_selectors(layer_path: str, layers: nn.ModuleList, attr: str) -> None:
+    """Refuse a child of an attention that holds no weights yet takes three tensors or more (Kolibri
+    1.1's ``indexer``, called with the queries, keys and mask: it picks the keys each query attends
+    to): no template reproduces what such a child computes, and a probe on hidden states alone
+    cannot run it."""
+    stack = layer_path.rsplit(".", 1)[0]
+    for index, layer in enumerate(layers):
+        for name, child in getattr(layer, attr).named_children():
+            if any(True for _ in child.parameters()) or isinstance(child, (nn.Dropout, nn.Identity)):
+                continue
+            required = [
+                p.name
+                for p in list(inspect.signature(child.forward).parameters.values())
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ]
+            if len(required) >= 3:
+                raise UnsupportedFeature(
+                    f"{stack}.{index}.{attr}.{name}",
+                    f"a module without weights that takes {', '.join(required)}"
+                    f" ({type(child).__name__}: a key selection such as a sparse-attention indexer without"
+                    " weights), which no attention template covers",
+                    _HINT,
+                )
+
+
+def _kv_store_annotation(parameter: inspect.Parameter) -> bool:
+    """An optional store of keys and values other layers read (Kolibri 1.1's ``shared_kv_states:
+    KVSharingDict | None = None``): a store layer writes to it whenever it runs."""
+    return bool(re.search(r"KVSharingDict|dict\[str, tuple\[", str(parameter.annotation)))
 
 
 def _shared_stores_annotation(parameter: inspect.Parameter) -> bool:

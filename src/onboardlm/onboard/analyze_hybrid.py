@@ -1097,6 +1097,67 @@ def _refuse_unbuilt_mixers(layers_path: str, layers: nn.ModuleList) -> None:
                 )
 
 
+def _nested_blocks(module: nn.Module) -> list[tuple[str, str]]:
+    """(name, kind) of the blocks a layer child holds when it is itself a layer (holds blocks of its
+    own instead of being one): Zamba2's ``shared_transformer`` (attention + MLP) or ``mamba_decoder``."""
+    if block_kind(module) is not None:
+        return []
+    return [
+        (name, kind) for name, child in module.named_children() if (kind := block_kind(child)) is not None
+    ]
+
+
+def _refuse_nested_layers(layers_path: str, layers: nn.ModuleList, model: nn.Module) -> None:
+    """Refuse a layer whose children are whole layers (blocks with their own norms and blocks), naming
+    what one forward of the model measures about them: which block's weights are the very tensors of
+    another layer's (a block shared across layers), and which block reads the token embeddings beside
+    the hidden state (Zamba's shared transformer block, fed by the embeddings concatenated to the
+    hidden state)."""
+    nested = {
+        index: {name: blocks for name, child in layer.named_children() if (blocks := _nested_blocks(child))}
+        for index, layer in enumerate(layers)
+    }
+    index = next((i for i, children in nested.items() if children), None)
+    if index is None:
+        return
+    path = f"{layers_path}.{index}"
+    layer = layers[index]
+    owners = {
+        id(param): f"{layers_path}.{i}.{name}"
+        for i, other in enumerate(layers)
+        if i != index
+        for name, child in other.named_children()
+        for param in child.parameters()
+    }
+    input_ids = torch.arange(1, 8)[None]
+    children = [f"{path}.{name}" for name in nested[index]]
+    calls = record_calls(model, children, input_ids=input_ids, position_ids=torch.arange(7)[None])
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings()(input_ids)
+    parts = []
+    for name, blocks in nested[index].items():
+        what = f"{name} ({' + '.join(kind for _, kind in blocks)}"
+        shared = sorted({owners[id(p)] for p in getattr(layer, name).parameters() if id(p) in owners})
+        if shared:
+            what += f", its weights the same tensors as {', '.join(shared)}'s"
+        call = calls[f"{path}.{name}"]
+        inputs = [*call[0].args[1:], *call[0].kwargs.values()] if call else []
+        if any(
+            isinstance(t, torch.Tensor) and t.shape == embeddings.shape and _close(t, embeddings)
+            for t in inputs
+        ):
+            what += ", reading the token embeddings beside the hidden state"
+        parts.append(what + ")")
+    others = [name for name, child in layer.named_children() if name not in nested[index]]
+    raise UnsupportedFeature(
+        path,
+        f"a layer of nested layers: {'; '.join(parts)}"
+        f"{' with ' + ', '.join(others) if others else ''}; no hybrid template runs whole layers inside a"
+        " layer (Zamba-style hybrid layers)",
+        _HINT,
+    )
+
+
 def _reads_selector(rule: str, selector: str | None, tiny: Any) -> bool:
     """The MoE rule reads the kinds' selector list (itself or an alias with its values: NemotronH's
     ``layers_block_type`` behind ``layer_types``): the kinds already place the MoE."""
@@ -1190,6 +1251,7 @@ def analyze_hybrid(
     layers_attr, layers = parts["layers"]
     layers_path = f"{path}.{layers_attr}"
     _refuse_unbuilt_mixers(layers_path, layers)
+    _refuse_nested_layers(layers_path, layers, model)
     all_steps = _layer_steps(layers_path, layers, model, _scale_candidates(an))
     all_steps = [
         _with_post_norm_flags(an, layer, index, steps)

@@ -129,6 +129,8 @@ def per_layer_attention_fields(
         expected = _expected_widths(spec, layer_config, hidden)
         for name, width in expected.items():
             linear = getattr(attn, name, None)
+            if linear is None and name in spec.kv_own:  # a layer reading another layer's keys and values
+                continue
             if not isinstance(linear, nn.Linear):
                 raise UnsupportedFeature(
                     f"{layers_path}.{index}.{spec.attr}.{name}",

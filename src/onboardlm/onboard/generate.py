@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import textwrap
@@ -267,6 +268,8 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
             rope_lines.insert(1, "sin = -sin  # q and k rotate by minus the angle")
         if attn.rope_flag:
             rope_lines = ["if self.use_rope:", *(f"    {line}" for line in rope_lines)]
+    if attn.kv_source:
+        init = _kv_sharing_init(attn, spec, init)
     wrapper = ""
     if attn.inner_attr:
         wrapper = render(
@@ -281,11 +284,59 @@ def emit_attention(attn: AttentionSpec, spec: ArchitectureSpec) -> str:
         config_class=spec.config_class,
         init_lines=init,
         rope_lines=rope_lines,
+        kv_shared=bool(attn.kv_source),
         positional=spec.rope is not None,
         temperature=_takes_temperature(spec),
         qkv_lines=_fused_qkv_lines(attn) if attn.fused_qkv else [],
         methods=_conv1d_hook_method(linears),
+        shared_rope_lines=_query_rope_lines(rope_lines) if attn.kv_source else [],
     )
+
+
+def _kv_sharing_init(attn: AttentionSpec, spec: ArchitectureSpec, init: list[str]) -> list[str]:
+    """Constructor lines of an attention some of whose layers read another layer's keys and values:
+    the key/value projections and norms (``attn.kv_own``) exist on the layers that compute their own
+    only, as in the checkpoint. The forward takes the store ``shared_kv`` those layers write to."""
+    others = {
+        "a fused q/k/v projection": attn.fused_qkv,
+        "differential attention": attn.differential,
+        "ALiBi": attn.alibi,
+        "an output gate": attn.output_gate != "none",
+        "q/k norms over the whole projection, switched by a flag or after RoPE": attn.qk_norm is not None
+        and (not attn.qk_norm_per_head or attn.qk_norm_flag or attn.qk_norm_after_rope),
+        "an attention temperature": attn.position_scale,
+        "a wrapped attention": attn.inner_attr,
+        "value heads of another width": attn.v_head_dim,
+        "no RoPE": spec.rope is None,
+    }
+    found = [name for name, present in others.items() if present]
+    if found:
+        raise UnsupportedFeature(attn.class_name, f"cross-layer KV sharing beside {', '.join(found)}", _HINT)
+    own = tuple(f"self.{name} =" for name in attn.kv_own)
+    kept = [line for line in init if not line.startswith(own)]
+    moved = [line for line in init if line.startswith(own)]
+    at = kept.index("self.layer_idx = layer_idx") + 1
+    kept.insert(at, f"self.kv_source = {attn.kv_source}  # the layer whose keys and values it attends to")
+    return [
+        *kept,
+        "if self.kv_source == layer_idx:  # keys and values of its own (the others have no such weights)",
+        *(f"    {line}" for line in moved),
+    ]
+
+
+def _query_rope_lines(rope_lines: list[str]) -> list[str]:
+    """``rope_lines`` rotating q only (the keys of a layer reading another layer's come rotated): q
+    takes k's place in the op, whose second output is dropped."""
+    lines = []
+    for line in rope_lines:
+        body = line.lstrip()
+        if body.startswith(("k = ", "k_rot = ")):
+            continue
+        body = re.sub(r"^(q\w*), k\w* = ", r"\1, _ = ", body)
+        body = re.sub(r"\bk\[", "q[", body)
+        body = re.sub(r"\(q, k,", "(q, q,", body)
+        lines.append(line[: len(line) - len(line.lstrip())] + body)
+    return lines
 
 
 def _width_lines(attn: AttentionSpec) -> list[str]:
@@ -521,6 +572,7 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
         positional=spec.rope is not None,
         temperature=_takes_temperature(spec),
         methods=methods,
+        kv_shared=bool(getattr(attn, "kv_source", None)),
     )
 
 
@@ -555,6 +607,8 @@ def _layout_lines(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> list[str]:
     positions = ", position_embeddings" if spec.rope is not None else ""
     if _takes_temperature(spec):
         positions += ", temperature"
+    if getattr(attn, "kv_source", None):  # keys and values some layers leave for others
+        positions += ", shared_kv"
     bias = bool(getattr(attn, "out_bias", ""))
     if layer.parallel and layer.mlp_pre:  # a norm for each block
         attn_call = _block_call(attn.attr, "hidden_states", layer.attn_pre, layer.attn_post, positions, bias)
@@ -670,6 +724,10 @@ def emit_model(spec: ArchitectureSpec) -> str:
         beta, period = spec.attention.position_scale
         init += [f"self.position_scale_beta = {beta}", f"self.position_scale_period = {period}"]
         forward.append("temperature = self.attention_temperature(position_ids)")
+    shared = getattr(spec.attention, "kv_source", None) and spec.hybrid is None
+    if shared:  # each layer's keys and values, by layer index, for the layers that read them
+        forward.append("shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}")
+    layer_positions += ", shared_kv" if shared else ""
     if rope is None:
         forward += [f"for layer in {layers}:", "    hidden_states = layer(hidden_states)"]
     elif rope.per_layer_type:
@@ -925,6 +983,8 @@ def generate_model_file(spec: ArchitectureSpec) -> str:
 
 
 def _generate_hybrid(spec: ArchitectureSpec) -> str:
+    if getattr(spec.attention, "kv_source", None):
+        raise UnsupportedFeature(spec.attention.class_name, "cross-layer KV sharing in a hybrid stack", _HINT)
     blocks = [
         emit_rope_frequencies(spec),
         render("output.py.j2", output_class=_output_class(spec)),

@@ -184,6 +184,12 @@ class AttentionSpec:
     #: scalable softmax on its NoPE layers, a per-position factor its model passes to the attention)
     #: instead of Llama 4's ``1 + beta * log(1 + floor(...))``
     position_scale_power: bool = False
+    #: cross-layer KV sharing (Gemma 4's ``num_kv_shared_layers``, Kolibri 1.1's ``kv_source_layers``):
+    #: the config expression over ``layer_idx`` of the layer whose keys and values a layer attends to
+    #: (``layer_idx`` itself where it computes its own), measured; None: every layer computes its own.
+    #: ``kv_own``: the attributes only layers that compute their own keys and values hold
+    kv_source: str | None = None
+    kv_own: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,8 @@ class ReferenceLayout:
     #: the test draws them at unit scale so the softmax is not flat
     unit_embeddings: bool = False
     temperature: bool = False  # ... and the model's q scale per position too (Ministral3)
+    #: ... and the store of keys and values some layers leave for others (cross-layer KV sharing)
+    kv_shared: bool = False
 
     @property
     def routed(self) -> bool:
@@ -743,6 +745,7 @@ def generate_test_file(
             layout,
             positional=_takes_positions(lean_source, layout),
             temperature=_takes_positions(lean_source, layout, "temperature"),
+            kv_shared=_takes_positions(lean_source, layout, "shared_kv"),
         )
     variants = [
         v

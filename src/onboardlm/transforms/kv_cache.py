@@ -10,7 +10,9 @@ each sequence's new tokens go in the cache), ``kv_len`` (a Python int, how many 
 read) and one cache tensor per cached input of each layer (named in :attr:`CachedGraph.caches`).
 The stateful ops (conv, SSM, gated delta rule) become cached state ops
 (:mod:`onboardlm.transforms.state_cache`), which add a ``seq_lens`` input and one state cache each.
-The result is a plain ``GraphModule``: call it with keyword arguments; it returns the logits.
+Layers that attend to another layer's keys and values (cross-layer KV sharing: their attention
+node takes the same key and value nodes) share that layer's cache. The result is a plain
+``GraphModule``: call it with keyword arguments; it returns the logits.
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ def insert_cached_attention(gm: GraphModule) -> CachedGraph:
         return last_input
 
     layer = indexers = 0
+    # cross-layer KV sharing: an attention on the very key and value nodes of an earlier one reads
+    # that one's cache (its write of the same tokens at the same positions changes nothing)
+    shared: dict[tuple[Node, Node], tuple[Node, Node]] = {}
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -130,12 +135,16 @@ def insert_cached_attention(gm: GraphModule) -> CachedGraph:
                     node.name, "torch_attention with an explicit attn_mask", "causal/window masks only"
                 )
             layout = args["layout"]
-            k_cache = add_cache(
-                f"k_cache_{layer}", _per_token_shape(args["key"], layout), _dtype(args["key"])
-            )
-            v_cache = add_cache(
-                f"v_cache_{layer}", _per_token_shape(args["value"], layout), _dtype(args["value"])
-            )
+            if (args["key"], args["value"]) in shared:
+                k_cache, v_cache = shared[(args["key"], args["value"])]
+            else:
+                k_cache = add_cache(
+                    f"k_cache_{layer}", _per_token_shape(args["key"], layout), _dtype(args["key"])
+                )
+                v_cache = add_cache(
+                    f"v_cache_{layer}", _per_token_shape(args["value"], layout), _dtype(args["value"])
+                )
+                shared[(args["key"], args["value"])] = (k_cache, v_cache)
             new_args = (args["query"], args["key"], args["value"], k_cache, v_cache, input_pos, kv_len)
             new_kwargs = {k: args[k] for k in ("is_causal", "scale", "sinks", "sliding_window", "logit_cap")}
             new_kwargs["layout"] = layout

@@ -24,6 +24,7 @@ assert_close(rtol=1e-3, atol=1e-3).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -50,11 +51,16 @@ BF16_SHAPE = (8, 64)  # bf16 logits over 512 tokens: rounding noise, not one tok
 
 # Decoder layers under test: the first layer of each distinct kind, by test id.
 GEMMA4_UNIFIED_TEXT_DECODER_LAYERS = {
-    "layer0-sliding_attention": "model.layers.0",
-    "layer1-full_attention": "model.layers.1",
+    "layer0-sliding_attention-is_sliding=True-sliding_window=8-head_dim=8-is_kv_shared_layer=False-store_full_length_kv=True-out_features=16-variance_epsilon=1e-06-with_scale=False-in_features=32": "model.layers.0",
+    "layer1-full_attention-is_sliding=False-sliding_window=None-head_dim=32-is_kv_shared_layer=False-store_full_length_kv=True-out_features=64-variance_epsilon=1e-06-with_scale=False-in_features=128": "model.layers.1",
+    "layer2-full_attention-is_sliding=False-sliding_window=None-head_dim=32-is_kv_shared_layer=True-store_full_length_kv=False-out_features=None-variance_epsilon=None-with_scale=None-in_features=128": "model.layers.2",
 }
 # Blocks under test (in the layers above and outside the layers), by transformers class.
-GEMMA4_UNIFIED_TEXT_ATTENTION_PATHS = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+GEMMA4_UNIFIED_TEXT_ATTENTION_PATHS = [
+    "model.layers.0.self_attn",
+    "model.layers.1.self_attn",
+    "model.layers.2.self_attn",
+]
 GEMMA4_UNIFIED_RMS_NORM_PATHS = [
     "model.layers.0.self_attn.q_norm",
     "model.layers.0.self_attn.k_norm",
@@ -68,9 +74,14 @@ GEMMA4_UNIFIED_RMS_NORM_PATHS = [
     "model.layers.1.post_attention_layernorm",
     "model.layers.1.pre_feedforward_layernorm",
     "model.layers.1.post_feedforward_layernorm",
+    "model.layers.2.self_attn.q_norm",
+    "model.layers.2.input_layernorm",
+    "model.layers.2.post_attention_layernorm",
+    "model.layers.2.pre_feedforward_layernorm",
+    "model.layers.2.post_feedforward_layernorm",
     "model.norm",
 ]
-GEMMA4_UNIFIED_TEXT_MLP_PATHS = ["model.layers.0.mlp", "model.layers.1.mlp"]
+GEMMA4_UNIFIED_TEXT_MLP_PATHS = ["model.layers.0.mlp", "model.layers.1.mlp", "model.layers.2.mlp"]
 GEMMA4_UNIFIED_TEXT_ROTARY_EMBEDDING_PATHS = ["model.rotary_emb"]
 RECORDED = [
     *GEMMA4_UNIFIED_TEXT_DECODER_LAYERS.values(),
@@ -85,16 +96,16 @@ CONFIG_VARIANTS = {
     "tie_word_embeddings=False": {"tie_word_embeddings": False},
     "rope=default/yarn": {
         "rope_parameters": {
+            "full_attention": {
+                "partial_rotary_factor": 0.25,
+                "rope_theta": 1000000.0,
+                "rope_type": "default",
+            },
             "sliding_attention": {
                 "rope_theta": 10000.0,
                 "rope_type": "yarn",
                 "factor": 4.0,
                 "original_max_position_embeddings": 65536,
-            },
-            "full_attention": {
-                "partial_rotary_factor": 0.25,
-                "rope_theta": 1000000.0,
-                "rope_type": "default",
             },
         }
     },
@@ -107,14 +118,15 @@ def make_config(**overrides: Any) -> Gemma4UnifiedTextConfig:
         "vocab_size": 1000,
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": 3,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 8,
         "initializer_range": 0.125,
         "sliding_window": 8,
-        "layer_types": ["sliding_attention", "full_attention"],
-        "per_layer_config": {"1": {"head_dim": 32}},
+        "layer_types": ["sliding_attention", "full_attention", "full_attention"],
+        "num_kv_shared_layers": 1,
+        "per_layer_config": {"1": {"head_dim": 32}, "2": {"head_dim": 32}},
     }
     return Gemma4UnifiedTextConfig(**{**fields, **overrides}, attn_implementation="eager")
 
@@ -170,14 +182,29 @@ def calls(reference: hf.Gemma4UnifiedForCausalLM) -> dict[str, list[Call]]:
     )
 
 
+@pytest.fixture(scope="module")
+def shared_kv(model: lean.Gemma4UnifiedForCausalLM) -> dict[int, Any]:
+    """The keys and values the lean layers leave for the layers that read them (cross-layer KV
+    sharing), from one lean forward on the recorded inputs: a layer reading them is tested with the
+    lean source layer's, which that layer's own test compares with transformers'."""
+    stores: list[dict[int, Any]] = []
+    layer = next(m for m in model.modules() if "shared_kv" in inspect.signature(m.forward).parameters)
+    handle = layer.register_forward_pre_hook(lambda _, args: stores.append(args[-1]))
+    try:
+        model(token_ids(2, SEQ_LEN), positions(2, SEQ_LEN))
+    finally:
+        handle.remove()
+    return stores[0]
+
+
 @pytest.mark.parametrize("path", GEMMA4_UNIFIED_TEXT_ATTENTION_PATHS)
 def test_block_gemma4_unified_text_attention(
-    model: lean.Gemma4UnifiedForCausalLM, calls: dict[str, list[Call]], path: str
+    model: lean.Gemma4UnifiedForCausalLM, calls: dict[str, list[Call]], path: str, shared_kv: dict[int, Any]
 ) -> None:
     block = model.get_submodule(path)
     assert isinstance(block, lean.Gemma4UnifiedTextAttention)
     (call,) = calls[path]
-    actual = block(call.hidden_states, call.position_embeddings)
+    actual = block(call.hidden_states, call.position_embeddings, dict(shared_kv))
     assert_rmse_close(actual, call.result, rmse_ratio_tol=FP32_RMSE_TOL, msg=path)
 
 
@@ -232,12 +259,12 @@ def test_block_gemma4_unified_text_rotary_embedding(
     "path", list(GEMMA4_UNIFIED_TEXT_DECODER_LAYERS.values()), ids=list(GEMMA4_UNIFIED_TEXT_DECODER_LAYERS)
 )
 def test_layer_gemma4_unified_text_decoder_layer(
-    model: lean.Gemma4UnifiedForCausalLM, calls: dict[str, list[Call]], path: str
+    model: lean.Gemma4UnifiedForCausalLM, calls: dict[str, list[Call]], path: str, shared_kv: dict[int, Any]
 ) -> None:
     layer = model.get_submodule(path)
     assert isinstance(layer, lean.Gemma4UnifiedTextDecoderLayer)
     (call,) = calls[path]
-    actual = layer(call.hidden_states, call.position_embeddings)
+    actual = layer(call.hidden_states, call.position_embeddings, dict(shared_kv))
     assert_rmse_close(actual, call.result, rmse_ratio_tol=FP32_RMSE_TOL, msg=path)
 
 

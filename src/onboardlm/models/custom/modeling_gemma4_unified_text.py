@@ -131,6 +131,15 @@ class Gemma4UnifiedTextAttention(nn.Module):
     def __init__(self, config: Gemma4UnifiedTextConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.kv_source = (
+            layer_idx
+            if layer_idx < config.num_hidden_layers - config.num_kv_shared_layers
+            else max(
+                i
+                for i in range(config.num_hidden_layers - config.num_kv_shared_layers)
+                if config.layer_types[i] == config.layer_types[layer_idx]
+            )
+        )  # the layer whose keys and values it attends to
         layer_config = config.per_layer_config[layer_idx]  # per layer: head_dim
         self.num_heads = layer_config.num_attention_heads
         self.num_kv_heads = layer_config.num_key_value_heads
@@ -144,48 +153,61 @@ class Gemma4UnifiedTextAttention(nn.Module):
         )
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = Gemma4UnifiedRMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = Gemma4UnifiedRMSNorm(self.head_dim, config.rms_norm_eps)
         # v_norm: a weightless RMSNorm of each value head
         self.register_buffer("_ad_v_norm_weight", torch.ones(self.head_dim), persistent=False)
         self.v_norm_eps = config.rms_norm_eps
+        if self.kv_source == layer_idx:  # keys and values of its own (the others have no such weights)
+            self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+            self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+            self.k_norm = Gemma4UnifiedRMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         ops = torch.ops.auto_deploy
         batch, seq_len = hidden_states.shape[:2]
         q = ops.torch_linear_simple(
             hidden_states, self.q_proj.weight, self.q_proj.bias, tp_mode="colwise", layer_type="mha"
         )
-        k = ops.torch_linear_simple(
-            hidden_states,
-            self.k_proj.weight,
-            self.k_proj.bias,
-            tp_mode="colwise",
-            tp_min_local_shape=self.head_dim,
-            layer_type="mha",
-        )
-        v = ops.torch_linear_simple(
-            hidden_states,
-            self.v_proj.weight,
-            self.v_proj.bias,
-            tp_mode="colwise",
-            tp_min_local_shape=self.head_dim,
-            layer_type="mha",
-        )
         q = ops.view(q, [batch, seq_len, self.num_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha")
-        k = ops.view(k, [batch, seq_len, self.num_kv_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha")
-        v = ops.view(v, [batch, seq_len, self.num_kv_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha")
-        v = ops.torch_rmsnorm(v, self._ad_v_norm_weight, self.v_norm_eps)
         q = self.q_norm(q)
-        k = self.k_norm(k)
-
-        cos, sin = position_embeddings
-        q, k = ops.torch_rope_with_explicit_cos_sin(q, k, cos, sin, 2)
+        if self.kv_source == self.layer_idx:  # keys and values of its own, left for the layers that read them
+            k = ops.torch_linear_simple(
+                hidden_states,
+                self.k_proj.weight,
+                self.k_proj.bias,
+                tp_mode="colwise",
+                tp_min_local_shape=self.head_dim,
+                layer_type="mha",
+            )
+            v = ops.torch_linear_simple(
+                hidden_states,
+                self.v_proj.weight,
+                self.v_proj.bias,
+                tp_mode="colwise",
+                tp_min_local_shape=self.head_dim,
+                layer_type="mha",
+            )
+            k = ops.view(
+                k, [batch, seq_len, self.num_kv_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha"
+            )
+            v = ops.view(
+                v, [batch, seq_len, self.num_kv_heads, self.head_dim], tp_scaled_dim=2, layer_type="mha"
+            )
+            v = ops.torch_rmsnorm(v, self._ad_v_norm_weight, self.v_norm_eps)
+            k = self.k_norm(k)
+            cos, sin = position_embeddings
+            q, k = ops.torch_rope_with_explicit_cos_sin(q, k, cos, sin, 2)
+            shared_kv[self.layer_idx] = (k, v)
+        else:  # the keys and values of layer kv_source, normalised and rotated there
+            k, v = shared_kv[self.kv_source]
+            cos, sin = position_embeddings
+            q, _ = ops.torch_rope_with_explicit_cos_sin(q, q, cos, sin, 2)
         attn = ops.torch_attention(
             q, k, v, is_causal=True, scale=self.scaling, sliding_window=self.sliding_window, layout="bsnd"
         )
@@ -211,10 +233,13 @@ class Gemma4UnifiedTextDecoderLayer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones([1]))  # a checkpoint buffer
 
     def forward(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(hidden_states), position_embeddings)
+            self.self_attn(self.input_layernorm(hidden_states), position_embeddings, shared_kv)
         )
         hidden_states = hidden_states + self.post_feedforward_layernorm(
             self.mlp(self.pre_feedforward_layernorm(hidden_states))
@@ -256,9 +281,17 @@ class Gemma4UnifiedTextModel(Gemma4UnifiedPreTrainedModel):
             for layer_type in self.rotary_emb.layer_types
         }
         hidden_states = inputs_embeds
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer, layer_type in zip(self.layers, self.config.layer_types, strict=True):
-            hidden_states = layer(hidden_states, position_embeddings[layer_type])
+            hidden_states = layer(hidden_states, position_embeddings[layer_type], shared_kv)
         return self.norm(hidden_states)
+
+    def attention_temperature(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The q scale per position (Llama 4's attention temperature), once per forward like the RoPE
+        tables: ``1 + beta * log(1 + floor(position / period))``."""
+        return 1 + self.position_scale_beta * torch.log(
+            1 + torch.floor(position_ids / self.position_scale_period)
+        )
 
 
 class Gemma4UnifiedForCausalLM(Gemma4UnifiedPreTrainedModel):

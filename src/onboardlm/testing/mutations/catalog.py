@@ -602,6 +602,59 @@ def _untied(tree: ast.Module) -> list[int]:
     return lines
 
 
+# -------------------------------------------------------------------------------- cross-layer KV sharing
+
+
+def _is_rope(node: ast.stmt) -> bool:
+    """A statement that rotates by RoPE: ``q, k = ops.torch_rope_*(...)``, or a block holding one."""
+    return any(
+        (call_attr(n) or "").startswith("torch_rope") for n in ast.walk(node) if isinstance(n, ast.Call)
+    )
+
+
+def _kv_store(node: ast.stmt) -> bool:
+    """``shared_kv[...] = (k, v)``: the keys and values a layer leaves for the layers that read them."""
+    return (
+        isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Subscript)
+        and isinstance(node.targets[0].value, ast.Name)
+        and node.targets[0].value.id == "shared_kv"
+    )
+
+
+def _sharing_branches(tree: ast.Module) -> Iterable[ast.If]:
+    """``if self.kv_source == self.layer_idx: <own keys and values> else: <another layer's>``."""
+    for cls in classes(tree, "Attention"):
+        forward = method(cls, "forward")
+        for node in ast.walk(forward) if forward is not None else ():
+            if isinstance(node, ast.If) and any(_kv_store(stmt) for stmt in node.body) and node.orelse:
+                yield node
+
+
+def _shared_query_unrotated(tree: ast.Module) -> list[int]:
+    """A layer reading another layer's keys and values leaves its queries unrotated."""
+    lines = []
+    for branch in _sharing_branches(tree):
+        kept = [stmt for stmt in branch.orelse if not _is_rope(stmt)]
+        lines += [stmt.lineno for stmt in branch.orelse if _is_rope(stmt)]
+        branch.orelse = kept or [ast.Pass()]
+    return lines
+
+
+def _stored_before_rope(tree: ast.Module) -> list[int]:
+    """The keys left for other layers are stored before RoPE rotates them."""
+    lines = []
+    for branch in _sharing_branches(tree):
+        store = next(stmt for stmt in branch.body if _kv_store(stmt))
+        rope = next((i for i, stmt in enumerate(branch.body) if _is_rope(stmt)), None)
+        if rope is None:
+            continue
+        branch.body.remove(store)
+        branch.body.insert(rope, store)
+        lines.append(store.lineno)
+    return lines
+
+
 KINDS: tuple[Kind, ...] = (
     Kind("attention_scale", "softmax scale 3 % off", _scale_assignments(("scaling",), 1.03, first_only=True)),
     Kind("attention_softcap", "attention logit soft-cap 5 % off", _scale_assignments(("logit_cap",), 1.05)),
@@ -674,6 +727,8 @@ KINDS: tuple[Kind, ...] = (
         "per-channel delta rule's write strength 5 % off",
         _ssm_argument(4, "({} * 0.95)", "torch_channel_gated_delta_rule"),
     ),
+    Kind("shared_kv_query_unrotated", "queries of a KV-sharing layer not rotated", _shared_query_unrotated),
+    Kind("shared_kv_stored_before_rope", "shared keys stored before RoPE", _stored_before_rope),
 )
 
 
