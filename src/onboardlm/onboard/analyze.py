@@ -47,6 +47,7 @@ from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, separate_qkv_roles, split_fused_qkv
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe, predict_layers
+from onboardlm.onboard.analyze_perlayer import measure_per_layer_inputs, with_per_layer_inputs
 from onboardlm.onboard.analyze_streams import hyper_connection_refusal
 from onboardlm.onboard.analyze_widths import (
     check_first_layer,
@@ -135,7 +136,16 @@ def _measure(config: PretrainedConfig, tiny: PretrainedConfig) -> ArchitectureSp
         ) from err
     _fill_attention_masks(model)
     try:
-        return _Analyzer(config, tiny, model).spec()
+        per_layer = measure_per_layer_inputs(tiny, model)
+        if per_layer is None:
+            return _Analyzer(config, tiny, model).spec()
+        # the rest of the model measured on the config without them (its layers are ordinary ones)
+        model = AutoModelForCausalLM.from_config(
+            per_layer[1], attn_implementation="eager", dtype=torch.float32
+        )
+        model = model.float().eval()
+        _fill_attention_masks(model)
+        return with_per_layer_inputs(_Analyzer(config, per_layer[1], model).spec(), per_layer[0])
     except (AttributeError, TypeError, IndexError, KeyError, ValueError, RuntimeError) as err:
         # raised inside a transformers module on a probe input: name that module and its line
         located = transformers_failure(tiny, err, "fails on the analyzer's probe input")
