@@ -202,3 +202,11 @@ def test_a_recorded_call_gives_an_argument_by_keyword_or_position() -> None:
     assert Call((torch.zeros(1), value), {}, None).argument("per_layer_input", 1) is value
     assert Call((torch.zeros(1),), {"per_layer_input": value}, None).argument("per_layer_input", 1) is value
     assert Call((torch.zeros(1),), {}, None).argument("per_layer_input", 1) is None
+
+
+def test_scales_name_the_width_field_where_another_field_has_its_value() -> None:
+    """head_dim equal to the per-layer width: the table scale is still the width field's square root."""
+    config = _gemma4_text(head_dim=12)
+    found = measure_per_layer_inputs(config, _model(config))
+    assert found is not None
+    assert found[0].table_scale == "config.hidden_size_per_layer_input**0.5"

@@ -213,6 +213,11 @@ class _Measurement:
         if type(model_norm) is not type(layer_norm) or _eps(model_norm) != _eps(layer_norm):
             raise _NoMatch  # the lean file builds both from the layers' norm class
         field, stripped = self._width_field(width, model_level, layer_level)
+        candidates = _power_candidates(self.tiny, ["hidden_size", field])  # not another field of that value
+        for scale in ("table_scale", "projection_scale"):
+            model_level[scale] = _match(model_level[scale], candidates)
+            if model_level[scale] is False:
+                raise _NoMatch
         return (
             PerLayerInputSpec(
                 argument=self.argument,
@@ -290,14 +295,12 @@ class _Measurement:
         if len(token_calls) != 1 or not _close(projection_call.hidden_states, token_calls[0].result):
             raise _NoMatch  # the projection takes the input embeddings as the token embedding gives them
         raw = children[table].weight.detach()[self.input_ids]
-        fields = ["hidden_size", *(f for f in _int_fields(self.tiny, width) if f != "hidden_size")]
-        table_scale = _match(_ratio(table_call.result, raw), _power_candidates(self.tiny, fields))
+        table_scale = _ratio(table_call.result, raw)  # matched to config expressions with the width field
         shape = (2, _SEQ, count, width)
-        projection_scale = _match(
-            _ratio(norm_call.hidden_states.reshape(shape), projection_call.result.reshape(shape)),
-            _power_candidates(self.tiny, fields),
+        projection_scale = _ratio(
+            norm_call.hidden_states.reshape(shape), projection_call.result.reshape(shape)
         )
-        if table_scale is False or projection_scale is False:
+        if table_scale is None or projection_scale is None:
             raise _NoMatch
         total = norm_call.result.reshape(shape) + table_call.result.reshape(shape)
         combined = torch.stack(inputs, dim=2)
