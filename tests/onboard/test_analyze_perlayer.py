@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma4TextConfig, LlamaConfig
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.models.factory import load_checkpoint_into
 from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.analyze_perlayer import layer_extra_inputs, measure_per_layer_inputs
 from onboardlm.onboard.config_variants import candidate_variants
@@ -210,3 +211,31 @@ def test_scales_name_the_width_field_where_another_field_has_its_value() -> None
     found = measure_per_layer_inputs(config, _model(config))
     assert found is not None
     assert found[0].table_scale == "config.hidden_size_per_layer_input**0.5"
+
+
+def test_a_run_with_fewer_layers_loads_the_first_layers_per_layer_columns(lean_module) -> None:
+    """The e2e reduced run: a 3-layer checkpoint into a 2-layer lean model keeps the first two layers'
+    columns of the per-layer table and projection (transformers' own loader refuses the shapes)."""
+    _, lean = lean_module
+    kinds = ["sliding_attention", "full_attention", "full_attention"]
+    reference = _model(_gemma4_text(layer_types=kinds))
+    state = reference.state_dict()
+    model = lean.Gemma4ForCausalLM(_gemma4_text(num_hidden_layers=2, layer_types=kinds[:2]))
+    report = load_checkpoint_into(model.eval(), dict(state), subject="3-layer checkpoint")
+    assert report.notes and "beyond num_hidden_layers" in report.notes[0]
+    shallow = _model(_gemma4_text(num_hidden_layers=2, layer_types=kinds[:2]))
+    columns = 2 * 12
+    expected_state = {k: v for k, v in state.items() if ".layers.2." not in k}
+    expected_state["model.embed_tokens_per_layer.weight"] = state["model.embed_tokens_per_layer.weight"][
+        :, :columns
+    ]
+    expected_state["model.per_layer_model_projection.weight"] = state[
+        "model.per_layer_model_projection.weight"
+    ][:columns]
+    shallow.load_state_dict(expected_state)
+    ids = torch.randint(1, 90, (1, 6), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(6)[None]
+    with torch.no_grad():
+        expected = shallow(input_ids=ids, position_ids=positions, use_cache=False).logits
+        actual = model(input_ids=ids, position_ids=positions).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)

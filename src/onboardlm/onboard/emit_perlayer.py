@@ -99,6 +99,7 @@ def model_init_lines(spec: ArchitectureSpec, norm: str) -> list[str]:
         f"    self.{per_layer.table} = {table}",
         f"    self.{per_layer.projection} = nn.Linear(config.hidden_size, {columns}, bias=False)",
         f"    self.{per_layer.projection_norm} = {norm}",
+        "    self._register_load_state_dict_pre_hook(self._keep_own_layers_columns)",
     ]
 
 
@@ -166,4 +167,13 @@ def model_method(spec: ArchitectureSpec) -> str:
         projected = torch.ops.auto_deploy.torch_linear_simple(inputs_embeds, self.{per_layer.projection}.weight, None)
         projected = self.{per_layer.projection_norm}({projected}.reshape(shape))
         return {total}
+
+    def _keep_own_layers_columns(self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
+        """Load hook: of a checkpoint with more layers than this model (a run with fewer
+        num_hidden_layers), the first layers' columns of the per-layer table and projection."""
+        columns = self.config.num_hidden_layers * self.config.{per_layer.width}
+        for name, dim in (("{per_layer.table}", 1), ("{per_layer.projection}", 0)):
+            key = f"{{prefix}}{{name}}.weight"
+            if key in state_dict and state_dict[key].shape[dim] > columns:
+                state_dict[key] = state_dict[key].narrow(dim, 0, columns)
 '''

@@ -278,6 +278,7 @@ class Gemma4TextModel(Gemma4PreTrainedModel):
             self.per_layer_projection_norm = Gemma4RMSNorm(
                 config.hidden_size_per_layer_input, config.rms_norm_eps
             )
+            self._register_load_state_dict_pre_hook(self._keep_own_layers_columns)
         self.post_init()
 
     def forward(
@@ -321,6 +322,17 @@ class Gemma4TextModel(Gemma4PreTrainedModel):
         )
         projected = self.per_layer_projection_norm((projected * config.hidden_size**-0.5).reshape(shape))
         return (projected + tokens) * 2**-0.5
+
+    def _keep_own_layers_columns(
+        self, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
+    ) -> None:
+        """Load hook: of a checkpoint with more layers than this model (a run with fewer
+        num_hidden_layers), the first layers' columns of the per-layer table and projection."""
+        columns = self.config.num_hidden_layers * self.config.hidden_size_per_layer_input
+        for name, dim in (("embed_tokens_per_layer", 1), ("per_layer_model_projection", 0)):
+            key = f"{prefix}{name}.weight"
+            if key in state_dict and state_dict[key].shape[dim] > columns:
+                state_dict[key] = state_dict[key].narrow(dim, 0, columns)
 
 
 class Gemma4ForCausalLM(Gemma4PreTrainedModel):
