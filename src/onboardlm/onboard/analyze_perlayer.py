@@ -155,8 +155,9 @@ def measure_per_layer_inputs(
     if len(extra) != 1:
         return None
     try:
-        return _Measurement(tiny, model, *found, extra[0]).run()
-    except _NoMatch:
+        with torch.random.fork_rng():  # the rebuilt modules leave the analysis' random state alone
+            return _Measurement(tiny, model, *found, extra[0]).run()
+    except Exception:  # noqa: BLE001 - not per-layer inputs as measured here: the ordinary analysis names it
         return None
 
 
