@@ -239,3 +239,13 @@ def test_a_run_with_fewer_layers_loads_the_first_layers_per_layer_columns(lean_m
         expected = shallow(input_ids=ids, position_ids=positions, use_cache=False).logits
         actual = model(input_ids=ids, position_ids=positions).logits
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_sharing_is_refused_by_the_lean_file(lean_module) -> None:
+    """num_kv_shared_layers > 0 (Gemma 4 E2B/E4B): the last layers reuse an earlier layer's keys and
+    values in transformers; the lean file, which computes them on every layer, refuses the config."""
+    source, lean = lean_module
+    assert "if config.num_kv_shared_layers:" in source
+    kinds = ["sliding_attention", "full_attention"] * 2
+    with pytest.raises(NotImplementedError, match="num_kv_shared_layers"):
+        lean.Gemma4ForCausalLM(_gemma4_text(num_hidden_layers=4, layer_types=kinds, num_kv_shared_layers=2))

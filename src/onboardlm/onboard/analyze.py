@@ -47,7 +47,11 @@ from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, separate_qkv_roles, split_fused_qkv
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe, predict_layers
-from onboardlm.onboard.analyze_perlayer import measure_per_layer_inputs, with_per_layer_inputs
+from onboardlm.onboard.analyze_perlayer import (
+    kv_sharing_refusals,
+    measure_per_layer_inputs,
+    with_per_layer_inputs,
+)
 from onboardlm.onboard.analyze_streams import hyper_connection_refusal
 from onboardlm.onboard.analyze_widths import (
     check_first_layer,
@@ -399,7 +403,11 @@ class _Analyzer:
             block.note for block in (attention, feed_forward) if isinstance(block, (MLASpec, MoESpec))
         ]
         decoder = self._decoder(layer_path, layer, attention.attr, feed_forward)
-        decoder = dataclasses.replace(decoder, refused=self._part_settings(layer_path, layer))
+        shared_kv = kv_sharing_refusals(self.tiny, model, attention.attr)  # KV sharing this file does not do
+        self.notes += [
+            f"{setting}: layers without k/v projections, refused by this file" for _, setting in shared_kv
+        ]
+        decoder = dataclasses.replace(decoder, refused=self._part_settings(layer_path, layer) + shared_kv)
         decoder = dataclasses.replace(decoder, **self._output_scale(layer_path, layers))
         final_attr = self._final_norm_attr(path, parts, decoder)
         self._layer_norm_spec = decoder.norm

@@ -39,7 +39,7 @@ from onboardlm.testing.capture import record_calls
 if TYPE_CHECKING:
     from onboardlm.onboard.spec import ArchitectureSpec
 
-__all__ = ["layer_extra_inputs", "measure_per_layer_inputs", "with_per_layer_inputs"]
+__all__ = ["kv_sharing_refusals", "layer_extra_inputs", "measure_per_layer_inputs", "with_per_layer_inputs"]
 
 _HINT = "a template for per-layer inputs mixed in this way"
 
@@ -465,3 +465,55 @@ def _first(output: Any) -> torch.Tensor:
 
 def _eps(norm: nn.Module) -> Any:
     return getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+
+
+def kv_sharing_refusals(
+    tiny: PretrainedConfig, model: nn.Module, attn_attr: str
+) -> tuple[tuple[str, str], ...]:
+    """Int config fields at 0 in ``tiny`` that, set to the depth of ``tiny`` on a copy twice as deep
+    (its layer types repeated), rebuild decoder layers whose attention has fewer weights (Gemma 4's
+    ``num_kv_shared_layers``: the last layers read the keys and values of an earlier layer, their own
+    k/v projections are left out). The lean file computes keys and values on every layer, so it
+    refuses such a config, as ``(condition, setting)`` pairs of ``DecoderLayerSpec.refused``, instead
+    of loading the projections the checkpoint keeps for nothing."""
+    depth = getattr(tiny, "num_hidden_layers", None)
+    found = _stack(model, depth) if isinstance(depth, int) and depth > 0 else None
+    if found is None:
+        return ()
+    prefix = f"{found[0]}.{found[2]}." if found[0] else f"{found[2]}."
+
+    def attention_keys(config: PretrainedConfig | None) -> set[str] | None:
+        if config is None:
+            return None
+        try:
+            with torch.device("meta"):
+                rebuilt = type(model)(config)
+        except Exception:  # noqa: BLE001 - a value the model cannot take tells nothing
+            return None
+        return {k for k in rebuilt.state_dict() if k.startswith(prefix) and f".{attn_attr}." in k}
+
+    base = attention_keys(deeper := _deeper(tiny, depth))
+    refused = []
+    for name in _int_fields(tiny, 0) if base else ():
+        keys = attention_keys(_flipped(deeper, name, depth))
+        if keys is not None and keys < base:
+            refused.append((f"config.{name}", f"config.{name}>0 (KV sharing)"))
+    return tuple(refused)
+
+
+def _deeper(tiny: PretrainedConfig, depth: int) -> PretrainedConfig | None:
+    """``tiny`` with its layers twice over: layer types and per-layer overrides repeated."""
+    values = tiny.to_dict()
+    values["num_hidden_layers"] = 2 * depth
+    if isinstance(values.get("layer_types"), list) and len(values["layer_types"]) == depth:
+        values["layer_types"] = values["layer_types"] * 2
+    overrides = values.get("per_layer_config")
+    if isinstance(overrides, dict):
+        values["per_layer_config"] = {
+            **overrides,
+            **{str(int(k) + depth): v for k, v in overrides.items() if str(k).isdigit()},
+        }
+    try:
+        return type(tiny).from_dict(values)
+    except Exception:  # noqa: BLE001 - a config that cannot be deepened tells nothing
+        return None

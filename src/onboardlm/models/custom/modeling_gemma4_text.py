@@ -8,7 +8,8 @@ decoder layers of different widths: head_dim read per layer from config.per_laye
 output scaled by its own layer_scalar; embeddings scaled by config.hidden_size**0.5; per-layer
 inputs: each decoder layer mixes in config.hidden_size_per_layer_input channels of its own per token
 (embed_tokens_per_layer rows plus the normalised per_layer_model_projection of the input embeddings)
-after attention and MLP; 0 builds none. Module names equal the checkpoint keys, so HuggingFace state
+after attention and MLP; 0 builds none; not for configs with config.num_kv_shared_layers>0 (KV
+sharing) (measured: other modules). Module names equal the checkpoint keys, so HuggingFace state
 dicts load with ``strict=True``.
 
 Left out on purpose: KV cache, attention masks (attention is causal), dropout, gradient
@@ -204,6 +205,10 @@ class Gemma4TextAttention(nn.Module):
 class Gemma4TextDecoderLayer(nn.Module):
     def __init__(self, config: Gemma4TextConfig, layer_idx: int) -> None:
         super().__init__()
+        if config.num_kv_shared_layers:
+            raise NotImplementedError(
+                "config.num_kv_shared_layers>0 (KV sharing) is not reproduced by this file"
+            )
         self.self_attn = Gemma4TextAttention(config, layer_idx)
         self.mlp = Gemma4TextMLP(config)
         self.input_layernorm = Gemma4RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -6,8 +6,9 @@ linear, llama3, yarn, proportional), grouped-query attention with q/k norm and a
 value heads normalised by a weightless RMSNorm (v_norm); sliding-window attention on
 sliding_attention layers; decoder layers of different widths: head_dim read per layer from
 config.per_layer_config; layer output scaled by its own layer_scalar; embeddings scaled by
-config.hidden_size**0.5. Module names equal the checkpoint keys, so HuggingFace state dicts load
-with ``strict=True``.
+config.hidden_size**0.5; not for configs with config.num_kv_shared_layers>0 (KV sharing) (measured:
+other modules). Module names equal the checkpoint keys, so HuggingFace state dicts load with
+``strict=True``.
 
 Left out on purpose: KV cache, attention masks (attention is causal), dropout, gradient
 checkpointing, attention-implementation switches, ``repeat_kv`` (the attention op handles GQA),
@@ -202,6 +203,10 @@ class Gemma4UnifiedTextAttention(nn.Module):
 class Gemma4UnifiedTextDecoderLayer(nn.Module):
     def __init__(self, config: Gemma4UnifiedTextConfig, layer_idx: int) -> None:
         super().__init__()
+        if config.num_kv_shared_layers:
+            raise NotImplementedError(
+                "config.num_kv_shared_layers>0 (KV sharing) is not reproduced by this file"
+            )
         self.self_attn = Gemma4UnifiedTextAttention(config, layer_idx)
         self.mlp = Gemma4UnifiedTextMLP(config)
         self.input_layernorm = Gemma4UnifiedRMSNorm(config.hidden_size, config.rms_norm_eps)
