@@ -253,3 +253,18 @@ def test_remote_code_needs_explicit_permission(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelSourceError, match="--allow-remote-code"):
         AutoModelForCausalLMFactory(str(tmp_path)).build_model()
+
+
+def test_a_run_with_fewer_layers_leaves_the_deeper_layers_out(tmp_path: Path) -> None:
+    """num_hidden_layers below the checkpoint's (the e2e reduced run): the deeper layers' tensors are
+    left out, with a note; the first layers load as they are."""
+    torch.manual_seed(0)
+    deep = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3)).eval()
+    deep.save_pretrained(tmp_path)
+    model, report = AutoModelForCausalLMFactory(str(tmp_path), {"num_hidden_layers": 2}).build_and_load()
+    assert report.notes == ["9 checkpoint tensors of layers beyond num_hidden_layers left out"]
+    shallow = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=2)).eval()
+    shallow.load_state_dict({k: v for k, v in deep.state_dict().items() if ".layers.2." not in k})
+    torch.testing.assert_close(
+        logits_of(model, INPUT_IDS), logits_of(shallow, INPUT_IDS), rtol=1e-4, atol=1e-4
+    )

@@ -107,8 +107,10 @@ def test_block_paths_the_lean_file_inlines_are_not_tested() -> None:
     assert kept.blocks[0].paths == ("model.layers.0.self_attn.q_norm",)
 
 
-def test_per_layer_inputs_are_refused_naming_the_layer_input() -> None:
-    """Gemma 4's layers mix in a per-layer embedding (``per_layer_input``) with linears of their own."""
+def test_per_layer_inputs_not_measured_are_refused_naming_the_layer_input(monkeypatch) -> None:
+    """Layers that mix in a per-layer embedding (``per_layer_input``) with linears of their own, in a
+    way the per-layer input measurement does not find (test_analyze_perlayer.py), are refused by name."""
+    monkeypatch.setattr("onboardlm.onboard.analyze.measure_per_layer_inputs", lambda *_: None)
     with pytest.raises(
         UnsupportedFeature, match=r"per-layer inputs: the layer takes per_layer_input"
     ) as caught:

@@ -131,6 +131,16 @@ EDITS = {
         "self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer_idx)",
         "v * 1.03",
     ),
+    "per_layer_input_dropped": (
+        "gemma4_text",
+        "hidden_states + self.mix_per_layer_input(hidden_states, per_layer_input)",
+        "hidden_states = hidden_states + 0\n",
+    ),
+    "per_layer_input_first_layer": (
+        "gemma4_text",
+        "per_layer_inputs[:, :, index]",
+        "per_layer_inputs[:, :, 0]",
+    ),
 }
 
 

@@ -294,12 +294,14 @@ def load_checkpoint_into(model: nn.Module, state_dict: StateDict, *, subject: st
     except RuntimeError as err:  # size mismatches
         raise WeightsError(subject, f"checkpoint does not fit the model: {_size_mismatches(err)}") from err
     missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
+    deeper = _deeper_layer_keys(model, result.unexpected_keys)  # a run with fewer num_hidden_layers
+    unexpected = [k for k in result.unexpected_keys if k not in deeper]
+    if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing keys {sorted(missing)}")
-        if result.unexpected_keys:
-            parts.append(f"unexpected keys {sorted(result.unexpected_keys)}")
+        if unexpected:
+            parts.append(f"unexpected keys {sorted(unexpected)}")
         raise WeightsError(subject, "checkpoint keys do not match the model: " + "; ".join(parts))
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -309,7 +311,23 @@ def load_checkpoint_into(model: nn.Module, state_dict: StateDict, *, subject: st
         weights_source=subject,
         num_tensors=len(state_dict),
         tied_keys=sorted(k for k in tied if k in result.missing_keys),
+        notes=[f"{len(deeper)} checkpoint tensors of layers beyond num_hidden_layers left out"]
+        if deeper
+        else [],
     )
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _deeper_layer_keys(model: nn.Module, keys: list[str]) -> set[str]:
+    """Checkpoint keys of decoder layers past the model's ``num_hidden_layers`` (a reduced run of a
+    deeper checkpoint, where transformers' own loader may not apply: Gemma 4's per-layer table is
+    as wide as the checkpoint's layers)."""
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        return set()
+    return {key for key in keys if (found := _LAYER_KEY.search(key)) and int(found.group(1)) >= layers}
 
 
 _SIZE_MISMATCH = re.compile(

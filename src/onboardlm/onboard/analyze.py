@@ -49,6 +49,11 @@ from onboardlm.onboard.analyze_classic import alibi_slopes, projections, separat
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_kv_sharing import kv_source_expression, measure_kv_sources
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe, predict_layers
+from onboardlm.onboard.analyze_perlayer import (
+    kv_sharing_refusals,
+    measure_per_layer_inputs,
+    with_per_layer_inputs,
+)
 from onboardlm.onboard.analyze_streams import hyper_connection_refusal
 from onboardlm.onboard.analyze_widths import (
     check_first_layer,
@@ -138,7 +143,16 @@ def _measure(config: PretrainedConfig, tiny: PretrainedConfig) -> ArchitectureSp
         ) from err
     _fill_attention_masks(model)
     try:
-        return _Analyzer(config, tiny, model).spec()
+        per_layer = measure_per_layer_inputs(tiny, model)
+        if per_layer is None:
+            return _Analyzer(config, tiny, model).spec()
+        # the rest of the model measured on the config without them (its layers are ordinary ones)
+        model = AutoModelForCausalLM.from_config(
+            per_layer[1], attn_implementation="eager", dtype=torch.float32
+        )
+        model = model.float().eval()
+        _fill_attention_masks(model)
+        return with_per_layer_inputs(_Analyzer(config, per_layer[1], model).spec(), per_layer[0])
     except (AttributeError, TypeError, IndexError, KeyError, ValueError, RuntimeError) as err:
         # raised inside a transformers module on a probe input: name that module and its line
         located = transformers_failure(tiny, err, "fails on the analyzer's probe input")
@@ -393,8 +407,12 @@ class _Analyzer:
             block.note for block in (attention, feed_forward) if isinstance(block, (MLASpec, MoESpec))
         ]
         decoder = self._decoder(layer_path, layer, attention.attr, feed_forward)
+        shared_kv = kv_sharing_refusals(self.tiny, model, attention.attr)  # KV sharing this file does not do
+        self.notes += [
+            f"{setting}: layers without k/v projections, refused by this file" for _, setting in shared_kv
+        ]
         refused = self._part_settings(layer_path, layer) + self._feed_forward_switches(layer, feed_forward)
-        decoder = dataclasses.replace(decoder, refused=refused)
+        decoder = dataclasses.replace(decoder, refused=refused + shared_kv)
         decoder = dataclasses.replace(decoder, **self._output_scale(layer_path, layers))
         final_attr = self._final_norm_attr(path, parts, decoder)
         self._layer_norm_spec = decoder.norm

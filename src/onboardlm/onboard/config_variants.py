@@ -152,6 +152,7 @@ def candidate_variants(tiny: PretrainedConfig, lean_source: str | None) -> list[
             found += _per_layer_float_variants(name, getattr(tiny, name, None), tiny.num_hidden_layers)
         found += _layer_rule_variants(tiny, tree)
         found += _multiplier_variants(tiny, reads)
+        found += _width_switch_variants(tiny, tree)
     tied = bool(getattr(tiny, "tie_word_embeddings", False))
     found.append(Variant(f"tie_word_embeddings={not tied}", {"tie_word_embeddings": not tied}))
     parameters = getattr(tiny, "rope_parameters", None)
@@ -309,6 +310,25 @@ def _layer_rule_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[Varia
                 found.append(Variant(f"{name}={moved}", {name: moved}))
                 break
     return found
+
+
+def _width_switch_variants(tiny: PretrainedConfig, tree: ast.Module) -> list[Variant]:
+    """A width the file tests for zero before building modules (``if config.hidden_size_per_layer_input:``,
+    Gemma 4's per-layer inputs) that the test config sets: 0, so that the file runs without them too."""
+    found = []
+    for node in ast.walk(tree):
+        if not (
+            isinstance(node, ast.If)
+            and isinstance(node.test, ast.Attribute)
+            and isinstance(node.test.value, ast.Name)
+            and node.test.value.id == "config"
+        ):
+            continue
+        name = node.test.attr
+        value = getattr(tiny, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            found.append(Variant(f"{name}=0", {name: 0}))
+    return list({variant.label: variant for variant in found}.values())
 
 
 def config_variants(

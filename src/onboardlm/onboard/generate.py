@@ -26,6 +26,7 @@ from typing import Any
 import jinja2
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.onboard import emit_perlayer
 from onboardlm.onboard.emit_hybrid import describe_hybrid, emit_hybrid_blocks, layer_class_expression
 from onboardlm.onboard.emit_moe import emit_mla_slot, emit_moe_slot, feed_forward_constructor
 from onboardlm.onboard.spec import (
@@ -560,6 +561,10 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
             *(f"    {line}" for line in _layout_lines(other, spec)),
             *forward,
         ]
+    if spec.per_layer_input is not None:  # mixed in after the blocks, before the output scale
+        init += emit_perlayer.layer_init_lines(spec, norm_constructor(layer.norm, "config.hidden_size"))
+        forward = emit_perlayer.layer_forward_lines(forward, spec)
+        methods = "\n\n".join(m for m in (methods, emit_perlayer.layer_method(spec)) if m)
     if layer.output_scale:  # a checkpoint tensor of the layer's own scales its whole output
         init += _output_scale_lines(layer)
         forward = _scaled_returns(forward, layer.output_scale)
@@ -573,6 +578,7 @@ def emit_decoder_layer(layer: DecoderLayerSpec, spec: ArchitectureSpec) -> str:
         temperature=_takes_temperature(spec),
         methods=methods,
         kv_shared=bool(getattr(attn, "kv_source", None)),
+        per_layer_argument=emit_perlayer.SLICE if spec.per_layer_input is not None else "",
     )
 
 
@@ -593,10 +599,9 @@ def _scaled_returns(lines: list[str], name: str) -> list[str]:
             scaled.append(line)
             continue
         indent = line[: len(line) - len(body)]
-        scaled += [
-            f"{indent}hidden_states = {body.removeprefix('return ')}",
-            f"{indent}return hidden_states * self.{name}",
-        ]
+        if body != "return hidden_states":
+            scaled.append(f"{indent}hidden_states = {body.removeprefix('return ')}")
+        scaled.append(f"{indent}return hidden_states * self.{name}")
     return scaled
 
 
@@ -776,9 +781,19 @@ def emit_model(spec: ArchitectureSpec) -> str:
         )
     else:
         holder = ""
+    if spec.per_layer_input is not None:  # computed once per forward, a slice for each layer
+        width = f"config.{spec.per_layer_input.width}"
+        init += emit_perlayer.model_init_lines(spec, norm_constructor(spec.decoder.norm, width))
+        forward = emit_perlayer.model_forward_lines(forward, spec)
+    methods = emit_perlayer.model_method(spec)
     if spec.stack_attr:  # the inner model only holds the decoder stack, as transformers' does
         stack = render(
-            "model.py.j2", spec=spec, class_name=spec.stack_class, init_lines=init, forward_lines=forward
+            "model.py.j2",
+            spec=spec,
+            class_name=spec.stack_class,
+            init_lines=init,
+            forward_lines=forward,
+            methods=methods,
         )
         wrapper = render(
             "model_wrapper.py.j2", spec=spec, stack=f"self.{spec.stack_attr}", stack_class=spec.stack_class
@@ -793,6 +808,7 @@ def emit_model(spec: ArchitectureSpec) -> str:
         temperature=bool(layer_positions),
         temperature_offset=getattr(spec.attention, "position_scale_offset", 0),
         temperature_power=getattr(spec.attention, "position_scale_power", False),
+        methods=methods,
     )
     return (holder + "\n\n" if holder else "") + model
 
@@ -921,6 +937,13 @@ def describe(spec: ArchitectureSpec) -> str:
             f"a prediction head ({transform.dense.name}, {transform.act_attr}, {transform.norm_attr}) before the output projection"
         )
     extras += [note for note in spec.notes if note.endswith("(nn.Identity elsewhere)")]
+    if spec.per_layer_input is not None:
+        per_layer = spec.per_layer_input
+        extras.append(
+            f"per-layer inputs: each decoder layer mixes in config.{per_layer.width} channels of its own per"
+            f" token ({per_layer.table} rows plus the normalised {per_layer.projection} of the input"
+            " embeddings) after attention and MLP; 0 builds none"
+        )
     unsupported = [note.split(":")[0] for note in spec.notes if note.endswith("by this file")]
     if unsupported:  # flags whose other value builds other modules or attention than this file's
         extras.append(

@@ -15,6 +15,7 @@ from typing import Literal
 
 from onboardlm.onboard.spec_hybrid import HybridSpec
 from onboardlm.onboard.spec_moe import MLASpec, MoESpec
+from onboardlm.onboard.spec_perlayer import PerLayerInputSpec
 
 NormKind = Literal["rms", "layer"]
 SlidingMode = Literal["none", "all", "layer_types"]
@@ -350,6 +351,9 @@ class ArchitectureSpec:
     #: False where transformers' causal-LM class never ties its head (NemotronH: ``_tied_weights_keys = {}``,
     #: whatever ``tie_word_embeddings`` says)
     ties_head: bool = True
+    #: a vector of its own per token and layer that every decoder layer mixes in (Gemma 4's per-layer
+    #: embeddings), None for none
+    per_layer_input: PerLayerInputSpec | None = None
 
     @property
     def stack_path(self) -> str:

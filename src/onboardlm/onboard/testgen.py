@@ -154,6 +154,9 @@ class ReferenceLayout:
     temperature: bool = False  # ... and the model's q scale per position too (Ministral3)
     #: ... and the store of keys and values some layers leave for others (cross-layer KV sharing)
     kv_shared: bool = False
+    #: further inputs of the lean decoder layers, (name, position in transformers' layer forward): the
+    #: recorded argument is passed on (Gemma 4's ``per_layer_input``)
+    layer_inputs: tuple[tuple[str, int], ...] = ()
 
     @property
     def routed(self) -> bool:
@@ -426,6 +429,25 @@ def _takes_positions(lean_source: str, layout: ReferenceLayout, name: str = "pos
     if not found:
         return name == "position_embeddings"
     return any(params is not None and name in params[0] for params in found)
+
+
+def _layer_inputs(lean_source: str, layout: ReferenceLayout, hf_module: Any) -> tuple[tuple[str, int], ...]:
+    """Parameters of the lean decoder layers beside hidden states, RoPE tables and temperature that
+    transformers' layer of the same class takes too, with their position there."""
+    index = _lean_index(lean_source)
+    found = []
+    for cls in layout.layer_classes:
+        lean = _lean_parameters(index, cls, "forward") if cls in index.src.classes else None
+        hf_cls = getattr(hf_module, cls, None)
+        if lean is None or not isinstance(hf_cls, type):
+            continue
+        hf_names = list(inspect.signature(hf_cls.forward).parameters)[1:]
+        found += [
+            (name, hf_names.index(name))
+            for name in lean[0]
+            if name not in ("hidden_states", "position_embeddings", "temperature") and name in hf_names
+        ]
+    return tuple(dict.fromkeys(found))
 
 
 def keep_called(layout: ReferenceLayout, reference: nn.Module) -> ReferenceLayout:
@@ -746,6 +768,7 @@ def generate_test_file(
             positional=_takes_positions(lean_source, layout),
             temperature=_takes_positions(lean_source, layout, "temperature"),
             kv_shared=_takes_positions(lean_source, layout, "shared_kv"),
+            layer_inputs=_layer_inputs(lean_source, layout, hf_module),
         )
     variants = [
         v

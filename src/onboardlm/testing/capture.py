@@ -70,6 +70,13 @@ class Call:
         """The ``position_ids`` keyword as passed, None if absent."""
         return self.kwargs.get("position_ids")
 
+    def argument(self, name: str, position: int) -> Any:
+        """An argument as passed: the ``name`` keyword, else the positional argument at ``position``
+        (counted without ``self``), else None (Gemma 4's ``per_layer_input`` of a decoder layer)."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[position] if position < len(self.args) else None
+
     @property
     def result(self) -> torch.Tensor:
         """The output tensor; for tuple outputs (attention weights, router logits) the first element."""

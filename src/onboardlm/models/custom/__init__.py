@@ -32,6 +32,7 @@ MODEL_MODULES = [
     "modeling_gemma",
     "modeling_gemma2",
     "modeling_gemma3_text",
+    "modeling_gemma4_text",
     "modeling_gemma4_unified_text",
     "modeling_glm4_moe",
     "modeling_glm4_moe_lite",

@@ -655,6 +655,36 @@ def _stored_before_rope(tree: ast.Module) -> list[int]:
     return lines
 
 
+def _per_layer_input_dropped(tree: ast.Module) -> list[int]:
+    """A decoder layer's per-layer input (Gemma 4) not mixed in: ``self.mix_per_layer_input(h, x)`` -> ``0``."""
+    lines = []
+    for cls in classes(tree):
+        forward = method(cls, "forward")
+        for node in list(ast.walk(forward)) if forward is not None else ():
+            if isinstance(node, ast.Call) and is_self_attr(node.func, "mix_per_layer_input"):
+                replace_in_parent(forward, node, ast.Constant(0))
+                lines.append(node.lineno)
+    return lines
+
+
+def _per_layer_input_first_layer(tree: ast.Module) -> list[int]:
+    """Every layer given the first layer's per-layer input (the packed table read without the layer
+    index): ``per_layer_inputs[:, :, index]`` -> ``per_layer_inputs[:, :, 0]``."""
+    lines = []
+    for cls in classes(tree):
+        forward = method(cls, "forward")
+        for node in list(ast.walk(forward)) if forward is not None else ():
+            if (
+                isinstance(node, ast.Subscript)
+                and ast.unparse(node.value) == "per_layer_inputs"
+                and isinstance(node.slice, ast.Tuple)
+                and isinstance(node.slice.elts[-1], ast.Name)
+            ):
+                node.slice.elts[-1] = ast.Constant(0)
+                lines.append(node.lineno)
+    return lines
+
+
 KINDS: tuple[Kind, ...] = (
     Kind("attention_scale", "softmax scale 3 % off", _scale_assignments(("scaling",), 1.03, first_only=True)),
     Kind("attention_softcap", "attention logit soft-cap 5 % off", _scale_assignments(("logit_cap",), 1.05)),
@@ -729,6 +759,12 @@ KINDS: tuple[Kind, ...] = (
     ),
     Kind("shared_kv_query_unrotated", "queries of a KV-sharing layer not rotated", _shared_query_unrotated),
     Kind("shared_kv_stored_before_rope", "shared keys stored before RoPE", _stored_before_rope),
+    Kind("per_layer_input_dropped", "per-layer input not mixed into the layer", _per_layer_input_dropped),
+    Kind(
+        "per_layer_input_first_layer",
+        "every layer given the first layer's per-layer input",
+        _per_layer_input_first_layer,
+    ),
 )
 
 
