@@ -2718,20 +2718,26 @@ class _Analyzer:
             uses.append(not _close(outputs[0], outputs[1]))
         return uses
 
-    def _rope_flag(self, path: str, uses: list[bool]) -> str | None:
-        """None when every layer uses RoPE, else the config expression saying which layers do."""
+    def _rope_flag(self, path: str, uses: list[bool], care: list[bool] | None = None) -> str | None:
+        """None when every layer uses RoPE, else the config expression saying which layers do; only
+        the layers ``care`` marks (default: all) must agree with it."""
         if self._base_field:  # a RoPE base per layer, 0 for none
             return f"config.{self._base_field}[layer_idx]"
-        if all(uses):
+        care = care or [True] * len(uses)
+        if all(use for use, counts in zip(uses, care, strict=True) if counts):
             return None
+
+        def agrees(flags: list[bool]) -> bool:
+            return all(f == use for f, use, counts in zip(flags, uses, care, strict=True) if counts)
+
         for name, value in self.fields.items():
             if not isinstance(value, list) or len(value) != len(uses):
                 continue
-            if [bool(v) for v in value] == uses:
+            if agrees([bool(v) for v in value]):
                 self.notes.append(f"NoPE layers ({name})")
                 return f"config.{name}[layer_idx]"
             for kind in sorted({v for v in value if isinstance(v, str)}):
-                if [v == kind for v in value] == uses:
+                if agrees([v == kind for v in value]):
                     self.notes.append(f"RoPE only on {kind} layers")
                     return f'config.{name}[layer_idx] == "{kind}"'
         raise UnsupportedFeature(path, "layers without RoPE from no config field", _HINT)

@@ -1061,11 +1061,12 @@ def _model_chosen_nope(
         an.model, paths, input_ids=torch.arange(1, 8)[None], position_ids=torch.arange(7)[None]
     )
     uses = [calls[path][0].position_embeddings is not None for path in paths]
-    if attention_at is not None:  # tables a layer without attention gets (or not) tell nothing
-        uses = [use or index not in attention_at for index, use in enumerate(uses)]
-    if all(uses) or not any(uses):  # every layer gets the tables (or none is passed by keyword)
+    # tables a layer without attention gets (or not) tell nothing
+    care = [attention_at is None or index in attention_at for index in range(num_layers)]
+    counted = [use for use, counts in zip(uses, care, strict=True) if counts]
+    if all(counted) or not any(counted):  # every layer gets the tables (or none is passed by keyword)
         return attention
-    return dataclasses.replace(attention, rope_flag=an._rope_flag(layers_path, uses))
+    return dataclasses.replace(attention, rope_flag=an._rope_flag(layers_path, uses, care))
 
 
 def _hybrid_mla(an: _Analyzer, path: str, index: int, module: nn.Module, rope: RopeSpec | None) -> Any:
