@@ -22,6 +22,8 @@ selected experts in fp32, one cast to the input dtype at the end.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
@@ -32,6 +34,8 @@ from onboardlm.ops._library import op_targets
 from onboardlm.ops.moe import ActivationType, torch_moe
 from onboardlm.transforms.dump import dumps_graph
 from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
+
+_LOG = logging.getLogger(__name__)
 
 #: Above this many tokens the all-experts path computes too much; grouped GEMMs run instead.
 DENSE_MAX_TOKENS = 256
@@ -102,6 +106,28 @@ def _sorted_grouped(
     return torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=ends), order, token
 
 
+#: Whether the Triton MoE decode kernels built and ran, per device (tried once, on the first call).
+_KERNEL_WORKS: dict[str, bool] = {}
+
+
+def _kernel_works(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> bool:
+    """Whether :mod:`onboardlm.kernels.moe_decode` runs here. The first call on a device tries it once
+    (in warm-up, before any CUDA-graph capture): a Triton build error on an unforeseen GPU or Triton
+    release is logged and the gathered path runs from then on."""
+    if not moe_decode.is_available(hidden, w1, w2, w3):
+        return False
+    device = str(hidden.device)
+    if device not in _KERNEL_WORKS:
+        try:
+            ids = torch.zeros(1, 1, dtype=torch.long, device=hidden.device)
+            moe_decode.moe_decode(hidden[:1], ids, torch.zeros(1, 1, device=hidden.device), w1, w2, w3)
+            _KERNEL_WORKS[device] = True
+        except Exception as error:  # noqa: BLE001  (Triton raises its own compilation errors)
+            _KERNEL_WORKS[device] = False
+            _LOG.warning("MoE decode kernel unavailable on %s (%s); using gathered experts", device, error)
+    return _KERNEL_WORKS[device]
+
+
 def grouped_moe(
     x: torch.Tensor,
     selected_experts: torch.Tensor,
@@ -135,7 +161,7 @@ def grouped_moe(
             return _reference(x, selected_experts, routing_weights, w1, w2, w3, *args)
         scaled = rows.float() * weights.reshape(-1)[order, None]
         out = torch.zeros(tokens, rows.shape[-1], device=x.device).index_add_(0, token, scaled)
-    elif tokens * top_k <= num_experts and kernel and moe_decode.is_available(hidden, w1, w2, w3):
+    elif tokens * top_k <= num_experts and kernel and _kernel_works(hidden, w1, w2, w3):
         out = moe_decode.moe_decode(hidden, ids, weights, w1, w2, w3)
     elif tokens * top_k <= num_experts:
         rows = hidden.repeat_interleave(top_k, dim=0)
