@@ -38,6 +38,7 @@ from transformers.initialization import no_init_weights
 from onboardlm.export import causal_lm_dynamic_shapes, torch_export_to_gm
 from onboardlm.models.factory import AutoModelForCausalLMFactory
 from onboardlm.registry.atomic import atomic_write_text
+from onboardlm.runtime.cache import KVCache
 from onboardlm.transforms import INPUT_POS, KV_LEN, LOGIT_INDEX, insert_cached_attention, insert_logit_gather
 from onboardlm.transforms.backends import use_direct_kernels
 from onboardlm.transforms.compile import FastGraph, SpeedOptions, accelerate
@@ -253,14 +254,8 @@ def torch_gen() -> torch.Generator:
 
 # ---------------------------------------------------------------- onboardlm
 def allocate_cache(specs: Any, max_batch: int, max_seq: int, device: str) -> dict[str, torch.Tensor]:
-    """Zeroed KV caches and (hybrids) per-row state caches, as the runtime's ``KVCache`` (whose package
-    needs the CLI's dependencies)."""
-    return {
-        s.name: torch.zeros(
-            max_batch, *((max_seq,) if s.per_token else ()), *s.features, dtype=s.dtype, device=device
-        )
-        for s in specs
-    }
+    """Zeroed KV caches and (hybrids) per-row state caches, as ``onboardlm run`` allocates them."""
+    return KVCache.allocate(specs, max_batch, max_seq, device).tensors
 
 
 def cached_graph(model: torch.nn.Module, shard: Callable[[GraphModule], object] | None = None) -> Any:
