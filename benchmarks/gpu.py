@@ -462,7 +462,12 @@ def variants(name: str) -> dict[str, SpeedOptions]:
         return {"ours": SpeedOptions(batch_sizes=())}
     if name == "hybrid":
         return {"ours": SpeedOptions(batch_sizes=BATCHES)}
-    moe = {"ours_no_moe_kernel": SpeedOptions(moe_kernel=False, batch_sizes=(1, 8))} if name == "moe" else {}
+    kernel_batches = tuple(b for b in (1, 8) if b in BATCHES)  # the batches the kernel serves, as measured
+    moe = (
+        {"ours_no_moe_kernel": SpeedOptions(moe_kernel=False, batch_sizes=kernel_batches)}
+        if name == "moe"
+        else {}
+    )
     return {
         **moe,
         "ours": SpeedOptions(batch_sizes=BATCHES),
