@@ -1,8 +1,8 @@
-"""A tiny fp16 Llama served by the engine on the CPU, with and without the fast path (Triton paged kernel
+"""A tiny fp16 Llama served by the engine on the CPU, with and without the fast path (Triton paged kernels
 under the interpreter, decode steps padded to decode batch sizes).
 
 Usage: ``TRITON_INTERPRET=1 python _run_paged_engine_interpreted.py OUT``: writes each path's tokens per
-request and how many times the kernel ran (JSON).
+request and how many times each kernel (decode, prefill) ran (JSON).
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ def main(out_path: str) -> None:
             param.normal_(0.0, 0.5)  # peaked logits: no greedy ties
     model = model.to(torch.float16)
     vocab = {"<unk>": 0, "<s>": 1, **{f"w{i}": i for i in range(2, 60)}}
-    calls = []
-    kernel = fast_paged.kernels.paged_decode_attention
-    fast_paged.kernels.paged_decode_attention = lambda *a: calls.append(1) or kernel(*a)
+    calls: list[str] = []
+    decode = fast_paged.kernels.paged_decode_attention
+    fast_paged.kernels.paged_decode_attention = lambda *a: calls.append("decode") or decode(*a)
+    prefill = fast_paged.paged_prefill.paged_prefill_attention
+    fast_paged.paged_prefill.paged_prefill_attention = lambda *a: calls.append("prefill") or prefill(*a)
     settings = RunSettings(max_batch_size=4, max_seq_len=40, max_new_tokens=8, dtype="float16")
     answers = {}
     for fast in (False, True):
@@ -52,7 +54,7 @@ def main(out_path: str) -> None:
         while engine.num_unfinished:
             engine.run_once()
         answers["fast" if fast else "reference"] = out
-    answers["kernel_calls"] = len(calls)
+    answers["kernel_calls"] = {kind: calls.count(kind) for kind in ("decode", "prefill")}
     with open(out_path, "w") as handle:
         json.dump(answers, handle)
 

@@ -1,12 +1,13 @@
-"""The Triton paged attention kernel (through ``fast_paged_attention``) against the reference paged op.
+"""The Triton paged attention kernels (through ``fast_paged_attention``) against the reference paged op.
 
 A packed step mixes one-token decodes with prompt chunks (fresh, and appended to a cached prefix) over a
 block cache whose blocks are handed out in shuffled order; every slot no sequence may read holds NaN, so
 reading one would show. The reference paged op in float64 on the same inputs is the expected result
 (its own equivalence to the dense cached op is tested in tests/transforms/test_paged_attention.py).
 On the CPU the kernel runs under Triton's interpreter (fp16) in a child process; on a GPU in bf16 and fp16.
-Under the interpreter, the serving engine's fast path (the kernel inside the rewritten graph, decode steps
-padded as on CUDA) must also give a tiny fp16 Llama's requests the reference engine's tokens.
+Under the interpreter, the serving engine's fast path (the kernels inside the rewritten graph: prefill for
+steps with prompt tokens, split-K decode for decode steps padded as on CUDA) must also give a tiny fp16
+Llama's requests the reference engine's tokens.
 """
 
 from __future__ import annotations
@@ -127,14 +128,15 @@ def test_interpreted_paged_kernel_matches_the_reference_op(tmp_path: Path) -> No
 
 
 def test_interpreted_fast_path_engine_gives_the_reference_tokens(tmp_path: Path) -> None:
-    """The serving engine on a tiny fp16 Llama: fast path (paged kernel, padded decode steps) = reference."""
+    """The serving engine on a tiny fp16 Llama: fast path (paged prefill and decode kernels, padded decode
+    steps) = reference."""
     run = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("_run_paged_engine_interpreted.py")), str(tmp_path / "o")],
         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     answers = json.loads((tmp_path / "o").read_text())
-    assert answers["kernel_calls"] > 0
+    assert answers["kernel_calls"]["decode"] > 0 and answers["kernel_calls"]["prefill"] > 0
     assert answers["fast"] == answers["reference"] and len(answers["fast"]) == 6
     assert all(len(tokens) == 6 for tokens in answers["fast"].values())
 

@@ -1,13 +1,20 @@
-"""Fast paged attention: the Triton paged kernel in place of the reference paged op where it can run.
+"""Fast paged attention: the Triton paged kernels in place of the reference paged op where they can run.
 
 :func:`fast_paged_attention` takes the arguments of ``onboardlm_paged_attention``
-(:mod:`onboardlm.transforms.paged_ops`) and computes the same result. Where the kernel of
-:func:`onboardlm.kernels.decode_attention.paged_decode_attention` can run (CUDA with Triton, or
-``TRITON_INTERPRET=1``; fp16/bf16; causal; no sinks and no logit cap) it writes the step's keys and
-values to their slots (one indexed copy per cache) and attends every packed token, prompt chunk or
-decode alike, straight through its sequence's block table: no gathered copy of the cache, no padding of
-the queries, no host synchronisation, and launch shapes fixed by the tensors' shapes alone, so a decode
-step can be captured in a CUDA graph. Elsewhere it calls the reference op.
+(:mod:`onboardlm.transforms.paged_ops`) and computes the same result. Where the Triton kernels can run
+(CUDA with Triton, or ``TRITON_INTERPRET=1``; fp16/bf16; causal; no sinks, no logit cap, no chunked
+attention; contiguous caches) it writes the step's keys and values to their slots (one indexed copy per
+cache) and attends straight through each sequence's block table: no gathered copy of the cache, no
+padding of the queries, no host synchronisation. The kernel is picked from the shapes alone:
+
+- a step with prompt tokens (more query tokens than sequences) runs the flash-style prefill kernel
+  :func:`onboardlm.kernels.paged_prefill.paged_prefill_attention` (query tiles of one sequence read each
+  key tile once);
+- a decode step (one token per sequence, the steps captured in CUDA graphs) runs the split-K kernel
+  :func:`onboardlm.kernels.decode_attention.paged_decode_attention`, whose launch shapes are fixed by
+  the tensors' shapes.
+
+Elsewhere it calls the reference op.
 :func:`use_fast_paged_attention` points a paged graph's attention nodes at it.
 """
 
@@ -19,6 +26,7 @@ import torch
 from torch.fx import GraphModule
 
 from onboardlm.kernels import decode_attention as kernels
+from onboardlm.kernels import paged_prefill
 from onboardlm.ops._library import op_targets
 from onboardlm.ops.attention import check_layout, to_bnsd
 from onboardlm.transforms import paged_ops
@@ -32,7 +40,7 @@ def _reference(*args: object, **kwargs: object) -> torch.Tensor:
 def kernel_runs(
     query: torch.Tensor, is_causal: bool, sinks: torch.Tensor | None, logit_cap: float | None
 ) -> bool:
-    """Whether the Triton paged kernel computes this call (else the reference op does)."""
+    """Whether a Triton paged kernel computes this call (else the reference op does)."""
     no_cap = logit_cap is None or logit_cap <= 0
     return is_causal and sinks is None and no_cap and kernels.is_available(query)
 
@@ -55,7 +63,7 @@ def fast_paged_attention(
     layout: str = "bnsd",
     attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """``onboardlm_paged_attention`` on the Triton paged kernel where it runs (see the module docstring)."""
+    """``onboardlm_paged_attention`` on the Triton paged kernels where they run (see the module docstring)."""
     if (
         not kernel_runs(query, is_causal, sinks, logit_cap)
         or not k_cache.is_contiguous()
@@ -67,16 +75,19 @@ def fast_paged_attention(
         )  # fmt: skip
     check_layout(layout)
     q, k, v = (to_bnsd(x, layout)[0].transpose(0, 1) for x in (query, key, value))  # [T, n, d]
-    flat = (-1, *k_cache.shape[2:])
-    k_cache.view(flat).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(flat).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for cache, new in ((k_cache, k), (v_cache, v)):  # value head dims may differ from key head dims
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, new.to(cache.dtype))
     if q.stride(-1) != 1:
         q = q.contiguous()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     window = sliding_window if sliding_window is not None and sliding_window > 0 else 0
-    out = kernels.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, query_start, cached_lens, scale, window
-    )  # [T, n, d_v]
+    # More tokens than sequences: prompt tokens (a shape test, no synchronisation).
+    kernel = (
+        paged_prefill.paged_prefill_attention
+        if q.shape[0] > block_tables.shape[0]
+        else kernels.paged_decode_attention
+    )
+    out = kernel(q, k_cache, v_cache, block_tables, query_start, cached_lens, scale, window)  # [T, n, d_v]
     return out[None].contiguous() if layout == "bsnd" else out.transpose(0, 1)[None].contiguous()
 
 
