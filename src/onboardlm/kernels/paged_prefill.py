@@ -9,7 +9,8 @@ sequence's keys in ``BLOCK_N`` tiles through its block table, with an online sof
 max, running sum, unnormalised output), and masks each row causally by its absolute position
 (``cached_lens[i] + t - query_start[i]``) and by the sliding window. The keys a tile reads span from
 the window start of its first token to its last token, so the keys of a tile are read once for all of
-its rows.
+its rows; only the key tiles at the ends of that span (the diagonal, the window's edge) are masked, the
+key tiles every row may read run without the mask.
 
 Tiles never straddle sequences, and the tile of each program is found on the device: sequence ``i``
 owns the virtual tiles ``query_start[i] // rows + i`` up to (excluded) the same value of ``i + 1``, at
@@ -62,6 +63,49 @@ def launch_config(head_dim: int) -> PrefillConfig:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _attend(
+        q, m, total, acc, k_base, v_base, table, positions, stride_kslot, stride_vslot, qk_scale, window,
+        lo, hi, key_end,
+        MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_K: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):  # fmt: skip
+        """The online softmax over the key tiles from ``lo`` to ``hi`` (``MASKED``: keys past ``key_end``,
+        after a row's position or outside its window are left out; else every key is allowed)."""
+        dk = tl.arange(0, BLOCK_K)
+        dv = tl.arange(0, BLOCK_V)
+        for start in range(lo, hi, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            key_ok = keys < key_end
+            block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0)
+            slot = (block * BLOCK_SIZE + keys % BLOCK_SIZE).to(tl.int64)
+            k = tl.load(
+                k_base + slot[:, None] * stride_kslot + dk[None, :],
+                mask=key_ok[:, None] & (dk[None, :] < HEAD_K),
+                other=0.0,
+            )
+            scores = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain: qk_scale includes log2(e)
+            if MASKED:
+                distance = positions[:, None] - keys[None, :]
+                scores = tl.where((distance >= 0) & (distance < window), scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key allowed yet
+            else:
+                m_new = tl.maximum(m, tl.max(scores, 1))
+                m_safe = m_new
+            alpha = tl.math.exp2(m - m_safe)
+            p = tl.math.exp2(scores - m_safe[:, None])
+            total = total * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_base + slot[:, None] * stride_vslot + dv[None, :],
+                mask=key_ok[:, None] & (dv[None, :] < HEAD_V),
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        return m, total, acc
+
     # Values that change from step to step are not specialised (a value of 1 or a multiple of 16 would
     # otherwise compile another kernel in the middle of serving).
     @triton.jit(do_not_specialize=["stride_qt", "stride_qh", "stride_table", "n_seqs", "window"])
@@ -99,7 +143,6 @@ if triton is not None:
         row_ok = (rows < ROWS * HEADS) & (tokens <= last)
         positions = tokens + offset
         dk = tl.arange(0, BLOCK_K)
-        dv = tl.arange(0, BLOCK_V)
         q = tl.load(
             q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + dk[None, :],
             mask=row_ok[:, None] & (dk[None, :] < HEAD_K),
@@ -108,42 +151,38 @@ if triton is not None:
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
-        key_end = last + offset + 1  # keys of the tile: window start of its first token .. its last token
-        key_start = tl.maximum(first + offset + 1 - window, 0)
-        key_start = tl.minimum(key_start // BLOCK_N * BLOCK_N, key_end)  # tile-aligned; empty if surplus
+        # Keys of the tile: from the window start of its first token to its last token, in BLOCK_N tiles
+        # from a multiple of BLOCK_N. Those in [full_lo, full_hi) are allowed for every row (no mask).
+        first_pos = first + offset
+        key_end = last + offset + 1
+        key_start = tl.minimum(tl.maximum(first_pos + 1 - window, 0) // BLOCK_N * BLOCK_N, key_end)
+        full_lo = (tl.maximum(key_end - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(full_lo, key_start), key_end)
+        full_hi = tl.maximum((first_pos + 1) // BLOCK_N * BLOCK_N, full_lo)
         table = tables_ptr + seq * stride_table
-        for start in range(key_start, key_end, BLOCK_N):
-            keys = start + tl.arange(0, BLOCK_N)
-            key_ok = keys < key_end
-            block = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0)
-            slot = (block * BLOCK_SIZE + keys % BLOCK_SIZE).to(tl.int64)
-            k = tl.load(
-                k_ptr + slot[:, None] * stride_kslot + kv_head * stride_kh + dk[None, :],
-                mask=key_ok[:, None] & (dk[None, :] < HEAD_K),
-                other=0.0,
-            )
-            scores = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain: qk_scale includes log2(e)
-            distance = positions[:, None] - keys[None, :]
-            allowed = (distance >= 0) & (distance < window)
-            scores = tl.where(allowed, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key allowed yet
-            alpha = tl.math.exp2(m - m_safe)
-            p = tl.math.exp2(scores - m_safe[:, None])
-            total = total * alpha + tl.sum(p, 1)
-            v = tl.load(
-                v_ptr + slot[:, None] * stride_vslot + kv_head * stride_vh + dv[None, :],
-                mask=key_ok[:, None] & (dv[None, :] < HEAD_V),
-                other=0.0,
-            )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+        k_base = k_ptr + kv_head * stride_kh
+        v_base = v_ptr + kv_head * stride_vh
+        m, total, acc = _attend(
+            q, m, total, acc, k_base, v_base, table, positions, stride_kslot, stride_vslot, qk_scale, window,
+            key_start, full_lo, key_end, True, BLOCK_SIZE, BLOCK_N, HEAD_K, BLOCK_K, HEAD_V, BLOCK_V,
+        )  # fmt: skip
+        m, total, acc = _attend(
+            q, m, total, acc, k_base, v_base, table, positions, stride_kslot, stride_vslot, qk_scale, window,
+            full_lo, full_hi, key_end, False, BLOCK_SIZE, BLOCK_N, HEAD_K, BLOCK_K, HEAD_V, BLOCK_V,
+        )  # fmt: skip
+        m, total, acc = _attend(
+            q, m, total, acc, k_base, v_base, table, positions, stride_kslot, stride_vslot, qk_scale, window,
+            full_hi, key_end, key_end, True, BLOCK_SIZE, BLOCK_N, HEAD_K, BLOCK_K, HEAD_V, BLOCK_V,
+        )  # fmt: skip
 
         out = acc / tl.where(total > 0, total, 1.0)[:, None]
         tl.store(
-            out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + dv[None, :],
+            out_ptr
+            + tokens[:, None] * stride_ot
+            + heads[:, None] * stride_oh
+            + tl.arange(0, BLOCK_V)[None, :],
             out.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & (dv[None, :] < HEAD_V),
+            mask=row_ok[:, None] & (tl.arange(0, BLOCK_V)[None, :] < HEAD_V),
         )
 
 
