@@ -126,16 +126,16 @@ if triton is not None:
         hi = n_seqs
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if tl.load(starts_ptr + mid) // ROWS + mid <= tile:
+            if tl.load(starts_ptr + mid).to(tl.int32) // ROWS + mid <= tile:
                 lo = mid
             else:
                 hi = mid
         seq = lo
-        q_begin = tl.load(starts_ptr + seq)
-        q_end = tl.load(starts_ptr + seq + 1)
+        q_begin = tl.load(starts_ptr + seq).to(tl.int32)
+        q_end = tl.load(starts_ptr + seq + 1).to(tl.int32)
         first = q_begin + (tile - q_begin // ROWS - seq) * ROWS  # the tile's first packed token
         last = tl.minimum(first + ROWS, q_end) - 1  # < first for a surplus tile
-        offset = tl.load(cached_ptr + seq) - q_begin  # position of packed token t: t + offset
+        offset = tl.load(cached_ptr + seq).to(tl.int32) - q_begin  # position of packed token t: t + offset
 
         rows = tl.arange(0, BLOCK_M)
         tokens = first + rows // HEADS

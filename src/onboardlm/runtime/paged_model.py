@@ -1,7 +1,7 @@
 """A paged cached graph with its block cache: one model step over a packed batch of chunks.
 
 On the CPU the graph runs the reference ops. On CUDA (or when asked, see :class:`PagedModel`) it runs
-the fast path: the Triton paged attention kernel (:mod:`onboardlm.transforms.fast_paged`), fused
+the fast path: the Triton paged attention kernels (:mod:`onboardlm.transforms.fast_paged`), fused
 shared-input linears, compiled elementwise kernels and weight-only work done once, as ``onboardlm
 run``'s graph does; and every decode step (one token per sequence) of ``b`` sequences is padded to the
 smallest decode batch size ``B >= b`` and replayed from a CUDA graph captured for ``B`` with block
@@ -81,8 +81,8 @@ def default_speed(device: torch.device) -> SpeedOptions | None:
 
 
 def accelerate_paged(gm: GraphModule, options: SpeedOptions, device: torch.device) -> GraphModule:
-    """The fast path's graph rewrites (in place; returns ``gm``): the Triton paged attention kernel
-    where it runs, grouped MoE, fused shared-input linears, weight-only work folded, fused elementwise
+    """The fast path's graph rewrites (in place; returns ``gm``): the Triton paged attention kernels
+    where they run, grouped MoE, fused shared-input linears, weight-only work folded, fused elementwise
     kernels (compiled on CUDA)."""
     if options.decode_kernel:
         use_fast_paged_attention(gm)
