@@ -54,10 +54,10 @@ STEPS_TINY = {"1x40": [(0, 40)], "24+19+3dec@20": [(0, 24), (0, 19)] + [(20, 1)]
 #: Launch configurations to compare (labels: m<block_m> n<block_n> g(rouped)|h(ead) w<warps> s<stages>).
 CONFIGS = [
     launch_config(SHAPE_8B[2]),
-    PrefillConfig(block_m=128, block_n=64, group_heads=True, num_warps=4, num_stages=3),
+    PrefillConfig(block_m=128, block_n=64, group_heads=True, num_warps=8, num_stages=3),
     PrefillConfig(block_m=64, block_n=64, group_heads=True, num_warps=4, num_stages=3),
-    PrefillConfig(block_m=128, block_n=32, group_heads=True, num_warps=4, num_stages=2),
-    PrefillConfig(block_m=128, block_n=128, group_heads=True, num_warps=8, num_stages=2),
+    PrefillConfig(block_m=64, block_n=64, group_heads=True, num_warps=4, num_stages=2),
+    PrefillConfig(block_m=128, block_n=32, group_heads=True, num_warps=8, num_stages=3),
     PrefillConfig(block_m=128, block_n=64, group_heads=False, num_warps=8, num_stages=2),
     PrefillConfig(block_m=64, block_n=32, group_heads=False, num_warps=4, num_stages=2),
 ]
