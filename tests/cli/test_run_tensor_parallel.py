@@ -70,14 +70,30 @@ def tiny_bamba(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def tiny_mamba(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Mamba (Mamba1): in_proj, conv, dt_proj, A_log and D cut per inner channel,
+    x_proj and out_proj rowwise, conv and scan states cached per rank."""
+    directory = tmp_path_factory.mktemp("tiny_mamba_tp")
+    gguf = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = tiny_config(AutoConfig.for_model("mamba"), vocab_size=len(tokenizer))
+    config.initializer_range = 0.2
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
 def _prompt_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("[PROMPT ")]
 
 
 @pytest.mark.parametrize(
     ("fixture", "rank_local"),
-    # Mixtral's hub layout needs transformers' conversion; Bamba's Mamba2 layer is sharded too
-    [("tiny_model", True), ("tiny_mixtral", False), ("tiny_bamba", True)],
+    # Mixtral's hub layout needs transformers' conversion; Bamba's Mamba2 layer and Mamba's Mamba1
+    # layers are sharded too
+    [("tiny_model", True), ("tiny_mixtral", False), ("tiny_bamba", True), ("tiny_mamba", True)],
 )
 def test_two_ranks_answer_like_one_process(
     fixture: str, rank_local: bool, request: pytest.FixtureRequest, torchrun_two_ranks: list[str]

@@ -3,8 +3,10 @@
 The TP=2 run spawns two worker processes (``_tp_worker.py``) once for all cases; each exports the lean
 model, shards it with ``apply_sharding_hints`` and reads its weight slices from a safetensors file
 saved from the transformers model. The reference is the unsharded lean model filled from the same
-transformers model (fp32). The hybrid cases (bamba: Mamba2 SSM + attention; qwen3_next: gated delta
-rule + attention + MoE) also compare greedy decoding with the conv / SSM / delta state caches.
+transformers model (fp32). The hybrid cases (bamba: Mamba2 SSM + attention, with two B/C groups and
+with one kept whole on both ranks; mamba / falcon_mamba: Mamba1 cut per inner channel; lfm3: short
+convolution; qwen3_next: gated delta rule + attention + MoE; ...) also compare greedy decoding with the
+conv / SSM / delta state caches.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from onboardlm.errors import OnboardlmError, UnsupportedFeature, WeightsError
 from onboardlm.export import causal_lm_dynamic_shapes, torch_export_to_gm
 from onboardlm.runtime.distributed import RankInfo, load_rank_weights, process_group
 from onboardlm.runtime.engine import build_cached_graph
+from onboardlm.runtime.tensor_parallel import tied_names
 from onboardlm.testing import assert_rmse_close, tiny_config, transfer_weights
 from onboardlm.transforms import insert_cached_attention
 from onboardlm.transforms.sharding import (
@@ -224,6 +227,37 @@ CASES = {
             "gated_norm": 1,
             "all_reduce": 4,
         },
+        generate=True,
+    ),
+    # one B/C group, two ranks: in_proj's B and C rows and their conv channels kept whole on both ranks,
+    # x / z / dt and the heads split; the gated norm's one group spans the ranks (cross-rank variance)
+    "bamba_one_group": Case(
+        f"{_custom('bamba')}:BambaForCausalLM",
+        lambda: _hybrid("bamba", attn_layer_indices=[1], mamba_n_groups=1),
+        {
+            "linear": 12,
+            "view": 8,
+            "split_with_sizes": 2,
+            "conv": 1,
+            "ssm": 1,
+            "gated_norm": 1,
+            "all_reduce": 4,
+        },
+        generate=True,
+    ),
+    # Mamba1: in_proj's x and z, the depthwise conv, dt_proj, A_log and D cut per inner channel, x_proj
+    # rowwise (all-reduced to the whole dt | B | C), out_proj rowwise; Falcon-Mamba adds weightless
+    # RMSNorms over dt, B and C (whole on every rank)
+    "mamba": Case(
+        f"{_custom('mamba')}:MambaForCausalLM",
+        lambda: _hybrid("mamba"),
+        {"linear": 8, "split_with_sizes": 2, "conv": 2, "view": 6, "ssm": 2, "all_reduce": 4},
+        generate=True,
+    ),
+    "falcon_mamba": Case(
+        f"{_custom('falcon_mamba')}:FalconMambaForCausalLM",
+        lambda: _hybrid("falcon_mamba"),
+        {"linear": 8, "split_with_sizes": 2, "conv": 2, "view": 6, "ssm": 2, "all_reduce": 4},
         generate=True,
     ),
     # a doubled write strength runs on the per-channel delta rule: A_log / dt_bias cut per head; the
@@ -504,9 +538,15 @@ def test_rank_environment_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -
         RankInfo.from_env()
 
 
-def _hybrid_gm(model_type: str, **overrides: object) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+def _hybrid_gm(
+    model_type: str, widths: dict[str, int] | None = None, **overrides: object
+) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    """The lean model of ``model_type``'s tiny config (``overrides``, then ``widths`` set on the tiny
+    config, whose shrinking they would not survive) and its export."""
     config = _hybrid(model_type, **overrides)
-    name = {"mamba2": "Mamba2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM"}[model_type]
+    config.update(widths or {})
+    name = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "qwen3_5_text": "Qwen3_5ForCausalLM"}
+    name = name[model_type]
     lean = worker.build_lean(f"{_custom(model_type)}:{name}", config)
     ids = torch.randint(0, config.vocab_size, (2, 4))
     gm = torch_export_to_gm(
@@ -550,13 +590,81 @@ def test_mamba2_rank_weights_are_per_segment_slices(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec(_custom("mamba2")) is None, reason="no lean mamba2 file")
-def test_mamba2_groups_spanning_ranks_are_refused() -> None:
-    """One B/C group (and one gated-norm group over all heads) cannot be cut without a cross-rank norm."""
-    _, gm = _hybrid_gm("mamba2", n_groups=1)
+def test_mamba2_one_group_is_kept_whole_on_every_rank(tmp_path: Path) -> None:
+    """n_groups 1 over two ranks: rank 1 keeps the second half of z | x | dt and of the heads, but the
+    whole B and C rows of in_proj and their conv channels; the gated norm's one group spans both ranks,
+    so its sum of squares is all-reduced."""
+    lean, gm = _hybrid_gm("mamba2", n_groups=1)  # 8 heads of 16, 1 group of state 16, inner 128
+    full = {k: v.detach().clone() for k, v in lean.state_dict().items()}
+    save_file(full, tmp_path / "model.safetensors")
+    report = apply_sharding_hints(gm, rank=1, world_size=2, group_name="unused")
+    assert load_rank_weights(gm, [tmp_path / "model.safetensors"], report.params) == []
+    local, mixer = gm.state_dict(), "backbone.layers.0.mixer."
+    rows = [(64, 128), (192, 256), (256, 272), (272, 288), (292, 296)]  # z, x halves; B, C whole; dt half
+    expected = torch.cat([full[mixer + "in_proj.weight"][a:b] for a, b in rows])
+    assert torch.equal(local[mixer + "in_proj.weight"], expected)
+    channels = [(64, 128), (128, 144), (144, 160)]  # x half, B and C whole, of the conv's 160 channels
+    for name in ("conv1d.weight", "conv1d.bias"):
+        assert torch.equal(local[mixer + name], torch.cat([full[mixer + name][a:b] for a, b in channels]))
+    for name in ("A_log", "D", "dt_bias"):
+        assert torch.equal(local[mixer + name], full[mixer + name][4:])
+    assert torch.equal(local[mixer + "norm.weight"], full[mixer + "norm.weight"][64:])
+    reduces = [n for n in gm.graph.nodes if n.target == torch.ops._c10d_functional.all_reduce.default]
+    squares = [n for n in reduces if n.args[0].target == torch.ops.aten.sum.dim_IntList]
+    assert len(reduces) == 4 and len(squares) == 2  # per layer: out_proj's output, the norm's squares
+    caches = {c.name: c.features for c in insert_cached_attention(gm).caches}
+    assert caches["conv_state_0"] == (3, 96) and caches["ssm_state_0"] == (4, 16, 16)
+
+
+def test_groups_fewer_than_ranks_keep_the_group_their_heads_read() -> None:
+    """n_groups 2 over four ranks: ranks 2 and 3 read group 1, so rank 2 keeps B's and C's second group
+    whole (in in_proj and in the conv), a quarter of z | x | dt, and its norm group spans ranks 2-3."""
+    _, gm = _hybrid_gm("mamba2", n_groups=2)  # in_proj rows: z 128 | x 128 | B 32 | C 32 | dt 8
+    plan = plan_sharding(gm, rank=2, world_size=4)
+    mixer = "backbone.layers.0.mixer."
+    assert plan.report.params[mixer + "in_proj.weight"] == ParamShard(
+        0, ((64, 96), (192, 224), (272, 288), (304, 320), (324, 326))
+    )
+    assert plan.report.params[mixer + "conv1d.weight"] == ParamShard(0, ((64, 96), (144, 160), (176, 192)))
+    assert plan.report.params[mixer + "A_log"] == ParamShard(0, ((4, 6),))
+    norms = [(node.name, slot, slots) for node, slot, slots in plan.spanning_norms]
+    assert [(slot, slots) for _, slot, slots in norms] == [(1, 2), (1, 2)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec(_custom("mamba2")) is None, reason="no lean mamba2 file")
+def test_mamba2_groups_neither_dividing_nor_divided_are_refused() -> None:
+    """3 B/C groups over 2 ranks: neither splits the groups nor gives each rank's heads one group."""
+    _, gm = _hybrid_gm("mamba2", {"hidden_size": 48, "num_heads": 12, "head_dim": 8, "n_groups": 3})
     code = gm.code
-    with pytest.raises(ShardingError, match="1 B/C groups cannot be split over world size 2"):
+    with pytest.raises(ShardingError, match="12 heads in 3 B/C groups cannot be split over world size 2"):
         plan_sharding(gm, rank=0, world_size=2)
     assert gm.code == code
+
+
+@pytest.mark.skipif(importlib.util.find_spec(_custom("mamba")) is None, reason="no lean mamba file")
+def test_mamba1_rank_weights_are_channel_slices(tmp_path: Path) -> None:
+    """Rank 1 of 2 (Mamba1, inner 128, state 16, dt rank 8): in_proj keeps the second half of x and of
+    z, the conv, dt_proj (weight and bias), A_log and D the second half of the channels, x_proj and
+    out_proj the second half of their columns."""
+    lean, gm = _hybrid_gm("mamba")
+    full = {k: v.detach().clone() for k, v in lean.state_dict().items()}
+    # the tied LM head saved once, as the input embedding (as transformers saves it); the graph holds it
+    # as lm_head.weight, found through the lean model's other name for it
+    save_file({k: v for k, v in full.items() if k != "lm_head.weight"}, tmp_path / "model.safetensors")
+    report = apply_sharding_hints(gm, rank=1, world_size=2, group_name="unused")
+    aliases = tied_names(lean)
+    assert load_rank_weights(gm, [tmp_path / "model.safetensors"], report.params, aliases) == []
+    local, mixer = gm.state_dict(), "backbone.layers.0.mixer."
+    expected = torch.cat([full[mixer + "in_proj.weight"][64:128], full[mixer + "in_proj.weight"][192:]])
+    assert torch.equal(local[mixer + "in_proj.weight"], expected)
+    for name in ("conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias", "A_log", "D"):
+        assert torch.equal(local[mixer + name], full[mixer + name][64:]), name
+    for name in ("x_proj.weight", "out_proj.weight"):
+        assert torch.equal(local[mixer + name], full[mixer + name][:, 64:]), name
+    assert torch.equal(local["lm_head.weight"], full["backbone.embeddings.weight"])
+    # the state caches hold this rank's channels: 64 conv channels, 16 x 64 scan heads of one entry
+    caches = {c.name: c.features for c in insert_cached_attention(gm).caches}
+    assert caches["conv_state_0"] == (3, 64) and caches["ssm_state_0"] == (1024, 1, 1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec(_custom("qwen3_5_text")) is None, reason="no lean qwen3_5_text")

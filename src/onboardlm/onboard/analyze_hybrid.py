@@ -988,7 +988,7 @@ def mamba1_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba
 
 
 def mamba1_reference(mixer: nn.Module, spec: Mamba1MixerSpec, x: torch.Tensor) -> torch.Tensor:
-    """What the Mamba1 template computes, on the HF mixer's own weights (torch_ssm over I*N heads)."""
+    """What the Mamba1 template computes, on the HF mixer's own weights (torch_ssm over N*I heads)."""
     ops = torch.ops.auto_deploy
     get = lambda name: getattr(mixer, name)  # noqa: E731
     inner, state = mixer.A_log.shape
@@ -1003,19 +1003,19 @@ def mamba1_reference(mixer: nn.Module, spec: Mamba1MixerSpec, x: torch.Tensor) -
     if spec.ssm_norms:
         dt, b, c = (get(name)(t) for (name, _), t in zip(spec.ssm_norms, (dt, b, c), strict=True))
     dt = F.linear(dt, get(spec.dt_proj).weight)
-    heads = inner * state
+    heads = [batch, seq_len, state * inner]  # state entry major: head n * inner + c reads group n
     y = ops.torch_ssm(
-        hs[..., None].expand(batch, seq_len, inner, state).reshape(batch, seq_len, heads, 1),
-        -torch.exp(mixer.A_log.float()).reshape(heads),
-        b[:, :, None, :].expand(batch, seq_len, inner, state).reshape(batch, seq_len, heads, 1),
-        c[:, :, None, :].expand(batch, seq_len, inner, state).reshape(batch, seq_len, heads, 1),
-        torch.zeros(heads),
-        dt[..., None].expand(batch, seq_len, inner, state).reshape(batch, seq_len, heads),
-        get(spec.dt_proj).bias[:, None].expand(inner, state).flatten(),
+        hs[:, :, None, :].expand(-1, -1, state, -1).reshape(*heads, 1),
+        -torch.exp(mixer.A_log.float()).t().flatten(),
+        b[..., None],
+        c[..., None],
+        F.pad(mixer.D[None, :], (0, 0, 0, state - 1)).flatten(),
+        dt[:, :, None, :].expand(-1, -1, state, -1).reshape(heads),
+        get(spec.dt_proj).bias[None, :].expand(state, -1).flatten(),
         [0.0, float("inf")],
         32,
     )
-    y = y.reshape(batch, seq_len, inner, state).sum(-1) + mixer.D.float() * hs.float()
+    y = y.reshape(batch, seq_len, state, inner).sum(2)
     y = y * F.silu(gate.float())
     return F.linear(y.to(x.dtype), get(spec.out_proj).weight, get(spec.out_proj).bias)
 

@@ -97,14 +97,21 @@ def _run_load_pre_hooks(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
             hook(state_dict, f"{name}." if name else "", {}, True, [], [], [])
 
 
-def load_rank_weights(model: nn.Module, files: Sequence[Path], shards: Mapping[str, ParamShard]) -> list[str]:
+def load_rank_weights(
+    model: nn.Module,
+    files: Sequence[Path],
+    shards: Mapping[str, ParamShard],
+    aliases: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
     """Fill ``model`` (already sharded) from safetensors ``files``, reading only this rank's slices.
 
     Tensors whose checkpoint key equals a model key are read slice-wise. Checkpoint tensors under other
     keys (packed layouts that a load hook converts) are read whole, passed through the model's load
     pre-hooks, then cut. Tied parameters are filled through whichever of their names the checkpoint
-    has. Returns the checkpoint keys the model did not use; raises :class:`WeightsError` when a
-    parameter or buffer stays unfilled or a shape does not match.
+    has: the model's own, or one of its ``aliases`` (other names of the tensor in the model it was
+    exported from, where the export kept one name: a tied LM head saved as the input embedding).
+    Returns the checkpoint keys the model did not use; raises :class:`WeightsError` when a parameter
+    or buffer stays unfilled or a shape does not match.
     """
     targets = model.state_dict(keep_vars=True)
     filled: set[int] = set()
@@ -112,7 +119,13 @@ def load_rank_weights(model: nn.Module, files: Sequence[Path], shards: Mapping[s
         index = _open_all(files, stack)
         for key in [k for k in targets if k in index]:
             _fill(targets[key], _read(index[key], key, shards.get(key)), key, filled)
-        others = {k: _read(handle, k, None) for k, handle in index.items() if k not in targets}
+        used = set(targets)
+        for key, names in (aliases or {}).items():
+            source = next((n for n in names if n in index), None)
+            if key in targets and id(targets[key]) not in filled and source is not None:
+                _fill(targets[key], _read(index[source], source, shards.get(key)), key, filled)
+                used.add(source)
+        others = {k: _read(handle, k, None) for k, handle in index.items() if k not in used}
     if others:
         _run_load_pre_hooks(model, others)
         for key in [k for k in others if k in targets]:

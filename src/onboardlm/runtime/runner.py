@@ -26,7 +26,7 @@ from onboardlm.runtime.engine import CachedModel, build_cached_graph
 from onboardlm.runtime.fp8 import check_quantize, checkpoint_fp8_specs, fp8_checkpoint_graph, quantize_pass
 from onboardlm.runtime.prompts import check_prompts, default_prompts
 from onboardlm.runtime.sampler import make_generator
-from onboardlm.runtime.tensor_parallel import graph_sharder, rank_for_run, rank_local_sharder
+from onboardlm.runtime.tensor_parallel import graph_sharder, rank_for_run, rank_local_sharder, tied_names
 from onboardlm.runtime.timings import DecodeTimings, RunTimings, synchronized_clock
 from onboardlm.transforms import CachedGraph
 from onboardlm.transforms.sharding import ShardingReport
@@ -219,7 +219,8 @@ def _rank_local_graph(
     weights = factory.source.weights
     assert weights is not None
     lean, buffers = factory.build_empty(dtype)
-    graph = build_cached_graph(lean, rank_local_sharder(shard, device, buffers, weights.files))
+    sharder = rank_local_sharder(shard, device, buffers, weights.files, tied_names(lean))
+    graph = build_cached_graph(lean, sharder)
     cls_name, is_custom = type(lean).__name__, factory.model_class()[1]
     source = ", ".join(str(f) for f in weights.files)
     return graph, LoadReport(cls_name, is_custom, source, notes=["this rank read only its shards"])

@@ -60,11 +60,22 @@ def graph_sharder(info: RankInfo, device: torch.device) -> Callable[[GraphModule
     return shard
 
 
+def tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """Each name of a parameter that has several (tied embeddings) -> its other names."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {
+        name: [o for o in names if o != name] for names in groups.values() if len(names) > 1 for name in names
+    }
+
+
 def rank_local_sharder(
     shard: Callable[[GraphModule], ShardingReport],
     device: torch.device,
     buffers: Mapping[str, torch.Tensor],
     files: Sequence[Path],
+    aliases: Mapping[str, Sequence[str]] | None = None,
 ) -> Callable[[GraphModule], ShardingReport]:
     """``shard`` for a graph exported from a meta-device model, then fill this rank's part only.
 
@@ -72,14 +83,14 @@ def rank_local_sharder(
     other, such as tied embeddings, stay one tensor), the buffers get their computed values (cut
     like a sharded parameter where the plan shards them), the device arguments the export recorded
     point at ``device``, and :func:`load_rank_weights` reads this rank's slices of the safetensors
-    ``files``.
+    ``files`` (a tied parameter under any of its ``aliases``, see :func:`tied_names`).
     """
 
     def shard_and_load(gm: GraphModule) -> ShardingReport:
         report = shard(gm)
         _materialize(gm, device, buffers, report.params)
         _retarget_device(gm, device)
-        load_rank_weights(gm, files, report.params)
+        load_rank_weights(gm, files, report.params, aliases)
         return report
 
     return shard_and_load

@@ -10,7 +10,8 @@ of the GraphModule in place:
   rank's columns; a bias stays on rank 0 only, so the all-reduce adds it once.
 - ``view``: ``shape[tp_scaled_dim]`` becomes the rank-local size (the producer linear's local/full
   width ratio when the view reads a sharded linear, else ``shape / world_size``).
-- ``split_with_sizes`` with ``enable_sharding``: split sizes become rank-local in the same way.
+- ``split_with_sizes`` with ``enable_sharding``: split sizes become rank-local in the same way; a split
+  of a colwise linear or conv output (or of an activation of one) keeps each chunk's rows the rank holds.
 - ``all_reduce``: a real sum over the ranks (``torch.ops._c10d_functional.all_reduce`` + ``wait_tensor``).
 - ``torch_attention``: head counts follow from the sharded views; only per-head ``sinks`` are cut.
 - ``torch_moe``: expert parallel. Rank ``r`` keeps experts ``[r*E/ws, (r+1)*E/ws)`` whole and sees
@@ -24,13 +25,18 @@ of the GraphModule in place:
   (Mamba2's x | B | C, the gated delta rule's q | k | v); ``groups`` becomes the local channel count.
 - ``torch_ssm`` / ``torch_gated_delta_rule`` with ``shardable``: heads come sharded from the views;
   the per-head parameters (``A``, ``D``, ``dt_bias``; ``A_log``, ``dt_bias``) are cut along dim 0,
-  also when the op reads them through elementwise ops (``-exp(A_log)``). Mamba2's B/C groups must
-  divide evenly (each rank keeps ``n_groups / world_size`` groups and the heads that read them).
+  also when the op reads them through elementwise ops (``-exp(A_log)``). Mamba2's B/C groups (views
+  that scale the group dim) divide evenly, each rank keeping ``n_groups / world_size`` groups and the
+  heads that read them, or are fewer than the ranks (``world_size`` a multiple of ``n_groups``, e.g.
+  ``n_groups`` 1): then the B/C segments of the conv and of the in-projection that make them are kept
+  in whole groups, rank ``r`` keeping the group its heads read. B/C that no view scales (Mamba1's,
+  all-reduced from a rowwise ``x_proj``) are whole on every rank anyway.
 - ``torch_channel_gated_delta_rule`` with ``shardable``: the parameters its decay and write strength
   read outside the sharded projections (``-exp(A_log) * softplus(a + dt_bias)``) are cut along their
   first dimension that is not 1 (dim 0, or the heads of Kimi Linear's ``A_log [1, 1, H, 1]``).
-- ``torch_rmsnorm_gated``: ``colwise`` cuts the weight per channel, and each rank must hold whole
-  norm groups (a group spanning ranks would need a cross-rank variance); ``none`` (a per-head norm)
+- ``torch_rmsnorm_gated``: ``colwise`` cuts the weight per channel. A rank holding whole norm groups
+  keeps the op; a group spanning ranks (Mamba2 with fewer groups than ranks) is rewritten with a
+  cross-rank sum of squares (:mod:`onboardlm.transforms.spanning_norm`). ``none`` (a per-head norm)
   keeps the weight whole.
 
 ``shard_layers`` restricts the pass to some ``layer_type`` hints (the rest stays replicated). Shape
@@ -57,6 +63,7 @@ import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import OnboardlmError, UnsupportedFeature
 from onboardlm.transforms.dump import dumps_graph
 from onboardlm.transforms.graph_tensors import drop_unread, graph_tensor
+from onboardlm.transforms.spanning_norm import replace_spanning_gated_norm
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +144,10 @@ class ShardingPlan:
     all_reduces: list[Node] = field(default_factory=list)
     partial: set[Node] = field(default_factory=set)  # nodes whose output is a per-rank partial sum
     local_width: dict[Node, tuple[int, int]] = field(default_factory=dict)  # (full, local) last dim
+    rows: dict[Node, ParamShard] = field(default_factory=dict)  # output channels kept (colwise linear, conv)
+    # output_sizes groups kept whole in units (B/C of SSM groups fewer than ranks): node -> {group: units}
+    group_units: dict[Node, dict[int, int]] = field(default_factory=dict)
+    spanning_norms: list[tuple[Node, int, int]] = field(default_factory=list)  # (gated norm, slot, slots)
 
     def shard(self, param: Node, shard: ParamShard) -> None:
         name = _param_name(param)
@@ -214,9 +225,11 @@ def _plan_linear(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
         groups = args["output_sizes"] or [out_features]
         if sum(groups) != out_features:
             raise ShardingError(what, f"output_sizes {groups} do not add up to {out_features} rows")
+        units = plan.group_units.get(node, {})
         ranges, offset = [], 0
-        for size in groups:
-            start, stop = _group_range(size, args["tp_min_local_shape"], rank, world_size, what)
+        for index, size in enumerate(groups):
+            unit = size // units[index] if index in units else args["tp_min_local_shape"]
+            start, stop = _group_range(size, unit, rank, world_size, what)
             ranges.append((offset + start, offset + stop))
             offset += size
         shard = ParamShard(0, tuple(ranges))
@@ -224,6 +237,7 @@ def _plan_linear(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
         if bias is not None:
             plan.shard(_param(gm, bias, "bias", node), shard)
         plan.local_width[node] = (out_features, shard.local_size)
+        plan.rows[node] = shard
     else:
         plan.shard(weight, ParamShard(1, (_even_range(in_features, rank, world_size, what),)))
         if bias is not None and rank != 0:
@@ -265,14 +279,40 @@ def _plan_view(node: Node, plan: ShardingPlan) -> None:
     plan.report.changed["view"] += 1
 
 
+def _kept(shard: ParamShard, start: int, stop: int) -> int:
+    """How many of the rows ``[start, stop)`` ``shard`` keeps."""
+    return sum(max(0, min(stop, b) - max(start, a)) for a, b in shard.ranges)
+
+
+def _rows_of(source: Node, plan: ShardingPlan) -> ParamShard | None:
+    """The output channels the rank keeps of ``source``: those of the colwise linear or conv it is,
+    or that it takes elementwise (an activation or cast in between); None if unknown."""
+    while source not in plan.rows:
+        inputs = source.all_input_nodes
+        if source.op != "call_function" or len(inputs) != 1 or not _same_last_dim(source, inputs[0]):
+            return None
+        source = inputs[0]
+    return plan.rows[source]
+
+
+def _same_last_dim(a: Node, b: Node) -> bool:
+    """Whether both nodes are tensors with the same static last dimension."""
+    values = [n.meta.get("val") for n in (a, b)]
+    if not all(isinstance(v, torch.Tensor) and v.dim() > 0 for v in values):
+        return False
+    sizes = [v.shape[-1] for v in values]
+    return all(type(size) is int for size in sizes) and sizes[0] == sizes[1]
+
+
 def _plan_split(node: Node, plan: ShardingPlan) -> None:
     args = _args(node)
     if not args["enable_sharding"]:
         return
     source, sizes = args["x"], list(args["split_sizes"])
-    if source.target == _LINEAR and source in plan.local_width and _args(source)["output_sizes"] == sizes:
-        shards = plan.report.params[_param_name(_args(source)["weight"])]
-        local = [stop - start for start, stop in shards.ranges]
+    rows = _rows_of(source, plan)
+    if rows is not None:  # the chunks keep the rows of them the rank holds
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        local = [_kept(rows, start, start + size) for start, size in zip(offsets, sizes, strict=True)]
     else:
         local = [_local(s, source, plan, f"split {node.name}") for s in sizes]
     for user in node.users:
@@ -321,13 +361,20 @@ def _plan_mla(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
     plan.report.changed["mla"] += 1
 
 
-def _per_channel(size: int, groups: Sequence[int], plan: ShardingPlan, what: str) -> ParamShard:
-    """Rank-local channels of a dim of ``size`` made of ``groups``, each cut evenly (dim 0)."""
+def _per_channel(
+    size: int, groups: Sequence[int], units: dict[int, int], plan: ShardingPlan, what: str
+) -> ParamShard:
+    """Rank-local channels of a dim of ``size`` made of ``groups``, each cut evenly (dim 0), except the
+    groups in ``units`` (index -> units), kept in whole units like :func:`_group_range`."""
     if sum(groups) != size:
         raise ShardingError(what, f"output_sizes {list(groups)} do not add up to {size} channels")
+    rank, world_size = plan.report.rank, plan.report.world_size
     ranges, offset = [], 0
-    for group in groups:
-        start, stop = _even_range(group, plan.report.rank, plan.report.world_size, what)
+    for index, group in enumerate(groups):
+        if index in units:
+            start, stop = _group_range(group, group // units[index], rank, world_size, what)
+        else:
+            start, stop = _even_range(group, rank, world_size, what)
         ranges.append((offset + start, offset + stop))
         offset += group
     return ParamShard(0, tuple(ranges))
@@ -345,14 +392,15 @@ def _plan_conv(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
             what, f"a conv1d with {args['groups']} groups over {channels} channels (only depthwise is cut)"
         )
     groups = args["output_sizes"] or [channels]
-    shard = _per_channel(channels, groups, plan, what)
+    shard = _per_channel(channels, groups, plan.group_units.get(node, {}), plan, what)
     plan.shard(weight, shard)
     if args["bias"] is not None:
         plan.shard(_param(gm, args["bias"], "bias", node), shard)
     plan.new_args.append((node, "groups", shard.local_size))
     if args["output_sizes"] is not None:
-        plan.new_args.append((node, "output_sizes", [g // plan.report.world_size for g in groups]))
+        plan.new_args.append((node, "output_sizes", [stop - start for start, stop in shard.ranges]))
     plan.local_width[node] = (channels, shard.local_size)
+    plan.rows[node] = shard
     plan.report.changed["conv"] += 1
 
 
@@ -400,22 +448,29 @@ def _plan_per_head(gm: GraphModule, node: Node, names: Sequence[str], heads: int
             )
 
 
-def _check_mixer_heads(node: Node, world_size: int) -> None:
+def _check_mixer_heads(node: Node, plan: ShardingPlan) -> None:
     """Refuse a shardable SSM / gated delta rule whose head groups do not split over the ranks.
 
-    Run before the views are planned, so the reason names the mixer rather than a reshape.
+    Run before the views are planned, so the reason names the mixer rather than a reshape. An SSM whose
+    B/C groups are fewer than the ranks (``n_groups`` 1) gets its B/C segments kept whole, in units of one
+    group, wherever they are made (:func:`_replicate_groups`): each rank's heads read one group.
     """
     args = _args(node)
     if not args["shardable"]:
         return
+    world_size = plan.report.world_size
     if node.target == _SSM:
         heads, groups = _head_count(args["hidden_states"], 2, node), _head_count(args["B"], 2, node)
-        if groups % world_size or heads % world_size:
+        sharded = _scaled_view(args["B"], 2) and _scaled_view(args["C"], 2)
+        if heads % world_size or (sharded and groups % world_size and world_size % groups):
             raise ShardingError(
                 f"{node.name} (Mamba2 SSM)",
                 f"{heads} heads in {groups} B/C groups cannot be split over world size {world_size}",
-                "choose a world size that divides n_groups",
+                "choose a world size that divides the heads and divides or is a multiple of n_groups",
             )
+        if sharded and groups % world_size:
+            for name in ("B", "C"):
+                _replicate_groups(_args(args[name])["x"], groups, node, plan)
     else:
         k_heads = _head_count(args["q"], 2, node)
         if k_heads % world_size:
@@ -423,6 +478,48 @@ def _check_mixer_heads(node: Node, world_size: int) -> None:
                 f"{node.name} (gated delta rule)",
                 f"{k_heads} key heads cannot be split over world size {world_size}",
                 "choose a world size that divides the linear-attention key heads",
+            )
+
+
+def _scaled_view(value: Any, dim: int) -> bool:
+    """Whether ``value`` is a hint ``view`` that scales dimension ``dim`` (B/C groups cut over the ranks);
+    any other B/C is whole on every rank (Mamba1's, all-reduced from a rowwise projection)."""
+    return isinstance(value, Node) and value.target == _VIEW and _args(value)["tp_scaled_dim"] == dim
+
+
+def _last_dim(node: Node, user: Node) -> int:
+    return _head_count(node, -1, user)
+
+
+def _replicate_groups(start: Node, units: int, user: Node, plan: ShardingPlan) -> None:
+    """Keep the channels of ``start`` whole in ``units`` units: follow them back through split chunks,
+    one-input ops and depthwise convs to the ``output_sizes`` groups of the convs and the colwise
+    projection that make them, and record those groups in ``plan.group_units``."""
+    node, first, last = start, 0, _last_dim(start, user)
+    while True:
+        if node.op == "call_function" and node.target in (_LINEAR, _CONV):
+            args = _args(node)
+            sizes = args["output_sizes"] or [_last_dim(node, user)]
+            spans = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+            if (first, last) not in spans:
+                raise UnsupportedFeature(
+                    user.name,
+                    f"B/C channels [{first}, {last}) of {node.name} are not one of its output_sizes {sizes}",
+                )
+            plan.group_units.setdefault(node, {})[spans.index((first, last))] = units
+            if node.target == _LINEAR:
+                return
+            node = args["input"]  # depthwise: the same channels of the input
+        elif node.target is operator.getitem and node.args[0].target == _SPLIT:
+            split = _args(node.args[0])
+            offset = sum(split["split_sizes"][: node.args[1]])
+            node, first, last = split["x"], first + offset, last + offset
+        elif len(node.all_input_nodes) == 1 and _same_last_dim(node, node.all_input_nodes[0]):
+            node = node.all_input_nodes[0]  # elementwise (activation, cast)
+        else:
+            raise UnsupportedFeature(
+                user.name,
+                f"B/C groups fewer than ranks pass {node.name} ({node.target}), which is not followed",
             )
 
 
@@ -484,12 +581,15 @@ def _plan_gated_norm(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
     (channels,) = _shape(gm, weight)
     what = f"{_param_name(weight)} (gated RMSNorm)"
     shard = ParamShard(0, (_even_range(channels, plan.report.rank, plan.report.world_size, what),))
-    if shard.local_size % args["group_size"]:
-        raise ShardingError(
-            what,
-            f"norm groups of {args['group_size']} channels span ranks ({shard.local_size} channels per rank)",
-            "choose a world size that divides n_groups",
-        )
+    local, group = shard.local_size, args["group_size"]
+    if local % group:  # a group spans ranks: its sum of squares is added up over them
+        if group % local:
+            raise ShardingError(
+                what,
+                f"norm groups of {group} channels do not fit {local} channels per rank",
+                "choose a world size that divides n_groups or is a multiple of it",
+            )
+        plan.spanning_norms.append((node, shard.ranges[0][0] // group, channels // group))
     plan.shard(weight, shard)
     plan.report.changed["gated_norm"] += 1
 
@@ -560,7 +660,7 @@ def plan_sharding(
             and node.target in (_SSM, _DELTA, _CHANNEL_DELTA)
             and _selected(node, shard_layers)
         ):
-            _check_mixer_heads(node, world_size)
+            _check_mixer_heads(node, plan)
     for node in gm.graph.nodes:
         if node.op != "call_function" or not _selected(node, shard_layers):
             continue
@@ -639,6 +739,8 @@ def apply_sharding_hints(
         _set_arg(node, name, value)
     _shift_expert_ids(gm, plan.expert_offsets)
     _insert_collectives(gm, plan.all_reduces, group_name)
+    for node, slot, slots in plan.spanning_norms:
+        replace_spanning_gated_norm(gm, node, slot, slots, group_name)
     gm.graph.eliminate_dead_code()
     drop_unread(gm, plan.report.dropped)
     gm.delete_all_unused_submodules()

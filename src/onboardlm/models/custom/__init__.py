@@ -58,6 +58,7 @@ MODEL_MODULES = [
     "modeling_lfm3",
     "modeling_llama",
     "modeling_llama4_text",
+    "modeling_mamba",
     "modeling_mamba2",
     "modeling_mimo_v2_flash",
     "modeling_minicpm3",

@@ -6,11 +6,10 @@ in the analyzed config: mamba1 (2 of 2 layers); every layer is built as a mamba1
 config with other kinds). Module names equal the checkpoint keys, so HuggingFace state dicts load
 with ``strict=True``.
 
-Left out on purpose: the KV cache and the SSM conv/scan states (the conv and the scan run from a
-zero state on ``torch_causal_conv1d`` / ``torch_ssm``; the runtime swaps in cached versions),
-attention masks and padding masks (sequences are causal and unpadded), dropout, gradient
-checkpointing, fused-kernel paths, position-id generation (callers pass them), hidden-state outputs
-and the loss.
+Left out on purpose: the KV cache and the mixers' conv and scan states (they run from a zero state
+on ``torch_causal_conv1d`` / ``torch_ssm``; the runtime swaps in cached versions), attention masks
+and padding masks (sequences are causal and unpadded), dropout, gradient checkpointing, fused-kernel
+paths, position-id generation (callers pass them), hidden-state outputs and the loss.
 Linear, split, view, conv, scan and gated-norm calls carry tensor-parallel sharding hints; they do
 not change the numbers.
 """
@@ -59,9 +58,11 @@ class FalconMambaWeightlessRMSNorm(nn.Module):
 class FalconMambaMixer(nn.Module):
     """Mamba1 selective-scan mixer: in_proj -> causal depthwise conv on x -> x_proj (dt, B, C) -> dt_proj
     -> selective scan -> SiLU gate -> out_proj. The scan state is [channels, state] with its own decay
-    per entry; it runs on ``torch_ssm`` as one head of width 1 per (channel, state) pair (each with its
-    own group for B and C), and the output sums a channel's heads. The conv and the scan run from a
-    zero state here; the runtime's cache transform swaps in their cached versions."""
+    per entry; it runs on ``torch_ssm`` as one head of width 1 per (state entry, channel) pair, state
+    entry major, so head ``n * channels + c`` reads B/C group ``n`` (one state entry): B and C go in
+    whole, and a rank holding some channels keeps every group. The skip ``D x`` is the scan's own, on
+    state entry 0 of each channel, and the output sums a channel's heads. The conv and the scan run from
+    a zero state here; the runtime's cache transform swaps in their cached versions."""
 
     chunk_size = 32  # SSD chunk length of the scan (exact for any length; bounds its memory)
 
@@ -124,40 +125,26 @@ class FalconMambaMixer(nn.Module):
         dt, B, C = torch.split(ssm_parameters, [self.time_step_rank, state, state], dim=-1)
         dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = ops.torch_linear_simple(dt, self.dt_proj.weight, None, tp_mode="colwise", layer_type="ssm")
-        # one head of width 1 per (channel, state) pair; B and C are shared by every channel
-        heads = [batch, seq_len, inner * state]
+        # heads [state entry, channel] flattened; x, dt and the per-channel parameters broadcast over
+        # the state entries (-1 keeps the rank's own channel count)
+        heads = [batch, seq_len, state * inner]
         y = ops.torch_ssm(
             ops.view(
-                x[..., None].expand(batch, seq_len, inner, state),
-                [*heads, 1],
-                tp_scaled_dim=2,
-                layer_type="ssm",
+                x[:, :, None, :].expand(-1, -1, state, -1), [*heads, 1], tp_scaled_dim=2, layer_type="ssm"
             ),
-            -torch.exp(self.A_log.float()).flatten(),
-            ops.view(
-                B[:, :, None, :].expand(batch, seq_len, inner, state),
-                [*heads, 1],
-                tp_scaled_dim=2,
-                layer_type="ssm",
-            ),
-            ops.view(
-                C[:, :, None, :].expand(batch, seq_len, inner, state),
-                [*heads, 1],
-                tp_scaled_dim=2,
-                layer_type="ssm",
-            ),
-            torch.zeros_like(self.A_log.flatten()),
-            ops.view(
-                dt[..., None].expand(batch, seq_len, inner, state), heads, tp_scaled_dim=2, layer_type="ssm"
-            ),
-            self.dt_proj.bias[:, None].expand(inner, state).flatten(),
+            -torch.exp(self.A_log.float()).t().flatten(),
+            B[..., None],
+            C[..., None],
+            F.pad(self.D[None, :], (0, 0, 0, state - 1)).flatten(),
+            ops.view(dt[:, :, None, :].expand(-1, -1, state, -1), heads, tp_scaled_dim=2, layer_type="ssm"),
+            self.dt_proj.bias[None, :].expand(state, -1).flatten(),
             [0.0, float("inf")],
             self.chunk_size,
             shardable=True,
             layer_type="ssm",
         )
-        y = ops.view(y, [batch, seq_len, inner, state], tp_scaled_dim=2, layer_type="ssm").sum(-1)
-        y = (y + self.D.float() * x.float()) * F.silu(gate.float())
+        y = ops.view(y, [batch, seq_len, state, inner], tp_scaled_dim=3, layer_type="ssm").sum(2)
+        y = y * F.silu(gate.float())
         out = ops.torch_linear_simple(
             y.to(hidden_states.dtype),
             self.out_proj.weight,
