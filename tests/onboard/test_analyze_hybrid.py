@@ -199,11 +199,15 @@ def test_jamba_moe_placed_by_its_own_layer_rule_in_layers_of_every_kind() -> Non
 
 def test_lfm2_moe_default_config_completed_with_conv_and_attention_layers() -> None:
     """LFM2-MoE's default config leaves ``layer_types`` unset, which its layers read: completed with the
-    one non-attention kind its modeling code compares against ("conv"), attention between; transformers
-    builds it, and the stack's MoE (from ``num_dense_layers``) sits beside the conv / attention kinds."""
-    from onboardlm.models.config_completion import complete_default_config
+    one non-attention kind its modeling code compares against or keys its masks by ("conv"), attention
+    between; transformers builds it, and the stack's MoE (from ``num_dense_layers``) sits beside the
+    conv / attention kinds."""
+    from onboardlm.models.config_completion import _layer_kinds_named, complete_default_config
 
     config = AutoConfig.for_model("lfm2_moe")
+    # 5.17's layers compare with "full_attention" only; its mask mapping names "conv" (later releases
+    # compare with "conv" as well)
+    assert "conv" in _layer_kinds_named(config)[1]
     notes = complete_default_config(config)
     assert any(note.startswith("layer_types='conv'") for note in notes)
     assert set(config.layer_types) == {"conv", "full_attention"} and config.layer_types[2] == "full_attention"
@@ -217,3 +221,27 @@ def test_lfm2_moe_default_config_completed_with_conv_and_attention_layers() -> N
         "Lfm2MoeSparseMoeBlock(config) if layer_idx >= config.num_dense_layers else Lfm2MoeMLP(config)"
         in source
     )
+
+
+def test_a_mixer_that_ignores_config_time_step_limit_is_refused_naming_the_release(monkeypatch) -> None:
+    """transformers 5.17's Nemotron-H mixer clamps the time step at ``(config.time_step_min, inf)``
+    whatever ``config.time_step_limit`` says; later releases read the field, as the Mamba2 template
+    does. Such a mixer is refused in one line naming the release; rebuilt so on any release here."""
+    from transformers.models.nemotron_h import modeling_nemotron_h
+
+    mixer = modeling_nemotron_h.NemotronHMamba2Mixer
+    build = mixer.__init__
+
+    def clamped_at_time_step_min(self, config, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        build(self, config, *args, **kwargs)
+        self.time_step_limit = (config.time_step_min, float("inf"))
+
+    monkeypatch.setattr(mixer, "__init__", clamped_at_time_step_min)
+    with pytest.raises(UnsupportedFeature) as refused:
+        analyze(AutoConfig.for_model("nemotron_h"))
+    assert str(refused.value).startswith(
+        f"model.layers.0.mixer: unsupported feature: transformers {transformers.__version__}'s"
+        " NemotronHMamba2Mixer clamps the time step to (0.001, inf), not to config.time_step_limit"
+        " (0.0, inf), which it ignores"
+    )
+    assert "\n" not in str(refused.value)

@@ -15,6 +15,7 @@ from transformers.models.gemma4_unified.modeling_gemma4_unified import Gemma4Uni
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from onboardlm.errors import UnsupportedFeature
+from onboardlm.models.config_completion import complete_default_config
 from onboardlm.onboard.analyze import _weight_in_fp32, analyze
 from onboardlm.onboard.generate import generate_model_file
 from onboardlm.onboard.testgen import BlockGroup, ReferenceLayout, keep_lean_modules
@@ -120,8 +121,14 @@ def test_per_layer_inputs_not_measured_are_refused_naming_the_layer_input(monkey
 
 
 def test_a_draft_model_reading_another_models_keys_and_values_is_refused() -> None:
-    """Gemma 4's assistant has no k/v projections: every layer reads the target model's shared KV."""
-    text = AutoConfig.for_model("gemma4_unified_assistant").get_text_config()
+    """Gemma 4's assistant has no k/v projections: every layer reads the target model's shared KV. Its
+    default config is completed as a checkpoint's would be: transformers 5.17's leaves the text config
+    None, later releases build the one the class builds from an empty ``text_config``."""
+    config = AutoConfig.for_model("gemma4_unified_assistant")
+    complete_default_config(config)
+    text = config.get_text_config()
+    expected = AutoConfig.for_model("gemma4_unified_assistant", text_config={}).get_text_config()
+    assert text.to_dict() == expected.to_dict() and text.num_kv_shared_layers == text.num_hidden_layers
     with pytest.raises(
         UnsupportedFeature, match="keys and values come from another model through shared_kv_states"
     ):

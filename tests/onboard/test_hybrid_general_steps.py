@@ -16,6 +16,7 @@ from onboardlm.onboard.analyze_hybrid import _layer_steps
 from onboardlm.onboard.emit_hybrid import _general_step_lines, _scales
 from onboardlm.onboard.generate import generate_model_file
 from onboardlm.onboard.spec_hybrid import BranchSpec, LayerKindSpec, StepSpec
+from onboardlm.testing.reference import requires_reference
 from onboardlm.testing.tiny_config import tiny_config
 
 
@@ -183,6 +184,7 @@ def _lfm3():
     return analyze(AutoConfig.for_model("lfm3"))
 
 
+@requires_reference("lfm3")
 def test_lfm3_sandwich_norms_switched_by_their_flag() -> None:
     hybrid = _lfm3().hybrid
     assert hybrid is not None
@@ -197,6 +199,7 @@ def test_lfm3_sandwich_norms_switched_by_their_flag() -> None:
     assert hybrid.refused == (("use_attention_gate", False),)
 
 
+@requires_reference("lfm3")
 def test_lfm3_lean_layers_equal_transformers_without_sandwich_norms() -> None:
     namespace: dict = {}
     exec(compile(generate_model_file(_lfm3()), "modeling_lfm3.py", "exec"), namespace)  # noqa: S102

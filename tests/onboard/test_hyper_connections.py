@@ -24,6 +24,7 @@ from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.analyze_streams import (
     gated_mix,
     hyper_connection_refusal,
+    is_additive_mask,
     measure_hyper_connections,
     sigmoid_mix,
 )
@@ -354,6 +355,18 @@ def test_the_refusal_names_the_next_feature_and_the_measured_streams(model_type,
     message = str(err.value)
     assert "besides, hyper-connections: the decoder layers carry 4 residual streams" in message
     assert "\n" not in message
+
+
+def test_a_selection_returned_as_an_additive_mask_is_told_from_other_float_outputs() -> None:
+    """Under eager attention transformers 5.17's Qwen4-Exp indexer returns its selection as an additive
+    float mask (0 where a query attends, the dtype's lowest value elsewhere), later releases as a
+    boolean mask (the parametrised refusal above runs on each): both are a selection, scores are not."""
+    keep = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)) < 0.5
+    lowest = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    assert is_additive_mask(lowest) and is_additive_mask(lowest.masked_fill(~keep, float("-inf")))
+    assert not is_additive_mask(keep)  # the boolean form is told by its dtype
+    assert not is_additive_mask(torch.zeros(keep.shape))  # nothing masked: a zero output, no selection
+    assert not is_additive_mask(torch.softmax(torch.randn(1, 1, 16, 16), dim=-1))
 
 
 def test_one_residual_stream_is_not_hyper_connections() -> None:

@@ -2,7 +2,8 @@
 
 The references are transformers' facts: Kolibri 1.1's ``kv_source_layers`` lists the layer each layer
 reads the keys and values of, and Gemma 4's ``kv_sharing_modes`` marks the last ``num_kv_shared_layers``
-layers ``reuse`` (each reading the last earlier layer of its own layer type). The analyzer measures the
+layers ``reuse`` (each reading the last earlier layer of its own layer type; releases without that
+property keep the same roles as flags of the attention modules). The analyzer measures the
 sources from a forward instead, and must agree; a count field that merely equals the number of sharing
 layers is not taken for the rule.
 """
@@ -13,6 +14,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from onboardlm.errors import UnsupportedFeature
@@ -20,6 +22,7 @@ from onboardlm.onboard.analyze import analyze
 from onboardlm.onboard.analyze_kv_sharing import kv_source_expression, measure_kv_sources
 from onboardlm.onboard.generate import generate_model_file
 from onboardlm.testing import tiny_config
+from onboardlm.testing.reference import requires_reference
 
 
 def _gemma4_sharing(shared: int = 1):  # noqa: ANN202 - a transformers config
@@ -50,6 +53,22 @@ def _sources_of(modes: list[str | None], layer_types: list[str]) -> list[int]:
     ]
 
 
+def _transformers_modes(config, model) -> list[str | None]:  # noqa: ANN001 - a transformers config and model
+    """transformers' role of each layer in the sharing: the config's ``kv_sharing_modes`` where the
+    release has them, else the flags its attention modules keep (transformers 5.17:
+    ``is_kv_shared_layer`` reads another layer's, ``store_full_length_kv`` keeps its own for them)."""
+    modes = getattr(config, "kv_sharing_modes", None)
+    if modes is not None:
+        return list(modes)
+    attentions = [layer.self_attn for layer in model.model.layers]
+    if not all(hasattr(a, "is_kv_shared_layer") and hasattr(a, "store_full_length_kv") for a in attentions):
+        pytest.skip(f"transformers {transformers.__version__} names no layer's role in KV sharing")
+    return [
+        "reuse" if a.is_kv_shared_layer else "store" if a.store_full_length_kv else None for a in attentions
+    ]
+
+
+@requires_reference("kolibri1_1")
 def test_kolibri_sources_are_its_kv_source_layers() -> None:
     tiny = tiny_config(AutoConfig.for_model("kolibri1_1"))
     model = _model(tiny)
@@ -65,7 +84,7 @@ def test_gemma4_sources_follow_num_kv_shared_layers() -> None:
     model = _model(tiny)
     paths = [f"model.layers.{i}.self_attn" for i in range(tiny.num_hidden_layers)]
     sources = measure_kv_sources(model, paths, tiny.vocab_size)
-    assert sources == _sources_of(tiny.kv_sharing_modes, tiny.layer_types)
+    assert sources == _sources_of(_transformers_modes(tiny, model), tiny.layer_types)
     assert sources[-1] != tiny.num_hidden_layers - 1  # the tiny config keeps a sharing layer
     measured: list[str] = []
 
@@ -100,6 +119,7 @@ def test_analyzed_file_builds_key_value_weights_on_producing_layers_only() -> No
     assert "model.layers.2.self_attn.k_proj.weight" not in lean.state_dict()  # it reads layer 1's
 
 
+@requires_reference("kolibri1_1")
 def test_kolibri_indexer_is_refused_by_module() -> None:
     with pytest.raises(UnsupportedFeature) as raised:
         analyze(AutoConfig.for_model("kolibri1_1"))
@@ -112,8 +132,9 @@ def test_gemma3n_sharing_is_measured_the_same_way() -> None:
     its attention is ready for the same rule once the rest of its layer is."""
     tiny = tiny_config(AutoConfig.for_model("gemma3n_text"))
     paths = [f"model.layers.{i}.self_attn" for i in range(tiny.num_hidden_layers)]
-    sources = measure_kv_sources(_model(tiny), paths, tiny.vocab_size)
-    assert sources == _sources_of(tiny.kv_sharing_modes, tiny.layer_types)
+    model = _model(tiny)
+    sources = measure_kv_sources(model, paths, tiny.vocab_size)
+    assert sources == _sources_of(_transformers_modes(tiny, model), tiny.layer_types)
     assert sources != list(range(tiny.num_hidden_layers))
 
     def measure(variant):  # noqa: ANN001, ANN202 - a config: the sources of its model

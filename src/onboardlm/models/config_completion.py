@@ -149,9 +149,11 @@ _ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 _ATTENTION_PERIOD, _ATTENTION_OFFSET = 4, 2
 
 
-def _compared_layer_kinds(config: PretrainedConfig) -> list[str]:
+def _layer_kinds_named(config: PretrainedConfig) -> tuple[list[str], list[str]]:
     """String constants the config's modeling module compares ``config.layer_types[...]`` with
-    (LFM2-MoE's ``config.layer_types[layer_idx] != "conv"``), first seen first."""
+    (LFM2-MoE's ``config.layer_types[layer_idx] != "conv"``), and the string keys of the dicts it
+    looks ``config.layer_types[...]`` up in (the mask mapping ``{"full_attention": ..., "conv": ...}``),
+    each first seen first."""
     import ast
     import importlib
     import inspect
@@ -160,21 +162,40 @@ def _compared_layer_kinds(config: PretrainedConfig) -> list[str]:
         module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
         tree = ast.parse(inspect.getsource(module))
     except (ImportError, OSError, TypeError, SyntaxError):
-        return []
-    kinds = []
+        return [], []
+
+    def reads_layer_types(node: ast.AST) -> bool:
+        return (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "layer_types"
+        )
+
+    compared, looked_up, dicts = [], set(), {}
     for node in ast.walk(tree):
-        if not isinstance(node, ast.Compare) or len(node.comparators) != 1:
-            continue
-        left, right = node.left, node.comparators[0]
-        if (
-            isinstance(left, ast.Subscript)
-            and isinstance(left.value, ast.Attribute)
-            and left.value.attr == "layer_types"
-            and isinstance(right, ast.Constant)
-            and isinstance(right.value, str)
+        if isinstance(node, ast.Compare) and len(node.comparators) == 1:
+            right = node.comparators[0]
+            if (
+                reads_layer_types(node.left)
+                and isinstance(right, ast.Constant)
+                and isinstance(right.value, str)
+            ):
+                compared.append(right.value)
+        elif (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Name)
+            and reads_layer_types(node.slice)
         ):
-            kinds.append(right.value)
-    return list(dict.fromkeys(kinds))
+            looked_up.add(node.value.id)
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            keys = [
+                k.value for k in node.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)
+            ]
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    dicts.setdefault(target.id, []).extend(keys)
+    keys = [key for name in sorted(looked_up) for key in dicts.get(name, [])]
+    return list(dict.fromkeys(compared)), list(dict.fromkeys(keys))
 
 
 def _complete_layer_types(config: PretrainedConfig) -> list[str]:
@@ -185,7 +206,12 @@ def _complete_layer_types(config: PretrainedConfig) -> list[str]:
     if "layer_types" not in _declared(config) or getattr(config, "layer_types", None) is not None:
         return []
     layers = getattr(config, "num_hidden_layers", None)
-    others = [kind for kind in _compared_layer_kinds(config) if kind not in _ATTENTION_KINDS]
+    compared, looked_up = _layer_kinds_named(config)
+    # the kinds compared against; where those are attention kinds only (LFM2-MoE on transformers 5.17
+    # tests ``== "full_attention"``), the other kind is the mask mapping's
+    others = [kind for kind in compared if kind not in _ATTENTION_KINDS] or [
+        kind for kind in looked_up if kind not in _ATTENTION_KINDS
+    ]
     if not _int(layers) or len(others) != 1:
         return []
     config.layer_types = [
@@ -205,11 +231,30 @@ def complete_default_config(config: PretrainedConfig) -> list[str]:
     """
     if getattr(config, "is_heterogeneous", False):  # per-layer values: not one field to fill
         return []
-    notes = _complete_fields(config)
+    notes = _complete_fields(config) + _complete_text_config(config)
     text = _text_config(config)
     if text is not None:  # a multimodal default: its text decoder is what gets onboarded
         notes += [f"text_config.{note}" for note in _complete_fields(text)]
     return notes
+
+
+def _complete_text_config(config: PretrainedConfig) -> list[str]:
+    """A composite default that leaves its ``text_config`` None (Gemma 4's assistant on transformers
+    5.17; later releases build it): every checkpoint names its text decoder, and the config class
+    builds its default one from an empty ``text_config``."""
+    if (
+        "text_config" not in (type(config).sub_configs or {})
+        or getattr(config, "text_config", None) is not None
+    ):
+        return []
+    try:
+        text = type(config)(text_config={}).text_config
+    except Exception:  # noqa: BLE001 - a class that builds no default text config: left as it is
+        return []
+    if not isinstance(text, PretrainedConfig):
+        return []
+    config.text_config = text
+    return [f"text_config={type(text).__name__}() (the class's default text decoder)"]
 
 
 def _text_config(config: PretrainedConfig) -> PretrainedConfig | None:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import transformers
 from torch import nn
 from torch.nn import functional as F
 from transformers.activations import ACT2CLS
@@ -738,6 +739,13 @@ def mamba2_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba
     chunk_expr = (
         field(chunk, lambda m: m.chunk_size, "SSD chunk size", double) if isinstance(chunk, int) else "256"
     )
+    ignored = ignored_time_step_limit(mixer, an.fields.get("time_step_limit"))
+    if ignored is not None:
+        raise UnsupportedFeature(
+            path,
+            f"{ignored}; the Mamba2 template follows config.time_step_limit",
+            "onboard with a transformers release whose mixer reads config.time_step_limit",
+        )
     limit = getattr(mixer, "time_step_limit", None)
     if limit is None:
         limit_expr = '[0.0, float("inf")]'
@@ -781,6 +789,22 @@ def mamba2_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba
         f"{type(mixer).__name__}'s output differs from the Mamba2 template (in_proj -> causal conv -> SSD"
         " scan -> gated RMSNorm -> out_proj): extra scaling or another wiring",
         _HINT,
+    )
+
+
+def ignored_time_step_limit(mixer: nn.Module, named: Any) -> str | None:
+    """Why ``mixer`` clamps its time step to other bounds than ``named`` (the config's
+    ``time_step_limit``), or None: transformers 5.17's Nemotron-H mixer clamps at
+    ``(time_step_min, inf)`` and ignores the field, which later releases' mixers and the Mamba2
+    template read."""
+    limit = getattr(mixer, "time_step_limit", None)
+    if not isinstance(limit, (tuple, list)) or not isinstance(named, (tuple, list)):
+        return None
+    if [float(v) for v in limit] == [float(v) for v in named]:
+        return None
+    return (
+        f"transformers {transformers.__version__}'s {type(mixer).__name__} clamps the time step to"
+        f" {tuple(limit)}, not to config.time_step_limit {tuple(named)}, which it ignores"
     )
 
 

@@ -25,6 +25,7 @@ from transformers.activations import ACT2FN
 
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze_indexer import analyze_mla_indexer, rotates_channel_pairs
+from onboardlm.onboard.block_routing import BlockRouting, routing_view
 from onboardlm.onboard.spec_moe import (
     MOE_ACTIVATIONS,
     ExpertsSpec,
@@ -224,7 +225,7 @@ def _routing_on_input(block: nn.Module, router: RouterSpec, shared: SharedExpert
     experts = block.experts
     if takes_routing(experts) or router.correction_bias == "block":
         return False  # transformers 5 experts take the routing weights and apply them themselves
-    hidden = router_weight(getattr(block, router.attr)).shape[1]
+    hidden = router_weight(_router_of(block, router)).shape[1]
     x = torch.randn(2, 5, hidden, generator=torch.Generator().manual_seed(5))
     tokens = x.reshape(-1, hidden)
     try:
@@ -232,7 +233,7 @@ def _routing_on_input(block: nn.Module, router: RouterSpec, shared: SharedExpert
         out = (out[0] if isinstance(out, tuple) else out).reshape(tokens.shape)
         if shared is not None:
             out = out - getattr(block, shared.attr)(tokens)
-        _, weights, ids = _call_router(getattr(block, router.attr), tokens)
+        _, weights, ids = _call_router(_router_of(block, router), tokens)
         on_output, on_input = torch.zeros_like(out), torch.zeros_like(out)
         for k in range(ids.shape[1]):
             w = weights[:, k : k + 1]
@@ -260,14 +261,14 @@ def _clamp_expressions(config: PretrainedConfig, clamp: tuple[float, float], whe
 def _routed_scale(block: nn.Module, router: RouterSpec, shared: SharedExpertSpec | None) -> float | None:
     """c such that the block's output is c x (its experts on its router's choice) + its shared expert,
     or None when it is not of that form (or the parts cannot be called on their own)."""
-    hidden = router_weight(getattr(block, router.attr)).shape[1]
+    hidden = router_weight(_router_of(block, router)).shape[1]
     x = torch.randn(2, 5, hidden, generator=torch.Generator().manual_seed(4))
     tokens = x.reshape(-1, hidden)
     try:
         out = block(x)
         out = (out[0] if isinstance(out, tuple) else out).reshape(tokens.shape)
         bias = (getattr(block, router.correction_name),) if router.correction_bias == "block" else ()
-        _, weights, ids = _call_router(getattr(block, router.attr), tokens, *bias)
+        _, weights, ids = _call_router(_router_of(block, router), tokens, *bias)
         routed = block.experts(tokens, ids, weights).reshape(tokens.shape)
         if shared is not None:
             extra = getattr(block, shared.attr)(tokens)
@@ -299,7 +300,7 @@ def _block_scaling_field(
             rebuilt.load_state_dict(block.state_dict())
         except Exception:  # noqa: BLE001 - a value the block cannot be built with is not its scale
             continue
-        rescaled = _routed_scale(rebuilt.to(router_weight(getattr(block, router.attr)).dtype), router, shared)
+        rescaled = _routed_scale(rebuilt.to(router_weight(_router_of(block, router)).dtype), router, shared)
         if rescaled is not None and math.isclose(rescaled, 2.5 * value + 0.5, rel_tol=1e-4):
             return name
     raise UnsupportedFeature(path, f"routed experts' output scaled by {scale:.6g}, by no config field")
@@ -961,8 +962,14 @@ def _correction_owner(block: nn.Module, router: nn.Module, where: str) -> tuple[
     return ("router" if on_router else None), _CORRECTION
 
 
+def _router_of(block: nn.Module, router: RouterSpec) -> nn.Module:
+    """The block's router as the probes call it (:func:`routing_view`)."""
+    return routing_view(block, router.attr, router.class_name)
+
+
 def _analyze_router(config: PretrainedConfig, block: nn.Module, path: str) -> RouterSpec:
-    attr, router = _router_module(block, path)
+    attr, _ = _router_module(block, path)
+    router = routing_view(block, attr, f"{model_prefix(config)}TopKRouter")
     weight = router_weight(router)
     saved = weight.detach().clone()
     if bool((saved == saved.flatten()[0]).all()):  # zero-initialised (AFMoE): every expert would tie
@@ -979,6 +986,7 @@ def _measure_router(
     config: PretrainedConfig, block: nn.Module, path: str, attr: str, router: nn.Module
 ) -> RouterSpec:
     where = f"{path}.{attr}"
+    class_name = router.lean_class if isinstance(router, BlockRouting) else type(router).__name__
     extras = {name for name, _ in router.named_parameters(recurse=False)} | {
         name for name, _ in router.named_buffers(recurse=False)
     }
@@ -1003,7 +1011,7 @@ def _measure_router(
             raise
         return RouterSpec(
             attr=attr,
-            class_name=type(router).__name__,
+            class_name=class_name,
             scoring="sparsemixer",
             top_k_field=top_k_field,
             norm_topk_prob=False,
@@ -1051,7 +1059,7 @@ def _measure_router(
             )
     return RouterSpec(
         attr=attr,
-        class_name=type(router).__name__,
+        class_name=class_name,
         scoring=scoring,
         top_k_field=top_k_field,
         norm_topk_prob=norm,
@@ -1119,7 +1127,11 @@ def _follows_flag(
 
 def _rebuilt_router(router: nn.Module, config: PretrainedConfig) -> nn.Module:
     """``router``'s class built from ``config``, holding ``router``'s weights."""
-    rebuilt = type(router)(config)
+    rebuilt = (
+        router.rebuilt(router.block_type(config))
+        if isinstance(router, BlockRouting)
+        else type(router)(config)
+    )
     rebuilt.load_state_dict(router.state_dict())
     return rebuilt.to(router_weight(router).dtype)
 
@@ -1207,7 +1219,22 @@ def _call_router(router: nn.Module, tokens: torch.Tensor, *args: torch.Tensor) -
         out = router(tokens, *args)
     except ValueError:  # `_, _, hidden = hidden_states.shape`
         out = router(tokens[None], *args)
-    return _dense_router_output(router, out)
+    return _logits_first(_dense_router_output(router, out))
+
+
+def _logits_first(out: object) -> object:
+    """A router returning ``(top-k ids, top-k weights, logits)`` (GraniteMoeHybrid's on transformers
+    5.17) read in the ``(logits, top-k weights, top-k ids)`` order of later releases; any other output
+    as it is."""
+    if (
+        isinstance(out, tuple)
+        and len(out) == 3
+        and all(isinstance(t, torch.Tensor) for t in out)
+        and not out[0].is_floating_point()
+        and out[2].is_floating_point()
+    ):
+        return out[2], out[1], out[0]
+    return out
 
 
 def _dense_router_output(router: nn.Module, out: object) -> object:

@@ -39,6 +39,7 @@ from onboardlm.onboard.spec_streams import HyperConnectionSpec, MixerForm, Strea
 __all__ = [
     "gated_mix",
     "hyper_connection_refusal",
+    "is_additive_mask",
     "measure_hyper_connections",
     "sigmoid_mix",
     "stream_blockers",
@@ -564,6 +565,16 @@ def measure_hyper_connections(
 # --------------------------------------------------------------------------------------- refusal
 
 
+def is_additive_mask(tensor: torch.Tensor) -> bool:
+    """A float tensor holding only 0 (attend) and the dtype's lowest value or -inf (masked), with some
+    entries masked: the additive form of a boolean selection (Qwen4-Exp's indexer under eager attention on
+    transformers 5.17; later releases return the boolean mask)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    masked = tensor <= torch.finfo(tensor.dtype).min
+    return bool(((tensor == 0) | masked).all() and masked.any())
+
+
 def stream_blockers(
     model: nn.Module,
     config: PretrainedConfig,
@@ -589,11 +600,12 @@ def stream_blockers(
         kind = type(call.module).__name__
         if kind in blockers or not any(True for _ in call.module.parameters()):
             continue
-        # a selection per query: [1, S, k] indices or a [1, 1, S, S] mask (a router's [tokens, k] is not)
+        # a selection per query: [1, S, k] indices or a [1, 1, S, S] mask, boolean or additive (a
+        # router's [tokens, k] is not)
         selects = [
             o
             for o in call.outputs
-            if (o.dtype == torch.bool or not o.is_floating_point())
+            if (o.dtype == torch.bool or not o.is_floating_point() or is_additive_mask(o))
             and o.dim() >= 3
             and o.shape[0] == 1
             and _PROBE_TOKENS in tuple(o.shape[1:])

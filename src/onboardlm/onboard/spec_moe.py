@@ -39,6 +39,8 @@ class RouterSpec:
     correction_bias: where ``e_score_correction_bias`` lives: ``router`` (a router buffer), ``block``
     (a buffer of the MoE block, handed to the router's forward: MiniMax-M2), None (no such bias).
     correction_name: the bias tensor's name (AFMoE's block keeps it as ``expert_bias``).
+    class_name: transformers' router class; ``<Prefix>TopKRouter`` where the block routes with a bare
+    linear itself (:mod:`onboardlm.onboard.block_routing`).
     linear_attr: the router keeps its ``[E, H]`` weight in a bias-free ``nn.Linear`` child of that name
     (AFMoE's ``router.gate``, HunYuan-MoE's ``gate.wg``); None: as its own ``weight``.
     choice_on: the top-k is chosen on ``scores`` (+ bias) or on the raw ``logits`` (+ bias).

@@ -10,7 +10,10 @@
 - Also on other releases only, a reference measured to compute another function than the model does
   is skipped with the reason: before 5.2x transformers' Mamba2 gated RMSNorm normalised all groups at
   once (no ``group_size``), where Mamba2 itself and later releases normalise per group, as the lean
-  file does; with more than one group the two differ, and the config cannot tell them apart.
+  file does; with more than one group the two differ, and the config cannot tell them apart. And
+  transformers 5.17's Nemotron-H mixer clamps the time step at ``(time_step_min, inf)``, ignoring
+  ``config.time_step_limit``, which later releases and the lean file follow (onboarding on 5.17
+  refuses that mixer in one line for the same reason).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pytest
 import torch
 import transformers
 
+from onboardlm.onboard.analyze_hybrid import ignored_time_step_limit
 from onboardlm.testing.reference import (
     built_by_transformers,
     installed_model_type,
@@ -42,6 +46,19 @@ def ungrouped_gated_norm(reference: torch.nn.Module) -> str | None:
                 f"transformers {transformers.__version__}'s {type(module).__name__} at {name} normalises "
                 f"its {groups} groups at once; Mamba2 (and the lean file) normalises per group"
             )
+    return None
+
+
+def other_function(reference: torch.nn.Module) -> str | None:
+    """Why ``reference`` computes another function than the model (and the lean file) does, or None."""
+    reason = ungrouped_gated_norm(reference)
+    if reason is not None:
+        return reason
+    named = getattr(reference.config, "time_step_limit", None)
+    for name, module in reference.named_modules():
+        ignored = ignored_time_step_limit(module, named)
+        if ignored is not None:
+            return f"{ignored} (at {name}); the lean file follows config.time_step_limit"
     return None
 
 
@@ -68,6 +85,6 @@ def reference_builds_on_this_release(request: pytest.FixtureRequest) -> None:
     """Skip the module where a release other than the pinned one cannot build its reference."""
     make_reference = getattr(request.module, "make_reference", None)
     if make_reference is not None and not on_pinned_release():
-        reason = ungrouped_gated_norm(built_by_transformers(make_reference))
+        reason = other_function(built_by_transformers(make_reference))
         if reason is not None:
             pytest.skip(reason)
