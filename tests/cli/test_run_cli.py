@@ -82,7 +82,7 @@ def test_use_registry_and_its_standalone_yaml_give_the_same_settings_and_output(
     assert summary is not None, out_a
     assert 3 <= int(summary.group(1)) <= 3 * 6 and float(summary.group(2)) > 0  # max_new_tokens 6 each
     phases = re.search(
-        r"timings load ([\d.]+) s, export ([\d.]+) s, warm-up ([\d.]+) s, first token ([\d.]+) s "
+        r"timings start-up [\d.]+ s, load ([\d.]+) s, export ([\d.]+) s, warm-up ([\d.]+) s, first token ([\d.]+) s "
         r"\(mean per batch\)(, decode ([\d.]+) tok/s)?",
         out_a,
     )  # two batches (max_batch_size 2); warm-up is 0.0 on the CPU (nothing is compiled or captured)

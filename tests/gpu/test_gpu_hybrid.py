@@ -94,3 +94,17 @@ def test_run_decodes_transformers_greedy_tokens_on_the_gpu(model_type: str, tmp_
         expected = out[0, ids.shape[1] :].tolist()
         assert result.new_token_ids == expected[: len(result.new_token_ids)], prompt
         assert len(result.new_token_ids) == 12 or result.stopped_on_eos
+
+
+def test_run_of_one_new_token_on_the_gpu_answers_the_greedy_first_token(tmp_path: Path) -> None:
+    """The CUDA warm-up must fit the cache ``run`` sizes for one new token (it asked for two)."""
+    hf = _reference(TYPES[0])
+    tokenizer = word_tokenizer(VOCAB)
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    settings = RunSettings(device="cuda", dtype="float32", max_new_tokens=1, prompts=["w5 w9 w17 w3"])
+    (result,) = Runner.load(str(tmp_path), settings).run()
+    ids = tokenizer("w5 w9 w17 w3", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = hf(ids).logits[0, -1].argmax().item()
+    assert result.new_token_ids == [expected]

@@ -135,6 +135,7 @@ def run_command(
 def _load_and_run(model: str | None, settings: Any, prompt: list[str] | None) -> None:
     from onboardlm.runtime.distributed import RankInfo
     from onboardlm.runtime.runner import DEFAULT_MODEL_ID, Runner
+    from onboardlm.runtime.timings import process_age_s
 
     quiet = settings.world_size > 1 and RankInfo.from_env().rank != 0  # rank 0 prints for all
     with (
@@ -142,7 +143,9 @@ def _load_and_run(model: str | None, settings: Any, prompt: list[str] | None) ->
         if not quiet
         else nullcontext()
     ):
+        start_up_s = process_age_s()
         runner = Runner.load(model, settings)
+    runner.timings.start_up_s = start_up_s
     if quiet:
         runner.run(prompt)
         return

@@ -53,7 +53,7 @@ class PrefillConfig:
 #: sm_90 (Triton 3.9), none spills registers; the H200 probe compares alternatives for head dim 128.
 CONFIGS: tuple[tuple[int, PrefillConfig], ...] = (
     (64, PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)),
-    (128, PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)),
+    (128, PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)),
     (MAX_HEAD_DIM, PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)),
 )
 

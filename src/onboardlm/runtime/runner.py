@@ -168,8 +168,8 @@ class Runner:
             for start in range(0, len(encoded), settings.max_batch_size)
         ]
         if self.device.type == "cuda":  # compile and capture what the run uses: each batch's size and width
-            for batch in _first_of_each_shape(batches):
-                model.generate(batch, max_new_tokens=2)
+            for batch in _first_of_each_shape(batches):  # a prefill and a decode step (one token: no decode)
+                model.generate(batch, max_new_tokens=min(2, settings.max_new_tokens))
         self.timings.warm_up_s = synchronized_clock(self.device) - warming
         self.timings.decode = DecodeTimings()
         results: list[PromptResult] = []

@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import psutil
 import torch
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (the interpreter, imports and argument parsing so far)."""
+    return time.time() - psutil.Process().create_time()
 
 
 def synchronized_clock(device: torch.device) -> float:
@@ -35,16 +41,20 @@ class DecodeTimings:
 class RunTimings:
     """One run's phases. ``warm_up_s`` is the fast path's compilation and CUDA-graph capture for the
     batch sizes the run uses (none on the CPU); decode tokens/s counts only the steps after each
-    batch's first token, so it compares with a benchmark's steady-state decode rate."""
+    batch's first token, so it compares with a benchmark's steady-state decode rate. ``start_up_s``, where
+    the command line sets it, is the time from the process's start to the start of loading."""
 
     load_s: float
     export_s: float
     warm_up_s: float = 0.0
     decode: DecodeTimings | None = None
+    start_up_s: float | None = None
 
     def summary(self) -> str:
-        """One line: ``load 6.1 s, export 3.0 s, warm-up 0.0 s, first token 0.42 s, decode 21.5 tok/s``."""
-        parts = [
+        """One line: ``[start-up 4.0 s, ]load 6.1 s, export 3.0 s, warm-up 0.0 s, first token 0.42 s,
+        decode 21.5 tok/s``."""
+        parts = [] if self.start_up_s is None else [f"start-up {self.start_up_s:.1f} s"]
+        parts += [
             f"load {self.load_s:.1f} s",
             f"export {self.export_s:.1f} s",
             f"warm-up {self.warm_up_s:.1f} s",
