@@ -710,7 +710,7 @@ def mamba2_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba
     in_value, in_expr = input_scale(an, mixer, index, in_name, path)
     sizes = [inner, inner, groups * state, groups * state, heads]
     segments, segment_exprs = segment_scales(an, mixer, path, linears[in_name].out_features, sizes)
-    scales = Mamba2Scales(in_value, in_expr, segments, segment_exprs)
+    scales = Mamba2Scales(in_value, segments)
     acts = [
         n
         for n, c in mixer.named_children()

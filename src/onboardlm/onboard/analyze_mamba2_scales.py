@@ -33,12 +33,11 @@ _HINT = "add a template for it in onboardlm/onboard/templates and teach analyze_
 
 @dataclass(frozen=True)
 class Mamba2Scales:
-    """Measured multipliers of a Mamba2 mixer: values for the probes, config expressions for the file."""
+    """Measured multipliers of a Mamba2 mixer (the values the probes apply): on its input, and one per
+    in_proj segment (empty: none)."""
 
     in_scale: float = 1.0
-    in_scale_expr: str | None = None
     segments: tuple[float, ...] = ()
-    segment_exprs: tuple[str, ...] = ()
 
 
 class _Stop(Exception):
