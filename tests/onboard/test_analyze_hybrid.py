@@ -122,11 +122,34 @@ def test_bamba_attention_layers_selected_by_layer_types() -> None:
     assert 'self.block_type == "full_attention"' in source
 
 
+def test_falcon_h1_multipliers_and_switches_are_measured() -> None:
+    """Falcon-H1's µP multipliers (1.0 in its default config, set to telling values for the probes) and
+    its Mamba2 switches come out as config expressions, each confirmed on a rebuilt module."""
+    spec = analyze(AutoConfig.for_model("falcon_h1"))
+    mixer = spec.hybrid.block("mamba2")
+    assert mixer.in_scale == "config.ssm_in_multiplier"
+    assert mixer.segment_scales == tuple(f"config.ssm_multipliers[{i}]" for i in range(5))
+    assert mixer.norm_flag == "config.mamba_rms_norm"
+    assert mixer.norm_before_gate == "config.mamba_norm_before_gate"
+    assert mixer.intermediate == (
+        "(int(config.mamba_expand * config.hidden_size) if config.mamba_d_ssm is None else config.mamba_d_ssm)"
+    )
+    mlp = spec.hybrid.block("mlp")
+    assert (mlp.gate_scale, mlp.down_scale) == ("config.mlp_multipliers[0]", "config.mlp_multipliers[1]")
+    assert spec.attention.scaling.endswith("* config.key_multiplier")
+    (kind,) = spec.hybrid.kinds
+    (parallel, _) = kind.steps
+    scales = {(b.attr, b.in_scale, b.out_scale) for b in parallel.branches}
+    assert scales == {
+        ("mamba", None, "config.ssm_out_multiplier"),
+        ("self_attn", "config.attention_in_multiplier", "config.attention_out_multiplier"),
+    }
+
+
 @pytest.mark.parametrize(
     ("model_type", "where", "feature"),
     [
         ("zamba2", "model.layers.1", "a layer of nested layers"),
-        ("falcon_h1", "model.layers.0.mamba", "buffers ['mup_vector']"),
     ],
 )
 def test_hybrids_without_a_template_are_refused_by_module(model_type: str, where: str, feature: str) -> None:

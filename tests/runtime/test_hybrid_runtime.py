@@ -141,6 +141,7 @@ def test_admission_waits_for_a_free_state_slot() -> None:
 #: LFM2-MoE: the MoE placed by num_dense_layers beside conv / attention kinds. Kimi Linear: Kimi Delta
 #: Attention (torch_channel_gated_delta_rule) beside MLA without RoPE.
 #: GraniteMoeHybrid, LFM3: residual steps with a multiplier, parallel blocks, sandwich norms.
+#: Falcon-H1: Mamba2 and attention in parallel from one norm, µP multipliers (a per-segment in_proj scale).
 SHIPPED = [
     ("mamba2", {}, False),
     ("bamba", {"attn_layer_indices": [1, 5]}, True),
@@ -163,6 +164,21 @@ SHIPPED = [
     ("granitemoehybrid", {"residual_multiplier": 1.3}, False),
     # sandwich norms around short convolution / full and sliding-window attention with a head gate
     ("lfm3", {}, True),
+    # Mamba2 beside attention in one step, µP multipliers everywhere (in_proj segments, key, MLP, logits)
+    (
+        "falcon_h1",
+        {
+            "mamba_rms_norm": True,
+            "ssm_multipliers": [0.7, 1.3, 0.55, 1.45, 0.8],
+            "mlp_multipliers": [0.75, 1.25],
+            "key_multiplier": 1.2,
+            "attention_in_multiplier": 0.8,
+            "attention_out_multiplier": 1.1,
+            "ssm_in_multiplier": 0.9,
+            "ssm_out_multiplier": 1.3,
+        },
+        True,
+    ),
 ]
 
 

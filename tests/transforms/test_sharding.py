@@ -254,6 +254,31 @@ CASES = {
         {"linear": 8, "split_with_sizes": 2, "conv": 2, "view": 6, "ssm": 2, "all_reduce": 4},
         generate=True,
     ),
+    # Mamba2 and attention in parallel from one norm, with µP multipliers: in_proj's output scaled by a
+    # constant vector (one value per z / x / B / C / dt segment, cut like in_proj's rows), keys, MLP and
+    # logits by constants
+    "falcon_h1": Case(
+        f"{_custom('falcon_h1')}:FalconH1ForCausalLM",
+        lambda: _hybrid(
+            "falcon_h1",
+            mamba_rms_norm=True,
+            mamba_n_groups=2,
+            ssm_multipliers=[0.7, 1.3, 0.55, 1.45, 0.8],
+            mlp_multipliers=[0.75, 1.25],
+            key_multiplier=1.2,
+        ),
+        {
+            "linear": 18,
+            "view": 16,
+            "split_with_sizes": 4,
+            "conv": 2,
+            "ssm": 2,
+            "gated_norm": 2,
+            "row_scale": 2,
+            "all_reduce": 6,
+        },
+        generate=True,
+    ),
     "falcon_mamba": Case(
         f"{_custom('falcon_mamba')}:FalconMambaForCausalLM",
         lambda: _hybrid("falcon_mamba"),

@@ -48,6 +48,7 @@ from onboardlm.onboard.analyze_attn_conv import attention_conv_refusal
 from onboardlm.onboard.analyze_classic import alibi_slopes, projections, separate_qkv_roles, split_fused_qkv
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_kv_sharing import kv_source_expression, measure_kv_sources
+from onboardlm.onboard.analyze_mamba2_scales import float_candidates
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe, predict_layers
 from onboardlm.onboard.analyze_perlayer import (
     kv_sharing_refusals,
@@ -95,13 +96,25 @@ _ROPE_KEYS = {
     "attention_factor", "beta_fast", "beta_slow", "short_factor", "long_factor", "low_freq_factor",
     "high_freq_factor", "mscale", "mscale_all_dim", "truncate",
 }  # fmt: skip
-_LOGIT_SCALES = ("logits_scaling", "logit_scale")
+_LOGIT_SCALES = ("logits_scaling", "logit_scale", "lm_head_multiplier")
 #: Scalar multipliers whose default 1.0 would hide them from the probes: set to telling values.
 _TELLING_MULTIPLIERS = {
     "embedding_multiplier": 1.9,
     "residual_multiplier": 0.7,
     "logits_scaling": 2.5,
     "logit_scale": 0.4,
+    # Falcon-H1's µP multipliers (all 1.0 in its default config)
+    "attention_in_multiplier": 0.8,
+    "attention_out_multiplier": 1.2,
+    "ssm_in_multiplier": 0.65,
+    "ssm_out_multiplier": 1.35,
+    "key_multiplier": 1.15,
+    "lm_head_multiplier": 0.6,
+}
+#: List-valued multipliers (one value per segment or projection) set to distinct telling values.
+_TELLING_MULTIPLIER_LISTS = {
+    "mlp_multipliers": [0.75, 1.25],
+    "ssm_multipliers": [0.7, 1.3, 0.55, 1.45, 0.85],
 }
 _HINT = "add a template for it in onboardlm/onboard/templates and teach analyze.py to recognise it"
 _TINY_HINT = "teach onboardlm.testing.tiny_config to shrink these config fields"
@@ -126,6 +139,10 @@ def analyze(config: PretrainedConfig) -> ArchitectureSpec:
             if isinstance(getattr(tiny, name, None), float):
                 with contextlib.suppress(AttributeError):  # a read-only property derived from other fields
                     setattr(tiny, name, value)
+        for name, values in _TELLING_MULTIPLIER_LISTS.items():
+            current = getattr(tiny, name, None)
+            if isinstance(current, (list, tuple)) and len(current) == len(values):
+                setattr(tiny, name, list(values))
         with torch.random.fork_rng():  # the random tiny weights leave the caller's RNG state alone
             torch.manual_seed(0)
             return _measure(config, tiny)
@@ -1963,18 +1980,41 @@ class _Analyzer:
             for name, value in self.fields.items()
             if isinstance(value, float) and value not in (0.0, 1.0)
         ]
+        # keys times a constant the config holds (Falcon-H1's key_multiplier, before RoPE: a rotation
+        # is linear, so it scales the logits): tried after none, folded into the attention scale
+        key_scales = [(None, scale)] + [
+            (f"config.{name}", scale * value)
+            for name, value in self.fields.items()
+            if isinstance(value, float) and value not in (0.0, 1.0) and "multiplier" in name
+        ]
         with (
             _telling_norm_weights([getattr(attn, n, None) for n in spec.qk_norm_names]),
             _telling_vectors(lambdas),
         ):
-            for value_scale, style, inverse, after, pairing in itertools.product(
-                scales, ("neox", "interleaved"), (False, True), orders, self._differential_pairings(spec)
+            for (key_scale, logit_scale), value_scale, style, inverse, after, pairing in itertools.product(
+                key_scales,
+                scales,
+                ("neox", "interleaved"),
+                (False, True),
+                orders,
+                self._differential_pairings(spec),
             ):
                 variant = dataclasses.replace(
                     pairing, rope_inverse=inverse, qk_norm_after_rope=after, value_scale=value_scale
                 )
+                if key_scale:
+                    variant = dataclasses.replace(variant, scaling=f"{variant.scaling} * {key_scale}")
                 probe = _AttentionProbe(
-                    attn, variant, self.tiny, scale, kv_heads, rotary, rope, style, kwargs, layer_idx=index
+                    attn,
+                    variant,
+                    self.tiny,
+                    logit_scale,
+                    kv_heads,
+                    rotary,
+                    rope,
+                    style,
+                    kwargs,
+                    layer_idx=index,
                 )
                 found = probe.match(self._qkv_layouts(variant, kv_heads))
                 if found is not None:
@@ -1985,6 +2025,8 @@ class _Analyzer:
                         self.notes.append("q/k norms after RoPE")
                     if value_scale:
                         self.notes.append(f"values scaled by {value_scale}")
+                    if key_scale:
+                        self.notes.append(f"keys scaled by {key_scale} (folded into the attention scale)")
                     spec = self._confirm_groups(path, layer, variant, found, rope, style, kwargs)
                     return spec, dataclasses.replace(rope, style=style)
         raise UnsupportedFeature(
@@ -2811,6 +2853,8 @@ class _Analyzer:
             inner_norm_name=inner_name or "",
             act_module=act_module,
             width_function=self._width_functions.get(intermediate.removesuffix("(config)"), ""),
+            gate_scale=self._mlp_scales[0],
+            down_scale=self._mlp_scales[1],
         )
 
     def _mlp_inner_norm(self, others: dict[str, nn.Module], width: int) -> str | None:
@@ -2956,17 +3000,31 @@ class _Analyzer:
             if down.in_features * 2 == ins[0].out_features:
                 variants.append(("fused_gated", names, lambda act: act(first) * second))
             variants.append(("plain", names, lambda act: act(outs[0])))
-        for field_name in _ACT_FIELDS:
-            act_name = self.fields.get(field_name)
-            if not isinstance(act_name, str) or act_name not in ACT2FN:
-                continue
-            act = ACT2FN[act_name]
-            if learned is not None and type(learned) is type(act):  # its own learned parameters
-                act = learned
-            for kind, order, combine in variants:
-                with torch.no_grad():
-                    if _close(project(combine(act)), expected):
-                        return kind, order, field_name
+        self._mlp_scales: tuple[str | None, str | None] = (None, None)
+        # the gate's pre-activation and the output times config constants (Falcon-H1's mlp_multipliers):
+        # tried after none
+        found = [(e, v) for e, _, _, v in float_candidates(self.fields) if v not in (0.0, 1.0)]
+        scales = [((None, 1.0), (None, 1.0))] + [
+            pair for pair in itertools.product([(None, 1.0), *found], repeat=2) if pair[0][0] or pair[1][0]
+        ]
+        for (gate_expr, gate_scale), (down_expr, down_scale) in scales:
+            for field_name in _ACT_FIELDS:
+                act_name = self.fields.get(field_name)
+                if not isinstance(act_name, str) or act_name not in ACT2FN:
+                    continue
+                act = ACT2FN[act_name]
+                if learned is not None and type(learned) is type(act):  # its own learned parameters
+                    act = learned
+                scaled = act if gate_expr is None else lambda t, a=act, s=gate_scale: a(t * s)
+                for kind, order, combine in variants:
+                    with torch.no_grad():
+                        if _close(project(combine(scaled)) * down_scale, expected):
+                            self._mlp_scales = (gate_expr, down_expr)
+                            if gate_expr or down_expr:
+                                self.notes.append(
+                                    f"MLP gate times {gate_expr or 1}, output times {down_expr or 1}"
+                                )
+                            return kind, order, field_name
         # no config field names it: the module hard-codes one. Small random weights keep the
         # pre-activations small, where GELU and its tanh form agree to 1e-5: the closest match wins.
         matches = []

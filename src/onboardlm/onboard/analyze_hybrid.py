@@ -27,6 +27,7 @@ import inspect
 import itertools
 import re
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +40,13 @@ import onboardlm.ops  # noqa: F401  (registers torch.ops.auto_deploy.*)
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.onboard.analyze_classic import projections
 from onboardlm.onboard.analyze_kda import analyze_channel_delta
+from onboardlm.onboard.analyze_mamba2_scales import (
+    Mamba2Scales,
+    input_scale,
+    norm_switch,
+    order_switch,
+    segment_scales,
+)
 from onboardlm.onboard.analyze_mixers import (
     analyze_mixer,
     is_channel_decay_delta,
@@ -627,6 +635,13 @@ def _gated_norm(module: nn.Module, width: int) -> tuple[str, nn.Module]:
     return found[0]
 
 
+def _gated_norm_or_none(module: nn.Module, width: int) -> tuple[str, nn.Module] | None:
+    try:
+        return _gated_norm(module, width)
+    except UnsupportedFeature:
+        return None
+
+
 def _group_size(norm: nn.Module, width: int) -> int:
     """The gated norm's group width, measured: the largest divisor of ``width`` it normalises over."""
     generator = torch.Generator().manual_seed(3)
@@ -665,20 +680,12 @@ def mamba2_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba
     heads = mixer.A_log.numel()
     inner = linears[out_name].in_features
     conv_dim = conv.out_channels
-    scales = sorted(
-        n for n, b in mixer.named_buffers(recurse=False) if b.is_floating_point() and b.numel() > 1
-    )
-    if scales:  # a fixed vector scaling a projection's output (Falcon-H1's µP ``mup_vector`` on in_proj)
-        raise UnsupportedFeature(
-            path,
-            f"Mamba2 mixer with buffers {scales} that scale its projections (µP multipliers per channel);"
-            " no Mamba2 template covers them yet",
-            _HINT,
-        )
-    try:
-        norm_name, norm = _gated_norm(mixer, inner)
-    except UnsupportedFeature as err:
-        raise UnsupportedFeature(path, err.feature, _HINT) from err
+    has_norm = lambda m: _gated_norm_or_none(m, inner) is not None  # noqa: E731
+    switched = norm_switch(an, mixer, index, has_norm)
+    if switched is None:
+        raise UnsupportedFeature(path, "no gated RMSNorm (a norm over the inner width taking a gate)", _HINT)
+    norm_mixer, norm_flag = switched
+    norm_name, norm = _gated_norm_or_none(norm_mixer, inner)  # type: ignore[misc]
     group = _group_size(norm, inner)
     groups = inner // group
     state = (conv_dim - inner) // (2 * groups)
@@ -701,6 +708,10 @@ def mamba2_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba
             f"in_proj width {linears[in_name].out_features} is not gate + x|B|C + dt ({inner} + {conv_dim} + {heads})",
             _HINT,
         )
+    in_value, in_expr = input_scale(an, mixer, index, in_name, path)
+    sizes = [inner, inner, groups * state, groups * state, heads]
+    segments, segment_exprs = segment_scales(an, mixer, path, linears[in_name].out_features, sizes)
+    scales = Mamba2Scales(in_value, segments)
     acts = [
         n
         for n, c in mixer.named_children()
@@ -758,7 +769,16 @@ def mamba2_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba
         )
         limit_expr = f"[float(value) for value in {raw}]"
     eps = _norm_eps(norm)
-    eps_expr = field(eps, _norm_eps_of(norm_name), "gated norm epsilon", lambda v: v * 10)
+    eps_expr = _field(
+        _keeping_norm(an, norm_flag),
+        norm_mixer,
+        index,
+        eps,
+        _norm_eps_of(norm_name),
+        lambda v: v * 10,
+        "gated norm epsilon",
+        path,
+    )
     spec = Mamba2MixerSpec(
         class_name=type(mixer).__name__,
         norm_class=type(norm).__name__,
@@ -779,11 +799,21 @@ def mamba2_spec(an: _Analyzer, path: str, index: int, mixer: nn.Module) -> Mamba
         chunk_size=chunk_expr,
         time_step_limit=limit_expr,
         eps=eps_expr,
+        norm_flag=norm_flag,
+        in_scale=in_expr,
+        segment_scales=segment_exprs,
     )
-    for before in (False, True):
-        candidate = dataclasses.replace(spec, norm_before_gate=before)
-        if _check_mamba2(mixer, candidate, groups, state, group, hidden):
-            return candidate
+
+    def order_of(module: nn.Module) -> bool | None:
+        checks = (b for b in (False, True) if _check_mamba2(module, spec, groups, state, hidden, scales, b))
+        return next(checks, None)
+
+    before = order_of(norm_mixer)
+    if before is not None and (
+        norm_mixer is mixer or _check_mamba2(mixer, spec, groups, state, hidden, scales)
+    ):
+        order = order_switch(an, norm_mixer, index, norm_flag, before, order_of)
+        return dataclasses.replace(spec, norm_before_gate=order or before)
     raise UnsupportedFeature(
         path,
         f"{type(mixer).__name__}'s output differs from the Mamba2 template (in_proj -> causal conv -> SSD"
@@ -806,6 +836,15 @@ def ignored_time_step_limit(mixer: nn.Module, named: Any) -> str | None:
         f"transformers {transformers.__version__}'s {type(mixer).__name__} clamps the time step to"
         f" {tuple(limit)}, not to config.time_step_limit {tuple(named)}, which it ignores"
     )
+
+
+def _keeping_norm(an: _Analyzer, norm_flag: str | None) -> Any:
+    """``an``, or a view of it whose tiny config keeps the gated norm that ``norm_flag`` switches."""
+    if norm_flag is None:
+        return an
+    config = copy.deepcopy(an.tiny)
+    setattr(config, norm_flag.removeprefix("not ").removeprefix("config."), not norm_flag.startswith("not "))
+    return SimpleNamespace(tiny=config, fields={**an.fields, **config.to_dict()}, hidden=an.hidden)
 
 
 def _act_classes() -> list[type]:
@@ -832,6 +871,8 @@ def _inner_expression(
             candidates.insert(0, (f"config.{name}", name))
         elif heads_expr and _is_count(value) and value * int(eval(heads_expr, {"config": an.tiny})) == inner:  # noqa: S307
             candidates.append((f"{heads_expr} * config.{name}", name))
+        elif heads_expr and _is_count(value) and value == inner:  # a field of its own (mamba_d_ssm)
+            candidates.append((f"config.{name}", name))
     for expression, name in candidates:
         config = copy.deepcopy(an.tiny)
         try:
@@ -841,8 +882,43 @@ def _inner_expression(
         except Exception:  # noqa: BLE001
             continue
         if getattr(rebuilt, out_name).in_features == eval(expression, {"config": config}):  # noqa: S307
-            return expression
+            return _with_fallback(an, mixer, index, expression, name, candidates, out_name)
     raise UnsupportedFeature(f"{path}.{out_name}", f"inner width {inner} from no config expression", _HINT)
+
+
+def _with_fallback(
+    an: _Analyzer,
+    mixer: nn.Module,
+    index: int,
+    expression: str,
+    name: str,
+    candidates: list[tuple[str, str]],
+    out_name: str,
+) -> str:
+    """``expression`` for a field of its own that the module replaces by another candidate when the
+    field is None (Falcon-H1: ``mamba_d_ssm`` or ``int(mamba_expand * hidden_size)``), else as is."""
+    if expression != f"config.{name}":
+        return expression
+    config = copy.deepcopy(an.tiny)
+    try:
+        setattr(config, name, None)
+        with torch.device("meta"):
+            width = getattr(_rebuild(mixer, config, index), out_name).in_features
+    except Exception:  # noqa: BLE001 - a field that cannot be None has no fallback
+        return expression
+    for other, other_name in candidates:
+        if other_name == name or other == expression or eval(other, {"config": config}) != width:  # noqa: S307
+            continue
+        changed = copy.deepcopy(config)  # confirmed with the other candidate's field changed too
+        try:
+            setattr(changed, other_name, 2 * getattr(changed, other_name))
+            with torch.device("meta"):
+                width = getattr(_rebuild(mixer, changed, index), out_name).in_features
+        except Exception:  # noqa: BLE001
+            continue
+        if eval(other, {"config": changed}) == width:  # noqa: S307
+            return f"({other} if config.{name} is None else config.{name})"
+    return expression
 
 
 def _is_count(value: Any) -> bool:
@@ -850,16 +926,29 @@ def _is_count(value: Any) -> bool:
 
 
 def mamba2_reference(
-    mixer: nn.Module, spec: Mamba2MixerSpec, groups: int, state: int, x: torch.Tensor
+    mixer: nn.Module,
+    spec: Mamba2MixerSpec,
+    groups: int,
+    state: int,
+    x: torch.Tensor,
+    scales: Mamba2Scales | None = None,
+    before: bool | None = None,
 ) -> torch.Tensor:
-    """What the Mamba2 template computes, on the HF mixer's own weights (canonical ops)."""
+    """What the Mamba2 template computes, on the HF mixer's own weights (canonical ops), with the
+    measured multipliers ``scales`` and the norm order ``before`` (the spec's where a bool)."""
     ops = torch.ops.auto_deploy
+    scales = scales or Mamba2Scales()
     in_proj, out_proj = getattr(mixer, spec.in_proj), getattr(mixer, spec.out_proj)
-    conv, norm = getattr(mixer, spec.conv), getattr(mixer, spec.norm)
+    conv = getattr(mixer, spec.conv)
+    norm = _gated_norm_or_none(mixer, out_proj.in_features)
     heads = mixer.A_log.numel()
     inner = out_proj.in_features
     batch, seq_len, _ = x.shape
-    projected = F.linear(x, in_proj.weight, in_proj.bias)
+    projected = F.linear(x * scales.in_scale, in_proj.weight, in_proj.bias)
+    if scales.segments:
+        sizes = [inner, inner, groups * state, groups * state, heads]
+        vector = torch.cat([torch.full((n,), v) for n, v in zip(sizes, scales.segments, strict=True)])
+        projected = projected * vector
     gate, xbc, dt = projected.split([inner, inner + 2 * groups * state, heads], dim=-1)
     xbc = getattr(mixer, spec.act_attr)(
         ops.torch_causal_conv1d(
@@ -879,19 +968,29 @@ def mamba2_reference(
         limit,
         int(getattr(mixer, "chunk_size", 256)),
     )
-    y = ops.torch_rmsnorm_gated(
-        y.reshape(batch, seq_len, inner),
-        norm.weight,
-        gate,
-        _norm_eps(norm),
-        inner // groups,
-        spec.norm_before_gate,
-    )
+    y = y.reshape(batch, seq_len, inner)
+    if norm is None:  # the config switch drops the norm: the gate alone
+        y = y * F.silu(gate)
+    else:
+        y = ops.torch_rmsnorm_gated(
+            y,
+            norm[1].weight,
+            gate,
+            _norm_eps(norm[1]),
+            inner // groups,
+            spec.norm_before_gate if before is None else before,
+        )
     return F.linear(y.to(x.dtype), out_proj.weight, out_proj.bias)
 
 
 def _check_mamba2(
-    mixer: nn.Module, spec: Mamba2MixerSpec, groups: int, state: int, group: int, hidden: int
+    mixer: nn.Module,
+    spec: Mamba2MixerSpec,
+    groups: int,
+    state: int,
+    hidden: int,
+    scales: Mamba2Scales | None = None,
+    before: bool | None = None,
 ) -> bool:
     generator = torch.Generator().manual_seed(4)
     probe = copy.deepcopy(mixer).float().eval()
@@ -907,7 +1006,7 @@ def _check_mamba2(
                 )
         x = torch.randn(2, 13, hidden, generator=generator)
         expected = _first(probe(x))
-        actual = mamba2_reference(probe, spec, groups, state, x)
+        actual = mamba2_reference(probe, spec, groups, state, x, scales, before)
     return _close(actual, expected)
 
 
@@ -1320,7 +1419,7 @@ def analyze_hybrid(
                     [
                         other
                         for other, s in zip(layers, all_steps, strict=True)
-                        if any(t.kind == "attention" for t in s)
+                        if any(b.kind == "attention" for t in s for b in t.branches)
                     ]
                 )
                 attention, rope = _attention_of_subset(an, layer_path, attention_layers, all_steps, rope)
@@ -1332,7 +1431,7 @@ def analyze_hybrid(
                 attention = _model_chosen_nope(an, layers_path, len(layers), attention, rope, at)
                 blocks["attention"] = attention
             elif step.kind == "mlp":
-                others = [s.attr for s in steps if s.kind != "mlp"]
+                others = [b.attr for s in steps for b in s.branches if b.kind != "mlp"]
                 if any(b.kind == "mlp" for s in steps for b in s.parallel) or len(others) > 1:
                     feed_forward = an._mlp(layer_path, _only_block(layer, step.attr), "")
                 else:

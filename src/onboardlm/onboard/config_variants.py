@@ -56,7 +56,8 @@ def _refused_settings(tree: ast.Module) -> set[tuple[str, bool]]:
 
 
 def _optional_fields(tree: ast.Module) -> set[str]:
-    """Fields copied as ``self.x = config.x`` and tested with ``self.x is None``."""
+    """Fields copied as ``self.x = config.x`` and tested with ``self.x is None``, or tested as
+    ``config.x is None`` (Falcon-H1's ``mamba_d_ssm``, whose None means a width derived otherwise)."""
     copied = {
         node.targets[0].attr
         for node in ast.walk(tree)
@@ -77,7 +78,18 @@ def _optional_fields(tree: ast.Module) -> set[str]:
         and isinstance(node.comparators[0], ast.Constant)
         and node.comparators[0].value is None
     }
-    return copied & tested
+    direct = {
+        node.left.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare)
+        and isinstance(node.left, ast.Attribute)
+        and isinstance(node.left.value, ast.Name)
+        and node.left.value.id == "config"
+        and isinstance(node.ops[0], (ast.Is, ast.IsNot))
+        and isinstance(node.comparators[0], ast.Constant)
+        and node.comparators[0].value is None
+    }
+    return (copied & tested) | direct
 
 
 def _has_rope_branch(tree: ast.Module) -> bool:
@@ -183,10 +195,18 @@ def _multiplier_variants(tiny: PretrainedConfig, reads: list[str]) -> list[Varia
         and isinstance(getattr(tiny, name, None), float)
         and getattr(tiny, name) == 1.0
     ]
-    if not names:
-        return []
-    overrides = dict(zip(names, TELLING_MULTIPLIERS, strict=False))
-    return [Variant("multipliers", overrides)]
+    lists = [
+        name
+        for name in reads
+        if "multipliers" in name
+        and isinstance(getattr(tiny, name, None), (list, tuple))
+        and all(isinstance(v, float) and v == 1.0 for v in getattr(tiny, name))
+    ]
+    found = [Variant("multipliers", dict(zip(names, TELLING_MULTIPLIERS, strict=False)))] if names else []
+    for name in lists:  # one distinct value per entry (Falcon-H1's ssm_multipliers on in_proj's segments)
+        size = len(getattr(tiny, name))
+        found.append(Variant(f"{name}=distinct", {name: list(TELLING_MULTIPLIERS[:size])}))
+    return found
 
 
 #: Period of the q scale by position in its variant: the test's positions cross several periods.

@@ -477,6 +477,11 @@ def emit_mlp(mlp: MLPSpec, spec: ArchitectureSpec) -> str:
     if mlp.inner_norm is not None:
         width = "self.intermediate_size" if mlp.kind == "fused_gated" else mlp.intermediate
         init.append(f"self.{mlp.inner_norm_name} = {norm_constructor(mlp.inner_norm, width)}")
+    init += [
+        f"self.{name} = {expr}"
+        for name, expr in (("gate_scale", mlp.gate_scale), ("down_scale", mlp.down_scale))
+        if expr
+    ]
     linears = [*mlp.inputs, mlp.down]
     init += _conv1d_hook_lines(linears)
     template = "mlp_plain.py.j2" if mlp.kind == "plain" else "mlp_gated.py.j2"

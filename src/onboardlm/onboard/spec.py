@@ -217,6 +217,10 @@ class MLPSpec:
     #: transformers builds the block as ``nn.Sequential(up, act, down)`` (CTRL): the lean class
     #: subclasses it so the checkpoint keys stay ``<attr>.0`` / ``<attr>.2``
     sequential: bool = False
+    #: config expressions of constants scaling the gate before its activation and the block's output
+    #: (Falcon-H1's ``mlp_multipliers``), else None
+    gate_scale: str | None = None
+    down_scale: str | None = None
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,11 @@ class Mamba2MixerSpec:
     chunk_size: str
     time_step_limit: str  # expression of the (min, max) pair
     eps: str
-    norm_before_gate: bool = False
+    norm_before_gate: bool | str = False  # or the config expression that picks it
+    #: config expression keeping the gated norm (None: always); without it ``silu(gate) * y``
+    norm_flag: str | None = None
+    in_scale: str | None = None  # config expression of a multiplier on the mixer input
+    segment_scales: tuple[str, ...] = ()  # multipliers of in_proj's gate | x | B | C | dt (µP)
     kind: MixerKind = "mamba2"
 
     @property

@@ -699,6 +699,44 @@ def make_test_config(config: PretrainedConfig) -> PretrainedConfig:
     return tiny
 
 
+def _classes_built(config: PretrainedConfig) -> set[type] | None:
+    """The module classes of transformers' causal LM on ``config`` (built on the meta device)."""
+    try:
+        with torch.device("meta"):
+            model = _hf_causal_lm(config)(type(config)(**config_fields(config), attn_implementation="eager"))
+    except Exception:  # any failure: transformers does not take this config
+        return None
+    return {type(module) for module in model.modules()}
+
+
+def reach_flagged_blocks(tiny: PretrainedConfig, lean_source: str) -> PretrainedConfig:
+    """``tiny`` with the bool field flipped that makes transformers build a lean norm class its model
+    lacks (Falcon-H1's gated norm, built only with ``mamba_rms_norm``), so that the block tests reach
+    it; the flag's other value stays covered by its config variant. ``tiny`` when none is missing."""
+    hf_module = importlib.import_module(_hf_causal_lm(tiny).__module__)
+    built = _classes_built(tiny) or set()
+    blocks = {
+        cls for name in lean_blocks(lean_source) if isinstance(cls := getattr(hf_module, name, None), type)
+    }
+    norms = {
+        cls
+        for name, role in lean_blocks(lean_source).items()
+        if role == "norm" and isinstance(cls := getattr(hf_module, name, None), type)
+    }
+    missing = norms - built  # MLP classes the layers do not reach get standalone tests instead
+    if not missing:
+        return tiny
+    for name, value in tiny.to_dict().items():
+        if not isinstance(value, bool) or name == "tie_word_embeddings":
+            continue
+        flipped = copy.deepcopy(tiny)
+        setattr(flipped, name, not value)
+        classes = _classes_built(flipped)
+        if classes is not None and missing & classes and blocks & built <= classes and _runs(flipped):
+            return flipped
+    return tiny
+
+
 def _runs(config: PretrainedConfig) -> bool:
     """transformers builds and runs its causal LM on ``config`` (written out as literals)."""
     try:
@@ -744,6 +782,8 @@ def generate_test_file(
     whose test config cannot be written as literals.
     """
     tiny = make_test_config(config)
+    if lean_source is not None:
+        tiny = reach_flagged_blocks(tiny, lean_source)
     hf_cls = _hf_causal_lm(tiny)
     fields = config_fields(tiny)
     with torch.random.fork_rng(devices=[]):

@@ -8,6 +8,8 @@ of the GraphModule in place:
   fewer KV heads than ranks) is replicated in ``tp_min_local_shape`` units, rank ``r`` taking unit
   ``r // (world_size / units)``, which is the KV head its query heads use. ``rowwise`` keeps the
   rank's columns; a bias stays on rank 0 only, so the all-reduce adds it once.
+- a colwise output times a constant vector of its full width (a µP scale per output row, Falcon-H1's
+  in_proj): the vector is cut like the rows.
 - ``view``: ``shape[tp_scaled_dim]`` becomes the rank-local size (the producer linear's local/full
   width ratio when the view reads a sharded linear, else ``shape / world_size``).
 - ``split_with_sizes`` with ``enable_sharding``: split sizes become rank-local in the same way; a split
@@ -320,6 +322,29 @@ def _plan_split(node: Node, plan: ShardingPlan) -> None:
             plan.local_width[user] = (sizes[user.args[1]], local[user.args[1]])
     plan.new_args.append((node, "split_sizes", local))
     plan.report.changed["split_with_sizes"] += 1
+
+
+_MULS = (torch.ops.aten.mul.Tensor, operator.mul)
+
+
+def _plan_row_scale(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    """A colwise output times a constant vector of its full width (Falcon-H1's µP scale of each
+    in_proj row): the vector is cut like the rows, and the product keeps them."""
+    if len(node.args) != 2 or not all(isinstance(a, Node) for a in node.args):
+        return
+    for source, vector in (node.args, node.args[::-1]):
+        rows = _rows_of(source, plan)
+        if rows is None or vector.op != "get_attr":
+            continue
+        shape = _shape(gm, vector)
+        full = plan.local_width.get(source, (None, None))[0]
+        if len(shape) == 0 or shape[-1] != full or any(size != 1 for size in shape[:-1]):
+            continue
+        plan.shard(vector, ParamShard(len(shape) - 1, rows.ranges))
+        plan.rows[node] = rows
+        plan.local_width[node] = plan.local_width[source]
+        plan.report.changed["row_scale"] += 1
+        return
 
 
 def _plan_attention(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
@@ -686,6 +711,8 @@ def plan_sharding(
             _plan_channel_delta(gm, node, plan)
         elif node.target == _GATED_NORM:
             _plan_gated_norm(gm, node, plan)
+        elif node.target in _MULS:
+            _plan_row_scale(gm, node, plan)
         elif node.target == _ALL_REDUCE:
             plan.all_reduces.append(node)
             plan.report.changed["all_reduce"] += 1

@@ -28,6 +28,7 @@ MODEL_MODULES = [
     "modeling_doge",
     "modeling_ernie4_5_moe",
     "modeling_falcon",
+    "modeling_falcon_h1",
     "modeling_falcon_mamba",
     "modeling_gemma",
     "modeling_gemma2",
