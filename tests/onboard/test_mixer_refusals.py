@@ -38,3 +38,17 @@ def test_the_attention_layers_beside_them_stay_attention(model_type: str) -> Non
     assert "attention" in kinds and ({"lightning", "rg_lru"} & set(kinds))
     llama = AutoModelForCausalLM.from_config(tiny_config(CONFIG_MAPPING["llama"]()))
     assert block_kind(llama.model.layers[0].self_attn) == "attention"
+
+
+WITHOUT_ATTENTION = {
+    "rwkv": r"rwkv\.blocks\.0: .*no attention block .* among .*attention \(RwkvSelfAttention\)",
+    "xlstm": r"backbone\.blocks\.0: .*no attention block .* among .*mlstm_layer \(xLSTMLayer\)",
+    "longcat_flash": r"model\.layers\.0: .*no attention block .*self_attn \(ModuleList of 2 LongcatFlashMLA\)",
+}
+
+
+@pytest.mark.parametrize("model_type", reference_params(list(WITHOUT_ATTENTION)))
+def test_a_layer_without_an_attention_block_names_its_parts(model_type: str) -> None:
+    """No child takes the attention inputs: the refusal lists what the layer holds instead."""
+    with pytest.raises(UnsupportedFeature, match=WITHOUT_ATTENTION[model_type]):
+        analyze(CONFIG_MAPPING[model_type]())

@@ -326,6 +326,14 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, rtol=_TOL, atol=_TOL)
 
 
+def _describe_child(name: str, child: nn.Module) -> str:
+    """``name (Class)``, or ``name (ModuleList of n Class)`` for a list of one class of module."""
+    if isinstance(child, nn.ModuleList) and len(child):
+        kinds = sorted({type(item).__name__ for item in child})
+        return f"{name} (ModuleList of {len(child)} {'/'.join(kinds)})"
+    return f"{name} ({type(child).__name__})"
+
+
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -1867,9 +1875,14 @@ class _Analyzer:
             ]
             if attrs:
                 break
-        if len(attrs) != 1:
+        if len(attrs) > 1:
+            raise UnsupportedFeature(layer_path, f"expected one attention block, found {attrs}", _HINT)
+        if not attrs:
             raise UnsupportedFeature(
-                layer_path, f"expected one attention block, found {attrs or 'none'}", _HINT
+                layer_path,
+                "no attention block (a child taking position_embeddings or an attention_mask) among "
+                + ", ".join(_describe_child(name, child) for name, child in layer.named_children()),
+                _HINT,
             )
         return attrs[0]
 
