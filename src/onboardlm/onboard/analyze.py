@@ -45,7 +45,13 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_attn_conv import attention_conv_refusal
-from onboardlm.onboard.analyze_classic import alibi_slopes, projections, separate_qkv_roles, split_fused_qkv
+from onboardlm.onboard.analyze_classic import (
+    Projection,
+    alibi_slopes,
+    projections,
+    separate_qkv_roles,
+    split_fused_qkv,
+)
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_kv_sharing import kv_source_expression, measure_kv_sources
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe, predict_layers
@@ -96,6 +102,8 @@ _ROPE_KEYS = {
     "high_freq_factor", "mscale", "mscale_all_dim", "truncate",
 }  # fmt: skip
 _LOGIT_SCALES = ("logits_scaling", "logit_scale")
+#: Fields of a final logit soft-cap ``cap * tanh(logits / cap)``: Gemma 2's, RecurrentGemma's.
+_LOGIT_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
 #: Scalar multipliers whose default 1.0 would hide them from the probes: set to telling values.
 _TELLING_MULTIPLIERS = {
     "embedding_multiplier": 1.9,
@@ -373,7 +381,8 @@ class _Analyzer:
         self._rotary_module: nn.Module | None = None
         self._base_field: str | None = None
         if needs_hybrid(layers):  # SSM or other non-attention token mixers, layers of several kinds
-            rope = self._rope(self.stack, path, parts.get("rotary")) if "rotary" in parts else None
+            rotary = parts.get("rotary") or _attention_rotary(layers)
+            rope = self._rope(self.stack, path, rotary) if rotary is not None else None
             return analyze_hybrid(
                 self,
                 path=path,
@@ -1293,7 +1302,11 @@ class _Analyzer:
         if inner_attr is not None:  # GPT-Neo: the layer's attention only wraps the attention module
             wrapper, attn, path = attn, getattr(attn, inner_attr), f"{path}.{inner_attr}"
             linears = projections(attn)
-        norms = {n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
+        norms = {
+            n: c
+            for n, c in attn.named_children()
+            if n not in linears and not isinstance(c, nn.Dropout) and not _holds_inv_freq(c)
+        }  # a rotary module of its own (RecurrentGemma's) is measured as the model's
         key_bias = _key_bias_parts(attn, linears, head_dim)
         if key_bias is not None:  # its projection reads the values, not the hidden states
             linears = {n: c for n, c in linears.items() if n != key_bias[0]}
@@ -2008,6 +2021,8 @@ class _Analyzer:
         attn = getattr(layer, spec.attr)
         if "position_ids" not in inspect.signature(attn.forward).parameters:
             return spec
+        if any(_holds_inv_freq(child) for child in attn.children()):
+            return spec  # it reads them for its own RoPE tables (RecurrentGemma): the fit matched those
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
         rotary = self._rotary_module
         near = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, rotary, rope, rope.style, kwargs)
@@ -2760,6 +2775,8 @@ class _Analyzer:
         linears = projections(mlp)
         others = {n: c for n, c in mlp.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
         downs = [n for n, c in linears.items() if c.out_features == self.hidden]
+        if len(downs) > 1:  # a square in-projection too (inner width = hidden): the down map reads no input
+            downs = [n for n in downs if n not in _reading_input(mlp, linears, self.hidden)]
         ins = [n for n in linears if n not in downs]
         if len(downs) != 1 or not 1 <= len(ins) <= 2:
             raise UnsupportedFeature(path, f"feed-forward projections {sorted(linears)}", _HINT)
@@ -3716,7 +3733,8 @@ class _Analyzer:
         ]
         for name in _LOGIT_SCALES:  # MuP-style scales: Granite divides, Cohere and HyperCLOVA X multiply
             candidates += [("divide", name, lambda v: base / v), ("multiply", name, lambda v: base * v)]
-        candidates.append(("softcap", "final_logit_softcapping", lambda v: torch.tanh(base / v) * v))
+        for name in _LOGIT_SOFTCAPS:
+            candidates.append(("softcap", name, lambda v: torch.tanh(base / v) * v))
         for op, name, apply in candidates:
             # a field, or a property the config class derives (MiniCPM3's hidden_size / dim_model_base)
             value = 1.0 if name is None else self.fields.get(name, getattr(self.tiny, name, None))
@@ -3891,6 +3909,18 @@ def _hidden_streams(modules: nn.ModuleList, hidden: int) -> bool:
 
 def _holds_inv_freq(module: nn.Module) -> bool:
     return any("inv_freq" in buffer for buffer, _ in module.named_buffers())
+
+
+def _attention_rotary(layers: nn.ModuleList) -> tuple[str, nn.Module] | None:
+    """(name, module) of the rotary module an attention block holds itself (RecurrentGemma computes
+    its tables inside the attention from the position ids), for a model without one of its own; the
+    lean file builds it once at the model level (its ``inv_freq`` is no checkpoint key)."""
+    for layer in layers:
+        for block in layer.children():
+            for name, child in block.named_children():
+                if _holds_inv_freq(child) and not list(child.parameters()):
+                    return name, child
+    return None
 
 
 def _sinusoidal_positions(module: nn.Module, hidden: int) -> bool:
@@ -4383,3 +4413,25 @@ class _AttentionProbe:
 def _snake(name: str) -> str:
     """``Lfm2MLP`` -> ``lfm2_mlp``."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def _reading_input(block: nn.Module, linears: dict[str, Projection], hidden: int) -> set[str]:
+    """Names of the ``linears`` of ``block`` that one forward feeds the block's own input."""
+    x = torch.randn(1, 3, hidden, generator=torch.Generator().manual_seed(3))
+    read: set[str] = set()
+
+    def hook(name: str) -> Any:
+        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor) and torch.equal(args[0], x):
+                read.add(name)
+
+        return record
+
+    handles = [proj.module.register_forward_pre_hook(hook(name)) for name, proj in linears.items()]
+    try:
+        with torch.no_grad():
+            block(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return read

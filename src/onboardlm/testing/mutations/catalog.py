@@ -715,7 +715,7 @@ KINDS: tuple[Kind, ...] = (
     Kind(
         "final_logit_softcap",
         "final logit soft-cap 5 % off",
-        _scale_assignments(("final_logit_softcapping",), 1.05),
+        _scale_assignments(("final_logit_softcapping", "logits_soft_cap"), 1.05),
     ),
     Kind("gqa_mapping", "GQA head mapping h % n_kv instead of h // group", _gqa_mapping, _grouped_query),
     Kind("sliding_window_off_by_one", "sliding window one token longer", _sliding_window),
