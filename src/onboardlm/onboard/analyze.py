@@ -2870,6 +2870,9 @@ class _Analyzer:
         ]
         if sizes:
             return f"config.{sizes[0]}"
+        divided = self._divided_intermediate(layer, down_path, width)
+        if divided is not None:
+            return divided
         if width % self.hidden:
             owner, _, linear = down_path.rpartition(".")
             module = layer.get_submodule(owner) if owner else layer
@@ -2893,6 +2896,25 @@ class _Analyzer:
             if 3 * self.hidden in tuple(rebuilt.weight.shape):
                 return f"config.{name} or {default}"
         return default
+
+    def _divided_intermediate(self, layer: nn.Module, down_path: str, width: int) -> str | None:
+        """``config.<field> // k`` where an intermediate-size field is ``k`` times the width and the layer
+        rebuilt with that field doubled doubles its width (RecurrentGemma's MLP halves its field)."""
+        for name, value in self.fields.items():
+            if "intermediate" not in name or not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if value <= width or value % width:
+                continue
+            flipped = copy.deepcopy(self.tiny)
+            try:
+                setattr(flipped, name, 2 * value)
+                rebuilt = self._rebuilt_layer(layer, flipped).get_submodule(down_path)
+            except Exception:  # noqa: BLE001 - a field the layer does not take as a width tells nothing
+                continue
+            if 2 * width in tuple(rebuilt.weight.shape):
+                self.notes.append(f"feed-forward width config.{name} // {value // width}")
+                return f"config.{name} // {value // width}"
+        return None
 
     def _inline_mlp(self, layer_path: str, layer: nn.Module) -> MLPSpec:
         """A plain MLP whose linears and activation sit on the decoder layer itself (OPT, BioGPT):
@@ -3494,6 +3516,8 @@ class _Analyzer:
                     expected = norm[1](expected)
             if not _close(captured[0], expected):
                 continue
+            if expression == "config.hidden_size**0.5" and self._bf16_rounded_scale(inner):
+                expression = f"float(torch.tensor({expression}, dtype=torch.bfloat16))"
             if expression and scaled_class:
                 expression = self._embedding_scale_flags(attr, expression, value)
             if expression:
@@ -3511,6 +3535,36 @@ class _Analyzer:
             )
             return self._projected(prefix, spec, embed, project_in, project_out)
         raise UnsupportedFeature(f"{prefix}.{attr}", "embedding scale from no known config field", _HINT)
+
+    def _bf16_rounded_scale(self, inner: nn.Module) -> bool:
+        """Whether the ``sqrt(hidden_size)`` embedding scale is rounded to bf16 in every dtype
+        (RecurrentGemma keeps it as a bf16 buffer): invisible at the tiny width (sqrt(64) = 8), measured
+        on the model rebuilt 96 wide, where sqrt(96) = 9.798 rounds to 9.8125."""
+        config = copy.deepcopy(self.tiny)
+        try:
+            config.hidden_size = 96
+            rebuilt = type(inner)(config).eval()
+            first = next(m for m in rebuilt.modules() if isinstance(m, nn.ModuleList))[0]
+        except Exception:  # noqa: BLE001 - a config that cannot be rebuilt wider tells nothing
+            return False
+        captured: list[torch.Tensor] = []
+        hook = first.register_forward_pre_hook(
+            lambda _m, args, kwargs: captured.append(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True,
+        )
+        input_ids = torch.arange(1, 6)[None]
+        try:
+            with torch.no_grad():
+                rebuilt(input_ids=input_ids, position_ids=torch.arange(5)[None])
+        except Exception:  # noqa: BLE001
+            return False
+        finally:
+            hook.remove()
+        raw = rebuilt.get_input_embeddings().weight[input_ids]
+        rounded = float(torch.tensor(96**0.5, dtype=torch.bfloat16))
+        return (
+            bool(captured) and _close(captured[0], raw * rounded) and not _close(captured[0], raw * 96**0.5)
+        )
 
     def _embedding_scale_flags(self, attr: str, expression: str, value: float) -> str:
         """``expression``, or ``(expression if config.F else 1.0)`` where flipping the bool field F
