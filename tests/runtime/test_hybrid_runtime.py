@@ -163,6 +163,8 @@ SHIPPED = [
     ("granitemoehybrid", {"residual_multiplier": 1.3}, False),
     # sandwich norms around short convolution / full and sliding-window attention with a head gate
     ("lfm3", {}, True),
+    # Griffin's RG-LRU recurrent blocks beside sliding-window MQA with partial RoPE (window 8 < the sequences)
+    ("recurrent_gemma", {}, True),
 ]
 
 
