@@ -21,6 +21,7 @@ OPS_MD_OPS = {
     "torch_lightning_indexer", "torch_sparse_mla",  # DeepSeek sparse attention (issue 13; OPS.md style)
     "torch_causal_conv1d", "torch_ssm", "torch_gated_delta_rule",
     "torch_channel_gated_delta_rule",  # Kimi Delta Attention's per-channel decay (issue 15; OPS.md style)
+    "torch_rg_lru",  # Griffin's RG-LRU (Recurrent Gemma; issue 15, OPS.md style)
     "torch_fake_quant_fp8_linear", "torch_quant_fp8_linear",  # FP8 (issue 16; AutoDeploy's names)
 }  # fmt: skip
 

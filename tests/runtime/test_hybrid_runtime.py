@@ -179,6 +179,8 @@ SHIPPED = [
         },
         True,
     ),
+    # Griffin's RG-LRU recurrent blocks beside sliding-window MQA with partial RoPE (window 8 < the sequences)
+    ("recurrent_gemma", {}, True),
 ]
 
 

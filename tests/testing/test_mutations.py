@@ -106,6 +106,12 @@ EDITS = {
     "ssm_decay_off": ("mamba2", "-torch.exp(self.A_log.float()),", "-torch.exp(self.A_log.float()) * 1.05"),
     "ssm_gate_order": ("mamba2", "norm_before_gate=False", "norm_before_gate=True"),
     "channel_decay_off": ("kimi_linear", "q, k, v, decay, torch.sigmoid(beta)", "q, k, v, decay * 1.05,"),
+    "rg_lru_gate_scale_off": ("recurrent_gemma", "self.recurrent_param,\n            8.0,", "8.0 * 1.05"),
+    "rg_lru_gates_swapped": (
+        "recurrent_gemma",
+        "x,\n            self.input_gate_weight,\n            self.input_gate_bias,",
+        "x, self.recurrent_gate_weight, self.recurrent_gate_bias, self.input_gate_weight, self.input_gate_bias",
+    ),
     "channel_write_strength_off": (
         "kimi_linear",
         "q, k, v, decay, torch.sigmoid(beta)",

@@ -341,6 +341,14 @@ CASES = {
         {"linear": 13, "view": 18, "split_with_sizes": 1, "conv": 1, "delta": 1, "moe": 2, "all_reduce": 6},
         generate=True,
     ),
+    # Griffin's recurrent block: linear_x / linear_y colwise, the depthwise conv per channel, the RG-LRU's
+    # block-diagonal gates per head and its recurrence parameter per channel; sliding-window attention
+    "recurrent_gemma": Case(
+        f"{_custom('recurrent_gemma')}:RecurrentGemmaForCausalLM",
+        lambda: _hybrid("recurrent_gemma"),
+        {"linear": 13, "conv": 1, "ssm": 1, "view": 4, "all_reduce": 4},
+        generate=True,
+    ),
     "gemma4_unified_text_kv_sharing": Case(
         f"{_custom('gemma4_unified_text')}:Gemma4UnifiedForCausalLM", _kv_sharing, None, generate=True
     ),

@@ -1,4 +1,4 @@
-"""Cached state ops (conv, Mamba2 SSM, gated delta rule per head and per channel) against their canonical ops on whole sequences.
+"""Cached state ops (conv, Mamba2 SSM, gated delta rule per head and per channel, RG-LRU) against their canonical ops on whole sequences.
 
 Float64 inputs (the ops compute in fp32, as the canonical ops do): a prefill of the prompt writes the
 state, then one-token steps continue from it; the outputs must equal the canonical op run over the
@@ -80,6 +80,19 @@ def _channel_make(batch: int, seq: int) -> list[torch.Tensor]:
     ]
 
 
+def _rg_lru_make(batch: int, seq: int) -> list[torch.Tensor]:
+    heads, block = 2, 3
+    f64 = dict(dtype=torch.float64)
+    return [
+        torch.randn(batch, seq, heads * block, **f64),
+        torch.randn(heads, block, block, **f64),
+        torch.randn(heads, block, **f64),
+        torch.randn(heads, block, block, **f64),
+        torch.randn(heads, block, **f64),
+        torch.empty(heads * block, **f64).uniform_(-4, 3),
+    ]
+
+
 CONV_ARGS = dict(stride=1, padding=6, dilation=2, groups=6)  # dilated depthwise: a state of 6 inputs
 SSM_LIMIT, SSM_CHUNK = [0.0, math.inf], 4
 
@@ -103,6 +116,11 @@ KINDS = {
         _channel_make, (0, 1, 2, 3, 4), lambda t: (t[2].shape[2], t[0].shape[3], t[2].shape[3]), torch.float32,
         lambda t: OPS.torch_channel_gated_delta_rule(*t),
         lambda t, *c: OPS.onboardlm_cached_channel_gated_delta_rule(*t, *c),
+    ),
+    "rg_lru": Kind(
+        _rg_lru_make, (0,), lambda t: (t[0].shape[2],), torch.float32,
+        lambda t: OPS.torch_rg_lru(*t),
+        lambda t, *c: OPS.onboardlm_cached_rg_lru(*t, *c),
     ),
 }  # fmt: skip
 

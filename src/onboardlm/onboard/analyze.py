@@ -45,7 +45,13 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from onboardlm.errors import UnsupportedFeature
 from onboardlm.models.build_errors import transformers_failure
 from onboardlm.onboard.analyze_attn_conv import attention_conv_refusal
-from onboardlm.onboard.analyze_classic import alibi_slopes, projections, separate_qkv_roles, split_fused_qkv
+from onboardlm.onboard.analyze_classic import (
+    Projection,
+    alibi_slopes,
+    projections,
+    separate_qkv_roles,
+    split_fused_qkv,
+)
 from onboardlm.onboard.analyze_hybrid import analyze_hybrid, needs_hybrid
 from onboardlm.onboard.analyze_kv_sharing import kv_source_expression, measure_kv_sources
 from onboardlm.onboard.analyze_mamba2_scales import float_candidates
@@ -97,6 +103,8 @@ _ROPE_KEYS = {
     "high_freq_factor", "mscale", "mscale_all_dim", "truncate",
 }  # fmt: skip
 _LOGIT_SCALES = ("logits_scaling", "logit_scale", "lm_head_multiplier")
+#: Fields of a final logit soft-cap ``cap * tanh(logits / cap)``: Gemma 2's, RecurrentGemma's.
+_LOGIT_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap")
 #: Scalar multipliers whose default 1.0 would hide them from the probes: set to telling values.
 _TELLING_MULTIPLIERS = {
     "embedding_multiplier": 1.9,
@@ -398,7 +406,8 @@ class _Analyzer:
         self._rotary_module: nn.Module | None = None
         self._base_field: str | None = None
         if needs_hybrid(layers):  # SSM or other non-attention token mixers, layers of several kinds
-            rope = self._rope(self.stack, path, parts.get("rotary")) if "rotary" in parts else None
+            rotary = parts.get("rotary") or _attention_rotary(layers)
+            rope = self._rope(self.stack, path, rotary) if rotary is not None else None
             return analyze_hybrid(
                 self,
                 path=path,
@@ -1318,7 +1327,11 @@ class _Analyzer:
         if inner_attr is not None:  # GPT-Neo: the layer's attention only wraps the attention module
             wrapper, attn, path = attn, getattr(attn, inner_attr), f"{path}.{inner_attr}"
             linears = projections(attn)
-        norms = {n: c for n, c in attn.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
+        norms = {
+            n: c
+            for n, c in attn.named_children()
+            if n not in linears and not isinstance(c, nn.Dropout) and not _holds_inv_freq(c)
+        }  # a rotary module of its own (RecurrentGemma's) is measured as the model's
         key_bias = _key_bias_parts(attn, linears, head_dim)
         if key_bias is not None:  # its projection reads the values, not the hidden states
             linears = {n: c for n, c in linears.items() if n != key_bias[0]}
@@ -2063,6 +2076,8 @@ class _Analyzer:
         attn = getattr(layer, spec.attr)
         if "position_ids" not in inspect.signature(attn.forward).parameters:
             return spec
+        if any(_holds_inv_freq(child) for child in attn.children()):
+            return spec  # it reads them for its own RoPE tables (RecurrentGemma): the fit matched those
         kwargs = {"layer_type": self.tiny.layer_types[index]} if rope.per_layer_type else {}
         rotary = self._rotary_module
         near = _AttentionProbe(attn, spec, self.tiny, scale, kv_heads, rotary, rope, rope.style, kwargs)
@@ -2815,6 +2830,8 @@ class _Analyzer:
         linears = projections(mlp)
         others = {n: c for n, c in mlp.named_children() if n not in linears and not isinstance(c, nn.Dropout)}
         downs = [n for n, c in linears.items() if c.out_features == self.hidden]
+        if len(downs) > 1:  # a square in-projection too (inner width = hidden): the down map reads no input
+            downs = [n for n in downs if n not in _reading_input(mlp, linears, self.hidden)]
         ins = [n for n in linears if n not in downs]
         if len(downs) != 1 or not 1 <= len(ins) <= 2:
             raise UnsupportedFeature(path, f"feed-forward projections {sorted(linears)}", _HINT)
@@ -2910,6 +2927,9 @@ class _Analyzer:
         ]
         if sizes:
             return f"config.{sizes[0]}"
+        divided = self._divided_intermediate(layer, down_path, width)
+        if divided is not None:
+            return divided
         if width % self.hidden:
             owner, _, linear = down_path.rpartition(".")
             module = layer.get_submodule(owner) if owner else layer
@@ -2933,6 +2953,25 @@ class _Analyzer:
             if 3 * self.hidden in tuple(rebuilt.weight.shape):
                 return f"config.{name} or {default}"
         return default
+
+    def _divided_intermediate(self, layer: nn.Module, down_path: str, width: int) -> str | None:
+        """``config.<field> // k`` where an intermediate-size field is ``k`` times the width and the layer
+        rebuilt with that field doubled doubles its width (RecurrentGemma's MLP halves its field)."""
+        for name, value in self.fields.items():
+            if "intermediate" not in name or not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if value <= width or value % width:
+                continue
+            flipped = copy.deepcopy(self.tiny)
+            try:
+                setattr(flipped, name, 2 * value)
+                rebuilt = self._rebuilt_layer(layer, flipped).get_submodule(down_path)
+            except Exception:  # noqa: BLE001 - a field the layer does not take as a width tells nothing
+                continue
+            if 2 * width in tuple(rebuilt.weight.shape):
+                self.notes.append(f"feed-forward width config.{name} // {value // width}")
+                return f"config.{name} // {value // width}"
+        return None
 
     def _inline_mlp(self, layer_path: str, layer: nn.Module) -> MLPSpec:
         """A plain MLP whose linears and activation sit on the decoder layer itself (OPT, BioGPT):
@@ -3548,6 +3587,8 @@ class _Analyzer:
                     expected = norm[1](expected)
             if not _close(captured[0], expected):
                 continue
+            if expression == "config.hidden_size**0.5" and self._bf16_rounded_scale(inner):
+                expression = f"float(torch.tensor({expression}, dtype=torch.bfloat16))"
             if expression and scaled_class:
                 expression = self._embedding_scale_flags(attr, expression, value)
             if expression:
@@ -3565,6 +3606,36 @@ class _Analyzer:
             )
             return self._projected(prefix, spec, embed, project_in, project_out)
         raise UnsupportedFeature(f"{prefix}.{attr}", "embedding scale from no known config field", _HINT)
+
+    def _bf16_rounded_scale(self, inner: nn.Module) -> bool:
+        """Whether the ``sqrt(hidden_size)`` embedding scale is rounded to bf16 in every dtype
+        (RecurrentGemma keeps it as a bf16 buffer): invisible at the tiny width (sqrt(64) = 8), measured
+        on the model rebuilt 96 wide, where sqrt(96) = 9.798 rounds to 9.8125."""
+        config = copy.deepcopy(self.tiny)
+        try:
+            config.hidden_size = 96
+            rebuilt = type(inner)(config).eval()
+            first = next(m for m in rebuilt.modules() if isinstance(m, nn.ModuleList))[0]
+        except Exception:  # noqa: BLE001 - a config that cannot be rebuilt wider tells nothing
+            return False
+        captured: list[torch.Tensor] = []
+        hook = first.register_forward_pre_hook(
+            lambda _m, args, kwargs: captured.append(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True,
+        )
+        input_ids = torch.arange(1, 6)[None]
+        try:
+            with torch.no_grad():
+                rebuilt(input_ids=input_ids, position_ids=torch.arange(5)[None])
+        except Exception:  # noqa: BLE001
+            return False
+        finally:
+            hook.remove()
+        raw = rebuilt.get_input_embeddings().weight[input_ids]
+        rounded = float(torch.tensor(96**0.5, dtype=torch.bfloat16))
+        return (
+            bool(captured) and _close(captured[0], raw * rounded) and not _close(captured[0], raw * 96**0.5)
+        )
 
     def _embedding_scale_flags(self, attr: str, expression: str, value: float) -> str:
         """``expression``, or ``(expression if config.F else 1.0)`` where flipping the bool field F
@@ -3787,7 +3858,8 @@ class _Analyzer:
         ]
         for name in _LOGIT_SCALES:  # MuP-style scales: Granite divides, Cohere and HyperCLOVA X multiply
             candidates += [("divide", name, lambda v: base / v), ("multiply", name, lambda v: base * v)]
-        candidates.append(("softcap", "final_logit_softcapping", lambda v: torch.tanh(base / v) * v))
+        for name in _LOGIT_SOFTCAPS:
+            candidates.append(("softcap", name, lambda v: torch.tanh(base / v) * v))
         for op, name, apply in candidates:
             # a field, or a property the config class derives (MiniCPM3's hidden_size / dim_model_base)
             value = 1.0 if name is None else self.fields.get(name, getattr(self.tiny, name, None))
@@ -3962,6 +4034,18 @@ def _hidden_streams(modules: nn.ModuleList, hidden: int) -> bool:
 
 def _holds_inv_freq(module: nn.Module) -> bool:
     return any("inv_freq" in buffer for buffer, _ in module.named_buffers())
+
+
+def _attention_rotary(layers: nn.ModuleList) -> tuple[str, nn.Module] | None:
+    """(name, module) of the rotary module an attention block holds itself (RecurrentGemma computes
+    its tables inside the attention from the position ids), for a model without one of its own; the
+    lean file builds it once at the model level (its ``inv_freq`` is no checkpoint key)."""
+    for layer in layers:
+        for block in layer.children():
+            for name, child in block.named_children():
+                if _holds_inv_freq(child) and not list(child.parameters()):
+                    return name, child
+    return None
 
 
 def _sinusoidal_positions(module: nn.Module, hidden: int) -> bool:
@@ -4454,3 +4538,25 @@ class _AttentionProbe:
 def _snake(name: str) -> str:
     """``Lfm2MLP`` -> ``lfm2_mlp``."""
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def _reading_input(block: nn.Module, linears: dict[str, Projection], hidden: int) -> set[str]:
+    """Names of the ``linears`` of ``block`` that one forward feeds the block's own input."""
+    x = torch.randn(1, 3, hidden, generator=torch.Generator().manual_seed(3))
+    read: set[str] = set()
+
+    def hook(name: str) -> Any:
+        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], torch.Tensor) and torch.equal(args[0], x):
+                read.add(name)
+
+        return record
+
+    handles = [proj.module.register_forward_pre_hook(hook(name)) for name, proj in linears.items()]
+    try:
+        with torch.no_grad():
+            block(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return read

@@ -54,6 +54,7 @@ from onboardlm.onboard.analyze_mixers import (
     is_short_conv,
 )
 from onboardlm.onboard.analyze_moe import analyze_mla, analyze_moe
+from onboardlm.onboard.analyze_rg_lru import analyze_rg_lru
 from onboardlm.onboard.spec import ArchitectureSpec, DecoderLayerSpec, NormSpec, RopeSpec
 from onboardlm.onboard.spec_hybrid import (
     TOKEN_MIXERS,
@@ -140,7 +141,7 @@ MIXER_RECOGNISERS: list[tuple[MixerKind, Callable[[nn.Module], bool]]] = [
     ("short_conv", is_short_conv),  # analyze_mixers: LFM2's gated short convolution
     ("kda", is_channel_decay_delta),  # analyze_kda: Kimi Delta Attention (a decay per key channel)
     ("lightning", _is_lightning),  # recognised to be refused (MIXER_NAMES)
-    ("rg_lru", _is_rg_lru),  # recognised to be refused (MIXER_NAMES)
+    ("rg_lru", _is_rg_lru),  # analyze_rg_lru: Griffin's recurrent block (RecurrentGemma)
 ]
 
 #: Block kinds measured by their own analyzer module: (analyzer, path, layer index, module) -> spec.
@@ -148,6 +149,7 @@ MIXER_ANALYZERS: dict[MixerKind, Callable[[_Analyzer, str, int, nn.Module], Any]
     "gated_delta": lambda an, path, index, module: analyze_mixer(an.tiny, module, path, index),
     "short_conv": lambda an, path, index, module: analyze_mixer(an.tiny, module, path, index),
     "kda": lambda an, path, index, module: analyze_channel_delta(an.tiny, module, path, index),
+    "rg_lru": lambda an, path, index, module: analyze_rg_lru(an.tiny, module, path, index),
 }
 
 #: What a recognised mixer kind is, for refusals of kinds that have no template yet.
@@ -158,7 +160,7 @@ MIXER_NAMES = {
     "lightning": "lightning attention (linear attention with fixed per-head decay slopes, computed in blocks);"
     " no canonical op covers it yet",
     "rg_lru": "RG-LRU recurrent block (Griffin's real-gated linear recurrence with block-diagonal input and"
-    " recurrence gates); no canonical op covers it yet",
+    " recurrence gates)",
 }
 
 

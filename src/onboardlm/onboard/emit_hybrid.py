@@ -36,6 +36,7 @@ STATE_OPS = {
     "gated_delta": ("torch_causal_conv1d", "torch_gated_delta_rule"),
     "short_conv": ("torch_causal_conv1d",),
     "kda": ("torch_causal_conv1d", "torch_channel_gated_delta_rule"),
+    "rg_lru": ("torch_causal_conv1d", "torch_rg_lru"),
 }
 
 #: Block kinds whose forward also takes the RoPE tables.
@@ -88,6 +89,7 @@ BLOCK_EMITTERS: dict[str, Callable[[Any, ArchitectureSpec], str]] = {
     "gated_delta": _emit_mixer,  # emit_mixers.py
     "short_conv": _emit_mixer,
     "kda": _emit_mixer,  # emit_mixers.emit_channel_delta
+    "rg_lru": _emit_mixer,  # emit_mixers.emit_rg_lru
     "mamba1": emit_mamba1,
     "attention": _emit_attention,
     "mlp": _emit_attention,  # generate.emit dispatches on the spec class (MLPSpec, MoESpec...)

@@ -14,6 +14,7 @@ from onboardlm.onboard.spec_mixers import (
     GatedDeltaSpec,
     LinearSpec,
     MixerSpec,
+    RgLruSpec,
     ShortConvSpec,
 )
 
@@ -173,10 +174,42 @@ def emit_channel_delta(spec: ChannelDeltaSpec, config_class: str) -> str:
     )
 
 
+def emit_rg_lru(spec: RgLruSpec, config_class: str) -> str:
+    """Source of Griffin's recurrent block and its RG-LRU child (parameters in registration order)."""
+    gates = ("torch.empty(heads, block, block)", "torch.empty(heads, block)")
+    lru_parts = {
+        spec.recurrent_param: "torch.empty(width)",
+        spec.input_gate_weight: gates[0],
+        spec.input_gate_bias: gates[1],
+        spec.recurrent_gate_weight: gates[0],
+        spec.recurrent_gate_bias: gates[1],
+    }
+    conv = (
+        f"self.{spec.conv} = nn.Conv1d(self.width, self.width, self.conv_kernel_size,"
+        f" groups=self.width, bias={spec.conv_bias}, padding=self.conv_kernel_size - 1)"
+    )
+    init_lines = [
+        _linear_init(spec.gate),
+        _linear_init(spec.value),
+        _linear_init(spec.out),
+        conv,
+        f"self.{spec.lru_attr} = {spec.lru_class}(self.width, {spec.heads})",
+    ]
+    return render(
+        "rg_lru.py.j2",
+        spec=spec,
+        config_class=config_class,
+        lru_init=[f"self.{name} = nn.Parameter({lru_parts[name]})" for name in spec.lru_children],
+        init_lines=init_lines,
+    )
+
+
 def emit_mixer_classes(spec: MixerSpec, config_class: str) -> str:
     """Every class one mixer needs, helpers first (the gated norm before the gated-delta block)."""
     if isinstance(spec, ChannelDeltaSpec):
         return emit_channel_delta(spec, config_class)
+    if isinstance(spec, RgLruSpec):
+        return emit_rg_lru(spec, config_class)
     if isinstance(spec, GatedDeltaSpec):
         return emit_gated_norm(spec) + "\n\n" + emit_gated_delta(spec, config_class)
     return emit_short_conv(spec, config_class)

@@ -28,7 +28,7 @@ TOKEN_MIXERS = frozenset(
 )
 
 #: Kinds whose canonical op keeps per-sequence state in the runtime (SSM, convolution, recurrence).
-STATEFUL_MIXERS = frozenset({"mamba2", "mamba1", "gated_delta", "short_conv", "kda"})
+STATEFUL_MIXERS = frozenset({"mamba2", "mamba1", "gated_delta", "short_conv", "kda", "rg_lru"})
 
 
 @dataclass(frozen=True)

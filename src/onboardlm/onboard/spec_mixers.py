@@ -1,5 +1,5 @@
-"""Specs of the token mixers that are not attention: gated delta rule (linear attention) and short
-causal convolution, measured by :mod:`onboardlm.onboard.analyze_mixers`.
+"""Specs of the token mixers that are not attention: gated delta rule (linear attention), short
+causal convolution and Griffin's RG-LRU block, measured by :mod:`onboardlm.onboard.analyze_mixers`.
 
 Like the other block specs, code-valued fields are Python expressions over ``config`` that the emitted
 file evaluates, so one generated file serves every config of the architecture.
@@ -142,4 +142,35 @@ class ChannelDeltaSpec:
     kind: str = "kda"
 
 
-MixerSpec = GatedDeltaSpec | ShortConvSpec | ChannelDeltaSpec
+@dataclass(frozen=True)
+class RgLruSpec:
+    """Griffin's recurrent block (RecurrentGemma): ``out(act(y(h)) * rg_lru(conv(x(h))))`` with a depthwise
+    causal conv (``torch_causal_conv1d``) and the RG-LRU (``torch_rg_lru``) in a child holding its
+    block-diagonal gates and recurrence parameter."""
+
+    class_name: str
+    attr: str  # attribute on the decoder layer, e.g. "temporal_block"
+    gate: LinearSpec  # the branch through the activation (GeLU in RecurrentGemma)
+    value: LinearSpec  # the branch through the conv and the recurrence
+    activation: str  # config expression of the gate branch's activation
+    conv: str
+    conv_bias: str
+    out: LinearSpec
+    lru_attr: str  # the child holding the RG-LRU parameters, e.g. "rg_lru"
+    lru_class: str
+    recurrent_param: str
+    input_gate_weight: str
+    input_gate_bias: str
+    recurrent_gate_weight: str
+    recurrent_gate_bias: str
+    lru_children: tuple[str, ...]  # the RG-LRU child's parameters in registration order
+    width: str  # channels of the recurrence
+    heads: str  # gate blocks
+    kernel_size: str
+    gate_scale: str = "8.0"
+    hidden_size: str = "config.hidden_size"
+    note: str = "Griffin's RG-LRU recurrent block with a short causal conv"
+    kind: str = "rg_lru"
+
+
+MixerSpec = GatedDeltaSpec | ShortConvSpec | ChannelDeltaSpec | RgLruSpec

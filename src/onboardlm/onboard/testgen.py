@@ -157,6 +157,18 @@ class ReferenceLayout:
     #: further inputs of the lean decoder layers, (name, position in transformers' layer forward): the
     #: recorded argument is passed on (Gemma 4's ``per_layer_input``)
     layer_inputs: tuple[tuple[str, int], ...] = ()
+    #: the lean model's rotary module where transformers' attention holds its own and makes its tables
+    #: from ``position_ids`` (RecurrentGemma): the tests make the tables with it ("": recorded tables)
+    rotary_path: str = ""
+
+    @property
+    def tables(self) -> str:
+        """Expression of the RoPE tables a lean layer or attention gets for a recorded ``call``."""
+        if not self.rotary_path:
+            return "call.position_embeddings"
+        return (
+            f'model.get_submodule("{self.rotary_path}")(call.hidden_states, call.argument("position_ids", 1))'
+        )
 
     @property
     def routed(self) -> bool:
@@ -189,6 +201,7 @@ def _role(module: nn.Module) -> str | None:
         ("RotaryEmbedding", "rotary"),
         ("Attention", "attention"),
         ("MLP", "mlp"),
+        ("Mlp", "mlp"),  # RecurrentGemmaMlp
         ("Norm", "norm"),
     ):
         if name.endswith(suffix):
@@ -301,10 +314,14 @@ def read_layout(reference: nn.Module, config: PretrainedConfig, hf_module: Any) 
         )
         for cls, (role, paths) in groups.items()
     ]
+    inner = [path for group in blocks if group.role == "rotary" for path in group.paths]
+    inner = [path for path in inner if path.startswith(f"{layers_path}.")]
     return ReferenceLayout(
         causal_lm=type(reference).__name__,
         layers=kinds,
         blocks=tuple(blocks),
+        # a rotary module inside the layers: the lean file builds it once beside them
+        rotary_path=f"{layers_path.rpartition('.')[0]}.{inner[0].rpartition('.')[2]}" if inner else "",
     )
 
 

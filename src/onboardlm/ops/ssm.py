@@ -1,5 +1,5 @@
 """State-space and linear-attention ops: causal conv1d, Mamba2 chunked scan and the gated delta rule
-with a decay per head (Gated DeltaNet) or per key channel (Kimi Delta Attention).
+with a decay per head (Gated DeltaNet) or per key channel (Kimi Delta Attention), and Griffin's RG-LRU.
 
 All of them take channels-last ``[batch, seq, ...]`` tensors (bsnd for the per-head ones). The scans
 run in fp32 on chunks of the sequence, padded at the end to a whole number of chunks; the padding
@@ -396,3 +396,134 @@ def _torch_channel_gated_delta_rule_fake(
 ) -> torch.Tensor:
     _check_channel_delta(q, v, g, layer_type)
     return v.new_empty(v.shape)
+
+
+#: Chunk length of the RG-LRU scan (its pairwise decays are [chunk, chunk, C]).
+RG_LRU_CHUNK_SIZE = 16
+
+
+def rg_lru_inputs(
+    x: torch.Tensor,
+    input_gate_weight: torch.Tensor,
+    input_gate_bias: torch.Tensor,
+    recurrent_gate_weight: torch.Tensor,
+    recurrent_gate_bias: torch.Tensor,
+    recurrent_param: torch.Tensor,
+    first: torch.Tensor,
+    gate_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RG-LRU's scan inputs in fp32 from ``x`` ``[B, S, C]``: the normalised gated input
+    ``sqrt(1 - a²) · σ(x W_i + b_i) · x`` (no normalisation at a sequence's first token, ``first``
+    ``[B, S]`` bool) and the log recurrence ``log a = -gate_scale · σ(x W_a + b_a) · softplus(Λ)``;
+    the gates are block-diagonal, one ``[D, D]`` block per head."""
+    heads = input_gate_weight.shape[0]
+    blocks = x.float().unflatten(-1, (heads, -1))
+
+    def gate(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(torch.einsum("bshd,hde->bshe", blocks, weight.float()) + bias.float()).flatten(2)
+
+    log_a = (
+        -gate_scale * gate(recurrent_gate_weight, recurrent_gate_bias) * F.softplus(recurrent_param.float())
+    )
+    multiplier = torch.where(first[..., None], 1.0, torch.sqrt(1 - torch.exp(2 * log_a)))
+    return x.float() * gate(input_gate_weight, input_gate_bias) * multiplier, log_a
+
+
+def linear_recurrence_from_state(
+    x: torch.Tensor, log_a: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h_t = e^{log_a_t} · h_{t-1} + x_t`` over ``[B, S, C]`` fp32 rows from ``state`` ``[B, C]``.
+
+    One token: the recurrence; more: chunks of :data:`RG_LRU_CHUNK_SIZE` with the pairwise decays
+    ``exp(cum_i - cum_j)`` (no ``exp(-cum)`` factor, so strong decays cannot overflow). Returns the
+    outputs ``[B, S, C]`` and the state after the last token (zero padding leaves it unchanged).
+    """
+    if x.shape[1] == 1:
+        state = log_a[:, 0].exp() * state + x[:, 0]
+        return state[:, None], state
+    length, chunk = x.shape[1], RG_LRU_CHUNK_SIZE
+    x, log_a = _pad_to_chunks(x, 1, chunk), _pad_to_chunks(log_a, 1, chunk)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    outputs = []
+    for i in range(x.shape[1]):
+        cum = log_a[:, i].cumsum(1)  # [b, pos, C]
+        pairwise = (cum[:, :, None] - cum[:, None]).masked_fill(~causal[..., None], float("-inf"))
+        out = torch.einsum("bijc,bjc->bic", pairwise.exp(), x[:, i]) + cum.exp() * state[:, None]
+        outputs.append(out)
+        state = out[:, -1]
+    return torch.cat(outputs, dim=1)[:, :length], state
+
+
+def _check_rg_lru(
+    x: torch.Tensor,
+    input_gate_weight: torch.Tensor,
+    input_gate_bias: torch.Tensor,
+    recurrent_gate_weight: torch.Tensor,
+    recurrent_gate_bias: torch.Tensor,
+    recurrent_param: torch.Tensor,
+    layer_type: str,
+) -> None:
+    check_hints(layer_type=layer_type)
+    heads, width = input_gate_weight.shape[0], x.shape[-1]
+    if x.dim() != 3 or heads <= 0 or width % heads:
+        raise ValueError(
+            f"torch_rg_lru: x must be [B, S, C] with C divisible by the {heads} gate blocks, got {list(x.shape)}"
+        )
+    block = width // heads
+    expected = {
+        "input_gate_weight": (input_gate_weight, (heads, block, block)),
+        "input_gate_bias": (input_gate_bias, (heads, block)),
+        "recurrent_gate_weight": (recurrent_gate_weight, (heads, block, block)),
+        "recurrent_gate_bias": (recurrent_gate_bias, (heads, block)),
+        "recurrent_param": (recurrent_param, (width,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"torch_rg_lru: {name} must be {list(shape)}, got {list(tensor.shape)}")
+
+
+@canonical_op("torch_rg_lru")
+def torch_rg_lru(
+    x: torch.Tensor,
+    input_gate_weight: torch.Tensor,
+    input_gate_bias: torch.Tensor,
+    recurrent_gate_weight: torch.Tensor,
+    recurrent_gate_bias: torch.Tensor,
+    recurrent_param: torch.Tensor,
+    gate_scale: float = 8.0,
+    shardable: bool = False,
+    layer_type: str = "unknown",
+) -> torch.Tensor:
+    """Griffin's real-gated linear recurrent unit (RG-LRU) over a sequence that starts at position 0.
+
+    ``x`` ``[B, S, C]``; ``input_gate_weight`` / ``recurrent_gate_weight`` ``[H, D, D]`` and their
+    biases ``[H, D]`` (block-diagonal gates, ``C = H·D``, block ``h`` maps channels ``h·D .. h·D+D-1``:
+    ``gate = σ(x_h W_h + b_h)``); ``recurrent_param`` ``[C]`` (Λ). With ``log a_t = -gate_scale ·
+    r_t · softplus(Λ)``: ``h_t = a_t h_{t-1} + sqrt(1 - a_t²) · (i_t ⊙ x_t)``, except
+    ``h_0 = i_0 ⊙ x_0`` (the first token is not normalised). Computed in fp32; returns ``[B, S, C]``
+    in ``x``'s dtype. ``shardable`` and ``layer_type`` are sharding hints (heads are independent).
+    """
+    params = (input_gate_weight, input_gate_bias, recurrent_gate_weight, recurrent_gate_bias, recurrent_param)
+    _check_rg_lru(x, *params, layer_type)
+    first = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+    first[:, 0] = True
+    inputs, log_a = rg_lru_inputs(x, *params, first, gate_scale)
+    out, _ = linear_recurrence_from_state(inputs, log_a, inputs.new_zeros(x.shape[0], x.shape[-1]))
+    return out.to(x.dtype).contiguous()
+
+
+@torch_rg_lru.register_fake
+def _torch_rg_lru_fake(
+    x: torch.Tensor,
+    input_gate_weight: torch.Tensor,
+    input_gate_bias: torch.Tensor,
+    recurrent_gate_weight: torch.Tensor,
+    recurrent_gate_bias: torch.Tensor,
+    recurrent_param: torch.Tensor,
+    gate_scale: float = 8.0,
+    shardable: bool = False,
+    layer_type: str = "unknown",
+) -> torch.Tensor:
+    params = (input_gate_weight, input_gate_bias, recurrent_gate_weight, recurrent_gate_bias, recurrent_param)
+    _check_rg_lru(x, *params, layer_type)
+    return x.new_empty(x.shape)

@@ -40,6 +40,7 @@ CANONICAL_OPS = frozenset(
         "torch_ssm",
         "torch_gated_delta_rule",
         "torch_channel_gated_delta_rule",  # Kimi Delta Attention: a decay per key channel
+        "torch_rg_lru",  # Griffin's real-gated linear recurrence (Recurrent Gemma)
         # FP8 linears (AutoDeploy's names): the reference and the fused op; graph transforms insert them
         "torch_fake_quant_fp8_linear",
         "torch_quant_fp8_linear",

@@ -19,7 +19,13 @@ from onboardlm.review.source import FUNCTION_TYPES, SourceFile, call_name
 BLOCK_ROLES = (Role.ATTENTION, Role.MLP, Role.MOE)
 #: Token mixers other than attention (SSM, gated delta rule, short convolution): checked like blocks.
 MIXER_OPS = frozenset(
-    {"torch_ssm", "torch_gated_delta_rule", "torch_channel_gated_delta_rule", "torch_causal_conv1d"}
+    {
+        "torch_ssm",
+        "torch_gated_delta_rule",
+        "torch_channel_gated_delta_rule",
+        "torch_rg_lru",
+        "torch_causal_conv1d",
+    }
 )
 PLAIN_LINEAR = frozenset({"linear"})  # F.linear / torch.nn.functional.linear
 PLAIN_RESHAPE = frozenset({"view", "reshape"})

@@ -36,6 +36,9 @@ of the GraphModule in place:
 - ``torch_channel_gated_delta_rule`` with ``shardable``: the parameters its decay and write strength
   read outside the sharded projections (``-exp(A_log) * softplus(a + dt_bias)``) are cut along their
   first dimension that is not 1 (dim 0, or the heads of Kimi Linear's ``A_log [1, 1, H, 1]``).
+- ``torch_rg_lru`` with ``shardable``: its channels come sharded from a colwise projection and a
+  depthwise conv; the block-diagonal gates (``[H, D, D]``, ``[H, D]``) are cut per head and the
+  recurrence parameter ``[C]`` per channel, both along dim 0.
 - ``torch_rmsnorm_gated``: ``colwise`` cuts the weight per channel. A rank holding whole norm groups
   keeps the op; a group spanning ranks (Mamba2 with fewer groups than ranks) is rewritten with a
   cross-rank sum of squares (:mod:`onboardlm.transforms.spanning_norm`). ``none`` (a per-head norm)
@@ -82,6 +85,7 @@ _CONV = _AD.torch_causal_conv1d.default
 _SSM = _AD.torch_ssm.default
 _DELTA = _AD.torch_gated_delta_rule.default
 _CHANNEL_DELTA = _AD.torch_channel_gated_delta_rule.default
+_RG_LRU = _AD.torch_rg_lru.default
 _GATED_NORM = _AD.torch_rmsnorm_gated.default
 _HANDLED = {
     _LINEAR,
@@ -96,6 +100,7 @@ _HANDLED = {
     _SSM,
     _DELTA,
     _CHANNEL_DELTA,
+    _RG_LRU,
     _GATED_NORM,
 }
 
@@ -596,6 +601,23 @@ def _plan_channel_delta(gm: GraphModule, node: Node, plan: ShardingPlan) -> None
     plan.report.changed["delta"] += 1
 
 
+def _plan_rg_lru(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
+    args = _args(node)
+    if not args["shardable"]:
+        return
+    heads = _head_count(args["input_gate_weight"], 0, node)
+    if heads % plan.report.world_size:
+        raise ShardingError(
+            f"{node.name} (RG-LRU)",
+            f"{heads} gate blocks cannot be split over world size {plan.report.world_size}",
+            "choose a world size that divides the recurrent block's heads",
+        )
+    gates = ("input_gate_weight", "input_gate_bias", "recurrent_gate_weight", "recurrent_gate_bias")
+    _plan_per_head(gm, node, gates, heads, plan)
+    _plan_per_head(gm, node, ("recurrent_param",), _head_count(args["x"], -1, node), plan)
+    plan.report.changed["ssm"] += 1
+
+
 def _plan_gated_norm(gm: GraphModule, node: Node, plan: ShardingPlan) -> None:
     args = _args(node)
     if args["tp_mode"] == "none":
@@ -709,6 +731,8 @@ def plan_sharding(
             _plan_delta(gm, node, plan)
         elif node.target == _CHANNEL_DELTA:
             _plan_channel_delta(gm, node, plan)
+        elif node.target == _RG_LRU:
+            _plan_rg_lru(gm, node, plan)
         elif node.target == _GATED_NORM:
             _plan_gated_norm(gm, node, plan)
         elif node.target in _MULS:

@@ -1,10 +1,11 @@
 """State-cache transform: the canonical stateful ops of an exported graph become cached state ops.
 
-``torch_causal_conv1d``, ``torch_ssm``, ``torch_gated_delta_rule`` and ``torch_channel_gated_delta_rule``
-nodes become ``onboardlm_cached_causal_conv1d``, ``onboardlm_cached_ssm``,
-``onboardlm_cached_gated_delta_rule`` and ``onboardlm_cached_channel_gated_delta_rule``
-(:mod:`onboardlm.transforms.state_ops`), with every argument of the canonical call kept. Each node
-gets its own state cache (``conv_state_<i>``, ``ssm_state_<i>``, ``delta_state_<i>``: a
+``torch_causal_conv1d``, ``torch_ssm``, ``torch_gated_delta_rule``, ``torch_channel_gated_delta_rule``
+and ``torch_rg_lru`` nodes become ``onboardlm_cached_causal_conv1d``, ``onboardlm_cached_ssm``,
+``onboardlm_cached_gated_delta_rule``, ``onboardlm_cached_channel_gated_delta_rule`` and
+``onboardlm_cached_rg_lru`` (:mod:`onboardlm.transforms.state_ops`), with every argument of the
+canonical call kept. Each node gets its own state cache (``conv_state_<i>``, ``ssm_state_<i>``,
+``delta_state_<i>``, ``lru_state_<i>``: a
 :class:`~onboardlm.transforms.kv_cache.CacheSpec` with ``per_token=False``, its ``features`` the
 state of one sequence) and reads the graph inputs ``input_pos`` (shared with cached attention) and
 ``seq_lens`` (``[b]`` int64, real new tokens per row: prompts are right-padded).
@@ -40,6 +41,7 @@ _STATE_ARG = {
     state_ops.CACHED_SSM: 7,
     state_ops.CACHED_GATED_DELTA_RULE: 7,
     state_ops.CACHED_CHANNEL_GATED_DELTA_RULE: 5,
+    state_ops.CACHED_RG_LRU: 6,
 }
 
 AddCache = Callable[..., Node]  # (name, features, dtype, per_token) -> the cache's input node
@@ -136,6 +138,11 @@ def insert_cached_state(graph: Graph, input_pos: Node, add_cache: AddCache) -> i
             state = add_cache(cache_name("ssm_state"), features, torch.float32, False)
             tensors = [args[k] for k in ("hidden_states", "A", "B", "C", "D", "dt", "dt_bias")]
             kept = ("time_step_limit", "chunk_size", "shardable")
+        elif name == "torch_rg_lru":
+            state = add_cache(cache_name("lru_state"), (_shape(args["x"])[-1],), torch.float32, False)
+            names = ("input_gate_weight", "input_gate_bias", "recurrent_gate_weight", "recurrent_gate_bias")
+            tensors = [args[k] for k in ("x", *names, "recurrent_param")]
+            kept = ("gate_scale", "shardable")
         else:
             _, _, v_heads, v_dim = _shape(args["v"])
             features = (v_heads, _shape(args["q"])[-1], v_dim)

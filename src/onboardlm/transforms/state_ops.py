@@ -11,7 +11,7 @@ Every cached op takes, after the canonical op's tensor inputs, the same four:
 
 - ``state``: the cache, mutated. Conv: ``[slots, W, C_in]`` (the last ``W = dilation * (K - 1)``
   inputs, oldest first, in the input dtype); SSM: ``[slots, H, P, N]`` fp32; gated delta rule:
-  ``[slots, Hv, K, V]`` fp32.
+  ``[slots, Hv, K, V]`` fp32; RG-LRU: ``[slots, C]`` fp32.
 - ``slots`` ``[S]`` int64: the state slot of each sequence (None: sequence ``i`` uses slot ``i``).
 - ``input_pos`` ``[S]`` int64: how many tokens of each sequence came before this call (0: the
   sequence starts from a zero state; whatever its slot held is ignored).
@@ -41,6 +41,8 @@ from onboardlm.ops.ssm import (
     _segsum,
     channel_delta_from_state,
     delta_query_key,
+    linear_recurrence_from_state,
+    rg_lru_inputs,
 )
 
 NAMESPACE = "auto_deploy"
@@ -48,6 +50,7 @@ CACHED_CAUSAL_CONV1D = "onboardlm_cached_causal_conv1d"
 CACHED_SSM = "onboardlm_cached_ssm"
 CACHED_GATED_DELTA_RULE = "onboardlm_cached_gated_delta_rule"
 CACHED_CHANNEL_GATED_DELTA_RULE = "onboardlm_cached_channel_gated_delta_rule"
+CACHED_RG_LRU = "onboardlm_cached_rg_lru"
 
 #: canonical stateful op -> its cached op
 CACHED_STATE_OPS = {
@@ -55,6 +58,7 @@ CACHED_STATE_OPS = {
     "torch_ssm": CACHED_SSM,
     "torch_gated_delta_rule": CACHED_GATED_DELTA_RULE,
     "torch_channel_gated_delta_rule": CACHED_CHANNEL_GATED_DELTA_RULE,
+    "torch_rg_lru": CACHED_RG_LRU,
 }
 
 
@@ -432,3 +436,58 @@ def _cached_channel_gated_delta_rule_fake(
     layer_type: str = "unknown",
 ) -> torch.Tensor:
     return v.new_empty(v.shape)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::{CACHED_RG_LRU}", mutates_args=("lru_state",))
+def cached_rg_lru(
+    x: torch.Tensor,
+    input_gate_weight: torch.Tensor,
+    input_gate_bias: torch.Tensor,
+    recurrent_gate_weight: torch.Tensor,
+    recurrent_gate_bias: torch.Tensor,
+    recurrent_param: torch.Tensor,
+    lru_state: torch.Tensor,
+    slots: torch.Tensor | None,
+    input_pos: torch.Tensor,
+    seq_lens: torch.Tensor,
+    gate_scale: float = 8.0,
+    shardable: bool = False,
+    layer_type: str = "unknown",
+) -> torch.Tensor:
+    """``torch_rg_lru`` continuing from each sequence's state ``h`` ``[C]``.
+
+    Only a sequence's token at position 0 skips the input normalisation; padding gets no decay and no
+    input (``log a = 0``, ``x = 0``), so the state stops at each sequence's last real token. Returns
+    ``x``'s dtype.
+    """
+    packed = _is_packed(x, seq_lens)
+    rows = _to_rows(x, seq_lens, packed)
+    length = rows.shape[1]
+    first = (input_pos[:, None] + torch.arange(length, device=x.device)) == 0
+    params = (input_gate_weight, input_gate_bias, recurrent_gate_weight, recurrent_gate_bias, recurrent_param)
+    inputs, log_a = rg_lru_inputs(rows, *params, first, gate_scale)
+    real = _real(seq_lens, length)[..., None]
+    inputs, log_a = torch.where(real, inputs, 0.0), torch.where(real, log_a, 0.0)
+    state = _read_state(lru_state, slots, input_pos).float()
+    out, state = linear_recurrence_from_state(inputs, log_a, state)
+    _write_state(lru_state, slots, state)
+    return _from_rows(out.to(x.dtype), seq_lens, packed)
+
+
+@cached_rg_lru.register_fake
+def _cached_rg_lru_fake(
+    x: torch.Tensor,
+    input_gate_weight: torch.Tensor,
+    input_gate_bias: torch.Tensor,
+    recurrent_gate_weight: torch.Tensor,
+    recurrent_gate_bias: torch.Tensor,
+    recurrent_param: torch.Tensor,
+    lru_state: torch.Tensor,
+    slots: torch.Tensor | None,
+    input_pos: torch.Tensor,
+    seq_lens: torch.Tensor,
+    gate_scale: float = 8.0,
+    shardable: bool = False,
+    layer_type: str = "unknown",
+) -> torch.Tensor:
+    return x.new_empty(x.shape)

@@ -86,6 +86,7 @@ MODEL_MODULES = [
     "modeling_qwen3_5_text",
     "modeling_qwen3_moe",
     "modeling_qwen3_next",
+    "modeling_recurrent_gemma",
     "modeling_smollm3",
     "modeling_stablelm",
     "modeling_starcoder2",

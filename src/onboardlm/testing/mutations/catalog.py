@@ -344,6 +344,21 @@ def _ssm_argument(index: int, replacement: str, op: str = "torch_ssm") -> Edit:
     return edit
 
 
+def _rg_lru_gates_swapped(tree: ast.Module) -> list[int]:
+    """``torch_rg_lru``'s input-gate weight and bias passed as the recurrence gate's, and back."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and call_attr(node) == "torch_rg_lru" and len(node.args) > 4:
+            node.args[1], node.args[2], node.args[3], node.args[4] = (
+                node.args[3],
+                node.args[4],
+                node.args[1],
+                node.args[2],
+            )
+            lines.append(node.lineno)
+    return lines
+
+
 def _gate_order(tree: ast.Module) -> list[int]:
     """The gated norm's SiLU gate on the other side of the norm."""
     lines = []
@@ -715,7 +730,7 @@ KINDS: tuple[Kind, ...] = (
     Kind(
         "final_logit_softcap",
         "final logit soft-cap 5 % off",
-        _scale_assignments(("final_logit_softcapping",), 1.05),
+        _scale_assignments(("final_logit_softcapping", "logits_soft_cap"), 1.05),
     ),
     Kind("gqa_mapping", "GQA head mapping h % n_kv instead of h // group", _gqa_mapping, _grouped_query),
     Kind("sliding_window_off_by_one", "sliding window one token longer", _sliding_window),
@@ -757,6 +772,12 @@ KINDS: tuple[Kind, ...] = (
         "per-channel delta rule's write strength 5 % off",
         _ssm_argument(4, "({} * 0.95)", "torch_channel_gated_delta_rule"),
     ),
+    Kind(
+        "rg_lru_gate_scale_off",
+        "RG-LRU's recurrence-gate scale (Griffin's c = 8) 5 % off",
+        _ssm_argument(6, "({} * 1.05)", "torch_rg_lru"),
+    ),
+    Kind("rg_lru_gates_swapped", "RG-LRU's input and recurrence gates swapped", _rg_lru_gates_swapped),
     Kind("shared_kv_query_unrotated", "queries of a KV-sharing layer not rotated", _shared_query_unrotated),
     Kind("shared_kv_stored_before_rope", "shared keys stored before RoPE", _stored_before_rope),
     Kind("per_layer_input_dropped", "per-layer input not mixed into the layer", _per_layer_input_dropped),
