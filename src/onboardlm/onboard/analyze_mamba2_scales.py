@@ -83,10 +83,18 @@ def _input_ratio(mixer: nn.Module, in_name: str, hidden: int) -> float | None:
     return scale if torch.allclose(got, scale * x.double(), atol=1e-6, rtol=1e-5) else None
 
 
-def _rebuilt_mixer(mixer: nn.Module, config: Any, index: int) -> nn.Module:
+def _rebuilt_mixer(an: _Analyzer, mixer: nn.Module, index: int, **changes: Any) -> nn.Module | None:
+    """``mixer`` rebuilt (fp32, eval) from the tiny config with the fields ``changes`` set, or None when
+    the config or the module refuses the change (which then tells nothing)."""
     from onboardlm.onboard.analyze_hybrid import _rebuild
 
-    return _rebuild(mixer, config, index)
+    config = copy.deepcopy(an.tiny)
+    try:
+        for name, value in changes.items():
+            setattr(config, name, value)
+        return _rebuild(mixer, config, index).float().eval()
+    except Exception:  # noqa: BLE001 - a change the config or the module refuses tells nothing
+        return None
 
 
 def input_scale(
@@ -103,11 +111,8 @@ def input_scale(
     for expression, name, position, value in _matching(an.fields, ratio):
         if position is not None:
             continue
-        config = copy.deepcopy(an.tiny)
-        try:
-            setattr(config, name, value * 1.7 + 0.05)
-            rebuilt = _rebuilt_mixer(mixer, config, index).float().eval()
-        except Exception:  # noqa: BLE001 - a change the config or the module refuses tells nothing
+        rebuilt = _rebuilt_mixer(an, mixer, index, **{name: value * 1.7 + 0.05})
+        if rebuilt is None:
             continue
         changed = _input_ratio(rebuilt, in_name, an.hidden)
         if changed is not None and abs(changed - (value * 1.7 + 0.05)) < 1e-5:
@@ -198,13 +203,8 @@ def norm_switch(
     for name, value in an.fields.items():
         if not isinstance(value, bool):
             continue
-        config = copy.deepcopy(an.tiny)
-        try:
-            setattr(config, name, not value)
-            rebuilt = _rebuilt_mixer(mixer, config, index).float().eval()
-        except Exception:  # noqa: BLE001 - a change the config or the module refuses tells nothing
-            continue
-        if has_norm(rebuilt) == present:
+        rebuilt = _rebuilt_mixer(an, mixer, index, **{name: not value})
+        if rebuilt is None or has_norm(rebuilt) == present:
             continue
         with_norm = mixer if present else _with_state_of(rebuilt, mixer)
         keeps = f"config.{name}" if (present == value) else f"not config.{name}"
@@ -235,14 +235,13 @@ def order_switch(
     for name, value in an.fields.items():
         if not isinstance(value, bool) or name == switch:
             continue
-        config = copy.deepcopy(an.tiny)
-        if switch:  # the rebuilt mixer keeps its norm
-            setattr(config, switch, not keeps_norm.startswith("not "))  # type: ignore[union-attr]
+        keep_norm = {switch: not keeps_norm.startswith("not ")} if switch else {}  # type: ignore[union-attr]
+        rebuilt = _rebuilt_mixer(an, mixer, index, **keep_norm, **{name: not value})
+        if rebuilt is None:
+            continue
         try:
-            setattr(config, name, not value)
-            rebuilt = _with_state_of(_rebuilt_mixer(mixer, config, index).float().eval(), mixer)
-            flipped = order_of(rebuilt)
-        except Exception:  # noqa: BLE001 - a change the config or the module refuses tells nothing
+            flipped = order_of(_with_state_of(rebuilt, mixer))
+        except Exception:  # noqa: BLE001 - a mixer the template's orders cannot run tells nothing
             continue
         if flipped is not None and flipped != before:
             return f"config.{name}" if before == value else f"not config.{name}"
